@@ -1,0 +1,257 @@
+"""ArborConfig: the model's shape, a superset of Hugging Face's config.json for the Llama family.
+
+A HF directory's config.json loads as it is (Llama, Mistral, Qwen2, SmolLM), in both the
+`rope_scaling` form and transformers 5's `rope_parameters` form; `to_dict()` writes a config.json
+that transformers loads back. GGUF metadata converts through `from_gguf`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
+# Architectures whose math is the Llama block (RMSNorm, GQA + RoPE, SwiGLU), differing only in flags.
+LLAMA_FAMILY = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+ROPE_KEYS = (
+    "rope_type", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
+    "low_freq_factor", "high_freq_factor", "attention_factor", "mscale", "mscale_all_dim", "truncate",
+)
+
+
+@dataclass
+class ArborConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # bias on q/k/v projections (Qwen2: always)
+    attention_out_bias: bool | None = None  # bias on o_proj; defaults to attention_bias (Llama)
+    sliding_window: int | None = None  # Mistral-style local attention window, in tokens
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    model_type: str = "llama"
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)  # unknown keys, kept for export
+
+    def __post_init__(self) -> None:
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None and _positive(self.num_attention_heads):
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.attention_out_bias is None:
+            self.attention_out_bias = self.attention_bias and self.model_type != "qwen2"
+        if self.rope_scaling is not None:
+            self.rope_scaling = _normalise_rope_scaling(self.rope_scaling, self.max_position_embeddings)
+        self.validate()
+
+    # ---- derived quantities -------------------------------------------------------------
+    @property
+    def rope_type(self) -> str:
+        return self.rope_scaling["rope_type"] if self.rope_scaling else "default"
+
+    @property
+    def trained_context(self) -> int:
+        """The context the model was trained for: before any RoPE scaling was configured."""
+        if self.rope_scaling and self.rope_scaling.get("original_max_position_embeddings"):
+            return int(self.rope_scaling["original_max_position_embeddings"])
+        return self.max_position_embeddings
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        if self.eos_token_id is None:
+            return []
+        return list(self.eos_token_id) if isinstance(self.eos_token_id, (list, tuple)) else [self.eos_token_id]
+
+    def kv_bytes_per_token(self, bytes_per_element: int) -> int:
+        """Bytes of K and V cache one token costs across all layers."""
+        return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * bytes_per_element
+
+    def num_parameters(self) -> int:
+        h, v, i, layers = self.hidden_size, self.vocab_size, self.intermediate_size, self.num_hidden_layers
+        q = self.num_attention_heads * self.head_dim
+        kv = self.num_key_value_heads * self.head_dim
+        attn = h * q + 2 * h * kv + q * h
+        if self.attention_bias:
+            attn += q + 2 * kv
+        if self.attention_out_bias:
+            attn += h
+        per_layer = attn + 3 * h * i + 2 * h
+        return v * h * (1 if self.tie_word_embeddings else 2) + layers * per_layer + h
+
+    def with_rope_scaling(self, rope_scaling: dict[str, Any] | None) -> "ArborConfig":
+        return dataclasses.replace(self, rope_scaling=dict(rope_scaling) if rope_scaling else None)
+
+    # ---- validation ---------------------------------------------------------------------
+    def validate(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
+            if not _positive(getattr(self, name)):
+                raise ConfigError(f"config field {name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"config field num_key_value_heads ({self.num_key_value_heads}) must divide "
+                f"num_attention_heads ({self.num_attention_heads})")
+        if self.head_dim % 2:
+            raise ConfigError(f"config field head_dim must be even for RoPE, got {self.head_dim}")
+        if not (isinstance(self.rms_norm_eps, (int, float)) and 0 < self.rms_norm_eps < 1):
+            raise ConfigError(f"config field rms_norm_eps must be in (0, 1), got {self.rms_norm_eps!r}")
+        if not (isinstance(self.rope_theta, (int, float)) and self.rope_theta > 1):
+            raise ConfigError(f"config field rope_theta must be a number > 1, got {self.rope_theta!r}")
+        if self.sliding_window is not None and not _positive(self.sliding_window):
+            raise ConfigError(f"config field sliding_window must be a positive integer, got {self.sliding_window!r}")
+        if self.model_type not in LLAMA_FAMILY:
+            raise ConfigError(
+                f"config field model_type {self.model_type!r} is not supported; arbor runs "
+                f"{', '.join(sorted(LLAMA_FAMILY))}")
+        if self.rope_scaling:
+            _validate_rope_scaling(self.rope_scaling)
+
+    # ---- config.json --------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "ArborConfig":
+        if not isinstance(raw, dict):
+            raise ConfigError("config.json must hold a JSON object")
+        data = dict(raw)
+        model_type = data.pop("model_type", None) or "llama"
+        rope = data.pop("rope_scaling", None)
+        params = data.pop("rope_parameters", None)  # transformers >= 5 spelling; holds rope_theta too
+        if isinstance(params, dict):
+            params = dict(params)
+            data.setdefault("rope_theta", params.pop("rope_theta", None) or 10000.0)
+            if rope is None and params.get("rope_type", params.get("type", "default")) != "default":
+                rope = params
+        if model_type == "qwen2":
+            data["attention_bias"] = True
+            data.setdefault("attention_out_bias", False)
+            if not data.pop("use_sliding_window", False):
+                data["sliding_window"] = None
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra", "model_type", "rope_scaling"}
+        kwargs = {k: data.pop(k) for k in list(data) if k in known}
+        for required in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+            if required not in kwargs:
+                raise ConfigError(f"config is missing the field {required}")
+        if kwargs.get("rope_theta") is None:
+            kwargs.pop("rope_theta", None)
+        return cls(**kwargs, rope_scaling=rope, model_type=model_type, extra=data)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dict(self.extra)
+        for f in dataclasses.fields(self):
+            if f.name != "extra":
+                out[f.name] = getattr(self, f.name)
+        out["architectures"] = [LLAMA_FAMILY[self.model_type]]
+        if self.model_type == "qwen2":
+            out["use_sliding_window"] = self.sliding_window is not None
+        if self.rope_scaling is None:
+            out.pop("rope_scaling")
+        return out
+
+    @classmethod
+    def from_json_file(cls, path: str | Path) -> "ArborConfig":
+        try:
+            raw = json.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"no config.json at {path}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path} is not valid JSON ({e}); re-download or re-convert the model") from None
+        return cls.from_dict(raw)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+    # ---- GGUF metadata ------------------------------------------------------------------
+    @classmethod
+    def from_gguf(cls, meta: dict[str, Any], *, tie_word_embeddings: bool, vocab_size: int | None = None) -> "ArborConfig":
+        """Build from GGUF key/values (already decoded to Python values)."""
+        arch = meta.get("general.architecture")
+        if arch not in LLAMA_FAMILY:
+            raise ConfigError(f"GGUF general.architecture {arch!r} is not supported; arbor runs {', '.join(LLAMA_FAMILY)}")
+
+        def get(key: str, default: Any = None) -> Any:
+            return meta.get(f"{arch}.{key}", default)
+
+        def need(key: str) -> Any:
+            if f"{arch}.{key}" not in meta:
+                raise ConfigError(f"GGUF metadata is missing {arch}.{key}")
+            return meta[f"{arch}.{key}"]
+
+        hidden, heads = int(need("embedding_length")), int(need("attention.head_count"))
+        context = int(need("context_length"))
+        rope = None
+        scaling_type = get("rope.scaling.type")
+        if scaling_type and scaling_type != "none":
+            rope = {"rope_type": {"linear": "linear", "yarn": "yarn"}.get(scaling_type, scaling_type),
+                    "factor": float(get("rope.scaling.factor", 1.0))}
+            original = get("rope.scaling.original_context_length")
+            if original:
+                rope["original_max_position_embeddings"] = int(original)
+        tokens = meta.get("tokenizer.ggml.tokens")
+        return cls(
+            vocab_size=int(vocab_size or get("vocab_size") or len(tokens or [])),
+            hidden_size=hidden,
+            intermediate_size=int(need("feed_forward_length")),
+            num_hidden_layers=int(need("block_count")),
+            num_attention_heads=heads,
+            num_key_value_heads=int(get("attention.head_count_kv", heads)),
+            head_dim=int(get("attention.key_length") or get("rope.dimension_count") or hidden // heads),
+            rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+            rope_theta=float(get("rope.freq_base", 10000.0)),
+            rope_scaling=rope,
+            max_position_embeddings=context,
+            tie_word_embeddings=tie_word_embeddings,
+            attention_bias=arch == "qwen2",
+            sliding_window=get("attention.sliding_window"),
+            bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+            eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
+            model_type=arch,
+        )
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _normalise_rope_scaling(rope: dict[str, Any], max_positions: int) -> dict[str, Any] | None:
+    if not isinstance(rope, dict):
+        raise ConfigError(f"config field rope_scaling must be an object, got {rope!r}")
+    rope = dict(rope)
+    kind = rope.pop("type", None)
+    rope.setdefault("rope_type", kind or "default")
+    rope.pop("rope_theta", None)
+    if rope["rope_type"] == "default":
+        return None
+    if rope["rope_type"] in ("yarn", "llama3"):
+        rope.setdefault("original_max_position_embeddings", max_positions)
+    return rope
+
+
+def _validate_rope_scaling(rope: dict[str, Any]) -> None:
+    kind = rope["rope_type"]
+    if kind not in ROPE_TYPES:
+        raise ConfigError(f"config field rope_scaling.rope_type {kind!r} is not one of {', '.join(ROPE_TYPES[1:])}")
+    factor = rope.get("factor")
+    if not (isinstance(factor, (int, float)) and not isinstance(factor, bool) and math.isfinite(factor) and factor >= 1):
+        raise ConfigError(f"config field rope_scaling.factor must be a number >= 1, got {factor!r}")
+    if kind == "llama3":
+        for name in ("low_freq_factor", "high_freq_factor"):
+            if not isinstance(rope.get(name), (int, float)):
+                raise ConfigError(f"config field rope_scaling.{name} is required for llama3 scaling")
+        if rope["high_freq_factor"] <= rope["low_freq_factor"]:
+            raise ConfigError("config field rope_scaling.high_freq_factor must exceed low_freq_factor")
+    original = rope.get("original_max_position_embeddings")
+    if original is not None and not _positive(original):
+        raise ConfigError(f"config field rope_scaling.original_max_position_embeddings must be a positive integer, got {original!r}")
