@@ -1,0 +1,14 @@
+"""arbor: run Llama-family language models locally; long documents sized to the machine.
+
+    import arbor_cli
+    m = arbor_cli.load("smollm2-135m-instruct")
+    print(m.chat([{"role": "user", "content": "What is the capital of France?"}]).text)
+"""
+
+from .config import ArborConfig
+from .errors import ArborError
+from .generate import GenerationResult, GenerationStream
+from .model import Model, load
+
+__version__ = "0.1.0"
+__all__ = ["load", "Model", "ArborConfig", "ArborError", "GenerationResult", "GenerationStream", "__version__"]

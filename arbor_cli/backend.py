@@ -1,0 +1,92 @@
+"""The backend seam: the only module that knows several backends exist.
+
+A backend (a package such as `arbor_torch` or `arbor_mlx`) exposes module-level functions
+`is_available()`, `default_device()`, `default_dtype(device)`, `memory_info(device)` and
+`load(checkpoint, device, dtype) -> LoadedModel`. A LoadedModel allocates KV caches, runs
+prefill and decode, samples on its device, and nothing else; generation loops, templates and
+planning live in arbor_cli and work on every backend alike.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import platform
+import sys
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from .errors import BackendUnavailableError
+from .rope import RopeTables
+
+BACKEND_PACKAGES = {"torch": ("arbor_torch", "torch"), "mlx": ("arbor_mlx", "mlx")}
+INSTALL_HINT = {"torch": "pip install 'arbor-cli[torch]'", "mlx": "pip install 'arbor-cli[mlx]' (Linux: [mlx-cpu])"}
+
+
+@dataclass(frozen=True)
+class MemoryInfo:
+    total_bytes: int
+    free_bytes: int
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+
+class LoadedModel(Protocol):
+    device: str
+    dtype: str
+    weights_nbytes: int
+
+    def num_parameters(self) -> int: ...
+    def new_cache(self, capacity: int) -> Any: ...
+    def set_rope(self, rope: RopeTables, positions: int) -> None: ...
+    def prefill(self, ids: list[int], cache: Any, chunk_size: int) -> Any:
+        """Run `ids` at positions [cache.length, …), append them to the cache, return the last position's logits."""
+    def decode(self, token: int, cache: Any) -> Any:
+        """Run one token at position cache.length, append it, return its logits."""
+    def sample(self, logits: Any, params: SamplingParams, rng: Any) -> int: ...
+    def new_rng(self, seed: int | None) -> Any: ...
+    def logits(self, ids: list[int]) -> np.ndarray:
+        """Full forward without a cache: float32 [len(ids), vocab]."""
+
+
+def is_apple_silicon() -> bool:
+    return sys.platform == "darwin" and platform.machine() == "arm64"
+
+
+def installed(name: str) -> bool:
+    package, framework = BACKEND_PACKAGES[name]
+    return importlib.util.find_spec(framework) is not None and importlib.util.find_spec(package) is not None
+
+
+def backend_module(name: str):
+    package, _ = BACKEND_PACKAGES[name]
+    return importlib.import_module(package)
+
+
+def select_backend(name: str | None = None):
+    """The backend module for `name` ('torch', 'mlx', or None/'auto').
+
+    auto: MLX on Apple Silicon; torch where a CUDA device exists; else torch on CPU; else MLX.
+    """
+    if name not in (None, "auto"):
+        if name not in BACKEND_PACKAGES:
+            raise BackendUnavailableError(f"unknown backend {name!r}; choose one of: auto, {', '.join(BACKEND_PACKAGES)}")
+        if not installed(name):
+            raise BackendUnavailableError(f"backend {name!r} is not installed here; {INSTALL_HINT[name]}")
+        return backend_module(name)
+    order = ["mlx", "torch"] if is_apple_silicon() else ["torch", "mlx"]
+    available = [n for n in order if installed(n)]
+    if not available:
+        raise BackendUnavailableError(f"no backend is installed; {INSTALL_HINT['torch']}")
+    return backend_module(available[0])

@@ -1,0 +1,153 @@
+"""Generation: validated sampling options, the prefill/decode loop, stop strings, streamed text.
+
+The loop is the same on every backend: it asks the LoadedModel to prefill and decode, to sample
+on its device, and turns token ids into text with the tokenizer's streaming decoder, holding back
+text that might be the start of a stop string so a stop never leaks to the user.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from .backend import LoadedModel, SamplingParams
+from .errors import UsageError
+
+MAX_NEW_TOKENS_LIMIT = 1 << 20
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    @classmethod
+    def build(cls, max_new_tokens=256, temperature=0.0, top_p=1.0, top_k=0, seed=None, stop=None,
+              ignore_eos=False) -> "GenerationOptions":
+        """Validate user-supplied values; every bad one is a UsageError naming the option."""
+        if not isinstance(max_new_tokens, int) or not 0 < max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
+            raise UsageError(f"max_new_tokens must be an integer in 1..{MAX_NEW_TOKENS_LIMIT}, got {max_new_tokens!r}")
+        if not _finite(temperature) or not 0 <= temperature <= 100:
+            raise UsageError(f"temperature must be between 0 and 100 (0 = greedy), got {temperature!r}")
+        if not _finite(top_p) or not 0 < top_p <= 1:
+            raise UsageError(f"top_p must be in (0, 1], got {top_p!r}")
+        if not isinstance(top_k, int) or top_k < 0:
+            raise UsageError(f"top_k must be a non-negative integer (0 = off), got {top_k!r}")
+        if seed is not None and (not isinstance(seed, int) or seed < 0):
+            raise UsageError(f"seed must be a non-negative integer, got {seed!r}")
+        stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+        if any(not isinstance(s, str) or not s for s in stops):
+            raise UsageError("stop strings must be non-empty text")
+        return cls(max_new_tokens, float(temperature), float(top_p), top_k, seed, stops, bool(ignore_eos))
+
+    @property
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(self.temperature, self.top_p, self.top_k)
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    tokens: list[int]
+    finish_reason: str  # "eos", "stop", "length"
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class StopFilter:
+    """Releases text as it streams, but never a stop string nor a possible beginning of one."""
+
+    def __init__(self, stops: tuple[str, ...]):
+        self.stops = stops
+        self.pending = ""
+        self.stopped = False
+
+    def push(self, text: str) -> str:
+        self.pending += text
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.stopped = True
+            out, self.pending = self.pending[:min(hits)], ""
+            return out
+        hold = max((n for s in self.stops for n in range(len(s) - 1, 0, -1) if self.pending.endswith(s[:n])),
+                   default=0)
+        out = self.pending[:len(self.pending) - hold]
+        self.pending = self.pending[len(out):]
+        return out
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+class GenerationStream:
+    """Iterate for text pieces as they decode; `.result` holds the GenerationResult afterwards."""
+
+    def __init__(self, pieces: Iterator[str]):
+        self._pieces = pieces
+        self.result: GenerationResult | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        return self._pieces
+
+
+def stream_generation(lm: LoadedModel, tokenizer, cache, prompt_ids: list[int], opts: GenerationOptions,
+                      *, chunk_size: int = 512, on_done=None) -> Iterator[str]:
+    """Prefill `prompt_ids` after what `cache` already holds, then decode; yields text pieces.
+
+    `on_done(result)` receives the GenerationResult when the loop ends (normally or by a stop).
+    Room in the cache bounds max_new_tokens: generation ends with finish_reason "length" there.
+    """
+    eos = set() if opts.ignore_eos else set(tokenizer.eos_ids)
+    rng = lm.new_rng(opts.seed)
+    detok, stops = tokenizer.stream_decoder(), StopFilter(opts.stop)
+    budget = min(opts.max_new_tokens, cache.capacity - cache.length - len(prompt_ids))
+    tokens: list[int] = []
+    text: list[str] = []
+    finish = "length"
+    t0 = time.perf_counter()
+    logits = lm.prefill(prompt_ids, cache, chunk_size) if prompt_ids else None
+    token = lm.sample(logits, opts.sampling, rng) if logits is not None else None
+    t1 = time.perf_counter()
+    while token is not None and budget > 0:
+        if token in eos:
+            finish = "eos"
+            break
+        tokens.append(token)
+        piece = stops.push(detok.push(token))
+        if piece:
+            text.append(piece)
+            yield piece
+        if stops.stopped:
+            finish = "stop"
+            break
+        if len(tokens) >= budget:
+            break
+        token = lm.sample(lm.decode(token, cache), opts.sampling, rng)
+    if finish != "stop":
+        tail = stops.push(detok.flush()) + stops.flush()
+        if tail:
+            text.append(tail)
+            yield tail
+    t2 = time.perf_counter()
+    decode_steps = max(len(tokens) - 1, 0)
+    timings = {
+        "prompt_tokens": len(prompt_ids),
+        "generated_tokens": len(tokens),
+        "prefill_s": t1 - t0,
+        "decode_s": t2 - t1,
+        "prefill_tokens_per_s": len(prompt_ids) / (t1 - t0) if prompt_ids and t1 > t0 else 0.0,
+        "decode_tokens_per_s": decode_steps / (t2 - t1) if decode_steps and t2 > t1 else 0.0,
+    }
+    if on_done is not None:
+        on_done(GenerationResult("".join(text), tokens, finish, timings))

@@ -1,0 +1,135 @@
+"""The Python API: `load()` a model by name or path, then `logits`, `generate` and `chat`."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any, Iterable
+
+import numpy as np
+
+from .backend import LoadedModel, select_backend
+from .config import ArborConfig
+from .errors import ContextError, UsageError
+from .generate import GenerationOptions, GenerationResult, GenerationStream, stream_generation
+from .rope import rope_frequencies, scaling_for_context
+
+if TYPE_CHECKING:
+    from .tokenizer import Tokenizer
+
+MAX_CONTEXT = 1 << 20
+CACHE_ROUNDING = 256  # caches are sized in steps so nearby lengths reuse the same RoPE table
+
+
+class Model:
+    """A loaded model: its config, tokenizer and a backend's weights on a device."""
+
+    def __init__(self, checkpoint, lm: LoadedModel, tokenizer: "Tokenizer", backend: str,
+                 context: int | None = None, rope_method: str = "linear", prefill_chunk: int = 512):
+        self.checkpoint = checkpoint
+        self.config: ArborConfig = checkpoint.config
+        self.lm = lm
+        self.tokenizer = tokenizer
+        self.backend = backend
+        self.context = context
+        self.rope_method = rope_method
+        self.prefill_chunk = prefill_chunk
+        self._rope_key: tuple | None = None
+
+    @property
+    def device(self) -> str:
+        return self.lm.device
+
+    @property
+    def dtype(self) -> str:
+        return self.lm.dtype
+
+    def num_parameters(self) -> int:
+        return self.lm.num_parameters()
+
+    # ---- RoPE and caches ------------------------------------------------------------------
+    def rope_scaling_for(self, context: int) -> dict | None:
+        """The rope_scaling arbor runs with at `context` tokens (None: the model's plain RoPE)."""
+        return scaling_for_context(self.config, context, self.rope_method)
+
+    def _prepare_rope(self, positions: int, seq_len: int | None = None) -> None:
+        cfg = self.config.with_rope_scaling(self.rope_scaling_for(seq_len or positions))
+        rope = rope_frequencies(cfg, seq_len or positions)
+        key = (json.dumps(cfg.rope_scaling, sort_keys=True), rope.seq_len if cfg.rope_type == "dynamic" else 0,
+               positions)
+        if key != self._rope_key:
+            self.lm.set_rope(rope, positions)
+            self._rope_key = key
+
+    def new_cache(self, capacity: int):
+        """A KV cache for `capacity` tokens, with RoPE set up for that context."""
+        self._prepare_rope(capacity)
+        return self.lm.new_cache(capacity)
+
+    def capacity_for(self, needed: int) -> int:
+        if self.context is not None:
+            return self.context
+        return min(MAX_CONTEXT, -(-needed // CACHE_ROUNDING) * CACHE_ROUNDING)
+
+    # ---- the API --------------------------------------------------------------------------
+    def logits(self, ids: list[int]) -> np.ndarray:
+        """float32 [len(ids), vocab]: a full forward pass over `ids`, no cache."""
+        ids = self._check_ids(ids)
+        self._prepare_rope(len(ids), seq_len=max(len(ids), self.context or 0))
+        return self.lm.logits(ids)
+
+    def generate(self, prompt: str | list[int], max_new_tokens: int = 256, temperature: float = 0.0,
+                 top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop: str | Iterable[str] | None = None,
+                 ignore_eos: bool = False, stream: bool = False, add_special_tokens: bool = True
+                 ) -> GenerationResult | GenerationStream:
+        """Complete `prompt` (text, or token ids used as they are). temperature 0 is greedy."""
+        opts = GenerationOptions.build(max_new_tokens, temperature, top_p, top_k, seed, stop, ignore_eos)
+        ids = self._check_ids(prompt) if isinstance(prompt, list) else \
+            self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+        return self._run(ids, opts, stream)
+
+    def chat(self, messages: list[dict[str, Any]], stream: bool = False, **options) -> GenerationResult | GenerationStream:
+        """Reply to `messages` ([{"role": ..., "content": ...}]) through the model's chat template."""
+        opts = GenerationOptions.build(**options)
+        return self._run(self.tokenizer.encode_chat(messages, add_generation_prompt=True), opts, stream)
+
+    def _run(self, ids: list[int], opts: GenerationOptions, stream: bool):
+        if not ids:
+            raise UsageError("the prompt is empty")
+        capacity = self.capacity_for(len(ids) + opts.max_new_tokens)
+        if len(ids) >= capacity:
+            raise ContextError(f"the prompt has {len(ids)} tokens but the context holds {capacity}; "
+                               "shorten it or raise --context")
+        cache = self.new_cache(capacity)
+        holder = GenerationStream(iter(()))
+        pieces = stream_generation(self.lm, self.tokenizer, cache, ids, opts, chunk_size=self.prefill_chunk,
+                                   on_done=lambda r: setattr(holder, "result", r))
+        if stream:
+            holder._pieces = pieces
+            return holder
+        for _ in pieces:
+            pass
+        return holder.result
+
+    def _check_ids(self, ids) -> list[int]:
+        ids = [int(i) for i in ids]
+        if not ids:
+            raise UsageError("no tokens given")
+        bad = [i for i in ids if not 0 <= i < self.config.vocab_size]
+        if bad:
+            raise UsageError(f"token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})")
+        return ids
+
+
+def load(model: str | None = None, backend: str | None = None, device: str | None = None, dtype: str | None = None,
+         context: int | None = None, quiet: bool = False, rope: str = "linear") -> Model:
+    """Load a model by registry name, `hf:ORG/NAME`, or path (HF dir, Arbor dir, .gguf file)."""
+    import arbor_weights
+
+    from .tokenizer import load_tokenizer
+
+    if context is not None and (not isinstance(context, int) or not 16 <= context <= MAX_CONTEXT):
+        raise UsageError(f"context must be an integer in 16..{MAX_CONTEXT}, got {context!r}")
+    checkpoint = arbor_weights.resolve(model or arbor_weights.DEFAULT_MODEL, quiet=quiet)
+    module = select_backend(backend)
+    lm = module.load(checkpoint, device=device, dtype=dtype)
+    return Model(checkpoint, lm, load_tokenizer(checkpoint.path), module.NAME, context=context, rope_method=rope)

@@ -1,0 +1,140 @@
+"""Rotary position embeddings: inverse frequencies and attention factor, computed once in numpy.
+
+Semantics follow Hugging Face transformers' `modeling_rope_utils` for the same config.json, so a
+checkpoint with `rope_scaling` behaves identically in arbor:
+
+- default:  inv_freq[i] = 1 / theta^(2i/d)
+- linear:   Position Interpolation (Chen et al. 2023): positions divided by `factor`
+- dynamic:  NTK-aware scaling whose base grows with the sequence length once it passes the trained
+            length (bloc97 / emozilla); below the trained length it is the default RoPE
+- yarn:     NTK-by-parts interpolation plus an attention temperature (Peng et al. 2023)
+- llama3:   Llama 3.1's wavelength-banded interpolation
+
+Backends turn (inv_freq, attention_factor) into cos/sin tables: angle = position * inv_freq in
+float32, cos/sin multiplied by attention_factor (as transformers does).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import ArborConfig
+
+
+@dataclass(frozen=True)
+class RopeTables:
+    inv_freq: np.ndarray  # float32 [head_dim // 2]
+    attention_factor: float
+    rope_type: str
+    seq_len: int  # the sequence length the frequencies were computed for (matters for dynamic only)
+
+
+def rope_frequencies(config: ArborConfig, seq_len: int | None = None) -> RopeTables:
+    """Inverse frequencies for `config`, for sequences up to `seq_len` tokens.
+
+    `seq_len` only changes the result for dynamic NTK scaling, whose base depends on the length
+    of the sequence being processed.
+    """
+    dim, base, rope = config.head_dim, float(config.rope_theta), config.rope_scaling or {}
+    kind = config.rope_type
+    seq_len = int(seq_len or config.max_position_embeddings)
+    attention_factor = 1.0
+    if kind == "default":
+        inv_freq = _default_inv_freq(base, dim)
+    elif kind == "linear":
+        inv_freq = _default_inv_freq(base, dim) / float(rope["factor"])
+    elif kind == "dynamic":
+        inv_freq = _dynamic_inv_freq(base, dim, float(rope["factor"]), config.max_position_embeddings, seq_len)
+    elif kind == "yarn":
+        inv_freq, attention_factor = _yarn(base, dim, rope, config.max_position_embeddings)
+    elif kind == "llama3":
+        inv_freq = _llama3_inv_freq(base, dim, rope)
+    else:  # ArborConfig.validate rejects anything else
+        raise ValueError(f"unknown rope type {kind!r}")
+    return RopeTables(inv_freq.astype(np.float32), float(attention_factor), kind, seq_len)
+
+
+def _default_inv_freq(base: float, dim: int) -> np.ndarray:
+    exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+    return (np.float32(1.0) / np.power(np.float32(base), exponents)).astype(np.float32)
+
+
+def _dynamic_inv_freq(base: float, dim: int, factor: float, max_positions: int, seq_len: int) -> np.ndarray:
+    seq_len = max(seq_len, max_positions)
+    grown_base = base * ((factor * seq_len / max_positions) - (factor - 1)) ** (dim / (dim - 2))
+    return _default_inv_freq(grown_base, dim)
+
+
+def _yarn(base: float, dim: int, rope: dict, max_positions: int) -> tuple[np.ndarray, float]:
+    factor = rope.get("factor")
+    original = int(rope.get("original_max_position_embeddings") or max_positions)
+    if factor is None:
+        factor = max_positions / original
+    factor = float(factor)
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention_factor = rope.get("attention_factor")
+    if attention_factor is None:
+        if rope.get("mscale") and rope.get("mscale_all_dim"):
+            attention_factor = mscale(factor, rope["mscale"]) / mscale(factor, rope["mscale_all_dim"])
+        else:
+            attention_factor = mscale(factor)
+    beta_fast = rope.get("beta_fast") or 32
+    beta_slow = rope.get("beta_slow") or 1
+
+    def correction_dim(rotations: float) -> float:
+        # the dimension whose wavelength fits `rotations` times into the original context
+        return (dim * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if rope.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1).astype(np.float32)
+    extrapolation_weight = 1 - ramp
+    pos_freqs = np.power(np.float32(base), np.arange(0, dim, 2).astype(np.float32) / np.float32(dim))
+    extrapolated = np.float32(1.0) / pos_freqs
+    interpolated = np.float32(1.0) / (np.float32(factor) * pos_freqs)
+    inv_freq = interpolated * (1 - extrapolation_weight) + extrapolated * extrapolation_weight
+    return inv_freq, float(attention_factor)
+
+
+def _llama3_inv_freq(base: float, dim: int, rope: dict) -> np.ndarray:
+    inv_freq = _default_inv_freq(base, dim)
+    factor, low, high = float(rope["factor"]), float(rope["low_freq_factor"]), float(rope["high_freq_factor"])
+    original = float(rope["original_max_position_embeddings"])
+    low_freq_wavelen, high_freq_wavelen = original / low, original / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (original / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def scaling_for_context(config: ArborConfig, context: int, method: str = "linear") -> dict | None:
+    """The rope_scaling to use when running `config` at `context` tokens.
+
+    The model's own rope_scaling wins when it has one (it was trained or tuned for it). Otherwise,
+    within the trained context no scaling is needed; beyond it, `method` with factor
+    context / trained (the seed guide's linear interpolation by default).
+    """
+    if config.rope_scaling:
+        return config.rope_scaling
+    trained = config.trained_context
+    if context <= trained or method == "none":
+        return None
+    factor = context / trained
+    scaling = {"rope_type": method, "factor": factor}
+    if method in ("yarn", "llama3"):
+        scaling["original_max_position_embeddings"] = trained
+    if method == "llama3":
+        scaling.update(low_freq_factor=1.0, high_freq_factor=4.0)
+    return scaling

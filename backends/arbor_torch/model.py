@@ -1,0 +1,151 @@
+"""The Llama-family transformer in PyTorch: RMSNorm, GQA attention with RoPE, SwiGLU.
+
+Module and parameter names follow Hugging Face's LlamaForCausalLM, so an Arbor checkpoint
+(config.json + safetensors with HF names) loads with `load_state_dict` and no renaming.
+Architecture switches are config fields: attention biases (Qwen2), tied embeddings,
+sliding-window attention (Mistral).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.attention.bias import causal_lower_right
+
+from arbor_cli.config import ArborConfig
+
+from .cache import KVCache
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # normalise in float32 whatever the weights' dtype: bf16 variance loses too much
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: (B, heads, T, head_dim); cos/sin: (T, head_dim), HF's half-split layout
+    return x * cos + rotate_half(x) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ArborConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.window = cfg.sliding_window
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=cfg.attention_out_bias)
+
+    def forward(self, x, cos, sin, cache: KVCache | None, start: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(start, k, v)  # keys/values of positions [key_start, start + T)
+        key_start = start + T - k.shape[2]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=self._mask(T, k.shape[2], key_start, start, x.device),
+                                           enable_gqa=self.n_heads != self.n_kv_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+    def _mask(self, q_len: int, kv_len: int, key_start: int, start: int, device):
+        """Causal mask for queries at [start, start+q_len) over keys at [key_start, key_start+kv_len).
+
+        Without a window this is lower-right causal, which SDPA runs in its flash /
+        memory-efficient kernels without materialising a q_len x kv_len matrix. A sliding
+        window needs an explicit mask (bounded by chunk x window).
+        """
+        if self.window is None or start + q_len <= self.window:
+            return None if q_len == 1 else causal_lower_right(q_len, kv_len)
+        q_pos = torch.arange(start, start + q_len, device=device)[:, None]
+        k_pos = torch.arange(key_start, key_start + kv_len, device=device)[None, :]
+        return (k_pos <= q_pos) & (k_pos > q_pos - self.window)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ArborConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ArborConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, cache, start):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: ArborConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Transformer(nn.Module):
+    """Llama-family causal LM. `forward` runs tokens at positions [start, start+T)."""
+
+    def __init__(self, cfg: ArborConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.rope_cos: torch.Tensor | None = None
+        self.rope_sin: torch.Tensor | None = None
+
+    def set_rope(self, inv_freq: torch.Tensor, attention_factor: float, positions: int) -> None:
+        """Precompute cos/sin for positions [0, positions), as transformers does: float32 angles."""
+        device = self.model.embed_tokens.weight.device
+        t = torch.arange(positions, device=device, dtype=torch.float32)
+        freqs = torch.outer(t, inv_freq.to(device=device, dtype=torch.float32))
+        emb = torch.cat((freqs, freqs), dim=-1)
+        dtype = self.model.embed_tokens.weight.dtype
+        self.rope_cos = (emb.cos() * attention_factor).to(dtype)
+        self.rope_sin = (emb.sin() * attention_factor).to(dtype)
+
+    def forward(self, tokens: torch.Tensor, start: int = 0, caches: list[KVCache] | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        # tokens: (B, T) -> logits (B, T, vocab), or (B, 1, vocab) when last_only
+        T = tokens.shape[1]
+        if self.rope_cos is None or start + T > self.rope_cos.shape[0]:
+            raise ValueError(f"positions up to {start + T} exceed the RoPE table ({self._rope_len()})")
+        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        x = self.model.embed_tokens(tokens)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, caches[i] if caches is not None else None, start)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.model.norm(x))
+
+    def _rope_len(self) -> int:
+        return 0 if self.rope_cos is None else self.rope_cos.shape[0]

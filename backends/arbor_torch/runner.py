@@ -1,0 +1,132 @@
+"""TorchModel: a loaded Transformer plus the backend operations arbor's generation loop needs."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from arbor_cli.backend import SamplingParams
+from arbor_cli.errors import ContextError, CorruptModelError
+from arbor_cli.rope import RopeTables
+
+from .cache import ModelCache
+from .model import Transformer
+
+# Tensors some exporters write that are derived, not learned: safe to skip.
+IGNORED_KEYS = ("rotary_emb.inv_freq",)
+
+
+class TorchModel:
+    def __init__(self, model: Transformer, device: str, dtype: str):
+        self.model = model.eval()
+        self.config = model.config
+        self.device = device
+        self.dtype = dtype
+        self.torch_dtype = model.model.embed_tokens.weight.dtype
+        self.weights_nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint, device: str, dtype: str) -> "TorchModel":
+        from . import DTYPES
+
+        cfg = checkpoint.config
+        with torch.device("meta"):
+            model = Transformer(cfg)
+        state = {}
+        for path in checkpoint.weight_files:
+            try:
+                state.update(load_file(str(path), device="cpu"))
+            except (SafetensorError, OSError) as e:
+                raise CorruptModelError(f"{path} is unreadable ({e}); delete the model and pull it again") from None
+        state = {k: v for k, v in state.items() if not k.endswith(IGNORED_KEYS)}
+        if cfg.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        expected = {k for k in model.state_dict() if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
+        missing, unexpected = expected - state.keys(), state.keys() - expected
+        if missing or unexpected:
+            detail = f"missing {sorted(missing)[:3]}" if missing else f"unexpected {sorted(unexpected)[:3]}"
+            raise CorruptModelError(f"weights in {checkpoint.path} do not match its config.json ({detail}); "
+                                    "re-convert or re-download the model")
+        for name, tensor in state.items():
+            if tuple(tensor.shape) != tuple(model.get_parameter(name).shape):
+                raise CorruptModelError(f"{name} has shape {tuple(tensor.shape)} in {checkpoint.path}, config.json "
+                                        f"implies {tuple(model.get_parameter(name).shape)}; re-convert the model")
+        target = DTYPES[dtype]
+        state = {k: v.to(device=device, dtype=target) for k, v in state.items()}
+        model.load_state_dict(state, strict=False, assign=True)
+        if cfg.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        return cls(model, device, dtype)
+
+    # ---- the backend protocol -----------------------------------------------------------
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def new_cache(self, capacity: int) -> ModelCache:
+        c = self.config
+        return ModelCache(capacity, c.num_hidden_layers, c.num_key_value_heads, c.head_dim, self.torch_dtype, self.device)
+
+    def set_rope(self, rope: RopeTables, positions: int) -> None:
+        self.model.set_rope(torch.from_numpy(rope.inv_freq), rope.attention_factor, positions)
+
+    @torch.inference_mode()
+    def prefill(self, ids: list[int], cache: ModelCache, chunk_size: int = 512) -> torch.Tensor:
+        if not ids:
+            raise ValueError("prefill needs at least one token")
+        self._check_room(cache, len(ids))
+        logits = None
+        for begin in range(0, len(ids), chunk_size):
+            chunk = ids[begin:begin + chunk_size]
+            tokens = torch.tensor([chunk], dtype=torch.long, device=self.device)
+            last = begin + chunk_size >= len(ids)
+            out = self.model(tokens, cache.length, cache.layers, last_only=True)
+            cache.length += len(chunk)
+            if last:
+                logits = out[0, -1].float()
+        return logits
+
+    @torch.inference_mode()
+    def decode(self, token: int, cache: ModelCache) -> torch.Tensor:
+        self._check_room(cache, 1)
+        tokens = torch.tensor([[token]], dtype=torch.long, device=self.device)
+        out = self.model(tokens, cache.length, cache.layers)
+        cache.length += 1
+        return out[0, -1].float()
+
+    def new_rng(self, seed: int | None) -> torch.Generator:
+        rng = torch.Generator(device=self.device)
+        if seed is None:
+            rng.seed()
+        else:
+            rng.manual_seed(seed)
+        return rng
+
+    @torch.inference_mode()
+    def sample(self, logits: torch.Tensor, params: SamplingParams, rng: torch.Generator) -> int:
+        if params.greedy:
+            return int(torch.argmax(logits))
+        logits = logits / params.temperature
+        if params.top_k > 0:
+            kth = torch.topk(logits, min(params.top_k, logits.shape[-1])).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if params.top_p < 1.0:
+            sorted_logits, order = torch.sort(logits, descending=True)
+            cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+            drop = cumulative - torch.softmax(sorted_logits, dim=-1) >= params.top_p  # keep the first token always
+            logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        return int(torch.multinomial(probs, 1, generator=rng))
+
+    @torch.inference_mode()
+    def logits(self, ids: list[int]) -> np.ndarray:
+        tokens = torch.tensor([ids], dtype=torch.long, device=self.device)
+        return self.model(tokens, 0, None)[0].float().cpu().numpy()
+
+    def _check_room(self, cache: ModelCache, n: int) -> None:
+        if cache.length + n > cache.capacity:
+            raise ContextError(f"the context is full ({cache.capacity} tokens); start a new conversation "
+                               "or raise --context")
+        if cache.length + n > self.model._rope_len():
+            raise ContextError(f"position {cache.length + n} is beyond the RoPE table; set_rope for the context first")
