@@ -127,11 +127,13 @@ class ArborConfig:
             raise ConfigError("config.json must hold a JSON object")
         data = dict(raw)
         model_type = data.pop("model_type", None) or "llama"
+        data.pop("architectures", None)  # derived from model_type on save
         rope = data.pop("rope_scaling", None)
         params = data.pop("rope_parameters", None)  # transformers >= 5 spelling; holds rope_theta too
         if isinstance(params, dict):
             params = dict(params)
-            data.setdefault("rope_theta", params.pop("rope_theta", None) or 10000.0)
+            if params.get("rope_theta") is not None:  # transformers gives rope_parameters priority
+                data["rope_theta"] = params.pop("rope_theta")
             if rope is None and params.get("rope_type", params.get("type", "default")) != "default":
                 rope = params
         if model_type == "qwen2":
