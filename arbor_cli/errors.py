@@ -47,3 +47,7 @@ class ContextError(ArborError):
 
 class InputError(ArborError):
     """Input text that cannot be used (missing, empty, binary file)."""
+
+
+class OutOfMemoryError(ArborError):
+    """The device ran out of memory; callers may retry with a smaller context."""

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import numpy as np
 
 from .backend import LoadedModel, select_backend
 from .config import ArborConfig
 from .errors import ContextError, UsageError
+from .planner import ContextPlan, choose_context, memory_budget
 from .generate import GenerationOptions, GenerationResult, GenerationStream, stream_generation
 from .rope import rope_frequencies, scaling_for_context
 
@@ -17,7 +18,6 @@ if TYPE_CHECKING:
     from .tokenizer import Tokenizer
 
 MAX_CONTEXT = 1 << 20
-CACHE_ROUNDING = 256  # caches are sized in steps so nearby lengths reuse the same RoPE table
 
 
 class Model:
@@ -34,6 +34,8 @@ class Model:
         self.rope_method = rope_method
         self.prefill_chunk = prefill_chunk
         self._rope_key: tuple | None = None
+        self._announced: set[tuple] = set()
+        self.notify: Callable[[str], None] = lambda message: None  # the CLI routes these to stderr
 
     @property
     def device(self) -> str:
@@ -65,10 +67,22 @@ class Model:
         self._prepare_rope(capacity)
         return self.lm.new_cache(capacity)
 
+    def plan(self, needed_tokens: int, requested: int | None = None) -> ContextPlan:
+        """The context for `needed_tokens` on this machine now (see planner.py)."""
+        mem = self.lm.memory()
+        budget = memory_budget(mem.free_bytes, mem.total_bytes, resident_bytes=self.lm.weights_nbytes)
+        plan = choose_context(self.config, needed_tokens, budget, self.lm.weights_nbytes, self.lm.kv_element_bytes,
+                              self.lm.act_element_bytes, self.prefill_chunk,
+                              requested=self.context if requested is None else requested)
+        scaling = self.rope_scaling_for(plan.context)
+        if plan.scaled and scaling and (plan.context, scaling["rope_type"]) not in self._announced:
+            self._announced.add((plan.context, scaling["rope_type"]))
+            self.notify(f"context {plan.context} is beyond the model's trained {self.config.trained_context} tokens: "
+                        f"RoPE {scaling['rope_type']} scaling, factor {scaling.get('factor', 1.0):g}")
+        return plan
+
     def capacity_for(self, needed: int) -> int:
-        if self.context is not None:
-            return self.context
-        return min(MAX_CONTEXT, -(-needed // CACHE_ROUNDING) * CACHE_ROUNDING)
+        return self.plan(needed).context
 
     # ---- the API --------------------------------------------------------------------------
     def logits(self, ids: list[int]) -> np.ndarray:
@@ -132,4 +146,7 @@ def load(model: str | None = None, backend: str | None = None, device: str | Non
     checkpoint = arbor_weights.resolve(model or arbor_weights.DEFAULT_MODEL, quiet=quiet)
     module = select_backend(backend)
     lm = module.load(checkpoint, device=device, dtype=dtype)
-    return Model(checkpoint, lm, load_tokenizer(checkpoint.path), module.NAME, context=context, rope_method=rope)
+    m = Model(checkpoint, lm, load_tokenizer(checkpoint.path), module.NAME, context=context, rope_method=rope)
+    if context is not None:
+        m.plan(context)  # refuse at load time a --context that cannot fit
+    return m

@@ -2,20 +2,34 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from arbor_cli.backend import SamplingParams
-from arbor_cli.errors import ContextError, CorruptModelError
+from arbor_cli.errors import ContextError, CorruptModelError, OutOfMemoryError
 from arbor_cli.rope import RopeTables
 
 from .cache import ModelCache
+from .memory import memory_info
 from .model import Transformer
 
 # Tensors some exporters write that are derived, not learned: safe to skip.
 IGNORED_KEYS = ("rotary_emb.inv_freq",)
+
+
+def _translate_oom(fn):
+    """Out-of-memory from any device becomes arbor's OutOfMemoryError, so callers can retry smaller."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (torch.OutOfMemoryError, MemoryError) as e:
+            raise OutOfMemoryError(f"out of memory ({str(e).splitlines()[0][:120]})") from None
+    return wrapper
 
 
 class TorchModel:
@@ -26,6 +40,7 @@ class TorchModel:
         self.dtype = dtype
         self.torch_dtype = model.model.embed_tokens.weight.dtype
         self.weights_nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        self.kv_element_bytes = self.act_element_bytes = self.torch_dtype.itemsize
 
     @classmethod
     def from_checkpoint(cls, checkpoint, device: str, dtype: str) -> "TorchModel":
@@ -61,9 +76,13 @@ class TorchModel:
         return cls(model, device, dtype)
 
     # ---- the backend protocol -----------------------------------------------------------
+    def memory(self):
+        return memory_info(self.device)
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
 
+    @_translate_oom
     def new_cache(self, capacity: int) -> ModelCache:
         c = self.config
         return ModelCache(capacity, c.num_hidden_layers, c.num_key_value_heads, c.head_dim, self.torch_dtype, self.device)
@@ -71,6 +90,7 @@ class TorchModel:
     def set_rope(self, rope: RopeTables, positions: int) -> None:
         self.model.set_rope(torch.from_numpy(rope.inv_freq), rope.attention_factor, positions)
 
+    @_translate_oom
     @torch.inference_mode()
     def prefill(self, ids: list[int], cache: ModelCache, chunk_size: int = 512) -> torch.Tensor:
         if not ids:
@@ -87,6 +107,7 @@ class TorchModel:
                 logits = out[0, -1].float()
         return logits
 
+    @_translate_oom
     @torch.inference_mode()
     def decode(self, token: int, cache: ModelCache) -> torch.Tensor:
         self._check_room(cache, 1)

@@ -46,7 +46,8 @@ def save_random(cls_name, config_cls, path, **kw):
 def arbor_logits(path, ids):
     checkpoint = arbor_weights.open_checkpoint(path)
     lm = arbor_torch.load(checkpoint, "cpu", "float32")
-    return Model(checkpoint, lm, tokenizer=None, backend="torch").logits(ids)
+    # rope_method "none": no automatic scaling beyond the trained length, as transformers does
+    return Model(checkpoint, lm, tokenizer=None, backend="torch", rope_method="none").logits(ids)
 
 
 def rel_error(a, b):
@@ -71,7 +72,7 @@ def test_scaling_changes_logits_so_the_parity_test_can_fail(tmp_path):
     with torch.no_grad():
         expected = plain(torch.tensor([ids])).logits[0].numpy()
     save_random("LlamaForCausalLM", "LlamaConfig", tmp_path / "b", **tiny_kwargs(rope_scaling=SCALINGS["yarn"]))
-    assert rel_error(arbor_logits(tmp_path / "b", ids), expected) > 1e-2
+    assert rel_error(arbor_logits(tmp_path / "b", ids), expected) > 1e-3  # 10x the tolerance
 
 
 def test_qwen2_attention_bias_matches_transformers(tmp_path):

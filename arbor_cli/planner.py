@@ -1,0 +1,117 @@
+"""The memory model: how many tokens of context fit the memory this machine has free.
+
+bytes(context) = weights + KV bytes/token x context + prefill workspace + safety margin.
+Pure functions over numbers, so tests drive them with fake memory sizes; the backend reports
+free memory (CUDA mem_get_info, MLX's recommended working set, psutil's available RAM).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .config import ArborConfig
+from .errors import ContextError
+
+BUCKETS = (4096, 8192, 16384, 32768, 65536, 131072)
+MIN_MARGIN = 256 << 20  # interpreter, allocator slack and the framework's own buffers
+MARGIN_FRACTION = 0.05
+
+
+@dataclass(frozen=True)
+class Bucket:
+    context: int
+    bytes: int  # weights + KV cache + prefill workspace (margin not included)
+    fits: bool
+
+
+@dataclass(frozen=True)
+class ContextPlan:
+    context: int
+    needed_tokens: int
+    bytes: int
+    budget_bytes: int
+    trained_context: int
+
+    @property
+    def scaled(self) -> bool:
+        return self.context > self.trained_context
+
+    @property
+    def factor(self) -> float:
+        return self.context / self.trained_context
+
+
+def kv_bytes(config: ArborConfig, context: int, kv_element_bytes: int) -> int:
+    return config.kv_bytes_per_token(kv_element_bytes) * context
+
+
+def prefill_workspace_bytes(config: ArborConfig, context: int, chunk: int, act_element_bytes: int) -> int:
+    """Peak transient memory of one prefill chunk: activations, the MLP's hidden, attention scores.
+
+    Attention scores are counted as if materialised (chunk x heads x context, float32): the
+    CPU kernels and the masked path may do so; flash kernels need less, so this errs safe.
+    The logits are only ever computed for the last position.
+    """
+    chunk = min(chunk, context)
+    activations = chunk * (4 * config.hidden_size + 3 * config.intermediate_size) * act_element_bytes
+    qkv = chunk * (config.num_attention_heads + 2 * config.num_key_value_heads) * config.head_dim * act_element_bytes
+    scores = chunk * config.num_attention_heads * context * 4
+    return activations + qkv + scores + config.vocab_size * 4
+
+
+def bytes_for_context(config: ArborConfig, context: int, weights_bytes: int, kv_element_bytes: int,
+                      act_element_bytes: int, chunk: int) -> int:
+    return (weights_bytes + kv_bytes(config, context, kv_element_bytes)
+            + prefill_workspace_bytes(config, context, chunk, act_element_bytes))
+
+
+def memory_budget(free_bytes: int, total_bytes: int, resident_bytes: int = 0) -> int:
+    """What arbor may use: free memory plus what it already holds (loaded weights), less a margin."""
+    margin = max(MIN_MARGIN, int(MARGIN_FRACTION * total_bytes))
+    return max(0, free_bytes + resident_bytes - margin)
+
+
+def bucket_table(config: ArborConfig, budget: int, weights_bytes: int, kv_element_bytes: int,
+                 act_element_bytes: int, chunk: int, buckets: tuple[int, ...] = BUCKETS) -> list[Bucket]:
+    rows = []
+    for context in buckets:
+        need = bytes_for_context(config, context, weights_bytes, kv_element_bytes, act_element_bytes, chunk)
+        rows.append(Bucket(context, need, need <= budget))
+    return rows
+
+
+def choose_context(config: ArborConfig, needed_tokens: int, budget: int, weights_bytes: int, kv_element_bytes: int,
+                   act_element_bytes: int, chunk: int, requested: int | None = None,
+                   buckets: tuple[int, ...] = BUCKETS) -> ContextPlan:
+    """The smallest bucket that holds `needed_tokens` and fits `budget`.
+
+    When no fitting bucket holds the input, the largest fitting bucket is returned (callers such
+    as summarize then split the input). `requested` (--context) is honoured exactly or refused.
+    """
+    def cost(context: int) -> int:
+        return bytes_for_context(config, context, weights_bytes, kv_element_bytes, act_element_bytes, chunk)
+
+    if requested is not None:
+        if cost(requested) > budget:
+            fitting = [b for b in buckets if cost(b) <= budget]
+            hint = f"; the largest that fits is {fitting[-1]}" if fitting else ""
+            raise ContextError(f"--context {requested} needs {_gib(cost(requested))} but only {_gib(budget)} "
+                               f"is available{hint}")
+        return ContextPlan(requested, needed_tokens, cost(requested), budget, config.trained_context)
+    fitting = [b for b in buckets if cost(b) <= budget]
+    if not fitting:
+        smallest = buckets[0]
+        raise ContextError(f"even a {smallest}-token context needs {_gib(cost(smallest))} but only {_gib(budget)} "
+                           "of memory is free; close other programs or use a smaller model")
+    holding = [b for b in fitting if b >= needed_tokens]
+    context = holding[0] if holding else fitting[-1]
+    return ContextPlan(context, needed_tokens, cost(context), budget, config.trained_context)
+
+
+def next_smaller(context: int, buckets: tuple[int, ...] = BUCKETS) -> int | None:
+    smaller = [b for b in buckets if b < context]
+    return smaller[-1] if smaller else None
+
+
+def _gib(n: int) -> str:
+    return f"{n / (1 << 30):.2f} GiB"
