@@ -62,6 +62,7 @@ class GenerationResult:
     tokens: list[int]
     finish_reason: str  # "eos", "stop", "length"
     timings: dict[str, float] = field(default_factory=dict)
+    context: int = 0  # the KV cache's capacity this generation ran with
 
 
 class StopFilter:
@@ -102,17 +103,19 @@ class GenerationStream:
 
 
 def stream_generation(lm: LoadedModel, tokenizer, cache, prompt_ids: list[int], opts: GenerationOptions,
-                      *, chunk_size: int = 512, on_done=None) -> Iterator[str]:
+                      *, chunk_size: int = 512, on_done=None, generated: list[int] | None = None) -> Iterator[str]:
     """Prefill `prompt_ids` after what `cache` already holds, then decode; yields text pieces.
 
     `on_done(result)` receives the GenerationResult when the loop ends (normally or by a stop).
-    Room in the cache bounds max_new_tokens: generation ends with finish_reason "length" there.
+    `generated`, when given, receives each token as it is produced, so a caller interrupted mid-way
+    (Ctrl-C) still knows what the cache holds. Room in the cache bounds max_new_tokens:
+    generation ends with finish_reason "length" there.
     """
     eos = set() if opts.ignore_eos else set(tokenizer.eos_ids)
     rng = lm.new_rng(opts.seed)
     detok, stops = tokenizer.stream_decoder(), StopFilter(opts.stop)
     budget = min(opts.max_new_tokens, cache.capacity - cache.length - len(prompt_ids))
-    tokens: list[int] = []
+    tokens: list[int] = generated if generated is not None else []
     text: list[str] = []
     finish = "length"
     t0 = time.perf_counter()
@@ -150,4 +153,4 @@ def stream_generation(lm: LoadedModel, tokenizer, cache, prompt_ids: list[int], 
         "decode_tokens_per_s": decode_steps / (t2 - t1) if decode_steps and t2 > t1 else 0.0,
     }
     if on_done is not None:
-        on_done(GenerationResult("".join(text), tokens, finish, timings))
+        on_done(GenerationResult("".join(text), tokens, finish, timings, cache.capacity))

@@ -1,0 +1,135 @@
+"""ChatSession: a conversation whose KV cache survives between turns.
+
+Each turn renders the whole history through the model's chat template, finds how much of it the
+cache already holds (the longest common prefix of token ids) and prefills only the rest, so a new
+turn costs its own tokens, not the history's. Near the context limit the oldest turns are dropped
+(the system prompt stays) and the caller is told.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from .errors import ContextError, InputError
+from .generate import GenerationOptions, GenerationResult, stream_generation
+
+REPLY_RESERVE = 512  # tokens kept free for the reply when trimming history
+SESSION_FORMAT = "arbor-chat/1"
+
+
+class ChatSession:
+    def __init__(self, model, system: str | None = None, options: GenerationOptions | None = None,
+                 context: int | None = None):
+        self.model = model
+        self.options = options or GenerationOptions(max_new_tokens=1024)
+        self.system = system
+        self.turns: list[dict[str, str]] = []  # user/assistant messages, system excluded
+        self.context = context or model.plan(model.context or model.config.trained_context).context
+        self.cache = None
+        self.cached_ids: list[int] = []  # the token ids whose keys/values the cache holds, in order
+        self.last_result: GenerationResult | None = None
+
+    # ---- history ------------------------------------------------------------------------
+    @property
+    def messages(self) -> list[dict[str, str]]:
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        return head + self.turns
+
+    def tokens_used(self) -> int:
+        return len(self.cached_ids)
+
+    def reset(self) -> None:
+        self.turns.clear()
+        self.cached_ids = []
+
+    def set_system(self, text: str | None) -> None:
+        self.system = text or None
+
+    # ---- a turn -------------------------------------------------------------------------
+    def send(self, content: str) -> Iterator[str]:
+        """Stream the reply to `content`; the turn is recorded even if the caller stops early."""
+        self.turns.append({"role": "user", "content": content})
+        ids = self._fit_history()
+        if self.cache is None:
+            self.cache = self.model.new_cache(self.context)
+        start = self._reuse_prefix(ids)
+        generated: list[int] = []
+        reply: list[str] = []
+        stream = stream_generation(self.model.lm, self.model.tokenizer, self.cache, ids[start:], self.options,
+                                   chunk_size=self.model.prefill_chunk, generated=generated,
+                                   on_done=lambda r: setattr(self, "last_result", r))
+        try:
+            for piece in stream:
+                reply.append(piece)
+                yield piece
+        finally:
+            # what the cache holds now: prompt then generated tokens, up to cache.length (a Ctrl-C may
+            # land mid-step; positions below cache.length are always complete)
+            self.cached_ids = (ids + generated)[:self.cache.length]
+            self.turns.append({"role": "assistant", "content": "".join(reply)})
+
+    def _reuse_prefix(self, ids: list[int]) -> int:
+        same = 0
+        for a, b in zip(self.cached_ids, ids):
+            if a != b:
+                break
+            same += 1
+        same = min(same, len(ids) - 1)  # always prefill at least one token to get the next logits
+        self.cache.truncate(same)
+        self.cached_ids = self.cached_ids[:same]
+        return same
+
+    def _fit_history(self) -> list[int]:
+        """Token ids of the conversation, dropping the oldest turns until it fits with room to reply."""
+        limit = self.context - min(self.options.max_new_tokens, REPLY_RESERVE, self.context // 4)
+        dropped = 0
+        while True:
+            ids = self.model.tokenizer.encode_chat(self.messages, add_generation_prompt=True)
+            if len(ids) <= limit:
+                break
+            if len(self.turns) <= 1:
+                self.turns.pop()
+                raise ContextError(f"the message is {len(ids)} tokens, more than the {limit} this "
+                                   f"{self.context}-token context leaves for it; shorten it or raise --context")
+            self.turns = self.turns[2:] if self.turns[0]["role"] == "user" and len(self.turns) > 2 else self.turns[1:]
+            dropped += 1
+        if dropped:
+            self.model.notify(f"conversation reached the {self.context}-token context: dropped the oldest "
+                              f"{dropped} exchange(s)")
+        return ids
+
+    # ---- persistence --------------------------------------------------------------------
+    def save(self, path: str | Path) -> None:
+        """Write the conversation as JSON, atomically: a failed write leaves any old file intact."""
+        path = Path(path)
+        payload = json.dumps({"format": SESSION_FORMAT, "system": self.system, "messages": self.turns},
+                             ensure_ascii=False, indent=2)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent if str(path.parent) else ".")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(payload + "\n")
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def load(self, path: str | Path) -> None:
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise InputError(f"{path}: no such file") from None
+        except (OSError, ValueError) as e:
+            raise InputError(f"{path} is not a saved arbor chat ({e})") from None
+        messages = data.get("messages") if isinstance(data, dict) else None
+        valid = isinstance(messages, list) and all(
+            isinstance(m, dict) and m.get("role") in ("user", "assistant") and isinstance(m.get("content"), str)
+            for m in messages)
+        if not valid or data.get("format") != SESSION_FORMAT:
+            raise InputError(f"{path} is not a saved arbor chat (expected {SESSION_FORMAT} JSON)")
+        self.system = data.get("system") or None
+        self.turns = [dict(role=m["role"], content=m["content"]) for m in messages]
+        self.cached_ids = []

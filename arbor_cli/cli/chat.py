@@ -1,0 +1,138 @@
+"""`arbor chat`: an interactive REPL on a terminal, one reply for piped stdin."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated, Optional
+
+import typer
+
+from ..chat import ChatSession
+from ..errors import ArborError
+from ..generate import GenerationOptions
+from .common import (BackendOpt, ContextOpt, DebugOpt, DeviceOpt, GlobalOptions, ModelOpt, console, describe_error,
+                     handle_errors, load_model, read_text_input, stdin_is_piped, write_answer)
+
+HELP = """\
+/help           this help
+/reset          forget the conversation (keeps the system prompt)
+/system [TEXT]  show or set the system prompt (resets the conversation)
+/context        tokens used of the context limit
+/save FILE      save the conversation as JSON
+/load FILE      load a saved conversation
+/exit           leave (or Ctrl-D)
+Start a multi-line message with \"\"\" and end it with \"\"\" on its own line. Ctrl-C stops a reply."""
+
+
+def register(app: typer.Typer) -> None:
+    app.command(help="Chat with the model: a REPL on a terminal; piped stdin is one message, the reply goes to stdout.")(
+        chat)
+
+
+@handle_errors
+def chat(
+    system: Annotated[Optional[str], typer.Option("--system", "-s", help="System prompt.")] = None,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", help="Longest reply, in tokens.")] = 1024,
+    temperature: Annotated[float, typer.Option("--temperature", "-t")] = 0.0,
+    top_p: Annotated[float, typer.Option("--top-p")] = 1.0,
+    top_k: Annotated[int, typer.Option("--top-k")] = 0,
+    seed: Annotated[Optional[int], typer.Option("--seed")] = None,
+    model: ModelOpt = None, backend: BackendOpt = None, device: DeviceOpt = None, context: ContextOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    options = GenerationOptions.build(max_tokens, temperature, top_p, top_k, seed)
+    opts = GlobalOptions(model, backend, device, context, debug)
+    if stdin_is_piped():
+        text, _ = read_text_input("-")
+        m = load_model(opts)
+        session = ChatSession(m, system=system, options=options)
+        reply = "".join(session.send(text.strip()))
+        write_answer(reply.strip())
+        return
+    m = load_model(opts)
+    session = ChatSession(m, system=system, options=options)
+    console.print(f"[dim]arbor chat · {m.checkpoint.name} · {m.backend}/{m.device} · context {session.context} · "
+                  "/help for commands, Ctrl-D to exit[/dim]")
+    repl(session)
+
+
+def repl(session: ChatSession) -> None:
+    while True:
+        try:
+            line = read_message()
+        except EOFError:
+            console.print()
+            return
+        except KeyboardInterrupt:
+            console.print("\n[dim](Ctrl-D or /exit to leave)[/dim]")
+            continue
+        if not line.strip():
+            continue
+        if line.startswith("/"):
+            if run_slash_command(session, line.strip()) == "exit":
+                return
+            continue
+        stream_reply(session, line)
+
+
+def read_message() -> str:
+    console.print("[bold green]>>>[/bold green] ", end="")
+    first = input()
+    if not first.strip().startswith('"""'):
+        return first
+    lines = [first.strip()[3:]]
+    while True:
+        console.print("[dim]...[/dim] ", end="")
+        line = input()
+        if line.strip().endswith('"""'):
+            lines.append(line.rstrip()[:-3])
+            return "\n".join(lines).strip()
+        lines.append(line)
+
+
+def stream_reply(session: ChatSession, text: str) -> None:
+    try:
+        for piece in session.send(text):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    except KeyboardInterrupt:
+        sys.stdout.write("\n")
+        console.print("[dim](reply stopped)[/dim]")
+    except ArborError as e:
+        console.print(f"arbor: error: {describe_error(e)}", markup=False)
+    sys.stdout.flush()
+
+
+def run_slash_command(session: ChatSession, line: str) -> str | None:
+    command, _, arg = line.partition(" ")
+    arg = arg.strip()
+    try:
+        if command in ("/exit", "/quit", "/bye"):
+            return "exit"
+        if command == "/help":
+            console.print(HELP, markup=False)
+        elif command == "/reset":
+            session.reset()
+            console.print("[dim]conversation cleared[/dim]")
+        elif command == "/system":
+            if arg:
+                session.set_system(arg)
+                session.reset()
+                console.print("[dim]system prompt set; conversation cleared[/dim]")
+            else:
+                console.print(session.system or "(no system prompt: the model's default applies)", markup=False)
+        elif command == "/context":
+            used = session.tokens_used()
+            console.print(f"{used} of {session.context} tokens used ({100 * used / session.context:.1f}%)")
+        elif command == "/save" and arg:
+            session.save(arg)
+            console.print(f"[dim]saved {len(session.turns)} messages to {arg}[/dim]", markup=True)
+        elif command == "/load" and arg:
+            session.load(arg)
+            console.print(f"[dim]loaded {len(session.turns)} messages from {arg}[/dim]", markup=True)
+        else:
+            console.print(f"unknown command {line!r}; /help lists them", markup=False)
+    except (ArborError, OSError) as e:
+        console.print(f"arbor: error: {describe_error(e)}", markup=False)
+    return None

@@ -1,0 +1,171 @@
+"""What every command shares: the global options, the stderr console, input reading, output writing.
+
+stdout carries only the answer. Everything a person watches (progress, notices, warnings) goes
+to stderr through rich, which drops colour under NO_COLOR and ANSI codes when not a terminal.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from ..errors import InputError
+
+BINARY_SNIFF_BYTES = 8192
+
+console = Console(stderr=True, highlight=False)  # everything a person watches
+answer_console = Console(highlight=False)  # tables that ARE the answer (info, models): stdout
+
+ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Model name, hf:ORG/NAME, or path "
+                                                 "(HF dir, Arbor dir, .gguf file).", envvar="ARBOR_MODEL")]
+BackendOpt = Annotated[Optional[str], typer.Option("--backend", help="torch, mlx or auto.", envvar="ARBOR_BACKEND")]
+DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:N, mps (default: best available).")]
+ContextOpt = Annotated[Optional[int], typer.Option("--context", help="Context length in tokens (default: chosen "
+                                                   "from the input and free memory).")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")]
+
+
+@dataclass
+class GlobalOptions:
+    model: str | None = None
+    backend: str | None = None
+    device: str | None = None
+    context: int | None = None
+    debug: bool = False
+
+
+def load_model(opts: GlobalOptions):
+    """Load the model for a command, routing the model's notices (RoPE scaling, …) to stderr."""
+    import arbor_cli
+
+    with console.status("loading model…", spinner="dots") if console.is_terminal else _nothing():
+        model = arbor_cli.load(opts.model, backend=opts.backend, device=opts.device, context=opts.context)
+    model.notify = notice
+    return model
+
+
+def notice(message: str) -> None:
+    console.print(f"[dim]arbor:[/dim] {message}", markup=True, highlight=False)
+
+
+def warn(message: str) -> None:
+    console.print(f"[yellow]arbor: warning:[/yellow] {message}", markup=True, highlight=False)
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def stdin_is_piped() -> bool:
+    return not sys.stdin.isatty()
+
+
+def read_text_input(source: str | None) -> tuple[str, str]:
+    """(text, name) from a FILE, or stdin for '-' (or no FILE with piped stdin).
+
+    Rejects what cannot be a document with one clear line: missing file, a directory, an empty
+    input, a binary file. Invalid UTF-8 is decoded with replacement characters and warned about once.
+    """
+    if source in (None, "-"):
+        if source is None and not stdin_is_piped():
+            raise InputError("no input: give a FILE, '-' for stdin, or pipe text in")
+        data, name = sys.stdin.buffer.read(), "<stdin>"
+    else:
+        path = Path(source)
+        if path.is_dir():
+            raise InputError(f"{source} is a directory, not a text file")
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise InputError(f"{source}: no such file") from None
+        except PermissionError:
+            raise InputError(f"{source}: permission denied") from None
+        except OSError as e:
+            raise InputError(f"{source}: cannot read ({e.strerror})") from None
+        name = source
+    if not data.strip():
+        raise InputError(f"{name} is empty")
+    if b"\x00" in data[:BINARY_SNIFF_BYTES]:
+        raise InputError(f"{name} looks like a binary file, not text")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        warn(f"{name} is not valid UTF-8 (first bad byte at offset {e.start}); undecodable bytes were replaced")
+        text = data.decode("utf-8", errors="replace")
+    return text.lstrip("\ufeff"), name
+
+
+def write_answer(text: str, end: str = "\n") -> None:
+    """Write to stdout and flush, so an unwritable stdout fails here with an OSError the CLI reports."""
+    sys.stdout.write(text + end)
+    sys.stdout.flush()
+
+
+def no_color() -> bool:
+    return "NO_COLOR" in os.environ
+
+
+def handle_errors(fn):
+    """Turn failures into one line on stderr and an exit code; tracebacks only with --debug.
+
+    0 ok, 1 runtime error, 2 usage error, 130 interrupted.
+    """
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        debug = bool(kwargs.get("debug")) or os.environ.get("ARBOR_DEBUG") == "1"
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except KeyboardInterrupt:
+            console.print("arbor: interrupted", highlight=False)
+            raise typer.Exit(130) from None
+        except BrokenPipeError:
+            _silence_stdout()
+            raise typer.Exit(1) from None
+        except Exception as e:
+            if debug:
+                console.print_exception()
+            console.print(f"arbor: error: {describe_error(e)}", highlight=False, markup=False)
+            raise typer.Exit(exit_code_for(e)) from None
+
+    return wrapper
+
+
+def describe_error(e: BaseException) -> str:
+    from ..errors import ArborError
+
+    if isinstance(e, ArborError):
+        return str(e)
+    if isinstance(e, OSError) and e.strerror:
+        where = f" ({e.filename})" if e.filename else ""
+        return f"cannot write or read{where}: {e.strerror}"
+    first = str(e).splitlines()[0] if str(e) else ""
+    return f"internal error: {type(e).__name__}: {first} (run with --debug for the traceback)"
+
+
+def exit_code_for(e: BaseException) -> int:
+    from ..errors import ArborError
+
+    return e.exit_code if isinstance(e, ArborError) else 1
+
+
+def _silence_stdout() -> None:
+    # the reader went away (`| head`): point stdout at /dev/null so the interpreter's final flush is quiet
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass

@@ -1,0 +1,63 @@
+"""`arbor info`: the machine, the model, and how much context fits in memory now."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from .. import planner
+from .common import (BackendOpt, ContextOpt, DebugOpt, DeviceOpt, GlobalOptions, ModelOpt, answer_console, handle_errors,
+                     load_model, write_answer)
+
+
+def register(app: typer.Typer) -> None:
+    app.command(help="Show backend, device, memory, the model and the context sizes that fit now.")(info)
+
+
+def machine_report(m) -> dict:
+    mem = m.lm.memory()
+    budget = planner.memory_budget(mem.free_bytes, mem.total_bytes, resident_bytes=m.lm.weights_nbytes)
+    rows = planner.bucket_table(m.config, budget, m.lm.weights_nbytes, m.lm.kv_element_bytes,
+                                m.lm.act_element_bytes, m.prefill_chunk)
+    fitting = [r.context for r in rows if r.fits]
+    return {
+        "backend": m.backend, "device": m.device, "dtype": m.dtype,
+        "memory_total_bytes": mem.total_bytes, "memory_free_bytes": mem.free_bytes,
+        "model": m.checkpoint.name, "parameters": m.num_parameters(), "weights_bytes": m.lm.weights_nbytes,
+        "trained_context": m.config.trained_context, "max_context": fitting[-1] if fitting else 0,
+        "rope_method": m.rope_method,
+        "buckets": [{"context": r.context, "bytes": r.bytes, "fits": r.fits,
+                     "rope_scaling": m.rope_scaling_for(r.context)} for r in rows],
+    }
+
+
+@handle_errors
+def info(as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+         model: ModelOpt = None, backend: BackendOpt = None, device: DeviceOpt = None, context: ContextOpt = None,
+         debug: DebugOpt = False) -> None:
+    report = machine_report(load_model(GlobalOptions(model, backend, device, context, debug)))
+    if as_json:
+        write_answer(json.dumps(report))
+        return
+    gib = 1 << 30
+    summary = Table.grid(padding=(0, 2))
+    for key, value in [
+        ("backend", f"{report['backend']} on {report['device']} ({report['dtype']})"),
+        ("memory", f"{report['memory_free_bytes'] / gib:.1f} GiB free of {report['memory_total_bytes'] / gib:.1f} GiB"),
+        ("model", f"{report['model']} · {report['parameters'] / 1e6:.1f}M parameters · "
+                  f"{report['weights_bytes'] / gib:.2f} GiB of weights"),
+        ("trained context", f"{report['trained_context']:,} tokens"),
+        ("largest context now", f"{report['max_context']:,} tokens"),
+    ]:
+        summary.add_row(f"[bold]{key}[/bold]", value)
+    table = Table("context", "memory needed", "fits now", "RoPE", title="context buckets (weights + KV cache + "
+                  "prefill workspace)", title_justify="left")
+    for b in report["buckets"]:
+        rope = b["rope_scaling"]
+        table.add_row(f"{b['context']:,}", f"{b['bytes'] / gib:.2f} GiB", "yes" if b["fits"] else "no",
+                      f"{rope['rope_type']} ×{rope['factor']:g}" if rope else "native")
+    answer_console.print(summary)
+    answer_console.print(table)
