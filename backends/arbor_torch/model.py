@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention.bias import causal_lower_right
 
 from arbor_cli.config import ArborConfig
 
@@ -60,7 +59,8 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(start, k, v)  # keys/values of positions [key_start, start + T)
         key_start = start + T - k.shape[2]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=self._mask(T, k.shape[2], key_start, start, x.device),
+        mask = self._mask(T, k.shape[2], key_start, start, x.device)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1 and start == 0,
                                            enable_gqa=self.n_heads != self.n_kv_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
@@ -72,7 +72,11 @@ class Attention(nn.Module):
         window needs an explicit mask (bounded by chunk x window).
         """
         if self.window is None or start + q_len <= self.window:
-            return None if q_len == 1 else causal_lower_right(q_len, kv_len)
+            if q_len == 1 or q_len == kv_len:
+                return None  # one query sees every cached key; or plain causal (is_causal)
+            from torch.nn.attention.bias import causal_lower_right  # slow import: only when needed
+
+            return causal_lower_right(q_len, kv_len)
         q_pos = torch.arange(start, start + q_len, device=device)[:, None]
         k_pos = torch.arange(key_start, key_start + kv_len, device=device)[None, :]
         return (k_pos <= q_pos) & (k_pos > q_pos - self.window)
