@@ -67,19 +67,24 @@ class Attention(nn.Module):
     def _mask(self, q_len: int, kv_len: int, key_start: int, start: int, device):
         """Causal mask for queries at [start, start+q_len) over keys at [key_start, key_start+kv_len).
 
-        Without a window this is lower-right causal, which SDPA runs in its flash /
-        memory-efficient kernels without materialising a q_len x kv_len matrix. A sliding
-        window needs an explicit mask (bounded by chunk x window).
+        None when SDPA needs none (one query; or plain causal, passed as is_causal). On CUDA a
+        lower-right causal bias keeps SDPA in its flash / cuDNN kernels without materialising a
+        q_len x kv_len matrix; CPU kernels run an explicit boolean mask faster (measured: 2.4 s vs
+        4.0 s for 512 queries over 64K keys). A sliding window always needs the explicit mask.
         """
         if self.window is None or start + q_len <= self.window:
             if q_len == 1 or q_len == kv_len:
-                return None  # one query sees every cached key; or plain causal (is_causal)
-            from torch.nn.attention.bias import causal_lower_right  # slow import: only when needed
+                return None
+            if device.type == "cuda":
+                from torch.nn.attention.bias import causal_lower_right  # slow import: only when needed
 
-            return causal_lower_right(q_len, kv_len)
+                return causal_lower_right(q_len, kv_len)
         q_pos = torch.arange(start, start + q_len, device=device)[:, None]
         k_pos = torch.arange(key_start, key_start + kv_len, device=device)[None, :]
-        return (k_pos <= q_pos) & (k_pos > q_pos - self.window)
+        allowed = k_pos <= q_pos
+        if self.window is not None:
+            allowed &= k_pos > q_pos - self.window
+        return allowed
 
 
 class MLP(nn.Module):

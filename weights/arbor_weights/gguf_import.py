@@ -1,0 +1,206 @@
+"""GGUF -> Arbor checkpoint: dequantize every tensor to float32, rename it to its HF name, and
+undo the row permutation llama.cpp applied to the Q and K projections.
+
+Why the permutation: HF Llama applies RoPE by rotating the two *halves* of each head
+(`rotate_half`); llama.cpp rotates *adjacent pairs*. Its converter reorders each head's Q/K rows
+so pairs line up, and the same rows of our checkpoint must go back to the half-split order for
+the HF-style math in the backends. Qwen2 files are not permuted (llama.cpp runs them with the
+half-split "NEOX" RoPE), so only the architectures in PERMUTED_ARCHS are undone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from arbor_cli.config import ArborConfig
+from arbor_cli.errors import ConfigError, CorruptModelError, ModelNotFoundError
+
+from .checkpoint import write_provenance
+from .progress import Reporter
+from .safetensors_file import write_float32_safetensors
+from .store import sha256_of_file
+
+GGUF_MAGIC = b"GGUF"
+PERMUTED_ARCHS = {"llama", "mistral"}
+GLOBAL_TENSORS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+LAYER_TENSORS = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+}
+# Not weights in the HF layout: rope_freqs (Llama 3 RoPE scaling) becomes config, the others are
+# precomputed tables some old converters stored.
+NON_WEIGHT_TENSORS = {"rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"}
+LAYER_NAME = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+
+
+def _not_gguf(path: Path, detail: Any) -> CorruptModelError:
+    return CorruptModelError(
+        f"{path} is truncated or not a GGUF file ({detail}); delete it and download it again")
+
+
+def check_gguf_magic(path: Path) -> None:
+    """Fail fast, before hashing or mapping, on a file that is not GGUF at all."""
+    if not path.is_file():
+        raise ModelNotFoundError(f"no GGUF file at {path}")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != GGUF_MAGIC:
+        raise _not_gguf(path, f"it starts with {magic!r}, not {GGUF_MAGIC!r}")
+
+
+def open_gguf(path: str | Path):
+    """A gguf.GGUFReader over the file (memory-mapped), with damage reported as CorruptModelError."""
+    import gguf
+
+    path = Path(path)
+    check_gguf_magic(path)
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as e:  # noqa: BLE001 - the reader indexes past the end of a cut-off file in many different ways
+        raise _not_gguf(path, e) from None
+
+
+def _metadata(reader, path: Path) -> dict[str, Any]:
+    try:
+        return {name: field.contents() for name, field in reader.fields.items()}
+    except Exception as e:  # noqa: BLE001 - a damaged string or array field
+        raise _not_gguf(path, e) from None
+
+
+def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
+    """The file's key/value metadata as Python values (str, int, float, bool, lists of them)."""
+    return _metadata(open_gguf(path), Path(path))
+
+
+def hf_tensor_name(gguf_name: str) -> str:
+    """'blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj.weight', and the global tensors."""
+    if match := LAYER_NAME.fullmatch(gguf_name):
+        layer, part, kind = match.groups()
+        if part in LAYER_TENSORS:
+            return f"model.layers.{layer}.{LAYER_TENSORS[part]}.{kind}"
+    else:
+        stem, _, kind = gguf_name.rpartition(".")
+        if stem in GLOBAL_TENSORS and kind in ("weight", "bias"):
+            return f"{GLOBAL_TENSORS[stem]}.{kind}"
+    raise ConfigError(f"GGUF tensor {gguf_name} is not part of the Llama block arbor runs")
+
+
+def unpermute_rotary(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Invert convert_hf_to_gguf.py's permute for Q/K weights and biases (rows = n_head * head_dim):
+    it did reshape(n_head, 2, head_dim // 2, …).swapaxes(1, 2); we do the reverse, exactly."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def dequantized(tensor, path: Path) -> np.ndarray:
+    """A GGUF tensor as float32, shaped (rows = output features, columns = input features)."""
+    from gguf.quants import dequantize
+
+    shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))  # GGUF lists the fastest axis first
+    try:
+        values = dequantize(tensor.data, tensor.tensor_type)
+    except NotImplementedError:
+        raise ConfigError(
+            f"{path.name}: tensor {tensor.name} is stored as {tensor.tensor_type.name}, which this gguf "
+            "package cannot dequantize; upgrade it (pip install -U gguf) or use another quantisation") from None
+    try:
+        return np.ascontiguousarray(values.reshape(shape), dtype=np.float32)
+    except ValueError:
+        raise _not_gguf(path, f"tensor {tensor.name} holds {values.size} values, not {shape}") from None
+
+
+def config_from_gguf(meta: dict[str, Any], tensors: dict[str, Any]) -> ArborConfig:
+    """ArborConfig from the metadata, corrected by what the tensors themselves show."""
+    config = ArborConfig.from_gguf(
+        meta, tie_word_embeddings="output.weight" not in tensors,
+        vocab_size=int(tensors["token_embd.weight"].shape[1]))
+    q_bias, o_bias = "blk.0.attn_q.bias" in tensors, "blk.0.attn_output.bias" in tensors
+    if (q_bias, o_bias) != (config.attention_bias, config.attention_out_bias):
+        config = dataclasses.replace(config, attention_bias=q_bias, attention_out_bias=o_bias)
+    if "rope_freqs.weight" in tensors and config.rope_scaling is None:
+        factors = tensors["rope_freqs.weight"].data.astype(np.float32)
+        config = config.with_rope_scaling(llama3_scaling_from_rope_freqs(factors, config))
+    return config
+
+
+def llama3_scaling_from_rope_freqs(factors: np.ndarray, config: ArborConfig) -> dict[str, Any]:
+    """Recover Llama 3.x `rope_scaling` from the per-frequency factors llama.cpp stores instead.
+
+    llama.cpp's converter computes the factors from (factor, low_freq_factor, high_freq_factor,
+    original context); every Llama 3.1-3.3 release uses 1, 4 and 8192 with factor = the largest
+    entry, so we recompute the table from those values and accept them only if it matches.
+    """
+    candidate = {"rope_type": "llama3", "factor": float(factors.max()), "low_freq_factor": 1.0,
+                 "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    if np.allclose(_llama3_factors(candidate, config.head_dim, config.rope_theta), factors, rtol=1e-4):
+        return candidate
+    raise ConfigError("this GGUF stores RoPE frequency factors (rope_freqs) that are not Llama 3's; "
+                      "arbor cannot recover its rope_scaling: use the original HF checkpoint")
+
+
+def _llama3_factors(rope: dict[str, Any], head_dim: int, theta: float) -> np.ndarray:
+    freqs = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+    original = rope["original_max_position_embeddings"]
+    low, high, factor = rope["low_freq_factor"], rope["high_freq_factor"], rope["factor"]
+    wavelen = 2 * math.pi / freqs
+    smooth = (original / wavelen - low) / (high - low)
+    blended = 1 / ((1 - smooth) / factor + smooth)
+    return np.where(wavelen < original / high, 1.0, np.where(wavelen > original / low, factor, blended))
+
+
+def _check_complete(config: ArborConfig, names: set[str], path: Path) -> None:
+    required = ["model.embed_tokens.weight", "model.norm.weight"]
+    required += [] if config.tie_word_embeddings else ["lm_head.weight"]
+    for i in range(config.num_hidden_layers):
+        required += [f"model.layers.{i}.{part}.weight" for part in LAYER_TENSORS.values()]
+    missing = [n for n in required if n not in names]
+    if missing:
+        raise CorruptModelError(f"{path} lacks {len(missing)} tensor(s) a {config.num_hidden_layers}-layer model "
+                                f"needs (first: {missing[0]}); download it again")
+
+
+def convert_gguf(gguf_path: str | Path, dest_dir: str | Path, *, reporter: Reporter,
+                 source: str | None = None, sha256: str | None = None) -> None:
+    """Write config.json, model.safetensors, tokenizer files and arbor.json into dest_dir."""
+    from arbor_cli.tokenizer import tokenizer_from_gguf
+
+    path, dest = Path(gguf_path).absolute(), Path(dest_dir)
+    with reporter.stage(f"reading {path.name}"):  # seconds for a large vocabulary: show that we are alive
+        reader = open_gguf(path)
+        meta = _metadata(reader, path)
+    tensors = {t.name: t for t in reader.tensors}
+    if "token_embd.weight" not in tensors:
+        raise CorruptModelError(f"{path} has no token_embd.weight tensor, so it is not a language model GGUF")
+    config = config_from_gguf(meta, tensors)
+    heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}
+    permuted = meta.get("general.architecture") in PERMUTED_ARCHS
+    by_hf_name = {hf_tensor_name(n): t for n, t in tensors.items() if n not in NON_WEIGHT_TENSORS}
+    _check_complete(config, set(by_hf_name), path)
+
+    def hf_tensor(hf_name: str) -> np.ndarray:
+        tensor = by_hf_name[hf_name]
+        values = dequantized(tensor, path)
+        part = tensor.name.split(".")[-2]
+        return unpermute_rotary(values, heads[part]) if permuted and part in heads else values
+
+    layout = [(name, tuple(int(d) for d in reversed(t.shape.tolist()))) for name, t in by_hf_name.items()]
+    dest.mkdir(parents=True, exist_ok=True)
+    with reporter.stage(f"converting {path.name}", total=len(layout)) as advance:
+        write_float32_safetensors(dest / "model.safetensors", layout, hf_tensor, advance)
+    config.save(dest / "config.json")
+    tokenizer_from_gguf(meta).save(dest)
+    # Size and mtime let a later resolve() of the same path skip re-hashing a multi-GB file.
+    stat = path.stat()
+    write_provenance(dest, source=source or f"gguf:{path}", sha256=sha256 or sha256_of_file(path),
+                     source_size=stat.st_size, source_mtime_ns=stat.st_mtime_ns)
+
+
+def import_gguf(gguf_path: str | Path, dest_dir: str | Path, *, quiet: bool = False) -> None:
+    """Convert a .gguf file into a complete Arbor checkpoint in dest_dir (created if needed)."""
+    convert_gguf(gguf_path, dest_dir, reporter=Reporter(quiet=quiet))

