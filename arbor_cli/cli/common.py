@@ -19,7 +19,7 @@ from ..errors import InputError
 
 BINARY_SNIFF_BYTES = 8192
 
-console = Console(stderr=True, highlight=False)  # everything a person watches
+console = Console(stderr=True, highlight=False, soft_wrap=True)  # everything a person watches; one line per message
 answer_console = Console(highlight=False)  # tables that ARE the answer (info, models): stdout
 
 ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Model name, hf:ORG/NAME, or path "
