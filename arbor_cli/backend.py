@@ -21,6 +21,7 @@ import numpy as np
 from .errors import BackendUnavailableError
 from .rope import RopeTables
 
+REPEAT_WINDOW = 64  # tokens the repetition penalty looks back over (llama.cpp's repeat_last_n)
 BACKEND_PACKAGES = {"torch": ("arbor_torch", "torch"), "mlx": ("arbor_mlx", "mlx")}
 INSTALL_HINT = {"torch": "pip install 'arbor-cli[torch]'", "mlx": "pip install 'arbor-cli[mlx]' (Linux: [mlx-cpu])"}
 
@@ -36,6 +37,7 @@ class SamplingParams:
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
+    repetition_penalty: float = 1.0  # > 1 discourages the last REPEAT_WINDOW tokens (HF / llama.cpp semantics)
 
     @property
     def greedy(self) -> bool:
@@ -57,7 +59,8 @@ class LoadedModel(Protocol):
         """Run `ids` at positions [cache.length, …), append them to the cache, return the last position's logits."""
     def decode(self, token: int, cache: Any) -> Any:
         """Run one token at position cache.length, append it, return its logits."""
-    def sample(self, logits: Any, params: SamplingParams, rng: Any) -> int: ...
+    def sample(self, logits: Any, params: SamplingParams, rng: Any, recent: list[int] = ()) -> int:
+        """Pick the next token on the device; `recent` are the ids the repetition penalty applies to."""
     def new_rng(self, seed: int | None) -> Any: ...
     def logits(self, ids: list[int]) -> np.ndarray:
         """Full forward without a cache: float32 [len(ids), vocab]."""

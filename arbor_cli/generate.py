@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from .backend import LoadedModel, SamplingParams
+from .backend import REPEAT_WINDOW, LoadedModel, SamplingParams
 from .errors import UsageError
 
 MAX_NEW_TOKENS_LIMIT = 1 << 20
@@ -27,10 +28,11 @@ class GenerationOptions:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    repetition_penalty: float = 1.0
 
     @classmethod
     def build(cls, max_new_tokens=256, temperature=0.0, top_p=1.0, top_k=0, seed=None, stop=None,
-              ignore_eos=False) -> "GenerationOptions":
+              ignore_eos=False, repetition_penalty=1.0) -> "GenerationOptions":
         """Validate user-supplied values; every bad one is a UsageError naming the option."""
         if not isinstance(max_new_tokens, int) or not 0 < max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
             raise UsageError(f"max_new_tokens must be an integer in 1..{MAX_NEW_TOKENS_LIMIT}, got {max_new_tokens!r}")
@@ -42,14 +44,17 @@ class GenerationOptions:
             raise UsageError(f"top_k must be a non-negative integer (0 = off), got {top_k!r}")
         if seed is not None and (not isinstance(seed, int) or seed < 0):
             raise UsageError(f"seed must be a non-negative integer, got {seed!r}")
+        if not _finite(repetition_penalty) or not 0 < repetition_penalty <= 10:
+            raise UsageError(f"repetition_penalty must be in (0, 10] (1 = off), got {repetition_penalty!r}")
         stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
         if any(not isinstance(s, str) or not s for s in stops):
             raise UsageError("stop strings must be non-empty text")
-        return cls(max_new_tokens, float(temperature), float(top_p), top_k, seed, stops, bool(ignore_eos))
+        return cls(max_new_tokens, float(temperature), float(top_p), top_k, seed, stops, bool(ignore_eos),
+                   float(repetition_penalty))
 
     @property
     def sampling(self) -> SamplingParams:
-        return SamplingParams(self.temperature, self.top_p, self.top_k)
+        return SamplingParams(self.temperature, self.top_p, self.top_k, self.repetition_penalty)
 
 
 def _finite(x: Any) -> bool:
@@ -118,9 +123,11 @@ def stream_generation(lm: LoadedModel, tokenizer, cache, prompt_ids: list[int], 
     tokens: list[int] = generated if generated is not None else []
     text: list[str] = []
     finish = "length"
+    penalised = opts.repetition_penalty != 1.0
+    recent = deque(prompt_ids[-REPEAT_WINDOW:] if penalised else (), maxlen=REPEAT_WINDOW)
     t0 = time.perf_counter()
     logits = lm.prefill(prompt_ids, cache, chunk_size) if prompt_ids else None
-    token = lm.sample(logits, opts.sampling, rng) if logits is not None else None
+    token = lm.sample(logits, opts.sampling, rng, list(recent)) if logits is not None else None
     t1 = time.perf_counter()
     while token is not None and budget > 0:
         if token in eos:
@@ -136,7 +143,9 @@ def stream_generation(lm: LoadedModel, tokenizer, cache, prompt_ids: list[int], 
             break
         if len(tokens) >= budget:
             break
-        token = lm.sample(lm.decode(token, cache), opts.sampling, rng)
+        if penalised:
+            recent.append(token)
+        token = lm.sample(lm.decode(token, cache), opts.sampling, rng, list(recent))
     if finish != "stop":
         tail = stops.push(detok.flush()) + stops.flush()
         if tail:

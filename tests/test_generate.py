@@ -68,7 +68,7 @@ class ScriptedModel:
         self.fed.append(token)
         return self.script.pop(0)
 
-    def sample(self, logits, params, rng):
+    def sample(self, logits, params, rng, recent=()):
         return logits
 
     def new_rng(self, seed):

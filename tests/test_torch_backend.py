@@ -88,3 +88,15 @@ def test_cuda_bf16_matches_cpu_float32():
 def test_dtype_and_device_defaults():
     assert arbor_torch.default_dtype("cpu") == "float32"
     assert arbor_torch.default_dtype("cuda") == "bfloat16"
+
+
+def test_repetition_penalty_discourages_recent_tokens():
+    lm = tiny_model()
+    logits = torch.zeros(97)
+    logits[10], logits[11] = 2.0, 1.9
+    plain = SamplingParams()
+    assert lm.sample(logits, plain, None, [10]) == 10
+    penalised = SamplingParams(repetition_penalty=1.2)
+    assert lm.sample(logits, penalised, None, [10]) == 11  # 2.0 / 1.2 < 1.9
+    assert lm.sample(logits, penalised, None, [5]) == 10
+    assert logits[10] == 2.0  # the caller's logits are untouched

@@ -37,10 +37,12 @@ def chat(
     top_p: Annotated[float, typer.Option("--top-p")] = 1.0,
     top_k: Annotated[int, typer.Option("--top-k")] = 0,
     seed: Annotated[Optional[int], typer.Option("--seed")] = None,
+    repeat_penalty: Annotated[float, typer.Option("--repeat-penalty", help="Discourage repeating the last 64 "
+                                                  "tokens (1 = off).")] = 1.1,
     model: ModelOpt = None, backend: BackendOpt = None, device: DeviceOpt = None, context: ContextOpt = None,
     debug: DebugOpt = False,
 ) -> None:
-    options = GenerationOptions.build(max_tokens, temperature, top_p, top_k, seed)
+    options = GenerationOptions.build(max_tokens, temperature, top_p, top_k, seed, repetition_penalty=repeat_penalty)
     opts = GlobalOptions(model, backend, device, context, debug)
     if stdin_is_piped():
         text, _ = read_text_input("-")

@@ -26,12 +26,14 @@ def generate(
     top_k: Annotated[int, typer.Option("--top-k", help="0 = off.")] = 0,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Makes sampling reproducible.")] = None,
     stop: Annotated[Optional[list[str]], typer.Option("--stop", help="Stop at this text (repeatable).")] = None,
+    repeat_penalty: Annotated[float, typer.Option("--repeat-penalty", help="Discourage repeating the last 64 "
+                                                  "tokens (1 = off).")] = 1.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with text, tokens, timings.")] = False,
     model: ModelOpt = None, backend: BackendOpt = None, device: DeviceOpt = None, context: ContextOpt = None,
     debug: DebugOpt = False,
 ) -> None:
     options = dict(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-                   stop=stop or None)
+                   stop=stop or None, repetition_penalty=repeat_penalty)
     GenerationOptions.build(**options)  # reject bad values before the model loads
     text = prompt if prompt not in (None, "-") else read_text_input(prompt)[0]
     m = load_model(GlobalOptions(model, backend, device, context, debug))

@@ -125,7 +125,12 @@ class TorchModel:
         return rng
 
     @torch.inference_mode()
-    def sample(self, logits: torch.Tensor, params: SamplingParams, rng: torch.Generator) -> int:
+    def sample(self, logits: torch.Tensor, params: SamplingParams, rng: torch.Generator, recent: list[int] = ()) -> int:
+        if params.repetition_penalty != 1.0 and len(recent):
+            seen = torch.tensor(sorted(set(recent)), device=logits.device)
+            scores = logits[seen]
+            logits = logits.clone()
+            logits[seen] = torch.where(scores > 0, scores / params.repetition_penalty, scores * params.repetition_penalty)
         if params.greedy:
             return int(torch.argmax(logits))
         logits = logits / params.temperature

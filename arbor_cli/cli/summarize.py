@@ -1,0 +1,63 @@
+"""`arbor summarize`: a summary of FILE (or stdin) on stdout; progress, notices and errors on stderr."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from ..summarize import DEFAULT_WORDS, MAX_WORDS, SummaryOptions, summarize as summarize_text
+from .common import (BackendOpt, ContextOpt, DebugOpt, DeviceOpt, GlobalOptions, ModelOpt, console, handle_errors,
+                     load_model, notice, read_text_input, write_answer)
+
+
+def register(app: typer.Typer) -> None:
+    app.command(help="Summarize FILE ('-' or piped stdin reads stdin). Documents longer than the context are read "
+                     "in parts and the parts' notes combined.")(summarize)
+
+
+@handle_errors
+def summarize(
+    file: Annotated[Optional[str], typer.Argument(help="The text file; '-' reads stdin.", show_default=False)] = None,
+    words: Annotated[int, typer.Option("--words", "-w", help=f"Longest summary, in words (1..{MAX_WORDS}).")]
+    = DEFAULT_WORDS,
+    style: Annotated[str, typer.Option("--style", help="paragraph or bullets.")] = "paragraph",
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object: text, chunks, context, "
+                                          "rope_scaling, timings.")] = False,
+    model: ModelOpt = None, backend: BackendOpt = None, device: DeviceOpt = None, context: ContextOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    options = SummaryOptions.build(words, style)  # bad values fail before the model loads
+    text, _ = read_text_input(file)
+    m = load_model(GlobalOptions(model, backend, device, context, debug))
+    with ProgressBar() as progress:
+        summary = summarize_text(m, text, options, progress=progress, notify=notice)
+    write_answer(json.dumps(summary.to_json(), ensure_ascii=False) if as_json else summary.text)
+
+
+class ProgressBar:
+    """rich progress on stderr, one bar per phase (reading the parts, combining the notes), with ETA."""
+
+    def __init__(self):
+        self.progress = Progress(TextColumn("[dim]arbor:[/dim] {task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console,
+                                 transient=True)
+        self.task = None
+
+    def __enter__(self) -> "ProgressBar":
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.progress.stop()
+        return False
+
+    def begin(self, phase: str, total: int) -> None:
+        if self.task is not None:
+            self.progress.update(self.task, visible=False)
+        self.task = self.progress.add_task(phase, total=total)
+
+    def advance(self) -> None:
+        self.progress.advance(self.task)
