@@ -20,7 +20,8 @@ from ..errors import InputError
 BINARY_SNIFF_BYTES = 8192
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)  # everything a person watches; one line per message
-answer_console = Console(highlight=False)  # tables that ARE the answer (info, models): stdout
+# tables that ARE the answer (info, models) go to stdout; in a pipe, wide enough not to crop names
+answer_console = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
 
 ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Model name, hf:ORG/NAME, or path "
                                                  "(HF dir, Arbor dir, .gguf file).", envvar="ARBOR_MODEL")]

@@ -53,8 +53,8 @@ def info(as_json: Annotated[bool, typer.Option("--json", help="Print JSON for sc
         ("largest context now", f"{report['max_context']:,} tokens"),
     ]:
         summary.add_row(f"[bold]{key}[/bold]", value)
-    table = Table("context", "memory needed", "fits now", "RoPE", title="context buckets (weights + KV cache + "
-                  "prefill workspace)", title_justify="left")
+    table = Table("context", "memory needed", "fits now", "RoPE", title="context buckets", title_justify="left",
+                  caption="memory = weights + KV cache + prefill workspace", caption_justify="left")
     for b in report["buckets"]:
         rope = b["rope_scaling"]
         table.add_row(f"{b['context']:,}", f"{b['bytes'] / gib:.2f} GiB", "yes" if b["fits"] else "no",
