@@ -24,7 +24,7 @@ class Model:
     """A loaded model: its config, tokenizer and a backend's weights on a device."""
 
     def __init__(self, checkpoint, lm: LoadedModel, tokenizer: "Tokenizer", backend: str,
-                 context: int | None = None, rope_method: str = "linear", prefill_chunk: int = 512):
+                 context: int | None = None, rope_method: str = "linear", prefill_chunk: int | None = None):
         self.checkpoint = checkpoint
         self.config: ArborConfig = checkpoint.config
         self.lm = lm
@@ -32,7 +32,7 @@ class Model:
         self.backend = backend
         self.context = context
         self.rope_method = rope_method
-        self.prefill_chunk = prefill_chunk
+        self.prefill_chunk = prefill_chunk or getattr(lm, "prefill_chunk", 512)
         self._rope_key: tuple | None = None
         self._announced: set[tuple] = set()
         self.notify: Callable[[str], None] = lambda message: None  # the CLI routes these to stderr
@@ -66,6 +66,16 @@ class Model:
         """A KV cache for `capacity` tokens, with RoPE set up for that context."""
         self._prepare_rope(capacity)
         return self.lm.new_cache(capacity)
+
+    def _reusable_cache(self, capacity: int):
+        """One-shot generations reuse a cache of the same size: no re-allocation, and a CUDA graph
+        captured for its buffers stays valid."""
+        cached = getattr(self, "_scratch_cache", None)
+        self._prepare_rope(capacity)
+        if cached is None or cached.capacity != capacity:
+            cached = self._scratch_cache = self.lm.new_cache(capacity)
+        cached.truncate(0)
+        return cached
 
     def plan(self, needed_tokens: int, requested: int | None = None) -> ContextPlan:
         """The context for `needed_tokens` on this machine now (see planner.py)."""
@@ -115,7 +125,7 @@ class Model:
         if len(ids) >= capacity:
             raise ContextError(f"the prompt has {len(ids)} tokens but the context holds {capacity}; "
                                "shorten it or raise --context")
-        cache = self.new_cache(capacity)
+        cache = self._reusable_cache(capacity)
         holder = GenerationStream(iter(()))
         pieces = stream_generation(self.lm, self.tokenizer, cache, ids, opts, chunk_size=self.prefill_chunk,
                                    on_done=lambda r: setattr(holder, "result", r))

@@ -6,6 +6,7 @@ to stderr through rich, which drops colour under NO_COLOR and ANSI codes when no
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from dataclasses import dataclass
@@ -45,7 +46,7 @@ def load_model(opts: GlobalOptions):
     """Load the model for a command, routing the model's notices (RoPE scaling, …) to stderr."""
     import arbor_cli
 
-    with console.status("loading model…", spinner="dots") if console.is_terminal else _nothing():
+    with status("loading model…"):
         model = arbor_cli.load(opts.model, backend=opts.backend, device=opts.device, context=opts.context)
     model.notify = notice
     return model
@@ -59,12 +60,9 @@ def warn(message: str) -> None:
     console.print(f"[yellow]arbor: warning:[/yellow] {message}", markup=True, highlight=False)
 
 
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+def status(message: str):
+    """A spinner on stderr while something slow runs, on a terminal only."""
+    return console.status(message, spinner="dots") if console.is_terminal else contextlib.nullcontext()
 
 
 def stdin_is_piped() -> bool:

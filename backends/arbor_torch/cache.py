@@ -26,6 +26,7 @@ class ModelCache:
     def __init__(self, capacity: int, n_layers: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype, device):
         self.capacity = capacity
         self.length = 0
+        self.decoder = None  # the CUDA-graph decode step bound to these buffers, built on first decode
         self.layers = [KVCache(capacity, n_kv_heads, head_dim, dtype, device) for _ in range(n_layers)]
 
     def truncate(self, length: int) -> None:

@@ -139,8 +139,13 @@ class Transformer(nn.Module):
         freqs = torch.outer(t, inv_freq.to(device=device, dtype=torch.float32))
         emb = torch.cat((freqs, freqs), dim=-1)
         dtype = self.model.embed_tokens.weight.dtype
-        self.rope_cos = (emb.cos() * attention_factor).to(dtype)
-        self.rope_sin = (emb.sin() * attention_factor).to(dtype)
+        cos, sin = (emb.cos() * attention_factor).to(dtype), (emb.sin() * attention_factor).to(dtype)
+        same = self.rope_cos is not None and (self.rope_cos.shape, self.rope_cos.device) == (cos.shape, cos.device)
+        if same:
+            self.rope_cos.copy_(cos)  # in place: captured CUDA graphs keep reading the same buffers
+            self.rope_sin.copy_(sin)
+        else:
+            self.rope_cos, self.rope_sin = cos, sin
 
     def forward(self, tokens: torch.Tensor, start: int = 0, caches: list[KVCache] | None = None,
                 last_only: bool = False) -> torch.Tensor:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import functools
+import os
 
 import numpy as np
+import psutil
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
@@ -19,6 +21,8 @@ from .model import Transformer
 
 # Tensors some exporters write that are derived, not learned: safe to skip.
 IGNORED_KEYS = ("rotary_emb.inv_freq",)
+CUDA_PREFILL_CHUNK = 8192
+CPU_PREFILL_CHUNK = 512
 
 
 def _translate_oom(fn):
@@ -41,6 +45,12 @@ class TorchModel:
         self.torch_dtype = model.model.embed_tokens.weight.dtype
         self.weights_nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
         self.kv_element_bytes = self.act_element_bytes = self.torch_dtype.itemsize
+        # CUDA: decode replays a captured graph with split-KV attention (ARBOR_CUDA_GRAPHS=0: plain eager path)
+        # big chunks keep a GPU's attention kernels fed; small ones bound a CPU's workspace
+        self.prefill_chunk = int(os.environ.get("ARBOR_PREFILL_CHUNK", 0)) or (
+            CUDA_PREFILL_CHUNK if torch.device(device).type == "cuda" else CPU_PREFILL_CHUNK)
+        self.use_cuda_graphs = (torch.device(device).type == "cuda" and model.config.sliding_window is None
+                                and os.environ.get("ARBOR_CUDA_GRAPHS", "1") != "0")
 
     @classmethod
     def from_checkpoint(cls, checkpoint, device: str, dtype: str) -> "TorchModel":
@@ -79,6 +89,17 @@ class TorchModel:
     def memory(self):
         return memory_info(self.device)
 
+    def reset_peak_memory(self) -> None:
+        if torch.device(self.device).type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak_memory(self) -> int:
+        """Peak bytes allocated on the device since reset_peak_memory (CPU: the process's resident size)."""
+        if torch.device(self.device).type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.device))
+        return int(psutil.Process().memory_info().rss)
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
 
@@ -111,10 +132,17 @@ class TorchModel:
     @torch.inference_mode()
     def decode(self, token: int, cache: ModelCache) -> torch.Tensor:
         self._check_room(cache, 1)
-        tokens = torch.tensor([[token]], dtype=torch.long, device=self.device)
-        out = self.model(tokens, cache.length, cache.layers)
+        if self.use_cuda_graphs:
+            if cache.decoder is None:
+                from .cuda_graph import GraphDecoder  # needs Triton: imported on CUDA only
+
+                cache.decoder = GraphDecoder(self.model, cache)
+            logits = cache.decoder(token, cache.length)
+        else:
+            tokens = torch.tensor([[token]], dtype=torch.long, device=self.device)
+            logits = self.model(tokens, cache.length, cache.layers)[0, -1].float()
         cache.length += 1
-        return out[0, -1].float()
+        return logits
 
     def new_rng(self, seed: int | None) -> torch.Generator:
         rng = torch.Generator(device=self.device)

@@ -1,0 +1,59 @@
+"""`arbor bench`: prefill time, decode speed and peak memory at growing contexts, optionally beside transformers."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from ..errors import UsageError
+from ..bench import DECODE_TOKENS, parse_contexts, run_bench
+from .common import (BackendOpt, DebugOpt, DeviceOpt, GlobalOptions, ModelOpt, answer_console, handle_errors, load_model,
+                     notice, status, write_answer)
+
+
+def register(app: typer.Typer) -> None:
+    app.command(help="Measure prefill, decode and peak memory at each context; stops at the first that fails.")(bench)
+
+
+@handle_errors
+def bench(
+    contexts: Annotated[str, typer.Option("--contexts", help="Comma-separated sizes, e.g. 4k,16k,32k.")]
+    = "4k,16k,32k,64k,128k",
+    tokens: Annotated[int, typer.Option("--tokens", help="Tokens decoded at each context.")] = DECODE_TOKENS,
+    vs: Annotated[str, typer.Option("--vs", help="Also run a peer on the same weights: hf (transformers).")] = "",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+    model: ModelOpt = None, backend: BackendOpt = None, device: DeviceOpt = None, debug: DebugOpt = False,
+) -> None:
+    sizes = parse_contexts(contexts)
+    if vs not in ("", "hf"):
+        raise UsageError(f"--vs takes 'hf' (transformers), got {vs!r}")
+    if tokens < 2:
+        raise UsageError("--tokens must be at least 2")
+    m = load_model(GlobalOptions(model, backend, device, None, debug))
+
+    def show(row):
+        if row.error:
+            notice(f"{row.engine} at {row.context:,}: {row.error}; stopping")
+        else:
+            notice(f"{row.engine} at {row.context:,}: prefill {row.prefill_s:.2f} s, "
+                   f"decode {row.decode_tokens_per_s:.1f} tok/s")
+
+    with status("benchmarking…"):
+        rows = run_bench(m, sizes, tokens, vs_hf=vs == "hf", on_row=show)
+    if as_json:
+        write_answer(json.dumps({"backend": m.backend, "device": m.device, "dtype": m.dtype,
+                                 "model": m.checkpoint.name, "rows": [r.to_json() for r in rows]}))
+        return
+    table = Table("engine", "context", "prefill", "prefill tok/s", "decode tok/s", "peak memory", "RoPE",
+                  title=f"{m.checkpoint.name} · {m.backend}/{m.device} · {m.dtype}", title_justify="left")
+    for r in rows:
+        if r.error:
+            table.add_row(r.engine, f"{r.context:,}", "[red]failed[/red]", "", "", "", r.error[:40])
+            continue
+        peak = f"{r.peak_memory_bytes / (1 << 30):.2f} GiB" if r.peak_memory_bytes else "-"
+        table.add_row(r.engine, f"{r.context:,}", f"{r.prefill_s:.2f} s", f"{r.prefill_tokens_per_s:,.0f}",
+                      f"{r.decode_tokens_per_s:,.1f}", peak, r.rope)
+    answer_console.print(table)

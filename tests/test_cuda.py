@@ -1,0 +1,91 @@
+"""CUDA fast paths: split-KV attention and the CUDA-graph decode step agree with the plain path.
+
+Skipped without a CUDA device (CI has none); run on the lent H100 (benchmarks/device_run.sh).
+"""
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+def rel(a, b):
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("capacity,length", [(64, 1), (256, 63), (256, 64), (256, 65), (4096, 4096 - 17),
+                                              (40000, 33333)])
+def test_split_kv_matches_sdpa(dtype, tol, capacity, length):
+    from arbor_torch.split_kv import SplitKVAttention
+
+    n_heads, n_kv, d = 9, 3, 64
+    g = torch.Generator(device="cuda").manual_seed(capacity + length)
+    q = torch.randn(n_heads, d, device="cuda", dtype=dtype, generator=g)
+    k = torch.randn(1, n_kv, capacity, d, device="cuda", dtype=dtype, generator=g)
+    v = torch.randn(1, n_kv, capacity, d, device="cuda", dtype=dtype, generator=g)
+    attn = SplitKVAttention(n_heads, n_kv, d, capacity, "cuda", dtype)
+    out = torch.full_like(q, float("nan"))
+    attn(q, k, v, torch.tensor([length], device="cuda", dtype=torch.int32), out=out)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q.double()[None, :, None], k[:, :, :length].double(), v[:, :, :length].double(), enable_gqa=True)[0, :, 0]
+    assert not torch.isnan(out).any()
+    assert rel(out.float().cpu(), ref.cpu()) < tol
+
+
+@pytest.fixture(scope="module")
+def cuda_pair(default_checkpoint):
+    """The default model on CUDA in float32 twice: CUDA-graph fast path, and the plain eager path."""
+    import arbor_cli
+
+    fast = arbor_cli.load(str(default_checkpoint.path), backend="torch", device="cuda", dtype="float32", quiet=True)
+    plain = arbor_cli.load(str(default_checkpoint.path), backend="torch", device="cuda", dtype="float32", quiet=True)
+    plain.lm.use_cuda_graphs = False
+    assert fast.lm.use_cuda_graphs
+    return fast, plain
+
+
+PROMPTS = ["The capital of France is", "def quicksort(items):", "Photosynthesis is the process by which plants",
+           "Once upon a time, in a small village by the sea,"]
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_graph_decode_greedy_equals_plain_path(cuda_pair, prompt):
+    fast, plain = cuda_pair
+    a = fast.generate(prompt, max_new_tokens=64, ignore_eos=True)
+    b = plain.generate(prompt, max_new_tokens=64, ignore_eos=True)
+    assert a.tokens == b.tokens and a.text == b.text
+
+
+def test_graph_decode_logits_at_every_position_of_the_cache(cuda_pair):
+    fast, plain = cuda_pair
+    capacity = 300
+    ids = np.random.default_rng(0).integers(100, 40000, size=capacity).tolist()
+    cache_f, cache_p = fast.new_cache(capacity), plain.new_cache(capacity)
+    fast.lm.prefill(ids[:10], cache_f, 512)
+    plain.lm.prefill(ids[:10], cache_p, 512)
+    for pos in range(10, capacity):  # up to the last slot of the cache
+        lf = fast.lm.decode(ids[pos], cache_f)
+        lp = plain.lm.decode(ids[pos], cache_p)
+        assert rel(lf.cpu(), lp.cpu()) < 1e-4, pos
+    assert cache_f.length == capacity
+
+
+def test_sampling_changes_need_no_recapture(cuda_pair):
+    fast, plain = cuda_pair
+    for kwargs in (dict(), dict(temperature=0.8, top_k=40, seed=3), dict(temperature=1.2, top_p=0.9, seed=5),
+                   dict(repetition_penalty=1.3), dict()):
+        a = fast.generate("Tell me about the ocean.", max_new_tokens=24, ignore_eos=True, **kwargs)
+        b = plain.generate("Tell me about the ocean.", max_new_tokens=24, ignore_eos=True, **kwargs)
+        assert a.tokens == b.tokens, kwargs
+
+
+def test_bf16_cuda_logits_close_to_cpu_float32(default_checkpoint, default_model):
+    import arbor_cli
+
+    m = arbor_cli.load(str(default_checkpoint.path), backend="torch", device="cuda", quiet=True)
+    assert m.dtype == "bfloat16"
+    ids = m.tokenizer.encode("The capital of France is Paris, and the capital of Italy is")
+    assert rel(m.logits(ids), default_model.logits(ids)) < 3e-2
