@@ -23,3 +23,6 @@ sha256sum /tmp/arbor/downloads/SmolLM2-135M-Instruct.Q4_1.gguf
 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_torch_backend.py 2>&1 | tee "$OUT/test_cuda.txt" | tail -15
 python3 benchmarks/gpu_bench.py --contexts 4k,32k,128k --vs-hf --json "$OUT/bench_135m.json" 2>&1 | tee "$OUT/bench_135m.txt" | tail -8
 python3 benchmarks/gpu_bench.py --random-shape smollm2-1.7b --contexts 4k,128k --vs-hf --json "$OUT/bench_1p7b.json" 2>&1 | tee "$OUT/bench_1p7b.txt" | tail -8
+for chunk in 4096 16384 32768; do  # prefill chunk size: speed against peak memory at 128K
+  ARBOR_PREFILL_CHUNK=$chunk python3 benchmarks/gpu_bench.py --random-shape smollm2-135m --contexts 128k --tokens 8 2>&1 | tail -1 | sed "s/^/chunk $chunk: /"
+done | tee "$OUT/prefill_chunks.txt"

@@ -100,3 +100,41 @@ def test_repetition_penalty_discourages_recent_tokens():
     assert lm.sample(logits, penalised, None, [10]) == 11  # 2.0 / 1.2 < 1.9
     assert lm.sample(logits, penalised, None, [5]) == 10
     assert logits[10] == 2.0  # the caller's logits are untouched
+
+
+def test_fused_projections_keep_the_logits_and_the_parameter_count():
+    lm = tiny_model(attention_bias=True)
+    ids = list(range(30))
+    before, count = lm.logits(ids), lm.num_parameters()
+    lm.model.fuse_projections()
+    np.testing.assert_allclose(lm.logits(ids), before, rtol=1e-5, atol=1e-5)
+    assert lm.num_parameters() == count
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_decode_step_halves_equal_the_block(compiled, monkeypatch):
+    """The CUDA graph's per-layer math (pre/post attention, as compiled) equals Block.forward."""
+    from arbor_torch.cuda_graph import compiled_layer_parts, pre_attention
+
+    if compiled:
+        pytest.importorskip("triton")  # torch.compile's CPU backend needs a C++ compiler; skip where absent
+    monkeypatch.setenv("ARBOR_COMPILE", "1" if compiled else "0")
+    pre, post = compiled_layer_parts()
+    lm = tiny_model(attention_bias=True)
+    lm.model.fuse_projections()
+    cfg = lm.config
+    layer = lm.model.model.layers[0]
+    x = torch.randn(1, 1, cfg.hidden_size)
+    pos = 5
+    cos, sin = lm.model.rope_cos[pos:pos + 1], lm.model.rope_sin[pos:pos + 1]
+    with torch.no_grad():
+        cache = lm.new_cache(16)
+        ref = layer(x, cos, sin, cache.layers[0], 0)[0]  # one token at position 0..: compare at start=0
+        a = layer.self_attn
+        q, k, v = pre(x[0], layer.input_layernorm.weight, a.qkv_weight, a.qkv_bias, cos, sin,
+                      (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim), cfg.rms_norm_eps)
+        y = torch.nn.functional.scaled_dot_product_attention(q[None, :, None], k, v, enable_gqa=True)[0, :, 0]
+        out = post(x[0], y.reshape(1, -1), a.o_proj.weight, a.o_proj.bias, layer.post_attention_layernorm.weight,
+                   layer.mlp.gate_up_weight, layer.mlp.down_proj.weight, cfg.rms_norm_eps)
+    np.testing.assert_allclose(out.numpy(), ref.numpy(), rtol=1e-4, atol=1e-5)
+    assert pre is not pre_attention or not compiled

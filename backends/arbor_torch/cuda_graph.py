@@ -10,14 +10,46 @@ same as model.py's (same modules, same weights): RMSNorm, RoPE, GQA attention, S
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
 from .cache import ModelCache
 from .model import Transformer, rotate_half
-from .split_kv import SplitKVAttention
 
-WARMUP_STEPS = 2
+WARMUP_STEPS = 3
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    h = x.float()
+    return weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def pre_attention(x, norm_weight, qkv_weight, qkv_bias, cos, sin, shapes, eps):
+    """RMSNorm, the fused q/k/v projection and RoPE: (n_heads, D) q, (1, n_kv, 1, D) k and v."""
+    n_heads, n_kv, d = shapes
+    qkv = F.linear(rms_norm(x, norm_weight, eps), qkv_weight, qkv_bias)[0]
+    q, k, v = qkv.split([n_heads * d, n_kv * d, n_kv * d])
+    q, k = q.view(n_heads, d), k.view(n_kv, d)
+    q = q * cos + rotate_half(q) * sin
+    k = k * cos + rotate_half(k) * sin
+    return q.contiguous(), k.view(1, n_kv, 1, d), v.view(1, n_kv, 1, d)
+
+
+def post_attention(x, y, o_weight, o_bias, norm_weight, gate_up_weight, down_weight, eps):
+    """Output projection and residual, then RMSNorm, SwiGLU and residual."""
+    x = x + F.linear(y.view(1, -1), o_weight, o_bias)
+    gate, up = F.linear(rms_norm(x, norm_weight, eps), gate_up_weight).chunk(2, dim=-1)
+    return x + F.linear(F.silu(gate) * up, down_weight)
+
+
+def compiled_layer_parts():
+    """The two halves of a layer fused by torch.compile (ARBOR_COMPILE=0: eager, unfused)."""
+    if os.environ.get("ARBOR_COMPILE", "1") == "0":
+        return pre_attention, post_attention
+    return (torch.compile(pre_attention, dynamic=False, fullgraph=True),
+            torch.compile(post_attention, dynamic=False, fullgraph=True))
 
 
 class GraphDecoder:
@@ -30,11 +62,16 @@ class GraphDecoder:
         self.token = torch.zeros(1, dtype=torch.long, device=device)
         self.position = torch.zeros(1, dtype=torch.long, device=device)
         self.length = torch.ones(1, dtype=torch.int32, device=device)
+        from .split_kv import SplitKVAttention  # Triton: present wherever CUDA torch is
+
         self.attention = SplitKVAttention(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
                                           cache.capacity, device, model.model.embed_tokens.weight.dtype)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
         self.rope_ptr = 0  # the RoPE table the graph reads: a new table means a new capture
+        if not hasattr(model.model.layers[0].self_attn, "qkv_weight"):
+            model.fuse_projections()
+        self.pre_attention, self.post_attention = compiled_layer_parts()
 
     @torch.inference_mode()
     def step(self) -> torch.Tensor:
@@ -44,21 +81,16 @@ class GraphDecoder:
         sin = m.rope_sin.index_select(0, self.position)
         self.length.copy_(self.position + 1)
         x = m.model.embed_tokens(self.token)  # (1, hidden)
+        shapes = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
         for layer, kv in zip(m.model.layers, self.cache.layers):
-            attn = layer.self_attn
-            h = layer.input_layernorm(x)
-            q = attn.q_proj(h).view(cfg.num_attention_heads, cfg.head_dim)
-            k = attn.k_proj(h).view(cfg.num_key_value_heads, cfg.head_dim)
-            v = attn.v_proj(h).view(cfg.num_key_value_heads, cfg.head_dim)
-            q = q * cos + rotate_half(q) * sin
-            k = k * cos + rotate_half(k) * sin
-            kv.k.index_copy_(2, self.position, k.view(1, -1, 1, cfg.head_dim))
-            kv.v.index_copy_(2, self.position, v.view(1, -1, 1, cfg.head_dim))
-            y = self.attention(q.contiguous(), kv.k, kv.v, self.length)
-            x = x + attn.o_proj(y.view(1, -1))
-            h = layer.post_attention_layernorm(x)
-            mlp = layer.mlp
-            x = x + mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h))
+            a, mlp = layer.self_attn, layer.mlp
+            q, k, v = self.pre_attention(x, layer.input_layernorm.weight, a.qkv_weight, a.qkv_bias, cos, sin,
+                                         shapes, cfg.rms_norm_eps)
+            kv.k.index_copy_(2, self.position, k)
+            kv.v.index_copy_(2, self.position, v)
+            y = self.attention(q, kv.k, kv.v, self.length)
+            x = self.post_attention(x, y, a.o_proj.weight, a.o_proj.bias, layer.post_attention_layernorm.weight,
+                                    mlp.gate_up_weight, mlp.down_proj.weight, cfg.rms_norm_eps)
         return m.lm_head(m.model.norm(x))[0].float()
 
     def capture(self) -> None:

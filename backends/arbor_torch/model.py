@@ -161,5 +161,31 @@ class Transformer(nn.Module):
             x = x[:, -1:]
         return self.lm_head(self.model.norm(x))
 
+    def fuse_projections(self) -> None:
+        """Store q/k/v and gate/up weights contiguously, the per-projection weights becoming views.
+
+        One matmul then reads all three (or both) in decode; prefill and the HF names are
+        unchanged, and no memory is duplicated.
+        """
+        for layer in self.model.layers:
+            a, mlp = layer.self_attn, layer.mlp
+            a.qkv_weight, (a.q_proj.weight, a.k_proj.weight, a.v_proj.weight) = _fused(
+                a.q_proj.weight, a.k_proj.weight, a.v_proj.weight)
+            a.qkv_bias = None
+            if a.q_proj.bias is not None:
+                a.qkv_bias, (a.q_proj.bias, a.k_proj.bias, a.v_proj.bias) = _fused(
+                    a.q_proj.bias, a.k_proj.bias, a.v_proj.bias)
+            mlp.gate_up_weight, (mlp.gate_proj.weight, mlp.up_proj.weight) = _fused(
+                mlp.gate_proj.weight, mlp.up_proj.weight)
+
     def _rope_len(self) -> int:
         return 0 if self.rope_cos is None else self.rope_cos.shape[0]
+
+
+def _fused(*params: nn.Parameter) -> tuple[torch.Tensor, list[nn.Parameter]]:
+    whole = torch.cat([p.detach() for p in params], dim=0)
+    views, start = [], 0
+    for p in params:
+        views.append(nn.Parameter(whole[start:start + p.shape[0]], requires_grad=p.requires_grad))
+        start += p.shape[0]
+    return whole, views
