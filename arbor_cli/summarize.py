@@ -31,6 +31,8 @@ OVERLAP_FRACTION = 0.08    # of a chunk's budget, repeated at the start of the n
 MAX_OVERLAP_TOKENS = 256
 MIN_PIECE_TOKENS = 16
 MIN_CHUNK_TOKENS = 64
+REDUCE_FANOUT = 3          # notes merged by one call; more and a small model drops the early ones
+REPEAT_PENALTY = 1.1       # Ollama's and llama.cpp's default: keeps a small model's notes from looping
 
 SYSTEM_PROMPT = "You are a careful assistant who writes accurate, concise summaries of documents."
 ONE_PASS_PROMPT = ("Read the document below.\n\n---\n{text}\n---\n\n"
@@ -170,7 +172,8 @@ def split_into_chunks(text: str, count_tokens: Callable[[str], int], budget: int
     if budget < MIN_PIECE_TOKENS:
         raise ContextError(f"a chunk budget of {budget} tokens is too small to summarize with; raise --context")
     overlap = default_overlap(budget) if overlap is None else max(0, min(overlap, budget // 2))
-    spans = _spans(text, count_tokens, piece_limit=max(MIN_PIECE_TOKENS, overlap, budget // 4))
+    spans = _spans(text, count_tokens, longest=max(MIN_PIECE_TOKENS, budget // 4),
+                   piece=max(MIN_PIECE_TOKENS, min(overlap, budget // 4)))
     return _pack(text, spans, count_tokens, budget, overlap)
 
 
@@ -178,17 +181,18 @@ def default_overlap(budget: int) -> int:
     return min(MAX_OVERLAP_TOKENS, int(budget * OVERLAP_FRACTION))
 
 
-def _spans(text: str, count_tokens: Callable[[str], int], piece_limit: int) -> list[_Span]:
-    """The document tiled by sentences (each tagged with its boundary), long ones cut between words."""
+def _spans(text: str, count_tokens: Callable[[str], int], longest: int, piece: int) -> list[_Span]:
+    """The document tiled by sentences (each tagged with its boundary); those over `longest` tokens
+    are cut between words into pieces of `piece` tokens, small enough to serve as the overlap."""
     spans = []
     for start, end, boundary in _sentences(text):
         n = count_tokens(text[start:end].strip())
         if n == 0:
             continue
-        if n <= piece_limit:
+        if n <= longest:
             spans.append(_Span(start, end, boundary, n))
         else:
-            spans.extend(_cut_between_words(text, start, end, boundary, count_tokens, piece_limit))
+            spans.extend(_cut_between_words(text, start, end, boundary, count_tokens, piece))
     return spans
 
 
@@ -401,7 +405,8 @@ class _Run:
         self.reduce_rounds = 0
 
     def generate(self, messages: list[dict], max_new_tokens: int) -> str:
-        result = self.model.chat(messages, max_new_tokens=max_new_tokens, temperature=0.0)
+        result = self.model.chat(messages, max_new_tokens=max_new_tokens, temperature=0.0,
+                                 repetition_penalty=REPEAT_PENALTY)
         self.usage.add(result.timings)
         return clean_summary(result.text, truncated=result.finish_reason == "length")
 
@@ -444,10 +449,12 @@ class _Run:
             count = len(chunks)
 
     def reduce(self, notes: list[str]) -> str:
-        """One summary of `notes`: directly when they fit, else summarise groups and reduce again."""
+        """One summary of `notes`: directly when they are few and fit, else combine consecutive groups
+        of at most REDUCE_FANOUT notes and reduce again. A small model asked to merge many notes at
+        once keeps the last few and drops the rest; a tree of small merges keeps every subject."""
         words, style = self.options.words, self.options.style
         room = self.context - reduce_prompt_tokens(self.model, self.options)
-        if self._notes_tokens(notes) + self.options.answer_tokens <= room:
+        if len(notes) <= REDUCE_FANOUT and self._notes_tokens(notes) + self.options.answer_tokens <= room:
             self.progress.begin("combining notes", 1)
             self.reduce_rounds += 1
             answer = self.generate(reduce_messages(join_notes(notes), words, style), self.options.answer_tokens)
@@ -458,22 +465,33 @@ class _Run:
         self.progress.begin(f"combining notes (round {self.reduce_rounds}, {len(groups)} groups)", len(groups))
         combined = []
         for group in groups:
-            combined.append(self.generate(reduce_messages(join_notes(group), self.options.note_words, "paragraph"),
-                                          self.options.note_tokens))
+            if len(group) == 1:
+                combined.append(group[0])
+            else:
+                combined.append(self.generate(reduce_messages(join_notes(group), self.options.note_words,
+                                                              "paragraph"), self.options.note_tokens))
             self.progress.advance()
         return self.reduce([c for c in combined if c])
 
     def group(self, notes: list[str], budget: int) -> list[list[str]]:
-        """Consecutive notes in groups that fit `budget` tokens: any two notes fit, so each round shrinks."""
-        groups, current, used = [], [], 0
-        for note in notes:
-            size = count_tokens_of(self.model, note) + 2
-            if current and used + size > budget:
-                groups.append(current)
-                current, used = [], 0
-            current.append(note)
-            used += size
-        groups.append(current)
+        """Consecutive notes in balanced groups of at most REDUCE_FANOUT that fit `budget` tokens each:
+        any two notes fit, so each round shrinks the list."""
+        sizes = [count_tokens_of(self.model, note) + 2 for note in notes]
+        count = -(-len(notes) // REDUCE_FANOUT)
+        while True:
+            # balanced: 10 notes make groups of 3, 3, 2, 2, never 3, 3, 3, 1
+            quotas = [len(notes) // count + (i < len(notes) % count) for i in range(count)]
+            groups, current, used = [], [], 0
+            for note, size in zip(notes, sizes):
+                if current and (len(current) == quotas[min(len(groups), count - 1)] or used + size > budget):
+                    groups.append(current)
+                    current, used = [], 0
+                current.append(note)
+                used += size
+            groups.append(current)
+            if len(groups) <= count or count >= len(notes):
+                break
+            count = len(groups)
         if len(groups) >= len(notes):
             raise ContextError(f"--words {self.options.words} leaves too little of a {self.context}-token context "
                                "to combine the notes; lower --words or raise --context")

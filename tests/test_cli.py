@@ -201,9 +201,9 @@ def test_long_conversation_drops_oldest_turns_and_keeps_the_system_prompt(defaul
     notices = []
     default_model.notify = notices.append
     try:
-        session = ChatSession(default_model, system="You are terse.", options=GenerationOptions(max_new_tokens=16),
+        session = ChatSession(default_model, system="You are terse.", options=GenerationOptions(max_new_tokens=16, ignore_eos=True),
                               context=256)
-        for i in range(6):
+        for i in range(10):
             "".join(session.send(f"Tell me fact number {i} about the ocean, please, in detail."))
         assert session.messages[0] == {"role": "system", "content": "You are terse."}
         assert session.tokens_used() <= 256

@@ -21,20 +21,28 @@ def register(app: typer.Typer) -> None:
 @handle_errors
 def summarize(
     file: Annotated[Optional[str], typer.Argument(help="The text file; '-' reads stdin.", show_default=False)] = None,
-    words: Annotated[int, typer.Option("--words", "-w", help=f"Longest summary, in words (1..{MAX_WORDS}).")]
-    = DEFAULT_WORDS,
+    words: Annotated[str, typer.Option("--words", "-w", metavar="N",
+                                       help=f"Longest summary, in words (1..{MAX_WORDS}).")] = str(DEFAULT_WORDS),
     style: Annotated[str, typer.Option("--style", help="paragraph or bullets.")] = "paragraph",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object: text, chunks, context, "
                                           "rope_scaling, timings.")] = False,
     model: ModelOpt = None, backend: BackendOpt = None, device: DeviceOpt = None, context: ContextOpt = None,
     debug: DebugOpt = False,
 ) -> None:
-    options = SummaryOptions.build(words, style)  # bad values fail before the model loads
+    options = SummaryOptions.build(parse_words(words), style)  # bad values fail before the model loads
     text, _ = read_text_input(file)
     m = load_model(GlobalOptions(model, backend, device, context, debug))
     with ProgressBar() as progress:
         summary = summarize_text(m, text, options, progress=progress, notify=notice)
     write_answer(json.dumps(summary.to_json(), ensure_ascii=False) if as_json else summary.text)
+
+
+def parse_words(value: str) -> int | str:
+    """--words is parsed here, not by typer, so a non-number gets the same one-line usage error as 0."""
+    try:
+        return int(value.strip())
+    except ValueError:
+        return value  # SummaryOptions.build rejects it, naming the option
 
 
 class ProgressBar:

@@ -1,0 +1,215 @@
+"""`arbor summarize` from the command line: input errors, usage errors, stdout discipline, and the
+real default model end to end (a piped document, and a 30K-token document by map-reduce)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from arbor_cli.cli import summarize as summarize_cli
+from arbor_cli.errors import OutOfMemoryError
+
+sys.path.insert(0, str(Path(__file__).parent))
+from long_document import long_document  # noqa: E402
+from test_summarize import FakeModel, document  # noqa: E402
+
+ANSWER = "Bees make honey. Volcanoes erupt."
+REPO = Path(__file__).resolve().parents[1]
+
+
+def local_app() -> typer.Typer:
+    """The command on an app of its own, so these tests do not depend on the other commands."""
+    app = typer.Typer(pretty_exceptions_enable=False)
+
+    @app.callback()
+    def root() -> None:
+        pass
+
+    summarize_cli.register(app)
+    return app
+
+
+@pytest.fixture
+def fake_model(monkeypatch):
+    model = FakeModel(largest=4096, answer=lambda prompt: ANSWER)
+    monkeypatch.setattr(summarize_cli, "load_model", lambda opts: model)
+    return model
+
+
+def run(args, input=None):
+    return CliRunner().invoke(local_app(), ["summarize", *args], input=input)
+
+
+def assert_one_line_error(result, code: int, words: str):
+    assert result.exit_code == code, result.output
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("arbor: error:") and words in lines[0], result.stderr
+    assert "Traceback" not in result.output
+
+
+# ---- input errors -------------------------------------------------------------------------
+def test_a_missing_file_is_one_line_and_exit_1(fake_model, tmp_path):
+    assert_one_line_error(run([str(tmp_path / "nope.txt")]), 1, "no such file")
+
+
+def test_a_directory_is_one_line_and_exit_1(fake_model, tmp_path):
+    assert_one_line_error(run([str(tmp_path)]), 1, "directory")
+
+
+def test_an_empty_file_is_one_line_and_exit_1(fake_model, tmp_path):
+    (tmp_path / "empty.txt").write_text("  \n\n")
+    assert_one_line_error(run([str(tmp_path / "empty.txt")]), 1, "empty")
+
+
+def test_empty_stdin_is_one_line_and_exit_1(fake_model):
+    assert_one_line_error(run(["-"], input=""), 1, "empty")
+
+
+def test_a_binary_file_is_one_line_and_exit_1(fake_model, tmp_path):
+    (tmp_path / "blob.bin").write_bytes(bytes(range(256)) * 4)
+    assert_one_line_error(run([str(tmp_path / "blob.bin")]), 1, "binary")
+
+
+def test_invalid_utf8_is_warned_about_once_and_still_summarised(fake_model, tmp_path):
+    (tmp_path / "latin1.txt").write_bytes("Caf\xe9 culture. Bees make honey.\n".encode("latin-1") * 20)
+    result = run([str(tmp_path / "latin1.txt")])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == ANSWER + "\n"
+    assert result.stderr.count("not valid UTF-8") == 1
+
+
+# ---- usage errors -------------------------------------------------------------------------
+@pytest.mark.parametrize("args, words", [
+    (["--words", "0"], "--words"), (["--words", "-5"], "--words"), (["--words", "1000000"], "--words"),
+    (["--words", "many"], "--words"), (["--style", "poem"], "--style"), (["--style", ""], "--style"),
+])
+def test_bad_words_or_style_is_a_usage_error_before_loading(args, words, tmp_path, monkeypatch):
+    def no_load(opts):
+        raise AssertionError("the model must not load for a usage error")
+
+    monkeypatch.setattr(summarize_cli, "load_model", no_load)
+    (tmp_path / "doc.txt").write_text("Bees make honey.\n")
+    assert_one_line_error(run([*args, str(tmp_path / "doc.txt")]), 2, words)
+
+
+# ---- output -------------------------------------------------------------------------------
+def test_stdout_holds_only_the_summary(fake_model, tmp_path):
+    (tmp_path / "doc.txt").write_text(document(150))  # long enough for map-reduce and a progress bar
+    result = run([str(tmp_path / "doc.txt")])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == ANSWER + "\n"
+
+
+def test_piped_stdin_is_read_with_dash_or_without_a_file(fake_model):
+    for args in (["-"], []):
+        result = run(args, input="Bees make honey in hives.\n")
+        assert result.exit_code == 0, result.output
+        assert result.stdout == ANSWER + "\n"
+        assert "Bees make honey in hives." in fake_model.prompts[-1]
+
+
+def test_json_is_one_object_with_the_documented_keys(fake_model, tmp_path):
+    (tmp_path / "doc.txt").write_text(document(150))
+    result = run(["--json", str(tmp_path / "doc.txt")])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert set(data) == {"text", "chunks", "context", "rope_scaling", "timings"}
+    assert data["text"] == ANSWER and data["chunks"] > 1 and data["context"] == 4096
+    assert data["rope_scaling"] is None and data["timings"]["total_s"] >= 0
+
+
+def test_bullets_style_prints_a_list(fake_model):
+    result = run(["--style", "bullets", "-"], input="Bees make honey. Volcanoes erupt.\n")
+    assert result.stdout == "- Bees make honey.\n- Volcanoes erupt.\n"
+
+
+def test_out_of_memory_retries_smaller_and_says_so_on_stderr(monkeypatch, tmp_path):
+    model = FakeModel(largest=16384, oom_above=8192, answer=lambda prompt: ANSWER)
+    monkeypatch.setattr(summarize_cli, "load_model", lambda opts: model)
+    (tmp_path / "doc.txt").write_text(document(150))
+    result = run([str(tmp_path / "doc.txt")])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == ANSWER + "\n"
+    assert "retrying once with a 8192-token context" in result.stderr
+
+
+def test_ctrl_c_exits_130_and_prints_no_partial_summary(monkeypatch, tmp_path):
+    calls = []
+
+    def interrupt_on_third(prompt):
+        calls.append(prompt)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return ANSWER
+
+    monkeypatch.setattr(summarize_cli, "load_model", lambda opts: FakeModel(answer=interrupt_on_third))
+    (tmp_path / "doc.txt").write_text(document(150))
+    result = run([str(tmp_path / "doc.txt")])
+    assert result.exit_code == 130
+    assert result.stdout == ""
+    assert "interrupted" in result.stderr
+
+
+def test_the_command_is_registered_on_the_arbor_app(fake_model):
+    from arbor_cli.cli import app
+
+    result = CliRunner().invoke(app, ["summarize", "-"], input="Bees make honey.\n")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == ANSWER + "\n"
+
+
+# ---- the real default model ---------------------------------------------------------------
+def arbor(*args: str, stdin, timeout: float) -> subprocess.CompletedProcess:
+    env = {**os.environ, "NO_COLOR": "1"}
+    return subprocess.run([sys.executable, "-m", "arbor_cli", "summarize", *args], stdin=stdin,
+                          capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
+
+
+@pytest.mark.slow
+def test_cat_file_into_summarize_prints_only_the_summary(default_checkpoint, tmp_path):
+    path = tmp_path / "bees.txt"
+    path.write_text(
+        "Honeybees live in colonies of many thousands of bees. Worker bees collect nectar and pollen from flowers "
+        "and turn the nectar into honey, which they store in wax combs inside the hive. The queen bee lays all "
+        "of the eggs. In winter the bees cluster together to keep warm and live on the honey they stored.\n\n"
+        "Honeybees also pollinate crops such as apples, almonds and clover, so farmers depend on them. "
+        "Beekeepers keep honeybees in wooden hives and harvest the extra honey in late summer.\n")
+    with path.open("rb") as f:
+        done = arbor("--words", "40", "-", stdin=f, timeout=300)
+    assert done.returncode == 0, done.stderr
+    summary = done.stdout.strip()
+    assert summary and "\n" not in summary
+    assert "bee" in summary.lower() or "honey" in summary.lower()
+    assert "<|" not in summary and "arbor:" not in done.stdout
+
+
+@pytest.mark.slow
+def test_a_30k_token_document_is_summarised_by_map_reduce_naming_its_subjects(default_checkpoint, tmp_path):
+    import arbor_cli
+
+    text = long_document()
+    assert len(arbor_cli.load(quiet=True).tokenizer.encode(text)) >= 30_000
+    path = tmp_path / "long.txt"
+    path.write_text(text)
+    started = time.perf_counter()
+    with path.open("rb") as f:
+        done = arbor("--context", "4096", "--words", "60", "--json", "-", stdin=f, timeout=900)
+    elapsed = time.perf_counter() - started
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)
+    print(f"\n30K-token document: {elapsed:.0f}s, {data['chunks']} chunks, context {data['context']}, "
+          f"timings {data['timings']}\nsummary: {data['text']}")
+    assert data["context"] == 4096 and data["chunks"] >= 8 and data["rope_scaling"] is None
+    summary = data["text"].lower()
+    named = [subject for subject, words in {"honeybees": ("bee", "honey"), "volcanoes": ("volcan", "lava"),
+                                           "chess": ("chess",)}.items() if any(w in summary for w in words)]
+    assert len(named) == 3, f"the summary names only {named}: {data['text']}"
