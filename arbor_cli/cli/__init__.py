@@ -7,7 +7,7 @@ import sys
 import click
 import typer
 
-from . import bench, chat, generate, info, models, summarize
+from . import bench, chat, eval, generate, info, models, summarize
 
 app = typer.Typer(
     name="arbor",
@@ -17,7 +17,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-for module in (chat, summarize, generate, models, info, bench):
+for module in (chat, summarize, generate, models, info, bench, eval):
     module.register(app)
 
 

@@ -1,0 +1,51 @@
+"""MLX backend for arbor: Apple Silicon's GPU through Metal, or the CPU (mlx[cpu] on Linux).
+
+Imports mlx only: a machine with `mlx` and no `torch` runs every arbor command on this backend.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from arbor_cli.errors import BackendUnavailableError
+
+from .memory import memory_info, metal_available
+from .runner import MLXModel
+
+NAME = "mlx"
+DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+DEVICE_ALIASES = {"cpu": "cpu", "gpu": "gpu", "metal": "gpu", "mps": "gpu"}
+
+
+def is_available() -> bool:
+    return True
+
+
+def default_device() -> str:
+    return "gpu" if metal_available() else "cpu"
+
+
+def default_dtype(device: str) -> str:
+    """bfloat16 on Apple GPUs (the checkpoints' own dtype, with float32's range), float32 on CPU."""
+    return "bfloat16" if DEVICE_ALIASES.get(device) == "gpu" else "float32"
+
+
+def check_device(device: str) -> str:
+    """The MLX device name for `device` ('cpu' or 'gpu'); a clear error for anything MLX cannot run on."""
+    kind = DEVICE_ALIASES.get(device)
+    if kind is None:
+        raise BackendUnavailableError(f"device {device!r} is not supported by the mlx backend; use cpu or gpu")
+    if kind == "gpu" and not metal_available():
+        raise BackendUnavailableError(f"device {device!r} requested but MLX has no Metal GPU here (use --device cpu)")
+    return kind
+
+
+def load(checkpoint, device: str | None = None, dtype: str | None = None) -> MLXModel:
+    device = check_device(device or default_device())
+    dtype = dtype or default_dtype(device)
+    if dtype not in DTYPES:
+        raise BackendUnavailableError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+    return MLXModel.from_checkpoint(checkpoint, device, dtype)
+
+
+__all__ = ["NAME", "MLXModel", "default_device", "default_dtype", "is_available", "load", "memory_info"]

@@ -1,0 +1,159 @@
+"""The Llama-family transformer in MLX: RMSNorm, GQA attention with RoPE, SwiGLU.
+
+The same model as arbor_torch/model.py, written with MLX's fused kernels (`mx.fast.rms_norm`,
+`mx.fast.rope`, `mx.fast.scaled_dot_product_attention`). Module and parameter names follow
+Hugging Face's LlamaForCausalLM, so the dict `mx.load` reads from an Arbor checkpoint's
+safetensors maps straight onto `Transformer.parameters()`. Architecture switches are config
+fields: attention biases (Qwen2), tied embeddings, sliding-window attention (Mistral).
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+from mlx import nn
+
+from arbor_cli.config import ArborConfig
+
+from .cache import KVCache
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = mx.ones((dim,))
+        self.eps = eps
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return mx.fast.rms_norm(x, self.weight, self.eps)  # accumulates in float32 whatever x's dtype
+
+
+class Rope:
+    """RoPE with arbor's frequencies (rope.py): HF's half-split layout, scaled by attention_factor.
+
+    arbor hands every backend inverse frequencies; `mx.fast.rope` takes the reciprocal (a
+    wavelength-like `freqs`, angle = position / freqs), which expresses linear, dynamic, yarn and
+    llama3 scaling alike. YaRN's attention factor multiplies cos and sin, i.e. the rotated vector.
+    """
+
+    def __init__(self, inv_freq: np.ndarray, attention_factor: float, positions: int):
+        self.freqs = mx.array(np.float32(1.0) / inv_freq.astype(np.float32))
+        self.dims = 2 * inv_freq.shape[0]
+        self.attention_factor = attention_factor
+        self.positions = positions  # the context it was set up for: positions beyond are refused
+
+    def __call__(self, x: mx.array, start: int) -> mx.array:
+        # x: (B, heads, T, head_dim) at positions [start, start + T)
+        x = mx.fast.rope(x, self.dims, traditional=False, base=None, scale=1.0, offset=start, freqs=self.freqs)
+        return x * self.attention_factor if self.attention_factor != 1.0 else x
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ArborConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.window = cfg.sliding_window
+        self.scale = self.head_dim ** -0.5
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=cfg.attention_out_bias)
+
+    def __call__(self, x: mx.array, rope: Rope, cache: KVCache | None, start: int) -> mx.array:
+        B, T, _ = x.shape
+        q = self.q_proj(x).reshape(B, T, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)  # (B, nh, T, hd)
+        k = self.k_proj(x).reshape(B, T, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)  # (B, nkv, T, hd)
+        v = self.v_proj(x).reshape(B, T, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
+        q, k = rope(q, start), rope(k, start)
+        if cache is not None:
+            k, v = cache.update(start, k, v)  # keys/values of positions [0, start + T)
+        key_start = 0
+        if self.window is not None and start + T > self.window:
+            key_start = max(0, start - self.window + 1)  # older keys are outside every query's window
+            k, v = k[:, :, key_start:], v[:, :, key_start:]
+        mask = attention_mask(T, k.shape[2], key_start, start, self.window)
+        y = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)  # GQA: k/v not tiled
+        return self.o_proj(y.transpose(0, 2, 1, 3).reshape(B, T, self.n_heads * self.head_dim))
+
+
+def attention_mask(q_len: int, kv_len: int, key_start: int, start: int, window: int | None):
+    """Mask for queries at [start, start+q_len) over keys at [key_start, key_start+kv_len).
+
+    None for one query whose keys are all visible; "causal" (MLX aligns it lower-right: the last
+    query sees the last key) when the keys end with the queries and no window cuts in; otherwise
+    an explicit boolean matrix, as arbor_torch's `_mask` builds it.
+    """
+    end = key_start + kv_len
+    windowed = window is not None and start + q_len - 1 - window >= key_start  # some query loses a key
+    if not windowed and end == start + q_len:
+        return None if q_len == 1 else "causal"
+    q_pos = mx.arange(start, start + q_len)[:, None]
+    k_pos = mx.arange(key_start, end)[None, :]
+    allowed = k_pos <= q_pos
+    if window is not None:
+        allowed = allowed & (k_pos > q_pos - window)
+    return allowed
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ArborConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ArborConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def __call__(self, x, rope, cache, start):
+        x = x + self.self_attn(self.input_layernorm(x), rope, cache, start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: ArborConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = [Block(cfg) for _ in range(cfg.num_hidden_layers)]
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Transformer(nn.Module):
+    """Llama-family causal LM. `__call__` runs tokens at positions [start, start+T)."""
+
+    def __init__(self, cfg: ArborConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = Backbone(cfg)
+        if not cfg.tie_word_embeddings:  # tied: the head is the embedding matrix, no parameter of its own
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.rope: Rope | None = None
+
+    def set_rope(self, inv_freq: np.ndarray, attention_factor: float, positions: int) -> None:
+        self.rope = Rope(inv_freq, attention_factor, positions)
+
+    def rope_len(self) -> int:
+        return 0 if self.rope is None else self.rope.positions
+
+    def __call__(self, tokens: mx.array, start: int = 0, caches: list[KVCache] | None = None,
+                 last_only: bool = False) -> mx.array:
+        # tokens: (B, T) -> logits (B, T, vocab), or (B, 1, vocab) when last_only
+        T = tokens.shape[1]
+        if start + T > self.rope_len():
+            raise ValueError(f"positions up to {start + T} exceed the RoPE table ({self.rope_len()})")
+        x = self.model.embed_tokens(tokens)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, self.rope, caches[i] if caches is not None else None, start)
+        if last_only:
+            x = x[:, -1:]
+        x = self.model.norm(x)
+        return self.model.embed_tokens.as_linear(x) if self.config.tie_word_embeddings else self.lm_head(x)

@@ -1,0 +1,462 @@
+"""The MLX backend agrees with the torch backend, and its cache, sampling and pipelined decode behave.
+
+Tiny random checkpoints (written as safetensors + config.json, loaded by both backends through
+their own loaders) cover every RoPE scaling type, Qwen2 biases, Mistral's sliding window and
+chunked prefill; the default model in float32 on CPU checks real text, within and beyond the
+trained context. torch is the oracle here only: the MLX path itself never imports it
+(tests/test_mlx_no_torch.py).
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+mx = pytest.importorskip("mlx.core")
+torch = pytest.importorskip("torch")
+
+import arbor_mlx
+import arbor_torch
+from arbor_mlx.cache import STEP
+from arbor_weights.checkpoint import open_checkpoint
+
+from arbor_cli.backend import SamplingParams, select_backend
+from arbor_cli.config import ArborConfig
+from arbor_cli.errors import BackendUnavailableError, ContextError, CorruptModelError
+from arbor_cli.model import Model
+from arbor_cli.rope import rope_frequencies
+
+PARITY = 1e-4  # relative error (norm of the difference over the norm) between the backends in float32
+TINY = {"vocab_size": 97, "hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 2,
+        "num_attention_heads": 6, "num_key_value_heads": 2, "max_position_embeddings": 64, "rope_theta": 1000.0}
+SCALINGS = {
+    "linear": {"rope_type": "linear", "factor": 4.0},
+    "dynamic": {"rope_type": "dynamic", "factor": 4.0},
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
+    "llama3": {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64},
+}
+
+
+def rel_err(got, ref) -> float:
+    got, ref = np.asarray(got, dtype=np.float64), np.asarray(ref, dtype=np.float64)
+    return float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
+
+
+def write_tiny_checkpoint(path, seed: int = 0, **over):
+    """config.json + model.safetensors with random weights under HF names, as an Arbor checkpoint."""
+    from safetensors.numpy import save_file
+
+    cfg = ArborConfig(**{**TINY, **over})
+    rng = np.random.default_rng(seed)
+    h, q, kv = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, h), "model.norm.weight": (h,)}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, h)
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        shapes.update({p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+                       p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
+                       p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
+                       p + "mlp.gate_proj.weight": (cfg.intermediate_size, h),
+                       p + "mlp.up_proj.weight": (cfg.intermediate_size, h),
+                       p + "mlp.down_proj.weight": (h, cfg.intermediate_size)})
+        if cfg.attention_bias:
+            shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
+                           p + "self_attn.v_proj.bias": (kv,)})
+        if cfg.attention_out_bias:
+            shapes[p + "self_attn.o_proj.bias"] = (h,)
+    tensors = {name: rng.normal(0, 0.2, shape).astype(np.float32) for name, shape in shapes.items()}
+    for name, t in tensors.items():
+        if name.endswith("norm.weight"):
+            tensors[name] = (1 + t).astype(np.float32)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path / "model.safetensors"))
+    cfg.save(path / "config.json")
+    return open_checkpoint(path)
+
+
+def both_backends(checkpoint, positions: int = 256, seq_len: int | None = None):
+    rope = rope_frequencies(checkpoint.config, seq_len or positions)
+    pair = arbor_torch.load(checkpoint, "cpu", "float32"), arbor_mlx.load(checkpoint, "cpu", "float32")
+    for lm in pair:
+        lm.set_rope(rope, positions)
+    return pair
+
+
+def random_ids(n: int, seed: int = 3, vocab: int = 97) -> list[int]:
+    return np.random.default_rng(seed).integers(0, vocab, n).tolist()
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    def make(**over):
+        return write_tiny_checkpoint(tmp_path / f"ckpt{len(list(tmp_path.iterdir()))}", **over)
+    return make
+
+
+# ---- tiny random models: MLX vs torch --------------------------------------------------------
+@pytest.mark.parametrize("variant", [
+    {},
+    {"tie_word_embeddings": True},
+    {"num_key_value_heads": 6},  # plain multi-head attention
+    {"num_key_value_heads": 1},  # multi-query attention
+    {"model_type": "qwen2", "attention_bias": True},
+    {"attention_bias": True, "attention_out_bias": True},  # Llama's attention_bias also biases o_proj
+    {"model_type": "mistral", "sliding_window": 9},
+    {"head_dim": 16},  # head_dim != hidden_size / heads
+])
+def test_logits_match_torch_for_each_architecture_switch(tiny, variant):
+    lm_torch, lm_mlx = both_backends(tiny(**variant))
+    ids = random_ids(100)
+    assert rel_err(lm_mlx.logits(ids), lm_torch.logits(ids)) < PARITY
+
+
+@pytest.mark.parametrize("kind", list(SCALINGS))
+def test_logits_match_torch_beyond_the_trained_length_for_each_rope_scaling(tiny, kind):
+    checkpoint = tiny(rope_scaling=SCALINGS[kind])  # trained 64 positions, run at 200
+    lm_torch, lm_mlx = both_backends(checkpoint, positions=256, seq_len=200)
+    ids = random_ids(200)
+    got, ref = lm_mlx.logits(ids), lm_torch.logits(ids)
+    assert rel_err(got, ref) < PARITY
+    assert rel_err(got[150:], ref[150:]) < PARITY  # the positions past the trained length alone
+
+
+def test_rope_matches_a_direct_numpy_rotation_with_the_attention_factor():
+    from arbor_mlx.model import Rope
+
+    cfg = ArborConfig(**{**TINY, "head_dim": 16, "rope_scaling": SCALINGS["yarn"]})
+    tables = rope_frequencies(cfg, 256)
+    assert tables.attention_factor > 1
+    x = np.random.default_rng(0).normal(size=(1, 2, 5, 16)).astype(np.float32)
+    start = 190
+    angles = np.outer(np.arange(start, start + 5, dtype=np.float32), tables.inv_freq)
+    cos, sin = np.cos(np.concatenate([angles, angles], -1)), np.sin(np.concatenate([angles, angles], -1))
+    rotated = np.concatenate([-x[..., 8:], x[..., :8]], -1)
+    ref = (x * cos + rotated * sin) * tables.attention_factor
+    got = np.array(Rope(tables.inv_freq, tables.attention_factor, 256)(mx.array(x), start))
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 512])
+@pytest.mark.parametrize("window", [None, 9])
+def test_chunked_prefill_then_decode_matches_the_full_forward_and_torch(tiny, chunk, window):
+    lm_torch, lm_mlx = both_backends(tiny(sliding_window=window))
+    ids = random_ids(70)
+    full = lm_mlx.logits(ids)
+    assert rel_err(full, lm_torch.logits(ids)) < PARITY
+    cache = lm_mlx.new_cache(128)
+    last = lm_mlx.prefill(ids[:60], cache, chunk)
+    np.testing.assert_allclose(np.array(last), full[59], rtol=1e-4, atol=1e-4)
+    for pos in range(60, 70):
+        step = lm_mlx.decode(ids[pos], cache)
+        np.testing.assert_allclose(np.array(step), full[pos], rtol=1e-4, atol=1e-4)
+    assert cache.length == 70
+
+
+def test_long_inputs_run_their_logits_in_chunks_with_the_same_result(tiny, monkeypatch):
+    lm_torch, lm_mlx = both_backends(tiny(sliding_window=9))
+    ids = random_ids(150)
+    whole = lm_mlx.logits(ids)
+    monkeypatch.setattr(lm_mlx, "prefill_chunk", 32)
+    np.testing.assert_allclose(lm_mlx.logits(ids), whole, rtol=1e-4, atol=1e-4)
+    assert rel_err(whole, lm_torch.logits(ids)) < PARITY
+
+
+def test_greedy_generation_matches_torch_token_for_token(tiny):
+    lm_torch, lm_mlx = both_backends(tiny())
+    prompt, params = random_ids(20), SamplingParams()
+    tokens = {}
+    for lm in (lm_torch, lm_mlx):
+        cache = lm.new_cache(128)
+        out = [lm.sample(lm.prefill(prompt, cache, 8), params, None)]
+        while len(out) < 64:
+            out.append(lm.sample(lm.decode(out[-1], cache), params, None))
+        tokens[lm] = out
+    assert tokens[lm_mlx] == tokens[lm_torch]
+
+
+# ---- the cache and pipelined decode ----------------------------------------------------------
+def test_cache_grows_in_steps_up_to_its_capacity(tiny):
+    _, lm = both_backends(tiny(max_position_embeddings=2048), positions=1024)
+    cache = lm.new_cache(600)
+    assert cache.nbytes == 0
+    lm.prefill(random_ids(10), cache, 512)
+    assert cache.layers[0].allocated == STEP
+    lm.prefill(random_ids(STEP), cache, 512)
+    assert cache.layers[0].allocated == 2 * STEP
+    lm.prefill(random_ids(600 - cache.length), cache, 512)
+    assert cache.layers[0].allocated == 600 and cache.length == 600
+
+
+def test_cache_overflow_and_missing_rope_are_context_errors(tiny):
+    _, lm = both_backends(tiny())
+    cache = lm.new_cache(8)
+    with pytest.raises(ContextError):
+        lm.prefill(list(range(9)), cache, 4)
+    lm.set_rope(rope_frequencies(lm.config), 4)
+    with pytest.raises(ContextError):
+        lm.prefill(list(range(5)), lm.new_cache(8), 4)
+
+
+def test_sample_queues_the_next_decode_step_and_decode_uses_it(tiny):
+    _, lm = both_backends(tiny())
+    ids = random_ids(30)
+    full = lm.logits(ids + [0])
+    cache = lm.new_cache(64)
+    token = lm.sample(lm.prefill(ids, cache, 8), SamplingParams(), None)
+    assert token == int(np.argmax(full[29]))
+    position, queued_token, queued = cache.pending
+    assert (position, queued_token, cache.length) == (30, token, 30)
+    assert lm.decode(token, cache) is queued and cache.length == 31 and cache.pending is None
+    reference = lm.logits(ids + [token])[-1]
+    np.testing.assert_allclose(np.array(queued), reference, rtol=1e-4, atol=1e-4)
+
+
+def test_a_queued_step_for_another_token_or_a_truncated_cache_is_not_used(tiny):
+    _, lm = both_backends(tiny())
+    ids = random_ids(30)
+    cache = lm.new_cache(64)
+    token = lm.sample(lm.prefill(ids, cache, 8), SamplingParams(), None)
+    other = (token + 1) % 97
+    got = lm.decode(other, cache)  # not the sampled token: computed afresh, at the same position
+    np.testing.assert_allclose(np.array(got), lm.logits(ids + [other])[-1], rtol=1e-4, atol=1e-4)
+    lm.sample(got, SamplingParams(), None)
+    assert cache.pending is not None
+    cache.truncate(10)
+    assert cache.pending is None
+    np.testing.assert_allclose(np.array(lm.decode(ids[10], cache)), lm.logits(ids[:11])[-1], rtol=1e-4, atol=1e-4)
+
+
+def test_no_step_is_queued_when_the_cache_is_full(tiny):
+    _, lm = both_backends(tiny())
+    cache = lm.new_cache(12)
+    lm.sample(lm.prefill(random_ids(12), cache, 8), SamplingParams(), None)
+    assert cache.pending is None
+
+
+# ---- sampling: the torch backend's semantics -------------------------------------------------
+@pytest.fixture
+def tiny_mlx(tiny):
+    return both_backends(tiny())[1]
+
+
+def test_sampling_is_reproducible_with_a_seed_and_respects_top_k(tiny_mlx):
+    lm = tiny_mlx
+    logits = mx.array(np.random.default_rng(0).normal(size=97).astype(np.float32))
+    params = SamplingParams(temperature=1.0, top_p=1.0, top_k=3)
+    assert len({lm.sample(logits, params, lm.new_rng(42)) for _ in range(5)}) == 1
+    rng = lm.new_rng(7)
+    first = [lm.sample(logits, params, rng) for _ in range(10)]
+    rng = lm.new_rng(7)
+    assert [lm.sample(logits, params, rng) for _ in range(10)] == first
+    many = {lm.sample(logits, params, lm.new_rng(s)) for s in range(200)}
+    top3 = set(np.argsort(-np.array(logits))[:3].tolist())
+    assert many <= top3 and len(many) > 1
+
+
+def test_unseeded_rngs_differ(tiny_mlx):
+    lm = tiny_mlx
+    logits = mx.zeros((97,))
+    params = SamplingParams(temperature=1.0)
+    assert len({lm.sample(logits, params, lm.new_rng(None)) for _ in range(20)}) > 1
+
+
+def test_top_p_keeps_only_the_nucleus(tiny_mlx):
+    lm = tiny_mlx
+    logits = np.full(97, -10.0, dtype=np.float32)
+    logits[5], logits[6] = 5.0, 4.0  # p(5) ~ 0.73: top_p 0.5 keeps token 5 alone
+    params = SamplingParams(temperature=1.0, top_p=0.5, top_k=0)
+    assert {lm.sample(mx.array(logits), params, lm.new_rng(s)) for s in range(50)} == {5}
+    wider = SamplingParams(temperature=1.0, top_p=0.9, top_k=0)
+    assert {lm.sample(mx.array(logits), wider, lm.new_rng(s)) for s in range(100)} == {5, 6}
+
+
+def test_greedy_is_argmax_and_accepts_numpy_logits(tiny_mlx):
+    logits = np.random.default_rng(1).normal(size=97).astype(np.float32)
+    assert tiny_mlx.sample(logits, SamplingParams(), None) == int(np.argmax(logits))
+    assert tiny_mlx.sample(mx.array(logits), SamplingParams(temperature=0.7, top_k=1), None) == int(np.argmax(logits))
+
+
+def test_repetition_penalty_discourages_recent_tokens(tiny_mlx):
+    lm = tiny_mlx
+    values = np.zeros(97, dtype=np.float32)
+    values[10], values[11] = 2.0, 1.9
+    logits = mx.array(values)
+    assert lm.sample(logits, SamplingParams(), None, [10]) == 10
+    penalised = SamplingParams(repetition_penalty=1.2)
+    assert lm.sample(logits, penalised, None, [10]) == 11  # 2.0 / 1.2 < 1.9
+    assert lm.sample(logits, penalised, None, [5]) == 10
+    assert float(logits[10]) == 2.0  # the caller's logits are untouched
+    negative = np.full(97, -3.0, dtype=np.float32)
+    negative[20], negative[21] = -1.0, -1.1
+    assert lm.sample(mx.array(negative), penalised, None, [20]) == 21  # negative scores are multiplied: -1.2 < -1.1
+
+
+# ---- loading, devices, memory, selection -----------------------------------------------------
+def test_weights_that_do_not_match_the_config_are_a_corrupt_model(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    checkpoint = write_tiny_checkpoint(tmp_path / "a")
+    weights = load_file(str(checkpoint.weight_files[0]))
+    weights["model.norm.weight"] = np.ones(7, dtype=np.float32)
+    save_file(weights, str(checkpoint.weight_files[0]))
+    with pytest.raises(CorruptModelError, match="model.norm.weight has shape"):
+        arbor_mlx.load(checkpoint, "cpu", "float32")
+    del weights["model.norm.weight"]
+    save_file(weights, str(checkpoint.weight_files[0]))
+    with pytest.raises(CorruptModelError, match="missing"):
+        arbor_mlx.load(checkpoint, "cpu", "float32")
+
+
+def test_an_unreadable_weights_file_is_a_corrupt_model(tmp_path):
+    checkpoint = write_tiny_checkpoint(tmp_path / "a")
+    data = checkpoint.weight_files[0].read_bytes()
+    checkpoint.weight_files[0].write_bytes(data[:len(data) // 2])
+    with pytest.raises(CorruptModelError):
+        arbor_mlx.load(checkpoint, "cpu", "float32")
+
+
+def test_bfloat16_weights_load_and_stay_close(tiny):
+    checkpoint = tiny()
+    ref = arbor_mlx.load(checkpoint, "cpu", "float32")
+    half = arbor_mlx.load(checkpoint, "cpu", "bfloat16")
+    assert half.kv_element_bytes == 2 and half.weights_nbytes * 2 == ref.weights_nbytes
+    assert half.num_parameters() == ref.num_parameters() == checkpoint.config.num_parameters()
+    for lm in (ref, half):
+        lm.set_rope(rope_frequencies(checkpoint.config), 64)
+    ids = random_ids(40)
+    assert rel_err(half.logits(ids), ref.logits(ids)) < 3e-2
+
+
+def test_devices_dtypes_and_memory():
+    assert arbor_mlx.default_dtype("cpu") == "float32" and arbor_mlx.default_dtype("gpu") == "bfloat16"
+    with pytest.raises(BackendUnavailableError, match="not supported by the mlx backend"):
+        arbor_mlx.check_device("cuda")
+    if not mx.metal.is_available():
+        assert arbor_mlx.default_device() == "cpu"
+        with pytest.raises(BackendUnavailableError, match="no Metal GPU"):
+            arbor_mlx.check_device("gpu")
+    import psutil
+
+    mem = arbor_mlx.memory_info("cpu")
+    assert mem.total_bytes == psutil.virtual_memory().total and 0 < mem.free_bytes <= mem.total_bytes
+
+
+def test_backend_mlx_is_selected_by_name_and_refused_clearly_when_absent(monkeypatch):
+    assert select_backend("mlx") is arbor_mlx
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlx" else real(name, *a))
+    with pytest.raises(BackendUnavailableError, match="backend 'mlx' is not installed"):
+        select_backend("mlx")
+
+
+# ---- the default model, float32 on CPU -------------------------------------------------------
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    "Once upon a time, in a small village by the sea, there lived an old fisherman who",
+    "Photosynthesis is the process by which plants",
+]
+
+
+@pytest.fixture(scope="module")
+def default_pair(default_checkpoint):
+    import arbor_cli
+
+    kw = {"device": "cpu", "dtype": "float32", "quiet": True}
+    return (arbor_cli.load(str(default_checkpoint.path), backend="torch", **kw),
+            arbor_cli.load(str(default_checkpoint.path), backend="mlx", **kw))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_default_model_logits_and_greedy_text_match_torch(default_pair, prompt):
+    torch_model, mlx_model = default_pair
+    ids = torch_model.tokenizer.encode(prompt)
+    err = rel_err(mlx_model.logits(ids), torch_model.logits(ids))
+    print(f"\nrelative error of the logits, {len(ids)} tokens: {err:.2e}")
+    assert err <= PARITY
+    ref = torch_model.generate(prompt, max_new_tokens=64, ignore_eos=True)
+    got = mlx_model.generate(prompt, max_new_tokens=64, ignore_eos=True)
+    assert len(got.tokens) == 64
+    assert got.text == ref.text
+
+
+@pytest.mark.slow
+def test_default_model_chat_reply_matches_torch(default_pair):
+    torch_model, mlx_model = default_pair
+    messages = [{"role": "user", "content": "Give me three tips for learning a new language."}]
+    ref = torch_model.chat(messages, max_new_tokens=64)
+    got = mlx_model.chat(messages, max_new_tokens=64)
+    assert got.text == ref.text and got.finish_reason == ref.finish_reason
+
+
+class RecordingModel:
+    """A LoadedModel that passes everything through and keeps the logits prefill/decode return."""
+
+    def __init__(self, lm):
+        self.lm = lm
+        self.seen: list[np.ndarray] = []
+
+    def __getattr__(self, name):
+        return getattr(self.lm, name)
+
+    def prefill(self, ids, cache, chunk_size):
+        out = self.lm.prefill(ids, cache, chunk_size)
+        self.seen.append(np.asarray(out, dtype=np.float32))
+        return out
+
+    def decode(self, token, cache):
+        out = self.lm.decode(token, cache)
+        self.seen.append(np.asarray(out, dtype=np.float32))
+        return out
+
+
+def long_text(sentences: int, seed: int = 0) -> str:
+    """Plain narrative English, varied so that no sentence repeats."""
+    rng = random.Random(seed)
+    people = ["Ada", "Brian", "Chen", "Dora", "Emil", "Farah", "Goran", "Hana", "Ivo", "Jana"]
+    places = ["the harbour", "the old mill", "the library", "the market", "the lighthouse", "the orchard",
+              "the school", "the bakery", "the river bank", "the station"]
+    acts = ["repaired a fishing boat", "read letters from a cousin", "sold apples and pears", "counted the ships",
+            "planted young trees", "wrote a short poem", "baked bread for the festival", "mapped the coastline",
+            "painted the fence blue", "taught the children to swim"]
+    weather = ["It rained all morning.", "The sun was warm.", "A cold wind blew from the north.",
+               "Fog covered the bay until noon.", "The sky was clear."]
+    return " ".join(f"On day {i}, {rng.choice(people)} went to {rng.choice(places)} and {rng.choice(acts)}. "
+                    f"{rng.choice(weather)}" for i in range(sentences))
+
+
+LONG_CONTEXT = 12288  # 1.5x the default model's trained 8192 tokens
+LONG_PROMPT_TOKENS = 9000
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+@pytest.mark.parametrize("method", ["linear", "dynamic", "yarn", "llama3"])
+def test_default_model_beyond_its_trained_context_matches_torch(default_pair, method):
+    """A 9,000-token prompt at context 12,288: logits of the prefill and of 64 greedy steps, and the text."""
+    torch_model, mlx_model = default_pair
+    ids = torch_model.tokenizer.encode(long_text(600))[:LONG_PROMPT_TOKENS]
+    assert len(ids) == LONG_PROMPT_TOKENS > torch_model.config.trained_context
+    results, recorders = [], []
+    for loaded in (torch_model, mlx_model):
+        recorder = RecordingModel(loaded.lm)
+        model = Model(loaded.checkpoint, recorder, loaded.tokenizer, loaded.backend, context=LONG_CONTEXT,
+                      rope_method=method)
+        assert model.rope_scaling_for(LONG_CONTEXT)["rope_type"] == method
+        results.append(model.generate(ids, max_new_tokens=64, ignore_eos=True))
+        recorders.append(recorder)
+    (ref, got), (ref_logits, got_logits) = results, [r.seen for r in recorders]
+    assert ref.context == got.context == LONG_CONTEXT
+    prefill_err = rel_err(got_logits[0], ref_logits[0])
+    step_errs = [rel_err(g, r) for g, r in zip(got_logits[1:], ref_logits[1:])]
+    print(f"\n{method}: prefill logits rel err {prefill_err:.2e}, decode steps max {max(step_errs):.2e}")
+    assert prefill_err <= PARITY and max(step_errs) <= PARITY
+    assert got.tokens == ref.tokens and got.text == ref.text
+    assert len(got_logits) == len(ref_logits) == 64  # the prefill and 63 decode steps
