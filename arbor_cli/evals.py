@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .errors import ContextError, OutOfMemoryError, UsageError
-from .rope import scaling_for_context
+from .rope import AUTO_METHOD, METHODS, scaling_for_context
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
@@ -32,10 +32,8 @@ TASK = ("There is an important info hidden inside a lot of irrelevant text. Find
 KEY_LINE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "What is the pass key? The pass key is"
 ANSWER_TOKENS = 8
-ROPE_METHODS = ("none", "linear", "dynamic", "yarn", "llama3")
-# What `--rope auto` runs beyond the trained context, chosen from the measurements in
-# docs/long-context.md (passkey retrieval and perplexity at 16K and 32K on the default model).
-AUTO_ROPE_METHOD = "yarn"
+ROPE_METHODS = METHODS
+AUTO_ROPE_METHOD = AUTO_METHOD  # what `--rope auto` runs beyond the trained context (arbor_cli/rope.py says why)
 PPL_WINDOW = 256
 
 

@@ -12,7 +12,7 @@ from .config import ArborConfig
 from .errors import ContextError, UsageError
 from .planner import ContextPlan, choose_context, memory_budget
 from .generate import GenerationOptions, GenerationResult, GenerationStream, stream_generation
-from .rope import rope_frequencies, scaling_for_context
+from .rope import resolve_method, rope_frequencies, scaling_for_context
 
 if TYPE_CHECKING:
     from .tokenizer import Tokenizer
@@ -24,7 +24,7 @@ class Model:
     """A loaded model: its config, tokenizer and a backend's weights on a device."""
 
     def __init__(self, checkpoint, lm: LoadedModel, tokenizer: "Tokenizer", backend: str,
-                 context: int | None = None, rope_method: str = "linear", prefill_chunk: int | None = None):
+                 context: int | None = None, rope_method: str = "auto", prefill_chunk: int | None = None):
         self.checkpoint = checkpoint
         self.config: ArborConfig = checkpoint.config
         self.lm = lm
@@ -87,8 +87,10 @@ class Model:
         scaling = self.rope_scaling_for(plan.context)
         if plan.scaled and scaling and (plan.context, scaling["rope_type"]) not in self._announced:
             self._announced.add((plan.context, scaling["rope_type"]))
+            how = "the model's own" if self.config.rope_scaling else (
+                "chosen by --rope auto" if (self.rope_method or "auto") == "auto" else "as asked")
             self.notify(f"context {plan.context} is beyond the model's trained {self.config.trained_context} tokens: "
-                        f"RoPE {scaling['rope_type']} scaling, factor {scaling.get('factor', 1.0):g}")
+                        f"RoPE {scaling['rope_type']} scaling, factor {scaling.get('factor', 1.0):g} ({how})")
         return plan
 
     def capacity_for(self, needed: int) -> int:
@@ -147,7 +149,7 @@ class Model:
 
 
 def load(model: str | None = None, backend: str | None = None, device: str | None = None, dtype: str | None = None,
-         context: int | None = None, quiet: bool = False, rope: str = "linear") -> Model:
+         context: int | None = None, quiet: bool = False, rope: str = "auto") -> Model:
     """Load a model by registry name, `hf:ORG/NAME`, or path (HF dir, Arbor dir, .gguf file)."""
     import arbor_weights
 
@@ -155,6 +157,10 @@ def load(model: str | None = None, backend: str | None = None, device: str | Non
 
     if context is not None and (not isinstance(context, int) or not 16 <= context <= MAX_CONTEXT):
         raise UsageError(f"context must be an integer in 16..{MAX_CONTEXT}, got {context!r}")
+    try:
+        resolve_method(rope)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     checkpoint = arbor_weights.resolve(model or arbor_weights.DEFAULT_MODEL, quiet=quiet)
     module = select_backend(backend)
     lm = module.load(checkpoint, device=device, dtype=dtype)

@@ -30,6 +30,8 @@ BackendOpt = Annotated[Optional[str], typer.Option("--backend", help="torch, mlx
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:N, mps (default: best available).")]
 ContextOpt = Annotated[Optional[int], typer.Option("--context", help="Context length in tokens (default: chosen "
                                                    "from the input and free memory).")]
+RopeOpt = Annotated[str, typer.Option("--rope", help="RoPE scaling beyond the model's trained context: auto (YaRN, "
+                                      "chosen by measurement: docs/long-context.md), none, linear, dynamic, yarn or llama3.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")]
 
 
@@ -40,6 +42,7 @@ class GlobalOptions:
     device: str | None = None
     context: int | None = None
     debug: bool = False
+    rope: str = "auto"
 
 
 def load_model(opts: GlobalOptions):
@@ -47,7 +50,8 @@ def load_model(opts: GlobalOptions):
     import arbor_cli
 
     with status("loading model…"):
-        model = arbor_cli.load(opts.model, backend=opts.backend, device=opts.device, context=opts.context)
+        model = arbor_cli.load(opts.model, backend=opts.backend, device=opts.device, context=opts.context,
+                               rope=opts.rope)
     model.notify = notice
     return model
 

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from .. import planner
-from .common import (BackendOpt, ContextOpt, DebugOpt, DeviceOpt, GlobalOptions, ModelOpt, answer_console, handle_errors,
+from .common import (BackendOpt, ContextOpt, DebugOpt, RopeOpt, DeviceOpt, GlobalOptions, ModelOpt, answer_console, handle_errors,
                      load_model, write_answer)
 
 
@@ -37,8 +37,8 @@ def machine_report(m) -> dict:
 @handle_errors
 def info(as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
          model: ModelOpt = None, backend: BackendOpt = None, device: DeviceOpt = None, context: ContextOpt = None,
-         debug: DebugOpt = False) -> None:
-    report = machine_report(load_model(GlobalOptions(model, backend, device, context, debug)))
+         rope: RopeOpt = "auto", debug: DebugOpt = False) -> None:
+    report = machine_report(load_model(GlobalOptions(model, backend, device, context, debug, rope)))
     if as_json:
         write_answer(json.dumps(report))
         return
