@@ -2,7 +2,7 @@
 
 A backend (a package such as `arbor_torch` or `arbor_mlx`) exposes module-level functions
 `is_available()`, `default_device()`, `default_dtype(device)`, `memory_info(device)` and
-`load(checkpoint, device, dtype) -> LoadedModel`. A LoadedModel allocates KV caches, runs
+`load(checkpoint, device, dtype, kv_bits=16) -> LoadedModel`. A LoadedModel allocates KV caches, runs
 prefill and decode, samples on its device, and nothing else; generation loops, templates and
 planning live in arbor_cli and work on every backend alike.
 """
@@ -48,7 +48,8 @@ class LoadedModel(Protocol):
     device: str
     dtype: str
     weights_nbytes: int
-    kv_element_bytes: int
+    kv_element_bytes: int  # bytes per cached K or V element (1 for an int8 cache)
+    kv_scale_bytes: int  # bytes stored beside each head's K or V vector per token (an int8 cache's scale)
     act_element_bytes: int
     prefill_chunk: int  # tokens per prefill step that suit the device
 
@@ -56,7 +57,10 @@ class LoadedModel(Protocol):
     def reset_peak_memory(self) -> None: ...
     def peak_memory(self) -> int: ...
     def num_parameters(self) -> int: ...
-    def new_cache(self, capacity: int) -> Any: ...
+    def new_cache(self, capacity: int) -> Any:
+        """A cache accepting `capacity` positions; it holds planner.kv_cache_tokens of them (a ring for
+        sliding-window models). `cache.length` is how many are valid; `cache.truncate(n)` keeps at most n
+        (fewer when a ring no longer holds what position n needs: callers read `length` back)."""
     def set_rope(self, rope: RopeTables, positions: int) -> None: ...
     def prefill(self, ids: list[int], cache: Any, chunk_size: int) -> Any:
         """Run `ids` at positions [cache.length, …), append them to the cache, return the last position's logits."""

@@ -80,6 +80,9 @@ class ChatSession:
             same += 1
         same = min(same, len(ids) - 1)  # always prefill at least one token to get the next logits
         self.cache.truncate(same)
+        # the cache may keep less than asked: a sliding-window ring that has overwritten keys the
+        # next position needs keeps nothing, and the whole prompt is prefilled again
+        same = self.cache.length
         self.cached_ids = self.cached_ids[:same]
         return same
 

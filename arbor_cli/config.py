@@ -76,9 +76,14 @@ class ArborConfig:
             return []
         return list(self.eos_token_id) if isinstance(self.eos_token_id, (list, tuple)) else [self.eos_token_id]
 
-    def kv_bytes_per_token(self, bytes_per_element: int) -> int:
-        """Bytes of K and V cache one token costs across all layers."""
-        return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * bytes_per_element
+    def kv_bytes_per_token(self, bytes_per_element: int, scale_bytes: int = 0) -> int:
+        """Bytes of K and V cache one token costs across all layers.
+
+        `scale_bytes`: what a quantized cache stores beside each head's vector (an int8 cache keeps
+        one float16 scale per head, per token, for K and for V).
+        """
+        per_head = self.head_dim * bytes_per_element + scale_bytes
+        return 2 * self.num_hidden_layers * self.num_key_value_heads * per_head
 
     def num_parameters(self) -> int:
         h, v, i, layers = self.hidden_size, self.vocab_size, self.intermediate_size, self.num_hidden_layers

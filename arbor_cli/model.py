@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from .tokenizer import Tokenizer
 
 MAX_CONTEXT = 1 << 20
+KV_BITS = (8, 16)
 
 
 class Model:
@@ -83,7 +84,8 @@ class Model:
         budget = memory_budget(mem.free_bytes, mem.total_bytes, resident_bytes=self.lm.weights_nbytes)
         plan = choose_context(self.config, needed_tokens, budget, self.lm.weights_nbytes, self.lm.kv_element_bytes,
                               self.lm.act_element_bytes, self.prefill_chunk,
-                              requested=self.context if requested is None else requested)
+                              requested=self.context if requested is None else requested,
+                              kv_scale_bytes=getattr(self.lm, "kv_scale_bytes", 0))
         scaling = self.rope_scaling_for(plan.context)
         if plan.scaled and scaling and (plan.context, scaling["rope_type"]) not in self._announced:
             self._announced.add((plan.context, scaling["rope_type"]))
@@ -149,21 +151,27 @@ class Model:
 
 
 def load(model: str | None = None, backend: str | None = None, device: str | None = None, dtype: str | None = None,
-         context: int | None = None, quiet: bool = False, rope: str = "auto") -> Model:
-    """Load a model by registry name, `hf:ORG/NAME`, or path (HF dir, Arbor dir, .gguf file)."""
+         context: int | None = None, quiet: bool = False, rope: str = "auto", kv_bits: int = 16) -> Model:
+    """Load a model by registry name, `hf:ORG/NAME`, or path (HF dir, Arbor dir, .gguf file).
+
+    kv_bits: 16 keeps the KV cache in the model's dtype; 8 stores it as int8 with a float16 scale
+    per head and token, about half the memory of a 16-bit cache (docs/long-context.md).
+    """
     import arbor_weights
 
     from .tokenizer import load_tokenizer
 
     if context is not None and (not isinstance(context, int) or not 16 <= context <= MAX_CONTEXT):
         raise UsageError(f"context must be an integer in 16..{MAX_CONTEXT}, got {context!r}")
+    if kv_bits not in KV_BITS or isinstance(kv_bits, bool):
+        raise UsageError(f"kv_bits must be one of {', '.join(map(str, KV_BITS))}, got {kv_bits!r}")
     try:
         resolve_method(rope)
     except ValueError as e:
         raise UsageError(str(e)) from None
     checkpoint = arbor_weights.resolve(model or arbor_weights.DEFAULT_MODEL, quiet=quiet)
     module = select_backend(backend)
-    lm = module.load(checkpoint, device=device, dtype=dtype)
+    lm = module.load(checkpoint, device=device, dtype=dtype, kv_bits=kv_bits)
     m = Model(checkpoint, lm, load_tokenizer(checkpoint.path), module.NAME, context=context, rope_method=rope)
     if context is not None:
         m.plan(context)  # refuse at load time a --context that cannot fit

@@ -1,7 +1,9 @@
 """The memory model: how many tokens of context fit the memory this machine has free.
 
-bytes(context) = weights + KV bytes/token x context + prefill workspace + safety margin.
-Pure functions over numbers, so tests drive them with fake memory sizes; the backend reports
+bytes(context) = weights + KV bytes/token x cached tokens + prefill workspace + safety margin.
+Cached tokens are the context, except for sliding-window models, whose caches are rings of
+window + one prefill chunk positions (kv_cache_tokens). KV bytes/token counts the scales of an
+int8 cache (kv_scale_bytes). Pure functions over numbers, so tests drive them with fake memory sizes; the backend reports
 free memory (CUDA mem_get_info, MLX's recommended working set, psutil's available RAM).
 """
 
@@ -41,29 +43,45 @@ class ContextPlan:
         return self.context / self.trained_context
 
 
-def kv_bytes(config: ArborConfig, context: int, kv_element_bytes: int) -> int:
-    return config.kv_bytes_per_token(kv_element_bytes) * context
+def kv_cache_tokens(config: ArborConfig, context: int, chunk: int) -> int:
+    """Positions a KV cache for `context` tokens holds: all of them, or for a sliding-window model
+    at most window + chunk - 1, enough for a chunk of `chunk` queries to see `window` keys each.
+
+    The backends size their caches with this, so the planner and the allocation agree.
+    """
+    if config.sliding_window is None:
+        return context
+    return min(context, config.sliding_window + chunk - 1)
 
 
-def prefill_workspace_bytes(config: ArborConfig, context: int, chunk: int, act_element_bytes: int) -> int:
+def kv_bytes(config: ArborConfig, context: int, kv_element_bytes: int, chunk: int, kv_scale_bytes: int = 0) -> int:
+    return config.kv_bytes_per_token(kv_element_bytes, kv_scale_bytes) * kv_cache_tokens(config, context, chunk)
+
+
+def prefill_workspace_bytes(config: ArborConfig, context: int, chunk: int, act_element_bytes: int,
+                            kv_scale_bytes: int = 0) -> int:
     """Peak transient memory of one prefill chunk: activations, the MLP's hidden, attention scores.
 
     Attention runs blockwise (SDPA's flash / memory-efficient kernels, and on CPU its fused
     kernel): scores are never chunk x heads x context. What remains is the mask and per-block
     buffers, measured on CPU at ~7 bytes per (query, key) pair (237 MiB for 512 x 64K); 8 is
-    counted. The logits are only ever computed for the last position.
+    counted. The logits are only ever computed for the last position. A quantized cache
+    (kv_scale_bytes > 0) is dequantized one layer at a time: K and V of that layer in the compute
+    dtype, twice (the converted integers and the scaled result).
     """
+    keys = kv_cache_tokens(config, context, chunk)
     chunk = min(chunk, context)
     activations = chunk * (4 * config.hidden_size + 3 * config.intermediate_size) * act_element_bytes
     qkv = chunk * (config.num_attention_heads + 2 * config.num_key_value_heads) * config.head_dim * act_element_bytes
-    attention = chunk * context * 8
-    return activations + qkv + attention + config.vocab_size * 4
+    attention = chunk * keys * 8
+    dequantized = 4 * keys * config.num_key_value_heads * config.head_dim * act_element_bytes if kv_scale_bytes else 0
+    return activations + qkv + attention + dequantized + config.vocab_size * 4
 
 
 def bytes_for_context(config: ArborConfig, context: int, weights_bytes: int, kv_element_bytes: int,
-                      act_element_bytes: int, chunk: int) -> int:
-    return (weights_bytes + kv_bytes(config, context, kv_element_bytes)
-            + prefill_workspace_bytes(config, context, chunk, act_element_bytes))
+                      act_element_bytes: int, chunk: int, kv_scale_bytes: int = 0) -> int:
+    return (weights_bytes + kv_bytes(config, context, kv_element_bytes, chunk, kv_scale_bytes)
+            + prefill_workspace_bytes(config, context, chunk, act_element_bytes, kv_scale_bytes))
 
 
 def memory_budget(free_bytes: int, total_bytes: int, resident_bytes: int = 0) -> int:
@@ -73,24 +91,27 @@ def memory_budget(free_bytes: int, total_bytes: int, resident_bytes: int = 0) ->
 
 
 def bucket_table(config: ArborConfig, budget: int, weights_bytes: int, kv_element_bytes: int,
-                 act_element_bytes: int, chunk: int, buckets: tuple[int, ...] = BUCKETS) -> list[Bucket]:
+                 act_element_bytes: int, chunk: int, buckets: tuple[int, ...] = BUCKETS,
+                 kv_scale_bytes: int = 0) -> list[Bucket]:
     rows = []
     for context in buckets:
-        need = bytes_for_context(config, context, weights_bytes, kv_element_bytes, act_element_bytes, chunk)
+        need = bytes_for_context(config, context, weights_bytes, kv_element_bytes, act_element_bytes, chunk,
+                                 kv_scale_bytes)
         rows.append(Bucket(context, need, need <= budget))
     return rows
 
 
 def choose_context(config: ArborConfig, needed_tokens: int, budget: int, weights_bytes: int, kv_element_bytes: int,
                    act_element_bytes: int, chunk: int, requested: int | None = None,
-                   buckets: tuple[int, ...] = BUCKETS) -> ContextPlan:
+                   buckets: tuple[int, ...] = BUCKETS, kv_scale_bytes: int = 0) -> ContextPlan:
     """The smallest bucket that holds `needed_tokens` and fits `budget`.
 
     When no fitting bucket holds the input, the largest fitting bucket is returned (callers such
     as summarize then split the input). `requested` (--context) is honoured exactly or refused.
     """
     def cost(context: int) -> int:
-        return bytes_for_context(config, context, weights_bytes, kv_element_bytes, act_element_bytes, chunk)
+        return bytes_for_context(config, context, weights_bytes, kv_element_bytes, act_element_bytes, chunk,
+                                 kv_scale_bytes)
 
     if requested is not None:
         if cost(requested) > budget:

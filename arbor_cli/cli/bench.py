@@ -10,7 +10,7 @@ from rich.table import Table
 
 from ..errors import UsageError
 from ..bench import DECODE_TOKENS, parse_contexts, run_bench
-from .common import (BackendOpt, DebugOpt, DeviceOpt, GlobalOptions, ModelOpt, answer_console, handle_errors, load_model,
+from .common import (BackendOpt, DebugOpt, DeviceOpt, GlobalOptions, KvBitsOpt, ModelOpt, answer_console, handle_errors, load_model,
                      notice, status, write_answer)
 
 
@@ -25,14 +25,15 @@ def bench(
     tokens: Annotated[int, typer.Option("--tokens", help="Tokens decoded at each context.")] = DECODE_TOKENS,
     vs: Annotated[str, typer.Option("--vs", help="Also run a peer on the same weights: hf (transformers).")] = "",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
-    model: ModelOpt = None, backend: BackendOpt = None, device: DeviceOpt = None, debug: DebugOpt = False,
+    model: ModelOpt = None, backend: BackendOpt = None, device: DeviceOpt = None, kv_bits: KvBitsOpt = 16,
+    debug: DebugOpt = False,
 ) -> None:
     sizes = parse_contexts(contexts)
     if vs not in ("", "hf"):
         raise UsageError(f"--vs takes 'hf' (transformers), got {vs!r}")
     if tokens < 2:
         raise UsageError("--tokens must be at least 2")
-    m = load_model(GlobalOptions(model, backend, device, None, debug))
+    m = load_model(GlobalOptions(model, backend, device, None, debug, kv_bits=kv_bits))
 
     def show(row):
         if row.error:

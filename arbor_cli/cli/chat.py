@@ -10,7 +10,7 @@ import typer
 from ..chat import ChatSession
 from ..errors import ArborError
 from ..generate import GenerationOptions
-from .common import (BackendOpt, ContextOpt, DebugOpt, RopeOpt, DeviceOpt, GlobalOptions, ModelOpt, console, describe_error,
+from .common import (BackendOpt, ContextOpt, DebugOpt, KvBitsOpt, RopeOpt, DeviceOpt, GlobalOptions, ModelOpt, console, describe_error,
                      handle_errors, load_model, read_text_input, stdin_is_piped, write_answer)
 
 HELP = """\
@@ -40,10 +40,10 @@ def chat(
     repeat_penalty: Annotated[float, typer.Option("--repeat-penalty", help="Discourage repeating the last 64 "
                                                   "tokens (1 = off).")] = 1.1,
     model: ModelOpt = None, backend: BackendOpt = None, device: DeviceOpt = None, context: ContextOpt = None,
-    rope: RopeOpt = "auto", debug: DebugOpt = False,
+    rope: RopeOpt = "auto", kv_bits: KvBitsOpt = 16, debug: DebugOpt = False,
 ) -> None:
     options = GenerationOptions.build(max_tokens, temperature, top_p, top_k, seed, repetition_penalty=repeat_penalty)
-    opts = GlobalOptions(model, backend, device, context, debug, rope)
+    opts = GlobalOptions(model, backend, device, context, debug, rope, kv_bits=kv_bits)
     if stdin_is_piped():
         text, _ = read_text_input("-")
         m = load_model(opts)

@@ -32,6 +32,9 @@ ContextOpt = Annotated[Optional[int], typer.Option("--context", help="Context le
                                                    "from the input and free memory).")]
 RopeOpt = Annotated[str, typer.Option("--rope", help="RoPE scaling beyond the model's trained context: auto (YaRN, "
                                       "chosen by measurement: docs/long-context.md), none, linear, dynamic, yarn or llama3.")]
+KvBitsOpt = Annotated[int, typer.Option("--kv-bits", help="KV cache precision: 16 (the model's dtype) or 8 (int8 "
+                                         "with per-head scales: about twice the context per GiB).",
+                                         envvar="ARBOR_KV_BITS")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")]
 
 
@@ -43,6 +46,7 @@ class GlobalOptions:
     context: int | None = None
     debug: bool = False
     rope: str = "auto"
+    kv_bits: int = 16
 
 
 def load_model(opts: GlobalOptions):
@@ -51,7 +55,7 @@ def load_model(opts: GlobalOptions):
 
     with status("loading model…"):
         model = arbor_cli.load(opts.model, backend=opts.backend, device=opts.device, context=opts.context,
-                               rope=opts.rope)
+                               rope=opts.rope, kv_bits=opts.kv_bits)
     model.notify = notice
     return model
 

@@ -27,6 +27,7 @@ from .common import (
     DebugOpt,
     DeviceOpt,
     GlobalOptions,
+    KvBitsOpt,
     ModelOpt,
     answer_console,
     handle_errors,
@@ -63,13 +64,14 @@ def passkey(
                                                  "instead of the papers' repeated filler (the harder variant).")]
     = None,
     as_json: JsonOpt = False,
-    model: ModelOpt = None, backend: BackendOpt = None, device: DeviceOpt = None, debug: DebugOpt = False,
+    model: ModelOpt = None, backend: BackendOpt = None, device: DeviceOpt = None, kv_bits: KvBitsOpt = 16,
+    debug: DebugOpt = False,
 ) -> None:
     sizes, methods = parse_lengths(lengths), parse_rope_methods(rope)
     if trials < 1:
         raise UsageError(f"--trials must be at least 1, got {trials}")
     sentences = split_sentences(read_text_input(prose)[0]) if prose else None
-    m = load_model(GlobalOptions(model, backend, device, None, debug))
+    m = load_model(GlobalOptions(model, backend, device, None, debug, kv_bits=kv_bits))
     announce = _announcer()
 
     def show(r: PasskeyResult) -> None:
@@ -97,13 +99,14 @@ def ppl(
     rope: RopeOpt = "auto",
     window: Annotated[int, typer.Option("--window", help="Tokens scored at the end of each length.")] = PPL_WINDOW,
     as_json: JsonOpt = False,
-    model: ModelOpt = None, backend: BackendOpt = None, device: DeviceOpt = None, debug: DebugOpt = False,
+    model: ModelOpt = None, backend: BackendOpt = None, device: DeviceOpt = None, kv_bits: KvBitsOpt = 16,
+    debug: DebugOpt = False,
 ) -> None:
     sizes, methods = parse_lengths(lengths), parse_rope_methods(rope)
     if window < 1:
         raise UsageError(f"--window must be at least 1, got {window}")
     text, name = read_text_input(file)
-    m = load_model(GlobalOptions(model, backend, device, None, debug))
+    m = load_model(GlobalOptions(model, backend, device, None, debug, kv_bits=kv_bits))
     ids = m.tokenizer.encode(text)
     notice(f"{name}: {len(ids):,} tokens")
     announce = _announcer()

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from .. import planner
-from .common import (BackendOpt, ContextOpt, DebugOpt, RopeOpt, DeviceOpt, GlobalOptions, ModelOpt, answer_console, handle_errors,
+from .common import (BackendOpt, ContextOpt, DebugOpt, KvBitsOpt, RopeOpt, DeviceOpt, GlobalOptions, ModelOpt, answer_console, handle_errors,
                      load_model, write_answer)
 
 
@@ -20,8 +20,9 @@ def register(app: typer.Typer) -> None:
 def machine_report(m) -> dict:
     mem = m.lm.memory()
     budget = planner.memory_budget(mem.free_bytes, mem.total_bytes, resident_bytes=m.lm.weights_nbytes)
+    kv_scale_bytes = getattr(m.lm, "kv_scale_bytes", 0)
     rows = planner.bucket_table(m.config, budget, m.lm.weights_nbytes, m.lm.kv_element_bytes,
-                                m.lm.act_element_bytes, m.prefill_chunk)
+                                m.lm.act_element_bytes, m.prefill_chunk, kv_scale_bytes=kv_scale_bytes)
     fitting = [r.context for r in rows if r.fits]
     return {
         "backend": m.backend, "device": m.device, "dtype": m.dtype,
@@ -29,6 +30,10 @@ def machine_report(m) -> dict:
         "model": m.checkpoint.name, "parameters": m.num_parameters(), "weights_bytes": m.lm.weights_nbytes,
         "trained_context": m.config.trained_context, "max_context": fitting[-1] if fitting else 0,
         "rope_method": m.rope_method,
+        "kv_bits": getattr(m.lm, "kv_bits", 16),
+        "kv_bytes_per_token": m.config.kv_bytes_per_token(m.lm.kv_element_bytes, kv_scale_bytes),
+        "sliding_window": m.config.sliding_window,
+        "kv_cached_tokens_max": planner.kv_cache_tokens(m.config, planner.BUCKETS[-1], m.prefill_chunk),
         "buckets": [{"context": r.context, "bytes": r.bytes, "fits": r.fits,
                      "rope_scaling": m.rope_scaling_for(r.context)} for r in rows],
     }
@@ -37,8 +42,8 @@ def machine_report(m) -> dict:
 @handle_errors
 def info(as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
          model: ModelOpt = None, backend: BackendOpt = None, device: DeviceOpt = None, context: ContextOpt = None,
-         rope: RopeOpt = "auto", debug: DebugOpt = False) -> None:
-    report = machine_report(load_model(GlobalOptions(model, backend, device, context, debug, rope)))
+         rope: RopeOpt = "auto", kv_bits: KvBitsOpt = 16, debug: DebugOpt = False) -> None:
+    report = machine_report(load_model(GlobalOptions(model, backend, device, context, debug, rope, kv_bits=kv_bits)))
     if as_json:
         write_answer(json.dumps(report))
         return
@@ -50,6 +55,7 @@ def info(as_json: Annotated[bool, typer.Option("--json", help="Print JSON for sc
         ("model", f"{report['model']} · {report['parameters'] / 1e6:.1f}M parameters · "
                   f"{report['weights_bytes'] / gib:.2f} GiB of weights"),
         ("trained context", f"{report['trained_context']:,} tokens"),
+        ("KV cache", _kv_line(report)),
         ("largest context now", f"{report['max_context']:,} tokens"),
     ]:
         summary.add_row(f"[bold]{key}[/bold]", value)
@@ -61,3 +67,11 @@ def info(as_json: Annotated[bool, typer.Option("--json", help="Print JSON for sc
                       f"{rope['rope_type']} ×{rope['factor']:g}" if rope else "native")
     answer_console.print(summary)
     answer_console.print(table)
+
+
+def _kv_line(report: dict) -> str:
+    precision = "int8 + float16 scales" if report["kv_bits"] == 8 else report["dtype"]
+    line = f"{precision} · {report['kv_bytes_per_token'] / 1024:.1f} KiB per token"
+    if report["sliding_window"]:
+        line += f" · sliding window {report['sliding_window']:,}: at most {report['kv_cached_tokens_max']:,} tokens cached"
+    return line

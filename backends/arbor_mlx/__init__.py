@@ -40,12 +40,14 @@ def check_device(device: str) -> str:
     return kind
 
 
-def load(checkpoint, device: str | None = None, dtype: str | None = None) -> MLXModel:
+def load(checkpoint, device: str | None = None, dtype: str | None = None, kv_bits: int = 16) -> MLXModel:
     device = check_device(device or default_device())
     dtype = dtype or default_dtype(device)
     if dtype not in DTYPES:
         raise BackendUnavailableError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
-    return MLXModel.from_checkpoint(checkpoint, device, dtype)
+    if kv_bits not in (8, 16):
+        raise BackendUnavailableError(f"kv_bits {kv_bits!r} is not supported; use 8 or 16")
+    return MLXModel.from_checkpoint(checkpoint, device, dtype, kv_bits=kv_bits)
 
 
 __all__ = ["NAME", "MLXModel", "default_device", "default_dtype", "is_available", "load", "memory_info"]

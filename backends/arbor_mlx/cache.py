@@ -1,8 +1,14 @@
-"""KV cache: one buffer per layer, preallocated in steps of STEP positions up to the capacity.
+"""KV cache: one buffer per layer, preallocated in steps of STEP positions up to its slots.
 
 MLX arrays are written in place at [start, end) (as mlx-lm's KVCache does); a buffer grows by
 whole steps only when a write reaches past its end, so a 128K-token context costs memory as the
 conversation reaches it rather than up front, and growing happens every STEP tokens, not each one.
+
+The same two options as arbor_torch/cache.py, with the same arithmetic:
+- int8 (kv_bits=8): int8 codes plus one float16 scale per head and token (symmetric absmax over
+  head_dim), dequantized to the compute dtype one layer at a time inside attention.
+- a ring (sliding-window models): fewer slots than the context, position p in slot p % slots;
+  once it wraps, attention sees every slot with its position and a window mask.
 """
 
 from __future__ import annotations
@@ -10,56 +16,130 @@ from __future__ import annotations
 import mlx.core as mx
 
 STEP = 256
+INT8_MAX = 127
+SCALE_DTYPE = mx.float16
+TINY_SCALE = 1e-30  # an all-zero vector gets scale 0; dividing by this keeps its codes at 0
+
+
+def quantize_int8(x: mx.array) -> tuple[mx.array, mx.array]:
+    """(…, D) -> int8 codes (…, D) and float16 scales (…, 1): x ≈ codes * scale, |error| <= scale / 2."""
+    amax = mx.max(mx.abs(x.astype(mx.float32)), axis=-1, keepdims=True)
+    scale = (amax / INT8_MAX).astype(SCALE_DTYPE)
+    # quantize with the stored (float16-rounded) scale, so dequantizing uses exactly the scale the codes assume
+    codes = mx.clip(mx.round(x.astype(mx.float32) / mx.maximum(scale.astype(mx.float32), TINY_SCALE)),
+                    -INT8_MAX, INT8_MAX)
+    return codes.astype(mx.int8), scale
+
+
+def dequantize_int8(codes: mx.array, scale: mx.array, dtype: mx.Dtype) -> mx.array:
+    return codes.astype(dtype) * scale.astype(dtype)
 
 
 class KVCache:
-    """Keys and values of one layer for up to `capacity` positions. (B, n_kv_heads, allocated, head_dim)."""
+    """Keys and values of one layer in up to `slots` slots. (B, n_kv_heads, allocated, head_dim)."""
 
-    def __init__(self, capacity: int, n_kv_heads: int, head_dim: int, dtype: mx.Dtype):
-        self.capacity = capacity
+    def __init__(self, slots: int, n_kv_heads: int, head_dim: int, dtype: mx.Dtype, bits: int = 16):
+        self.slots = self.capacity = slots
         self.shape = (1, n_kv_heads, 0, head_dim)
-        self.dtype = dtype
+        self.dtype, self.bits = dtype, bits
         self.keys: mx.array | None = None
         self.values: mx.array | None = None
+        self.key_scales: mx.array | None = None  # int8 only
+        self.value_scales: mx.array | None = None
+        self.oldest = 0  # the ring's bookkeeping: positions [oldest, end of the latest write) are all held
 
     @property
     def allocated(self) -> int:
         return 0 if self.keys is None else self.keys.shape[2]
 
-    def update(self, start: int, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
-        end = start + k.shape[2]
-        if end > self.allocated:
-            self._grow(min(self.capacity, -(-end // STEP) * STEP))
-        self.keys[:, :, start:end, :] = k
-        self.values[:, :, start:end, :] = v
-        return self.keys[:, :, :end, :], self.values[:, :, :end, :]
+    def update(self, start: int, k: mx.array, v: mx.array):
+        """Write positions [start, start+T); return (keys, values, positions) for attention.
+
+        positions is None when the keys are positions [0, start+T) in order; otherwise the
+        (slots,) absolute position each slot holds (the ring has wrapped).
+        """
+        T = k.shape[2]
+        end = start + T
+        if T > self.slots:
+            raise ValueError(f"a chunk of {T} tokens does not fit a {self.slots}-slot cache")
+        if min(end, self.slots) > self.allocated:
+            self._grow(min(self.slots, -(-end // STEP) * STEP))
+        first = start % self.slots
+        n = min(T, self.slots - first)
+        self._write(first, first + n, k[:, :, :n], v[:, :, :n])
+        if n < T:  # the write wraps past the last slot
+            self._write(0, T - n, k[:, :, n:], v[:, :, n:])
+        self.oldest = max(self.oldest, end - self.slots)
+        if end <= self.slots:
+            return self._read(end) + (None,)
+        slot = mx.arange(self.slots)
+        latest = slot + self.slots * ((end - 1 - slot) // self.slots)  # the last p ≡ slot (mod slots) below end
+        return self._read(self.slots) + (latest,)
+
+    def _write(self, a: int, b: int, k: mx.array, v: mx.array) -> None:
+        if self.bits == 8:
+            (self.keys[:, :, a:b, :], self.key_scales[:, :, a:b, :]) = quantize_int8(k)
+            (self.values[:, :, a:b, :], self.value_scales[:, :, a:b, :]) = quantize_int8(v)
+        else:
+            self.keys[:, :, a:b, :] = k
+            self.values[:, :, a:b, :] = v
+
+    def _read(self, n: int) -> tuple[mx.array, mx.array]:
+        if self.bits == 8:
+            return (dequantize_int8(self.keys[:, :, :n, :], self.key_scales[:, :, :n, :], self.dtype),
+                    dequantize_int8(self.values[:, :, :n, :], self.value_scales[:, :, :n, :], self.dtype))
+        return self.keys[:, :, :n, :], self.values[:, :, :n, :]
 
     def _grow(self, size: int) -> None:
         B, heads, _, dim = self.shape
-        extra = (B, heads, size - self.allocated, dim)
-        if self.keys is None:
-            self.keys, self.values = mx.zeros(extra, dtype=self.dtype), mx.zeros(extra, dtype=self.dtype)
-        else:
-            self.keys = mx.concatenate([self.keys, mx.zeros(extra, dtype=self.dtype)], axis=2)
-            self.values = mx.concatenate([self.values, mx.zeros(extra, dtype=self.dtype)], axis=2)
+        store = mx.int8 if self.bits == 8 else self.dtype
+
+        def extend(a: mx.array | None, width: int, dtype: mx.Dtype) -> mx.array:
+            extra = mx.zeros((B, heads, size - self.allocated, width), dtype=dtype)
+            return extra if a is None else mx.concatenate([a, extra], axis=2)
+
+        if self.bits == 8:  # before the codes: `allocated` is read from the keys
+            self.key_scales = extend(self.key_scales, 1, SCALE_DTYPE)
+            self.value_scales = extend(self.value_scales, 1, SCALE_DTYPE)
+        self.keys, self.values = extend(self.keys, dim, store), extend(self.values, dim, store)
 
     def arrays(self) -> list[mx.array]:
-        return [] if self.keys is None else [self.keys, self.values]
+        held = [self.keys, self.values, self.key_scales, self.value_scales]
+        return [a for a in held if a is not None]
 
 
 class ModelCache:
-    """The whole model's cache plus how many positions hold valid entries."""
+    """The whole model's cache plus how many positions hold valid entries.
 
-    def __init__(self, capacity: int, n_layers: int, n_kv_heads: int, head_dim: int, dtype: mx.Dtype):
+    `capacity` is the context (positions it accepts); `slots` what each layer stores at most: the
+    capacity, or fewer for a sliding-window model (a ring). `max_chunk` is the most tokens one
+    forward may write so that every query still sees its whole window.
+    """
+
+    def __init__(self, capacity: int, n_layers: int, n_kv_heads: int, head_dim: int, dtype: mx.Dtype,
+                 bits: int = 16, window: int | None = None, slots: int | None = None):
         self.capacity = capacity
+        self.window = window
+        self.slots = min(capacity, slots or capacity)
+        self.max_chunk = self.slots if self.slots == capacity else self.slots - window + 1
         self.length = 0
-        self.layers = [KVCache(capacity, n_kv_heads, head_dim, dtype) for _ in range(n_layers)]
+        self.layers = [KVCache(self.slots, n_kv_heads, head_dim, dtype, bits) for _ in range(n_layers)]
         # a decode step already under way for position `length` (see MLXModel.sample): (position, token, logits)
         self.pending: tuple[int, mx.array, mx.array] | None = None
 
     def truncate(self, length: int) -> None:
-        """Forget positions >= length (entries past it are overwritten by the next write)."""
-        self.length = max(0, min(length, self.length))
+        """Forget positions >= length (entries past it are overwritten by the next write).
+
+        A ring may have overwritten keys that a query at `length` still needs: then nothing is
+        kept and length becomes 0 (callers read `length` to see how much they may reuse).
+        """
+        length = max(0, min(length, self.length))
+        if length and self.window is not None and max(0, length - self.window + 1) < self.layers[0].oldest:
+            length = 0
+        if length == 0:
+            for layer in self.layers:
+                layer.oldest = 0
+        self.length = length
         self.pending = None
 
     def arrays(self) -> list[mx.array]:
@@ -67,5 +147,5 @@ class ModelCache:
 
     @property
     def nbytes(self) -> int:
-        """Bytes allocated so far (the buffers grow towards `capacity` in steps)."""
+        """Bytes allocated so far (the buffers grow towards `slots` in steps)."""
         return sum(a.nbytes for a in self.arrays())

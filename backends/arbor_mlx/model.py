@@ -65,19 +65,21 @@ class Attention(nn.Module):
         k = self.k_proj(x).reshape(B, T, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)  # (B, nkv, T, hd)
         v = self.v_proj(x).reshape(B, T, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
         q, k = rope(q, start), rope(k, start)
+        key_pos = None  # None: the keys are positions [0, start + T) in order
         if cache is not None:
-            k, v = cache.update(start, k, v)  # keys/values of positions [0, start + T)
+            k, v, key_pos = cache.update(start, k, v)  # key_pos: each key's position, once a ring cache wrapped
         key_start = 0
-        if self.window is not None and start + T > self.window:
+        if key_pos is None and self.window is not None and start + T > self.window:
             key_start = max(0, start - self.window + 1)  # older keys are outside every query's window
             k, v = k[:, :, key_start:], v[:, :, key_start:]
-        mask = attention_mask(T, k.shape[2], key_start, start, self.window)
+        mask = attention_mask(T, k.shape[2], key_start, start, self.window, key_pos)
         y = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)  # GQA: k/v not tiled
         return self.o_proj(y.transpose(0, 2, 1, 3).reshape(B, T, self.n_heads * self.head_dim))
 
 
-def attention_mask(q_len: int, kv_len: int, key_start: int, start: int, window: int | None):
-    """Mask for queries at [start, start+q_len) over keys at [key_start, key_start+kv_len).
+def attention_mask(q_len: int, kv_len: int, key_start: int, start: int, window: int | None, key_pos=None):
+    """Mask for queries at [start, start+q_len) over keys at [key_start, key_start+kv_len), or at
+    the positions `key_pos` (a wrapped ring cache's slots, which only a window model has).
 
     None for one query whose keys are all visible; "causal" (MLX aligns it lower-right: the last
     query sees the last key) when the keys end with the queries and no window cuts in; otherwise
@@ -85,10 +87,10 @@ def attention_mask(q_len: int, kv_len: int, key_start: int, start: int, window: 
     """
     end = key_start + kv_len
     windowed = window is not None and start + q_len - 1 - window >= key_start  # some query loses a key
-    if not windowed and end == start + q_len:
+    if key_pos is None and not windowed and end == start + q_len:
         return None if q_len == 1 else "causal"
     q_pos = mx.arange(start, start + q_len)[:, None]
-    k_pos = mx.arange(key_start, end)[None, :]
+    k_pos = (mx.arange(key_start, end) if key_pos is None else key_pos)[None, :]
     allowed = k_pos <= q_pos
     if window is not None:
         allowed = allowed & (k_pos > q_pos - window)

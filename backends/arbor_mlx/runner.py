@@ -22,9 +22,10 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from arbor_cli.backend import SamplingParams
 from arbor_cli.errors import ContextError, CorruptModelError, OutOfMemoryError
+from arbor_cli.planner import kv_cache_tokens
 from arbor_cli.rope import RopeTables
 
-from .cache import ModelCache
+from .cache import SCALE_DTYPE, ModelCache
 from .memory import memory_info, peak_memory, reset_peak_memory
 from .model import Transformer
 
@@ -32,6 +33,7 @@ from .model import Transformer
 IGNORED_KEYS = ("rotary_emb.inv_freq",)
 GPU_PREFILL_CHUNK = 2048  # mlx-lm's prefill step on Apple GPUs
 CPU_PREFILL_CHUNK = 512
+KV_BITS = (8, 16)
 
 
 def _on_device(fn):
@@ -64,9 +66,11 @@ class RandomKey:
 
 
 class MLXModel:
-    def __init__(self, model: Transformer, device: str, dtype: str):
+    def __init__(self, model: Transformer, device: str, dtype: str, kv_bits: int = 16):
         from . import DTYPES
 
+        if kv_bits not in KV_BITS:
+            raise ValueError(f"kv_bits must be one of {KV_BITS}, got {kv_bits!r}")
         self.model = model
         self.config = model.config
         self.device = device
@@ -74,13 +78,17 @@ class MLXModel:
         self.stream = mx.gpu if device == "gpu" else mx.cpu
         self.mx_dtype = DTYPES[dtype]
         self.weights_nbytes = sum(a.nbytes for _, a in tree_flatten(model.parameters()))
-        self.kv_element_bytes = self.act_element_bytes = self.mx_dtype.size
+        self.act_element_bytes = self.mx_dtype.size
+        # kv_bits 16: the cache in the model's dtype; 8: int8 codes plus a float16 scale per head and token
+        self.kv_bits = kv_bits
+        self.kv_element_bytes = 1 if kv_bits == 8 else self.mx_dtype.size
+        self.kv_scale_bytes = SCALE_DTYPE.size if kv_bits == 8 else 0
         self.prefill_chunk = int(os.environ.get("ARBOR_PREFILL_CHUNK", "0")) or (
             GPU_PREFILL_CHUNK if device == "gpu" else CPU_PREFILL_CHUNK)
         self._last: tuple[mx.array, ModelCache] | None = None  # the latest logits prefill/decode returned
 
     @classmethod
-    def from_checkpoint(cls, checkpoint, device: str, dtype: str) -> MLXModel:
+    def from_checkpoint(cls, checkpoint, device: str, dtype: str, kv_bits: int = 16) -> MLXModel:
         from . import DTYPES
 
         cfg = checkpoint.config
@@ -109,7 +117,7 @@ class MLXModel:
         with mx.stream(mx.gpu if device == "gpu" else mx.cpu):
             model.update(tree_unflatten([(k, v.astype(target)) for k, v in state.items()]))
             mx.eval(model.parameters())
-        return cls(model, device, dtype)
+        return cls(model, device, dtype, kv_bits)
 
     # ---- the backend protocol -----------------------------------------------------------
     def memory(self):
@@ -130,9 +138,11 @@ class MLXModel:
     def num_parameters(self) -> int:
         return sum(a.size for _, a in tree_flatten(self.model.parameters()))
 
-    def new_cache(self, capacity: int) -> ModelCache:
+    def new_cache(self, capacity: int, bits: int | None = None) -> ModelCache:
         c = self.config
-        return ModelCache(capacity, c.num_hidden_layers, c.num_key_value_heads, c.head_dim, self.mx_dtype)
+        return ModelCache(capacity, c.num_hidden_layers, c.num_key_value_heads, c.head_dim, self.mx_dtype,
+                          bits=bits or self.kv_bits, window=c.sliding_window,
+                          slots=kv_cache_tokens(c, capacity, self.prefill_chunk))
 
     def set_rope(self, rope: RopeTables, positions: int) -> None:
         self.model.set_rope(rope.inv_freq, rope.attention_factor, positions)
@@ -143,6 +153,7 @@ class MLXModel:
             raise ValueError("prefill needs at least one token")
         self._check_room(cache, len(ids))
         cache.pending = None
+        chunk_size = min(chunk_size, cache.max_chunk)  # a ring cache bounds how many queries one step may write
         for begin in range(0, len(ids), chunk_size):
             chunk = ids[begin:begin + chunk_size]
             out = self.model(mx.array([chunk], dtype=mx.int32), cache.length, cache.layers, last_only=True)
@@ -192,7 +203,7 @@ class MLXModel:
         if len(ids) <= self.prefill_chunk:
             return np.array(self.model(tokens, 0, None)[0].astype(mx.float32))
         # long inputs run in chunks through a scratch cache: the same math with a bounded attention workspace
-        cache, rows = self.new_cache(len(ids)), []
+        cache, rows = self.new_cache(len(ids), bits=16), []  # the full forward's keys: never quantized
         for begin in range(0, len(ids), self.prefill_chunk):
             out = self.model(tokens[:, begin:begin + self.prefill_chunk], begin, cache.layers)
             rows.append(np.array(out[0].astype(mx.float32)))

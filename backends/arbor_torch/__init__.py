@@ -43,13 +43,15 @@ def check_device(device: str) -> None:
         raise BackendUnavailableError(f"device {device!r} is not supported by the torch backend")
 
 
-def load(checkpoint, device: str | None = None, dtype: str | None = None) -> TorchModel:
+def load(checkpoint, device: str | None = None, dtype: str | None = None, kv_bits: int = 16) -> TorchModel:
     device = device or default_device()
     check_device(device)
     dtype = dtype or default_dtype(device)
     if dtype not in DTYPES:
         raise BackendUnavailableError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
-    return TorchModel.from_checkpoint(checkpoint, device, dtype)
+    if kv_bits not in (8, 16):
+        raise BackendUnavailableError(f"kv_bits {kv_bits!r} is not supported; use 8 or 16")
+    return TorchModel.from_checkpoint(checkpoint, device, dtype, kv_bits=kv_bits)
 
 
 __all__ = ["NAME", "is_available", "default_device", "default_dtype", "memory_info", "load", "TorchModel"]

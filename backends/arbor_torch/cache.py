@@ -1,38 +1,128 @@
-"""Preallocated KV cache: one buffer per layer, sized by the caller, written in place."""
+"""Preallocated KV cache: one buffer per layer, sized by the caller, written in place.
+
+Two options change what a layer's buffer holds, never what attention computes from it:
+
+- int8 (kv_bits=8): each head's K and V vector of a token is stored as int8 with one float16
+  scale (symmetric absmax over head_dim), and dequantized to the compute dtype one layer at a time
+  inside attention, so the transient is one layer's K/V, never the whole cache.
+- a ring (sliding-window models): a cache with fewer slots than its context keeps position p in
+  slot p % slots. Attention then sees every slot with its position (a window mask drops what is
+  out of reach), and a chunk of queries fits as long as slots >= window + chunk - 1
+  (arbor_cli.planner.kv_cache_tokens), so memory is bounded by the window, not the context.
+"""
 
 from __future__ import annotations
 
 import torch
 
+INT8_MAX = 127
+SCALE_DTYPE = torch.float16
+TINY_SCALE = 1e-30  # an all-zero vector gets scale 0; dividing by this keeps its codes at 0
+
+
+def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(…, D) -> int8 codes (…, D) and float16 scales (…, 1): x ≈ codes * scale, |error| <= scale / 2."""
+    amax = x.abs().amax(dim=-1, keepdim=True).float()
+    scale = (amax / INT8_MAX).to(SCALE_DTYPE)
+    # quantize with the stored (float16-rounded) scale, so dequantizing uses exactly the scale the codes assume
+    codes = torch.round(x.float() / scale.float().clamp_min(TINY_SCALE)).clamp_(-INT8_MAX, INT8_MAX)
+    return codes.to(torch.int8), scale
+
+
+def dequantize_int8(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return codes.to(dtype) * scale.to(dtype)
+
 
 class KVCache:
-    """Keys and values of one layer for up to `capacity` positions. (B, n_kv_heads, capacity, head_dim)."""
+    """Keys and values of one layer in `slots` slots. (B, n_kv_heads, slots, head_dim)."""
 
-    def __init__(self, capacity: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype, device):
-        shape = (1, n_kv_heads, capacity, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+    def __init__(self, slots: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype, device, bits: int = 16):
+        shape = (1, n_kv_heads, slots, head_dim)
+        self.slots, self.dtype, self.bits = slots, dtype, bits
+        store = torch.int8 if bits == 8 else dtype
+        self.k = torch.zeros(shape, dtype=store, device=device)
+        self.v = torch.zeros(shape, dtype=store, device=device)
+        self.k_scale = self.v_scale = None
+        if bits == 8:
+            self.k_scale = torch.zeros(shape[:3] + (1,), dtype=SCALE_DTYPE, device=device)
+            self.v_scale = torch.zeros(shape[:3] + (1,), dtype=SCALE_DTYPE, device=device)
+        # the ring's bookkeeping: positions [oldest, end of the latest write) are all held
+        self.oldest = 0
 
-    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        end = start + k.shape[2]
-        self.k[:, :, start:end] = k
-        self.v[:, :, start:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor):
+        """Write positions [start, start+T); return (keys, values, positions) for attention.
 
+        positions is None when the keys are positions [0, start+T) in order; otherwise the
+        (slots,) absolute position each slot holds (the ring has wrapped).
+        """
+        T = k.shape[2]
+        end = start + T
+        if T > self.slots:
+            raise ValueError(f"a chunk of {T} tokens does not fit a {self.slots}-slot cache")
+        first = start % self.slots
+        n = min(T, self.slots - first)
+        self._write(first, first + n, k[:, :, :n], v[:, :, :n])
+        if n < T:  # the write wraps past the last slot
+            self._write(0, T - n, k[:, :, n:], v[:, :, n:])
+        self.oldest = max(self.oldest, end - self.slots)
+        if end <= self.slots:
+            return self._read(end) + (None,)
+        slot = torch.arange(self.slots, device=self.k.device)
+        latest = slot + self.slots * torch.div(end - 1 - slot, self.slots, rounding_mode="floor")  # last p ≡ slot, p < end
+        return self._read(self.slots) + (latest,)
 
-class ModelCache:
-    """The whole model's cache plus how many positions hold valid entries."""
+    def _write(self, a: int, b: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        if self.bits == 8:
+            (self.k[:, :, a:b], self.k_scale[:, :, a:b]), (self.v[:, :, a:b], self.v_scale[:, :, a:b]) = (
+                quantize_int8(k), quantize_int8(v))
+        else:
+            self.k[:, :, a:b] = k
+            self.v[:, :, a:b] = v
 
-    def __init__(self, capacity: int, n_layers: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype, device):
-        self.capacity = capacity
-        self.length = 0
-        self.decoder = None  # the CUDA-graph decode step bound to these buffers, built on first decode
-        self.layers = [KVCache(capacity, n_kv_heads, head_dim, dtype, device) for _ in range(n_layers)]
-
-    def truncate(self, length: int) -> None:
-        """Forget positions >= length (entries past it are overwritten by the next write)."""
-        self.length = max(0, min(length, self.length))
+    def _read(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.bits == 8:
+            return (dequantize_int8(self.k[:, :, :n], self.k_scale[:, :, :n], self.dtype),
+                    dequantize_int8(self.v[:, :, :n], self.v_scale[:, :, :n], self.dtype))
+        return self.k[:, :, :n], self.v[:, :, :n]
 
     @property
     def nbytes(self) -> int:
-        return sum(c.k.numel() * c.k.element_size() * 2 for c in self.layers)
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.k_scale, self.v_scale) if t is not None)
+
+
+class ModelCache:
+    """The whole model's cache plus how many positions hold valid entries.
+
+    `capacity` is the context (positions it accepts); `slots` what each layer stores: equal to the
+    capacity, or fewer for a sliding-window model (a ring, see KVCache). `max_chunk` is the most
+    tokens one forward may write so that every query still sees its whole window.
+    """
+
+    def __init__(self, capacity: int, n_layers: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype, device,
+                 bits: int = 16, window: int | None = None, slots: int | None = None):
+        self.capacity = capacity
+        self.window = window
+        self.slots = min(capacity, slots or capacity)
+        self.max_chunk = self.slots if self.slots == capacity else self.slots - window + 1
+        self.length = 0
+        self.decoder = None  # the CUDA-graph decode step bound to these buffers, built on first decode
+        self.layers = [KVCache(self.slots, n_kv_heads, head_dim, dtype, device, bits) for _ in range(n_layers)]
+
+    def truncate(self, length: int) -> None:
+        """Forget positions >= length (entries past it are overwritten by the next write).
+
+        A ring may have overwritten keys that a query at `length` still needs (its window reaches
+        back before the oldest position held): then nothing is kept, length becomes 0, and callers
+        (chat's prefix reuse) see from `length` that they must prefill again from the start.
+        """
+        length = max(0, min(length, self.length))
+        if length and self.window is not None and max(0, length - self.window + 1) < self.layers[0].oldest:
+            length = 0
+        if length == 0:
+            for layer in self.layers:
+                layer.oldest = 0
+        self.length = length
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes for c in self.layers)

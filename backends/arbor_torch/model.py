@@ -56,16 +56,18 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        key_pos = None  # None: the keys are positions [key_start, start + T) in order
         if cache is not None:
-            k, v = cache.update(start, k, v)  # keys/values of positions [key_start, start + T)
+            k, v, key_pos = cache.update(start, k, v)  # key_pos: each key's position, once a ring cache wrapped
         key_start = start + T - k.shape[2]
-        mask = self._mask(T, k.shape[2], key_start, start, x.device)
+        mask = self._mask(T, k.shape[2], key_start, start, x.device, key_pos)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1 and start == 0,
                                            enable_gqa=self.n_heads != self.n_kv_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
-    def _mask(self, q_len: int, kv_len: int, key_start: int, start: int, device):
-        """Causal mask for queries at [start, start+q_len) over keys at [key_start, key_start+kv_len).
+    def _mask(self, q_len: int, kv_len: int, key_start: int, start: int, device, key_pos=None):
+        """Causal mask for queries at [start, start+q_len) over keys at [key_start, key_start+kv_len)
+        (or at the positions `key_pos`, a wrapped ring cache's slots, which only a window model has).
 
         None when SDPA needs none (one query; or plain causal, passed as is_causal). On CUDA a
         lower-right causal bias keeps SDPA in its flash / cuDNN kernels without materialising a
@@ -80,7 +82,7 @@ class Attention(nn.Module):
 
                 return causal_lower_right(q_len, kv_len)
         q_pos = torch.arange(start, start + q_len, device=device)[:, None]
-        k_pos = torch.arange(key_start, key_start + kv_len, device=device)[None, :]
+        k_pos = (torch.arange(key_start, key_start + kv_len, device=device) if key_pos is None else key_pos)[None, :]
         allowed = k_pos <= q_pos
         if self.window is not None:
             allowed &= k_pos > q_pos - self.window

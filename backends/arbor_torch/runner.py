@@ -13,9 +13,10 @@ from safetensors.torch import load_file
 
 from arbor_cli.backend import SamplingParams
 from arbor_cli.errors import ContextError, CorruptModelError, OutOfMemoryError
+from arbor_cli.planner import kv_cache_tokens
 from arbor_cli.rope import RopeTables
 
-from .cache import ModelCache
+from .cache import SCALE_DTYPE, ModelCache
 from .memory import memory_info
 from .model import Transformer
 
@@ -23,6 +24,7 @@ from .model import Transformer
 IGNORED_KEYS = ("rotary_emb.inv_freq",)
 CUDA_PREFILL_CHUNK = 8192
 CPU_PREFILL_CHUNK = 512
+KV_BITS = (8, 16)
 
 
 def _translate_oom(fn):
@@ -37,23 +39,30 @@ def _translate_oom(fn):
 
 
 class TorchModel:
-    def __init__(self, model: Transformer, device: str, dtype: str):
+    def __init__(self, model: Transformer, device: str, dtype: str, kv_bits: int = 16):
+        if kv_bits not in KV_BITS:
+            raise ValueError(f"kv_bits must be one of {KV_BITS}, got {kv_bits!r}")
         self.model = model.eval()
         self.config = model.config
         self.device = device
         self.dtype = dtype
         self.torch_dtype = model.model.embed_tokens.weight.dtype
         self.weights_nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        self.kv_element_bytes = self.act_element_bytes = self.torch_dtype.itemsize
+        self.act_element_bytes = self.torch_dtype.itemsize
+        # kv_bits 16: the cache in the model's dtype; 8: int8 codes plus a float16 scale per head and token
+        self.kv_bits = kv_bits
+        self.kv_element_bytes = 1 if kv_bits == 8 else self.torch_dtype.itemsize
+        self.kv_scale_bytes = SCALE_DTYPE.itemsize if kv_bits == 8 else 0
         # CUDA: decode replays a captured graph with split-KV attention (ARBOR_CUDA_GRAPHS=0: plain eager path)
         # big chunks keep a GPU's attention kernels fed; small ones bound a CPU's workspace
         self.prefill_chunk = int(os.environ.get("ARBOR_PREFILL_CHUNK", 0)) or (
             CUDA_PREFILL_CHUNK if torch.device(device).type == "cuda" else CPU_PREFILL_CHUNK)
+        # the graph's split-KV kernel reads a 16-bit, unwindowed cache: int8 and sliding windows run eager
         self.use_cuda_graphs = (torch.device(device).type == "cuda" and model.config.sliding_window is None
-                                and os.environ.get("ARBOR_CUDA_GRAPHS", "1") != "0")
+                                and kv_bits == 16 and os.environ.get("ARBOR_CUDA_GRAPHS", "1") != "0")
 
     @classmethod
-    def from_checkpoint(cls, checkpoint, device: str, dtype: str) -> "TorchModel":
+    def from_checkpoint(cls, checkpoint, device: str, dtype: str, kv_bits: int = 16) -> "TorchModel":
         from . import DTYPES
 
         cfg = checkpoint.config
@@ -83,7 +92,7 @@ class TorchModel:
         model.load_state_dict(state, strict=False, assign=True)
         if cfg.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
-        return cls(model, device, dtype)
+        return cls(model, device, dtype, kv_bits)
 
     # ---- the backend protocol -----------------------------------------------------------
     def memory(self):
@@ -106,7 +115,9 @@ class TorchModel:
     @_translate_oom
     def new_cache(self, capacity: int) -> ModelCache:
         c = self.config
-        return ModelCache(capacity, c.num_hidden_layers, c.num_key_value_heads, c.head_dim, self.torch_dtype, self.device)
+        return ModelCache(capacity, c.num_hidden_layers, c.num_key_value_heads, c.head_dim, self.torch_dtype, self.device,
+                          bits=self.kv_bits, window=c.sliding_window,
+                          slots=kv_cache_tokens(c, capacity, self.prefill_chunk))
 
     def set_rope(self, rope: RopeTables, positions: int) -> None:
         self.model.set_rope(torch.from_numpy(rope.inv_freq), rope.attention_factor, positions)
@@ -117,6 +128,7 @@ class TorchModel:
         if not ids:
             raise ValueError("prefill needs at least one token")
         self._check_room(cache, len(ids))
+        chunk_size = min(chunk_size, cache.max_chunk)  # a ring cache bounds how many queries one step may write
         logits = None
         for begin in range(0, len(ids), chunk_size):
             chunk = ids[begin:begin + chunk_size]
