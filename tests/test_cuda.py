@@ -89,3 +89,36 @@ def test_bf16_cuda_logits_close_to_cpu_float32(default_checkpoint, default_model
     assert m.dtype == "bfloat16"
     ids = m.tokenizer.encode("The capital of France is Paris, and the capital of Italy is")
     assert rel(m.logits(ids), default_model.logits(ids)) < 3e-2
+
+
+@pytest.mark.parametrize("kernel", ["cudnn", "flash"])
+@pytest.mark.parametrize("prefix,chunk", [(1, 7), (1000, 512), (30000, 8192)])
+def test_prefix_attention_kernels_match_lower_right_sdpa(kernel, prefix, chunk):
+    from torch.nn.attention.bias import causal_lower_right
+
+    from arbor_torch.prefix_attention import attention_after_prefix
+
+    g = torch.Generator(device="cuda").manual_seed(prefix + chunk)
+    q = torch.randn(1, 9, chunk, 64, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(1, 3, prefix + chunk, 64, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn(1, 3, prefix + chunk, 64, device="cuda", dtype=torch.bfloat16, generator=g)
+    got = attention_after_prefix(q, k, v, kernel)
+    ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(),
+                                                           attn_mask=causal_lower_right(chunk, prefix + chunk),
+                                                           enable_gqa=True)
+    assert rel(got.float().cpu(), ref.cpu()) < 2e-2
+
+
+@pytest.mark.parametrize("kernel", ["cudnn", "flash", "efficient"])
+def test_chunked_bf16_prefill_with_each_kernel_gives_the_full_forward(default_checkpoint, monkeypatch, kernel):
+    import arbor_cli
+
+    monkeypatch.setenv("ARBOR_PREFILL_ATTENTION", kernel)
+    m = arbor_cli.load(str(default_checkpoint.path), backend="torch", device="cuda", dtype="bfloat16", quiet=True)
+    ids = m.tokenizer.encode("The history of the city begins with a small fishing village. " * 60)[:700]
+    cache = m.new_cache(1024)
+    chunked = m.lm.prefill(ids, cache, 128)  # logits of the last position after 6 chunks
+    full = m.logits(ids)[-1]
+    assert m.lm.model.model.layers[0].self_attn.prefix_kernel == kernel
+    assert rel(np.asarray(chunked, dtype=np.float32).reshape(-1), full) < 3e-2
+    assert int(np.argmax(chunked)) == int(np.argmax(full))

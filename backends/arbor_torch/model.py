@@ -15,6 +15,7 @@ from torch import nn
 from arbor_cli.config import ArborConfig
 
 from .cache import KVCache
+from .prefix_attention import attention_after_prefix, choose_kernel
 
 
 class RMSNorm(nn.Module):
@@ -45,6 +46,7 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.window = cfg.sliding_window
+        self.prefix_kernel: str | None = None  # chosen on the first CUDA prefill chunk (prefix_attention.py)
         self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=cfg.attention_bias)
         self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=cfg.attention_bias)
@@ -60,10 +62,24 @@ class Attention(nn.Module):
         if cache is not None:
             k, v, key_pos = cache.update(start, k, v)  # key_pos: each key's position, once a ring cache wrapped
         key_start = start + T - k.shape[2]
-        mask = self._mask(T, k.shape[2], key_start, start, x.device, key_pos)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1 and start == 0,
-                                           enable_gqa=self.n_heads != self.n_kv_heads)
+        if key_pos is None and self._after_prefix(T, k.shape[2], key_start, start, x):
+            y = attention_after_prefix(q, k, v, self.prefix_kernel)  # a prefill chunk after cached keys, on CUDA
+        else:
+            mask = self._mask(T, k.shape[2], key_start, start, x.device, key_pos)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                               is_causal=mask is None and T > 1 and start == 0,
+                                               enable_gqa=self.n_heads != self.n_kv_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+    def _after_prefix(self, q_len: int, kv_len: int, key_start: int, start: int, x: torch.Tensor) -> bool:
+        """A CUDA prefill chunk over keys from position 0 that the LSE-merged fast kernels can take."""
+        if x.device.type != "cuda" or q_len == 1 or q_len == kv_len or key_start != 0:
+            return False
+        if self.window is not None and start + q_len > self.window:
+            return False
+        if self.prefix_kernel is None:
+            self.prefix_kernel = choose_kernel(x.device, x.dtype)
+        return self.prefix_kernel != "efficient"
 
     def _mask(self, q_len: int, kv_len: int, key_start: int, start: int, device, key_pos=None):
         """Causal mask for queries at [start, start+q_len) over keys at [key_start, key_start+kv_len)
