@@ -138,3 +138,13 @@ def test_decode_step_halves_equal_the_block(compiled, monkeypatch):
                    layer.mlp.gate_up_weight, layer.mlp.down_proj.weight, cfg.rms_norm_eps)
     np.testing.assert_allclose(out.numpy(), ref.numpy(), rtol=1e-4, atol=1e-5)
     assert pre is not pre_attention or not compiled
+
+
+def test_cuda_prefill_chunks_bound_the_mlp_transient():
+    from arbor_torch.runner import CUDA_PREFILL_TRANSIENT_BYTES, cuda_prefill_chunk
+
+    assert cuda_prefill_chunk(1536) == 32768  # SmolLM2-135M: 96 MiB at 32K tokens
+    assert cuda_prefill_chunk(8192) == 8192   # SmolLM2-1.7B
+    for width in (1536, 8192, 11008, 14336, 28672):
+        chunk = cuda_prefill_chunk(width)
+        assert chunk & (chunk - 1) == 0 and width * chunk * 2 <= CUDA_PREFILL_TRANSIENT_BYTES
