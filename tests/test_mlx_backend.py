@@ -460,3 +460,102 @@ def test_default_model_beyond_its_trained_context_matches_torch(default_pair, me
     assert prefill_err <= PARITY and max(step_errs) <= PARITY
     assert got.tokens == ref.tokens and got.text == ref.text
     assert len(got_logits) == len(ref_logits) == 64  # the prefill and 63 decode steps
+
+
+# ---- int8 KV and the sliding-window ring: the same arithmetic as torch's -----------------------------
+INT8_PARITY = 1e-3  # both backends quantize float32 K/V that agree to ~1e-6: the codes match except where a
+# value sits on a rounding boundary, where one code moves by one step (absmax/127 of that vector)
+
+
+def kv_pair(checkpoint, kv_bits: int, prefill_chunk: int = 512):
+    rope = rope_frequencies(checkpoint.config, 256)
+    pair = arbor_torch.load(checkpoint, "cpu", "float32", kv_bits=kv_bits), \
+        arbor_mlx.load(checkpoint, "cpu", "float32", kv_bits=kv_bits)
+    for lm in pair:
+        lm.set_rope(rope, 256)
+        lm.prefill_chunk = prefill_chunk
+    return pair
+
+
+def cached_rows(lm, ids: list[int], chunk: int, prefill: int) -> np.ndarray:
+    """Every position's logits: `prefill` tokens in chunks through the model, then decode steps."""
+    on_mlx = isinstance(lm, arbor_mlx.MLXModel)
+    cache, rows = lm.new_cache(128), []
+    for begin in range(0, prefill, chunk):
+        part = ids[begin:min(begin + chunk, prefill)]
+        out = lm.model(mx.array([part]) if on_mlx else torch.tensor([part]), cache.length, cache.layers)[0]
+        rows.append(np.array(out.astype(mx.float32)) if on_mlx else out.detach().numpy())
+        cache.length += len(part)
+    rows += [np.asarray(lm.decode(t, cache), dtype=np.float32)[None] for t in ids[prefill:]]
+    return np.concatenate(rows)
+
+
+def test_int8_quantization_matches_torch():
+    from arbor_mlx.cache import dequantize_int8 as mx_dequantize
+    from arbor_mlx.cache import quantize_int8 as mx_quantize
+    from arbor_torch.cache import quantize_int8 as torch_quantize
+
+    x = np.random.default_rng(0).normal(size=(1, 3, 40, 64)).astype(np.float32) * 3
+    codes, scale = mx_quantize(mx.array(x))
+    ref_codes, ref_scale = torch_quantize(torch.from_numpy(x))
+    assert codes.dtype == mx.int8 and scale.dtype == mx.float16
+    np.testing.assert_array_equal(np.array(scale.astype(mx.float32)), ref_scale.float().numpy())
+    assert (np.array(codes) == ref_codes.numpy()).mean() > 0.999
+    back = np.array(mx_dequantize(codes, scale, mx.float32))
+    assert np.all(np.abs(back - x) <= np.array(scale.astype(mx.float32)) / 2 * (1 + 1e-3))
+
+
+@pytest.mark.parametrize("window", [None, 9])
+def test_int8_cache_matches_torch_int8(tiny, window):
+    lm_torch, lm_mlx = kv_pair(tiny(sliding_window=window), kv_bits=8, prefill_chunk=7)
+    ids = random_ids(70)
+    got, ref = cached_rows(lm_mlx, ids, 7, 60), cached_rows(lm_torch, ids, 7, 60)
+    assert rel_err(got, ref) < INT8_PARITY
+    assert rel_err(got, lm_mlx.logits(ids)) > 1e-6  # the cache really is quantized (logits() is not)
+    assert lm_mlx.new_cache(128).layers[0].bits == 8
+
+
+def test_int8_greedy_generation_matches_torch_int8(tiny):
+    lm_torch, lm_mlx = kv_pair(tiny(), kv_bits=8)
+    prompt, params = random_ids(20), SamplingParams()
+    tokens = {}
+    for lm in (lm_torch, lm_mlx):
+        cache = lm.new_cache(128)
+        out = [lm.sample(lm.prefill(prompt, cache, 8), params, None)]
+        while len(out) < 48:
+            out.append(lm.sample(lm.decode(out[-1], cache), params, None))
+        tokens[lm] = out
+    assert tokens[lm_mlx] == tokens[lm_torch]
+
+
+@pytest.mark.parametrize("kv_bits", [16, 8])
+def test_ring_cache_matches_torch_and_stays_at_window_plus_chunk(tiny, kv_bits):
+    lm_torch, lm_mlx = kv_pair(tiny(sliding_window=9), kv_bits=kv_bits, prefill_chunk=7)
+    ids = random_ids(80)
+    got = cached_rows(lm_mlx, ids, 7, 60)
+    assert rel_err(got, cached_rows(lm_torch, ids, 7, 60)) < (PARITY if kv_bits == 16 else INT8_PARITY)
+    if kv_bits == 16:
+        np.testing.assert_allclose(got, lm_mlx.logits(ids), rtol=1e-4, atol=1e-4)
+    cache = lm_mlx.new_cache(128)
+    assert (cache.slots, cache.max_chunk) == (15, 7)
+    lm_mlx.prefill(ids, cache, 512)  # split into ring-sized chunks
+    per_token = lm_mlx.config.kv_bytes_per_token(lm_mlx.kv_element_bytes, lm_mlx.kv_scale_bytes)
+    assert cache.length == 80 and cache.nbytes == 15 * per_token
+
+
+def test_ring_truncate_matches_torch(tiny):
+    lm_torch, lm_mlx = kv_pair(tiny(sliding_window=9), kv_bits=16, prefill_chunk=7)
+    ids, more = random_ids(60), random_ids(20, seed=5)
+    outcomes = []
+    for lm in (lm_torch, lm_mlx):
+        cache = lm.new_cache(128)
+        lm.prefill(ids, cache, 7)  # holds positions 45..59
+        cache.truncate(50)  # 42..44 are overwritten: nothing kept
+        kept_far = cache.length
+        lm.prefill(ids, cache, 7)
+        cache.truncate(54)  # 46..53 held
+        logits = lm.prefill(more, cache, 7)
+        outcomes.append((kept_far, cache.length, np.asarray(logits, dtype=np.float32)))
+    assert outcomes[0][:2] == outcomes[1][:2] == (0, 74)
+    np.testing.assert_allclose(outcomes[1][2], lm_mlx.logits(ids[:54] + more)[-1], rtol=1e-4, atol=1e-4)
+    assert rel_err(outcomes[1][2], outcomes[0][2]) < PARITY

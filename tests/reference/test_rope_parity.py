@@ -90,3 +90,44 @@ def test_mistral_sliding_window_matches_transformers(tmp_path):
     with torch.no_grad():
         expected = ref(torch.tensor([ids])).logits[0].numpy()
     assert rel_error(arbor_logits(tmp_path, ids), expected) <= 1e-4
+
+
+def test_mistral_rolling_cache_matches_transformers_in_chunked_prefill_and_greedy_decode(tmp_path):
+    """Window 16, 80 tokens, prefill chunks of 7: the ring holds 16 + 7 - 1 = 22 positions and wraps
+    several times; every position's logits and a 40-token greedy continuation match transformers."""
+    from arbor_cli.rope import rope_frequencies
+
+    window, chunk, prompt, total = 16, 7, 40, 80
+    ref = save_random("MistralForCausalLM", "MistralConfig", tmp_path, **tiny_kwargs(sliding_window=window))
+    ref.config._attn_implementation = "eager"
+    ids = torch.randint(0, 256, (total,), generator=torch.Generator().manual_seed(2)).tolist()
+    with torch.no_grad():
+        expected = ref(torch.tensor([ids])).logits[0].numpy()
+    checkpoint = arbor_weights.open_checkpoint(tmp_path)
+    lm = arbor_torch.load(checkpoint, "cpu", "float32")
+    lm.prefill_chunk = chunk  # sizes the ring
+    lm.set_rope(rope_frequencies(checkpoint.config, 128), 128)  # plain RoPE, as transformers runs it here
+    cache = lm.new_cache(128)
+    assert (cache.slots, cache.max_chunk) == (window + chunk - 1, chunk)
+    bytes_before, rows = cache.nbytes, []
+    with torch.inference_mode():
+        for begin in range(0, total, chunk):
+            part = ids[begin:begin + chunk]
+            rows.append(lm.model(torch.tensor([part]), cache.length, cache.layers)[0].numpy())
+            cache.length += len(part)
+    assert rel_error(np.concatenate(rows), expected) <= 1e-4
+    assert cache.nbytes == bytes_before
+
+    # greedy: transformers' full forward picks each next token; arbor decodes through the ring
+    hf_tokens = ids[:prompt]
+    with torch.no_grad():
+        for _ in range(total - prompt):
+            hf_tokens.append(int(ref(torch.tensor([hf_tokens])).logits[0, -1].argmax()))
+    cache.truncate(0)
+    logits = lm.prefill(ids[:prompt], cache, chunk_size=512)  # split into ring-sized chunks
+    ours = ids[:prompt]
+    for _ in range(total - prompt):
+        ours.append(int(logits.argmax()))
+        if len(ours) < total:
+            logits = lm.decode(ours[-1], cache)
+    assert ours == hf_tokens

@@ -1,0 +1,251 @@
+"""The int8 KV cache and the sliding-window ring cache (torch backend), and what the planner and
+chat make of them. Parity with transformers' Mistral is in tests/reference/test_rope_parity.py;
+MLX against torch in tests/test_mlx_backend.py."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from arbor_torch.cache import dequantize_int8, quantize_int8
+from test_torch_backend import tiny_model
+
+from arbor_cli import planner
+from arbor_cli.chat import ChatSession
+from arbor_cli.config import ArborConfig
+from arbor_cli.errors import UsageError
+
+WINDOW, CHUNK = 9, 7  # a ring of WINDOW + CHUNK - 1 = 15 slots
+# int8 vs the float32 cache on the tiny model, relative error of the logits (norm of the difference
+# over the norm). Each cached element moves by at most scale/2 = absmax/254 of its head vector: with
+# this model's 8-dim heads (absmax ~2x the rms) that is up to ~0.4% of a K/V vector, which the
+# random, sharp attention passes on to the logits about 1:1; measured 2.6e-3 here (the same at
+# every chunk size, since quantization is per token). 1e-2 leaves room for other seeds; a cache
+# that is not dequantized, or with a wrong scale, is off by O(1). The real model's cost is its
+# perplexity (docs/long-context.md).
+INT8_LOGITS_TOLERANCE = 1e-2
+
+
+def rel_err(a, b) -> float:
+    return float(np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(np.asarray(b)))
+
+
+def ids(n: int, seed: int = 3) -> list[int]:
+    return torch.randint(0, 97, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def model_with(kv_bits: int = 16, window: int | None = None, prefill_chunk: int = CHUNK):
+    lm = tiny_model(sliding_window=window)
+    lm.prefill_chunk = prefill_chunk  # sizes a window model's ring: window + chunk - 1 slots
+    lm.kv_bits, lm.kv_element_bytes, lm.kv_scale_bytes = kv_bits, (1 if kv_bits == 8 else 4), (2 if kv_bits == 8 else 0)
+    return lm
+
+
+def cached_logits(lm, tokens: list[int], capacity: int, chunk: int, prefill: int) -> np.ndarray:
+    """Logits of every position: `prefill` tokens in chunks of `chunk`, the rest one decode step each."""
+    cache, rows = lm.new_cache(capacity), []
+    with torch.inference_mode():
+        for begin in range(0, prefill, chunk):
+            part = tokens[begin:min(begin + chunk, prefill)]
+            rows.append(lm.model(torch.tensor([part]), cache.length, cache.layers)[0].numpy())
+            cache.length += len(part)
+    rows += [lm.decode(t, cache).numpy()[None] for t in tokens[prefill:]]
+    return np.concatenate(rows)
+
+
+# ---- int8 ------------------------------------------------------------------------------------
+def test_int8_round_trip_error_is_at_most_half_a_step_of_each_vectors_scale():
+    x = torch.randn(1, 3, 50, 64, generator=torch.Generator().manual_seed(0)) * torch.logspace(-3, 2, 50)[:, None]
+    codes, scale = quantize_int8(x)
+    assert codes.dtype == torch.int8 and scale.dtype == torch.float16 and scale.shape == (1, 3, 50, 1)
+    assert int(codes.abs().max()) == 127  # each vector's largest element uses the full range
+    back = dequantize_int8(codes, scale, torch.float32)
+    step = scale.float()
+    assert torch.all((back - x).abs() <= step / 2 * (1 + 1e-3) + 1e-12)
+    # relative to each vector's absmax: 1/254, plus float16's rounding of the scale (2^-11)
+    amax = x.abs().amax(-1, keepdim=True)
+    assert float(((back - x).abs() / amax).max()) <= 1 / 254 + 2 ** -11
+
+
+def test_int8_keeps_zero_vectors_zero():
+    codes, scale = quantize_int8(torch.zeros(1, 2, 4, 8))
+    assert torch.all(codes == 0) and torch.all(dequantize_int8(codes, scale, torch.float32) == 0)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+def test_int8_cache_logits_are_close_to_the_full_precision_cache(chunk):
+    tokens = ids(70)
+    ref = cached_logits(model_with(16), tokens, 128, chunk, 60)
+    got = cached_logits(model_with(8), tokens, 128, chunk, 60)
+    err = rel_err(got, ref)
+    assert 1e-6 < err <= INT8_LOGITS_TOLERANCE  # close, and really quantized
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
+
+
+def test_int8_cache_is_about_a_quarter_of_float32_and_half_of_16_bits():
+    full, small = model_with(16).new_cache(256), model_with(8).new_cache(256)
+    head_dim = 8  # tiny_model: 48 / 6
+    assert small.nbytes / full.nbytes == pytest.approx((head_dim + 2) / (head_dim * 4))
+    assert small.layers[0].k.dtype == torch.int8
+
+
+def test_kv_bits_other_than_8_or_16_are_refused():
+    import arbor_cli
+
+    with pytest.raises(UsageError, match="kv_bits"):
+        arbor_cli.load("unused", kv_bits=4)
+
+
+# ---- sliding window: the ring ------------------------------------------------------------------
+@pytest.mark.parametrize("chunk", [1, 3, CHUNK])
+def test_ring_cache_logits_match_the_full_forward(chunk):
+    lm = model_with(16, WINDOW)
+    tokens = ids(70)
+    cache = lm.new_cache(128)
+    assert cache.slots == WINDOW + CHUNK - 1 and cache.max_chunk == CHUNK
+    np.testing.assert_allclose(cached_logits(lm, tokens, 128, chunk, 40), lm.logits(tokens), rtol=1e-4, atol=1e-4)
+
+
+def test_ring_prefill_splits_chunks_larger_than_the_ring_allows():
+    lm = model_with(16, WINDOW)
+    tokens = ids(50)
+    cache = lm.new_cache(128)
+    last = lm.prefill(tokens, cache, chunk_size=512)
+    np.testing.assert_allclose(last.numpy(), lm.logits(tokens)[-1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kv_bits", [16, 8])
+def test_ring_cache_memory_stays_at_window_plus_chunk(kv_bits):
+    lm = model_with(kv_bits, WINDOW)
+    cache = lm.new_cache(256)
+    before = cache.nbytes
+    lm.prefill(ids(200), cache, CHUNK)
+    for t in ids(30, seed=4):
+        lm.decode(t, cache)
+    assert cache.length == 230 and cache.nbytes == before
+    per_token = lm.config.kv_bytes_per_token(lm.kv_element_bytes, lm.kv_scale_bytes)
+    assert before == per_token * (WINDOW + CHUNK - 1)
+    assert before == planner.kv_bytes(lm.config, 256, lm.kv_element_bytes, CHUNK, lm.kv_scale_bytes)
+
+
+def test_a_context_within_the_ring_size_is_a_plain_cache():
+    cache = model_with(16, WINDOW).new_cache(12)
+    assert cache.slots == 12 and cache.max_chunk == 12
+
+
+def test_ring_truncate_keeps_what_the_next_window_needs_and_then_matches_a_fresh_run():
+    lm = model_with(16, WINDOW)
+    first, second = ids(60), ids(30, seed=5)
+    cache = lm.new_cache(128)
+    lm.prefill(first, cache, CHUNK)  # holds positions 45..59
+    cache.truncate(54)  # the query at 54 needs keys 46..53: all held
+    assert cache.length == 54
+    tokens = first[:54] + second
+    got = [lm.prefill(second[:5], cache, CHUNK).numpy()] + [lm.decode(t, cache).numpy() for t in second[5:]]
+    full = lm.logits(tokens)
+    np.testing.assert_allclose(np.stack(got), full[58:], rtol=1e-4, atol=1e-4)
+
+
+def test_ring_truncate_into_overwritten_positions_keeps_nothing():
+    lm = model_with(16, WINDOW)
+    cache = lm.new_cache(128)
+    lm.prefill(ids(60), cache, CHUNK)  # holds positions 45..59
+    cache.truncate(50)  # the query at 50 needs keys 42..49: 42..44 are overwritten
+    assert cache.length == 0
+    tokens = ids(40, seed=6)  # a fresh run from position 0 is exact again
+    last = lm.prefill(tokens, cache, CHUNK)
+    np.testing.assert_allclose(last.numpy(), lm.logits(tokens)[-1], rtol=1e-4, atol=1e-4)
+
+
+def test_chat_reuses_only_what_the_ring_still_holds():
+    lm = model_with(16, WINDOW)
+    session = ChatSession.__new__(ChatSession)  # only the prefix-reuse step, on a real ring cache
+    session.cache = lm.new_cache(128)
+    history = ids(60)
+    lm.prefill(history, session.cache, CHUNK)
+    session.cached_ids = history
+    assert session._reuse_prefix(history[:56] + [1, 2, 3]) == 56  # the window before 56 is held
+    assert session.cache.length == 56 and session.cached_ids == history[:56]
+    lm.prefill([1, 2, 3], session.cache, CHUNK)
+    session.cached_ids = history[:56] + [1, 2, 3]
+    assert session._reuse_prefix(history[:40] + [7, 8]) == 0  # overwritten: prefill it all again
+    assert session.cache.length == 0 and session.cached_ids == []
+
+
+# ---- the planner ---------------------------------------------------------------------------------
+SMOL = ArborConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                   num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192)
+GIB = 1 << 30
+
+
+def test_int8_kv_bytes_per_token_count_the_scales():
+    # 2 (K, V) x 30 layers x 3 heads x (64 int8 + one float16 scale)
+    assert SMOL.kv_bytes_per_token(1, 2) == 2 * 30 * 3 * 66
+    assert SMOL.kv_bytes_per_token(2) / SMOL.kv_bytes_per_token(1, 2) == pytest.approx(128 / 66)
+
+
+def test_int8_fits_about_twice_the_context_per_gib():
+    """The KV bytes per token halve (scales included), so a budget where bfloat16 KV stops at 32K
+    takes int8 KV to 64K (weights and the prefill workspace are the same either way)."""
+    weights = 270 << 20  # SmolLM2-135M in bfloat16
+    for context in (65536, 131072):
+        budget = planner.bytes_for_context(SMOL, context, weights, 1, 2, 512, kv_scale_bytes=2)
+        assert planner.choose_context(SMOL, 10**6, budget, weights, 1, 2, 512, kv_scale_bytes=2).context == context
+        assert planner.choose_context(SMOL, 10**6, budget, weights, 2, 2, 512).context == context // 2
+    per_gib = [GIB / SMOL.kv_bytes_per_token(2), GIB / SMOL.kv_bytes_per_token(1, 2)]
+    assert per_gib[1] / per_gib[0] == pytest.approx(1.94, abs=0.01)
+
+
+def test_sliding_window_kv_bytes_are_bounded_by_the_window_plus_a_chunk():
+    mistral = dataclasses.replace(SMOL, sliding_window=4096, model_type="mistral")
+    assert planner.kv_cache_tokens(mistral, 131072, 512) == 4096 + 511
+    assert planner.kv_cache_tokens(mistral, 2048, 512) == 2048
+    assert planner.kv_cache_tokens(SMOL, 131072, 512) == 131072
+    big = planner.bytes_for_context(mistral, 131072, 0, 2, 2, 512)
+    assert big == planner.bytes_for_context(mistral, 8192, 0, 2, 2, 512)  # nothing grows past window + chunk
+    assert planner.choose_context(mistral, 10**6, 2 * GIB, 0, 2, 2, 512).context == 131072
+
+
+# ---- the default model with an int8 cache ----------------------------------------------------------
+@pytest.fixture(scope="module")
+def default_int8(default_checkpoint):
+    import arbor_cli
+
+    return arbor_cli.load(str(default_checkpoint.path), backend="torch", device="cpu", dtype="float32", quiet=True,
+                          kv_bits=8)
+
+
+@pytest.mark.slow
+def test_default_model_generates_greedily_with_an_int8_cache(default_model, default_int8):
+    prompt = "The capital of France is"
+    full = default_model.generate(prompt, max_new_tokens=16)
+    small = default_int8.generate(prompt, max_new_tokens=16)
+    assert small.text.strip() and "Paris" in small.text
+    assert small.text.split()[:4] == full.text.split()[:4]  # the same opening words
+    cache = default_int8._scratch_cache
+    assert cache.layers[0].k.dtype == torch.int8
+    assert cache.nbytes < default_model._scratch_cache.nbytes / 3  # vs float32 on CPU: (64 + 2) / 256
+
+
+@pytest.mark.slow
+def test_chat_with_an_int8_cache_reuses_the_history_and_holds_what_a_fresh_prefill_computes(default_int8):
+    """Reuse works as with 16 bits: only the new turn is prefilled, and the cache then holds what a
+    fresh prefill of the same tokens computes. Not token-exact replies: keys computed by decode
+    steps and by one prefill differ by float rounding (~1e-6), and int8 can turn that into one code
+    step (~0.4% of a head's absmax) in a few elements, which can tip a near-tie in greedy decoding."""
+    from arbor_cli.generate import GenerationOptions
+
+    lm = default_int8.lm
+    session = ChatSession(default_int8, options=GenerationOptions(max_new_tokens=8), context=2048)
+    "".join(session.send("Name a fruit that is yellow."))
+    history = session.tokens_used()
+    assert "".join(session.send("And one that is red?")).strip()
+    prefilled = session.last_result.timings["prompt_tokens"]
+    full = len(default_int8.tokenizer.encode_chat(session.messages[:-1]))
+    assert prefilled <= full - history + 8  # only the new turn was prefilled
+    held, cache = session.cached_ids, session.cache
+    assert cache.length == len(held)
+    cache.truncate(len(held) - 1)  # re-run the last position over the reused cache
+    reused = lm.decode(held[-1], cache).numpy()
+    fresh = lm.prefill(held, default_int8.new_cache(2048), default_int8.prefill_chunk).numpy()
+    assert rel_err(reused, fresh) < INT8_LOGITS_TOLERANCE and reused.argmax() == fresh.argmax()
