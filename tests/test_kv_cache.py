@@ -249,3 +249,15 @@ def test_chat_with_an_int8_cache_reuses_the_history_and_holds_what_a_fresh_prefi
     reused = lm.decode(held[-1], cache).numpy()
     fresh = lm.prefill(held, default_int8.new_cache(2048), default_int8.prefill_chunk).numpy()
     assert rel_err(reused, fresh) < INT8_LOGITS_TOLERANCE and reused.argmax() == fresh.argmax()
+
+
+@pytest.mark.parametrize("value", ["4", "eight"])
+def test_kv_bits_option_other_than_8_or_16_is_a_one_line_usage_error(value):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "arbor_cli", "info", "--kv-bits", value], capture_output=True, text=True,
+                       timeout=60)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("arbor: error:") and "kv" in lines[0]
+    assert r.stdout == ""

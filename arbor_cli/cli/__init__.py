@@ -20,6 +20,9 @@ app = typer.Typer(
 for module in (chat, summarize, generate, models, info, bench, eval):
     module.register(app)
 
+# typer now raises the exceptions of its own vendored copy of click: catch both families
+CLICK_ERRORS = (click.ClickException, *(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException"))
+
 
 def main(argv: list[str] | None = None) -> None:
     try:
@@ -29,8 +32,8 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Abort:
         print("arbor: interrupted", file=sys.stderr)
         sys.exit(130)
-    except click.ClickException as e:
-        e.show()
+    except CLICK_ERRORS as e:  # a bad option value, an unknown option: one line, exit 2
+        print(f"arbor: error: {e.format_message()}", file=sys.stderr)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         print("arbor: interrupted", file=sys.stderr)
