@@ -261,3 +261,21 @@ def test_kv_bits_option_other_than_8_or_16_is_a_one_line_usage_error(value):
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("arbor: error:") and "kv" in lines[0]
     assert r.stdout == ""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_int8_cache_on_cuda_runs_the_eager_path_and_stays_close_to_16_bits():
+    from arbor_cli.rope import rope_frequencies
+    from arbor_torch.runner import TorchModel
+
+    model = tiny_model().model.to("cuda", torch.bfloat16)
+    lm16, lm8 = TorchModel(model, "cuda", "bfloat16"), TorchModel(model, "cuda", "bfloat16", kv_bits=8)
+    assert not lm8.use_cuda_graphs  # the split-KV graph reads a 16-bit cache
+    lm16.use_cuda_graphs = False  # eager against eager: only the cache differs
+    lm8.set_rope(rope_frequencies(model.config), 256)
+    tokens, rows = ids(70), {}
+    for lm in (lm16, lm8):
+        cache = lm.new_cache(128)
+        out = [lm.prefill(tokens[:60], cache, 16)] + [lm.decode(t, cache) for t in tokens[60:]]
+        rows[lm.kv_bits] = torch.stack(out).cpu().numpy()
+    assert rel_err(rows[8], rows[16]) < 3e-2  # bfloat16 compute: int8's error and bf16's rounding are alike
