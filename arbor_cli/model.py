@@ -9,8 +9,8 @@ import numpy as np
 
 from .backend import LoadedModel, select_backend
 from .config import ArborConfig
-from .errors import ContextError, UsageError
-from .planner import ContextPlan, choose_context, memory_budget
+from .errors import BackendUnavailableError, ContextError, OutOfMemoryError, UsageError
+from .planner import ContextPlan, choose_context, memory_budget, next_smaller
 from .generate import GenerationOptions, GenerationResult, GenerationStream, stream_generation
 from .rope import resolve_method, rope_frequencies, scaling_for_context
 
@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
 MAX_CONTEXT = 1 << 20
 KV_BITS = (8, 16)
+QUANTIZE = ("int8", "int4")  # weight-only quantization a backend may offer (torch: on CPU)
 
 
 class Model:
@@ -129,16 +130,38 @@ class Model:
         if len(ids) >= capacity:
             raise ContextError(f"the prompt has {len(ids)} tokens but the context holds {capacity}; "
                                "shorten it or raise --context")
-        cache = self._reusable_cache(capacity)
         holder = GenerationStream(iter(()))
-        pieces = stream_generation(self.lm, self.tokenizer, cache, ids, opts, chunk_size=self.prefill_chunk,
-                                   on_done=lambda r: setattr(holder, "result", r))
+        pieces = self._pieces_retrying_smaller(ids, opts, capacity, holder)
         if stream:
             holder._pieces = pieces
             return holder
         for _ in pieces:
             pass
         return holder.result
+
+    def _pieces_retrying_smaller(self, ids: list[int], opts: GenerationOptions, capacity: int,
+                                 holder: GenerationStream):
+        """Generate at `capacity`; out of memory before the first piece, retry once at the next smaller
+        context bucket when the prompt fits it (the answer then gets the room that is left) and say so.
+        A context the user set (--context) is kept: that error is theirs to see."""
+        yielded = False
+        try:
+            for piece in self._pieces(ids, opts, capacity, holder):
+                yielded = True
+                yield piece
+            return
+        except OutOfMemoryError as e:
+            smaller = next_smaller(capacity)
+            if yielded or self.context is not None or smaller is None or len(ids) >= smaller:
+                raise
+            self._scratch_cache = None  # let the failed context's cache go before allocating the smaller one
+            self.notify(f"{e} at a {capacity:,}-token context; retrying once at {smaller:,} tokens")
+        yield from self._pieces(ids, opts, smaller, holder)
+
+    def _pieces(self, ids: list[int], opts: GenerationOptions, capacity: int, holder: GenerationStream):
+        cache = self._reusable_cache(capacity)
+        return stream_generation(self.lm, self.tokenizer, cache, ids, opts, chunk_size=self.prefill_chunk,
+                                 on_done=lambda r: setattr(holder, "result", r))
 
     def _check_ids(self, ids) -> list[int]:
         ids = [int(i) for i in ids]
@@ -151,11 +174,14 @@ class Model:
 
 
 def load(model: str | None = None, backend: str | None = None, device: str | None = None, dtype: str | None = None,
-         context: int | None = None, quiet: bool = False, rope: str = "auto", kv_bits: int = 16) -> Model:
+         context: int | None = None, quiet: bool = False, rope: str = "auto", kv_bits: int = 16,
+         quantize: str | None = None) -> Model:
     """Load a model by registry name, `hf:ORG/NAME`, or path (HF dir, Arbor dir, .gguf file).
 
     kv_bits: 16 keeps the KV cache in the model's dtype; 8 stores it as int8 with a float16 scale
     per head and token, about half the memory of a 16-bit cache (docs/long-context.md).
+    quantize: None keeps the weights as loaded; "int8" (per output channel) or "int4" (groups of 32)
+    quantizes the Linear weights at load time for faster CPU decode (docs/performance.md).
     """
     import arbor_weights
 
@@ -163,6 +189,8 @@ def load(model: str | None = None, backend: str | None = None, device: str | Non
 
     if context is not None and (not isinstance(context, int) or not 16 <= context <= MAX_CONTEXT):
         raise UsageError(f"context must be an integer in 16..{MAX_CONTEXT}, got {context!r}")
+    if quantize is not None and quantize not in QUANTIZE:
+        raise UsageError(f"quantize must be one of {', '.join(QUANTIZE)} (or None), got {quantize!r}")
     if kv_bits not in KV_BITS or isinstance(kv_bits, bool):
         raise UsageError(f"kv_bits must be one of {', '.join(map(str, KV_BITS))}, got {kv_bits!r}")
     try:
@@ -171,7 +199,12 @@ def load(model: str | None = None, backend: str | None = None, device: str | Non
         raise UsageError(str(e)) from None
     checkpoint = arbor_weights.resolve(model or arbor_weights.DEFAULT_MODEL, quiet=quiet)
     module = select_backend(backend)
-    lm = module.load(checkpoint, device=device, dtype=dtype, kv_bits=kv_bits)
+    if quantize is not None:
+        if quantize not in getattr(module, "QUANTIZE_MODES", ()):
+            raise BackendUnavailableError(f"the {module.NAME} backend does not support quantize={quantize!r}")
+        lm = module.load(checkpoint, device=device, dtype=dtype, kv_bits=kv_bits, quantize=quantize)
+    else:
+        lm = module.load(checkpoint, device=device, dtype=dtype, kv_bits=kv_bits)
     m = Model(checkpoint, lm, load_tokenizer(checkpoint.path), module.NAME, context=context, rope_method=rope)
     if context is not None:
         m.plan(context)  # refuse at load time a --context that cannot fit
