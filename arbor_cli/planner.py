@@ -67,7 +67,7 @@ def prefill_workspace_bytes(config: ArborConfig, context: int, chunk: int, act_e
     buffers, measured on CPU at ~7 bytes per (query, key) pair (237 MiB for 512 x 64K); 8 is
     counted. The logits are only ever computed for the last position. A quantized cache
     (kv_scale_bytes > 0) is dequantized one layer at a time: K and V of that layer in the compute
-    dtype, twice (the converted integers and the scaled result).
+    dtype (MLX may hold the converted codes beside the scaled result: counted twice).
     """
     keys = kv_cache_tokens(config, context, chunk)
     chunk = min(chunk, context)

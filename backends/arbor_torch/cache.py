@@ -30,7 +30,7 @@ def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def dequantize_int8(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return codes.to(dtype) * scale.to(dtype)
+    return codes.to(dtype).mul_(scale.to(dtype))  # in place: one layer's K (or V) in `dtype` is the whole transient
 
 
 class KVCache:
