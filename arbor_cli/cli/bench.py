@@ -8,10 +8,23 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ..errors import UsageError
 from ..bench import DECODE_TOKENS, parse_contexts, run_bench
-from .common import (BackendOpt, DebugOpt, DeviceOpt, GlobalOptions, KvBitsOpt, ModelOpt, answer_console, handle_errors, load_model,
-                     notice, status, write_answer)
+from ..errors import UsageError
+from .common import (
+    BackendOpt,
+    DebugOpt,
+    DeviceOpt,
+    GlobalOptions,
+    KvBitsOpt,
+    ModelOpt,
+    QuantizeOpt,
+    answer_console,
+    handle_errors,
+    load_model,
+    notice,
+    status,
+    write_answer,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -26,6 +39,7 @@ def bench(
     vs: Annotated[str, typer.Option("--vs", help="Also run a peer on the same weights: hf (transformers).")] = "",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
     model: ModelOpt = None, backend: BackendOpt = None, device: DeviceOpt = None, kv_bits: KvBitsOpt = 16,
+    quantize: QuantizeOpt = None,
     debug: DebugOpt = False,
 ) -> None:
     sizes = parse_contexts(contexts)
@@ -33,7 +47,7 @@ def bench(
         raise UsageError(f"--vs takes 'hf' (transformers), got {vs!r}")
     if tokens < 2:
         raise UsageError("--tokens must be at least 2")
-    m = load_model(GlobalOptions(model, backend, device, None, debug, kv_bits=kv_bits))
+    m = load_model(GlobalOptions(model, backend, device, None, debug, kv_bits=kv_bits, quantize=quantize))
 
     def show(row):
         if row.error:

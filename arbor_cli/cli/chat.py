@@ -10,8 +10,24 @@ import typer
 from ..chat import ChatSession
 from ..errors import ArborError
 from ..generate import GenerationOptions
-from .common import (BackendOpt, ContextOpt, DebugOpt, KvBitsOpt, RopeOpt, DeviceOpt, GlobalOptions, ModelOpt, console, describe_error,
-                     handle_errors, load_model, read_text_input, stdin_is_piped, write_answer)
+from .common import (
+    BackendOpt,
+    ContextOpt,
+    DebugOpt,
+    DeviceOpt,
+    GlobalOptions,
+    KvBitsOpt,
+    ModelOpt,
+    QuantizeOpt,
+    RopeOpt,
+    console,
+    describe_error,
+    handle_errors,
+    load_model,
+    read_text_input,
+    stdin_is_piped,
+    write_answer,
+)
 
 HELP = """\
 /help           this help
@@ -40,10 +56,10 @@ def chat(
     repeat_penalty: Annotated[float, typer.Option("--repeat-penalty", help="Discourage repeating the last 64 "
                                                   "tokens (1 = off).")] = 1.1,
     model: ModelOpt = None, backend: BackendOpt = None, device: DeviceOpt = None, context: ContextOpt = None,
-    rope: RopeOpt = "auto", kv_bits: KvBitsOpt = 16, debug: DebugOpt = False,
+    rope: RopeOpt = "auto", kv_bits: KvBitsOpt = 16, quantize: QuantizeOpt = None, debug: DebugOpt = False,
 ) -> None:
     options = GenerationOptions.build(max_tokens, temperature, top_p, top_k, seed, repetition_penalty=repeat_penalty)
-    opts = GlobalOptions(model, backend, device, context, debug, rope, kv_bits=kv_bits)
+    opts = GlobalOptions(model, backend, device, context, debug, rope, kv_bits=kv_bits, quantize=quantize)
     if stdin_is_piped():
         text, _ = read_text_input("-")
         m = load_model(opts)

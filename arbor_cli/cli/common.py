@@ -35,6 +35,9 @@ RopeOpt = Annotated[str, typer.Option("--rope", help="RoPE scaling beyond the mo
 KvBitsOpt = Annotated[int, typer.Option("--kv-bits", help="KV cache precision: 16 (the model's dtype) or 8 (int8 "
                                          "with per-head scales: about twice the context per GiB).",
                                          envvar="ARBOR_KV_BITS")]
+QuantizeOpt = Annotated[Optional[str], typer.Option("--quantize", help="Weight-only quantization at load, CPU: "
+                                                   "int8 (per channel) or int4 (groups of 32); faster decode, "
+                                                   "less memory (docs/performance.md).", envvar="ARBOR_QUANTIZE")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")]
 
 
@@ -47,6 +50,7 @@ class GlobalOptions:
     debug: bool = False
     rope: str = "auto"
     kv_bits: int = 16
+    quantize: str | None = None
 
 
 def load_model(opts: GlobalOptions):
@@ -55,7 +59,7 @@ def load_model(opts: GlobalOptions):
 
     with status("loading model…"):
         model = arbor_cli.load(opts.model, backend=opts.backend, device=opts.device, context=opts.context,
-                               rope=opts.rope, kv_bits=opts.kv_bits)
+                               rope=opts.rope, kv_bits=opts.kv_bits, quantize=opts.quantize)
     model.notify = notice
     return model
 

@@ -29,6 +29,7 @@ from .common import (
     GlobalOptions,
     KvBitsOpt,
     ModelOpt,
+    QuantizeOpt,
     answer_console,
     handle_errors,
     load_model,
@@ -65,13 +66,14 @@ def passkey(
     = None,
     as_json: JsonOpt = False,
     model: ModelOpt = None, backend: BackendOpt = None, device: DeviceOpt = None, kv_bits: KvBitsOpt = 16,
+    quantize: QuantizeOpt = None,
     debug: DebugOpt = False,
 ) -> None:
     sizes, methods = parse_lengths(lengths), parse_rope_methods(rope)
     if trials < 1:
         raise UsageError(f"--trials must be at least 1, got {trials}")
     sentences = split_sentences(read_text_input(prose)[0]) if prose else None
-    m = load_model(GlobalOptions(model, backend, device, None, debug, kv_bits=kv_bits))
+    m = load_model(GlobalOptions(model, backend, device, None, debug, kv_bits=kv_bits, quantize=quantize))
     announce = _announcer()
 
     def show(r: PasskeyResult) -> None:
@@ -100,13 +102,14 @@ def ppl(
     window: Annotated[int, typer.Option("--window", help="Tokens scored at the end of each length.")] = PPL_WINDOW,
     as_json: JsonOpt = False,
     model: ModelOpt = None, backend: BackendOpt = None, device: DeviceOpt = None, kv_bits: KvBitsOpt = 16,
+    quantize: QuantizeOpt = None,
     debug: DebugOpt = False,
 ) -> None:
     sizes, methods = parse_lengths(lengths), parse_rope_methods(rope)
     if window < 1:
         raise UsageError(f"--window must be at least 1, got {window}")
     text, name = read_text_input(file)
-    m = load_model(GlobalOptions(model, backend, device, None, debug, kv_bits=kv_bits))
+    m = load_model(GlobalOptions(model, backend, device, None, debug, kv_bits=kv_bits, quantize=quantize))
     ids = m.tokenizer.encode(text)
     notice(f"{name}: {len(ids):,} tokens")
     announce = _announcer()

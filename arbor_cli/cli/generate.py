@@ -9,8 +9,21 @@ from typing import Annotated, Optional
 import typer
 
 from ..generate import GenerationOptions
-from .common import (BackendOpt, ContextOpt, DebugOpt, KvBitsOpt, RopeOpt, DeviceOpt, GlobalOptions, ModelOpt, handle_errors, load_model,
-                     read_text_input, write_answer)
+from .common import (
+    BackendOpt,
+    ContextOpt,
+    DebugOpt,
+    DeviceOpt,
+    GlobalOptions,
+    KvBitsOpt,
+    ModelOpt,
+    QuantizeOpt,
+    RopeOpt,
+    handle_errors,
+    load_model,
+    read_text_input,
+    write_answer,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -30,13 +43,13 @@ def generate(
                                                   "tokens (1 = off).")] = 1.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with text, tokens, timings.")] = False,
     model: ModelOpt = None, backend: BackendOpt = None, device: DeviceOpt = None, context: ContextOpt = None,
-    rope: RopeOpt = "auto", kv_bits: KvBitsOpt = 16, debug: DebugOpt = False,
+    rope: RopeOpt = "auto", kv_bits: KvBitsOpt = 16, quantize: QuantizeOpt = None, debug: DebugOpt = False,
 ) -> None:
     options = dict(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                    stop=stop or None, repetition_penalty=repeat_penalty)
     GenerationOptions.build(**options)  # reject bad values before the model loads
     text = prompt if prompt not in (None, "-") else read_text_input(prompt)[0]
-    m = load_model(GlobalOptions(model, backend, device, context, debug, rope, kv_bits=kv_bits))
+    m = load_model(GlobalOptions(model, backend, device, context, debug, rope, kv_bits=kv_bits, quantize=quantize))
     stream = m.generate(text, stream=True, **options)
     if as_json:
         for _ in stream:

@@ -9,8 +9,21 @@ import typer
 from rich.table import Table
 
 from .. import planner
-from .common import (BackendOpt, ContextOpt, DebugOpt, KvBitsOpt, RopeOpt, DeviceOpt, GlobalOptions, ModelOpt, answer_console, handle_errors,
-                     load_model, write_answer)
+from .common import (
+    BackendOpt,
+    ContextOpt,
+    DebugOpt,
+    DeviceOpt,
+    GlobalOptions,
+    KvBitsOpt,
+    ModelOpt,
+    QuantizeOpt,
+    RopeOpt,
+    answer_console,
+    handle_errors,
+    load_model,
+    write_answer,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -31,6 +44,7 @@ def machine_report(m) -> dict:
         "trained_context": m.config.trained_context, "max_context": fitting[-1] if fitting else 0,
         "rope_method": m.rope_method,
         "kv_bits": getattr(m.lm, "kv_bits", 16),
+        "quantize": getattr(m.lm, "quantize", None),
         "kv_bytes_per_token": m.config.kv_bytes_per_token(m.lm.kv_element_bytes, kv_scale_bytes),
         "sliding_window": m.config.sliding_window,
         "kv_cached_tokens_max": planner.kv_cache_tokens(m.config, planner.BUCKETS[-1], m.prefill_chunk),
@@ -42,8 +56,10 @@ def machine_report(m) -> dict:
 @handle_errors
 def info(as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
          model: ModelOpt = None, backend: BackendOpt = None, device: DeviceOpt = None, context: ContextOpt = None,
-         rope: RopeOpt = "auto", kv_bits: KvBitsOpt = 16, debug: DebugOpt = False) -> None:
-    report = machine_report(load_model(GlobalOptions(model, backend, device, context, debug, rope, kv_bits=kv_bits)))
+         rope: RopeOpt = "auto", kv_bits: KvBitsOpt = 16, quantize: QuantizeOpt = None,
+         debug: DebugOpt = False) -> None:
+    opts = GlobalOptions(model, backend, device, context, debug, rope, kv_bits=kv_bits, quantize=quantize)
+    report = machine_report(load_model(opts))
     if as_json:
         write_answer(json.dumps(report))
         return
@@ -53,7 +69,8 @@ def info(as_json: Annotated[bool, typer.Option("--json", help="Print JSON for sc
         ("backend", f"{report['backend']} on {report['device']} ({report['dtype']})"),
         ("memory", f"{report['memory_free_bytes'] / gib:.1f} GiB free of {report['memory_total_bytes'] / gib:.1f} GiB"),
         ("model", f"{report['model']} · {report['parameters'] / 1e6:.1f}M parameters · "
-                  f"{report['weights_bytes'] / gib:.2f} GiB of weights"),
+                  f"{report['weights_bytes'] / gib:.2f} GiB of weights"
+                  + (f" ({report['quantize']})" if report["quantize"] else "")),
         ("trained context", f"{report['trained_context']:,} tokens"),
         ("KV cache", _kv_line(report)),
         ("largest context now", f"{report['max_context']:,} tokens"),

@@ -8,9 +8,25 @@ from typing import Annotated, Optional
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from ..summarize import DEFAULT_WORDS, MAX_WORDS, SummaryOptions, summarize as summarize_text
-from .common import (BackendOpt, ContextOpt, DebugOpt, KvBitsOpt, RopeOpt, DeviceOpt, GlobalOptions, ModelOpt, console, handle_errors,
-                     load_model, notice, read_text_input, write_answer)
+from ..summarize import DEFAULT_WORDS, MAX_WORDS, SummaryOptions
+from ..summarize import summarize as summarize_text
+from .common import (
+    BackendOpt,
+    ContextOpt,
+    DebugOpt,
+    DeviceOpt,
+    GlobalOptions,
+    KvBitsOpt,
+    ModelOpt,
+    QuantizeOpt,
+    RopeOpt,
+    console,
+    handle_errors,
+    load_model,
+    notice,
+    read_text_input,
+    write_answer,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -27,11 +43,11 @@ def summarize(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object: text, chunks, context, "
                                           "rope_scaling, timings.")] = False,
     model: ModelOpt = None, backend: BackendOpt = None, device: DeviceOpt = None, context: ContextOpt = None,
-    rope: RopeOpt = "auto", kv_bits: KvBitsOpt = 16, debug: DebugOpt = False,
+    rope: RopeOpt = "auto", kv_bits: KvBitsOpt = 16, quantize: QuantizeOpt = None, debug: DebugOpt = False,
 ) -> None:
     options = SummaryOptions.build(parse_words(words), style)  # bad values fail before the model loads
     text, _ = read_text_input(file)
-    m = load_model(GlobalOptions(model, backend, device, context, debug, rope, kv_bits=kv_bits))
+    m = load_model(GlobalOptions(model, backend, device, context, debug, rope, kv_bits=kv_bits, quantize=quantize))
     with ProgressBar() as progress:
         summary = summarize_text(m, text, options, progress=progress, notify=notice)
     write_answer(json.dumps(summary.to_json(), ensure_ascii=False) if as_json else summary.text)

@@ -7,6 +7,7 @@ import torch
 from arbor_cli.errors import BackendUnavailableError
 
 from .memory import memory_info
+from .quantize import QUANTIZE_MODES
 from .runner import TorchModel
 
 NAME = "torch"
@@ -43,7 +44,8 @@ def check_device(device: str) -> None:
         raise BackendUnavailableError(f"device {device!r} is not supported by the torch backend")
 
 
-def load(checkpoint, device: str | None = None, dtype: str | None = None, kv_bits: int = 16) -> TorchModel:
+def load(checkpoint, device: str | None = None, dtype: str | None = None, kv_bits: int = 16,
+         quantize: str | None = None) -> TorchModel:
     device = device or default_device()
     check_device(device)
     dtype = dtype or default_dtype(device)
@@ -51,7 +53,20 @@ def load(checkpoint, device: str | None = None, dtype: str | None = None, kv_bit
         raise BackendUnavailableError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
     if kv_bits not in (8, 16):
         raise BackendUnavailableError(f"kv_bits {kv_bits!r} is not supported; use 8 or 16")
-    return TorchModel.from_checkpoint(checkpoint, device, dtype, kv_bits=kv_bits)
+    check_quantize(quantize, device)
+    return TorchModel.from_checkpoint(checkpoint, device, dtype, kv_bits=kv_bits, quantize=quantize)
 
 
-__all__ = ["NAME", "is_available", "default_device", "default_dtype", "memory_info", "load", "TorchModel"]
+def check_quantize(quantize: str | None, device: str) -> None:
+    """Weight-only int8/int4 runs PyTorch's CPU kernels; on a GPU the 16-bit path is the fast one."""
+    if quantize is None:
+        return
+    if quantize not in QUANTIZE_MODES:
+        raise BackendUnavailableError(f"quantize {quantize!r} is not supported; use one of {', '.join(QUANTIZE_MODES)}")
+    if torch.device(device).type != "cpu":
+        raise BackendUnavailableError(f"--quantize {quantize} runs on the CPU only; on {device} drop --quantize "
+                                      "(the model runs in 16-bit there) or add --device cpu")
+
+
+__all__ = ["NAME", "QUANTIZE_MODES", "TorchModel", "default_device", "default_dtype", "is_available", "load",
+           "memory_info"]

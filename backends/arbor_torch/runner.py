@@ -19,6 +19,7 @@ from arbor_cli.rope import RopeTables
 from .cache import SCALE_DTYPE, ModelCache
 from .memory import memory_info
 from .model import Transformer
+from .quantize import module_nbytes, one_thread, quantize_model
 
 # Tensors some exporters write that are derived, not learned: safe to skip.
 IGNORED_KEYS = ("rotary_emb.inv_freq",)
@@ -51,7 +52,7 @@ def _translate_oom(fn):
 
 
 class TorchModel:
-    def __init__(self, model: Transformer, device: str, dtype: str, kv_bits: int = 16):
+    def __init__(self, model: Transformer, device: str, dtype: str, kv_bits: int = 16, quantize: str | None = None):
         if kv_bits not in KV_BITS:
             raise ValueError(f"kv_bits must be one of {KV_BITS}, got {kv_bits!r}")
         self.model = model.eval()
@@ -59,7 +60,12 @@ class TorchModel:
         self.device = device
         self.dtype = dtype
         self.torch_dtype = model.model.embed_tokens.weight.dtype
-        self.weights_nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        self.parameter_count = sum(p.numel() for p in model.parameters())
+        self.quantize = quantize
+        if quantize is not None:  # weight-only int8 / int4 Linears (quantize.py); what stays float is counted too
+            with one_thread():  # memory-bound passes: 1 thread loses nothing and cannot stall on a busy CPU
+                quantize_model(model, quantize)
+        self.weights_nbytes = module_nbytes(model)
         self.act_element_bytes = self.torch_dtype.itemsize
         # kv_bits 16: the cache in the model's dtype; 8: int8 codes plus a float16 scale per head and token
         self.kv_bits = kv_bits
@@ -75,7 +81,8 @@ class TorchModel:
                                 and kv_bits == 16 and os.environ.get("ARBOR_CUDA_GRAPHS", "1") != "0")
 
     @classmethod
-    def from_checkpoint(cls, checkpoint, device: str, dtype: str, kv_bits: int = 16) -> "TorchModel":
+    def from_checkpoint(cls, checkpoint, device: str, dtype: str, kv_bits: int = 16,
+                        quantize: str | None = None) -> "TorchModel":
         from . import DTYPES
 
         cfg = checkpoint.config
@@ -105,7 +112,7 @@ class TorchModel:
         model.load_state_dict(state, strict=False, assign=True)
         if cfg.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
-        return cls(model, device, dtype, kv_bits)
+        return cls(model, device, dtype, kv_bits, quantize)
 
     # ---- the backend protocol -----------------------------------------------------------
     def memory(self):
@@ -123,7 +130,7 @@ class TorchModel:
         return int(psutil.Process().memory_info().rss)
 
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
+        return self.parameter_count  # as loaded: quantized weights are buffers, not parameters
 
     @_translate_oom
     def new_cache(self, capacity: int) -> ModelCache:

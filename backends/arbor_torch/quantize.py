@@ -1,0 +1,226 @@
+"""Weight-only quantization of the Linear layers: int8 per output channel, int4 in groups.
+
+Why: a CPU decode step streams every weight once per token, so its speed is set by the bytes read
+(fp32: ~540 MB a token for the default 135M model, of which 113 MB is the tied output head).
+int8 reads a quarter of that, int4 an eighth; activations stay float and only the matmul's weight
+operand is quantized, which is what llama.cpp's Q8_0 / Q4 formats do too.
+
+Kernels are PyTorch's own CPU ones, `aten._weight_int8pack_mm` and `aten._weight_int4pack_mm_for_cpu`.
+Both are fast only with bfloat16 activations (measured on AVX-512 with 1 thread, 49152x576 head:
+fp32 input 31 ms / 60 ms, bf16 input 3.4 ms / 1.4 ms, F.linear fp32 9.6 ms), so the input is cast
+to bf16 at the matmul and the result back; the kernels accumulate in float32. For many rows at once
+(prefill) the same kernels are slower than a bf16 GEMM (512 rows, 3072x576: 42 ms vs 13 ms), so
+there the weight is dequantized to bf16 on the fly, one layer at a time, and oneDNN does the GEMM.
+
+Formats:
+  int8: symmetric, scale = max|w| / 127 per output row; w ~= q * scale.
+  int4: asymmetric per group of `group_size` inputs of a row, 16 levels between the group's min and
+        max; w ~= (q - 8) * scale + zero with zero = min + 8 * scale, the layout the int4 kernel takes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+QUANTIZE_MODES = ("int8", "int4")
+ACT_DTYPE = torch.bfloat16  # what the kernels take as input
+INT4_GROUP = 32  # inputs per scale/zero pair: smaller groups track outliers better (see docs/performance.md)
+INT4_BLOCK_N = 64  # rows the CPU int4 kernel interleaves in its packed layout (checked in int4_layout_known)
+DEQUANT_ROWS = 16  # from this many activation rows on, dequantize and run a bf16 GEMM (prefill)
+
+
+def quantize_int8(w: torch.Tensor, scale_dtype=ACT_DTYPE) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q int8 [N, K], scale [N]) with w ~= q * scale[:, None]; |error| <= scale / 2 (and <= 0.4% of max|w|
+    for the row's largest value, whose code may clip at 127 after the scale is rounded to `scale_dtype`)."""
+    w = w.float()
+    scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12).to(scale_dtype)  # the codes use the scale the kernel sees
+    q = torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q int32 in 0..15 [N, K], scale [N, K/g], zero [N, K/g]) with w ~= (q - 8) * scale + zero per group."""
+    N, K = w.shape
+    groups = w.float().reshape(N, K // group_size, group_size)
+    lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)
+    # Lossless on weights imported from a Q4_1 GGUF at group 32: its blocks are exactly min + step * (0..15)
+    # with codes 0 and 15 both used, so (max - min) / 15 recovers the block's own step.
+    scale = ((hi - lo) / 15).clamp(min=1e-12)
+    q = torch.round((groups - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32)
+    return q.reshape(N, K), scale, lo + 8 * scale
+
+
+def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """[N, K] weights from 0..15 codes and per-group scale/zero ([N, K/g] each)."""
+    N, K = q.shape
+    g = K // scale.shape[1]
+    w = (q.reshape(N, K // g, g).to(dtype) - 8) * scale[..., None].to(dtype) + zero[..., None].to(dtype)
+    return w.reshape(N, K)
+
+
+def unpack_int4_cpu(packed: torch.Tensor, N: int, K: int) -> torch.Tensor:
+    """The 0..15 codes [N, K] back from `_convert_weight_to_int4pack_for_cpu`'s layout.
+
+    That layout (PyTorch 2.x CPU kernel) stores, per block of 64 rows and per input k, 32 bytes:
+    the low nibble of byte j is row j of the block, the high nibble row j + 32.
+    """
+    p = packed.reshape(N // INT4_BLOCK_N, K, INT4_BLOCK_N // 2)
+    codes = torch.cat([p & 0xF, p >> 4], dim=-1)  # (blocks, K, 64): rows j then j + 32
+    return codes.transpose(1, 2).reshape(N, K)
+
+
+_layout_checked: bool | None = None
+
+
+def int4_layout_known() -> bool:
+    """Whether unpack_int4_cpu reads this PyTorch's packed layout (checked once, on a small tensor).
+
+    If a PyTorch release changes the layout, prefill falls back to the int4 kernel itself: slower,
+    never wrong.
+    """
+    global _layout_checked
+    if _layout_checked is None:
+        codes = torch.randint(0, 16, (2 * INT4_BLOCK_N, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
+        _layout_checked = torch.equal(unpack_int4_cpu(packed, *codes.shape).to(torch.int32), codes)
+    return _layout_checked
+
+
+class Int8Linear(nn.Module):
+    """y = x @ (q * scale).T + bias, with q int8 [N, K] and a float scale per output row."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        q, scale = quantize_int8(weight)  # scale in bf16: the kernel wants the activations' dtype
+        self.register_buffer("qweight", q)
+        self.register_buffer("scale", scale)
+        self.bias = bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).to(ACT_DTYPE)
+        if rows.shape[0] >= DEQUANT_ROWS:
+            y = F.linear(rows, self.qweight.to(ACT_DTYPE) * self.scale[:, None])
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(rows, self.qweight, self.scale)
+        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+
+class Int4Linear(nn.Module):
+    """y = x @ dequant(q).T + bias, with 4-bit codes packed for PyTorch's CPU int4 kernel."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, group_size: int = INT4_GROUP):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.group_size = group_size
+        q, scale, zero = quantize_int4(weight, group_size)
+        self.register_buffer("qweight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2))
+        # [K/g, N, 2] (scale, zero): the kernel's layout
+        self.register_buffer("scale_zero", torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(ACT_DTYPE))
+        self.bias = bias
+
+    @staticmethod
+    def supports(weight: torch.Tensor, group_size: int = INT4_GROUP) -> bool:
+        N, K = weight.shape
+        return K % group_size == 0 and N % INT4_BLOCK_N == 0
+
+    def dequantized(self, dtype=ACT_DTYPE) -> torch.Tensor:
+        codes = unpack_int4_cpu(self.qweight, self.out_features, self.in_features)
+        scale, zero = self.scale_zero[..., 0].t(), self.scale_zero[..., 1].t()  # [N, K/g]
+        return dequantize_int4(codes, scale, zero, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).to(ACT_DTYPE)
+        if rows.shape[0] >= DEQUANT_ROWS and int4_layout_known():
+            y = F.linear(rows, self.dequantized())
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.qweight, self.group_size, self.scale_zero)
+        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+
+def quantized_linear(weight: torch.Tensor, bias: torch.Tensor | None, mode: str) -> nn.Module:
+    if mode == "int8":
+        return Int8Linear(weight, bias)
+    if mode == "int4":
+        if Int4Linear.supports(weight):
+            return Int4Linear(weight, bias)
+        return Int8Linear(weight, bias)  # shapes the int4 kernel cannot tile: int8 keeps them fast and close
+    raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_MODES)}, got {mode!r}")
+
+
+class Int8Embedding(nn.Module):
+    """Token embedding rows as int8 codes times a per-row scale, looked up and scaled to `dtype`.
+
+    Rows of an embedding are the output channels of a tied head, so one Int8Linear's buffers serve
+    both: the lookup reads one row per token and costs no extra memory.
+    """
+
+    def __init__(self, codes: Int8Linear, dtype: torch.dtype):
+        super().__init__()
+        self.codes, self.dtype = codes, dtype
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        rows = self.codes.qweight[tokens].to(self.dtype)
+        return rows * self.codes.scale[tokens].to(self.dtype)[..., None]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """For code that reads the embedding's device and dtype (RoPE tables, caches): a 1-element view."""
+        return self.codes.scale[:1].to(self.dtype)
+
+
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# The output head's format per mode. int4 keeps the head in int8: on the default model a 4-bit head
+# costs 9.4% relative logit error against 1.1% for int8 (its GGUF source is Q8_0), for ~14 MB more read a token.
+HEAD_MODE = {"int8": "int8", "int4": "int8"}
+
+
+def quantize_model(model: nn.Module, mode: str) -> None:
+    """Replace every projection, the output head and the token embedding by quantized forms, in place.
+
+    The embedding becomes int8 rows (a lookup reads one row per token: the codes cost memory, not
+    time); with tied embeddings it shares the int8 head's codes, so the model holds one copy.
+    """
+    if mode not in QUANTIZE_MODES:
+        raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_MODES)}, got {mode!r}")
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name in LINEAR_NAMES:
+                linear = getattr(parent, name, None)
+                if isinstance(linear, nn.Linear):
+                    setattr(parent, name, quantized_linear(linear.weight.data, linear.bias, mode))
+    embed, head = model.model.embed_tokens, model.lm_head
+    tied = head.weight is embed.weight
+    model.lm_head = quantized_linear(head.weight.data, head.bias, HEAD_MODE[mode])
+    codes = model.lm_head if tied and isinstance(model.lm_head, Int8Linear) else Int8Linear(embed.weight.data)
+    model.model.embed_tokens = Int8Embedding(codes, embed.weight.dtype)
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Run a block on one intra-op thread. Quantizing at load is a few memory-bound passes per matrix;
+    with the cores shared, OpenMP's second thread stalls every op on its barrier (measured on 2 busy
+    cores: 10 s to quantize the default model on 2 threads, 1.0 s on 1)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+def module_nbytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer, shared tensors counted once."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        key = (t.data_ptr(), t.numel())
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
