@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-import torch
+import os
+
+# OpenMP threads that sleep at a barrier instead of spinning. With every core busy (a shared machine,
+# a second process), a spinning thread holds its core while the thread it waits for is descheduled;
+# measured on 2 busy cores, int4 decode ran at 0.2 tok/s spinning and 28 tok/s passive. On idle cores
+# the cost is a wake-up per parallel region (docs/performance.md). Read by libgomp when torch loads,
+# so it must precede the import; a value the user set wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 from arbor_cli.errors import BackendUnavailableError
 

@@ -176,8 +176,9 @@ class Int8Embedding(nn.Module):
 
 
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# The output head's format per mode. int4 keeps the head in int8: on the default model a 4-bit head
-# costs 9.4% relative logit error against 1.1% for int8 (its GGUF source is Q8_0), for ~14 MB more read a token.
+# The output head's format per mode. int4 keeps the head in int8: on the default model (GGUF head: Q8_0)
+# a 4-bit head raised perplexity 7.92 -> 8.48 (+7.1%) against 7.96 (+0.5%) with int8, and the int8 head
+# doubles as the embedding table, so the model is smaller too (95 MB vs 113 MB); it reads ~14 MB more a token.
 HEAD_MODE = {"int8": "int8", "int4": "int8"}
 
 
