@@ -89,9 +89,14 @@ class LlamaCpp:
                      "it is the peer this benchmark compares with")
         self.llm = Llama(model_path=gguf, n_ctx=1024, n_batch=512, n_ubatch=512, n_threads=threads,
                          n_threads_batch=threads, verbose=False)
+        self.vocab = self.llm.n_vocab()
 
     def _greedy(self) -> int:
-        return int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+        # llama-cpp-python 0.3 no longer copies logits into .scores (unless logits_all): read the last row
+        import llama_cpp
+
+        row = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
+        return int(np.argmax(np.ctypeslib.as_array(row, shape=(self.vocab,))))
 
     def decode(self, prompt: list[int], n: int) -> tuple[float, list[int]]:
         self.llm.reset()
