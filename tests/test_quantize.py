@@ -84,7 +84,7 @@ def test_int4_linear_is_within_its_rounding_bound(rows):
     w, x = weight_and_input(rows=rows)
     layer = Q.Int4Linear(w)
     w_hat = layer.dequantized(torch.float32)  # the codes with the bf16 scale/zero the kernel reads
-    q, scale, _ = Q.quantize_int4(w, Q.INT4_GROUP)
+    _, scale, _ = Q.quantize_int4(w, Q.INT4_GROUP)
     groups = (w_hat - w).abs().view(w.shape[0], -1, Q.INT4_GROUP)
     # half a step, plus bf16 rounding of the scale (codes up to 8 steps from the centre) and of the zero
     limit = scale * (0.5 + 9 * BF16_EPS) + w.abs().view_as(groups).amax(-1) * BF16_EPS
