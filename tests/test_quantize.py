@@ -214,3 +214,15 @@ def test_default_model_quantized_logits_stay_close_to_fp32(default_checkpoint, d
     # the planner's bytes for a context differ from fp32's by exactly the weights saved
     saved = default_model.lm.weights_nbytes - m.lm.weights_nbytes
     assert default_model.plan(4096, requested=4096).bytes - m.plan(4096, requested=4096).bytes == saved
+
+
+def test_a_backend_without_quantization_says_so(default_checkpoint, monkeypatch):
+    import types
+
+    import arbor_cli
+    import arbor_cli.model
+    from arbor_cli.errors import BackendUnavailableError
+
+    monkeypatch.setattr(arbor_cli.model, "select_backend", lambda name: types.SimpleNamespace(NAME="mlx"))
+    with pytest.raises(BackendUnavailableError, match="mlx backend does not support quantize='int4'"):
+        arbor_cli.load(str(default_checkpoint.path), quiet=True, quantize="int4")
