@@ -112,6 +112,22 @@ def test_bias_is_added_and_leading_dims_are_kept():
         assert torch.linalg.norm(y.view(6, 64) - (x @ w.T + bias)) / torch.linalg.norm(x @ w.T + bias) < 0.12
 
 
+def test_fused_projections_equal_the_separate_ones():
+    lm = tiny("int8")
+    attn, mlp = lm.model.model.layers[0].self_attn, lm.model.model.layers[0].mlp
+    assert not hasattr(attn, "q_proj") and not hasattr(mlp, "gate_proj")  # no second copy is kept
+    w = [torch.randn(n, 64) * 0.05 for n in (64, 32, 32)]
+    x = torch.randn(1, 64)
+    linears = [torch.nn.Linear(64, n, bias=True) for n in (64, 32, 32)]
+    with torch.no_grad():
+        for linear, weight in zip(linears, w):
+            linear.weight.copy_(weight)
+    fused = Q.fused_quantized_linear(linears, "int4")
+    separate = torch.cat([linear(x) for linear in linears], dim=-1)
+    assert isinstance(fused, Q.Int4Linear)  # 128 rows tile, where 32-row k/v alone would not
+    assert torch.linalg.norm(fused(x) - separate) / torch.linalg.norm(separate) < 0.12
+
+
 def test_unsupported_int4_shapes_fall_back_to_int8():
     assert isinstance(Q.quantized_linear(torch.randn(32, 64), None, "int4"), Q.Int8Linear)  # 32 rows < 64-row tile
     assert isinstance(Q.quantized_linear(torch.randn(64, 48), None, "int4"), Q.Int8Linear)  # 48 inputs: no groups of 32
@@ -141,12 +157,12 @@ def test_weights_nbytes_counts_what_the_quantized_model_holds(tie):
     H, I, V, L = c.hidden_size, c.intermediate_size, c.vocab_size, c.num_hidden_layers
     q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
     norms = (2 * L + 1) * H * 4
-    linears = [(q, H), (kv, H), (kv, H), (H, q), (I, H), (I, H), (H, I)]
+    linears = [(q + 2 * kv, H), (H, q), (2 * I, H), (H, I)]  # q/k/v and gate/up fused
     int8_layer = sum(n * k + 2 * n for n, k in linears)  # int8 codes + a bf16 scale per row
     int8_table = V * H + 2 * V  # head and/or embedding rows
     assert int8.weights_nbytes == L * int8_layer + int8_table * (1 if tie else 2) + norms
-    # int4: packed codes (half a byte) + a bf16 (scale, zero) per group of 32; k/v (32 rows) stay int8
-    int4_layer = sum((n * k // 2 + 4 * n * k // 32) if n % 64 == 0 else (n * k + 2 * n) for n, k in linears)
+    # int4: packed codes (half a byte) + a bf16 (scale, zero) per group of 32
+    int4_layer = sum(n * k // 2 + 4 * n * k // 32 for n, k in linears)
     assert int4.weights_nbytes == L * int4_layer + int8_table * (1 if tie else 2) + norms
     assert fp32.weights_nbytes == sum(p.numel() * 4 for p in fp32.model.parameters())
     assert int4.num_parameters() == int8.num_parameters() == fp32.num_parameters()

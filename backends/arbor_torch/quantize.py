@@ -181,7 +181,14 @@ class Int8Embedding(nn.Module):
         return self.codes.scale[:1].to(self.dtype)
 
 
-LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+def fused_quantized_linear(linears: list[nn.Linear], mode: str) -> nn.Module:
+    """One quantized Linear whose output is the given Linears' outputs side by side."""
+    weight = torch.cat([linear.weight.data for linear in linears])
+    biases = [linear.bias for linear in linears]
+    bias = None if biases[0] is None else nn.Parameter(torch.cat([b.data for b in biases]), requires_grad=False)
+    return quantized_linear(weight, bias, mode)
+
+
 # The output head's format per mode. int4 keeps the head in int8: on the default model (GGUF head: Q8_0)
 # a 4-bit head raised perplexity 7.92 -> 8.48 (+7.1%) against 7.96 (+0.5%) with int8, and the int8 head
 # doubles as the embedding table, so the model is smaller too (95 MB vs 113 MB); it reads ~14 MB more a token.
@@ -197,11 +204,14 @@ def quantize_model(model: nn.Module, mode: str) -> None:
     if mode not in QUANTIZE_MODES:
         raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_MODES)}, got {mode!r}")
     for layer in model.model.layers:
-        for parent in (layer.self_attn, layer.mlp):
-            for name in LINEAR_NAMES:
-                linear = getattr(parent, name, None)
-                if isinstance(linear, nn.Linear):
-                    setattr(parent, name, quantized_linear(linear.weight.data, linear.bias, mode))
+        attn, mlp = layer.self_attn, layer.mlp
+        # one quantized matmul for q/k/v and one for gate/up: a decode step's kernels are short, so
+        # fewer calls save time (2 threads: q, k, v 98 -> 53 us a layer; gate, up 147 -> 122 us)
+        attn.qkv_proj = fused_quantized_linear([attn.q_proj, attn.k_proj, attn.v_proj], mode)
+        mlp.gate_up_proj = fused_quantized_linear([mlp.gate_proj, mlp.up_proj], mode)
+        del attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj
+        attn.o_proj = quantized_linear(attn.o_proj.weight.data, attn.o_proj.bias, mode)
+        mlp.down_proj = quantized_linear(mlp.down_proj.weight.data, mlp.down_proj.bias, mode)
     embed, head = model.model.embed_tokens, model.lm_head
     tied = head.weight is embed.weight
     model.lm_head = quantized_linear(head.weight.data, head.bias, HEAD_MODE[mode])
