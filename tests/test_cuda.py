@@ -109,16 +109,24 @@ def test_prefix_attention_kernels_match_lower_right_sdpa(kernel, prefix, chunk):
     assert rel(got.float().cpu(), ref.cpu()) < 2e-2
 
 
-@pytest.mark.parametrize("kernel", ["cudnn", "flash", "efficient"])
-def test_chunked_bf16_prefill_with_each_kernel_gives_the_full_forward(default_checkpoint, monkeypatch, kernel):
+def test_chunked_bf16_prefill_is_as_accurate_with_the_fast_kernels(default_checkpoint):
+    """bf16 chunked prefill (6 chunks after cached keys) against a float32 full forward: the default
+    (flash, LSE-merged) must be about as close as SDPA's lower-right kernel; all agree on the top token."""
     import arbor_cli
 
-    monkeypatch.setenv("ARBOR_PREFILL_ATTENTION", kernel)
     m = arbor_cli.load(str(default_checkpoint.path), backend="torch", device="cuda", dtype="bfloat16", quiet=True)
+    ref = arbor_cli.load(str(default_checkpoint.path), backend="torch", device="cuda", dtype="float32", quiet=True)
     ids = m.tokenizer.encode("The history of the city begins with a small fishing village. " * 60)[:700]
-    cache = m.new_cache(1024)
-    chunked = m.lm.prefill(ids, cache, 128)  # logits of the last position after 6 chunks
-    full = m.logits(ids)[-1]
-    assert m.lm.model.model.layers[0].self_attn.prefix_kernel == kernel
-    assert rel(np.asarray(chunked, dtype=np.float32).reshape(-1), full) < 3e-2
-    assert int(np.argmax(chunked)) == int(np.argmax(full))
+    full = ref.logits(ids)[-1]
+    errors = {}
+    for kernel in ("efficient", "cudnn", "flash"):
+        for layer in m.lm.model.model.layers:
+            layer.self_attn.prefix_kernel = kernel
+        chunked = m.lm.prefill(ids, m.new_cache(1024), 128).float().cpu().numpy().reshape(-1)
+        errors[kernel] = rel(chunked, full)
+        assert int(np.argmax(chunked)) == int(np.argmax(full)), kernel
+    print(f"\nrelative error vs float32: {errors}")
+    assert errors["efficient"] < 6e-2 and errors["cudnn"] < 6e-2  # cuDNN: opt-in, measured 4.5e-2 (choose_kernel)
+    assert errors["flash"] <= 1.5 * errors["efficient"] + 1e-2  # the default on Ampere and later
+    from arbor_torch.prefix_attention import choose_kernel
+    assert choose_kernel(torch.device("cuda"), torch.bfloat16) == "flash"
