@@ -165,7 +165,9 @@ def main() -> None:
 
     report = {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": args.threads, "torch": torch.__version__,
               "llama_cpp_python": llama_cpp.__version__, "python": platform.python_version(),
-              "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "gguf": os.path.basename(gguf),
+              # one libgomp serves torch and llama.cpp in this process: both run with these
+              "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
+              "gguf": os.path.basename(gguf),
               "reps": args.reps, "decode_tokens": args.decode, "prefill_tokens": args.prefill,
               "load_average_before": load_before, "load_average_after": load_average(),
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": rows}

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 
-# OpenMP threads that sleep at a barrier instead of spinning. With every core busy (a shared machine,
-# a second process), a spinning thread holds its core while the thread it waits for is descheduled;
-# measured on 2 busy cores, int4 decode ran at 0.2 tok/s spinning and 28 tok/s passive. On idle cores
-# the cost is a wake-up per parallel region (docs/performance.md). Read by libgomp when torch loads,
-# so it must precede the import; a value the user set wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# OpenMP threads spin a bounded while at a barrier, then sleep. libgomp's default spins ~300K rounds:
+# with every core busy (a shared machine) a spinning thread holds its core while the thread it waits
+# for is descheduled: int4 decode fell to 0.2 tok/s on 2 busy cores. Never spinning (PASSIVE) fixes
+# that (28 tok/s) but costs an idle machine a wake-up per op (43 vs 70 tok/s). 10K rounds measured
+# best of both: 2 busy cores 30 tok/s, idle 67-71 tok/s (docs/performance.md). libgomp reads it when
+# torch loads, so it must precede the import; whatever the user set wins.
+if "GOMP_SPINCOUNT" not in os.environ and "OMP_WAIT_POLICY" not in os.environ:
+    os.environ["GOMP_SPINCOUNT"] = "10000"
 
 import torch  # noqa: E402
 
