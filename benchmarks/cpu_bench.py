@@ -19,7 +19,7 @@ import statistics
 import sys
 import time
 
-import arbor_torch  # noqa: F401 -- before torch: it sets OpenMP's wait policy, read when torch loads
+import arbor_torch  # noqa: F401 -- before torch: it sets OpenMP's spin count, read when torch loads
 import numpy as np
 import torch
 

@@ -1,7 +1,7 @@
 """Weight-only int8 / int4 quantization (arbor_torch/quantize.py): the kernels compute the math they
 claim, the quantized weights stay within their rounding bounds, and the default model keeps its answers."""
 
-import arbor_torch  # noqa: I001 -- first: it sets OpenMP's wait policy, which only applies before torch loads
+import arbor_torch  # noqa: I001 -- first: it sets OpenMP's spin count, which only applies before torch loads
 import numpy as np
 import pytest
 import torch
