@@ -15,7 +15,6 @@ import typer
 from typer.testing import CliRunner
 
 from arbor_cli.cli import summarize as summarize_cli
-from arbor_cli.errors import OutOfMemoryError
 
 sys.path.insert(0, str(Path(__file__).parent))
 from long_document import long_document  # noqa: E402

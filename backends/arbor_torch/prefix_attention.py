@@ -47,7 +47,7 @@ def choose_kernel(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> 
 
 def attention_after_prefix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: str) -> torch.Tensor:
     """q: (B, H, T, D) for the last T positions; k, v: (B, Hkv, P+T, D), P > 0. Returns (B, H, T, D)."""
-    T, prefix = q.shape[2], k.shape[2] - q.shape[2]
+    prefix = k.shape[2] - q.shape[2]
     out_prefix, lse_prefix = attention_with_lse(q, k[:, :, :prefix], v[:, :, :prefix], causal=False, kernel=kernel)
     out_self, lse_self = attention_with_lse(q, k[:, :, prefix:], v[:, :, prefix:], causal=True, kernel=kernel)
     return merge(out_prefix, lse_prefix, out_self, lse_self).to(q.dtype)
