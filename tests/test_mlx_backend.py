@@ -435,6 +435,17 @@ def long_text(sentences: int, seed: int = 0) -> str:
                     f"{rng.choice(weather)}" for i in range(sentences))
 
 
+def assert_runs_agree(results, recorders, label: str) -> None:
+    """torch's and MLX's recorded runs: the prompt's logits, then 63 decode steps' logits, and the text."""
+    (ref, got), (ref_logits, got_logits) = results, [r.seen for r in recorders]
+    prefill_err = rel_err(got_logits[0], ref_logits[0])
+    step_errs = [rel_err(g, r) for g, r in zip(got_logits[1:], ref_logits[1:])]
+    print(f"\n{label}: prompt logits rel err {prefill_err:.2e}, decode steps max {max(step_errs):.2e}")
+    assert len(got_logits) == len(ref_logits) == 64  # the prompt and 63 decode steps
+    assert prefill_err <= PARITY and max(step_errs) <= PARITY
+    assert len(got.tokens) == 64 and got.tokens == ref.tokens and got.text == ref.text
+
+
 # The whole thing on MLX: a 9,000-token prompt prefilled by each backend at a 12,288-token context,
 # beyond the model's trained 8,192. MLX's Linux CPU wheel computes with the reference (netlib) BLAS,
 # ~5 GFLOP/s on one core here against torch's ~45 on two, so this takes ~40 minutes per method:
@@ -461,14 +472,8 @@ def test_default_model_beyond_its_trained_context_matches_torch(default_pair, me
         assert model.rope_scaling_for(LONG_CONTEXT)["rope_type"] == method
         results.append(model.generate(ids, max_new_tokens=64, ignore_eos=True))
         recorders.append(recorder)
-    (ref, got), (ref_logits, got_logits) = results, [r.seen for r in recorders]
-    assert ref.context == got.context == LONG_CONTEXT
-    prefill_err = rel_err(got_logits[0], ref_logits[0])
-    step_errs = [rel_err(g, r) for g, r in zip(got_logits[1:], ref_logits[1:])]
-    print(f"\n{method}: prefill logits rel err {prefill_err:.2e}, decode steps max {max(step_errs):.2e}")
-    assert prefill_err <= PARITY and max(step_errs) <= PARITY
-    assert got.tokens == ref.tokens and got.text == ref.text
-    assert len(got_logits) == len(ref_logits) == 64  # the prefill and 63 decode steps
+    assert results[0].context == results[1].context == LONG_CONTEXT
+    assert_runs_agree(results, recorders, method)
 
 
 # Past the model's real trained length (8,192 positions) in CI. MLX prefilling 8,320 tokens itself
@@ -495,7 +500,7 @@ def hand_over(torch_cache, mlx_cache, length: int) -> None:
 @pytest.mark.parametrize("method", ["linear", "dynamic", "yarn", "llama3"])
 def test_default_model_past_its_real_trained_length_matches_torch(default_pair, method):
     torch_model, mlx_model = default_pair
-    assert torch_model.config.trained_context == 8192 < HANDOFF_HELD
+    assert torch_model.config.trained_context == TRAINED < HANDOFF_HELD
     ids = torch_model.tokenizer.encode(long_text(800))
     held, prompt = ids[:HANDOFF_HELD], ids[HANDOFF_HELD:HANDOFF_HELD + HANDOFF_PROMPT]
     assert len(prompt) == HANDOFF_PROMPT
@@ -515,14 +520,7 @@ def test_default_model_past_its_real_trained_length_matches_torch(default_pair, 
             pass
         recorders.append(recorder)
         assert cache.length == HANDOFF_HELD + HANDOFF_PROMPT + 63  # the 64th token is sampled, not fed back
-    (ref, got), (ref_logits, got_logits) = results, [r.seen for r in recorders]
-    prefill_err = rel_err(got_logits[0], ref_logits[0])
-    step_errs = [rel_err(g, r) for g, r in zip(got_logits[1:], ref_logits[1:])]
-    print(f"\n{method} at positions {HANDOFF_HELD}-{HANDOFF_HELD + HANDOFF_PROMPT + 63}: prompt logits rel err "
-          f"{prefill_err:.2e}, decode steps max {max(step_errs):.2e}")
-    assert len(got_logits) == len(ref_logits) == 64  # the prompt and 63 decode steps
-    assert prefill_err <= PARITY and max(step_errs) <= PARITY
-    assert len(got.tokens) == 64 and got.tokens == ref.tokens and got.text == ref.text
+    assert_runs_agree(results, recorders, f"{method} at positions {HANDOFF_HELD}-{HANDOFF_HELD + HANDOFF_PROMPT + 63}")
 
 
 # ---- int8 KV and the sliding-window ring: the same arithmetic as torch's -----------------------------
