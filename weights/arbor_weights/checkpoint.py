@@ -112,3 +112,28 @@ def read_provenance(directory: Path) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return record if isinstance(record, dict) else {}
+
+
+# ---- the tensors a checkpoint holds, against what its config implies (used by every backend) ----
+IGNORED_KEYS = ("rotary_emb.inv_freq",)  # derived, not learned: some exporters write them; safe to skip
+
+
+def check_tensors(state: dict[str, Any], expected: dict[str, tuple[int, ...]], where: Any,
+                  tie_word_embeddings: bool) -> dict[str, Any]:
+    """The tensors a model loads from `state` (name -> array with .shape), as mlx-lm's sanitize does:
+    IGNORED_KEYS dropped, a tied lm_head.weight popped (the head is the embedding), and every name
+    and shape checked against `expected` (name -> shape the config implies), else CorruptModelError."""
+    state = {k: v for k, v in state.items() if not k.endswith(IGNORED_KEYS)}
+    if tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+        expected = {k: v for k, v in expected.items() if k != "lm_head.weight"}
+    missing, unexpected = expected.keys() - state.keys(), state.keys() - expected.keys()
+    if missing or unexpected:
+        detail = f"missing {sorted(missing)[:3]}" if missing else f"unexpected {sorted(unexpected)[:3]}"
+        raise CorruptModelError(f"weights in {where} do not match its config.json ({detail}); "
+                                "re-convert or re-download the model")
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[name]):
+            raise CorruptModelError(f"{name} has shape {tuple(tensor.shape)} in {where}, config.json "
+                                    f"implies {tuple(expected[name])}; re-convert the model")
+    return state
