@@ -1,10 +1,15 @@
 """The backend seam: the only module that knows several backends exist.
 
-A backend (a package such as `arbor_torch` or `arbor_mlx`) exposes module-level functions
+A backend (a package such as `arbor_torch` or `arbor_mlx`) is a module with the names of
+`BackendModule` below: `NAME`, `QUANTIZE_MODES` (the weight quantizations it offers; () for none),
 `is_available()`, `default_device()`, `default_dtype(device)`, `memory_info(device)` and
-`load(checkpoint, device, dtype, kv_bits=16) -> LoadedModel`. A LoadedModel allocates KV caches, runs
-prefill and decode, samples on its device, and nothing else; generation loops, templates and
-planning live in arbor_cli and work on every backend alike.
+
+    load(checkpoint, device=None, dtype=None, kv_bits=16, quantize=None) -> LoadedModel
+
+which raises BackendUnavailableError for a device, dtype or `quantize` mode it cannot run (any
+`quantize` not in QUANTIZE_MODES). `kv_bits` (8 or 16) is validated once, by arbor_cli.load.
+A LoadedModel allocates KV caches, runs prefill and decode, samples on its device, and nothing
+else; generation loops, templates and planning live in arbor_cli and work on every backend alike.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .errors import BackendUnavailableError
+from .errors import BackendUnavailableError, ContextError
 from .rope import RopeTables
 
 REPEAT_WINDOW = 64  # tokens the repetition penalty looks back over (llama.cpp's repeat_last_n)
@@ -47,6 +52,8 @@ class SamplingParams:
 class LoadedModel(Protocol):
     device: str
     dtype: str
+    kv_bits: int  # 16: the KV cache in the model's dtype; 8: int8 codes plus a scale per head and token
+    quantize: str | None  # the weight quantization it was loaded with (one of QUANTIZE_MODES), or None
     weights_nbytes: int
     kv_element_bytes: int  # bytes per cached K or V element (1 for an int8 cache)
     kv_scale_bytes: int  # bytes stored beside each head's K or V vector per token (an int8 cache's scale)
@@ -57,11 +64,14 @@ class LoadedModel(Protocol):
     def reset_peak_memory(self) -> None: ...
     def peak_memory(self) -> int: ...
     def num_parameters(self) -> int: ...
-    def new_cache(self, capacity: int) -> Any:
+    def new_cache(self, capacity: int, rope: RopeTables | None = None) -> Any:
         """A cache accepting `capacity` positions; it holds planner.kv_cache_tokens of them (a ring for
         sliding-window models). `cache.length` is how many are valid; `cache.truncate(n)` keeps at most n
-        (fewer when a ring no longer holds what position n needs: callers read `length` back)."""
-    def set_rope(self, rope: RopeTables, positions: int) -> None: ...
+        (fewer when a ring no longer holds what position n needs: callers read `length` back).
+        `cache.rope` is the RoPE it was built for: prefill and decode run with those tables (for
+        `capacity` positions). None: the tables of the latest set_rope."""
+    def set_rope(self, rope: RopeTables, positions: int) -> None:
+        """Make `rope` (for positions [0, positions)) the tables that caches without a rope of their own use."""
     def prefill(self, ids: list[int], cache: Any, chunk_size: int) -> Any:
         """Run `ids` at positions [cache.length, …), append them to the cache, return the last position's logits."""
     def decode(self, token: int, cache: Any) -> Any:
@@ -69,8 +79,32 @@ class LoadedModel(Protocol):
     def sample(self, logits: Any, params: SamplingParams, rng: Any, recent: list[int] = ()) -> int:
         """Pick the next token on the device; `recent` are the ids the repetition penalty applies to."""
     def new_rng(self, seed: int | None) -> Any: ...
-    def logits(self, ids: list[int]) -> np.ndarray:
-        """Full forward without a cache: float32 [len(ids), vocab]."""
+    def logits(self, ids: list[int], rope: RopeTables | None = None) -> np.ndarray:
+        """Full forward without a cache: float32 [len(ids), vocab]; with `rope` for len(ids) positions
+        (None: the tables of the latest set_rope)."""
+
+
+class BackendModule(Protocol):
+    """What arbor_cli reads from a backend package (see the module docstring)."""
+
+    NAME: str
+    QUANTIZE_MODES: tuple[str, ...]
+
+    def is_available(self) -> bool: ...
+    def default_device(self) -> str: ...
+    def default_dtype(self, device: str) -> str: ...
+    def memory_info(self, device: str) -> MemoryInfo: ...
+    def load(self, checkpoint: Any, device: str | None = None, dtype: str | None = None, kv_bits: int = 16,
+             quantize: str | None = None) -> LoadedModel: ...
+
+
+def check_room(cache: Any, n: int, rope_len: int) -> None:
+    """ContextError unless `n` more tokens fit `cache` and the RoPE table (`rope_len` positions) reaches them."""
+    if cache.length + n > cache.capacity:
+        raise ContextError(f"the context is full ({cache.capacity} tokens); start a new conversation "
+                           "or raise --context")
+    if cache.length + n > rope_len:
+        raise ContextError(f"position {cache.length + n} is beyond the RoPE table; set_rope for the context first")
 
 
 def is_apple_silicon() -> bool:
@@ -103,3 +137,10 @@ def select_backend(name: str | None = None):
     if not available:
         raise BackendUnavailableError(f"no backend is installed; {INSTALL_HINT['torch']}")
     return backend_module(available[0])
+
+
+def transformers_peer():
+    """The transformers reference engine `arbor bench --vs hf` runs beside arbor (it needs torch)."""
+    if not installed("torch"):
+        raise BackendUnavailableError(f"--vs hf needs torch and transformers; {INSTALL_HINT['torch']}")
+    return importlib.import_module("arbor_torch.transformers_peer")

@@ -13,6 +13,7 @@ from .memory import memory_info, metal_available
 from .runner import MLXModel
 
 NAME = "mlx"
+QUANTIZE_MODES: tuple[str, ...] = ()  # no weight quantization on this backend
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 DEVICE_ALIASES = {"cpu": "cpu", "gpu": "gpu", "metal": "gpu", "mps": "gpu"}
 
@@ -40,14 +41,17 @@ def check_device(device: str) -> str:
     return kind
 
 
-def load(checkpoint, device: str | None = None, dtype: str | None = None, kv_bits: int = 16) -> MLXModel:
+def load(checkpoint, device: str | None = None, dtype: str | None = None, kv_bits: int = 16,
+         quantize: str | None = None) -> MLXModel:
+    """The checkpoint on `device` (default_device()) in `dtype` (default_dtype(device)); kv_bits 8 or 16
+    (arbor_cli.load validates it). `quantize` must be None: this backend has no weight quantization."""
+    if quantize is not None:
+        raise BackendUnavailableError(f"the mlx backend does not support quantize={quantize!r}")
     device = check_device(device or default_device())
     dtype = dtype or default_dtype(device)
     if dtype not in DTYPES:
         raise BackendUnavailableError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
-    if kv_bits not in (8, 16):
-        raise BackendUnavailableError(f"kv_bits {kv_bits!r} is not supported; use 8 or 16")
     return MLXModel.from_checkpoint(checkpoint, device, dtype, kv_bits=kv_bits)
 
 
-__all__ = ["NAME", "MLXModel", "default_device", "default_dtype", "is_available", "load", "memory_info"]
+__all__ = ["NAME", "QUANTIZE_MODES", "MLXModel", "default_device", "default_dtype", "is_available", "load", "memory_info"]

@@ -4,7 +4,7 @@ MLX arrays are written in place at [start, end) (as mlx-lm's KVCache does); a bu
 whole steps only when a write reaches past its end, so a 128K-token context costs memory as the
 conversation reaches it rather than up front, and growing happens every STEP tokens, not each one.
 
-The same two options as arbor_torch/cache.py, with the same arithmetic:
+The same two options as arbor_torch/cache.py, with the same arithmetic (arbor_cli.kv_layout):
 - int8 (kv_bits=8): int8 codes plus one float16 scale per head and token (symmetric absmax over
   head_dim), dequantized to the compute dtype one layer at a time inside attention.
 - a ring (sliding-window models): fewer slots than the context, position p in slot p % slots;
@@ -14,6 +14,9 @@ The same two options as arbor_torch/cache.py, with the same arithmetic:
 from __future__ import annotations
 
 import mlx.core as mx
+
+from arbor_cli import kv_layout
+from arbor_cli.rope import RopeTables
 
 STEP = 256
 INT8_MAX = 127
@@ -60,21 +63,14 @@ class KVCache:
         """
         T = k.shape[2]
         end = start + T
-        if T > self.slots:
-            raise ValueError(f"a chunk of {T} tokens does not fit a {self.slots}-slot cache")
         if min(end, self.slots) > self.allocated:
             self._grow(min(self.slots, -(-end // STEP) * STEP))
-        first = start % self.slots
-        n = min(T, self.slots - first)
-        self._write(first, first + n, k[:, :, :n], v[:, :, :n])
-        if n < T:  # the write wraps past the last slot
-            self._write(0, T - n, k[:, :, n:], v[:, :, n:])
-        self.oldest = max(self.oldest, end - self.slots)
+        for a, b, i, j in kv_layout.write_spans(start, T, self.slots):  # two spans when the write wraps
+            self._write(a, b, k[:, :, i:j], v[:, :, i:j])
+        self.oldest = kv_layout.oldest_held(self.oldest, end, self.slots)
         if end <= self.slots:
             return self._read(end) + (None,)
-        slot = mx.arange(self.slots)
-        latest = slot + self.slots * ((end - 1 - slot) // self.slots)  # the last p ≡ slot (mod slots) below end
-        return self._read(self.slots) + (latest,)
+        return self._read(self.slots) + (kv_layout.slot_positions(mx.arange(self.slots), end, self.slots),)
 
     def _write(self, a: int, b: int, k: mx.array, v: mx.array) -> None:
         if self.bits == 8:
@@ -113,18 +109,20 @@ class ModelCache:
 
     `capacity` is the context (positions it accepts); `slots` what each layer stores at most: the
     capacity, or fewer for a sliding-window model (a ring). `max_chunk` is the most tokens one
-    forward may write so that every query still sees its whole window.
+    forward may write so that every query still sees its whole window. `rope` is the RoPE the
+    cache is built for (None: whatever the model has set when it runs).
     """
 
     def __init__(self, capacity: int, n_layers: int, n_kv_heads: int, head_dim: int, dtype: mx.Dtype,
-                 bits: int = 16, window: int | None = None, slots: int | None = None):
+                 bits: int = 16, window: int | None = None, slots: int | None = None, rope: RopeTables | None = None):
         self.capacity = capacity
         self.window = window
-        self.slots = min(capacity, slots or capacity)
-        self.max_chunk = self.slots if self.slots == capacity else self.slots - window + 1
+        self.rope = rope
+        self.slots = kv_layout.cache_slots(capacity, slots)
+        self.max_chunk = kv_layout.max_chunk(capacity, self.slots, window)
         self.length = 0
         self.layers = [KVCache(self.slots, n_kv_heads, head_dim, dtype, bits) for _ in range(n_layers)]
-        # a decode step already under way for position `length` (see MLXModel.sample): (position, token, logits)
+        # the decode step MLXModel.sample queued for position `length`: (position, token, logits), or None
         self.pending: tuple[int, mx.array, mx.array] | None = None
 
     def truncate(self, length: int) -> None:
@@ -133,9 +131,7 @@ class ModelCache:
         A ring may have overwritten keys that a query at `length` still needs: then nothing is
         kept and length becomes 0 (callers read `length` to see how much they may reuse).
         """
-        length = max(0, min(length, self.length))
-        if length and self.window is not None and max(0, length - self.window + 1) < self.layers[0].oldest:
-            length = 0
+        length = kv_layout.kept_length(length, self.length, self.window, self.layers[0].oldest)
         if length == 0:
             for layer in self.layers:
                 layer.oldest = 0

@@ -13,6 +13,7 @@ import mlx.core as mx
 import numpy as np
 from mlx import nn
 
+from arbor_cli import kv_layout
 from arbor_cli.config import ArborConfig
 
 from .cache import KVCache
@@ -70,7 +71,7 @@ class Attention(nn.Module):
             k, v, key_pos = cache.update(start, k, v)  # key_pos: each key's position, once a ring cache wrapped
         key_start = 0
         if key_pos is None and self.window is not None and start + T > self.window:
-            key_start = max(0, start - self.window + 1)  # older keys are outside every query's window
+            key_start = kv_layout.first_visible_key(start, self.window)  # older keys are outside every query's window
             k, v = k[:, :, key_start:], v[:, :, key_start:]
         mask = attention_mask(T, k.shape[2], key_start, start, self.window, key_pos)
         y = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)  # GQA: k/v not tiled
@@ -86,15 +87,11 @@ def attention_mask(q_len: int, kv_len: int, key_start: int, start: int, window: 
     an explicit boolean matrix, as arbor_torch's `_mask` builds it.
     """
     end = key_start + kv_len
-    windowed = window is not None and start + q_len - 1 - window >= key_start  # some query loses a key
+    windowed = kv_layout.window_cuts_in(window, start + q_len - 1, key_start)  # some query loses a key
     if key_pos is None and not windowed and end == start + q_len:
         return None if q_len == 1 else "causal"
-    q_pos = mx.arange(start, start + q_len)[:, None]
-    k_pos = (mx.arange(key_start, end) if key_pos is None else key_pos)[None, :]
-    allowed = k_pos <= q_pos
-    if window is not None:
-        allowed = allowed & (k_pos > q_pos - window)
-    return allowed
+    k_pos = mx.arange(key_start, end) if key_pos is None else key_pos
+    return kv_layout.visible(mx.arange(start, start + q_len), k_pos, window)
 
 
 class MLP(nn.Module):

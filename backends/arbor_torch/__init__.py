@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import os
 
-# OpenMP threads spin a bounded while at a barrier, then sleep. libgomp's default spins ~300K rounds:
-# with every core busy (a shared machine) a spinning thread holds its core while the thread it waits
-# for is descheduled: int4 decode fell to 0.2 tok/s on 2 busy cores. Never spinning (PASSIVE) fixes
-# that (28 tok/s) but costs an idle machine a wake-up per op (43 vs 70 tok/s). 10K rounds measured
-# best of both: 2 busy cores 30 tok/s, idle 67-71 tok/s (docs/performance.md). libgomp reads it when
-# torch loads, so it must precede the import; whatever the user set wins.
+# OpenMP threads spin a bounded while at a barrier, then sleep: libgomp's default (~300K rounds) stalls
+# a busy machine, never spinning slows an idle one; 10K rounds suits both (docs/performance.md,
+# "torch.compile and threads"). libgomp reads it when torch loads, so it must precede the import;
+# whatever the user set wins.
 if "GOMP_SPINCOUNT" not in os.environ and "OMP_WAIT_POLICY" not in os.environ:
     os.environ["GOMP_SPINCOUNT"] = "10000"
 
@@ -57,13 +55,13 @@ def check_device(device: str) -> None:
 
 def load(checkpoint, device: str | None = None, dtype: str | None = None, kv_bits: int = 16,
          quantize: str | None = None) -> TorchModel:
+    """The checkpoint on `device` (default_device()) in `dtype` (default_dtype(device)); kv_bits 8 or 16
+    (arbor_cli.load validates it); quantize one of QUANTIZE_MODES, CPU only."""
     device = device or default_device()
     check_device(device)
     dtype = dtype or default_dtype(device)
     if dtype not in DTYPES:
         raise BackendUnavailableError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
-    if kv_bits not in (8, 16):
-        raise BackendUnavailableError(f"kv_bits {kv_bits!r} is not supported; use 8 or 16")
     check_quantize(quantize, device)
     return TorchModel.from_checkpoint(checkpoint, device, dtype, kv_bits=kv_bits, quantize=quantize)
 

@@ -9,11 +9,15 @@ Two options change what a layer's buffer holds, never what attention computes fr
   slot p % slots. Attention then sees every slot with its position (a window mask drops what is
   out of reach), and a chunk of queries fits as long as slots >= window + chunk - 1
   (arbor_cli.planner.kv_cache_tokens), so memory is bounded by the window, not the context.
+  The ring's rules are arbor_cli.kv_layout's; this module only moves tensors.
 """
 
 from __future__ import annotations
 
 import torch
+
+from arbor_cli import kv_layout
+from arbor_cli.rope import RopeTables
 
 INT8_MAX = 127
 SCALE_DTYPE = torch.float16
@@ -57,19 +61,13 @@ class KVCache:
         """
         T = k.shape[2]
         end = start + T
-        if T > self.slots:
-            raise ValueError(f"a chunk of {T} tokens does not fit a {self.slots}-slot cache")
-        first = start % self.slots
-        n = min(T, self.slots - first)
-        self._write(first, first + n, k[:, :, :n], v[:, :, :n])
-        if n < T:  # the write wraps past the last slot
-            self._write(0, T - n, k[:, :, n:], v[:, :, n:])
-        self.oldest = max(self.oldest, end - self.slots)
+        for a, b, i, j in kv_layout.write_spans(start, T, self.slots):  # two spans when the write wraps
+            self._write(a, b, k[:, :, i:j], v[:, :, i:j])
+        self.oldest = kv_layout.oldest_held(self.oldest, end, self.slots)
         if end <= self.slots:
             return self._read(end) + (None,)
         slot = torch.arange(self.slots, device=self.k.device)
-        latest = slot + self.slots * torch.div(end - 1 - slot, self.slots, rounding_mode="floor")  # last p ≡ slot, p < end
-        return self._read(self.slots) + (latest,)
+        return self._read(self.slots) + (kv_layout.slot_positions(slot, end, self.slots),)
 
     def _write(self, a: int, b: int, k: torch.Tensor, v: torch.Tensor) -> None:
         if self.bits == 8:
@@ -95,15 +93,17 @@ class ModelCache:
 
     `capacity` is the context (positions it accepts); `slots` what each layer stores: equal to the
     capacity, or fewer for a sliding-window model (a ring, see KVCache). `max_chunk` is the most
-    tokens one forward may write so that every query still sees its whole window.
+    tokens one forward may write so that every query still sees its whole window. `rope` is the
+    RoPE the cache is built for (None: whatever tables the model has when it runs).
     """
 
     def __init__(self, capacity: int, n_layers: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype, device,
-                 bits: int = 16, window: int | None = None, slots: int | None = None):
+                 bits: int = 16, window: int | None = None, slots: int | None = None, rope: RopeTables | None = None):
         self.capacity = capacity
         self.window = window
-        self.slots = min(capacity, slots or capacity)
-        self.max_chunk = self.slots if self.slots == capacity else self.slots - window + 1
+        self.rope = rope
+        self.slots = kv_layout.cache_slots(capacity, slots)
+        self.max_chunk = kv_layout.max_chunk(capacity, self.slots, window)
         self.length = 0
         self.decoder = None  # the CUDA-graph decode step bound to these buffers, built on first decode
         self.layers = [KVCache(self.slots, n_kv_heads, head_dim, dtype, device, bits) for _ in range(n_layers)]
@@ -115,9 +115,7 @@ class ModelCache:
         back before the oldest position held): then nothing is kept, length becomes 0, and callers
         (chat's prefix reuse) see from `length` that they must prefill again from the start.
         """
-        length = max(0, min(length, self.length))
-        if length and self.window is not None and max(0, length - self.window + 1) < self.layers[0].oldest:
-            length = 0
+        length = kv_layout.kept_length(length, self.length, self.window, self.layers[0].oldest)
         if length == 0:
             for layer in self.layers:
                 layer.oldest = 0

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from arbor_cli import kv_layout
 from arbor_cli.config import ArborConfig
 
 from .cache import KVCache
@@ -93,22 +94,19 @@ class Attention(nn.Module):
 
         None when SDPA needs none (one query; or plain causal, passed as is_causal). On CUDA a
         lower-right causal bias keeps SDPA in its flash / cuDNN kernels without materialising a
-        q_len x kv_len matrix; CPU kernels run an explicit boolean mask faster (measured: 2.4 s vs
-        4.0 s for 512 queries over 64K keys). A sliding window always needs the explicit mask.
+        q_len x kv_len matrix; CPU kernels run an explicit boolean mask faster (docs/performance.md,
+        "Attention masks"). A sliding window always needs the explicit mask.
         """
-        if self.window is None or start + q_len <= self.window:
+        if not kv_layout.window_cuts_in(self.window, start + q_len - 1, 0):
             if q_len == 1 or q_len == kv_len:
                 return None
             if device.type == "cuda":
                 from torch.nn.attention.bias import causal_lower_right  # slow import: only when needed
 
                 return causal_lower_right(q_len, kv_len)
-        q_pos = torch.arange(start, start + q_len, device=device)[:, None]
-        k_pos = (torch.arange(key_start, key_start + kv_len, device=device) if key_pos is None else key_pos)[None, :]
-        allowed = k_pos <= q_pos
-        if self.window is not None:
-            allowed &= k_pos > q_pos - self.window
-        return allowed
+        q_pos = torch.arange(start, start + q_len, device=device)
+        k_pos = torch.arange(key_start, key_start + kv_len, device=device) if key_pos is None else key_pos
+        return kv_layout.visible(q_pos, k_pos, self.window)
 
 
 class MLP(nn.Module):

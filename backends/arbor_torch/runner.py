@@ -8,29 +8,27 @@ import os
 import numpy as np
 import psutil
 import torch
+from arbor_weights.checkpoint import check_tensors
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from arbor_cli.backend import SamplingParams
-from arbor_cli.errors import ContextError, CorruptModelError, OutOfMemoryError
+from arbor_cli.backend import SamplingParams, check_room
+from arbor_cli.errors import CorruptModelError, OutOfMemoryError
 from arbor_cli.planner import kv_cache_tokens
 from arbor_cli.rope import RopeTables
 
+from . import sampling
 from .cache import SCALE_DTYPE, ModelCache
 from .memory import memory_info
 from .model import Transformer
 from .quantize import module_nbytes, one_thread, quantize_model
 
-# Tensors some exporters write that are derived, not learned: safe to skip.
-IGNORED_KEYS = ("rotary_emb.inv_freq",)
 # CUDA prefill chunks: the largest power of two up to 32K whose MLP transient (intermediate_size x
-# chunk, 16-bit) stays within 128 MiB. Measured on an H100 at 128K tokens (docs/performance.md):
-# each chunk re-reads the cached prefix, so bigger is faster (135M: 8K chunks 2.79 s, 32K 1.66 s
-# on cuDNN) while peak memory grows little (3.43 -> 3.52 GiB); the 1.7B shape gets 8K chunks.
+# chunk, 16-bit) stays within 128 MiB. Each chunk re-reads the cached prefix, so bigger is faster
+# while peak memory grows little (docs/performance.md, "Prefill chunk size").
 CUDA_PREFILL_CHUNK_MAX = 32768
 CUDA_PREFILL_TRANSIENT_BYTES = 128 << 20
 CPU_PREFILL_CHUNK = 512
-KV_BITS = (8, 16)
 
 
 def cuda_prefill_chunk(intermediate_size: int) -> int:
@@ -53,8 +51,6 @@ def _translate_oom(fn):
 
 class TorchModel:
     def __init__(self, model: Transformer, device: str, dtype: str, kv_bits: int = 16, quantize: str | None = None):
-        if kv_bits not in KV_BITS:
-            raise ValueError(f"kv_bits must be one of {KV_BITS}, got {kv_bits!r}")
         self.model = model.eval()
         self.config = model.config
         self.device = device
@@ -79,6 +75,7 @@ class TorchModel:
         # the graph's split-KV kernel reads a 16-bit, unwindowed cache: int8 and sliding windows run eager
         self.use_cuda_graphs = (torch.device(device).type == "cuda" and model.config.sliding_window is None
                                 and kv_bits == 16 and os.environ.get("ARBOR_CUDA_GRAPHS", "1") != "0")
+        self.active_rope: RopeTables | None = None  # the RopeTables the model's cos/sin tables were built from
 
     @classmethod
     def from_checkpoint(cls, checkpoint, device: str, dtype: str, kv_bits: int = 16,
@@ -94,19 +91,8 @@ class TorchModel:
                 state.update(load_file(str(path), device="cpu"))
             except (SafetensorError, OSError) as e:
                 raise CorruptModelError(f"{path} is unreadable ({e}); delete the model and pull it again") from None
-        state = {k: v for k, v in state.items() if not k.endswith(IGNORED_KEYS)}
-        if cfg.tie_word_embeddings:
-            state.pop("lm_head.weight", None)
-        expected = {k for k in model.state_dict() if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
-        missing, unexpected = expected - state.keys(), state.keys() - expected
-        if missing or unexpected:
-            detail = f"missing {sorted(missing)[:3]}" if missing else f"unexpected {sorted(unexpected)[:3]}"
-            raise CorruptModelError(f"weights in {checkpoint.path} do not match its config.json ({detail}); "
-                                    "re-convert or re-download the model")
-        for name, tensor in state.items():
-            if tuple(tensor.shape) != tuple(model.get_parameter(name).shape):
-                raise CorruptModelError(f"{name} has shape {tuple(tensor.shape)} in {checkpoint.path}, config.json "
-                                        f"implies {tuple(model.get_parameter(name).shape)}; re-convert the model")
+        expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+        state = check_tensors(state, expected, checkpoint.path, cfg.tie_word_embeddings)
         target = DTYPES[dtype]
         state = {k: v.to(device=device, dtype=target) for k, v in state.items()}
         model.load_state_dict(state, strict=False, assign=True)
@@ -133,21 +119,32 @@ class TorchModel:
         return self.parameter_count  # as loaded: quantized weights are buffers, not parameters
 
     @_translate_oom
-    def new_cache(self, capacity: int) -> ModelCache:
+    def new_cache(self, capacity: int, rope: RopeTables | None = None) -> ModelCache:
         c = self.config
         return ModelCache(capacity, c.num_hidden_layers, c.num_key_value_heads, c.head_dim, self.torch_dtype, self.device,
                           bits=self.kv_bits, window=c.sliding_window,
-                          slots=kv_cache_tokens(c, capacity, self.prefill_chunk))
+                          slots=kv_cache_tokens(c, capacity, self.prefill_chunk), rope=rope)
 
     def set_rope(self, rope: RopeTables, positions: int) -> None:
         self.model.set_rope(torch.from_numpy(rope.inv_freq), rope.attention_factor, positions)
+        self.active_rope = rope
+
+    def _use_rope(self, rope: RopeTables | None, positions: int) -> None:
+        """Make the model's cos/sin tables `rope`'s for `positions` (None: keep the tables set).
+
+        Cheap when they already are. Same-sized tables are rewritten in place, so a captured CUDA
+        graph keeps reading the current ones (cuda_graph.py recaptures when their buffer changes).
+        """
+        if rope is not None and (rope is not self.active_rope or self.model._rope_len() != positions):
+            self.set_rope(rope, positions)
 
     @_translate_oom
     @torch.inference_mode()
     def prefill(self, ids: list[int], cache: ModelCache, chunk_size: int = 512) -> torch.Tensor:
         if not ids:
             raise ValueError("prefill needs at least one token")
-        self._check_room(cache, len(ids))
+        self._use_rope(cache.rope, cache.capacity)
+        check_room(cache, len(ids), self.model._rope_len())
         chunk_size = min(chunk_size, cache.max_chunk)  # a ring cache bounds how many queries one step may write
         logits = None
         for begin in range(0, len(ids), chunk_size):
@@ -163,7 +160,8 @@ class TorchModel:
     @_translate_oom
     @torch.inference_mode()
     def decode(self, token: int, cache: ModelCache) -> torch.Tensor:
-        self._check_room(cache, 1)
+        self._use_rope(cache.rope, cache.capacity)
+        check_room(cache, 1, self.model._rope_len())
         if self.use_cuda_graphs:
             if cache.decoder is None:
                 from .cuda_graph import GraphDecoder  # needs Triton: imported on CUDA only
@@ -177,42 +175,13 @@ class TorchModel:
         return logits
 
     def new_rng(self, seed: int | None) -> torch.Generator:
-        rng = torch.Generator(device=self.device)
-        if seed is None:
-            rng.seed()
-        else:
-            rng.manual_seed(seed)
-        return rng
+        return sampling.new_rng(self.device, seed)
 
-    @torch.inference_mode()
     def sample(self, logits: torch.Tensor, params: SamplingParams, rng: torch.Generator, recent: list[int] = ()) -> int:
-        if params.repetition_penalty != 1.0 and len(recent):
-            seen = torch.tensor(sorted(set(recent)), device=logits.device)
-            scores = logits[seen]
-            logits = logits.clone()
-            logits[seen] = torch.where(scores > 0, scores / params.repetition_penalty, scores * params.repetition_penalty)
-        if params.greedy:
-            return int(torch.argmax(logits))
-        logits = logits / params.temperature
-        if params.top_k > 0:
-            kth = torch.topk(logits, min(params.top_k, logits.shape[-1])).values[-1]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        if params.top_p < 1.0:
-            sorted_logits, order = torch.sort(logits, descending=True)
-            cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
-            drop = cumulative - torch.softmax(sorted_logits, dim=-1) >= params.top_p  # keep the first token always
-            logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
-        probs = torch.softmax(logits, dim=-1)
-        return int(torch.multinomial(probs, 1, generator=rng))
+        return sampling.sample(logits, params, rng, recent)
 
     @torch.inference_mode()
-    def logits(self, ids: list[int]) -> np.ndarray:
+    def logits(self, ids: list[int], rope: RopeTables | None = None) -> np.ndarray:
+        self._use_rope(rope, len(ids))
         tokens = torch.tensor([ids], dtype=torch.long, device=self.device)
         return self.model(tokens, 0, None)[0].float().cpu().numpy()
-
-    def _check_room(self, cache: ModelCache, n: int) -> None:
-        if cache.length + n > cache.capacity:
-            raise ContextError(f"the context is full ({cache.capacity} tokens); start a new conversation "
-                               "or raise --context")
-        if cache.length + n > self.model._rope_len():
-            raise ContextError(f"position {cache.length + n} is beyond the RoPE table; set_rope for the context first")
