@@ -1,20 +1,19 @@
-"""Progressive context testing (the seed guide's idea, measured): for each context length, fill the
-cache with a prompt, time the prefill, time greedy decode at that depth, and record peak memory;
-stop at the first context that runs out of memory. Optionally the same on Hugging Face
-transformers with the same weights, in the same process run, for a side-by-side ratio.
+"""Progressive context testing: for each context length, fill the cache with a prompt, time the
+prefill, time greedy decode at that depth, and record peak memory; stop at the first context that
+runs out of memory. Optionally the same on Hugging Face transformers with the same weights, in the
+same process run, for a side-by-side ratio (the peer lives with the torch backend: it needs torch).
 """
 
 from __future__ import annotations
 
-import re
-import time
 from dataclasses import asdict, dataclass
 from typing import Callable
 
 import numpy as np
 
-from .errors import ContextError, OutOfMemoryError, UsageError
-from .generate import GenerationOptions
+from .backend import transformers_peer
+from .errors import ContextError, OutOfMemoryError
+from .planner import parse_token_counts
 
 DEFAULT_CONTEXTS = (4096, 16384, 32768, 65536, 131072)
 DECODE_TOKENS = 64
@@ -37,16 +36,8 @@ class BenchRow:
 
 
 def parse_contexts(spec: str) -> list[int]:
-    """'4k,16k,32768' -> [4096, 16384, 32768]."""
-    out = []
-    for part in filter(None, (p.strip().lower() for p in spec.split(","))):
-        match = re.fullmatch(r"(\d+)(k?)", part)
-        if not match or int(match.group(1)) <= 0:
-            raise UsageError(f"--contexts takes sizes like 4k,16k,32768; got {part!r}")
-        out.append(int(match.group(1)) * (1024 if match.group(2) else 1))
-    if not out:
-        raise UsageError("--contexts is empty")
-    return out
+    """'4k,16k,32768' -> [4096, 16384, 32768], in the order given."""
+    return parse_token_counts(spec, "--contexts")
 
 
 def prompt_for(vocab_size: int, length: int, seed: int = 0) -> list[int]:
@@ -55,89 +46,19 @@ def prompt_for(vocab_size: int, length: int, seed: int = 0) -> list[int]:
 
 
 def bench_arbor(model, context: int, decode_tokens: int = DECODE_TOKENS) -> BenchRow:
-    lm = model.lm
     prompt = prompt_for(model.config.vocab_size, context - decode_tokens - 1)
     scaling = model.rope_scaling_for(context)
     row = BenchRow("arbor", context, len(prompt),
                    rope=f"{scaling['rope_type']} x{scaling['factor']:g}" if scaling else "native")
-    cache = None
     try:
-        lm.reset_peak_memory()
-        cache = model.new_cache(context)
-        greedy = GenerationOptions().sampling
-        # warm-up: two chunks (a first one, and one after cached keys) so kernel selection, library
-        # initialisation and autotuning are not timed; then the cache is emptied again
-        warm = prompt[:2 * model.prefill_chunk]
-        lm.sample(lm.prefill(warm, cache, model.prefill_chunk), greedy, None)
-        cache.truncate(0)
-        t0 = time.perf_counter()
-        token = lm.sample(lm.prefill(prompt, cache, model.prefill_chunk), greedy, None)  # sample() syncs
-        t1 = time.perf_counter()
-        token = lm.sample(lm.decode(token, cache), greedy, None)  # first decode: graph capture, not timed
-        t2 = time.perf_counter()
-        for _ in range(decode_tokens - 1):
-            token = lm.sample(lm.decode(token, cache), greedy, None)
-        t3 = time.perf_counter()
-        row.prefill_s = t1 - t0
-        row.prefill_tokens_per_s = len(prompt) / (t1 - t0)
-        row.decode_tokens_per_s = (decode_tokens - 1) / (t3 - t2)
-        row.peak_memory_bytes = lm.peak_memory()
+        timed = model.time_prefill_decode(prompt, context, decode_tokens)
     except (OutOfMemoryError, ContextError) as e:
         row.error = str(e)
-    finally:
-        del cache
-    return row
-
-
-def bench_transformers(checkpoint, device: str, dtype: str, context: int, decode_tokens: int = DECODE_TOKENS,
-                       loaded: dict | None = None) -> BenchRow:
-    """transformers eager on the same checkpoint directory (config.json + safetensors are HF's format)."""
-    import torch
-    import transformers
-
-    row = BenchRow("transformers", context, context - decode_tokens - 1)
-    cache = loaded if loaded is not None else {}
-    if "model" not in cache:
-        cache["model"] = transformers.AutoModelForCausalLM.from_pretrained(
-            checkpoint.path, dtype=getattr(torch, dtype), attn_implementation="sdpa").to(device).eval()
-    hf = cache["model"]
-    ids = torch.tensor([prompt_for(hf.config.vocab_size, row.prompt_tokens)], device=device)
-    if "warm" not in cache:  # as for arbor: library initialisation and kernel selection are not timed
-        with torch.inference_mode():
-            hf(ids[:, :1024], use_cache=True, logits_to_keep=1)
-        cache["warm"] = True
-
-    def sync():
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-
-    try:
-        if device.startswith("cuda"):
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        with torch.inference_mode():
-            sync()
-            t0 = time.perf_counter()
-            out = hf(ids, use_cache=True, logits_to_keep=1)
-            token = out.logits[:, -1].argmax(-1, keepdim=True)
-            sync()
-            t1 = time.perf_counter()
-            past = out.past_key_values
-            for i in range(decode_tokens):
-                if i == 1:
-                    sync()
-                    t2 = time.perf_counter()
-                out = hf(token, past_key_values=past, use_cache=True)
-                past, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
-                token.item()  # stream the token, as a generation loop does
-            t3 = time.perf_counter()
-        row.prefill_s = t1 - t0
-        row.prefill_tokens_per_s = row.prompt_tokens / (t1 - t0)
-        row.decode_tokens_per_s = (decode_tokens - 1) / (t3 - t2)
-        if device.startswith("cuda"):
-            row.peak_memory_bytes = torch.cuda.max_memory_allocated()
-    except torch.OutOfMemoryError as e:
-        row.error = f"out of memory ({str(e).splitlines()[0][:100]})"
+        return row
+    row.prefill_s = timed["prefill_s"]
+    row.prefill_tokens_per_s = len(prompt) / timed["prefill_s"]
+    row.decode_tokens_per_s = (decode_tokens - 1) / timed["decode_s"]
+    row.peak_memory_bytes = timed["peak_memory_bytes"]
     return row
 
 
@@ -159,4 +80,4 @@ def run_bench(model, contexts: list[int], decode_tokens: int = DECODE_TOKENS, vs
 def _rows_for(model, context, decode_tokens, vs_hf, hf_state):
     yield bench_arbor(model, context, decode_tokens)
     if vs_hf:
-        yield bench_transformers(model.checkpoint, model.device, model.dtype, context, decode_tokens, hf_state)
+        yield transformers_peer().bench(model.checkpoint, model.device, model.dtype, context, decode_tokens, hf_state)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import ContextError, InputError
-from .generate import GenerationOptions, GenerationResult, stream_generation
+from .generate import GenerationOptions, GenerationResult
 
 REPLY_RESERVE = 512  # tokens kept free for the reply when trimming history
 SESSION_FORMAT = "arbor-chat/1"
@@ -57,19 +57,17 @@ class ChatSession:
         if self.cache is None:
             self.cache = self.model.new_cache(self.context)
         start = self._reuse_prefix(ids)
-        generated: list[int] = []
         reply: list[str] = []
-        stream = stream_generation(self.model.lm, self.model.tokenizer, self.cache, ids[start:], self.options,
-                                   chunk_size=self.model.prefill_chunk, generated=generated,
-                                   on_done=lambda r: setattr(self, "last_result", r))
+        stream = self.model.stream(ids[start:], self.options, cache=self.cache)
         try:
             for piece in stream:
                 reply.append(piece)
                 yield piece
+            self.last_result = stream.result
         finally:
             # what the cache holds now: prompt then generated tokens, up to cache.length (a Ctrl-C may
             # land mid-step; positions below cache.length are always complete)
-            self.cached_ids = (ids + generated)[:self.cache.length]
+            self.cached_ids = (ids + stream.tokens)[:self.cache.length]
             self.turns.append({"role": "assistant", "content": "".join(reply)})
 
     def _reuse_prefix(self, ids: list[int]) -> int:

@@ -21,10 +21,9 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
-
 from .errors import ContextError, OutOfMemoryError, UsageError
-from .rope import AUTO_METHOD, METHODS, scaling_for_context
+from .planner import parse_token_counts
+from .rope import AUTO_METHOD, METHODS, describe_scaling, method_for_context, scaling_for_context
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
@@ -32,54 +31,23 @@ TASK = ("There is an important info hidden inside a lot of irrelevant text. Find
 KEY_LINE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "What is the pass key? The pass key is"
 ANSWER_TOKENS = 8
-ROPE_METHODS = METHODS
-AUTO_ROPE_METHOD = AUTO_METHOD  # what `--rope auto` runs beyond the trained context (arbor_cli/rope.py says why)
 PPL_WINDOW = 256
 
 
 # ---- options ------------------------------------------------------------------------------
 def parse_lengths(spec: str) -> list[int]:
-    """'2k,4k,8192' -> [2048, 4096, 8192]: token counts, 'k' meaning 1024."""
-    lengths = []
-    for part in filter(None, (p.strip().lower() for p in spec.split(","))):
-        match = re.fullmatch(r"(\d+)(k?)", part)
-        if not match or int(match.group(1)) <= 0:
-            raise UsageError(f"--lengths takes token counts like 2k,4k,8192; got {part!r}")
-        lengths.append(int(match.group(1)) * (1024 if match.group(2) else 1))
-    if not lengths:
-        raise UsageError("--lengths is empty")
-    return sorted(set(lengths))
+    """'2k,4k,8192' -> [2048, 4096, 8192]: token counts, 'k' meaning 1024, sorted, each once."""
+    return sorted(set(parse_token_counts(spec, "--lengths")))
 
 
 def parse_rope_methods(spec: str) -> list[str]:
     """'auto', one method, or several separated by commas ('none,linear,dynamic,yarn')."""
     methods = [p.strip().lower() for p in spec.split(",") if p.strip()]
-    allowed = ("auto", *ROPE_METHODS)
+    allowed = ("auto", *METHODS)
     bad = [m for m in methods if m not in allowed]
     if bad or not methods:
         raise UsageError(f"--rope takes {', '.join(allowed)} (or several, comma-separated); got {spec!r}")
     return list(dict.fromkeys(methods))
-
-
-# ---- the RoPE policy ----------------------------------------------------------------------
-def choose_rope_method(config, length: int) -> str:
-    """`--rope auto`: plain RoPE within the trained context, AUTO_ROPE_METHOD beyond it."""
-    return "none" if length <= config.trained_context else AUTO_ROPE_METHOD
-
-
-def resolve_rope_method(config, length: int, requested: str) -> str:
-    return choose_rope_method(config, length) if requested == "auto" else requested
-
-
-def describe_scaling(config, length: int, method: str) -> str:
-    """What actually runs at `length`: 'none' (plain RoPE), 'yarn x2', or the checkpoint's own scaling."""
-    scaling = scaling_for_context(config, length, method)
-    if not scaling:
-        return "none"
-    kind = scaling.get("rope_type", "?")
-    if config.rope_scaling:
-        return f"{kind} (checkpoint)"
-    return f"{kind} x{float(scaling.get('factor', 1.0)):g}"
 
 
 # ---- passkey prompts ----------------------------------------------------------------------
@@ -232,7 +200,7 @@ class PasskeyReport:
 
     def to_json(self) -> dict:
         return {"lengths": self.lengths, "rope": self.requested, "trials": self.trials, "filler": self.filler,
-                "answer_tokens": ANSWER_TOKENS, "auto_rope_method": AUTO_ROPE_METHOD,
+                "answer_tokens": ANSWER_TOKENS, "auto_rope_method": AUTO_METHOD,
                 "rope_chosen": {m: {str(k): v for k, v in c.items()} for m, c in self.chosen().items()},
                 "accuracy": {m: {str(k): v for k, v in a.items()} for m, a in self.accuracy().items()},
                 "results": [asdict(r) for r in self.results]}
@@ -250,24 +218,20 @@ def run_passkey(model, lengths: list[int], methods: list[str], trials: int, seed
         raise UsageError("--trials must be at least 1")
     report = PasskeyReport(lengths, methods, trials, filler_name)
     encode = SentenceEncoder(model.tokenizer)
-    saved = model.context, model.rope_method
-    try:
-        for length in lengths:
-            prompts = passkey_prompts(encode, length, trials, seed, prose)
-            done: dict[tuple, PasskeyResult] = {}
-            for method in methods:
-                for trial, prompt in enumerate(prompts):
-                    result = _passkey_trial(model, length, method, trial, prompt, done)
-                    report.results.append(result)
-                    on_result(result)
-    finally:
-        model.context, model.rope_method = saved
+    for length in lengths:
+        prompts = passkey_prompts(encode, length, trials, seed, prose)
+        done: dict[tuple, PasskeyResult] = {}
+        for method in methods:
+            for trial, prompt in enumerate(prompts):
+                result = _passkey_trial(model, length, method, trial, prompt, done)
+                report.results.append(result)
+                on_result(result)
     return report
 
 
 def _passkey_trial(model, length: int, requested: str, trial: int, prompt: PasskeyPrompt,
                    done: dict[tuple, PasskeyResult]) -> PasskeyResult:
-    rope = resolve_rope_method(model.config, length, requested)
+    rope = method_for_context(model.config, length, requested)
     scaling = scaling_for_context(model.config, length, rope)
     same_run = (json.dumps(scaling, sort_keys=True), trial)
     result = PasskeyResult(length, rope, requested, describe_scaling(model.config, length, rope), trial,
@@ -277,10 +241,9 @@ def _passkey_trial(model, length: int, requested: str, trial: int, prompt: Passk
         result.found, result.answer, result.seconds, result.error = (earlier.found, earlier.answer, earlier.seconds,
                                                                      earlier.error)
         return result
-    model.context, model.rope_method = length, rope
     t0 = time.perf_counter()
     try:
-        answer = model.generate(prompt.ids, max_new_tokens=ANSWER_TOKENS).text
+        answer = model.generate(prompt.ids, max_new_tokens=ANSWER_TOKENS, context=length, rope=rope).text
         result.found, result.answer = passkey_found(answer, prompt.key), answer
     except (ContextError, OutOfMemoryError) as e:
         result.error = str(e)
@@ -310,20 +273,16 @@ def run_perplexity(model, ids: list[int], lengths: list[int], methods: list[str]
     if window < 1:
         raise UsageError("--window must be at least 1")
     rows = []
-    saved = model.context, model.rope_method
-    try:
-        for length in lengths:
-            why = _cannot_score(length, len(ids), window)
-            if why:
-                on_skip(length, why)
-                continue
-            done: dict[str, PerplexityRow] = {}  # methods that run the same RoPE share one run
-            for requested in methods:
-                row = _perplexity_row(model, ids[-length:], length, requested, window, done)
-                rows.append(row)
-                on_row(row)
-    finally:
-        model.context, model.rope_method = saved
+    for length in lengths:
+        why = _cannot_score(length, len(ids), window)
+        if why:
+            on_skip(length, why)
+            continue
+        done: dict[str, PerplexityRow] = {}  # methods that run the same RoPE share one run
+        for requested in methods:
+            row = _perplexity_row(model, ids[-length:], length, requested, window, done)
+            rows.append(row)
+            on_row(row)
     return rows
 
 
@@ -337,7 +296,7 @@ def _cannot_score(length: int, available: int, window: int) -> str | None:
 
 def _perplexity_row(model, ids: list[int], length: int, requested: str, window: int,
                     done: dict[str, PerplexityRow]) -> PerplexityRow:
-    rope = resolve_rope_method(model.config, length, requested)
+    rope = method_for_context(model.config, length, requested)
     row = PerplexityRow(length, rope, requested, describe_scaling(model.config, length, rope), window)
     same_run = json.dumps(scaling_for_context(model.config, length, rope), sort_keys=True)
     if same_run in done:
@@ -345,44 +304,11 @@ def _perplexity_row(model, ids: list[int], length: int, requested: str, window: 
         row.nll, row.perplexity, row.seconds, row.error = earlier.nll, earlier.perplexity, earlier.seconds, earlier.error
         return row
     done[same_run] = row
-    model.context, model.rope_method = length, rope
     t0 = time.perf_counter()
     try:
-        nll = window_nll(model, ids, window)
+        nll = model.score(ids, window, rope=rope)
         row.nll, row.perplexity = nll, math.exp(nll)
     except (ContextError, OutOfMemoryError) as e:
         row.error = str(e)
     row.seconds = time.perf_counter() - t0
     return row
-
-
-def window_nll(model, ids: list[int], window: int) -> float:
-    """Mean NLL of ids[-window:], each given all the ids before it.
-
-    The context is prefilled in chunks (only the last position's logits are ever materialised),
-    then the window is stepped through one decode at a time: each step's logits score the next id.
-    """
-    lm = model.lm
-    model.plan(len(ids), requested=len(ids))  # refuses what cannot fit, announces the RoPE scaling
-    cache = model.new_cache(len(ids))
-    context, scored = ids[:-window], ids[-window:]
-    logits = lm.prefill(context, cache, model.prefill_chunk)
-    total = 0.0
-    for i, target in enumerate(scored):
-        total += negative_log_likelihood(logits_to_numpy(logits), target)
-        if i + 1 < len(scored):
-            logits = lm.decode(target, cache)
-    return total / len(scored)
-
-
-def negative_log_likelihood(logits: np.ndarray, target: int) -> float:
-    z = logits.astype(np.float64)
-    top = z.max()
-    return float(top + np.log(np.exp(z - top).sum()) - z[target])
-
-
-def logits_to_numpy(logits) -> np.ndarray:
-    """A backend's logits as numpy. Numpy's array protocol reads CPU tensors and MLX arrays; an
-    accelerator tensor is first copied to the host through its `.cpu()`."""
-    to_host = getattr(logits, "cpu", None)
-    return np.asarray(to_host() if callable(to_host) else logits, dtype=np.float32)

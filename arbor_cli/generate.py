@@ -11,7 +11,7 @@ import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Generator, Iterator
 
 from .backend import REPEAT_WINDOW, LoadedModel, SamplingParams
 from .errors import UsageError
@@ -97,21 +97,29 @@ class StopFilter:
 
 
 class GenerationStream:
-    """Iterate for text pieces as they decode; `.result` holds the GenerationResult afterwards."""
+    """Iterate for text pieces as they decode. `tokens` grows as tokens are produced (a caller that
+    stops early still knows what was generated); `result` holds the GenerationResult once the
+    pieces are exhausted.
 
-    def __init__(self, pieces: Iterator[str]):
+    `pieces` is a generator that yields text and returns the GenerationResult (stream_generation).
+    """
+
+    def __init__(self, pieces: Generator[str, None, GenerationResult], tokens: list[int]):
         self._pieces = pieces
+        self.tokens = tokens
         self.result: GenerationResult | None = None
 
     def __iter__(self) -> Iterator[str]:
-        return self._pieces
+        self.result = yield from self._pieces
 
 
 def stream_generation(lm: LoadedModel, tokenizer, cache, prompt_ids: list[int], opts: GenerationOptions,
-                      *, chunk_size: int = 512, on_done=None, generated: list[int] | None = None) -> Iterator[str]:
-    """Prefill `prompt_ids` after what `cache` already holds, then decode; yields text pieces.
+                      *, chunk_size: int = 512, on_done=None, generated: list[int] | None = None
+                      ) -> Generator[str, None, GenerationResult]:
+    """Prefill `prompt_ids` after what `cache` already holds, then decode; yields text pieces and
+    returns the GenerationResult when the loop ends (normally or by a stop).
 
-    `on_done(result)` receives the GenerationResult when the loop ends (normally or by a stop).
+    `on_done(result)`, when given, receives that result too.
     `generated`, when given, receives each token as it is produced, so a caller interrupted mid-way
     (Ctrl-C) still knows what the cache holds. Room in the cache bounds max_new_tokens:
     generation ends with finish_reason "length" there.
@@ -161,5 +169,7 @@ def stream_generation(lm: LoadedModel, tokenizer, cache, prompt_ids: list[int], 
         "prefill_tokens_per_s": len(prompt_ids) / (t1 - t0) if prompt_ids and t1 > t0 else 0.0,
         "decode_tokens_per_s": decode_steps / (t2 - t1) if decode_steps and t2 > t1 else 0.0,
     }
+    result = GenerationResult("".join(text), tokens, finish, timings, cache.capacity)
     if on_done is not None:
-        on_done(GenerationResult("".join(text), tokens, finish, timings, cache.capacity))
+        on_done(result)
+    return result

@@ -1,17 +1,23 @@
-"""The Python API: `load()` a model by name or path, then `logits`, `generate` and `chat`."""
+"""The Python API: `load()` a model by name or path, then `logits`, `generate`, `chat`, `stream`, `score`.
+
+`Model` is the one door to a backend: every caller (the CLI, ChatSession, the summariser, evals,
+bench) holds a Model and never the backend's loaded object (`lm`). Context length and RoPE method
+are arguments of a call; the Model's own `context` and `rope_method` are the defaults load() set.
+"""
 
 from __future__ import annotations
 
 import json
+import time
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import numpy as np
 
 from .backend import LoadedModel, select_backend
 from .config import ArborConfig
-from .errors import BackendUnavailableError, ContextError, OutOfMemoryError, UsageError
-from .planner import ContextPlan, choose_context, memory_budget, next_smaller
+from .errors import ContextError, OutOfMemoryError, UsageError
 from .generate import GenerationOptions, GenerationResult, GenerationStream, stream_generation
+from .planner import BUCKETS, ContextPlan, bucket_table, choose_context, kv_cache_tokens, memory_budget, next_smaller
 from .rope import resolve_method, rope_frequencies, scaling_for_context
 
 if TYPE_CHECKING:
@@ -32,10 +38,11 @@ class Model:
         self.lm = lm
         self.tokenizer = tokenizer
         self.backend = backend
-        self.context = context
-        self.rope_method = rope_method
+        self.context = context  # the default context of every call (load's --context); None: planned per call
+        self.rope_method = rope_method  # the default RoPE method of every call
         self.prefill_chunk = prefill_chunk or getattr(lm, "prefill_chunk", 512)
         self._rope_key: tuple | None = None
+        self._scratch_cache = None
         self._announced: set[tuple] = set()
         self.notify: Callable[[str], None] = lambda message: None  # the CLI routes these to stderr
 
@@ -51,117 +58,205 @@ class Model:
         return self.lm.num_parameters()
 
     # ---- RoPE and caches ------------------------------------------------------------------
-    def rope_scaling_for(self, context: int) -> dict | None:
+    def rope_scaling_for(self, context: int, rope: str | None = None) -> dict | None:
         """The rope_scaling arbor runs with at `context` tokens (None: the model's plain RoPE)."""
-        return scaling_for_context(self.config, context, self.rope_method)
+        return scaling_for_context(self.config, context, rope or self.rope_method)
 
-    def _prepare_rope(self, positions: int, seq_len: int | None = None) -> None:
-        cfg = self.config.with_rope_scaling(self.rope_scaling_for(seq_len or positions))
-        rope = rope_frequencies(cfg, seq_len or positions)
-        key = (json.dumps(cfg.rope_scaling, sort_keys=True), rope.seq_len if cfg.rope_type == "dynamic" else 0,
+    def _prepare_rope(self, positions: int, seq_len: int | None = None, rope: str | None = None) -> None:
+        cfg = self.config.with_rope_scaling(self.rope_scaling_for(seq_len or positions, rope))
+        tables = rope_frequencies(cfg, seq_len or positions)
+        key = (json.dumps(cfg.rope_scaling, sort_keys=True), tables.seq_len if cfg.rope_type == "dynamic" else 0,
                positions)
         if key != self._rope_key:
-            self.lm.set_rope(rope, positions)
+            self.lm.set_rope(tables, positions)
             self._rope_key = key
 
-    def new_cache(self, capacity: int):
-        """A KV cache for `capacity` tokens, with RoPE set up for that context."""
-        self._prepare_rope(capacity)
+    def new_cache(self, capacity: int, rope: str | None = None):
+        """A KV cache for `capacity` tokens, with RoPE (`rope`, default: the model's method) set up for it."""
+        self._prepare_rope(capacity, rope=rope)
         return self.lm.new_cache(capacity)
 
-    def _reusable_cache(self, capacity: int):
+    def _reusable_cache(self, capacity: int, rope: str | None = None):
         """One-shot generations reuse a cache of the same size: no re-allocation, and a CUDA graph
         captured for its buffers stays valid."""
-        cached = getattr(self, "_scratch_cache", None)
-        self._prepare_rope(capacity)
-        if cached is None or cached.capacity != capacity:
-            cached = self._scratch_cache = self.lm.new_cache(capacity)
-        cached.truncate(0)
-        return cached
+        self._prepare_rope(capacity, rope=rope)
+        if self._scratch_cache is None or self._scratch_cache.capacity != capacity:
+            self._scratch_cache = self.lm.new_cache(capacity)
+        self._scratch_cache.truncate(0)
+        return self._scratch_cache
 
-    def plan(self, needed_tokens: int, requested: int | None = None) -> ContextPlan:
-        """The context for `needed_tokens` on this machine now (see planner.py)."""
-        mem = self.lm.memory()
-        budget = memory_budget(mem.free_bytes, mem.total_bytes, resident_bytes=self.lm.weights_nbytes)
-        plan = choose_context(self.config, needed_tokens, budget, self.lm.weights_nbytes, self.lm.kv_element_bytes,
-                              self.lm.act_element_bytes, self.prefill_chunk,
+    # ---- planning -------------------------------------------------------------------------
+    def plan(self, needed_tokens: int, requested: int | None = None, rope: str | None = None) -> ContextPlan:
+        """The context for `needed_tokens` on this machine now (see planner.py); `requested` (default:
+        the model's context) is honoured exactly or refused."""
+        plan = choose_context(self.config, needed_tokens, self._budget(), self.lm.weights_nbytes,
+                              self.lm.kv_element_bytes, self.lm.act_element_bytes, self.prefill_chunk,
                               requested=self.context if requested is None else requested,
                               kv_scale_bytes=getattr(self.lm, "kv_scale_bytes", 0))
-        scaling = self.rope_scaling_for(plan.context)
-        if plan.scaled and scaling and (plan.context, scaling["rope_type"]) not in self._announced:
-            self._announced.add((plan.context, scaling["rope_type"]))
-            how = "the model's own" if self.config.rope_scaling else (
-                "chosen by --rope auto" if (self.rope_method or "auto") == "auto" else "as asked")
-            self.notify(f"context {plan.context} is beyond the model's trained {self.config.trained_context} tokens: "
-                        f"RoPE {scaling['rope_type']} scaling, factor {scaling.get('factor', 1.0):g} ({how})")
+        self._announce_scaling(plan, rope)
         return plan
 
-    def capacity_for(self, needed: int) -> int:
-        return self.plan(needed).context
+    def _budget(self) -> int:
+        mem = self.lm.memory()
+        return memory_budget(mem.free_bytes, mem.total_bytes, resident_bytes=self.lm.weights_nbytes)
+
+    def _announce_scaling(self, plan: ContextPlan, rope: str | None) -> None:
+        scaling = self.rope_scaling_for(plan.context, rope)
+        if not (plan.scaled and scaling) or (plan.context, scaling["rope_type"]) in self._announced:
+            return
+        self._announced.add((plan.context, scaling["rope_type"]))
+        how = "the model's own" if self.config.rope_scaling else (
+            "chosen by --rope auto" if (rope or self.rope_method or "auto") == "auto" else "as asked")
+        self.notify(f"context {plan.context} is beyond the model's trained {self.config.trained_context} tokens: "
+                    f"RoPE {scaling['rope_type']} scaling, factor {scaling.get('factor', 1.0):g} ({how})")
+
+    def smaller_context(self, error: OutOfMemoryError, context: int, *, needed: int = 0, pinned: bool = False) -> int:
+        """The out-of-memory policy, for every caller: after `error` at `context`, retry once at the next
+        smaller context bucket. Re-raises `error` when there is none, when the context was the user's
+        (`pinned`: that error is theirs to see), or when `needed` tokens would not fit the smaller one."""
+        smaller = next_smaller(context)
+        if smaller is None or pinned or needed >= smaller:
+            raise error
+        self._scratch_cache = None  # let the failed context's cache go before allocating the smaller one
+        return smaller
+
+    def memory_report(self) -> dict:
+        """The machine, the model, and the context buckets that fit its free memory now (`arbor info`)."""
+        mem, lm = self.lm.memory(), self.lm
+        kv_scale_bytes = getattr(lm, "kv_scale_bytes", 0)
+        rows = bucket_table(self.config, self._budget(), lm.weights_nbytes, lm.kv_element_bytes,
+                            lm.act_element_bytes, self.prefill_chunk, kv_scale_bytes=kv_scale_bytes)
+        fitting = [r.context for r in rows if r.fits]
+        return {
+            "backend": self.backend, "device": self.device, "dtype": self.dtype,
+            "memory_total_bytes": mem.total_bytes, "memory_free_bytes": mem.free_bytes,
+            "model": self.checkpoint.name, "parameters": self.num_parameters(), "weights_bytes": lm.weights_nbytes,
+            "trained_context": self.config.trained_context, "max_context": fitting[-1] if fitting else 0,
+            "rope_method": self.rope_method,
+            "kv_bits": getattr(lm, "kv_bits", 16),
+            "quantize": getattr(lm, "quantize", None),
+            "kv_bytes_per_token": self.config.kv_bytes_per_token(lm.kv_element_bytes, kv_scale_bytes),
+            "sliding_window": self.config.sliding_window,
+            "kv_cached_tokens_max": kv_cache_tokens(self.config, BUCKETS[-1], self.prefill_chunk),
+            "buckets": [{"context": r.context, "bytes": r.bytes, "fits": r.fits,
+                         "rope_scaling": self.rope_scaling_for(r.context)} for r in rows],
+        }
 
     # ---- the API --------------------------------------------------------------------------
-    def logits(self, ids: list[int]) -> np.ndarray:
-        """float32 [len(ids), vocab]: a full forward pass over `ids`, no cache."""
+    def logits(self, ids: list[int], *, context: int | None = None, rope: str | None = None) -> np.ndarray:
+        """float32 [len(ids), vocab]: a full forward pass over `ids`, no cache, with the RoPE the model
+        runs at `context` (default: the model's context, at least len(ids))."""
         ids = self._check_ids(ids)
-        self._prepare_rope(len(ids), seq_len=max(len(ids), self.context or 0))
+        self._prepare_rope(len(ids), seq_len=max(len(ids), context or self.context or 0), rope=rope)
         return self.lm.logits(ids)
 
     def generate(self, prompt: str | list[int], max_new_tokens: int = 256, temperature: float = 0.0,
                  top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop: str | Iterable[str] | None = None,
                  ignore_eos: bool = False, stream: bool = False, add_special_tokens: bool = True,
-                 repetition_penalty: float = 1.0
+                 repetition_penalty: float = 1.0, *, context: int | None = None, rope: str | None = None
                  ) -> GenerationResult | GenerationStream:
         """Complete `prompt` (text, or token ids used as they are). temperature 0 is greedy."""
         opts = GenerationOptions.build(max_new_tokens, temperature, top_p, top_k, seed, stop, ignore_eos,
                                        repetition_penalty)
         ids = self._check_ids(prompt) if isinstance(prompt, list) else \
             self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
-        return self._run(ids, opts, stream)
+        return _finished(self.stream(ids, opts, context=context, rope=rope), stream)
 
-    def chat(self, messages: list[dict[str, Any]], stream: bool = False, **options) -> GenerationResult | GenerationStream:
+    def chat(self, messages: list[dict[str, Any]], stream: bool = False, *, context: int | None = None,
+             rope: str | None = None, **options) -> GenerationResult | GenerationStream:
         """Reply to `messages` ([{"role": ..., "content": ...}]) through the model's chat template."""
         opts = GenerationOptions.build(**options)
-        return self._run(self.tokenizer.encode_chat(messages, add_generation_prompt=True), opts, stream)
+        ids = self.tokenizer.encode_chat(messages, add_generation_prompt=True)
+        return _finished(self.stream(ids, opts, context=context, rope=rope), stream)
 
-    def _run(self, ids: list[int], opts: GenerationOptions, stream: bool):
+    def stream(self, ids: list[int], options: GenerationOptions, *, cache=None, context: int | None = None,
+               rope: str | None = None) -> GenerationStream:
+        """The one generation entry point: prefill `ids`, decode, stream text.
+
+        With `cache` (a live conversation's, from new_cache), `ids` follow what it holds and run with
+        the RoPE it was built for. Without, the context is `context` (default: the model's, else
+        planned for prompt + answer) and a one-shot cache is used; out of memory before the first
+        piece, an unpinned context is retried once one bucket smaller (smaller_context).
+        """
         if not ids:
             raise UsageError("the prompt is empty")
-        capacity = self.capacity_for(len(ids) + opts.max_new_tokens)
+        tokens: list[int] = []
+        if cache is not None:
+            return GenerationStream(stream_generation(self.lm, self.tokenizer, cache, ids, options,
+                                                      chunk_size=self.prefill_chunk, generated=tokens), tokens)
+        capacity = self.plan(len(ids) + options.max_new_tokens, requested=context, rope=rope).context
         if len(ids) >= capacity:
             raise ContextError(f"the prompt has {len(ids)} tokens but the context holds {capacity}; "
                                "shorten it or raise --context")
-        holder = GenerationStream(iter(()))
-        pieces = self._pieces_retrying_smaller(ids, opts, capacity, holder)
-        if stream:
-            holder._pieces = pieces
-            return holder
-        for _ in pieces:
-            pass
-        return holder.result
+        pinned = (context or self.context) is not None
+        return GenerationStream(self._stream_with_oom_fallback(ids, options, capacity, rope, pinned, tokens), tokens)
 
-    def _pieces_retrying_smaller(self, ids: list[int], opts: GenerationOptions, capacity: int,
-                                 holder: GenerationStream):
-        """Generate at `capacity`; out of memory before the first piece, retry once at the next smaller
-        context bucket when the prompt fits it (the answer then gets the room that is left) and say so.
-        A context the user set (--context) is kept: that error is theirs to see."""
+    def _stream_with_oom_fallback(self, ids, options, capacity, rope, pinned, tokens):
+        """Generate at `capacity`; out of memory before the first piece, once more one bucket smaller
+        (the answer then gets the room that is left), saying so."""
         yielded = False
         try:
-            for piece in self._pieces(ids, opts, capacity, holder):
+            pieces = self._one_shot(ids, options, capacity, rope, tokens)
+            while True:
+                try:
+                    piece = next(pieces)
+                except StopIteration as done:
+                    return done.value
                 yielded = True
                 yield piece
-            return
         except OutOfMemoryError as e:
-            smaller = next_smaller(capacity)
-            if yielded or self.context is not None or smaller is None or len(ids) >= smaller:
+            if yielded:
                 raise
-            self._scratch_cache = None  # let the failed context's cache go before allocating the smaller one
+            smaller = self.smaller_context(e, capacity, needed=len(ids), pinned=pinned)
             self.notify(f"{e} at a {capacity:,}-token context; retrying once at {smaller:,} tokens")
-        yield from self._pieces(ids, opts, smaller, holder)
+        tokens.clear()
+        return (yield from self._one_shot(ids, options, smaller, rope, tokens))
 
-    def _pieces(self, ids: list[int], opts: GenerationOptions, capacity: int, holder: GenerationStream):
-        cache = self._reusable_cache(capacity)
-        return stream_generation(self.lm, self.tokenizer, cache, ids, opts, chunk_size=self.prefill_chunk,
-                                 on_done=lambda r: setattr(holder, "result", r))
+    def _one_shot(self, ids, options, capacity, rope, tokens):
+        cache = self._reusable_cache(capacity, rope)
+        return stream_generation(self.lm, self.tokenizer, cache, ids, options, chunk_size=self.prefill_chunk,
+                                 generated=tokens)
+
+    def score(self, ids: list[int], window: int, *, rope: str | None = None) -> float:
+        """Mean negative log-likelihood (nats) of ids[-window:], each given all the ids before it, at a
+        context of exactly len(ids) tokens.
+
+        The context is prefilled in chunks (only the last position's logits are ever materialised),
+        then the window is stepped through one decode at a time: each step's logits score the next id.
+        """
+        self.plan(len(ids), requested=len(ids), rope=rope)  # refuses what cannot fit, announces the RoPE scaling
+        cache = self.new_cache(len(ids), rope)
+        context, scored = ids[:-window], ids[-window:]
+        logits = self.lm.prefill(context, cache, self.prefill_chunk)
+        total = 0.0
+        for i, target in enumerate(scored):
+            total += negative_log_likelihood(logits_to_numpy(logits), target)
+            if i + 1 < len(scored):
+                logits = self.lm.decode(target, cache)
+        return total / len(scored)
+
+    def time_prefill_decode(self, prompt: list[int], context: int, decode_tokens: int) -> dict[str, float]:
+        """Greedy prefill of `prompt` and `decode_tokens` decode steps at `context`, timed (`arbor bench`).
+
+        Warm-up first: two chunks (a first one, and one after cached keys) so kernel selection,
+        library initialisation and autotuning are not timed; then the cache is emptied again. The
+        first decode step (a CUDA graph's capture) is not timed either.
+        """
+        lm, greedy = self.lm, GenerationOptions().sampling
+        lm.reset_peak_memory()
+        cache = self.new_cache(context)
+        warm = prompt[:2 * self.prefill_chunk]
+        lm.sample(lm.prefill(warm, cache, self.prefill_chunk), greedy, None)
+        cache.truncate(0)
+        t0 = time.perf_counter()
+        token = lm.sample(lm.prefill(prompt, cache, self.prefill_chunk), greedy, None)  # sample() syncs
+        t1 = time.perf_counter()
+        token = lm.sample(lm.decode(token, cache), greedy, None)
+        t2 = time.perf_counter()
+        for _ in range(decode_tokens - 1):
+            token = lm.sample(lm.decode(token, cache), greedy, None)
+        t3 = time.perf_counter()
+        return {"prefill_s": t1 - t0, "decode_s": t3 - t2, "peak_memory_bytes": lm.peak_memory()}
 
     def _check_ids(self, ids) -> list[int]:
         ids = [int(i) for i in ids]
@@ -171,6 +266,27 @@ class Model:
         if bad:
             raise UsageError(f"token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})")
         return ids
+
+
+def _finished(stream: GenerationStream, keep_streaming: bool) -> GenerationResult | GenerationStream:
+    if keep_streaming:
+        return stream
+    for _ in stream:
+        pass
+    return stream.result
+
+
+def negative_log_likelihood(logits: np.ndarray, target: int) -> float:
+    z = logits.astype(np.float64)
+    top = z.max()
+    return float(top + np.log(np.exp(z - top).sum()) - z[target])
+
+
+def logits_to_numpy(logits) -> np.ndarray:
+    """A backend's logits as numpy. Numpy's array protocol reads CPU tensors and MLX arrays; an
+    accelerator tensor is first copied to the host through its `.cpu()`."""
+    to_host = getattr(logits, "cpu", None)
+    return np.asarray(to_host() if callable(to_host) else logits, dtype=np.float32)
 
 
 def load(model: str | None = None, backend: str | None = None, device: str | None = None, dtype: str | None = None,
@@ -185,6 +301,7 @@ def load(model: str | None = None, backend: str | None = None, device: str | Non
     """
     import arbor_weights
 
+    from .errors import BackendUnavailableError
     from .tokenizer import load_tokenizer
 
     if context is not None and (not isinstance(context, int) or not 16 <= context <= MAX_CONTEXT):

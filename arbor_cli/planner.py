@@ -9,10 +9,11 @@ free memory (CUDA mem_get_info, MLX's recommended working set, psutil's availabl
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from .config import ArborConfig
-from .errors import ContextError
+from .errors import ContextError, UsageError
 
 BUCKETS = (4096, 8192, 16384, 32768, 65536, 131072)
 MIN_MARGIN = 256 << 20  # interpreter, allocator slack and the framework's own buffers
@@ -137,3 +138,17 @@ def next_smaller(context: int, buckets: tuple[int, ...] = BUCKETS) -> int | None
 
 def _gib(n: int) -> str:
     return f"{n / (1 << 30):.2f} GiB"
+
+
+def parse_token_counts(spec: str, option: str) -> list[int]:
+    """'4k,16k,32768' -> [4096, 16384, 32768]: token counts in the order given, 'k' meaning 1024;
+    `option` (e.g. '--contexts') names the flag in the error."""
+    counts = []
+    for part in filter(None, (p.strip().lower() for p in spec.split(","))):
+        match = re.fullmatch(r"(\d+)(k?)", part)
+        if not match or int(match.group(1)) <= 0:
+            raise UsageError(f"{option} takes token counts like 4k,16k,32768; got {part!r}")
+        counts.append(int(match.group(1)) * (1024 if match.group(2) else 1))
+    if not counts:
+        raise UsageError(f"{option} is empty")
+    return counts

@@ -120,11 +120,7 @@ def _llama3_inv_freq(base: float, dim: int, rope: dict) -> np.ndarray:
 
 
 METHODS = ("none", "linear", "dynamic", "yarn", "llama3")
-# What "auto" runs beyond the trained context. Measured on the default model (docs/long-context.md):
-# YaRN keeps perplexity near the trained level (14.1 at 16K, 15.6 at 32K vs 13.9 at 8K; linear 33
-# and 85, dynamic 15.3 and 24.9) and passes the passkey targets (50% at 16K, 38% at 32K). The seed
-# guide's linear interpolation is what Position Interpolation fine-tunes for; untuned, it is worst.
-AUTO_METHOD = "yarn"
+AUTO_METHOD = "yarn"  # what "auto" runs beyond the trained context: measured best untuned (docs/long-context.md)
 
 
 def resolve_method(method: str) -> str:
@@ -157,3 +153,22 @@ def scaling_for_context(config: ArborConfig, context: int, method: str = "auto")
     if method == "llama3":
         scaling.update(low_freq_factor=1.0, high_freq_factor=4.0)
     return scaling
+
+
+def method_for_context(config: ArborConfig, context: int, requested: str = "auto") -> str:
+    """The method that runs at `context`: under 'auto', plain RoPE ('none') within the trained
+    context and AUTO_METHOD beyond it; an explicit method as asked."""
+    if (requested or "auto").lower() != "auto":
+        return resolve_method(requested)
+    return "none" if context <= config.trained_context else AUTO_METHOD
+
+
+def describe_scaling(config: ArborConfig, context: int, method: str) -> str:
+    """What runs at `context`: 'none' (plain RoPE), 'yarn x2', or the checkpoint's own scaling."""
+    scaling = scaling_for_context(config, context, method)
+    if not scaling:
+        return "none"
+    kind = scaling.get("rope_type", "?")
+    if config.rope_scaling:
+        return f"{kind} (checkpoint)"
+    return f"{kind} x{float(scaling.get('factor', 1.0)):g}"

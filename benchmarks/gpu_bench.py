@@ -64,7 +64,8 @@ def load(model_name: str | None, shape: str | None, workdir: Path):
 
 
 def main() -> None:
-    from arbor_cli.bench import bench_arbor, bench_transformers, parse_contexts
+    from arbor_cli.bench import bench_arbor, parse_contexts
+    from arbor_torch.transformers_peer import bench as bench_transformers
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m-instruct")

@@ -178,71 +178,6 @@ def test_ctrl_c_during_generation_exits_130(model_args):
     assert "interrupted" in err and "Traceback" not in err
 
 
-# ---- chat sessions ------------------------------------------------------------------------------
-@pytest.mark.slow
-def test_second_turn_prefills_only_new_tokens_and_matches_a_fresh_session(default_model):
-    opts = GenerationOptions(max_new_tokens=24)
-    session = ChatSession(default_model, options=opts, context=4096)
-    "".join(session.send("Name a fruit that is yellow."))
-    history_tokens = session.tokens_used()
-    second = "".join(session.send("And one that is red?"))
-    prefilled = session.last_result.timings["prompt_tokens"]
-    full = len(default_model.tokenizer.encode_chat(session.messages[:-1]))
-    # only the new turn, plus the few tokens where the re-rendered last reply differs from what was generated
-    assert prefilled <= full - history_tokens + 8 and prefilled < full / 2
-    fresh = ChatSession(default_model, options=opts, context=4096)
-    fresh.turns = session.turns[:2]
-    assert "".join(fresh.send("And one that is red?")) == second
-
-
-@pytest.mark.slow
-def test_long_conversation_drops_oldest_turns_and_keeps_the_system_prompt(default_model):
-    notices = []
-    default_model.notify = notices.append
-    try:
-        session = ChatSession(default_model, system="You are terse.", options=GenerationOptions(max_new_tokens=16, ignore_eos=True),
-                              context=256)
-        for i in range(10):
-            "".join(session.send(f"Tell me fact number {i} about the ocean, please, in detail."))
-        assert session.messages[0] == {"role": "system", "content": "You are terse."}
-        assert session.tokens_used() <= 256
-        assert any("dropped the oldest" in n for n in notices)
-    finally:
-        default_model.notify = lambda message: None
-
-
-def test_session_save_and_load_roundtrip(tmp_path):
-    class M:
-        context = 4096
-        config = type("C", (), {"trained_context": 8192})()
-
-        def plan(self, n):
-            return type("P", (), {"context": 4096})()
-
-    s = ChatSession(M(), system="sys")
-    s.turns = [{"role": "user", "content": "hi ✓"}, {"role": "assistant", "content": "hello"}]
-    s.save(tmp_path / "chat.json")
-    t = ChatSession(M())
-    t.load(tmp_path / "chat.json")
-    assert t.system == "sys" and t.turns == s.turns
-
-
-def test_failed_save_keeps_the_old_file(tmp_path, monkeypatch):
-    class M:
-        context = 4096
-
-        def plan(self, n):
-            return type("P", (), {"context": 4096})()
-
-    s = ChatSession(M())
-    target = tmp_path / "chat.json"
-    target.write_text("precious")
-    monkeypatch.setattr("os.replace", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
-    with pytest.raises(OSError):
-        s.save(target)
-    assert target.read_text() == "precious" and len(list(tmp_path.iterdir())) == 1
-
-
 @pytest.mark.slow
 def test_repl_slash_commands_and_a_reply(runner, model_args, tmp_path, monkeypatch):
     monkeypatch.setattr(chat_cli, "stdin_is_piped", lambda: False)
@@ -278,32 +213,3 @@ def test_repl_ctrl_c_stops_the_reply_and_keeps_the_session(default_model, monkey
     assert session.turns[-1]["role"] == "assistant" and session.tokens_used() > 0
     reply = "".join(session.send("What is the capital of France?"))
     assert "Paris" in reply
-
-
-@pytest.mark.slow
-def test_out_of_memory_retries_once_at_the_next_smaller_context_and_says_so(default_model, monkeypatch):
-    from arbor_cli.errors import OutOfMemoryError
-
-    lm, notices = default_model.lm, []
-    real_new_cache = lm.new_cache
-
-    def new_cache(capacity):
-        if capacity > 4096:
-            raise OutOfMemoryError("out of memory (simulated)")
-        return real_new_cache(capacity)
-
-    monkeypatch.setattr(lm, "new_cache", new_cache)
-    monkeypatch.setattr(default_model, "_scratch_cache", None, raising=False)
-    monkeypatch.setattr(default_model, "notify", notices.append)
-    # 5,000 answer tokens plan an 8K context; it fails, 4K is tried, and the answer ends where 4K does
-    r = default_model.generate("The capital of France is", max_new_tokens=5000, stop=["."])
-    assert r.context == 4096 and "Paris" in r.text
-    assert len(notices) == 1 and "retrying once at 4,096" in notices[0]
-    default_model.context = 4096  # a context the user chose is not silently changed
-    try:
-        monkeypatch.setattr(lm, "new_cache", lambda capacity: (_ for _ in ()).throw(OutOfMemoryError("oom")))
-        default_model._scratch_cache = None
-        with pytest.raises(OutOfMemoryError):
-            default_model.generate("The capital of France is", max_new_tokens=8)
-    finally:
-        default_model.context = None

@@ -11,16 +11,15 @@ from typer.testing import CliRunner
 
 from arbor_cli.cli import app
 from arbor_cli.errors import UsageError
+from arbor_cli.model import Model
+from arbor_cli.rope import AUTO_METHOD
 from arbor_cli.evals import (
     ANSWER_TOKENS,
-    AUTO_ROPE_METHOD,
     KEY_LINE,
     QUESTION,
     TASK,
     SentenceEncoder,
     build_passkey_prompt,
-    choose_rope_method,
-    describe_scaling,
     parse_lengths,
     parse_rope_methods,
     passkey_found,
@@ -56,8 +55,8 @@ class FakeModel:
         self.config = SimpleNamespace(trained_context=trained, rope_scaling=None)
         self.context, self.rope_method, self.calls = None, "linear", []
 
-    def generate(self, ids, max_new_tokens):
-        self.calls.append((len(ids), self.context, self.rope_method))
+    def generate(self, ids, max_new_tokens, context=None, rope=None):
+        self.calls.append((len(ids), context, rope))
         key = re.search(r"pass key is (\d{5})", self.tokenizer.decode(ids)).group(1)
         return SimpleNamespace(text=f" {key}. Remember")
 
@@ -150,14 +149,6 @@ def test_found_means_the_answer_contains_the_digits(answer, found):
 
 
 # ---- the RoPE policy and the run loop -----------------------------------------------------
-def test_auto_is_plain_rope_within_the_trained_context_and_the_chosen_method_beyond():
-    config = SimpleNamespace(trained_context=8192, rope_scaling=None)
-    assert choose_rope_method(config, 8192) == "none"
-    assert choose_rope_method(config, 16384) == AUTO_ROPE_METHOD
-    assert describe_scaling(config, 16384, "yarn") == "yarn x2"
-    assert describe_scaling(config, 4096, "linear") == "none"
-
-
 def test_methods_that_run_the_same_rope_share_one_run():
     model = FakeModel(trained=1024)
     report = run_passkey(model, [512, 2048], ["auto", "none", "linear", "yarn"], trials=2)
@@ -167,7 +158,7 @@ def test_methods_that_run_the_same_rope_share_one_run():
     assert all(n == c - ANSWER_TOKENS for n, c, _ in model.calls)
     assert len(report.results) == 2 * 4 * 2 and all(r.found for r in report.results)
     assert report.accuracy()["auto"] == {512: 1.0, 2048: 1.0}
-    assert report.chosen()["auto"][2048] == {"rope": AUTO_ROPE_METHOD, "scaling": f"{AUTO_ROPE_METHOD} x2"}
+    assert report.chosen()["auto"][2048] == {"rope": AUTO_METHOD, "scaling": f"{AUTO_METHOD} x2"}
     assert (model.context, model.rope_method) == (None, "linear")  # restored
 
 
@@ -175,10 +166,10 @@ def test_a_length_that_does_not_fit_is_recorded_not_fatal():
     from arbor_cli.errors import ContextError
 
     class SmallModel(FakeModel):
-        def generate(self, ids, max_new_tokens):
-            if self.context > 1024:
+        def generate(self, ids, max_new_tokens, context=None, rope=None):
+            if context > 1024:
                 raise ContextError("--context 2048 needs 9 GiB but only 1 GiB is available")
-            return super().generate(ids, max_new_tokens)
+            return super().generate(ids, max_new_tokens, context, rope)
 
     report = run_passkey(SmallModel(), [1024, 2048], ["none"], trials=1)
     assert [r.found for r in report.results] == [True, None]
@@ -203,10 +194,10 @@ class FakeLM:
 
 
 def test_perplexity_scores_the_window_and_skips_what_the_text_cannot_fill():
-    model = FakeModel(trained=1024)
-    model.lm, model.prefill_chunk = FakeLM(), 64
-    model.plan = lambda needed, requested=None: None
-    model.new_cache = lambda capacity: object()
+    checkpoint = SimpleNamespace(config=SimpleNamespace(trained_context=1024, rope_scaling=None))
+    model = Model(checkpoint, FakeLM(), ByteTokenizer(), "fake")
+    model.plan = lambda needed, requested=None, rope=None: None
+    model.new_cache = lambda capacity, rope=None: object()
     skipped = []
     rows = run_perplexity(model, [1] * 3000, [512, 2048, 4096], ["none", "linear", "yarn"], window=16,
                           on_skip=lambda length, why: skipped.append((length, why)))

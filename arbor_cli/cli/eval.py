@@ -10,8 +10,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..errors import UsageError
+from ..rope import AUTO_METHOD
 from ..evals import (
-    AUTO_ROPE_METHOD,
     PPL_WINDOW,
     PasskeyReport,
     PasskeyResult,
@@ -44,7 +44,7 @@ eval_app = typer.Typer(help="Long-context evaluations: passkey retrieval and per
 
 LengthsOpt = Annotated[str, typer.Option("--lengths", help="Comma-separated token counts, e.g. 2k,4k,8k,16k,32k.")]
 RopeOpt = Annotated[str, typer.Option("--rope", help=f"RoPE method beyond the trained context: auto (plain RoPE within "
-                                      f"it, {AUTO_ROPE_METHOD} beyond), none, linear, dynamic, yarn, llama3; "
+                                      f"it, {AUTO_METHOD} beyond), none, linear, dynamic, yarn, llama3; "
                                       "several comma-separated to compare.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 

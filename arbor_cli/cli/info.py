@@ -8,7 +8,6 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from .. import planner
 from .common import (
     BackendOpt,
     ContextOpt,
@@ -30,36 +29,13 @@ def register(app: typer.Typer) -> None:
     app.command(help="Show backend, device, memory, the model and the context sizes that fit now.")(info)
 
 
-def machine_report(m) -> dict:
-    mem = m.lm.memory()
-    budget = planner.memory_budget(mem.free_bytes, mem.total_bytes, resident_bytes=m.lm.weights_nbytes)
-    kv_scale_bytes = getattr(m.lm, "kv_scale_bytes", 0)
-    rows = planner.bucket_table(m.config, budget, m.lm.weights_nbytes, m.lm.kv_element_bytes,
-                                m.lm.act_element_bytes, m.prefill_chunk, kv_scale_bytes=kv_scale_bytes)
-    fitting = [r.context for r in rows if r.fits]
-    return {
-        "backend": m.backend, "device": m.device, "dtype": m.dtype,
-        "memory_total_bytes": mem.total_bytes, "memory_free_bytes": mem.free_bytes,
-        "model": m.checkpoint.name, "parameters": m.num_parameters(), "weights_bytes": m.lm.weights_nbytes,
-        "trained_context": m.config.trained_context, "max_context": fitting[-1] if fitting else 0,
-        "rope_method": m.rope_method,
-        "kv_bits": getattr(m.lm, "kv_bits", 16),
-        "quantize": getattr(m.lm, "quantize", None),
-        "kv_bytes_per_token": m.config.kv_bytes_per_token(m.lm.kv_element_bytes, kv_scale_bytes),
-        "sliding_window": m.config.sliding_window,
-        "kv_cached_tokens_max": planner.kv_cache_tokens(m.config, planner.BUCKETS[-1], m.prefill_chunk),
-        "buckets": [{"context": r.context, "bytes": r.bytes, "fits": r.fits,
-                     "rope_scaling": m.rope_scaling_for(r.context)} for r in rows],
-    }
-
-
 @handle_errors
 def info(as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
          model: ModelOpt = None, backend: BackendOpt = None, device: DeviceOpt = None, context: ContextOpt = None,
          rope: RopeOpt = "auto", kv_bits: KvBitsOpt = 16, quantize: QuantizeOpt = None,
          debug: DebugOpt = False) -> None:
     opts = GlobalOptions(model, backend, device, context, debug, rope, kv_bits=kv_bits, quantize=quantize)
-    report = machine_report(load_model(opts))
+    report = load_model(opts).memory_report()
     if as_json:
         write_answer(json.dumps(report))
         return

@@ -1,0 +1,33 @@
+"""Model (arbor_cli/model.py), the one door: generation entry points, context and RoPE as arguments,
+the out-of-memory fallback."""
+
+import pytest
+
+
+@pytest.mark.slow
+def test_out_of_memory_retries_once_at_the_next_smaller_context_and_says_so(default_model, monkeypatch):
+    from arbor_cli.errors import OutOfMemoryError
+
+    lm, notices = default_model.lm, []
+    real_new_cache = lm.new_cache
+
+    def new_cache(capacity):
+        if capacity > 4096:
+            raise OutOfMemoryError("out of memory (simulated)")
+        return real_new_cache(capacity)
+
+    monkeypatch.setattr(lm, "new_cache", new_cache)
+    monkeypatch.setattr(default_model, "_scratch_cache", None, raising=False)
+    monkeypatch.setattr(default_model, "notify", notices.append)
+    # 5,000 answer tokens plan an 8K context; it fails, 4K is tried, and the answer ends where 4K does
+    r = default_model.generate("The capital of France is", max_new_tokens=5000, stop=["."])
+    assert r.context == 4096 and "Paris" in r.text
+    assert len(notices) == 1 and "retrying once at 4,096" in notices[0]
+    default_model.context = 4096  # a context the user chose is not silently changed
+    try:
+        monkeypatch.setattr(lm, "new_cache", lambda capacity: (_ for _ in ()).throw(OutOfMemoryError("oom")))
+        default_model._scratch_cache = None
+        with pytest.raises(OutOfMemoryError):
+            default_model.generate("The capital of France is", max_new_tokens=8)
+    finally:
+        default_model.context = None
