@@ -2,7 +2,7 @@
 
 A HF directory's config.json loads as it is (Llama, Mistral, Qwen2, SmolLM), in both the
 `rope_scaling` form and transformers 5's `rope_parameters` form; `to_dict()` writes a config.json
-that transformers loads back. GGUF metadata converts through `from_gguf`.
+that transformers loads back. GGUF metadata converts in arbor_weights (gguf_import.py).
 """
 
 from __future__ import annotations
@@ -179,53 +179,6 @@ class ArborConfig:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-    # ---- GGUF metadata ------------------------------------------------------------------
-    @classmethod
-    def from_gguf(cls, meta: dict[str, Any], *, tie_word_embeddings: bool, vocab_size: int | None = None) -> "ArborConfig":
-        """Build from GGUF key/values (already decoded to Python values)."""
-        arch = meta.get("general.architecture")
-        if arch not in LLAMA_FAMILY:
-            raise ConfigError(f"GGUF general.architecture {arch!r} is not supported; arbor runs {', '.join(LLAMA_FAMILY)}")
-
-        def get(key: str, default: Any = None) -> Any:
-            return meta.get(f"{arch}.{key}", default)
-
-        def need(key: str) -> Any:
-            if f"{arch}.{key}" not in meta:
-                raise ConfigError(f"GGUF metadata is missing {arch}.{key}")
-            return meta[f"{arch}.{key}"]
-
-        hidden, heads = int(need("embedding_length")), int(need("attention.head_count"))
-        context = int(need("context_length"))
-        rope = None
-        scaling_type = get("rope.scaling.type")
-        if scaling_type and scaling_type != "none":
-            rope = {"rope_type": {"linear": "linear", "yarn": "yarn"}.get(scaling_type, scaling_type),
-                    "factor": float(get("rope.scaling.factor", 1.0))}
-            original = get("rope.scaling.original_context_length")
-            if original:
-                rope["original_max_position_embeddings"] = int(original)
-        tokens = meta.get("tokenizer.ggml.tokens")
-        return cls(
-            vocab_size=int(vocab_size or get("vocab_size") or len(tokens or [])),
-            hidden_size=hidden,
-            intermediate_size=int(need("feed_forward_length")),
-            num_hidden_layers=int(need("block_count")),
-            num_attention_heads=heads,
-            num_key_value_heads=int(get("attention.head_count_kv", heads)),
-            head_dim=int(get("attention.key_length") or get("rope.dimension_count") or hidden // heads),
-            rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
-            rope_theta=float(get("rope.freq_base", 10000.0)),
-            rope_scaling=rope,
-            max_position_embeddings=context,
-            tie_word_embeddings=tie_word_embeddings,
-            attention_bias=arch == "qwen2",
-            sliding_window=get("attention.sliding_window"),
-            bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
-            eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
-            model_type=arch,
-        )
 
 
 def _positive(value: Any) -> bool:

@@ -1,8 +1,8 @@
-"""Text <-> token ids for every model arbor runs, and the chat template that frames a conversation.
+"""Text <-> token ids for every model arbor runs; chat_template.py renders the conversation.
 
-Three sources feed one Tokenizer: a HF `tokenizer.json` (read by the `tokenizers` library), a
-sentencepiece `tokenizer.model`, and the vocabulary a GGUF file keeps in its metadata (rebuilt as
-one of those two). Two rules hold for all of them:
+Two adapters feed one Tokenizer: a HF `tokenizer.json` (read by the `tokenizers` library) and a
+sentencepiece `tokenizer.model`; the vocabulary a GGUF file keeps in its metadata is rebuilt as
+one of those two (arbor_weights/gguf_vocab.py). Two rules hold for all of them:
 - Text a user supplies is only ever text. "<|im_start|>" typed in a prompt or a document is spelled
   out in ordinary tokens, so it cannot forge a chat turn; only the chat template emits control ids.
 - Streamed output never shows half a character (StreamDecoder holds incomplete UTF-8 back).
@@ -12,35 +12,17 @@ from __future__ import annotations
 
 import json
 import re
-import secrets
-from datetime import datetime
-from functools import lru_cache
 from pathlib import Path
 
-from arbor_cli.errors import ConfigError, CorruptModelError
+from arbor_cli.chat_template import fresh_markers, render_template, shielded
+from arbor_cli.errors import CorruptModelError
 
 # llama.cpp's token types (tokenizer.ggml.token_type); sentencepiece numbers its piece types the same.
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
-# Pre-tokenizer splits by llama.cpp `tokenizer.ggml.pre` name. Merges were learned on text cut this
-# way, so cutting differently gives different (valid-looking, worse) ids. Unknown names get GPT-2's.
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_SPLIT_BY_PRE = {"llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT,
-                 "falcon3": _LLAMA3_SPLIT, "smaug-bpe": _LLAMA3_SPLIT, "dbrx": _LLAMA3_SPLIT,
-                 "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT}
-# llama.cpp uses a whole-word vocabulary entry before trying merges for these (as Llama 3's own tokenizer.json does).
-_IGNORE_MERGES_PRE = {"llama3", "llama-v3", "llama-bpe", "falcon3"}
-
 # Tokens that end an assistant turn; configs often name only the base model's end-of-text as eos.
 _END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<end_of_turn>", "<|end|>")
-_REPULL = "re-run `arbor pull <model>` to fetch it again"
-
-
-class ChatTemplateError(ConfigError):
-    """A model without a chat template, or one whose template fails or is refused by the sandbox."""
+REPULL = "re-run `arbor pull <model>` to fetch it again"
 
 
 class Tokenizer:
@@ -61,6 +43,10 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         ids = self._backend.encode(text)
         return [self.bos_id, *ids] if add_special_tokens and self.add_bos else ids
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """encode(text) and, for each id, the (start, end) characters of `text` it came from."""
+        return self._backend.encode_with_offsets(text)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self._backend.decode([int(i) for i in ids], skip_special_tokens)
@@ -87,9 +73,9 @@ class Tokenizer:
         Any control-token spelling inside a message is wrapped in markers nobody can guess before
         rendering, so it is found again however the template moved or trimmed the content around it.
         """
-        open_mark, close_mark = _fresh_markers()
-        shielded = _shielded(messages, self._special_pattern, open_mark, close_mark)
-        rendered = self._render(shielded, add_generation_prompt)
+        open_mark, close_mark = fresh_markers()
+        rendered = self._render(shielded(messages, self._special_pattern, open_mark, close_mark),
+                                add_generation_prompt)
         if open_mark not in rendered:  # no message spells a control token: tokenize as HF does
             return self._backend.encode_with_specials(rendered)
         return self._encode_shielded(rendered, open_mark, close_mark)
@@ -113,17 +99,9 @@ class Tokenizer:
         return None if token_id is None else self._backend.id_to_token(token_id)
 
     def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
-        from jinja2 import TemplateError
-
-        if not self.chat_template:
-            raise ChatTemplateError("model has no chat template; use `arbor generate` for plain completion")
-        try:
-            return _compiled_template(self.chat_template).render(
-                messages=messages, add_generation_prompt=add_generation_prompt,
-                bos_token=self._token_text(self.bos_id) or "",
-                eos_token=self._token_text(self.eos_ids[0] if self.eos_ids else None) or "")
-        except (TemplateError, TypeError) as e:  # TypeError: e.g. a template adding None to a string
-            raise ChatTemplateError(f"chat template failed: {e}") from None
+        return render_template(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
+                               bos_token=self._token_text(self.bos_id) or "",
+                               eos_token=self._token_text(self.eos_ids[0] if self.eos_ids else None) or "")
 
     def _encode_shielded(self, rendered: str, open_mark: str, close_mark: str) -> list[int]:
         pieces = re.split(f"{re.escape(open_mark)}(.*?){re.escape(close_mark)}", rendered, flags=re.DOTALL)
@@ -174,7 +152,7 @@ class StreamDecoder:
         return text[len(seen):]
 
 
-class _HFTokenizersBackend:
+class HFTokenizersAdapter:
     """A `tokenizers.Tokenizer`: a tokenizer.json, or a GGUF byte-level BPE rebuilt as one."""
 
     def __init__(self, tok):
@@ -189,6 +167,10 @@ class _HFTokenizersBackend:
 
     def encode(self, text: str) -> list[int]:
         return self._plain.encode(text, add_special_tokens=False).ids
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        encoding = self._plain.encode(text, add_special_tokens=False)
+        return encoding.ids, encoding.offsets
 
     def encode_with_specials(self, text: str) -> list[int]:
         return self._with_specials.encode(text, add_special_tokens=False).ids
@@ -211,7 +193,7 @@ class _HFTokenizersBackend:
         return "PreTrainedTokenizerFast"
 
 
-class _SentencePieceBackend:
+class SentencePieceAdapter:
     """A sentencepiece model: a tokenizer.model, or a GGUF 'llama' vocabulary rebuilt as one."""
 
     def __init__(self, proto):
@@ -221,7 +203,7 @@ class _SentencePieceBackend:
         try:
             self._sp = sentencepiece.SentencePieceProcessor(model_proto=proto.SerializeToString())
         except (RuntimeError, OSError) as e:
-            raise CorruptModelError(f"sentencepiece rejected the tokenizer model ({e}); {_REPULL}") from None
+            raise CorruptModelError(f"sentencepiece rejected the tokenizer model ({e}); {REPULL}") from None
         self.special_tokens = {p.piece: i for i, p in enumerate(proto.pieces) if p.type == CONTROL}
         self.vocab_size = len(proto.pieces)
         # sentencepiece drops the leading space of the first piece it decodes (the dummy prefix).
@@ -229,6 +211,11 @@ class _SentencePieceBackend:
 
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text)  # sentencepiece never matches CONTROL pieces in text
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        pieces = self._sp.encode(text, out_type="proto").pieces  # begin/end count UTF-8 bytes of text
+        char_at = [i for i, c in enumerate(text) for _ in range(len(c.encode("utf-8")))] + [len(text)]
+        return [p.id for p in pieces], [(char_at[p.begin], char_at[p.end]) for p in pieces]
 
     def encode_with_specials(self, text: str) -> list[int]:
         # Each run of text after a control token gets its own dummy-prefix space, as in llama.cpp.
@@ -288,55 +275,6 @@ def _split_on_specials(text: str, pattern, specials: dict[str, int]):
     yield text[start:], None
 
 
-def _fresh_markers() -> tuple[str, str]:
-    # Private-use characters plus a per-call nonce: a message cannot contain a marker by chance or on purpose.
-    nonce = secrets.token_hex(8)
-    return f"\ue000{nonce}\ue001", f"\ue001{nonce}\ue000"
-
-
-def _shielded(value, pattern, open_mark: str, close_mark: str):
-    """A copy of messages with every control-token spelling in their strings wrapped in markers."""
-    if pattern is None:
-        return value
-    if isinstance(value, str):
-        return pattern.sub(lambda m: open_mark + m.group() + close_mark, value)
-    if isinstance(value, dict):
-        return {key: _shielded(item, pattern, open_mark, close_mark) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_shielded(item, pattern, open_mark, close_mark) for item in value]
-    return value
-
-
-@lru_cache(maxsize=8)
-def _compiled_template(source: str):
-    """The template compiled in the jinja environment HF renders chat templates in, but with a
-    sandbox that fails loudly: the stock one renders a forbidden attribute as empty text."""
-    from jinja2.exceptions import SecurityError, TemplateError, TemplateSyntaxError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    class LoudSandbox(ImmutableSandboxedEnvironment):
-        # a template that reaches for `__class__` is hostile or broken: either way, no prompt from it
-        def unsafe_undefined(self, obj, attribute):
-            raise SecurityError(f"template tried to access {attribute!r} of a {type(obj).__name__} object")
-
-    def raise_exception(message):
-        raise TemplateError(message)
-
-    def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        # jinja's own tojson HTML-escapes "<" and ">", which would change the prompt.
-        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                          sort_keys=sort_keys)
-
-    env = LoudSandbox(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    try:
-        return env.from_string(source)
-    except TemplateSyntaxError as e:
-        raise ChatTemplateError(f"the model's chat template does not parse: {e}") from None
-
-
 def load_tokenizer(directory) -> Tokenizer:
     """The tokenizer of a HF-style model directory (tokenizer.json or tokenizer.model + configs)."""
     directory = Path(directory)
@@ -352,7 +290,7 @@ def load_tokenizer(directory) -> Tokenizer:
     add_bos = config.get("add_bos_token")
     if add_bos is None:
         add_bos = bos_id is not None and backend.adds_bos(bos_id)
-    return Tokenizer(backend, bos_id=bos_id, eos_ids=_eos_ids(backend, declared, template),
+    return Tokenizer(backend, bos_id=bos_id, eos_ids=eos_ids_for(backend, declared, template),
                      chat_template=template, add_bos=add_bos)
 
 
@@ -361,10 +299,10 @@ def _backend_from_directory(directory: Path):
         from tokenizers import Tokenizer as RustTokenizer
 
         try:
-            return _HFTokenizersBackend(RustTokenizer.from_file(str(directory / "tokenizer.json")))
+            return HFTokenizersAdapter(RustTokenizer.from_file(str(directory / "tokenizer.json")))
         except Exception as e:  # noqa: BLE001 -- tokenizers reports every parse problem as a bare Exception
             raise CorruptModelError(f"{directory / 'tokenizer.json'} is not a valid tokenizer ({e}); "
-                                    f"{_REPULL}") from None
+                                    f"{REPULL}") from None
     if (directory / "tokenizer.model").is_file():
         from google.protobuf.message import DecodeError
         from sentencepiece import sentencepiece_model_pb2
@@ -373,9 +311,9 @@ def _backend_from_directory(directory: Path):
             proto = sentencepiece_model_pb2.ModelProto.FromString((directory / "tokenizer.model").read_bytes())
         except DecodeError as e:
             raise CorruptModelError(f"{directory / 'tokenizer.model'} is not a sentencepiece model ({e}); "
-                                    f"{_REPULL}") from None
-        return _SentencePieceBackend(proto)
-    raise CorruptModelError(f"{directory} has no tokenizer.json or tokenizer.model; {_REPULL}")
+                                    f"{REPULL}") from None
+        return SentencePieceAdapter(proto)
+    raise CorruptModelError(f"{directory} has no tokenizer.json or tokenizer.model; {REPULL}")
 
 
 def _read_json(path: Path) -> dict:
@@ -384,9 +322,9 @@ def _read_json(path: Path) -> dict:
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
-        raise CorruptModelError(f"{path} is not valid JSON ({e}); {_REPULL}") from None
+        raise CorruptModelError(f"{path} is not valid JSON ({e}); {REPULL}") from None
     if not isinstance(value, dict):
-        raise CorruptModelError(f"{path} should hold a JSON object; {_REPULL}")
+        raise CorruptModelError(f"{path} should hold a JSON object; {REPULL}")
     return value
 
 
@@ -412,87 +350,9 @@ def _as_list(value) -> list:
     return value if isinstance(value, list) else [value]
 
 
-def _eos_ids(backend, declared: list, template: str | None) -> list[int]:
+def eos_ids_for(backend, declared: list, template: str | None) -> list[int]:
     """Declared eos ids, then end-of-turn tokens the template writes: both must stop generation."""
     turn_ends = [backend.token_to_id(t) for t in _END_OF_TURN_TOKENS if template and t in template]
     ids = [i for i in [*declared, *turn_ends] if isinstance(i, int)]
     return list(dict.fromkeys(ids))
 
-
-def tokenizer_from_gguf(meta: dict) -> Tokenizer:
-    """The tokenizer a GGUF file describes; `meta` maps its metadata keys to Python values."""
-    kind = meta.get("tokenizer.ggml.model")
-    if kind not in ("gpt2", "llama"):
-        raise ConfigError(f"tokenizer.ggml.model {kind!r} is not supported (arbor reads 'gpt2' and 'llama')")
-    if not meta.get("tokenizer.ggml.tokens"):
-        raise CorruptModelError(f"GGUF metadata has no tokenizer.ggml.tokens; {_REPULL}")
-    backend = _byte_level_bpe_from_gguf(meta) if kind == "gpt2" else _sentencepiece_from_gguf(meta)
-    template = meta.get("tokenizer.chat_template")
-    declared = [meta.get(f"tokenizer.ggml.{key}_token_id") for key in ("eos", "eot", "eom")]
-    # llama.cpp adds BOS to a sentencepiece vocabulary unless the file says otherwise.
-    add_bos = meta.get("tokenizer.ggml.add_bos_token", kind == "llama")
-    return Tokenizer(backend, bos_id=meta.get("tokenizer.ggml.bos_token_id"),
-                     eos_ids=_eos_ids(backend, declared, template), chat_template=template, add_bos=add_bos)
-
-
-def _token_types(meta: dict) -> list[int]:
-    tokens = meta["tokenizer.ggml.tokens"]
-    return list(meta.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens))
-
-
-def _byte_level_bpe_from_gguf(meta: dict) -> _HFTokenizersBackend:
-    from tokenizers import AddedToken, decoders, models
-    from tokenizers import Tokenizer as RustTokenizer
-
-    tokens, types = meta["tokenizer.ggml.tokens"], _token_types(meta)
-    merges = meta.get("tokenizer.ggml.merges")
-    if not merges:
-        raise CorruptModelError(f"GGUF metadata has a BPE vocabulary but no tokenizer.ggml.merges; {_REPULL}")
-    pre = meta.get("tokenizer.ggml.pre", "gpt2")
-    model = models.BPE(vocab={token: i for i, token in enumerate(tokens)},
-                       merges=[tuple(m.split(" ", 1)) for m in merges], ignore_merges=pre in _IGNORE_MERGES_PRE)
-    tok = RustTokenizer(model)
-    tok.pre_tokenizer = _byte_level_pre_tokenizer(pre)
-    tok.decoder = decoders.ByteLevel()
-    # Whole-token matching for control and user-defined tokens; ids stay those of the vocabulary.
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                            for t, kind in zip(tokens, types) if kind == CONTROL])
-    tok.add_tokens([AddedToken(t, special=False, normalized=False)
-                    for t, kind in zip(tokens, types) if kind == USER_DEFINED])
-    return _HFTokenizersBackend(tok)
-
-
-def _byte_level_pre_tokenizer(pre: str):
-    from tokenizers import Regex, pre_tokenizers
-
-    if pre == "smollm":  # llama.cpp and SmolLM's own tokenizer.json: every digit alone, then GPT-2's split
-        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
-    if pre in _SPLIT_BY_PRE:
-        return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_SPLIT_BY_PRE[pre]), behavior="isolated"),
-                                        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-
-
-def _sentencepiece_from_gguf(meta: dict) -> _SentencePieceBackend:
-    from sentencepiece import sentencepiece_model_pb2 as pb
-
-    tokens, types = meta["tokenizer.ggml.tokens"], _token_types(meta)
-    scores = meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
-    unk_id = meta.get("tokenizer.ggml.unknown_token_id", 0)
-    if UNKNOWN not in types and 0 <= unk_id < len(types):
-        types[unk_id] = UNKNOWN  # sentencepiece refuses a model without exactly one unknown piece
-    proto = pb.ModelProto()
-    proto.trainer_spec.model_type = pb.TrainerSpec.BPE
-    proto.trainer_spec.byte_fallback = BYTE in types
-    proto.trainer_spec.unk_id = unk_id
-    proto.trainer_spec.bos_id = meta.get("tokenizer.ggml.bos_token_id", -1)
-    proto.trainer_spec.eos_id = meta.get("tokenizer.ggml.eos_token_id", -1)
-    # llama.cpp's SPM tokenizer: no normalization, spaces as U+2581, optional leading space.
-    proto.normalizer_spec.name = "identity"
-    proto.normalizer_spec.add_dummy_prefix = meta.get("tokenizer.ggml.add_space_prefix", True)
-    proto.normalizer_spec.remove_extra_whitespaces = False
-    proto.normalizer_spec.escape_whitespaces = True
-    for token, score, kind in zip(tokens, scores, types):
-        proto.pieces.add(piece=token, score=score, type=kind if 1 <= kind <= 6 else NORMAL)
-    return _SentencePieceBackend(proto)

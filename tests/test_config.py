@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from arbor_weights import gguf_import
 
 from arbor_cli.config import ArborConfig
 from arbor_cli.errors import ConfigError
@@ -78,11 +79,11 @@ def test_from_gguf_metadata():
             "llama.attention.head_count_kv": 3, "llama.rope.freq_base": 100000.0,
             "llama.attention.layer_norm_rms_epsilon": 1e-5, "llama.rope.dimension_count": 64,
             "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2}
-    cfg = ArborConfig.from_gguf(meta, tie_word_embeddings=True, vocab_size=49152)
+    cfg = gguf_import.config_from_metadata(meta, tie_word_embeddings=True, vocab_size=49152)
     assert (cfg.head_dim, cfg.num_key_value_heads, cfg.trained_context) == (64, 3, 8192)
     assert cfg.num_parameters() == 134_515_008  # SmolLM2-135M, as transformers counts it
 
 
 def test_gguf_missing_key_is_named():
     with pytest.raises(ConfigError, match="embedding_length"):
-        ArborConfig.from_gguf({"general.architecture": "llama"}, tie_word_embeddings=True)
+        gguf_import.config_from_metadata({"general.architecture": "llama"}, tie_word_embeddings=True)

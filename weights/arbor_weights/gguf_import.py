@@ -6,6 +6,9 @@ Why the permutation: HF Llama applies RoPE by rotating the two *halves* of each 
 so pairs line up, and the same rows of our checkpoint must go back to the half-split order for
 the HF-style math in the backends. Qwen2 files are not permuted (llama.cpp runs them with the
 half-split "NEOX" RoPE), so only the architectures in PERMUTED_ARCHS are undone.
+
+The config comes from the metadata (config_from_metadata), corrected by what the tensors show;
+the vocabulary is rebuilt by gguf_vocab.py.
 """
 
 from __future__ import annotations
@@ -18,10 +21,11 @@ from typing import Any
 
 import numpy as np
 
-from arbor_cli.config import ArborConfig
+from arbor_cli.config import LLAMA_FAMILY, ArborConfig
 from arbor_cli.errors import ConfigError, CorruptModelError, ModelNotFoundError
 
 from .checkpoint import write_provenance
+from .gguf_vocab import tokenizer_from_gguf
 from .progress import Reporter
 from .safetensors_file import write_float32_safetensors
 from .store import sha256_of_file
@@ -115,9 +119,56 @@ def dequantized(tensor, path: Path) -> np.ndarray:
         raise _not_gguf(path, f"tensor {tensor.name} holds {values.size} values, not {shape}") from None
 
 
+def config_from_metadata(meta: dict[str, Any], *, tie_word_embeddings: bool,
+                         vocab_size: int | None = None) -> ArborConfig:
+    """ArborConfig from GGUF key/values alone (already decoded to Python values)."""
+    arch = meta.get("general.architecture")
+    if arch not in LLAMA_FAMILY:
+        raise ConfigError(f"GGUF general.architecture {arch!r} is not supported; arbor runs {', '.join(LLAMA_FAMILY)}")
+
+    def get(key: str, default: Any = None) -> Any:
+        return meta.get(f"{arch}.{key}", default)
+
+    def need(key: str) -> Any:
+        if f"{arch}.{key}" not in meta:
+            raise ConfigError(f"GGUF metadata is missing {arch}.{key}")
+        return meta[f"{arch}.{key}"]
+
+    hidden, heads = int(need("embedding_length")), int(need("attention.head_count"))
+    context = int(need("context_length"))
+    rope = None
+    scaling_type = get("rope.scaling.type")
+    if scaling_type and scaling_type != "none":
+        rope = {"rope_type": {"linear": "linear", "yarn": "yarn"}.get(scaling_type, scaling_type),
+                "factor": float(get("rope.scaling.factor", 1.0))}
+        original = get("rope.scaling.original_context_length")
+        if original:
+            rope["original_max_position_embeddings"] = int(original)
+    tokens = meta.get("tokenizer.ggml.tokens")
+    return ArborConfig(
+        vocab_size=int(vocab_size or get("vocab_size") or len(tokens or [])),
+        hidden_size=hidden,
+        intermediate_size=int(need("feed_forward_length")),
+        num_hidden_layers=int(need("block_count")),
+        num_attention_heads=heads,
+        num_key_value_heads=int(get("attention.head_count_kv", heads)),
+        head_dim=int(get("attention.key_length") or get("rope.dimension_count") or hidden // heads),
+        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(get("rope.freq_base", 10000.0)),
+        rope_scaling=rope,
+        max_position_embeddings=context,
+        tie_word_embeddings=tie_word_embeddings,
+        attention_bias=arch == "qwen2",
+        sliding_window=get("attention.sliding_window"),
+        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+        eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
+        model_type=arch,
+    )
+
+
 def config_from_gguf(meta: dict[str, Any], tensors: dict[str, Any]) -> ArborConfig:
     """ArborConfig from the metadata, corrected by what the tensors themselves show."""
-    config = ArborConfig.from_gguf(
+    config = config_from_metadata(
         meta, tie_word_embeddings="output.weight" not in tensors,
         vocab_size=int(tensors["token_embd.weight"].shape[1]))
     q_bias, o_bias = "blk.0.attn_q.bias" in tensors, "blk.0.attn_output.bias" in tensors
@@ -168,8 +219,6 @@ def _check_complete(config: ArborConfig, names: set[str], path: Path) -> None:
 def convert_gguf(gguf_path: str | Path, dest_dir: str | Path, *, reporter: Reporter,
                  source: str | None = None, sha256: str | None = None) -> None:
     """Write config.json, model.safetensors, tokenizer files and arbor.json into dest_dir."""
-    from arbor_cli.tokenizer import tokenizer_from_gguf
-
     path, dest = Path(gguf_path).absolute(), Path(dest_dir)
     with reporter.stage(f"reading {path.name}"):  # seconds for a large vocabulary: show that we are alive
         reader = open_gguf(path)

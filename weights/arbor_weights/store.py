@@ -25,6 +25,7 @@ from pathlib import Path
 import platformdirs
 from filelock import FileLock, Timeout
 
+from arbor_cli.config import ArborConfig
 from arbor_cli.errors import ArborError, ModelNotFoundError, UsageError
 
 from .checkpoint import read_provenance
@@ -140,8 +141,6 @@ def list_models() -> list[dict]:
 
 
 def _describe(path: Path) -> dict:
-    from arbor_cli.config import ArborConfig
-
     try:
         config = ArborConfig.from_json_file(path / "config.json")
         parameters, trained_context = config.num_parameters(), config.trained_context
