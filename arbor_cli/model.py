@@ -18,7 +18,7 @@ from .config import ArborConfig
 from .errors import ContextError, OutOfMemoryError, UsageError
 from .generate import GenerationOptions, GenerationResult, GenerationStream, stream_generation
 from .planner import BUCKETS, ContextPlan, bucket_table, choose_context, kv_cache_tokens, memory_budget, next_smaller
-from .rope import resolve_method, rope_frequencies, scaling_for_context
+from .rope import RopeTables, resolve_method, rope_frequencies, scaling_for_context
 
 if TYPE_CHECKING:
     from .tokenizer import Tokenizer
@@ -40,8 +40,8 @@ class Model:
         self.backend = backend
         self.context = context  # the default context of every call (load's --context); None: planned per call
         self.rope_method = rope_method  # the default RoPE method of every call
-        self.prefill_chunk = prefill_chunk or getattr(lm, "prefill_chunk", 512)
-        self._rope_key: tuple | None = None
+        self.prefill_chunk = prefill_chunk or lm.prefill_chunk
+        self._rope_tables: dict[tuple, RopeTables] = {}
         self._scratch_cache = None
         self._announced: set[tuple] = set()
         self.notify: Callable[[str], None] = lambda message: None  # the CLI routes these to stderr
@@ -62,27 +62,28 @@ class Model:
         """The rope_scaling arbor runs with at `context` tokens (None: the model's plain RoPE)."""
         return scaling_for_context(self.config, context, rope or self.rope_method)
 
-    def _prepare_rope(self, positions: int, seq_len: int | None = None, rope: str | None = None) -> None:
-        cfg = self.config.with_rope_scaling(self.rope_scaling_for(seq_len or positions, rope))
-        tables = rope_frequencies(cfg, seq_len or positions)
-        key = (json.dumps(cfg.rope_scaling, sort_keys=True), tables.seq_len if cfg.rope_type == "dynamic" else 0,
-               positions)
-        if key != self._rope_key:
-            self.lm.set_rope(tables, positions)
-            self._rope_key = key
+    def rope_tables(self, context: int, rope: str | None = None) -> RopeTables:
+        """The RoPE tables for running at `context` tokens with `rope` (default: the model's method),
+        built once per distinct scaling, so a backend sees the same object and keeps its cos/sin."""
+        cfg = self.config.with_rope_scaling(self.rope_scaling_for(context, rope))
+        key = (json.dumps(cfg.rope_scaling, sort_keys=True), context if cfg.rope_type == "dynamic" else 0)
+        if key not in self._rope_tables:
+            self._rope_tables[key] = rope_frequencies(cfg, context)
+        return self._rope_tables[key]
 
     def new_cache(self, capacity: int, rope: str | None = None):
-        """A KV cache for `capacity` tokens, with RoPE (`rope`, default: the model's method) set up for it."""
-        self._prepare_rope(capacity, rope=rope)
-        return self.lm.new_cache(capacity)
+        """A KV cache for `capacity` tokens that runs with the RoPE for that context (`rope`, default:
+        the model's method): a cache knows its RoPE, so caches of several contexts can be mixed."""
+        return self.lm.new_cache(capacity, self.rope_tables(capacity, rope))
 
     def _reusable_cache(self, capacity: int, rope: str | None = None):
         """One-shot generations reuse a cache of the same size: no re-allocation, and a CUDA graph
-        captured for its buffers stays valid."""
-        self._prepare_rope(capacity, rope=rope)
+        captured for its buffers stays valid. Emptied, it takes the RoPE this generation runs with."""
         if self._scratch_cache is None or self._scratch_cache.capacity != capacity:
-            self._scratch_cache = self.lm.new_cache(capacity)
+            self._scratch_cache = None  # the old cache goes before the new one is allocated
+            self._scratch_cache = self.new_cache(capacity, rope)
         self._scratch_cache.truncate(0)
+        self._scratch_cache.rope = self.rope_tables(capacity, rope)
         return self._scratch_cache
 
     # ---- planning -------------------------------------------------------------------------
@@ -92,7 +93,7 @@ class Model:
         plan = choose_context(self.config, needed_tokens, self._budget(), self.lm.weights_nbytes,
                               self.lm.kv_element_bytes, self.lm.act_element_bytes, self.prefill_chunk,
                               requested=self.context if requested is None else requested,
-                              kv_scale_bytes=getattr(self.lm, "kv_scale_bytes", 0))
+                              kv_scale_bytes=self.lm.kv_scale_bytes)
         self._announce_scaling(plan, rope)
         return plan
 
@@ -123,7 +124,7 @@ class Model:
     def memory_report(self) -> dict:
         """The machine, the model, and the context buckets that fit its free memory now (`arbor info`)."""
         mem, lm = self.lm.memory(), self.lm
-        kv_scale_bytes = getattr(lm, "kv_scale_bytes", 0)
+        kv_scale_bytes = lm.kv_scale_bytes
         rows = bucket_table(self.config, self._budget(), lm.weights_nbytes, lm.kv_element_bytes,
                             lm.act_element_bytes, self.prefill_chunk, kv_scale_bytes=kv_scale_bytes)
         fitting = [r.context for r in rows if r.fits]
@@ -133,8 +134,8 @@ class Model:
             "model": self.checkpoint.name, "parameters": self.num_parameters(), "weights_bytes": lm.weights_nbytes,
             "trained_context": self.config.trained_context, "max_context": fitting[-1] if fitting else 0,
             "rope_method": self.rope_method,
-            "kv_bits": getattr(lm, "kv_bits", 16),
-            "quantize": getattr(lm, "quantize", None),
+            "kv_bits": lm.kv_bits,
+            "quantize": lm.quantize,
             "kv_bytes_per_token": self.config.kv_bytes_per_token(lm.kv_element_bytes, kv_scale_bytes),
             "sliding_window": self.config.sliding_window,
             "kv_cached_tokens_max": kv_cache_tokens(self.config, BUCKETS[-1], self.prefill_chunk),
@@ -147,8 +148,7 @@ class Model:
         """float32 [len(ids), vocab]: a full forward pass over `ids`, no cache, with the RoPE the model
         runs at `context` (default: the model's context, at least len(ids))."""
         ids = self._check_ids(ids)
-        self._prepare_rope(len(ids), seq_len=max(len(ids), context or self.context or 0), rope=rope)
-        return self.lm.logits(ids)
+        return self.lm.logits(ids, self.rope_tables(max(len(ids), context or self.context or 0), rope))
 
     def generate(self, prompt: str | list[int], max_new_tokens: int = 256, temperature: float = 0.0,
                  top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop: str | Iterable[str] | None = None,
@@ -301,7 +301,6 @@ def load(model: str | None = None, backend: str | None = None, device: str | Non
     """
     import arbor_weights
 
-    from .errors import BackendUnavailableError
     from .tokenizer import load_tokenizer
 
     if context is not None and (not isinstance(context, int) or not 16 <= context <= MAX_CONTEXT):
@@ -316,12 +315,7 @@ def load(model: str | None = None, backend: str | None = None, device: str | Non
         raise UsageError(str(e)) from None
     checkpoint = arbor_weights.resolve(model or arbor_weights.DEFAULT_MODEL, quiet=quiet)
     module = select_backend(backend)
-    if quantize is not None:
-        if quantize not in getattr(module, "QUANTIZE_MODES", ()):
-            raise BackendUnavailableError(f"the {module.NAME} backend does not support quantize={quantize!r}")
-        lm = module.load(checkpoint, device=device, dtype=dtype, kv_bits=kv_bits, quantize=quantize)
-    else:
-        lm = module.load(checkpoint, device=device, dtype=dtype, kv_bits=kv_bits)
+    lm = module.load(checkpoint, device=device, dtype=dtype, kv_bits=kv_bits, quantize=quantize)
     m = Model(checkpoint, lm, load_tokenizer(checkpoint.path), module.NAME, context=context, rope_method=rope)
     if context is not None:
         m.plan(context)  # refuse at load time a --context that cannot fit

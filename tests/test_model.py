@@ -3,6 +3,9 @@ the out-of-memory fallback."""
 
 import pytest
 
+from arbor_cli.chat import ChatSession
+from arbor_cli.generate import GenerationOptions
+
 
 @pytest.mark.slow
 def test_out_of_memory_retries_once_at_the_next_smaller_context_and_says_so(default_model, monkeypatch):
@@ -11,10 +14,10 @@ def test_out_of_memory_retries_once_at_the_next_smaller_context_and_says_so(defa
     lm, notices = default_model.lm, []
     real_new_cache = lm.new_cache
 
-    def new_cache(capacity):
+    def new_cache(capacity, rope=None):
         if capacity > 4096:
             raise OutOfMemoryError("out of memory (simulated)")
-        return real_new_cache(capacity)
+        return real_new_cache(capacity, rope)
 
     monkeypatch.setattr(lm, "new_cache", new_cache)
     monkeypatch.setattr(default_model, "_scratch_cache", None, raising=False)
@@ -25,9 +28,24 @@ def test_out_of_memory_retries_once_at_the_next_smaller_context_and_says_so(defa
     assert len(notices) == 1 and "retrying once at 4,096" in notices[0]
     default_model.context = 4096  # a context the user chose is not silently changed
     try:
-        monkeypatch.setattr(lm, "new_cache", lambda capacity: (_ for _ in ()).throw(OutOfMemoryError("oom")))
+        monkeypatch.setattr(lm, "new_cache", lambda capacity, rope=None: (_ for _ in ()).throw(OutOfMemoryError("oom")))
         default_model._scratch_cache = None
         with pytest.raises(OutOfMemoryError):
             default_model.generate("The capital of France is", max_new_tokens=8)
     finally:
         default_model.context = None
+
+
+@pytest.mark.slow
+def test_a_generate_at_another_context_does_not_change_a_live_chats_rope(default_model):
+    """A cache knows the RoPE it was built for: a one-shot generation at a scaled context (linear x2
+    at 16K) between two chat turns leaves the chat's second turn exactly as without it."""
+    opts = GenerationOptions(max_new_tokens=24, ignore_eos=True)
+    plain = ChatSession(default_model, options=opts, context=4096)
+    "".join(plain.send("Name a fruit that is yellow."))
+    expected = "".join(plain.send("And one that is red?"))
+    mixed = ChatSession(default_model, options=opts, context=4096)
+    "".join(mixed.send("Name a fruit that is yellow."))
+    default_model.generate("The capital of France is", max_new_tokens=4, context=16384, rope="linear")
+    assert "".join(mixed.send("And one that is red?")) == expected
+    assert mixed.last_result.tokens == plain.last_result.tokens
