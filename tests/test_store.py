@@ -1,0 +1,90 @@
+"""The model cache: atomic, locked installs, listing and removing, where it lives, progress on stderr."""
+
+from __future__ import annotations
+
+import threading
+
+import arbor_weights
+import pytest
+from arbor_weights import gguf_import
+from gguf_files import count_conversions
+
+from arbor_cli.errors import ModelNotFoundError
+
+pytestmark = pytest.mark.usefixtures("arbor_home")
+
+
+# ---- atomic, locked installs --------------------------------------------------------------------
+
+@pytest.mark.parametrize("failure", [RuntimeError("disk full"), KeyboardInterrupt()])
+def test_interrupted_install_leaves_no_model_and_no_temp_dir(tiny_gguf, monkeypatch, failure):
+    def fail(*args, **kwargs):  # after model.safetensors is written: mid-install
+        raise failure
+
+    monkeypatch.setattr(gguf_import, "write_provenance", fail)
+    with pytest.raises(type(failure)):
+        arbor_weights.resolve(str(tiny_gguf), quiet=True)
+    assert list((arbor_weights.cache_dir() / "models").iterdir()) == []
+
+
+def test_failed_forced_reinstall_keeps_the_previous_install(tiny_gguf, monkeypatch):
+    before = arbor_weights.resolve(str(tiny_gguf), quiet=True)
+    monkeypatch.setattr(gguf_import, "write_provenance", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("x")))
+    with pytest.raises(RuntimeError):
+        arbor_weights.pull(str(tiny_gguf), quiet=True, force=True)
+    assert arbor_weights.open_checkpoint(before.path).path == before.path
+    assert [p.name for p in (arbor_weights.cache_dir() / "models").iterdir()] == [before.path.name]
+
+
+def test_concurrent_pulls_of_one_gguf_convert_once(tiny_gguf, monkeypatch):
+    calls = count_conversions(monkeypatch)
+    results, errors = [], []
+
+    def pull():
+        try:
+            results.append(arbor_weights.resolve(str(tiny_gguf), quiet=True).path)
+        except BaseException as e:  # noqa: BLE001 - surfaced below; a thread's exception would otherwise be lost
+            errors.append(e)
+
+    threads = [threading.Thread(target=pull) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(calls) == 1 and len(results) == 2 and results[0] == results[1]
+
+
+# ---- the cache ---------------------------------------------------------------------------------
+
+def test_cache_dir_follows_arbor_home(arbor_home):
+    assert arbor_weights.cache_dir() == arbor_home
+
+
+def test_list_and_remove_models(tiny_gguf):
+    checkpoint = arbor_weights.resolve(str(tiny_gguf), quiet=True)
+    (arbor_weights.cache_dir() / "models" / f".tmp-{checkpoint.name}+stale").mkdir()
+    [entry] = arbor_weights.list_models()
+    assert entry["name"] == checkpoint.name and entry["path"] == str(checkpoint.path)
+    assert entry["size_bytes"] > 0 and entry["source"] == f"gguf:{tiny_gguf}"
+    assert entry["parameters"] == checkpoint.config.num_parameters() and entry["trained_context"] == 512
+    assert arbor_weights.resolve(checkpoint.name, quiet=True).path == checkpoint.path  # by installed name
+    arbor_weights.remove_model(checkpoint.name)
+    assert arbor_weights.list_models() == []
+    with pytest.raises(ModelNotFoundError):
+        arbor_weights.remove_model(checkpoint.name)
+
+
+def test_remove_refuses_names_that_are_paths():
+    with pytest.raises(ModelNotFoundError):
+        arbor_weights.remove_model("../etc")
+
+
+# ---- what the user sees -----------------------------------------------------------------------
+
+def test_progress_goes_to_stderr_only_and_quiet_is_silent(tiny_gguf, capsys):
+    arbor_weights.resolve(str(tiny_gguf), quiet=True)
+    assert capsys.readouterr() == ("", "")
+    arbor_weights.pull(str(tiny_gguf), force=True)  # stderr is not a terminal here: one line per stage
+    out, err = capsys.readouterr()
+    assert out == "" and f"arbor: converting {tiny_gguf.name}" in err and "\r" not in err
