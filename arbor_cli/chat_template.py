@@ -3,12 +3,14 @@
 The template is jinja, as HF writes it, run in an immutable sandbox that fails loudly. Message
 text is only ever text: before rendering, every control-token spelling inside a message is wrapped
 in markers nobody can guess, so the tokenizer finds it again after rendering and spells it out in
-ordinary tokens ("<|im_start|>" typed in a prompt cannot forge a chat turn).
+ordinary tokens ("<|im_start|>" typed in a prompt cannot forge a chat turn). Finding control-token
+spellings in text (control_token_pattern, split_on_control_tokens) lives here for the same reason.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import secrets
 from datetime import datetime
 from functools import lru_cache
@@ -33,6 +35,22 @@ def render_template(source: str | None, messages: list[dict], *, add_generation_
             bos_token=bos_token, eos_token=eos_token)
     except (TemplateError, TypeError) as e:  # TypeError: e.g. a template adding None to a string
         raise ChatTemplateError(f"chat template failed: {e}") from None
+
+
+def control_token_pattern(specials: dict[str, int]):
+    """A regex matching any control token; longest first, so "<|im_end|>" wins over a prefix of it."""
+    if not specials:
+        return None
+    return re.compile("|".join(re.escape(s) for s in sorted(specials, key=len, reverse=True)))
+
+
+def split_on_control_tokens(text: str, pattern, specials: dict[str, int]):
+    """(text before, id) for each control token in text, then (rest, None)."""
+    start = 0
+    for match in pattern.finditer(text) if pattern else ():
+        yield text[start:match.start()], specials[match.group()]
+        start = match.end()
+    yield text[start:], None
 
 
 def fresh_markers() -> tuple[str, str]:

@@ -14,7 +14,13 @@ import json
 import re
 from pathlib import Path
 
-from arbor_cli.chat_template import fresh_markers, render_template, shielded
+from arbor_cli.chat_template import (
+    control_token_pattern,
+    fresh_markers,
+    render_template,
+    shielded,
+    split_on_control_tokens,
+)
 from arbor_cli.errors import CorruptModelError
 
 # llama.cpp's token types (tokenizer.ggml.token_type); sentencepiece numbers its piece types the same.
@@ -38,7 +44,7 @@ class Tokenizer:
         self.add_bos = bool(add_bos) and bos_id is not None
         self._specials: dict[str, int] = backend.special_tokens  # control token text -> id
         self._special_ids = set(self._specials.values())
-        self._special_pattern = _alternation(self._specials)
+        self._special_pattern = control_token_pattern(self._specials)
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         ids = self._backend.encode(text)
@@ -111,7 +117,7 @@ class Tokenizer:
                 plain += piece
                 continue
             piece = piece.replace(open_mark, "").replace(close_mark, "")  # a marker the template cut apart
-            for text, special_id in _split_on_specials(piece, self._special_pattern, self._specials):
+            for text, special_id in split_on_control_tokens(piece, self._special_pattern, self._specials):
                 plain += text
                 if special_id is not None:
                     ids += self._backend.encode(plain) if plain else []
@@ -220,7 +226,7 @@ class SentencePieceAdapter:
     def encode_with_specials(self, text: str) -> list[int]:
         # Each run of text after a control token gets its own dummy-prefix space, as in llama.cpp.
         ids = []
-        for plain, special_id in _split_on_specials(text, _alternation(self.special_tokens), self.special_tokens):
+        for plain, special_id in split_on_control_tokens(text, control_token_pattern(self.special_tokens), self.special_tokens):
             ids += self.encode(plain) if plain else []
             ids += [] if special_id is None else [special_id]
         return ids
@@ -257,22 +263,6 @@ class SentencePieceAdapter:
     def save(self, directory: Path) -> str:
         (directory / "tokenizer.model").write_bytes(self._proto.SerializeToString())
         return "LlamaTokenizer"
-
-
-def _alternation(specials: dict[str, int]):
-    """A regex matching any control token; longest first, so "<|im_end|>" wins over a prefix of it."""
-    if not specials:
-        return None
-    return re.compile("|".join(re.escape(s) for s in sorted(specials, key=len, reverse=True)))
-
-
-def _split_on_specials(text: str, pattern, specials: dict[str, int]):
-    """(text before, id) for each control token in text, then (rest, None)."""
-    start = 0
-    for match in pattern.finditer(text) if pattern else ():
-        yield text[start:match.start()], specials[match.group()]
-        start = match.end()
-    yield text[start:], None
 
 
 def load_tokenizer(directory) -> Tokenizer:
