@@ -11,16 +11,11 @@ from rich.table import Table
 from ..bench import DECODE_TOKENS, parse_contexts, run_bench
 from ..errors import UsageError
 from .common import (
-    BackendOpt,
-    DebugOpt,
-    DeviceOpt,
     GlobalOptions,
-    KvBitsOpt,
-    ModelOpt,
-    QuantizeOpt,
     answer_console,
     handle_errors,
     load_model,
+    model_options,
     notice,
     status,
     write_answer,
@@ -32,22 +27,21 @@ def register(app: typer.Typer) -> None:
 
 
 @handle_errors
+@model_options(without=("context", "rope"))
 def bench(
     contexts: Annotated[str, typer.Option("--contexts", help="Comma-separated sizes, e.g. 4k,16k,32k.")]
     = "4k,16k,32k,64k,128k",
     tokens: Annotated[int, typer.Option("--tokens", help="Tokens decoded at each context.")] = DECODE_TOKENS,
     vs: Annotated[str, typer.Option("--vs", help="Also run a peer on the same weights: hf (transformers).")] = "",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
-    model: ModelOpt = None, backend: BackendOpt = None, device: DeviceOpt = None, kv_bits: KvBitsOpt = 16,
-    quantize: QuantizeOpt = None,
-    debug: DebugOpt = False,
+    *, opts: GlobalOptions,
 ) -> None:
     sizes = parse_contexts(contexts)
     if vs not in ("", "hf"):
         raise UsageError(f"--vs takes 'hf' (transformers), got {vs!r}")
     if tokens < 2:
         raise UsageError("--tokens must be at least 2")
-    m = load_model(GlobalOptions(model, backend, device, None, debug, kv_bits=kv_bits, quantize=quantize))
+    m = load_model(opts)
 
     def show(row):
         if row.error:

@@ -11,19 +11,12 @@ from ..chat import ChatSession
 from ..errors import ArborError
 from ..generate import GenerationOptions
 from .common import (
-    BackendOpt,
-    ContextOpt,
-    DebugOpt,
-    DeviceOpt,
     GlobalOptions,
-    KvBitsOpt,
-    ModelOpt,
-    QuantizeOpt,
-    RopeOpt,
     console,
     describe_error,
     handle_errors,
     load_model,
+    model_options,
     read_text_input,
     stdin_is_piped,
     write_answer,
@@ -46,6 +39,7 @@ def register(app: typer.Typer) -> None:
 
 
 @handle_errors
+@model_options
 def chat(
     system: Annotated[Optional[str], typer.Option("--system", "-s", help="System prompt.")] = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", help="Longest reply, in tokens.")] = 1024,
@@ -55,11 +49,9 @@ def chat(
     seed: Annotated[Optional[int], typer.Option("--seed")] = None,
     repeat_penalty: Annotated[float, typer.Option("--repeat-penalty", help="Discourage repeating the last 64 "
                                                   "tokens (1 = off).")] = 1.1,
-    model: ModelOpt = None, backend: BackendOpt = None, device: DeviceOpt = None, context: ContextOpt = None,
-    rope: RopeOpt = "auto", kv_bits: KvBitsOpt = 16, quantize: QuantizeOpt = None, debug: DebugOpt = False,
+    *, opts: GlobalOptions,
 ) -> None:
     options = GenerationOptions.build(max_tokens, temperature, top_p, top_k, seed, repetition_penalty=repeat_penalty)
-    opts = GlobalOptions(model, backend, device, context, debug, rope, kv_bits=kv_bits, quantize=quantize)
     if stdin_is_piped():
         text, _ = read_text_input("-")
         m = load_model(opts)

@@ -7,6 +7,8 @@ to stderr through rich, which drops colour under NO_COLOR and ANSI codes when no
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import os
 import sys
 from dataclasses import dataclass
@@ -41,16 +43,45 @@ QuantizeOpt = Annotated[Optional[str], typer.Option("--quantize", help="Weight-o
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class GlobalOptions:
+    """The options every model-loading command shares, as one value (see model_options)."""
+
     model: str | None = None
     backend: str | None = None
     device: str | None = None
     context: int | None = None
-    debug: bool = False
     rope: str = "auto"
     kv_bits: int = 16
     quantize: str | None = None
+    debug: bool = False
+
+
+# each shared option once: its name in GlobalOptions and on the command line's signature, and its declaration
+SHARED_OPTIONS = {"model": (ModelOpt, None), "backend": (BackendOpt, None), "device": (DeviceOpt, None),
+                  "context": (ContextOpt, None), "rope": (RopeOpt, "auto"), "kv_bits": (KvBitsOpt, 16),
+                  "quantize": (QuantizeOpt, None), "debug": (DebugOpt, False)}
+
+
+def model_options(fn=None, *, without: tuple[str, ...] = ()):
+    """Give a command the shared options (--model … --debug) and hand them to it as one keyword-only
+    `opts: GlobalOptions`. `without` leaves out options the command does not take or declares itself."""
+    if fn is None:
+        return functools.partial(model_options, without=without)
+    shared = {name: spec for name, spec in SHARED_OPTIONS.items() if name not in without}
+    signature = inspect.signature(fn, eval_str=True)
+    own = [p for p in signature.parameters.values() if p.name != "opts"]
+    added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
+             for name, (annotation, default) in shared.items()]
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        opts = GlobalOptions(**{name: kwargs.pop(name) for name in shared if name in kwargs})
+        return fn(*args, opts=opts, **kwargs)
+
+    wrapper.__signature__ = signature.replace(parameters=own + added)
+    wrapper.__annotations__ = {p.name: p.annotation for p in own + added}
+    return wrapper
 
 
 def load_model(opts: GlobalOptions):
@@ -131,7 +162,6 @@ def handle_errors(fn):
 
     0 ok, 1 runtime error, 2 usage error, 130 interrupted.
     """
-    import functools
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):

@@ -23,16 +23,11 @@ from ..evals import (
     split_sentences,
 )
 from .common import (
-    BackendOpt,
-    DebugOpt,
-    DeviceOpt,
     GlobalOptions,
-    KvBitsOpt,
-    ModelOpt,
-    QuantizeOpt,
     answer_console,
     handle_errors,
     load_model,
+    model_options,
     notice,
     read_text_input,
     status,
@@ -56,6 +51,7 @@ def register(app: typer.Typer) -> None:
 @eval_app.command("passkey", help="Hide a random 5-digit key at a depth inside filler text and ask for it back; "
                   "accuracy per length, depth and RoPE method.")
 @handle_errors
+@model_options(without=("context", "rope"))
 def passkey(
     lengths: LengthsOpt = "2k,4k,8k,16k,32k",
     trials: Annotated[int, typer.Option("--trials", help="Trials per length, spread evenly over the depth.")] = 4,
@@ -65,15 +61,13 @@ def passkey(
                                                  "instead of the papers' repeated filler (the harder variant).")]
     = None,
     as_json: JsonOpt = False,
-    model: ModelOpt = None, backend: BackendOpt = None, device: DeviceOpt = None, kv_bits: KvBitsOpt = 16,
-    quantize: QuantizeOpt = None,
-    debug: DebugOpt = False,
+    *, opts: GlobalOptions,
 ) -> None:
     sizes, methods = parse_lengths(lengths), parse_rope_methods(rope)
     if trials < 1:
         raise UsageError(f"--trials must be at least 1, got {trials}")
     sentences = split_sentences(read_text_input(prose)[0]) if prose else None
-    m = load_model(GlobalOptions(model, backend, device, None, debug, kv_bits=kv_bits, quantize=quantize))
+    m = load_model(opts)
     announce = _announcer()
 
     def show(r: PasskeyResult) -> None:
@@ -95,21 +89,20 @@ def passkey(
 @eval_app.command("ppl", help="Perplexity of FILE's last window of tokens with the preceding context, at each "
                   "context length (the last L tokens of FILE; lengths longer than FILE are skipped).")
 @handle_errors
+@model_options(without=("context", "rope"))
 def ppl(
     file: Annotated[str, typer.Argument(help="A long plain-text file; '-' reads stdin.")],
     lengths: LengthsOpt = "4k,8k,16k,32k",
     rope: RopeOpt = "auto",
     window: Annotated[int, typer.Option("--window", help="Tokens scored at the end of each length.")] = PPL_WINDOW,
     as_json: JsonOpt = False,
-    model: ModelOpt = None, backend: BackendOpt = None, device: DeviceOpt = None, kv_bits: KvBitsOpt = 16,
-    quantize: QuantizeOpt = None,
-    debug: DebugOpt = False,
+    *, opts: GlobalOptions,
 ) -> None:
     sizes, methods = parse_lengths(lengths), parse_rope_methods(rope)
     if window < 1:
         raise UsageError(f"--window must be at least 1, got {window}")
     text, name = read_text_input(file)
-    m = load_model(GlobalOptions(model, backend, device, None, debug, kv_bits=kv_bits, quantize=quantize))
+    m = load_model(opts)
     ids = m.tokenizer.encode(text)
     notice(f"{name}: {len(ids):,} tokens")
     announce = _announcer()

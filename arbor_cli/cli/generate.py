@@ -9,21 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..generate import GenerationOptions
-from .common import (
-    BackendOpt,
-    ContextOpt,
-    DebugOpt,
-    DeviceOpt,
-    GlobalOptions,
-    KvBitsOpt,
-    ModelOpt,
-    QuantizeOpt,
-    RopeOpt,
-    handle_errors,
-    load_model,
-    read_text_input,
-    write_answer,
-)
+from .common import GlobalOptions, handle_errors, load_model, model_options, read_text_input, write_answer
 
 
 def register(app: typer.Typer) -> None:
@@ -31,6 +17,7 @@ def register(app: typer.Typer) -> None:
 
 
 @handle_errors
+@model_options
 def generate(
     prompt: Annotated[Optional[str], typer.Argument(help="The prompt text; '-' reads stdin.")] = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="Tokens to generate at most.")] = 256,
@@ -42,14 +29,13 @@ def generate(
     repeat_penalty: Annotated[float, typer.Option("--repeat-penalty", help="Discourage repeating the last 64 "
                                                   "tokens (1 = off).")] = 1.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with text, tokens, timings.")] = False,
-    model: ModelOpt = None, backend: BackendOpt = None, device: DeviceOpt = None, context: ContextOpt = None,
-    rope: RopeOpt = "auto", kv_bits: KvBitsOpt = 16, quantize: QuantizeOpt = None, debug: DebugOpt = False,
+    *, opts: GlobalOptions,
 ) -> None:
     options = dict(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                    stop=stop or None, repetition_penalty=repeat_penalty)
     GenerationOptions.build(**options)  # reject bad values before the model loads
     text = prompt if prompt not in (None, "-") else read_text_input(prompt)[0]
-    m = load_model(GlobalOptions(model, backend, device, context, debug, rope, kv_bits=kv_bits, quantize=quantize))
+    m = load_model(opts)
     stream = m.generate(text, stream=True, **options)
     if as_json:
         for _ in stream:

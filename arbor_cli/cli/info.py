@@ -8,21 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from .common import (
-    BackendOpt,
-    ContextOpt,
-    DebugOpt,
-    DeviceOpt,
-    GlobalOptions,
-    KvBitsOpt,
-    ModelOpt,
-    QuantizeOpt,
-    RopeOpt,
-    answer_console,
-    handle_errors,
-    load_model,
-    write_answer,
-)
+from .common import GlobalOptions, answer_console, handle_errors, load_model, model_options, write_answer
 
 
 def register(app: typer.Typer) -> None:
@@ -30,11 +16,9 @@ def register(app: typer.Typer) -> None:
 
 
 @handle_errors
+@model_options
 def info(as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
-         model: ModelOpt = None, backend: BackendOpt = None, device: DeviceOpt = None, context: ContextOpt = None,
-         rope: RopeOpt = "auto", kv_bits: KvBitsOpt = 16, quantize: QuantizeOpt = None,
-         debug: DebugOpt = False) -> None:
-    opts = GlobalOptions(model, backend, device, context, debug, rope, kv_bits=kv_bits, quantize=quantize)
+         *, opts: GlobalOptions) -> None:
     report = load_model(opts).memory_report()
     if as_json:
         write_answer(json.dumps(report))
