@@ -9,7 +9,6 @@ from arbor_cli.errors import CorruptModelError
 EXPECTED = {"model.embed_tokens.weight": (10, 4), "model.norm.weight": (4,), "lm_head.weight": (10, 4)}
 
 
-
 def full_state() -> dict:
     return {name: np.zeros(shape, dtype=np.float32) for name, shape in EXPECTED.items()}
 

@@ -1,6 +1,7 @@
 """The int8 KV cache and the sliding-window ring cache (torch backend), and what the planner and
-chat make of them. Parity with transformers' Mistral is in tests/reference/test_rope_parity.py;
-MLX against torch in tests/test_mlx_backend.py."""
+chat make of them. What every backend's cache must do (int8 close to 16 bits, the ring against the
+full forward, truncate) is tests/test_backend_contract.py; parity with transformers' Mistral is in
+tests/reference/test_rope_parity.py; MLX against torch in tests/test_mlx_backend.py."""
 
 import dataclasses
 
@@ -8,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 from arbor_torch.cache import dequantize_int8, quantize_int8
-from test_torch_backend import tiny_model
 
 from arbor_cli import planner
 from arbor_cli.chat import ChatSession
@@ -34,23 +34,15 @@ def ids(n: int, seed: int = 3) -> list[int]:
     return torch.randint(0, 97, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def model_with(kv_bits: int = 16, window: int | None = None, prefill_chunk: int = CHUNK):
-    lm = tiny_model(sliding_window=window)
-    lm.prefill_chunk = prefill_chunk  # sizes a window model's ring: window + chunk - 1 slots
-    lm.kv_bits, lm.kv_element_bytes, lm.kv_scale_bytes = kv_bits, (1 if kv_bits == 8 else 4), (2 if kv_bits == 8 else 0)
-    return lm
-
-
-def cached_logits(lm, tokens: list[int], capacity: int, chunk: int, prefill: int) -> np.ndarray:
-    """Logits of every position: `prefill` tokens in chunks of `chunk`, the rest one decode step each."""
-    cache, rows = lm.new_cache(capacity), []
-    with torch.inference_mode():
-        for begin in range(0, prefill, chunk):
-            part = tokens[begin:min(begin + chunk, prefill)]
-            rows.append(lm.model(torch.tensor([part]), cache.length, cache.layers)[0].numpy())
-            cache.length += len(part)
-    rows += [lm.decode(t, cache).numpy()[None] for t in tokens[prefill:]]
-    return np.concatenate(rows)
+@pytest.fixture
+def model_with(tiny_model):
+    def make(kv_bits: int = 16, window: int | None = None, prefill_chunk: int = CHUNK):
+        lm = tiny_model(sliding_window=window)
+        lm.prefill_chunk = prefill_chunk  # sizes a window model's ring: window + chunk - 1 slots
+        lm.kv_bits, lm.kv_element_bytes, lm.kv_scale_bytes = (kv_bits, (1 if kv_bits == 8 else 4),
+                                                               (2 if kv_bits == 8 else 0))
+        return lm
+    return make
 
 
 # ---- int8 ------------------------------------------------------------------------------------
@@ -72,17 +64,7 @@ def test_int8_keeps_zero_vectors_zero():
     assert torch.all(codes == 0) and torch.all(dequantize_int8(codes, scale, torch.float32) == 0)
 
 
-@pytest.mark.parametrize("chunk", [1, 7, 64])
-def test_int8_cache_logits_are_close_to_the_full_precision_cache(chunk):
-    tokens = ids(70)
-    ref = cached_logits(model_with(16), tokens, 128, chunk, 60)
-    got = cached_logits(model_with(8), tokens, 128, chunk, 60)
-    err = rel_err(got, ref)
-    assert 1e-6 < err <= INT8_LOGITS_TOLERANCE  # close, and really quantized
-    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
-
-
-def test_int8_cache_is_about_a_quarter_of_float32_and_half_of_16_bits():
+def test_int8_cache_is_about_a_quarter_of_float32_and_half_of_16_bits(model_with):
     full, small = model_with(16).new_cache(256), model_with(8).new_cache(256)
     head_dim = 8  # tiny_model: 48 / 6
     assert small.nbytes / full.nbytes == pytest.approx((head_dim + 2) / (head_dim * 4))
@@ -97,67 +79,21 @@ def test_kv_bits_other_than_8_or_16_are_refused():
 
 
 # ---- sliding window: the ring ------------------------------------------------------------------
-@pytest.mark.parametrize("chunk", [1, 3, CHUNK])
-def test_ring_cache_logits_match_the_full_forward(chunk):
-    lm = model_with(16, WINDOW)
-    tokens = ids(70)
-    cache = lm.new_cache(128)
-    assert cache.slots == WINDOW + CHUNK - 1 and cache.max_chunk == CHUNK
-    np.testing.assert_allclose(cached_logits(lm, tokens, 128, chunk, 40), lm.logits(tokens), rtol=1e-4, atol=1e-4)
-
-
-def test_ring_prefill_splits_chunks_larger_than_the_ring_allows():
-    lm = model_with(16, WINDOW)
-    tokens = ids(50)
-    cache = lm.new_cache(128)
-    last = lm.prefill(tokens, cache, chunk_size=512)
-    np.testing.assert_allclose(last.numpy(), lm.logits(tokens)[-1], rtol=1e-4, atol=1e-4)
-
-
 @pytest.mark.parametrize("kv_bits", [16, 8])
-def test_ring_cache_memory_stays_at_window_plus_chunk(kv_bits):
+def test_a_torch_ring_cache_is_allocated_whole_up_front_and_never_grows(model_with, kv_bits):
     lm = model_with(kv_bits, WINDOW)
     cache = lm.new_cache(256)
     before = cache.nbytes
+    per_token = lm.config.kv_bytes_per_token(lm.kv_element_bytes, lm.kv_scale_bytes)
+    assert before == per_token * (WINDOW + CHUNK - 1)
+    assert before == planner.kv_bytes(lm.config, 256, lm.kv_element_bytes, CHUNK, lm.kv_scale_bytes)
     lm.prefill(ids(200), cache, CHUNK)
     for t in ids(30, seed=4):
         lm.decode(t, cache)
     assert cache.length == 230 and cache.nbytes == before
-    per_token = lm.config.kv_bytes_per_token(lm.kv_element_bytes, lm.kv_scale_bytes)
-    assert before == per_token * (WINDOW + CHUNK - 1)
-    assert before == planner.kv_bytes(lm.config, 256, lm.kv_element_bytes, CHUNK, lm.kv_scale_bytes)
 
 
-def test_a_context_within_the_ring_size_is_a_plain_cache():
-    cache = model_with(16, WINDOW).new_cache(12)
-    assert cache.slots == 12 and cache.max_chunk == 12
-
-
-def test_ring_truncate_keeps_what_the_next_window_needs_and_then_matches_a_fresh_run():
-    lm = model_with(16, WINDOW)
-    first, second = ids(60), ids(30, seed=5)
-    cache = lm.new_cache(128)
-    lm.prefill(first, cache, CHUNK)  # holds positions 45..59
-    cache.truncate(54)  # the query at 54 needs keys 46..53: all held
-    assert cache.length == 54
-    tokens = first[:54] + second
-    got = [lm.prefill(second[:5], cache, CHUNK).numpy()] + [lm.decode(t, cache).numpy() for t in second[5:]]
-    full = lm.logits(tokens)
-    np.testing.assert_allclose(np.stack(got), full[58:], rtol=1e-4, atol=1e-4)
-
-
-def test_ring_truncate_into_overwritten_positions_keeps_nothing():
-    lm = model_with(16, WINDOW)
-    cache = lm.new_cache(128)
-    lm.prefill(ids(60), cache, CHUNK)  # holds positions 45..59
-    cache.truncate(50)  # the query at 50 needs keys 42..49: 42..44 are overwritten
-    assert cache.length == 0
-    tokens = ids(40, seed=6)  # a fresh run from position 0 is exact again
-    last = lm.prefill(tokens, cache, CHUNK)
-    np.testing.assert_allclose(last.numpy(), lm.logits(tokens)[-1], rtol=1e-4, atol=1e-4)
-
-
-def test_chat_reuses_only_what_the_ring_still_holds():
+def test_chat_reuses_only_what_the_ring_still_holds(model_with):
     lm = model_with(16, WINDOW)
     session = ChatSession.__new__(ChatSession)  # only the prefix-reuse step, on a real ring cache
     session.cache = lm.new_cache(128)
@@ -266,7 +202,7 @@ def test_kv_bits_option_other_than_8_or_16_is_a_one_line_usage_error(value):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_int8_cache_on_cuda_runs_the_eager_path_and_stays_close_to_16_bits():
+def test_int8_cache_on_cuda_runs_the_eager_path_and_stays_close_to_16_bits(tiny_model):
     from arbor_cli.rope import rope_frequencies
     from arbor_torch.runner import TorchModel
 

@@ -1,10 +1,11 @@
-"""The MLX backend agrees with the torch backend, and its cache, sampling and pipelined decode behave.
+"""The MLX backend agrees with the torch backend, and what only MLX has (a growing cache, the
+pipelined decode, its RoPE kernel, devices) behaves.
 
-Tiny random checkpoints (written as safetensors + config.json, loaded by both backends through
-their own loaders) cover every RoPE scaling type, Qwen2 biases, Mistral's sliding window and
-chunked prefill; the default model in float32 on CPU checks real text, within and beyond the
-trained context. torch is the oracle here only: the MLX path itself never imports it
-(tests/test_mlx_no_torch.py).
+Tiny random checkpoints (conftest.py's tiny_checkpoint: safetensors + config.json, loaded by both
+backends through their own loaders) cover every RoPE scaling type, Qwen2 biases, Mistral's sliding
+window and chunked prefill; the default model in float32 on CPU checks real text, within and beyond
+the trained context. torch is the oracle here only: the MLX path itself never imports it
+(tests/test_mlx_no_torch.py). The contract both backends keep is tests/test_backend_contract.py.
 """
 
 from __future__ import annotations
@@ -22,18 +23,14 @@ torch = pytest.importorskip("torch")
 import arbor_mlx
 import arbor_torch
 from arbor_mlx.cache import STEP
-from arbor_weights.checkpoint import open_checkpoint
 
 from arbor_cli.backend import SamplingParams, select_backend
-from arbor_cli.config import ArborConfig
-from arbor_cli.errors import BackendUnavailableError, ContextError, CorruptModelError
+from arbor_cli.errors import BackendUnavailableError
 from arbor_cli.generate import GenerationOptions, stream_generation
 from arbor_cli.model import Model
 from arbor_cli.rope import rope_frequencies
 
 PARITY = 1e-4  # relative error (norm of the difference over the norm) between the backends in float32
-TINY = {"vocab_size": 97, "hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 2,
-        "num_attention_heads": 6, "num_key_value_heads": 2, "max_position_embeddings": 64, "rope_theta": 1000.0}
 SCALINGS = {
     "linear": {"rope_type": "linear", "factor": 4.0},
     "dynamic": {"rope_type": "dynamic", "factor": 4.0},
@@ -46,39 +43,6 @@ SCALINGS = {
 def rel_err(got, ref) -> float:
     got, ref = np.asarray(got, dtype=np.float64), np.asarray(ref, dtype=np.float64)
     return float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
-
-
-def write_tiny_checkpoint(path, seed: int = 0, **over):
-    """config.json + model.safetensors with random weights under HF names, as an Arbor checkpoint."""
-    from safetensors.numpy import save_file
-
-    cfg = ArborConfig(**{**TINY, **over})
-    rng = np.random.default_rng(seed)
-    h, q, kv = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, h), "model.norm.weight": (h,)}
-    if not cfg.tie_word_embeddings:
-        shapes["lm_head.weight"] = (cfg.vocab_size, h)
-    for i in range(cfg.num_hidden_layers):
-        p = f"model.layers.{i}."
-        shapes.update({p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
-                       p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
-                       p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
-                       p + "mlp.gate_proj.weight": (cfg.intermediate_size, h),
-                       p + "mlp.up_proj.weight": (cfg.intermediate_size, h),
-                       p + "mlp.down_proj.weight": (h, cfg.intermediate_size)})
-        if cfg.attention_bias:
-            shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
-                           p + "self_attn.v_proj.bias": (kv,)})
-        if cfg.attention_out_bias:
-            shapes[p + "self_attn.o_proj.bias"] = (h,)
-    tensors = {name: rng.normal(0, 0.2, shape).astype(np.float32) for name, shape in shapes.items()}
-    for name, t in tensors.items():
-        if name.endswith("norm.weight"):
-            tensors[name] = (1 + t).astype(np.float32)
-    path.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path / "model.safetensors"))
-    cfg.save(path / "config.json")
-    return open_checkpoint(path)
 
 
 def both_backends(checkpoint, positions: int = 256, seq_len: int | None = None):
@@ -94,10 +58,8 @@ def random_ids(n: int, seed: int = 3, vocab: int = 97) -> list[int]:
 
 
 @pytest.fixture
-def tiny(tmp_path):
-    def make(**over):
-        return write_tiny_checkpoint(tmp_path / f"ckpt{len(list(tmp_path.iterdir()))}", **over)
-    return make
+def tiny(tiny_checkpoint):
+    return tiny_checkpoint
 
 
 # ---- tiny random models: MLX vs torch --------------------------------------------------------
@@ -127,10 +89,10 @@ def test_logits_match_torch_beyond_the_trained_length_for_each_rope_scaling(tiny
     assert rel_err(got[150:], ref[150:]) < PARITY  # the positions past the trained length alone
 
 
-def test_rope_matches_a_direct_numpy_rotation_with_the_attention_factor():
+def test_rope_matches_a_direct_numpy_rotation_with_the_attention_factor(tiny):
     from arbor_mlx.model import Rope
 
-    cfg = ArborConfig(**{**TINY, "head_dim": 16, "rope_scaling": SCALINGS["yarn"]})
+    cfg = tiny(head_dim=16, rope_scaling=SCALINGS["yarn"]).config
     tables = rope_frequencies(cfg, 256)
     assert tables.attention_factor > 1
     x = np.random.default_rng(0).normal(size=(1, 2, 5, 16)).astype(np.float32)
@@ -143,20 +105,12 @@ def test_rope_matches_a_direct_numpy_rotation_with_the_attention_factor():
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("chunk", [1, 7, 64, 512])
 @pytest.mark.parametrize("window", [None, 9])
-def test_chunked_prefill_then_decode_matches_the_full_forward_and_torch(tiny, chunk, window):
+def test_full_forward_of_the_contract_prompt_matches_torch(tiny, window):
+    """The 70 tokens tests/test_backend_contract.py prefills and decodes: MLX's full forward is torch's."""
     lm_torch, lm_mlx = both_backends(tiny(sliding_window=window))
     ids = random_ids(70)
-    full = lm_mlx.logits(ids)
-    assert rel_err(full, lm_torch.logits(ids)) < PARITY
-    cache = lm_mlx.new_cache(128)
-    last = lm_mlx.prefill(ids[:60], cache, chunk)
-    np.testing.assert_allclose(np.array(last), full[59], rtol=1e-4, atol=1e-4)
-    for pos in range(60, 70):
-        step = lm_mlx.decode(ids[pos], cache)
-        np.testing.assert_allclose(np.array(step), full[pos], rtol=1e-4, atol=1e-4)
-    assert cache.length == 70
+    assert rel_err(lm_mlx.logits(ids), lm_torch.logits(ids)) < PARITY
 
 
 def test_long_inputs_run_their_logits_in_chunks_with_the_same_result(tiny, monkeypatch):
@@ -192,16 +146,6 @@ def test_cache_grows_in_steps_up_to_its_capacity(tiny):
     assert cache.layers[0].allocated == 2 * STEP
     lm.prefill(random_ids(600 - cache.length), cache, 512)
     assert cache.layers[0].allocated == 600 and cache.length == 600
-
-
-def test_cache_overflow_and_missing_rope_are_context_errors(tiny):
-    _, lm = both_backends(tiny())
-    cache = lm.new_cache(8)
-    with pytest.raises(ContextError):
-        lm.prefill(list(range(9)), cache, 4)
-    lm.set_rope(rope_frequencies(lm.config), 4)
-    with pytest.raises(ContextError):
-        lm.prefill(list(range(5)), lm.new_cache(8), 4)
 
 
 def test_sample_queues_the_next_decode_step_and_decode_uses_it(tiny):
@@ -240,88 +184,14 @@ def test_no_step_is_queued_when_the_cache_is_full(tiny):
     assert cache.pending is None
 
 
-# ---- sampling: the torch backend's semantics -------------------------------------------------
-@pytest.fixture
-def tiny_mlx(tiny):
-    return both_backends(tiny())[1]
-
-
-def test_sampling_is_reproducible_with_a_seed_and_respects_top_k(tiny_mlx):
-    lm = tiny_mlx
-    logits = mx.array(np.random.default_rng(0).normal(size=97).astype(np.float32))
-    params = SamplingParams(temperature=1.0, top_p=1.0, top_k=3)
-    assert len({lm.sample(logits, params, lm.new_rng(42)) for _ in range(5)}) == 1
-    rng = lm.new_rng(7)
-    first = [lm.sample(logits, params, rng) for _ in range(10)]
-    rng = lm.new_rng(7)
-    assert [lm.sample(logits, params, rng) for _ in range(10)] == first
-    many = {lm.sample(logits, params, lm.new_rng(s)) for s in range(200)}
-    top3 = set(np.argsort(-np.array(logits))[:3].tolist())
-    assert many <= top3 and len(many) > 1
-
-
-def test_unseeded_rngs_differ(tiny_mlx):
-    lm = tiny_mlx
-    logits = mx.zeros((97,))
-    params = SamplingParams(temperature=1.0)
-    assert len({lm.sample(logits, params, lm.new_rng(None)) for _ in range(20)}) > 1
-
-
-def test_top_p_keeps_only_the_nucleus(tiny_mlx):
-    lm = tiny_mlx
-    logits = np.full(97, -10.0, dtype=np.float32)
-    logits[5], logits[6] = 5.0, 4.0  # p(5) ~ 0.73: top_p 0.5 keeps token 5 alone
-    params = SamplingParams(temperature=1.0, top_p=0.5, top_k=0)
-    assert {lm.sample(mx.array(logits), params, lm.new_rng(s)) for s in range(50)} == {5}
-    wider = SamplingParams(temperature=1.0, top_p=0.9, top_k=0)
-    assert {lm.sample(mx.array(logits), wider, lm.new_rng(s)) for s in range(100)} == {5, 6}
-
-
-def test_greedy_is_argmax_and_accepts_numpy_logits(tiny_mlx):
+# ---- sampling: what only MLX takes ------------------------------------------------------------
+def test_sample_accepts_numpy_logits(tiny):
+    lm = both_backends(tiny())[1]
     logits = np.random.default_rng(1).normal(size=97).astype(np.float32)
-    assert tiny_mlx.sample(logits, SamplingParams(), None) == int(np.argmax(logits))
-    assert tiny_mlx.sample(mx.array(logits), SamplingParams(temperature=0.7, top_k=1), None) == int(np.argmax(logits))
-
-
-def test_repetition_penalty_discourages_recent_tokens(tiny_mlx):
-    lm = tiny_mlx
-    values = np.zeros(97, dtype=np.float32)
-    values[10], values[11] = 2.0, 1.9
-    logits = mx.array(values)
-    assert lm.sample(logits, SamplingParams(), None, [10]) == 10
-    penalised = SamplingParams(repetition_penalty=1.2)
-    assert lm.sample(logits, penalised, None, [10]) == 11  # 2.0 / 1.2 < 1.9
-    assert lm.sample(logits, penalised, None, [5]) == 10
-    assert float(logits[10]) == 2.0  # the caller's logits are untouched
-    negative = np.full(97, -3.0, dtype=np.float32)
-    negative[20], negative[21] = -1.0, -1.1
-    assert lm.sample(mx.array(negative), penalised, None, [20]) == 21  # negative scores are multiplied: -1.2 < -1.1
+    assert lm.sample(logits, SamplingParams(), None) == int(np.argmax(logits))
 
 
 # ---- loading, devices, memory, selection -----------------------------------------------------
-def test_weights_that_do_not_match_the_config_are_a_corrupt_model(tmp_path):
-    from safetensors.numpy import load_file, save_file
-
-    checkpoint = write_tiny_checkpoint(tmp_path / "a")
-    weights = load_file(str(checkpoint.weight_files[0]))
-    weights["model.norm.weight"] = np.ones(7, dtype=np.float32)
-    save_file(weights, str(checkpoint.weight_files[0]))
-    with pytest.raises(CorruptModelError, match="model.norm.weight has shape"):
-        arbor_mlx.load(checkpoint, "cpu", "float32")
-    del weights["model.norm.weight"]
-    save_file(weights, str(checkpoint.weight_files[0]))
-    with pytest.raises(CorruptModelError, match="missing"):
-        arbor_mlx.load(checkpoint, "cpu", "float32")
-
-
-def test_an_unreadable_weights_file_is_a_corrupt_model(tmp_path):
-    checkpoint = write_tiny_checkpoint(tmp_path / "a")
-    data = checkpoint.weight_files[0].read_bytes()
-    checkpoint.weight_files[0].write_bytes(data[:len(data) // 2])
-    with pytest.raises(CorruptModelError):
-        arbor_mlx.load(checkpoint, "cpu", "float32")
-
-
 def test_bfloat16_weights_load_and_stay_close(tiny):
     checkpoint = tiny()
     ref = arbor_mlx.load(checkpoint, "cpu", "float32")
