@@ -1,16 +1,14 @@
 """Weight-only quantization of the Linear layers: int8 per output channel, int4 in groups.
 
-Why: a CPU decode step streams every weight once per token, so its speed is set by the bytes read
-(fp32: ~540 MB a token for the default 135M model, of which 113 MB is the tied output head).
-int8 reads a quarter of that, int4 an eighth; activations stay float and only the matmul's weight
+Why: a CPU decode step streams every weight once per token, so its speed is set by the bytes read;
+int8 reads a quarter of fp32's, int4 an eighth. Activations stay float and only the matmul's weight
 operand is quantized, which is what llama.cpp's Q8_0 / Q4 formats do too.
 
 Kernels are PyTorch's own CPU ones, `aten._weight_int8pack_mm` and `aten._weight_int4pack_mm_for_cpu`.
-Both are fast only with bfloat16 activations (measured on AVX-512 with 1 thread, 49152x576 head:
-fp32 input 31 ms / 60 ms, bf16 input 3.4 ms / 1.4 ms, F.linear fp32 9.6 ms), so the input is cast
-to bf16 at the matmul and the result back; the kernels accumulate in float32. For many rows at once
-(prefill) the same kernels are slower than a bf16 GEMM (512 rows, 3072x576: 42 ms vs 13 ms), so
-there the weight is dequantized to bf16 on the fly, one layer at a time, and oneDNN does the GEMM.
+Both are fast only with bfloat16 activations, so the input is cast to bf16 at the matmul and the
+result back; the kernels accumulate in float32. For many rows at once (prefill) the same kernels are
+slower than a bf16 GEMM, so there the weight is dequantized to bf16 on the fly, one layer at a time,
+and oneDNN does the GEMM. The measurements behind both choices: docs/performance.md, "Kernel choice".
 
 Formats:
   int8: symmetric, scale = max|w| / 127 per output row; w ~= q * scale.
@@ -218,8 +216,8 @@ def quantize_model(model: nn.Module, mode: str) -> None:
     codes = model.lm_head if tied and isinstance(model.lm_head, Int8Linear) else Int8Linear(embed.weight.data)
     model.model.embed_tokens = Int8Embedding(codes, embed.weight.dtype)
     # What stays float (norms, biases) may still view the loader's memory-mapped checkpoint, which would
-    # keep every page of the file resident once quantizing has read them all: copy it out (measured RSS
-    # after loading int4: 1,038 MB with the views, 525 MB without).
+    # keep every page of the file resident once quantizing has read them all: copy it out (about halves
+    # the resident size after loading int4: docs/performance.md, "Bytes per token and resident memory").
     with torch.no_grad():
         for param in model.parameters():
             param.data = param.data.clone()
@@ -228,8 +226,8 @@ def quantize_model(model: nn.Module, mode: str) -> None:
 @contextlib.contextmanager
 def one_thread():
     """Run a block on one intra-op thread. Quantizing at load is a few memory-bound passes per matrix;
-    with the cores shared, OpenMP's second thread stalls every op on its barrier (measured on 2 busy
-    cores: 10 s to quantize the default model on 2 threads, 1.0 s on 1)."""
+    with the cores shared, OpenMP's second thread stalls every op on its barrier (10x slower on 2 busy
+    cores: docs/performance.md, "torch.compile and threads")."""
     saved = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
