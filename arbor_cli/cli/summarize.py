@@ -10,23 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ..summarize import DEFAULT_WORDS, MAX_WORDS, SummaryOptions
 from ..summarize import summarize as summarize_text
-from .common import (
-    BackendOpt,
-    ContextOpt,
-    DebugOpt,
-    DeviceOpt,
-    GlobalOptions,
-    KvBitsOpt,
-    ModelOpt,
-    QuantizeOpt,
-    RopeOpt,
-    console,
-    handle_errors,
-    load_model,
-    notice,
-    read_text_input,
-    write_answer,
-)
+from .common import GlobalOptions, console, handle_errors, load_model, model_options, notice, read_text_input, write_answer
 
 
 def register(app: typer.Typer) -> None:
@@ -35,6 +19,7 @@ def register(app: typer.Typer) -> None:
 
 
 @handle_errors
+@model_options
 def summarize(
     file: Annotated[Optional[str], typer.Argument(help="The text file; '-' reads stdin.", show_default=False)] = None,
     words: Annotated[str, typer.Option("--words", "-w", metavar="N",
@@ -42,12 +27,11 @@ def summarize(
     style: Annotated[str, typer.Option("--style", help="paragraph or bullets.")] = "paragraph",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object: text, chunks, context, "
                                           "rope_scaling, timings.")] = False,
-    model: ModelOpt = None, backend: BackendOpt = None, device: DeviceOpt = None, context: ContextOpt = None,
-    rope: RopeOpt = "auto", kv_bits: KvBitsOpt = 16, quantize: QuantizeOpt = None, debug: DebugOpt = False,
+    *, opts: GlobalOptions,
 ) -> None:
     options = SummaryOptions.build(parse_words(words), style)  # bad values fail before the model loads
     text, _ = read_text_input(file)
-    m = load_model(GlobalOptions(model, backend, device, context, debug, rope, kv_bits=kv_bits, quantize=quantize))
+    m = load_model(opts)
     with ProgressBar() as progress:
         summary = summarize_text(m, text, options, progress=progress, notify=notice)
     write_answer(json.dumps(summary.to_json(), ensure_ascii=False) if as_json else summary.text)
