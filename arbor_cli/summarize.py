@@ -2,23 +2,23 @@
 
 The context comes from the planner (memory and --context). A document that fits it, with the
 prompt and the answer, is summarised in one pass. A longer one is split on paragraph, then
-sentence, then word boundaries into token-budgeted chunks that overlap a little; each chunk
-becomes short notes ("map"), and the notes are combined into one summary ("reduce"), in groups
-and again over the groups' results while they do not fit one context. Out of memory, the whole
-run is retried once at the next smaller context bucket. Progress is reported through callbacks;
-nothing here prints.
+sentence, then word boundaries into token-budgeted chunks that overlap a little (chunking.py,
+from the one tokenization of the document); each chunk becomes short notes ("map"), and the notes
+are combined into one summary ("reduce"), in groups and again over the groups' results while they
+do not fit one context. Every answer is cleaned by summary_text.py. Out of memory, the whole run
+is retried once at the next smaller context bucket (Model.smaller_context decides). Progress is
+reported through callbacks; nothing here prints.
 """
 
 from __future__ import annotations
 
-import bisect
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
+from .chunking import Chunk, split_into_chunks
 from .errors import ContextError, OutOfMemoryError, UsageError
-from .planner import next_smaller
+from .summary_text import clean_summary, shape_summary
 
 STYLES = ("paragraph", "bullets")
 MIN_WORDS, MAX_WORDS = 1, 2000
@@ -27,9 +27,6 @@ NOTE_WORDS = 50            # each chunk's notes: short, so the map phase decodes
 TOKENS_PER_WORD = 1.5      # English runs ~1.3 tokens a word; the rest is room for the last sentence
 ANSWER_SLACK_TOKENS = 16
 PROMPT_MARGIN_TOKENS = 32  # tokenization at the seams of template and text may differ a little
-OVERLAP_FRACTION = 0.08    # of a chunk's budget, repeated at the start of the next chunk
-MAX_OVERLAP_TOKENS = 256
-MIN_PIECE_TOKENS = 16
 MIN_CHUNK_TOKENS = 64
 REDUCE_FANOUT = 3          # notes merged by one call; more and a small model drops the early ones
 REPEAT_PENALTY = 1.1       # Ollama's and llama.cpp's default: keeps a small model's notes from looping
@@ -44,11 +41,6 @@ REDUCE_PROMPT = ("Here are notes on the parts of one document, in order.\n\n---\
                  "Write one summary of the whole document in at most {words} words{style}. "
                  "Name its main subjects and state its key points.")
 STYLE_HINTS = {"paragraph": ", as one paragraph", "bullets": ", as a list of bullet points, one per line, each starting with '- '"}
-
-PARAGRAPH, SENTENCE, WORD = 2, 1, 0  # the strength of the boundary a span ends on
-PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n\s*")
-SENTENCE_BREAK = re.compile(r"(?<=[.!?;:…。！？])[\"'”’)\]]*\s+|\n\s*")
-WORD_BREAK = re.compile(r"\s+")
 
 
 # ---- options ------------------------------------------------------------------------------
@@ -115,7 +107,7 @@ class _NoProgress:
 
 
 @dataclass
-class _Usage:
+class GenerationTotals:
     """Token counts and seconds summed over every generation of a run."""
 
     prompt_tokens: int = 0
@@ -141,165 +133,6 @@ def _rate(tokens: int, seconds: float) -> float:
     return round(tokens / seconds, 2) if tokens and seconds > 0 else 0.0
 
 
-# ---- chunking -----------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Chunk:
-    start: int   # character offsets into the document: text[start:end]
-    end: int
-    tokens: int
-    overlap: int  # characters at the start repeated from the previous chunk
-
-    def text_of(self, document: str) -> str:
-        return document[self.start:self.end].strip()
-
-
-@dataclass(frozen=True)
-class _Span:
-    start: int
-    end: int
-    boundary: int  # PARAGRAPH, SENTENCE or WORD: what the span ends on
-    tokens: int
-
-
-def split_into_chunks(text: str, count_tokens: Callable[[str], int], budget: int,
-                      overlap: int | None = None) -> list[Chunk]:
-    """Chunks of at most `budget` tokens each (counted stripped), covering `text` in order.
-
-    Chunks end on a paragraph break when one leaves the chunk at least half full, else on a
-    sentence end, else (a sentence longer than a chunk) between words. Each chunk after the first
-    begins with up to `overlap` tokens of whole sentences from the end of the one before.
-    """
-    if budget < MIN_PIECE_TOKENS:
-        raise ContextError(f"a chunk budget of {budget} tokens is too small to summarize with; raise --context")
-    overlap = default_overlap(budget) if overlap is None else max(0, min(overlap, budget // 2))
-    spans = _spans(text, count_tokens, longest=max(MIN_PIECE_TOKENS, budget // 4),
-                   piece=max(MIN_PIECE_TOKENS, min(overlap, budget // 4)))
-    return _pack(text, spans, count_tokens, budget, overlap)
-
-
-def default_overlap(budget: int) -> int:
-    return min(MAX_OVERLAP_TOKENS, int(budget * OVERLAP_FRACTION))
-
-
-def _spans(text: str, count_tokens: Callable[[str], int], longest: int, piece: int) -> list[_Span]:
-    """The document tiled by sentences (each tagged with its boundary); those over `longest` tokens
-    are cut between words into pieces of `piece` tokens, small enough to serve as the overlap."""
-    spans = []
-    for start, end, boundary in _sentences(text):
-        n = count_tokens(text[start:end].strip())
-        if n == 0:
-            continue
-        if n <= longest:
-            spans.append(_Span(start, end, boundary, n))
-        else:
-            spans.extend(_cut_between_words(text, start, end, boundary, count_tokens, piece))
-    return spans
-
-
-def _sentences(text: str):
-    """(start, end, boundary) tiling text: sentences, the last of each paragraph tagged PARAGRAPH."""
-    paragraph_start = 0
-    for brk in list(PARAGRAPH_BREAK.finditer(text)) + [None]:
-        paragraph_end = brk.end() if brk else len(text)
-        content_end = brk.start() if brk else len(text)
-        start = paragraph_start
-        for m in SENTENCE_BREAK.finditer(text, paragraph_start, content_end):
-            if m.end() < content_end:
-                yield start, m.end(), SENTENCE
-                start = m.end()
-        if start < paragraph_end:
-            yield start, paragraph_end, PARAGRAPH
-        paragraph_start = paragraph_end
-
-
-def _cut_between_words(text: str, start: int, end: int, boundary: int, count_tokens, limit: int) -> list[_Span]:
-    """Pieces of text[start:end] of at most `limit` tokens, cut after whitespace where there is some."""
-    cuts = [m.end() for m in WORD_BREAK.finditer(text, start, end) if start < m.end() < end]
-    pieces = []
-    while start < end:
-        candidates = [c for c in cuts if c > start] + [end]
-        piece_end = _longest_fitting(text, start, candidates, count_tokens, limit)
-        if piece_end is None:  # not even one word fits: cut inside it, by characters
-            piece_end = _longest_fitting(text, start, list(range(start + 1, candidates[0] + 1)), count_tokens, limit)
-        tokens = count_tokens(text[start:piece_end].strip())
-        pieces.append(_Span(start, piece_end, boundary if piece_end == end else WORD, tokens))
-        start = piece_end
-    return [p for p in pieces if p.tokens > 0]
-
-
-def _longest_fitting(text: str, start: int, ends: list[int], count_tokens, limit: int) -> int | None:
-    """The largest end in `ends` (ascending) with count_tokens(text[start:end]) <= limit, by bisection."""
-    lo, hi, best = 0, len(ends) - 1, None
-    while lo <= hi:
-        mid = (lo + hi) // 2
-        if count_tokens(text[start:ends[mid]].strip()) <= limit:
-            best, lo = ends[mid], mid + 1
-        else:
-            hi = mid - 1
-    return best
-
-
-def _pack(text: str, spans: list[_Span], count_tokens, budget: int, overlap: int) -> list[Chunk]:
-    chunks: list[Chunk] = []
-    first_new = 0        # the first span no chunk has covered yet
-    previous_first = 0   # the previous chunk's first new span: overlap never reaches before it
-    while first_new < len(spans):
-        begin = _overlap_start(spans, first_new, previous_first, overlap) if chunks else first_new
-        end = _fill(spans, begin, first_new, budget)
-        if end == first_new:  # the overlap leaves no room for the next span: go without it
-            begin = first_new
-            end = _fill(spans, begin, first_new, budget)
-        end = _prefer_boundary(spans, begin, first_new, end, budget)
-        chunk_text = text[spans[begin].start:spans[end - 1].end].strip()
-        tokens = count_tokens(chunk_text)
-        while tokens > budget:  # token counts of neighbours need not add up exactly: shrink to fit
-            if end - 1 > first_new:
-                end -= 1
-            elif begin < first_new:
-                begin += 1
-            else:
-                break  # a single span counted alone already fits; cannot happen with a sane tokenizer
-            tokens = count_tokens(text[spans[begin].start:spans[end - 1].end].strip())
-        chunks.append(Chunk(spans[begin].start, spans[end - 1].end, tokens,
-                            spans[first_new].start - spans[begin].start))
-        previous_first, first_new = first_new, end
-    return chunks
-
-
-def _overlap_start(spans: list[_Span], first_new: int, floor: int, overlap: int) -> int:
-    begin, used = first_new, 0
-    while begin - 1 > floor and used + spans[begin - 1].tokens <= overlap:
-        begin -= 1
-        used += spans[begin].tokens
-    return begin
-
-
-def _fill(spans: list[_Span], begin: int, first_new: int, budget: int) -> int:
-    used = sum(s.tokens for s in spans[begin:first_new])
-    end = first_new
-    while end < len(spans) and used + spans[end].tokens <= budget:
-        used += spans[end].tokens
-        end += 1
-    return end
-
-
-def _prefer_boundary(spans: list[_Span], begin: int, first_new: int, end: int, budget: int) -> int:
-    """Move the chunk's end back to the strongest boundary that keeps it at least half full."""
-    if end >= len(spans):
-        return end
-    totals = [0]
-    for s in spans[begin:end]:
-        totals.append(totals[-1] + s.tokens)
-    floor = bisect.bisect_left(totals, budget // 2)  # ends before this leave the chunk under half full
-    for strength in (PARAGRAPH, SENTENCE):
-        for e in range(end, first_new, -1):
-            if e - begin < floor:
-                break
-            if spans[e - 1].boundary >= strength:
-                return e
-    return end
-
-
 # ---- the run ------------------------------------------------------------------------------
 def summarize(model, text: str, options: SummaryOptions | None = None, progress: SummaryProgress | None = None,
               notify: Callable[[str], None] | None = None) -> Summary:
@@ -313,17 +146,15 @@ def summarize(model, text: str, options: SummaryOptions | None = None, progress:
     if not text.strip():
         raise UsageError("there is nothing to summarize: the text is empty")
     started = time.perf_counter()
-    document_tokens = count_tokens_of(model, text.strip())
-    plan = model.plan(one_pass_prompt_tokens(model, options) + document_tokens + options.answer_tokens)
+    token_offsets = token_offsets_of(model, text)  # the one time the document is tokenized
+    plan = model.plan(one_pass_prompt_tokens(model, options) + len(token_offsets) + options.answer_tokens)
     try:
-        summary = _run(model, text, document_tokens, plan.context, options, progress or _NoProgress())
+        summary = _run(model, text, token_offsets, plan.context, options, progress or _NoProgress())
     except OutOfMemoryError as e:
-        smaller = next_smaller(plan.context)
-        if smaller is None:
-            raise
+        smaller = model.smaller_context(e, plan.context)  # re-raises e when there is no smaller bucket
         notify(f"{e}; retrying once with a {smaller}-token context (more, smaller chunks)")
         model.plan(smaller, requested=smaller)  # refuses a context that cannot fit either
-        summary = _run(model, text, document_tokens, smaller, options, progress or _NoProgress())
+        summary = _run(model, text, token_offsets, smaller, options, progress or _NoProgress())
     summary.timings["total_s"] = round(time.perf_counter() - started, 3)
     return summary
 
@@ -332,36 +163,24 @@ def count_tokens_of(model, text: str) -> int:
     return len(model.tokenizer.encode(text, add_special_tokens=False))
 
 
-def _run(model, text: str, document_tokens: int, context: int, options: SummaryOptions,
+def token_offsets_of(model, text: str) -> list[tuple[int, int]]:
+    """(start, end) in `text` of each token of text.strip(), as the model's tokenizer cuts it."""
+    lead = len(text) - len(text.lstrip())
+    _, offsets = model.tokenizer.encode_with_offsets(text.strip())
+    return [(start + lead, end + lead) for start, end in offsets]
+
+
+def _run(model, text: str, token_offsets: list[tuple[int, int]], context: int, options: SummaryOptions,
          progress: SummaryProgress) -> Summary:
-    run = _Run(model, context, options, progress)
-    with _context_pinned(model, context):
-        if one_pass_prompt_tokens(model, options) + document_tokens + options.answer_tokens <= context:
-            summary_text, chunks = run.one_pass(text), 1
-        else:
-            run.check_room_to_combine()
-            summary_text, chunks = run.map_reduce(text)
+    run = SummaryRun(model, context, options, progress)
+    if one_pass_prompt_tokens(model, options) + len(token_offsets) + options.answer_tokens <= context:
+        summary_text, chunks = run.one_pass(text), 1
+    else:
+        run.check_room_to_combine()
+        summary_text, chunks = run.map_reduce(text, token_offsets)
     timings = {"split_s": round(run.split_s, 3), "map_s": round(run.map_s, 3), "reduce_s": round(run.reduce_s, 3),
                **run.usage.as_timings()}
     return Summary(summary_text, chunks, context, model.rope_scaling_for(context), timings, run.reduce_rounds)
-
-
-class _context_pinned:
-    """While a run lasts, a user-set model.context follows the run's context (after an OOM retry, the
-    smaller one), so every generation sizes its cache within it. Unset, Model.chat plans each call
-    itself, and the buckets it picks are never larger than the run's (each prompt fits the run's)."""
-
-    def __init__(self, model, context: int):
-        self.model, self.context, self.saved = model, context, model.context
-
-    def __enter__(self):
-        if self.saved is not None:
-            self.model.context = self.context
-        return self
-
-    def __exit__(self, *exc):
-        self.model.context = self.saved
-        return False
 
 
 def one_pass_prompt_tokens(model, options: SummaryOptions) -> int:
@@ -395,18 +214,24 @@ def reduce_messages(notes: str, words: int, style: str) -> list[dict]:
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": prompt}]
 
 
-class _Run:
-    """One attempt at one context: the map and reduce phases and what they cost."""
+class SummaryRun:
+    """One attempt at one context: the map and reduce phases and what they cost.
+
+    With the user's --context (model.context), every generation runs at this run's context (after
+    an out-of-memory retry, the smaller one). Without, Model.chat plans each call itself, never
+    beyond this context: every prompt is sized to fit it.
+    """
 
     def __init__(self, model, context: int, options: SummaryOptions, progress: SummaryProgress):
         self.model, self.context, self.options, self.progress = model, context, options, progress
-        self.usage = _Usage()
+        self.generation_context = context if model.context is not None else None
+        self.usage = GenerationTotals()
         self.split_s = self.map_s = self.reduce_s = 0.0
         self.reduce_rounds = 0
 
     def generate(self, messages: list[dict], max_new_tokens: int) -> str:
-        result = self.model.chat(messages, max_new_tokens=max_new_tokens, temperature=0.0,
-                                 repetition_penalty=REPEAT_PENALTY)
+        result = self.model.chat(messages, context=self.generation_context, max_new_tokens=max_new_tokens,
+                                 temperature=0.0, repetition_penalty=REPEAT_PENALTY)
         self.usage.add(result.timings)
         return clean_summary(result.text, truncated=result.finish_reason == "length")
 
@@ -418,9 +243,9 @@ class _Run:
         self.reduce_s = time.perf_counter() - t0
         return shape_summary(answer, self.options.style)
 
-    def map_reduce(self, text: str) -> tuple[str, int]:
+    def map_reduce(self, text: str, token_offsets: list[tuple[int, int]]) -> tuple[str, int]:
         t0 = time.perf_counter()
-        chunks = self.split(text)
+        chunks = self.split(text, token_offsets)
         t1 = time.perf_counter()
         self.split_s = t1 - t0
         self.progress.begin(f"reading {len(chunks)} parts", len(chunks))
@@ -435,7 +260,7 @@ class _Run:
         self.reduce_s = time.perf_counter() - t2
         return shape_summary(answer, self.options.style), len(chunks)
 
-    def split(self, text: str) -> list[Chunk]:
+    def split(self, text: str, token_offsets: list[tuple[int, int]]) -> list[Chunk]:
         """Chunks sized so prompt + chunk + notes fit the context; the prompt names "part i of n"."""
         count = 1
         while True:  # the prompt's size depends on n's digits: settle it (at most a couple of rounds)
@@ -443,7 +268,7 @@ class _Run:
             if budget < MIN_CHUNK_TOKENS:
                 raise ContextError(f"a {self.context}-token context leaves no room for document text; "
                                    "raise --context")
-            chunks = split_into_chunks(text, lambda s: count_tokens_of(self.model, s), budget)
+            chunks = split_into_chunks(text, token_offsets, lambda s: count_tokens_of(self.model, s), budget)
             if len(str(len(chunks))) <= len(str(count)):
                 return chunks
             count = len(chunks)
@@ -509,68 +334,3 @@ class _Run:
 
 def join_notes(notes: list[str]) -> str:
     return "\n\n".join(notes)
-
-
-# ---- cleaning the model's answer ----------------------------------------------------------
-TEMPLATE_TOKEN = re.compile(r"<\|[^|<>]{1,40}\|>|</?s>|\[/?INST\]")
-ROLE_LINE = re.compile(r"^\s*(assistant|user|system)\s*:?\s*$", re.IGNORECASE)
-PREAMBLE = re.compile(r"^\s*(sure|certainly|of course|okay|ok)\b[^\n]*?[.!:]\s*\n?|"
-                      r"^\s*(here\s+(is|are)|below\s+(is|are))\b[^\n]*?:\s*\n?", re.IGNORECASE)
-HEADING = re.compile(r"^\s*(#+\s*)?\**\s*(summary|key points|notes)\s*\**\s*:?\s*\**\s*(\n|$)", re.IGNORECASE)
-LABEL = re.compile(r"^\s*\**(summary|key points)\**\s*:\s*", re.IGNORECASE)
-BULLET = re.compile(r"^\s*(?:[-*•·+]|\d+[.)])\s+")
-SENTENCE_END = re.compile(r"(?<=[.!?])[\"'”’)\]]*\s+")
-
-
-def clean_summary(text: str, truncated: bool = False) -> str:
-    """The answer without template tokens, role lines, preambles, repeats, or (when generation hit
-    its token limit) a trailing unfinished sentence."""
-    text = TEMPLATE_TOKEN.sub("", text)
-    lines = [line.rstrip() for line in text.strip().splitlines() if not ROLE_LINE.match(line)]
-    text = "\n".join(lines).strip()
-    text = PREAMBLE.sub("", text, count=1).strip()
-    text = HEADING.sub("", text, count=1).strip()
-    text = LABEL.sub("", text, count=1).strip()
-    text = drop_repeats(text)
-    if truncated:
-        text = drop_unfinished_sentence(text)
-    return text.strip()
-
-
-def drop_repeats(text: str) -> str:
-    """Stop at the first line or sentence that repeats an earlier one: a small model's greedy loop."""
-    seen: set[str] = set()
-    kept_lines = []
-    for line in text.splitlines():
-        kept_sentences = []
-        for sentence in SENTENCE_END.split(line):
-            key = re.sub(r"\W+", " ", BULLET.sub("", sentence)).strip().lower()
-            if key and key in seen:
-                return "\n".join(kept_lines + ([" ".join(kept_sentences)] if kept_sentences else [])).strip()
-            if key:
-                seen.add(key)
-            kept_sentences.append(sentence)
-        kept_lines.append(" ".join(kept_sentences))
-    return "\n".join(kept_lines)
-
-
-def drop_unfinished_sentence(text: str) -> str:
-    """Generation stopped at its token limit: drop the last list item or sentence if it is cut off."""
-    text = text.rstrip()
-    if re.search(r"[.!?][\"'”’)\]]*$", text):
-        return text
-    lines = text.splitlines()
-    if len(lines) > 1 and BULLET.match(lines[-1]):
-        return "\n".join(lines[:-1])
-    ends = [m.end() for m in re.finditer(r"[.!?][\"'”’)\]]*(?=\s)", text)]
-    return text[:ends[-1]] if ends else text
-
-
-def shape_summary(text: str, style: str) -> str:
-    """Bullets: one '- ' item per line. Paragraph: one paragraph, list markers dropped."""
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    if style == "bullets":
-        if not any(BULLET.match(line) for line in lines):
-            lines = [s.strip() for s in SENTENCE_END.split(" ".join(lines)) if s.strip()]
-        return "\n".join("- " + BULLET.sub("", line) for line in lines)
-    return " ".join(BULLET.sub("", line) for line in lines)

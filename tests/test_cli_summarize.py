@@ -17,8 +17,8 @@ from typer.testing import CliRunner
 from arbor_cli.cli import summarize as summarize_cli
 
 sys.path.insert(0, str(Path(__file__).parent))
+from conftest import FakeModel, document  # noqa: E402
 from long_document import long_document  # noqa: E402
-from test_summarize import FakeModel, document  # noqa: E402
 
 ANSWER = "Bees make honey. Volcanoes erupt."
 REPO = Path(__file__).resolve().parents[1]
