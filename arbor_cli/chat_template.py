@@ -5,36 +5,205 @@ text is only ever text: before rendering, every control-token spelling inside a 
 in markers nobody can guess, so the tokenizer finds it again after rendering and spells it out in
 ordinary tokens ("<|im_start|>" typed in a prompt cannot forge a chat turn). Finding control-token
 spellings in text (control_token_pattern, split_on_control_tokens) lives here for the same reason.
+
+A template is a program from whoever made the model file, so its work is bounded too: at most
+RENDER_SECONDS of time (a watchdog thread interrupts the rendering thread; a loop that writes
+nothing never yields, so nothing less general catches it), a bounded output (counted as it is
+written), and no operation that builds a huge value in one C call (`'x' * 10**9`, `9 ** 9 ** 9`,
+widths of millions). check_template runs sample conversations under the same bounds before a
+model is installed.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import itertools
 import json
+import math
+import os
 import re
 import secrets
+import threading
+import time
+from collections.abc import Callable
 from datetime import datetime
-from functools import lru_cache
 
 from arbor_cli.errors import ConfigError
+
+RENDER_SECONDS = 5.0
+OUTPUT_FLOOR_CHARS = 4_000_000  # plus OUTPUT_PER_MESSAGE_CHAR for every character of the messages
+OUTPUT_PER_MESSAGE_CHAR = 4
+LARGEST_COUNT = 10_000_000  # a repeat count, width or padding above this is refused
+LARGEST_POWER_BITS = 100_000  # an integer power with more bits than this is refused
+# a width of 10 million or more in a printf-style or str.format format string
+_WIDE_FORMAT = re.compile(r"%[-+ #0]*\d{8,}|\{[^{}]*:[^{}]*\d{8,}")
+
+SAMPLE_CONVERSATIONS = (
+    [{"role": "user", "content": "Hello!"}],
+    [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": "Hello!"}],
+    [{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "Hi! How can I help?"},
+     {"role": "user", "content": "Tell me a joke."}],
+)
 
 
 class ChatTemplateError(ConfigError):
     """A model without a chat template, or one whose template fails or is refused by the sandbox."""
 
 
-def render_template(source: str | None, messages: list[dict], *, add_generation_prompt: bool,
-                    bos_token: str, eos_token: str) -> str:
-    """The conversation as the template `source` writes it."""
-    from jinja2 import TemplateError
+class ChatTemplateRefusedError(ChatTemplateError):
+    """A template that ran past its time or output bound or reached outside the sandbox: hostile or
+    broken whatever the conversation, so a model carrying it is not installed."""
 
+
+def render_template(source: str | None, messages: list[dict], *, add_generation_prompt: bool,
+                    bos_token: str, eos_token: str, name: str | None = None) -> str:
+    """The conversation as the template `source` writes it; `name` (the model's) is for messages."""
+    from jinja2 import TemplateError, TemplateSyntaxError
+    from jinja2.exceptions import SecurityError
+
+    whose = f"the chat template of {name}" if name else "the model's chat template"
     if not source:
-        raise ChatTemplateError("model has no chat template; use `arbor generate` for plain completion")
+        raise ChatTemplateError(f"{name or 'the model'} has no chat template; use `arbor generate` for plain "
+                                "completion")
+    limit = output_limit(messages)
+    ticket = _watchdog.arm(RENDER_SECONDS)
     try:
-        return _compiled_template(source).render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token=bos_token, eos_token=eos_token)
-    except (TemplateError, TypeError) as e:  # TypeError: e.g. a template adding None to a string
-        raise ChatTemplateError(f"chat template failed: {e}") from None
+        try:
+            pieces = _compiled_template(source).generate(
+                messages=messages, add_generation_prompt=add_generation_prompt,
+                bos_token=bos_token, eos_token=eos_token)
+            return _joined_within(pieces, limit, whose, len(messages))
+        finally:
+            _watchdog.disarm(ticket)
+    except _RenderTimeout:
+        _watchdog.disarm(ticket)  # the interrupt may have landed inside the first disarm
+        raise ChatTemplateRefusedError(
+            f"{whose} did not finish within {RENDER_SECONDS:g} s; it loops without end or does far too much "
+            "work: fix the template or use another model") from None
+    except ChatTemplateError:
+        raise
+    except SecurityError as e:
+        raise ChatTemplateRefusedError(f"{whose} was refused by the sandbox: {_one_line(e)}") from None
+    except TemplateSyntaxError as e:
+        raise ChatTemplateError(f"{whose} does not parse: {_one_line(e)}") from None
+    except TemplateError as e:
+        raise ChatTemplateError(f"{whose} failed: {_one_line(e)}") from None
+    except Exception as e:  # noqa: BLE001 - TypeError, ZeroDivisionError, RecursionError, ...: the template's
+        raise ChatTemplateError(f"{whose} failed: {type(e).__name__}: {_one_line(e)}") from None
+
+
+def check_template(render: Callable[[list[dict]], object]) -> None:
+    """Render SAMPLE_CONVERSATIONS with `render`: ChatTemplateRefusedError as soon as one is refused
+    (time, output, sandbox), the first ChatTemplateError if none renders. A template may refuse some
+    conversations on purpose (no system role, strict alternation), so one success is enough."""
+    failures = []
+    for sample in SAMPLE_CONVERSATIONS:
+        try:
+            render(sample)
+        except ChatTemplateRefusedError:
+            raise
+        except ChatTemplateError as e:
+            failures.append(e)
+    if len(failures) == len(SAMPLE_CONVERSATIONS):
+        raise failures[0]
+
+
+def output_limit(messages) -> int:
+    """The most characters a render of these messages may write: generous, and growing with them."""
+    return OUTPUT_FLOOR_CHARS + OUTPUT_PER_MESSAGE_CHAR * _text_size(messages)
+
+
+def _text_size(value) -> int:
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(_text_size(item) for item in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_text_size(item) for item in value)
+    return 0
+
+
+def _joined_within(pieces, limit: int, whose: str, count: int) -> str:
+    out, size = [], 0
+    for piece in pieces:
+        size += len(piece)
+        if size > limit:
+            raise ChatTemplateRefusedError(
+                f"{whose} wrote more than {limit:,} characters for {count} message(s); it loops without "
+                "end or repeats itself: fix the template or use another model")
+        out.append(piece)
+    return "".join(out)
+
+
+def _one_line(error: BaseException, longest: int = 300) -> str:
+    text = " ".join(str(error).split())
+    return text if len(text) <= longest else text[:longest - 1] + "…"
+
+
+class _RenderTimeout(BaseException):
+    """Raised into a rendering thread by the watchdog; a BaseException, so no `except Exception` on the
+    way (jinja's or a filter's) swallows it. It never leaves render_template."""
+
+
+class _Watchdog:
+    """One daemon thread that raises _RenderTimeout into a thread whose render passed its deadline.
+
+    arm/disarm cost a lock and a dict entry; the thread is woken only when a deadline earlier than
+    the one it sleeps towards is armed (with one budget for all renders: when it was idle)."""
+
+    def __init__(self):
+        self._cond = threading.Condition(threading.Lock())
+        self._armed: dict[int, tuple[float, int]] = {}  # ticket -> (deadline, thread ident)
+        self._fired: set[int] = set()
+        self._tickets = itertools.count()
+        self._wake_at = math.inf
+        self._thread: threading.Thread | None = None
+
+    def arm(self, seconds: float) -> int:
+        ticket, deadline = next(self._tickets), time.monotonic() + seconds
+        with self._cond:
+            self._armed[ticket] = (deadline, threading.get_ident())
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._watch, name="arbor-template-watchdog", daemon=True)
+                self._thread.start()
+            elif deadline < self._wake_at:
+                self._cond.notify()
+        return ticket
+
+    def disarm(self, ticket: int) -> None:
+        """Stop watching ticket; if the watchdog fired meanwhile, cancel its exception if not yet raised."""
+        with self._cond:
+            self._armed.pop(ticket, None)
+            if ticket in self._fired:
+                self._fired.discard(ticket)
+                _raise_in_thread(threading.get_ident(), None)
+
+    def _watch(self) -> None:
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                for ticket, (deadline, ident) in list(self._armed.items()):
+                    if deadline <= now:  # fired under the lock: disarm cannot run in between
+                        del self._armed[ticket]
+                        self._fired.add(ticket)
+                        _raise_in_thread(ident, _RenderTimeout)
+                self._wake_at = min((deadline for deadline, _ in self._armed.values()), default=math.inf)
+                self._cond.wait(None if self._wake_at == math.inf else self._wake_at - now)
+
+
+def _raise_in_thread(ident: int, exception: type[BaseException] | None) -> None:
+    # CPython raises it in that thread at its next bytecode boundary; None cancels a pending one.
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), exception and ctypes.py_object(exception))
+
+
+def _new_watchdog() -> None:
+    global _watchdog
+    _watchdog = _Watchdog()  # a forked child has no watchdog thread, and perhaps a lock held by it
+
+
+_watchdog = _Watchdog()
+os.register_at_fork(after_in_child=_new_watchdog)
 
 
 def control_token_pattern(specials: dict[str, int]):
@@ -72,31 +241,85 @@ def shielded(value, pattern, open_mark: str, close_mark: str):
     return value
 
 
-@lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=8)
 def _compiled_template(source: str):
     """The template compiled in the jinja environment HF renders chat templates in, but with a
-    sandbox that fails loudly: the stock one renders a forbidden attribute as empty text."""
-    from jinja2.exceptions import SecurityError, TemplateError, TemplateSyntaxError
+    sandbox that fails loudly (the stock one renders a forbidden attribute as empty text) and
+    refuses operations that build a huge value in one step. Syntax errors propagate."""
+    from jinja2.exceptions import SecurityError, TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
+    from jinja2.utils import Namespace
+
+    def refuse_huge(what: str, *values) -> None:
+        for value in values:
+            if isinstance(value, tuple):  # the arguments of `%`
+                refuse_huge(what, *value)
+            elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > LARGEST_COUNT:
+                raise SecurityError(f"template asked for {what} of {value:,} (more than {LARGEST_COUNT:,})")
+
+    def refuse_wide_format(fmt) -> None:
+        if isinstance(fmt, str) and _WIDE_FORMAT.search(fmt):
+            raise SecurityError("template asked for a format width of 10 million or more")
 
     class LoudSandbox(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset({"*", "**", "%"})
+
         # a template that reaches for `__class__` is hostile or broken: either way, no prompt from it
         def unsafe_undefined(self, obj, attribute):
             raise SecurityError(f"template tried to access {attribute!r} of a {type(obj).__name__} object")
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "**" and isinstance(left, int) and isinstance(right, int) and right > 0 \
+                    and left.bit_length() * right > LARGEST_POWER_BITS:
+                raise SecurityError(f"template asked for a power with more than {LARGEST_POWER_BITS:,} bits")
+            if operator == "*":
+                sized, count = (left, right) if isinstance(right, int) else (right, left)
+                if isinstance(sized, (str, list, tuple)) and isinstance(count, int) \
+                        and len(sized) * count > LARGEST_COUNT:
+                    raise SecurityError(f"template asked for a repetition of more than {LARGEST_COUNT:,} items")
+            if operator == "%" and isinstance(left, str):
+                refuse_wide_format(left)
+                refuse_huge("a format width", right)
+            return super().call_binop(context, operator, left, right)
+
+        def getattr(self, obj, attribute):
+            if attribute in ("format", "format_map") and isinstance(obj, str):
+                refuse_wide_format(obj)
+            return super().getattr(obj, attribute)
+
+        def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 - jinja's own signature
+            refuse_huge("a width or count", *args, *kwargs.values())
+            return super().call(__context, __obj, *args, **kwargs)
+
+    class BoundedNamespace(Namespace):
+        # the one mutable value a template has: growing it in a loop must stay bounded too
+        def __setitem__(self, key, value):
+            if isinstance(value, (str, list, tuple)) and len(value) > LARGEST_COUNT:
+                raise SecurityError(f"template stored a value of more than {LARGEST_COUNT:,} items")
+            super().__setitem__(key, value)
 
     def raise_exception(message):
         raise TemplateError(message)
 
     def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
         # jinja's own tojson HTML-escapes "<" and ">", which would change the prompt.
+        refuse_huge("an indent", indent)
         return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
                           sort_keys=sort_keys)
 
+    def bounded(filter_function, what: str):
+        @functools.wraps(filter_function)  # keeps jinja's pass_environment mark (wordwrap has one)
+        def checked(*args, **kwargs):
+            refuse_huge(what, *args[1:], *kwargs.values())
+            refuse_wide_format(args[0] if what == "a format width" and args else None)
+            return filter_function(*args, **kwargs)
+        return checked
+
     env = LoudSandbox(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.filters["tojson"] = tojson
+    for name in ("center", "indent", "format", "wordwrap"):
+        env.filters[name] = bounded(env.filters[name], f"a {name} width")
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    try:
-        return env.from_string(source)
-    except TemplateSyntaxError as e:
-        raise ChatTemplateError(f"the model's chat template does not parse: {e}") from None
+    env.globals["namespace"] = BoundedNamespace
+    return env.from_string(source)

@@ -35,12 +35,13 @@ class Tokenizer:
     """One model's tokenizer: plain encode/decode, control-token bookkeeping and chat rendering."""
 
     def __init__(self, backend, *, bos_id: int | None, eos_ids: list[int], chat_template: str | None,
-                 add_bos: bool):
+                 add_bos: bool, name: str | None = None):
         self._backend = backend
         self.vocab_size: int = backend.vocab_size
         self.bos_id = bos_id
         self.eos_ids = eos_ids
         self.chat_template = chat_template
+        self.name = name  # the model's, for template errors
         self.add_bos = bool(add_bos) and bos_id is not None
         self._specials: dict[str, int] = backend.special_tokens  # control token text -> id
         self._special_ids = set(self._specials.values())
@@ -105,7 +106,7 @@ class Tokenizer:
         return None if token_id is None else self._backend.id_to_token(token_id)
 
     def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
-        return render_template(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
+        return render_template(self.chat_template, messages, add_generation_prompt=add_generation_prompt, name=self.name,
                                bos_token=self._token_text(self.bos_id) or "",
                                eos_token=self._token_text(self.eos_ids[0] if self.eos_ids else None) or "")
 
@@ -281,7 +282,7 @@ def load_tokenizer(directory) -> Tokenizer:
     if add_bos is None:
         add_bos = bos_id is not None and backend.adds_bos(bos_id)
     return Tokenizer(backend, bos_id=bos_id, eos_ids=eos_ids_for(backend, declared, template),
-                     chat_template=template, add_bos=add_bos)
+                     chat_template=template, add_bos=add_bos, name=directory.name)
 
 
 def _backend_from_directory(directory: Path):

@@ -35,8 +35,9 @@ _SPLIT_BY_PRE = {"llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "llama-bpe"
 _IGNORE_MERGES_PRE = {"llama3", "llama-v3", "llama-bpe", "falcon3"}
 
 
-def tokenizer_from_gguf(meta: dict) -> Tokenizer:
-    """The tokenizer a GGUF file describes; `meta` maps its metadata keys to Python values."""
+def tokenizer_from_gguf(meta: dict, name: str | None = None) -> Tokenizer:
+    """The tokenizer a GGUF file describes; `meta` maps its metadata keys to Python values; `name`
+    (the file's or model's) is what template errors call it."""
     kind = meta.get("tokenizer.ggml.model")
     if kind not in ("gpt2", "llama"):
         raise ConfigError(f"tokenizer.ggml.model {kind!r} is not supported (arbor reads 'gpt2' and 'llama')")
@@ -48,7 +49,8 @@ def tokenizer_from_gguf(meta: dict) -> Tokenizer:
     # llama.cpp adds BOS to a sentencepiece vocabulary unless the file says otherwise.
     add_bos = meta.get("tokenizer.ggml.add_bos_token", kind == "llama")
     return Tokenizer(backend, bos_id=meta.get("tokenizer.ggml.bos_token_id"),
-                     eos_ids=eos_ids_for(backend, declared, template), chat_template=template, add_bos=add_bos)
+                     eos_ids=eos_ids_for(backend, declared, template), chat_template=template, add_bos=add_bos,
+                     name=name)
 
 
 def _token_types(meta: dict) -> list[int]:
