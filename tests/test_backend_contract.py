@@ -52,6 +52,8 @@ class Backend:
     def __init__(self, name: str, device: str):
         self.name, self.device = name, device
         self.module = backend_module(name)
+        # the CUDA graph's split-KV Triton kernel needs head_dim >= 16 (tl.dot); the tiny model's is 8
+        self.checkpoint_overrides = {"head_dim": 16} if device == "cuda" else {}
 
     def load(self, checkpoint, kv_bits: int = 16, prefill_chunk: int | None = None) -> LoadedModel:
         lm = self.module.load(checkpoint, self.device, "float32", kv_bits=kv_bits)
@@ -93,6 +95,14 @@ def backend(request) -> Backend:
     return Backend(*request.param)
 
 
+@pytest.fixture
+def make_checkpoint(backend, tiny_checkpoint):
+    """conftest.py's tiny_checkpoint, in the shape `backend` runs."""
+    def make(**over):
+        return tiny_checkpoint(**{**backend.checkpoint_overrides, **over})
+    return make
+
+
 def random_ids(n: int, seed: int = 3) -> list[int]:
     return np.random.default_rng(seed).integers(0, VOCAB, n).tolist()
 
@@ -116,8 +126,8 @@ def cached_logits(backend: Backend, lm, tokens: list[int], capacity: int, chunk:
 # ---- prefill, decode, the cache -------------------------------------------------------------------
 @pytest.mark.parametrize("chunk", [1, 7, 64, 512])
 @pytest.mark.parametrize("window", [None, 9])
-def test_chunked_prefill_then_decode_matches_the_full_forward(backend, tiny_checkpoint, chunk, window):
-    lm = backend.load(tiny_checkpoint(sliding_window=window))
+def test_chunked_prefill_then_decode_matches_the_full_forward(backend, make_checkpoint, chunk, window):
+    lm = backend.load(make_checkpoint(sliding_window=window))
     ids = random_ids(70)
     full = lm.logits(ids)
     cache = lm.new_cache(128)
@@ -129,8 +139,8 @@ def test_chunked_prefill_then_decode_matches_the_full_forward(backend, tiny_chec
     assert cache.length == 70
 
 
-def test_cache_overflow_and_missing_rope_are_context_errors(backend, tiny_checkpoint):
-    lm = backend.load(tiny_checkpoint())
+def test_cache_overflow_and_missing_rope_are_context_errors(backend, make_checkpoint):
+    lm = backend.load(make_checkpoint())
     cache = lm.new_cache(8)
     with pytest.raises(ContextError, match="the context is full"):
         lm.prefill(list(range(9)), cache, 4)
@@ -153,10 +163,10 @@ def greedy_run(backend: Backend, lm, runs: list[tuple[object, list[int]]], steps
     return [(tokens, np.stack(rows)) for tokens, rows in states]
 
 
-def test_each_cache_runs_with_the_rope_it_was_built_for(backend, tiny_checkpoint):
+def test_each_cache_runs_with_the_rope_it_was_built_for(backend, make_checkpoint):
     """Two caches built with different RoPE tables, prefilled and decoded in turn on one model, each
     give what the same cache gives alone on a freshly loaded model (not what the last table set gives)."""
-    checkpoint = tiny_checkpoint()
+    checkpoint = make_checkpoint()
     cfg = checkpoint.config
     plain = rope_frequencies(cfg, 128)
     linear = rope_frequencies(cfg.with_rope_scaling({"rope_type": "linear", "factor": 4.0}), 128)
@@ -182,8 +192,8 @@ def test_each_cache_runs_with_the_rope_it_was_built_for(backend, tiny_checkpoint
 
 # ---- int8 KV ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("chunk", [1, 7, 64])
-def test_int8_cache_logits_are_close_to_the_full_precision_cache(backend, tiny_checkpoint, chunk):
-    checkpoint, tokens = tiny_checkpoint(norms=0.0), random_ids(70)
+def test_int8_cache_logits_are_close_to_the_full_precision_cache(backend, make_checkpoint, chunk):
+    checkpoint, tokens = make_checkpoint(norms=0.0), random_ids(70)
     ref = cached_logits(backend, backend.load(checkpoint, 16, CHUNK), tokens, 128, chunk, 60)
     lm8 = backend.load(checkpoint, 8, CHUNK)
     got = cached_logits(backend, lm8, tokens, 128, chunk, 60)
@@ -195,8 +205,8 @@ def test_int8_cache_logits_are_close_to_the_full_precision_cache(backend, tiny_c
 
 # ---- sliding window: the ring ----------------------------------------------------------------------
 @pytest.mark.parametrize("chunk", [1, 3, CHUNK])
-def test_ring_cache_logits_match_the_full_forward(backend, tiny_checkpoint, chunk):
-    lm = backend.load(tiny_checkpoint(sliding_window=WINDOW), prefill_chunk=CHUNK)
+def test_ring_cache_logits_match_the_full_forward(backend, make_checkpoint, chunk):
+    lm = backend.load(make_checkpoint(sliding_window=WINDOW), prefill_chunk=CHUNK)
     tokens = random_ids(70)
     cache = lm.new_cache(128)
     assert cache.slots == WINDOW + CHUNK - 1 and cache.max_chunk == CHUNK
@@ -204,8 +214,8 @@ def test_ring_cache_logits_match_the_full_forward(backend, tiny_checkpoint, chun
                                rtol=1e-4, atol=1e-4)
 
 
-def test_ring_prefill_splits_chunks_larger_than_the_ring_allows(backend, tiny_checkpoint):
-    lm = backend.load(tiny_checkpoint(sliding_window=WINDOW), prefill_chunk=CHUNK)
+def test_ring_prefill_splits_chunks_larger_than_the_ring_allows(backend, make_checkpoint):
+    lm = backend.load(make_checkpoint(sliding_window=WINDOW), prefill_chunk=CHUNK)
     tokens = random_ids(50)
     cache = lm.new_cache(128)
     last = lm.prefill(tokens, cache, chunk_size=512)
@@ -213,8 +223,8 @@ def test_ring_prefill_splits_chunks_larger_than_the_ring_allows(backend, tiny_ch
 
 
 @pytest.mark.parametrize("kv_bits", [16, 8])
-def test_ring_cache_memory_stays_at_window_plus_chunk(backend, tiny_checkpoint, kv_bits):
-    lm = backend.load(tiny_checkpoint(sliding_window=WINDOW), kv_bits, CHUNK)
+def test_ring_cache_memory_stays_at_window_plus_chunk(backend, make_checkpoint, kv_bits):
+    lm = backend.load(make_checkpoint(sliding_window=WINDOW), kv_bits, CHUNK)
     cache = lm.new_cache(256)
     lm.prefill(random_ids(200), cache, CHUNK)
     for t in random_ids(30, seed=4):
@@ -224,13 +234,13 @@ def test_ring_cache_memory_stays_at_window_plus_chunk(backend, tiny_checkpoint, 
     assert cache.nbytes == planner.kv_bytes(lm.config, 256, lm.kv_element_bytes, CHUNK, lm.kv_scale_bytes)
 
 
-def test_a_context_within_the_ring_size_is_a_plain_cache(backend, tiny_checkpoint):
-    cache = backend.load(tiny_checkpoint(sliding_window=WINDOW), prefill_chunk=CHUNK).new_cache(12)
+def test_a_context_within_the_ring_size_is_a_plain_cache(backend, make_checkpoint):
+    cache = backend.load(make_checkpoint(sliding_window=WINDOW), prefill_chunk=CHUNK).new_cache(12)
     assert cache.slots == 12 and cache.max_chunk == 12
 
 
-def test_ring_truncate_keeps_what_the_next_window_needs_and_then_matches_a_fresh_run(backend, tiny_checkpoint):
-    lm = backend.load(tiny_checkpoint(sliding_window=WINDOW), prefill_chunk=CHUNK)
+def test_ring_truncate_keeps_what_the_next_window_needs_and_then_matches_a_fresh_run(backend, make_checkpoint):
+    lm = backend.load(make_checkpoint(sliding_window=WINDOW), prefill_chunk=CHUNK)
     first, second = random_ids(60), random_ids(30, seed=5)
     cache = lm.new_cache(128)
     lm.prefill(first, cache, CHUNK)  # holds positions 45..59
@@ -242,8 +252,8 @@ def test_ring_truncate_keeps_what_the_next_window_needs_and_then_matches_a_fresh
     np.testing.assert_allclose(np.stack(got), full[58:], rtol=1e-4, atol=1e-4)
 
 
-def test_ring_truncate_into_overwritten_positions_keeps_nothing(backend, tiny_checkpoint):
-    lm = backend.load(tiny_checkpoint(sliding_window=WINDOW), prefill_chunk=CHUNK)
+def test_ring_truncate_into_overwritten_positions_keeps_nothing(backend, make_checkpoint):
+    lm = backend.load(make_checkpoint(sliding_window=WINDOW), prefill_chunk=CHUNK)
     cache = lm.new_cache(128)
     lm.prefill(random_ids(60), cache, CHUNK)  # holds positions 45..59
     cache.truncate(50)  # the query at 50 needs keys 42..49: 42..44 are overwritten
@@ -255,8 +265,8 @@ def test_ring_truncate_into_overwritten_positions_keeps_nothing(backend, tiny_ch
 
 # ---- sampling ----------------------------------------------------------------------------------------
 @pytest.fixture
-def tiny_lm(backend, tiny_checkpoint):
-    return backend.load(tiny_checkpoint())
+def tiny_lm(backend, make_checkpoint):
+    return backend.load(make_checkpoint())
 
 
 def test_sampling_is_reproducible_with_a_seed_and_respects_top_k(backend, tiny_lm):
@@ -313,8 +323,8 @@ def test_repetition_penalty_discourages_recent_tokens(backend, tiny_lm):
 
 
 # ---- loading ---------------------------------------------------------------------------------------------
-def test_the_loaded_model_reports_what_the_planner_and_info_read(backend, tiny_checkpoint):
-    checkpoint = tiny_checkpoint()
+def test_the_loaded_model_reports_what_the_planner_and_info_read(backend, make_checkpoint):
+    checkpoint = make_checkpoint()
     lm16, lm8 = backend.load(checkpoint, 16), backend.load(checkpoint, 8)
     assert (lm16.kv_bits, lm16.kv_element_bytes, lm16.kv_scale_bytes) == (16, 4, 0)
     assert (lm8.kv_bits, lm8.kv_element_bytes, lm8.kv_scale_bytes) == (8, 1, 2)
@@ -324,15 +334,15 @@ def test_the_loaded_model_reports_what_the_planner_and_info_read(backend, tiny_c
     assert isinstance(backend.module.QUANTIZE_MODES, tuple)
 
 
-def test_an_unsupported_quantize_mode_is_refused(backend, tiny_checkpoint):
+def test_an_unsupported_quantize_mode_is_refused(backend, make_checkpoint):
     with pytest.raises(BackendUnavailableError, match="quantize"):
-        backend.module.load(tiny_checkpoint(), backend.device, "float32", quantize="int3")
+        backend.module.load(make_checkpoint(), backend.device, "float32", quantize="int3")
 
 
-def test_weights_that_do_not_match_the_config_are_a_corrupt_model(backend, tiny_checkpoint):
+def test_weights_that_do_not_match_the_config_are_a_corrupt_model(backend, make_checkpoint):
     from safetensors.numpy import load_file, save_file
 
-    checkpoint = tiny_checkpoint()
+    checkpoint = make_checkpoint()
     weights = load_file(str(checkpoint.weight_files[0]))
     weights["model.norm.weight"] = np.ones(7, dtype=np.float32)
     save_file(weights, str(checkpoint.weight_files[0]))
@@ -344,8 +354,8 @@ def test_weights_that_do_not_match_the_config_are_a_corrupt_model(backend, tiny_
         backend.module.load(checkpoint, backend.device, "float32")
 
 
-def test_an_unreadable_weights_file_is_a_corrupt_model(backend, tiny_checkpoint):
-    checkpoint = tiny_checkpoint()
+def test_an_unreadable_weights_file_is_a_corrupt_model(backend, make_checkpoint):
+    checkpoint = make_checkpoint()
     data = checkpoint.weight_files[0].read_bytes()
     checkpoint.weight_files[0].write_bytes(data[:len(data) // 2])
     with pytest.raises(CorruptModelError):
