@@ -109,13 +109,17 @@ class ChatSession:
         path = Path(path)
         payload = json.dumps({"format": SESSION_FORMAT, "system": self.system, "messages": self.turns},
                              ensure_ascii=False, indent=2)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent if str(path.parent) else ".")
+        tmp = None
         try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent if str(path.parent) else ".")
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write(payload + "\n")
             os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+        except BaseException as e:
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
+            if isinstance(e, OSError) and e.errno is not None:  # name the user's file, not the hidden temp one
+                raise OSError(e.errno, e.strerror, str(path)) from None
             raise
 
     def load(self, path: str | Path) -> None:

@@ -33,22 +33,23 @@ class GenerationOptions:
     @classmethod
     def build(cls, max_new_tokens=256, temperature=0.0, top_p=1.0, top_k=0, seed=None, stop=None,
               ignore_eos=False, repetition_penalty=1.0) -> "GenerationOptions":
-        """Validate user-supplied values; every bad one is a UsageError naming the option."""
+        """Validate user-supplied values; every bad one is a UsageError naming the CLI option (and the
+        API's parameter where its name differs)."""
         if not isinstance(max_new_tokens, int) or not 0 < max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
-            raise UsageError(f"max_new_tokens must be an integer in 1..{MAX_NEW_TOKENS_LIMIT}, got {max_new_tokens!r}")
+            raise UsageError(f"--max-tokens (max_new_tokens) must be an integer in 1..{MAX_NEW_TOKENS_LIMIT}, got {max_new_tokens!r}")
         if not _finite(temperature) or not 0 <= temperature <= 100:
-            raise UsageError(f"temperature must be between 0 and 100 (0 = greedy), got {temperature!r}")
+            raise UsageError(f"--temperature must be between 0 and 100 (0 = greedy), got {temperature!r}")
         if not _finite(top_p) or not 0 < top_p <= 1:
-            raise UsageError(f"top_p must be in (0, 1], got {top_p!r}")
+            raise UsageError(f"--top-p (top_p) must be in (0, 1], got {top_p!r}")
         if not isinstance(top_k, int) or top_k < 0:
-            raise UsageError(f"top_k must be a non-negative integer (0 = off), got {top_k!r}")
+            raise UsageError(f"--top-k (top_k) must be a non-negative integer (0 = off), got {top_k!r}")
         if seed is not None and (not isinstance(seed, int) or seed < 0):
-            raise UsageError(f"seed must be a non-negative integer, got {seed!r}")
+            raise UsageError(f"--seed must be a non-negative integer, got {seed!r}")
         if not _finite(repetition_penalty) or not 0 < repetition_penalty <= 10:
-            raise UsageError(f"repetition_penalty must be in (0, 10] (1 = off), got {repetition_penalty!r}")
+            raise UsageError(f"--repeat-penalty (repetition_penalty) must be in (0, 10] (1 = off), got {repetition_penalty!r}")
         stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
         if any(not isinstance(s, str) or not s for s in stops):
-            raise UsageError("stop strings must be non-empty text")
+            raise UsageError("--stop strings must be non-empty text")
         return cls(max_new_tokens, float(temperature), float(top_p), top_k, seed, stops, bool(ignore_eos),
                    float(repetition_penalty))
 

@@ -304,11 +304,11 @@ def load(model: str | None = None, backend: str | None = None, device: str | Non
     from .tokenizer import load_tokenizer
 
     if context is not None and (not isinstance(context, int) or not 16 <= context <= MAX_CONTEXT):
-        raise UsageError(f"context must be an integer in 16..{MAX_CONTEXT}, got {context!r}")
+        raise UsageError(f"--context must be an integer in 16..{MAX_CONTEXT}, got {context!r}")
     if quantize is not None and quantize not in QUANTIZE:
-        raise UsageError(f"quantize must be {' or '.join(QUANTIZE)}, got {quantize!r}")
+        raise UsageError(f"--quantize must be {' or '.join(QUANTIZE)}, got {quantize!r}")
     if kv_bits not in KV_BITS or isinstance(kv_bits, bool):
-        raise UsageError(f"kv_bits must be one of {', '.join(map(str, KV_BITS))}, got {kv_bits!r}")
+        raise UsageError(f"--kv-bits (kv_bits) must be one of {', '.join(map(str, KV_BITS))}, got {kv_bits!r}")
     try:
         resolve_method(rope)
     except ValueError as e:

@@ -7,7 +7,12 @@ import sys
 import click
 import typer
 
-from . import bench, chat, eval, generate, info, models, summarize
+from .streams import guard_closed_std_streams
+
+guard_closed_std_streams()  # before the consoles below are made: a closed stdout/stderr must not crash or leak
+
+from . import bench, chat, eval, generate, info, models, summarize  # noqa: E402
+from .common import describe_error  # noqa: E402
 
 app = typer.Typer(
     name="arbor",
@@ -33,9 +38,14 @@ def main(argv: list[str] | None = None) -> None:
         print("arbor: interrupted", file=sys.stderr)
         sys.exit(130)
     except CLICK_ERRORS as e:  # a bad option value, an unknown option: one line, exit 2
+        if type(e).__name__ == "NoArgsIsHelpError":  # plain `arbor`: the help is printed, and that is all
+            sys.exit(0)
         print(f"arbor: error: {e.format_message()}", file=sys.stderr)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         print("arbor: interrupted", file=sys.stderr)
         sys.exit(130)
+    except OSError as e:  # help or usage text that cannot be written (a closed stdout)
+        print(f"arbor: error: {describe_error(e)}", file=sys.stderr)
+        sys.exit(1)
     sys.exit(rc if isinstance(rc, int) else 0)

@@ -6,6 +6,7 @@ import json
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from ..bench import DECODE_TOKENS, parse_contexts, run_bench
@@ -57,10 +58,10 @@ def bench(
                                  "model": m.checkpoint.name, "rows": [r.to_json() for r in rows]}))
         return
     table = Table("engine", "context", "prefill", "prefill tok/s", "decode tok/s", "peak memory", "RoPE",
-                  title=f"{m.checkpoint.name} · {m.backend}/{m.device} · {m.dtype}", title_justify="left")
+                  title=f"{escape(m.checkpoint.name)} · {m.backend}/{m.device} · {m.dtype}", title_justify="left")
     for r in rows:
         if r.error:
-            table.add_row(r.engine, f"{r.context:,}", "[red]failed[/red]", "", "", "", r.error[:40])
+            table.add_row(r.engine, f"{r.context:,}", "[red]failed[/red]", "", "", "", escape(r.error[:40]))
             continue
         peak = f"{r.peak_memory_bytes / (1 << 30):.2f} GiB" if r.peak_memory_bytes else "-"
         table.add_row(r.engine, f"{r.context:,}", f"{r.prefill_s:.2f} s", f"{r.prefill_tokens_per_s:,.0f}",

@@ -6,6 +6,7 @@ import sys
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 
 from ..chat import ChatSession
 from ..errors import ArborError
@@ -61,7 +62,7 @@ def chat(
         return
     m = load_model(opts)
     session = ChatSession(m, system=system, options=options)
-    console.print(f"[dim]arbor chat · {m.checkpoint.name} · {m.backend}/{m.device} · context {session.context} · "
+    console.print(f"[dim]arbor chat · {escape(m.checkpoint.name)} · {m.backend}/{m.device} · context {session.context} · "
                   "/help for commands, Ctrl-D to exit[/dim]")
     repl(session)
 
@@ -137,10 +138,10 @@ def run_slash_command(session: ChatSession, line: str) -> str | None:
             console.print(f"{used} of {session.context} tokens used ({100 * used / session.context:.1f}%)")
         elif command == "/save" and arg:
             session.save(arg)
-            console.print(f"[dim]saved {len(session.turns)} messages to {arg}[/dim]", markup=True)
+            console.print(f"[dim]saved {len(session.turns)} messages to {escape(arg)}[/dim]", markup=True)
         elif command == "/load" and arg:
             session.load(arg)
-            console.print(f"[dim]loaded {len(session.turns)} messages from {arg}[/dim]", markup=True)
+            console.print(f"[dim]loaded {len(session.turns)} messages from {escape(arg)}[/dim]", markup=True)
         else:
             console.print(f"unknown command {line!r}; /help lists them", markup=False)
     except (ArborError, OSError) as e:

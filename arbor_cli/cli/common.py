@@ -7,9 +7,11 @@ to stderr through rich, which drops colour under NO_COLOR and ANSI codes when no
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import inspect
 import os
+import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,10 +19,13 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
-from ..errors import InputError
+from ..errors import InputError, UsageError
 
 BINARY_SNIFF_BYTES = 8192
+DEFAULT_MAX_INPUT_MB = 128  # documents beyond this are refused unless asked for: a 128 MB text is ~30M tokens
+READ_BLOCK_BYTES = 1 << 20
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)  # everything a person watches; one line per message
 # tables that ARE the answer (info, models) go to stdout; in a pipe, wide enough not to crop names
@@ -41,6 +46,9 @@ QuantizeOpt = Annotated[Optional[str], typer.Option("--quantize", help="Weight-o
                                                    "int8 (per channel) or int4 (groups of 32); faster decode, "
                                                    "less memory (docs/performance.md).", envvar="ARBOR_QUANTIZE")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")]
+MaxInputOpt = Annotated[Optional[int], typer.Option("--max-input-mb", metavar="MB", show_default=False,
+                                                    help="Refuse documents larger than this (default 128, or "
+                                                    "ARBOR_MAX_INPUT_MB).")]
 
 
 @dataclass(kw_only=True)
@@ -96,11 +104,11 @@ def load_model(opts: GlobalOptions):
 
 
 def notice(message: str) -> None:
-    console.print(f"[dim]arbor:[/dim] {message}", markup=True, highlight=False)
+    console.print(f"[dim]arbor:[/dim] {escape(message)}", markup=True, highlight=False)
 
 
 def warn(message: str) -> None:
-    console.print(f"[yellow]arbor: warning:[/yellow] {message}", markup=True, highlight=False)
+    console.print(f"[yellow]arbor: warning:[/yellow] {escape(message)}", markup=True, highlight=False)
 
 
 def status(message: str):
@@ -112,29 +120,48 @@ def stdin_is_piped() -> bool:
     return not sys.stdin.isatty()
 
 
-def read_text_input(source: str | None) -> tuple[str, str]:
+def max_input_bytes(megabytes: int | None = None) -> int:
+    """The largest document arbor reads: `megabytes` (--max-input-mb), else ARBOR_MAX_INPUT_MB, else
+    DEFAULT_MAX_INPUT_MB."""
+    if megabytes is not None:
+        if megabytes < 1:
+            raise UsageError(f"--max-input-mb must be at least 1, got {megabytes}")
+        return megabytes << 20
+    raw = os.environ.get("ARBOR_MAX_INPUT_MB", "").strip()
+    if not raw:
+        return DEFAULT_MAX_INPUT_MB << 20
+    if not raw.isdigit() or int(raw) < 1:
+        raise UsageError(f"ARBOR_MAX_INPUT_MB must be a whole number of megabytes, at least 1; got {raw!r}")
+    return int(raw) << 20
+
+
+def read_text_input(source: str | None, max_bytes: int | None = None) -> tuple[str, str]:
     """(text, name) from a FILE, or stdin for '-' (or no FILE with piped stdin).
 
-    Rejects what cannot be a document with one clear line: missing file, a directory, an empty
-    input, a binary file. Invalid UTF-8 is decoded with replacement characters and warned about once.
+    Rejects what cannot be a document with one clear line: missing file, a directory, a device
+    (/dev/zero never ends), an input larger than `max_bytes` (default: max_input_bytes(); read in
+    blocks, so an endless pipe stops at the limit), an empty input, a binary file. Invalid UTF-8 is
+    decoded with replacement characters and warned about once.
     """
+    limit = max_input_bytes() if max_bytes is None else max_bytes
     if source in (None, "-"):
         if source is None and not stdin_is_piped():
             raise InputError("no input: give a FILE, '-' for stdin, or pipe text in")
-        data, name = sys.stdin.buffer.read(), "<stdin>"
+        name = "<stdin>"
+        data = _read_at_most(sys.stdin.buffer, limit, name)
     else:
-        path = Path(source)
-        if path.is_dir():
-            raise InputError(f"{source} is a directory, not a text file")
+        name = source
         try:
-            data = path.read_bytes()
+            with _open_document(Path(source)) as f:
+                data = _read_at_most(f, limit, name)
         except FileNotFoundError:
             raise InputError(f"{source}: no such file") from None
         except PermissionError:
             raise InputError(f"{source}: permission denied") from None
+        except IsADirectoryError:
+            raise InputError(f"{source} is a directory, not a text file") from None
         except OSError as e:
             raise InputError(f"{source}: cannot read ({e.strerror})") from None
-        name = source
     if not data.strip():
         raise InputError(f"{name} is empty")
     if b"\x00" in data[:BINARY_SNIFF_BYTES]:
@@ -145,6 +172,29 @@ def read_text_input(source: str | None) -> tuple[str, str]:
         warn(f"{name} is not valid UTF-8 (first bad byte at offset {e.start}); undecodable bytes were replaced")
         text = data.decode("utf-8", errors="replace")
     return text.lstrip("\ufeff"), name
+
+
+def _open_document(path: Path):
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "is a directory", str(path))
+    mode = path.stat().st_mode
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        raise InputError(f"{path} is a device, not a text file (for a pipe or stdin use '-')")
+    return path.open("rb")
+
+
+def _read_at_most(stream, limit: int, name: str) -> bytes:
+    """The whole stream, or an InputError as soon as it passes `limit` bytes."""
+    blocks, size = [], 0
+    while True:
+        block = stream.read(min(READ_BLOCK_BYTES, limit + 1 - size))
+        if not block:
+            return b"".join(blocks)
+        blocks.append(block)
+        size += len(block)
+        if size > limit:
+            raise InputError(f"{name} is larger than the {limit >> 20:,} MB input limit; raise it with "
+                             "--max-input-mb or ARBOR_MAX_INPUT_MB")
 
 
 def write_answer(text: str, end: str = "\n") -> None:

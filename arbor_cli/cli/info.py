@@ -6,6 +6,7 @@ import json
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from .common import GlobalOptions, answer_console, handle_errors, load_model, model_options, write_answer
@@ -28,7 +29,7 @@ def info(as_json: Annotated[bool, typer.Option("--json", help="Print JSON for sc
     for key, value in [
         ("backend", f"{report['backend']} on {report['device']} ({report['dtype']})"),
         ("memory", f"{report['memory_free_bytes'] / gib:.1f} GiB free of {report['memory_total_bytes'] / gib:.1f} GiB"),
-        ("model", f"{report['model']} · {report['parameters'] / 1e6:.1f}M parameters · "
+        ("model", f"{escape(report['model'])} · {report['parameters'] / 1e6:.1f}M parameters · "
                   f"{report['weights_bytes'] / gib:.2f} GiB of weights"
                   + (f" ({report['quantize']})" if report["quantize"] else "")),
         ("trained context", f"{report['trained_context']:,} tokens"),

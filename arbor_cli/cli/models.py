@@ -6,6 +6,7 @@ import json
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from .common import DebugOpt, answer_console, console, handle_errors, write_answer
@@ -41,8 +42,8 @@ def models(as_json: Annotated[bool, typer.Option("--json", help="Print JSON for 
         return
     table = Table("name", "size", "parameters", "trained context", "source", box=None)
     for r in rows:
-        table.add_row(r["name"], f"{r['size_bytes'] / 1e6:,.0f} MB", f"{r['parameters'] / 1e6:,.1f}M",
-                      f"{r['trained_context']:,}", str(r["source"]))
+        table.add_row(escape(r["name"]), f"{r['size_bytes'] / 1e6:,.0f} MB", f"{r['parameters'] / 1e6:,.1f}M",
+                      f"{r['trained_context']:,}", escape(str(r["source"])))
     answer_console.print(table)
 
 
@@ -51,4 +52,4 @@ def rm(name: Annotated[str, typer.Argument(help="Installed model name.")], debug
     import arbor_weights
 
     arbor_weights.remove_model(name)
-    console.print(f"removed {name}", highlight=False)
+    console.print(f"removed {name}", highlight=False, markup=False)

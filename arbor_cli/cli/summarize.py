@@ -10,7 +10,18 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ..summarize import DEFAULT_WORDS, MAX_WORDS, SummaryOptions
 from ..summarize import summarize as summarize_text
-from .common import GlobalOptions, console, handle_errors, load_model, model_options, notice, read_text_input, write_answer
+from .common import (
+    GlobalOptions,
+    MaxInputOpt,
+    console,
+    handle_errors,
+    load_model,
+    max_input_bytes,
+    model_options,
+    notice,
+    read_text_input,
+    write_answer,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -27,10 +38,11 @@ def summarize(
     style: Annotated[str, typer.Option("--style", help="paragraph or bullets.")] = "paragraph",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object: text, chunks, context, "
                                           "rope_scaling, timings.")] = False,
+    max_input_mb: MaxInputOpt = None,
     *, opts: GlobalOptions,
 ) -> None:
     options = SummaryOptions.build(parse_words(words), style)  # bad values fail before the model loads
-    text, _ = read_text_input(file)
+    text, _ = read_text_input(file, max_input_bytes(max_input_mb))
     m = load_model(opts)
     with ProgressBar() as progress:
         summary = summarize_text(m, text, options, progress=progress, notify=notice)
