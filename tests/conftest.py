@@ -196,8 +196,8 @@ def tiny(tiny_spm_meta):
 # ==== end of the arbor_weights and tokenizer section ====================================================
 
 
-# ==== summarize tests (test_summarize, test_chunking, test_cli_summarize): a tokenizer of one token per =====
-# ==== word or punctuation mark, a fake Model over it, and documents that say where each piece came from ====
+# ==== the fakes: a tokenizer of one token per word or punctuation mark, the one fake Model (summarize, evals, ====
+# ==== chat), the one fake backend runtime (generate, evals), and documents that say where each piece came from =
 import re as _re
 
 from arbor_cli.errors import OutOfMemoryError as _OutOfMemoryError
@@ -238,10 +238,16 @@ class FakeModel:
     chat answers from a script, records prompts and the context asked for, and runs out of memory above
     `oom_above`."""
 
-    def __init__(self, largest: int = 4096, answer=None, oom_above: int | None = None, context: int | None = None):
-        self.tokenizer = FakeTokenizer()
+    def __init__(self, largest: int = 4096, answer=None, oom_above: int | None = None, context: int | None = None,
+                 tokenizer=None, trained: int = 4096, rope_method: str = "auto"):
+        from types import SimpleNamespace
+
+        self.tokenizer = tokenizer or FakeTokenizer()
+        self.config = SimpleNamespace(trained_context=trained, rope_scaling=None)
         self.largest = largest
         self.context = context  # the user's --context: read, never written
+        self.rope_method = rope_method  # likewise
+        self.calls: list[tuple[int, int | None, str | None]] = []  # generate(): (prompt tokens, context=, rope=)
         self.answer = answer or (lambda prompt: "Bees make honey. Volcanoes erupt.")
         self.oom_above = oom_above
         self.prompts: list[str] = []
@@ -290,6 +296,54 @@ class FakeModel:
         timings = {"prompt_tokens": needed - max_new_tokens, "generated_tokens": count_words(text),
                    "prefill_s": 0.01, "decode_s": 0.02}
         return GenerationResult(text, [1] * count_words(text), "eos", timings, capacity)
+
+
+    def generate(self, ids, max_new_tokens=256, *, context=None, rope=None, **_):
+        """Completes token ids (decoded with the tokenizer) with `answer`; records each call."""
+        from types import SimpleNamespace
+
+        self.calls.append((len(ids), context, rope))
+        return SimpleNamespace(text=self.answer(self.tokenizer.decode(ids)))
+
+
+class FakeCache:
+    def __init__(self, capacity: int):
+        self.capacity, self.length = capacity, 0
+
+
+class FakeRuntime:
+    """A backend's loaded model (arbor_cli.backend.LoadedModel) reduced to the loop's needs: each prefill or
+    decode step returns the next item of `script` as its logits, or `logits` once the script is used up;
+    sample() takes a step's "logits" to be the token itself when it is an int. Records what it was fed."""
+
+    prefill_chunk = 64
+
+    def __init__(self, script=(), logits=None):
+        self.script, self.logits = list(script), logits
+        self.fed: list[int] = []
+        self.prefilled: list[int] = []  # the length of each prefill
+        self.decoded = 0
+
+    def _step(self):
+        return self.script.pop(0) if self.script else self.logits
+
+    def prefill(self, ids, cache, chunk_size):
+        cache.length += len(ids)
+        self.fed += ids
+        self.prefilled.append(len(ids))
+        return self._step()
+
+    def decode(self, token, cache):
+        cache.length += 1
+        self.fed.append(token)
+        self.decoded += 1
+        return self._step()
+
+    def sample(self, logits, params, rng, recent=()):
+        return logits
+
+    def new_rng(self, seed):
+        return None
 
 
 def document(paragraphs: int, sentences: int = 5, words: int = 12) -> str:

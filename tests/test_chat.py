@@ -1,6 +1,7 @@
 """ChatSession (arbor_cli/chat.py): prefix reuse across turns, dropping old turns, save and load."""
 
 import pytest
+from conftest import FakeModel
 
 from arbor_cli.chat import ChatSession
 from arbor_cli.generate import GenerationOptions
@@ -39,29 +40,16 @@ def test_long_conversation_drops_oldest_turns_and_keeps_the_system_prompt(defaul
 
 
 def test_session_save_and_load_roundtrip(tmp_path):
-    class M:
-        context = 4096
-        config = type("C", (), {"trained_context": 8192})()
-
-        def plan(self, n):
-            return type("P", (), {"context": 4096})()
-
-    s = ChatSession(M(), system="sys")
+    s = ChatSession(FakeModel(context=4096), system="sys")
     s.turns = [{"role": "user", "content": "hi ✓"}, {"role": "assistant", "content": "hello"}]
     s.save(tmp_path / "chat.json")
-    t = ChatSession(M())
+    t = ChatSession(FakeModel(context=4096))
     t.load(tmp_path / "chat.json")
     assert t.system == "sys" and t.turns == s.turns
 
 
 def test_failed_save_keeps_the_old_file(tmp_path, monkeypatch):
-    class M:
-        context = 4096
-
-        def plan(self, n):
-            return type("P", (), {"context": 4096})()
-
-    s = ChatSession(M())
+    s = ChatSession(FakeModel(context=4096))
     target = tmp_path / "chat.json"
     target.write_text("precious")
     monkeypatch.setattr("os.replace", lambda *a: (_ for _ in ()).throw(OSError("disk full")))

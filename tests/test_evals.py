@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from conftest import FakeCache, FakeModel, FakeRuntime
 from typer.testing import CliRunner
 
 from arbor_cli.cli import app
@@ -47,18 +48,13 @@ class ByteTokenizer:
         return bytes(ids).decode(errors="replace")
 
 
-class FakeModel:
-    """Answers with the 5-digit key it reads in the prompt, and counts how often it was asked."""
+def passkey_model(trained=8192):
+    """The fake Model, answering with the 5-digit key it reads in the prompt."""
+    def answer(prompt):
+        key = re.search(r"pass key is (\d{5})", prompt).group(1)
+        return f" {key}. Remember"
 
-    def __init__(self, trained=8192):
-        self.tokenizer = ByteTokenizer()
-        self.config = SimpleNamespace(trained_context=trained, rope_scaling=None)
-        self.context, self.rope_method, self.calls = None, "linear", []
-
-    def generate(self, ids, max_new_tokens, context=None, rope=None):
-        self.calls.append((len(ids), context, rope))
-        key = re.search(r"pass key is (\d{5})", self.tokenizer.decode(ids)).group(1)
-        return SimpleNamespace(text=f" {key}. Remember")
+    return FakeModel(tokenizer=ByteTokenizer(), trained=trained, rope_method="linear", answer=answer)
 
 
 @pytest.fixture
@@ -150,7 +146,7 @@ def test_found_means_the_answer_contains_the_digits(answer, found):
 
 # ---- the RoPE policy and the run loop -----------------------------------------------------
 def test_methods_that_run_the_same_rope_share_one_run():
-    model = FakeModel(trained=1024)
+    model = passkey_model(trained=1024)
     report = run_passkey(model, [512, 2048], ["auto", "none", "linear", "yarn"], trials=2)
     # 512: every method is plain RoPE, one run per trial; 2048: auto is yarn, so three distinct runs per trial
     assert len(model.calls) == 2 + 3 * 2
@@ -165,39 +161,26 @@ def test_methods_that_run_the_same_rope_share_one_run():
 def test_a_length_that_does_not_fit_is_recorded_not_fatal():
     from arbor_cli.errors import ContextError
 
-    class SmallModel(FakeModel):
-        def generate(self, ids, max_new_tokens, context=None, rope=None):
-            if context > 1024:
-                raise ContextError("--context 2048 needs 9 GiB but only 1 GiB is available")
-            return super().generate(ids, max_new_tokens, context, rope)
+    model = passkey_model()
+    generate = model.generate
 
-    report = run_passkey(SmallModel(), [1024, 2048], ["none"], trials=1)
+    def small_generate(ids, max_new_tokens, *, context=None, rope=None):
+        if context > 1024:
+            raise ContextError("--context 2048 needs 9 GiB but only 1 GiB is available")
+        return generate(ids, max_new_tokens, context=context, rope=rope)
+
+    model.generate = small_generate
+    report = run_passkey(model, [1024, 2048], ["none"], trials=1)
     assert [r.found for r in report.results] == [True, None]
     assert "needs 9 GiB" in report.results[1].error and report.accuracy()["none"][2048] is None
 
 
-class FakeLM:
-    """Logits that always favour token 0 by the same margin: the NLL of any other token is known."""
-
-    prefill_chunk = 64
-
-    def __init__(self):
-        self.prefilled, self.decoded = [], 0
-
-    def prefill(self, ids, cache, chunk_size):
-        self.prefilled.append(len(ids))
-        return np.array([2.0, 0.0, 0.0, 0.0], dtype=np.float32)
-
-    def decode(self, token, cache):
-        self.decoded += 1
-        return np.array([2.0, 0.0, 0.0, 0.0], dtype=np.float32)
-
-
 def test_perplexity_scores_the_window_and_skips_what_the_text_cannot_fill():
     checkpoint = SimpleNamespace(config=SimpleNamespace(trained_context=1024, rope_scaling=None))
-    model = Model(checkpoint, FakeLM(), ByteTokenizer(), "fake")
+    model = Model(checkpoint, FakeRuntime(logits=np.array([2.0, 0.0, 0.0, 0.0], dtype=np.float32)), ByteTokenizer(),
+                  "fake")  # logits that always favour token 0 by the same margin: any other token's NLL is known
     model.plan = lambda needed, requested=None, rope=None: None
-    model.new_cache = lambda capacity, rope=None: object()
+    model.new_cache = lambda capacity, rope=None: FakeCache(capacity)
     skipped = []
     rows = run_perplexity(model, [1] * 3000, [512, 2048, 4096], ["none", "linear", "yarn"], window=16,
                           on_skip=lambda length, why: skipped.append((length, why)))

@@ -2,6 +2,8 @@
 
 import pytest
 
+from conftest import FakeCache, FakeRuntime
+
 from arbor_cli.errors import UsageError
 from arbor_cli.generate import GenerationOptions, StopFilter, stream_generation
 
@@ -30,13 +32,12 @@ def test_stop_filter_picks_the_earliest_stop():
     assert f.push("xxAyyB") == "xx"
 
 
-class FakeTokenizer:
+class LetterTokenizer:
+    """Token t decodes to the t-th letter; 0 is the end of sequence."""
+
     eos_ids = [0]
 
     class Decoder:
-        def __init__(self):
-            self.out = []
-
         def push(self, t):
             return chr(ord("a") + t - 1)
 
@@ -47,37 +48,9 @@ class FakeTokenizer:
         return self.Decoder()
 
 
-class FakeCache:
-    def __init__(self, capacity):
-        self.capacity, self.length = capacity, 0
-
-
-class ScriptedModel:
-    """Emits a fixed token script, one per step, and records what it was fed."""
-
-    def __init__(self, script):
-        self.script, self.fed = list(script), []
-
-    def prefill(self, ids, cache, chunk):
-        cache.length += len(ids)
-        self.fed += ids
-        return self.script.pop(0)
-
-    def decode(self, token, cache):
-        cache.length += 1
-        self.fed.append(token)
-        return self.script.pop(0)
-
-    def sample(self, logits, params, rng, recent=()):
-        return logits
-
-    def new_rng(self, seed):
-        return None
-
-
 def run(script, opts, capacity=100):
     done = {}
-    pieces = list(stream_generation(ScriptedModel(script), FakeTokenizer(), FakeCache(capacity), [9, 9], opts,
+    pieces = list(stream_generation(FakeRuntime(script), LetterTokenizer(), FakeCache(capacity), [9, 9], opts,
                                     on_done=lambda r: done.setdefault("r", r)))
     return "".join(pieces), done["r"]
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import FakeModel
 from typer.testing import CliRunner
 
 from arbor_cli.chat import ChatSession
@@ -118,16 +119,9 @@ def test_errors_name_the_option_the_user_typed(runner, args, option):
 
 
 # ---- chat's /save ------------------------------------------------------------------------------------
-class PlannedModel:
-    context = 4096
-
-    def plan(self, needed):
-        return type("Plan", (), {"context": 4096})()
-
-
 def test_a_failed_save_names_the_users_file_not_a_temp_file(tmp_path, capsys):
     target = tmp_path / "no-such-dir" / "chat.json"
-    session = ChatSession(PlannedModel())
+    session = ChatSession(FakeModel(context=4096))
     with pytest.raises(OSError) as e:
         session.save(target)
     assert e.value.filename == str(target)
