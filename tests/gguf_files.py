@@ -100,9 +100,11 @@ def random_k_quant_blocks(kind, shape, seed) -> np.ndarray:
     return data.reshape(rows, blocks * size)
 
 
-def write_tiny_gguf(path: Path, *, qtype=Q.F32, arch="llama", tied=True, bias=False, extra=None, seed=0):
+def write_tiny_gguf(path: Path, *, qtype=Q.F32, arch="llama", tied=True, bias=False, extra=None, seed=0,
+                    chat_template: str | None = None):
     """A tiny GGUF written the way convert_hf_to_gguf.py writes one. Returns (HF weights, stored
-    GGUF arrays): matrices in `qtype` (norms and biases stay F32, as llama.cpp keeps them)."""
+    GGUF arrays): matrices in `qtype` (norms and biases stay F32, as llama.cpp keeps them); with
+    `chat_template`, the file carries it as tokenizer.chat_template."""
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_block_count(LAYERS)
     writer.add_context_length(512)
@@ -114,6 +116,8 @@ def write_tiny_gguf(path: Path, *, qtype=Q.F32, arch="llama", tied=True, bias=Fa
     writer.add_layer_norm_rms_eps(1e-6)
     writer.add_rope_dimension_count(HEAD_DIM)
     vocab = tiny_tokenizer_metadata(writer)
+    if chat_template is not None:
+        writer.add_chat_template(chat_template)
     weights = hf_weights(vocab, tied=tied, bias=bias, seed=seed)
     stored = {}
     for hf, w in weights.items():

@@ -18,6 +18,8 @@ from gguf_files import HEAD_DIM, HEADS, HIDDEN, KV_HEADS, LAYERS, Q, llama_cpp_p
 from safetensors import safe_open
 from safetensors.numpy import load_file
 
+from arbor_cli import chat_template
+from arbor_cli.chat_template import ChatTemplateRefusedError, check_template
 from arbor_cli.errors import ArborError, ConfigError, CorruptModelError
 
 pytestmark = pytest.mark.usefixtures("arbor_home")
@@ -218,3 +220,42 @@ def test_garbage_files_are_corrupt_model_errors(tmp_path):
             arbor_weights.resolve(str(tmp_path / name), quiet=True)
     assert issubclass(CorruptModelError, ArborError)
     assert arbor_weights.list_models() == []
+
+
+@pytest.mark.parametrize("content, starts", [(b"root:x:0:0:root:/root:/bin/bash\n", "it starts with b'root'"),
+                                             (b"", "it is empty"), (b"PK\x03\x04rest", "it starts with b'PK")])
+def test_a_file_that_is_not_gguf_is_not_told_to_download_again(tmp_path, content, starts):
+    path = tmp_path / "model"
+    path.write_bytes(content)
+    with pytest.raises(CorruptModelError, match=f"is not a GGUF file \\({starts}") as caught:
+        arbor_weights.resolve(str(path), quiet=True)
+    assert "not a model arbor can read" in str(caught.value) and "download it again" not in str(caught.value)
+
+
+def test_a_gguf_cut_inside_its_magic_is_truncated(tmp_path):
+    (tmp_path / "cut.gguf").write_bytes(b"GG")
+    with pytest.raises(CorruptModelError, match="truncated or not a GGUF file.*download it again"):
+        arbor_weights.resolve(str(tmp_path / "cut.gguf"), quiet=True)
+
+
+def test_import_refuses_a_gguf_whose_template_never_finishes_before_converting(tmp_path, monkeypatch):
+    monkeypatch.setattr(chat_template, "RENDER_SECONDS", 0.3)
+    hostile = tmp_path / "hostile.gguf"
+    write_tiny_gguf(hostile, chat_template="{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}"
+                                           "{% endfor %}")
+    with pytest.raises(ChatTemplateRefusedError, match="of hostile.gguf did not finish.*hostile.gguf was not installed"):
+        arbor_weights.import_gguf(hostile, tmp_path / "out", quiet=True)
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_import_keeps_a_template_that_refuses_only_some_conversations(tmp_path):
+    no_system = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+                 "{% endif %}{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    path = tmp_path / "gemma-like.gguf"
+    write_tiny_gguf(path, chat_template=no_system)
+    arbor_weights.import_gguf(path, tmp_path / "out", quiet=True)
+    assert json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())["chat_template"] == no_system
+
+
+def test_default_model_template_passes_the_install_check(smol):
+    check_template(smol.encode_chat)

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from arbor_cli.chat_template import ChatTemplateError, check_template
 from arbor_cli.config import LLAMA_FAMILY, ArborConfig
 from arbor_cli.errors import ConfigError, CorruptModelError, ModelNotFoundError
 
@@ -44,7 +45,12 @@ NON_WEIGHT_TENSORS = {"rope_freqs.weight", "rope_factors_long.weight", "rope_fac
 LAYER_NAME = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
 
+ACCEPTED_MODELS = ("a .gguf model file, a Hugging Face model directory (config.json + safetensors), an Arbor "
+                   "model directory, hf:ORG/NAME, or a known model name (`arbor models` lists the installed ones)")
+
+
 def _not_gguf(path: Path, detail: Any) -> CorruptModelError:
+    # The file starts like a GGUF: it is one, cut off or damaged, so fetching it again is the fix.
     return CorruptModelError(
         f"{path} is truncated or not a GGUF file ({detail}); delete it and download it again")
 
@@ -55,8 +61,24 @@ def check_gguf_magic(path: Path) -> None:
         raise ModelNotFoundError(f"no GGUF file at {path}")
     with open(path, "rb") as f:
         magic = f.read(4)
+    if magic and GGUF_MAGIC.startswith(magic) and magic != GGUF_MAGIC:
+        raise _not_gguf(path, f"it ends after {len(magic)} byte(s)")
     if magic != GGUF_MAGIC:
-        raise _not_gguf(path, f"it starts with {magic!r}, not {GGUF_MAGIC!r}")
+        # Some other kind of file (a text file, a zip, a PyTorch pickle): downloading it again won't help.
+        starts = "it is empty" if not magic else f"it starts with {magic!r}, not {GGUF_MAGIC!r}"
+        raise CorruptModelError(f"{path} is not a GGUF file ({starts}), so not a model arbor can read; "
+                                f"give {ACCEPTED_MODELS}")
+
+
+def _check_chat_template(tokenizer, path: Path) -> None:
+    """Refuse, before any tensor is converted, a model whose chat template hangs, fails or is refused:
+    it is rendered on sample conversations under the bounds every chat turn runs under."""
+    if tokenizer.chat_template is None:  # a model for plain completion: nothing to check
+        return
+    try:
+        check_template(tokenizer.encode_chat)
+    except ChatTemplateError as e:
+        raise type(e)(f"{e}; {path.name} was not installed") from None
 
 
 def open_gguf(path: str | Path):
@@ -231,6 +253,8 @@ def convert_gguf(gguf_path: str | Path, dest_dir: str | Path, *, reporter: Repor
     permuted = meta.get("general.architecture") in PERMUTED_ARCHS
     by_hf_name = {hf_tensor_name(n): t for n, t in tensors.items() if n not in NON_WEIGHT_TENSORS}
     _check_complete(config, set(by_hf_name), path)
+    tokenizer = tokenizer_from_gguf(meta, name=path.name)
+    _check_chat_template(tokenizer, path)
 
     def hf_tensor(hf_name: str) -> np.ndarray:
         tensor = by_hf_name[hf_name]
@@ -243,7 +267,7 @@ def convert_gguf(gguf_path: str | Path, dest_dir: str | Path, *, reporter: Repor
     with reporter.stage(f"converting {path.name}", total=len(layout)) as advance:
         write_float32_safetensors(dest / "model.safetensors", layout, hf_tensor, advance)
     config.save(dest / "config.json")
-    tokenizer_from_gguf(meta).save(dest)
+    tokenizer.save(dest)
     # Size and mtime let a later resolve() of the same path skip re-hashing a multi-GB file.
     stat = path.stat()
     write_provenance(dest, source=source or f"gguf:{path}", sha256=sha256 or sha256_of_file(path),
