@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import arbor_weights
 import pytest
-from arbor_weights import gguf_import
+from arbor_weights import gguf_import, store
 from gguf_files import count_conversions
 
 from arbor_cli.errors import ModelNotFoundError
@@ -88,3 +89,48 @@ def test_progress_goes_to_stderr_only_and_quiet_is_silent(tiny_gguf, capsys):
     arbor_weights.pull(str(tiny_gguf), force=True)  # stderr is not a terminal here: one line per stage
     out, err = capsys.readouterr()
     assert out == "" and f"arbor: converting {tiny_gguf.name}" in err and "\r" not in err
+
+
+# ---- lock files exist only while held -----------------------------------------------------------
+
+def test_failed_install_leaves_no_lock_file(tiny_gguf, monkeypatch):
+    monkeypatch.setattr(gguf_import, "write_provenance", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("x")))
+    with pytest.raises(RuntimeError):
+        arbor_weights.resolve(str(tiny_gguf), quiet=True)
+    assert not (arbor_weights.cache_dir() / "locks").exists()
+
+
+def test_lock_file_is_there_while_held_and_gone_after(tiny_gguf):
+    lock_file = arbor_weights.cache_dir() / "locks" / "some-model.lock"
+    with store.held_lock("some-model"):
+        assert lock_file.is_file()
+        with store.held_lock("other-model"):  # locks/ stays while another name is held
+            pass
+        assert lock_file.is_file()
+    assert not lock_file.exists() and not lock_file.parent.exists()
+
+
+def test_held_lock_excludes_while_holders_delete_the_file():
+    # Holders unlink the file on release: a waiter on the old file must not share the lock with a newcomer.
+    inside, overlaps, done, errors = [], [], [], []
+
+    def worker():
+        try:
+            for _ in range(200):
+                with store.held_lock("contended"):
+                    inside.append(1)
+                    if len(inside) > 1:
+                        overlaps.append(len(inside))
+                    time.sleep(0.0002)
+                    inside.pop()
+                done.append(1)
+        except BaseException as e:  # noqa: BLE001 - surfaced below; a thread's exception would otherwise be lost
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and overlaps == [] and len(done) == 800
+    assert not (arbor_weights.cache_dir() / "locks").exists()

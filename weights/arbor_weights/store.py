@@ -3,7 +3,8 @@
     cache_dir()/models/<name>/        installed checkpoints (Arbor or HF layout)
     cache_dir()/models/.tmp-<name>+…  installs in progress (ignored by list_models)
     cache_dir()/downloads/            source files kept for re-conversion (the default GGUF)
-    cache_dir()/locks/<name>.lock     one per model, held around check-then-install
+    cache_dir()/locks/<name>.lock     one per model, held around check-then-install; present only
+                                      while held, so a failed install leaves nothing behind
 
 An install builds in a temp dir beside its final place and renames it in: a rename within one
 filesystem is atomic, so a crash or Ctrl-C leaves either the old state or the new, never a model
@@ -12,6 +13,7 @@ missing half its tensors under a name that `resolve` would trust.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -24,6 +26,11 @@ from pathlib import Path
 
 import platformdirs
 from filelock import FileLock, Timeout
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 from arbor_cli.config import ArborConfig
 from arbor_cli.errors import ArborError, ModelNotFoundError, UsageError
@@ -71,8 +78,63 @@ def installed_path(name: str) -> Path | None:
 
 @contextmanager
 def held_lock(name: str, reporter: Reporter | None = None) -> Iterator[None]:
-    """An inter-process lock on one name: concurrent pulls of a model wait, then find it installed."""
-    lock = FileLock(str(_subdir("locks") / f"{name}.lock"))
+    """An inter-process lock on one name: concurrent pulls of a model wait, then find it installed.
+
+    The lock file exists only while someone holds the lock (see _flock_file), so a failed or
+    finished install leaves nothing in locks/."""
+    path = cache_dir() / "locks" / f"{name}.lock"
+    if fcntl is None:  # Windows: filelock's msvcrt lock, which deletes its file on release
+        with _portable_lock(path, name, reporter):
+            yield
+        return
+    fd = _flock_file(path, name, reporter)
+    try:
+        yield
+    finally:
+        # Unlink before unlocking: a waiter that then gets the lock sees its file gone and retries.
+        path.unlink(missing_ok=True)
+        os.close(fd)
+        with contextlib.suppress(OSError):  # not empty while another name is locked: fine
+            path.parent.rmdir()
+
+
+def _flock_file(path: Path, name: str, reporter: Reporter | None) -> int:
+    """An open descriptor of `path`, flock()ed exclusively, and still the file at `path`.
+
+    Holders delete the file before unlocking, so a process that waited on a descriptor of a file
+    since deleted (or replaced) has locked nothing anyone else sees: it drops it and tries again."""
+    noted = False
+    while True:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except (FileNotFoundError, FileExistsError):  # locks/ removed by a holder meanwhile: again
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if reporter and not noted:
+                    reporter.note(f"waiting for another arbor process that is installing {name}")
+                    noted = True
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                current = os.stat(path)
+            except FileNotFoundError:
+                current = None
+            held = os.fstat(fd)
+            if current is not None and (current.st_dev, current.st_ino) == (held.st_dev, held.st_ino):
+                return fd
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+
+
+@contextmanager
+def _portable_lock(path: Path, name: str, reporter: Reporter | None) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(path))
     try:
         lock.acquire(timeout=0.5)
     except Timeout:
