@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 
 from .errors import ContextError
 
+TOKENIZE_BLOCK_CHARS = 1 << 20  # about a second of tokenizing per block: progress moves at least that often
 OVERLAP_FRACTION = 0.08    # of a chunk's budget, repeated at the start of the next chunk
 MAX_OVERLAP_TOKENS = 256
 MIN_PIECE_TOKENS = 16
@@ -84,6 +85,43 @@ class TokenPositions:
         end when there is none)."""
         index = bisect.bisect_left(self.starts, _skip_space(self.text, start, len(self.text))) + count
         return self.starts[index] if index < len(self.starts) else len(self.text)
+
+
+def tokenize_in_blocks(encode_with_offsets: Callable[[str], tuple[list[int], list[tuple[int, int]]]], text: str,
+                       on_block: Callable[[int, int], None] = lambda done, total: None,
+                       block_chars: int | None = None) -> list[tuple[int, int]]:
+    """The (start, end) of each token of `text`, tokenized in blocks of about TOKENIZE_BLOCK_CHARS so
+    a long document reports progress (`on_block(blocks done, blocks)`, first with 0 done) and a slow tokenizer's cost
+    stays linear. Blocks end just before a paragraph break (else before any whitespace, else
+    anywhere): a tokenizer splits words at whitespace first, so the tokens are those of the whole
+    text tokenized at once (tests/test_chunking.py checks it on the default model's tokenizer)."""
+    cuts = block_cuts(text, block_chars or TOKENIZE_BLOCK_CHARS)
+    offsets: list[tuple[int, int]] = []
+    on_block(0, len(cuts) + 1)
+    for i, (start, end) in enumerate(zip([0, *cuts], [*cuts, len(text)]), 1):
+        _, block = encode_with_offsets(text[start:end])
+        offsets.extend((a + start, b + start) for a, b in block)
+        on_block(i, len(cuts) + 1)
+    return offsets
+
+
+def block_cuts(text: str, size: int) -> list[int]:
+    """Where tokenize_in_blocks cuts `text`: each cut at most `size` characters after the one before."""
+    cuts, start = [], 0
+    while len(text) - start > size:
+        window = text[start:start + size]
+        cut = _last_start(PARAGRAPH_BREAK, window) or _last_start(WORD_BREAK, window) or size
+        start += cut
+        cuts.append(start)
+    return cuts
+
+
+def _last_start(pattern: re.Pattern, window: str) -> int:
+    """The start of the last match of `pattern` in `window` after its first character; 0 if none."""
+    last = 0
+    for match in pattern.finditer(window, 1):
+        last = match.start()
+    return last
 
 
 def split_into_chunks(text: str, token_offsets: Sequence[tuple[int, int]], count_tokens: Callable[[str], int],

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
-from .chunking import Chunk, split_into_chunks
+from .chunking import Chunk, default_overlap, split_into_chunks, tokenize_in_blocks
 from .errors import ContextError, OutOfMemoryError, UsageError
 from .summary_text import clean_summary, shape_summary
 
@@ -146,15 +146,16 @@ def summarize(model, text: str, options: SummaryOptions | None = None, progress:
     if not text.strip():
         raise UsageError("there is nothing to summarize: the text is empty")
     started = time.perf_counter()
-    token_offsets = token_offsets_of(model, text)  # the one time the document is tokenized
+    progress = progress or _NoProgress()
+    token_offsets = token_offsets_of(model, text, progress)  # the one time the document is tokenized
     plan = model.plan(one_pass_prompt_tokens(model, options) + len(token_offsets) + options.answer_tokens)
     try:
-        summary = _run(model, text, token_offsets, plan.context, options, progress or _NoProgress())
+        summary = _run(model, text, token_offsets, plan.context, options, progress)
     except OutOfMemoryError as e:
         smaller = model.smaller_context(e, plan.context)  # re-raises e when there is no smaller bucket
         notify(f"{e}; retrying once with a {smaller}-token context (more, smaller chunks)")
         model.plan(smaller, requested=smaller)  # refuses a context that cannot fit either
-        summary = _run(model, text, token_offsets, smaller, options, progress or _NoProgress())
+        summary = _run(model, text, token_offsets, smaller, options, progress)
     summary.timings["total_s"] = round(time.perf_counter() - started, 3)
     return summary
 
@@ -163,10 +164,20 @@ def count_tokens_of(model, text: str) -> int:
     return len(model.tokenizer.encode(text, add_special_tokens=False))
 
 
-def token_offsets_of(model, text: str) -> list[tuple[int, int]]:
-    """(start, end) in `text` of each token of text.strip(), as the model's tokenizer cuts it."""
+def token_offsets_of(model, text: str, progress: SummaryProgress | None = None) -> list[tuple[int, int]]:
+    """(start, end) in `text` of each token of text.strip(), as the model's tokenizer cuts it; a
+    document of more than one tokenizing block shows it as a phase of `progress`."""
     lead = len(text) - len(text.lstrip())
-    _, offsets = model.tokenizer.encode_with_offsets(text.strip())
+    stripped = text.strip()
+    progress = progress or _NoProgress()
+
+    def on_block(done: int, total: int) -> None:
+        if total > 1 and done == 0:
+            progress.begin("reading the document", total)
+        elif total > 1:
+            progress.advance()
+
+    offsets = tokenize_in_blocks(model.tokenizer.encode_with_offsets, stripped, on_block)
     return [(start + lead, end + lead) for start, end in offsets]
 
 
@@ -262,16 +273,25 @@ class SummaryRun:
 
     def split(self, text: str, token_offsets: list[tuple[int, int]]) -> list[Chunk]:
         """Chunks sized so prompt + chunk + notes fit the context; the prompt names "part i of n"."""
-        count = 1
-        while True:  # the prompt's size depends on n's digits: settle it (at most a couple of rounds)
-            budget = self.context - map_prompt_tokens(self.model, self.options, count) - self.options.note_tokens
-            if budget < MIN_CHUNK_TOKENS:
-                raise ContextError(f"a {self.context}-token context leaves no room for document text; "
-                                   "raise --context")
+        count = self._estimated_parts(len(token_offsets))
+        while True:  # the prompt's size depends on n's digits: settle it (usually the estimate has them)
+            budget = self._chunk_budget(count)
             chunks = split_into_chunks(text, token_offsets, lambda s: count_tokens_of(self.model, s), budget)
             if len(str(len(chunks))) <= len(str(count)):
                 return chunks
             count = len(chunks)
+
+    def _chunk_budget(self, count: int) -> int:
+        budget = self.context - map_prompt_tokens(self.model, self.options, count) - self.options.note_tokens
+        if budget < MIN_CHUNK_TOKENS:
+            raise ContextError(f"a {self.context}-token context leaves no room for document text; raise --context")
+        return budget
+
+    def _estimated_parts(self, document_tokens: int) -> int:
+        """About how many parts the document makes (each part after the first repeats an overlap): a
+        split is a pass over the whole document, so guessing n's digits right saves one."""
+        budget = self._chunk_budget(1)
+        return max(1, -(-document_tokens // max(1, budget - default_overlap(budget))))
 
     def reduce(self, notes: list[str]) -> str:
         """One summary of `notes`: directly when they are few and fit, else combine consecutive groups

@@ -7,11 +7,12 @@ tokenized once, `count_words` the exact count of a chunk.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 from conftest import count_words, document, word_offsets
 
-from arbor_cli.chunking import TokenPositions, split_into_chunks
+from arbor_cli.chunking import TokenPositions, block_cuts, split_into_chunks, tokenize_in_blocks
 
 
 def chunk_texts(text: str, chunks) -> list[str]:
@@ -131,3 +132,36 @@ def test_with_the_real_tokenizer_each_chunk_counted_alone_fits_its_budget(defaul
     for before, chunk in zip(chunks, chunks[1:]):
         assert chunk.start + chunk.overlap == before.end
     assert all(len(tokenizer.encode(c.text_of(text))) == c.tokens <= budget for c in chunks)
+
+
+# ---- tokenizing a long document in blocks ------------------------------------------------------------
+def test_blocks_end_just_before_a_paragraph_break_else_whitespace_else_at_the_size():
+    text = "one two.\n\nthree four five.\n\nsix"
+    cuts = block_cuts(text, 20)
+    assert cuts and all(text[c:c + 2] == "\n\n" for c in cuts)
+    assert block_cuts("alpha beta gamma delta", 10) == [5, 10, 16]  # before the last space in each window
+    assert block_cuts("x" * 25, 10) == [10, 20]
+    assert block_cuts("short", 10) == []
+
+
+def test_tokenizing_in_blocks_reports_each_block_and_shifts_offsets():
+    text = document(40)
+    seen = []
+    offsets = tokenize_in_blocks(lambda s: (None, word_offsets(s)), text, lambda done, total: seen.append((done, total)),
+                                 block_chars=500)
+    assert offsets == word_offsets(text)
+    total = len(block_cuts(text, 500)) + 1
+    assert total > 5 and seen == [(i, total) for i in range(total + 1)]
+
+
+@pytest.mark.parametrize("block_chars", [2000, 50_000])
+def test_tokenizing_in_blocks_gives_the_tokens_of_the_whole_text_with_the_real_tokenizer(default_checkpoint,
+                                                                                         block_chars):
+    from long_document import long_document
+
+    from arbor_cli.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(default_checkpoint.path)
+    text = long_document() + "\n\n" + Path(__file__).resolve().parents[1].joinpath("README.md").read_text()
+    _, whole = tokenizer.encode_with_offsets(text)
+    assert tokenize_in_blocks(tokenizer.encode_with_offsets, text, block_chars=block_chars) == whole

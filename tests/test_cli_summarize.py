@@ -212,3 +212,48 @@ def test_a_30k_token_document_is_summarised_by_map_reduce_naming_its_subjects(de
     named = [subject for subject, words in {"honeybees": ("bee", "honey"), "volcanoes": ("volcan", "lava"),
                                            "chess": ("chess",)}.items() if any(w in summary for w in words)]
     assert len(named) == 3, f"the summary names only {named}: {data['text']}"
+
+
+# ---- progress off a terminal ---------------------------------------------------------------------
+def test_in_a_pipe_progress_is_plain_lines_and_no_blank_line(fake_model, tmp_path, monkeypatch):
+    monkeypatch.setattr(summarize_cli, "PLAIN_PROGRESS_SECONDS", 0.0)  # every step shows: the rate is tested below
+    path = tmp_path / "doc.txt"
+    path.write_text(document(150))  # ~9K words: several parts at 4K
+    r = run([str(path)])
+    assert r.exit_code == 0, r.output
+    lines = r.stderr.split("\n")
+    assert lines[-1] == "" and all(line.strip() for line in lines[:-1]), r.stderr  # no blank lines
+    assert all(line.startswith("arbor: ") for line in lines[:-1]) and "\x1b" not in r.stderr
+    first = next(line for line in lines if "parts" in line)
+    parts = int(first.split("reading ")[1].split(" parts")[0])
+    assert first == f"arbor: reading {parts} parts: 0/{parts}" and parts > 1
+    assert any(line.startswith(f"arbor: reading {parts} parts: {parts}/{parts} · ") for line in lines)
+
+
+def test_plain_progress_shows_a_phase_at_most_every_few_seconds(monkeypatch):
+    shown, now = [], [0.0]
+    monkeypatch.setattr(summarize_cli, "notice", shown.append)
+    progress = summarize_cli.PlainProgress(every=10.0, clock=lambda: now[0])
+    progress.begin("reading 100 parts", 100)
+    for _ in range(100):
+        now[0] += 1.0  # a part a second
+        progress.advance()
+    assert shown[0] == "reading 100 parts: 0/100"
+    assert shown[1] == "reading 100 parts: 10/100 · 10s elapsed, about 1m30s left"
+    assert len(shown) == 1 + 10 and shown[-1] == "reading 100 parts: 100/100 · 1m40s elapsed"
+
+
+def test_a_document_of_many_tokenizing_blocks_shows_reading_it_as_a_phase(fake_model, tmp_path, monkeypatch):
+    import arbor_cli.chunking as chunking
+
+    monkeypatch.setattr(summarize_cli, "PLAIN_PROGRESS_SECONDS", 0.0)
+    monkeypatch.setattr(chunking, "TOKENIZE_BLOCK_CHARS", 10_000)
+    path = tmp_path / "doc.txt"
+    path.write_text(document(150))
+    r = run([str(path)])
+    assert r.exit_code == 0, r.output
+    reading = [line for line in r.stderr.splitlines() if "reading the document" in line]
+    blocks = len(chunking.block_cuts(path.read_text().strip(), 10_000)) + 1
+    assert reading[0] == f"arbor: reading the document: 0/{blocks}" and blocks > 5
+    assert reading[-1].startswith(f"arbor: reading the document: {blocks}/{blocks} · ")
+    assert r.stderr.index("reading the document") < r.stderr.index(" parts: 0/")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Annotated, Optional
 
 import typer
@@ -22,6 +23,9 @@ from .common import (
     read_text_input,
     write_answer,
 )
+
+
+PLAIN_PROGRESS_SECONDS = 10.0  # off a terminal, a progress line at most this often within a phase
 
 
 def register(app: typer.Typer) -> None:
@@ -44,7 +48,7 @@ def summarize(
     options = SummaryOptions.build(parse_words(words), style)  # bad values fail before the model loads
     text, _ = read_text_input(file, max_input_bytes(max_input_mb))
     m = load_model(opts)
-    with ProgressBar() as progress:
+    with progress_display() as progress:
         summary = summarize_text(m, text, options, progress=progress, notify=notice)
     write_answer(json.dumps(summary.to_json(), ensure_ascii=False) if as_json else summary.text)
 
@@ -58,7 +62,8 @@ def parse_words(value: str) -> int | str:
 
 
 class ProgressBar:
-    """rich progress on stderr, one bar per phase (reading the parts, combining the notes), with ETA."""
+    """rich progress on stderr, one bar per phase (reading the document, reading the parts, combining
+    the notes), with ETA; off a terminal (a pipe, a log) plain lines instead (PlainProgress)."""
 
     def __init__(self):
         self.progress = Progress(TextColumn("[dim]arbor:[/dim] {task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -81,3 +86,43 @@ class ProgressBar:
 
     def advance(self) -> None:
         self.progress.advance(self.task)
+
+
+class PlainProgress:
+    """Progress as plain lines on stderr for when it is not a terminal: one as each phase begins, then
+    at most one every `every` seconds, and one as the phase completes, each with the time left."""
+
+    def __init__(self, every: float = PLAIN_PROGRESS_SECONDS, clock=time.monotonic):
+        self.every, self.clock = every, clock
+        self.phase, self.total, self.done, self.started, self.shown = "", 0, 0, 0.0, 0.0
+
+    def __enter__(self) -> "PlainProgress":
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        return False
+
+    def begin(self, phase: str, total: int) -> None:
+        self.phase, self.total, self.done = phase, total, 0
+        self.started = self.shown = self.clock()
+        notice(f"{phase}: 0/{total}")
+
+    def advance(self) -> None:
+        self.done += 1
+        now = self.clock()
+        if self.done < self.total and now - self.shown < self.every:
+            return
+        self.shown = now
+        elapsed = now - self.started
+        left = elapsed / self.done * (self.total - self.done)
+        notice(f"{self.phase}: {self.done}/{self.total} · {_duration(elapsed)} elapsed"
+               + (f", about {_duration(left)} left" if self.done < self.total else ""))
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def progress_display():
+    return ProgressBar() if console.is_terminal else PlainProgress()
