@@ -20,6 +20,7 @@ TOKENIZE_BLOCK_CHARS = 1 << 20  # about a second of tokenizing per block: progre
 OVERLAP_FRACTION = 0.08    # of a chunk's budget, repeated at the start of the next chunk
 MAX_OVERLAP_TOKENS = 256
 MIN_PIECE_TOKENS = 16
+RECOUNT_MARGIN = 16        # tokens: shrinking a chunk counts it exactly again only this close to its budget
 
 PARAGRAPH, SENTENCE, WORD = 2, 1, 0  # the strength of the boundary a span ends on
 PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n\s*")
@@ -80,6 +81,10 @@ class TokenPositions:
             self._first_words[word] = self.count_tokens(word)
         return self.in_document(start, end) - self.in_document(start, word_end) + self._first_words[word]
 
+    def starting_in(self, start: int, end: int) -> int:
+        """Tokens that begin in text[start:end], whitespace-only ones included."""
+        return bisect.bisect_left(self.starts, end) - bisect.bisect_left(self.starts, start)
+
     def after(self, start: int, count: int) -> int:
         """Where the token `count` tokens after the first one at or after `start` begins (the text's
         end when there is none)."""
@@ -105,6 +110,25 @@ def tokenize_in_blocks(encode_with_offsets: Callable[[str], tuple[list[int], lis
     return offsets
 
 
+def document_token_offsets(encode_with_offsets, text: str, progress) -> list[tuple[int, int]]:
+    """(start, end) in `text` of each token of text.strip(), tokenized in blocks; a long document
+    (is_long) shows reading it as a phase of `progress` (begin(phase, total), advance())."""
+    lead = len(text) - len(text.lstrip())
+
+    def on_block(done: int, total: int) -> None:
+        if total > 1 and done == 0:
+            progress.begin("reading the document", total)
+        elif total > 1:
+            progress.advance()
+
+    return [(a + lead, b + lead) for a, b in tokenize_in_blocks(encode_with_offsets, text.strip(), on_block)]
+
+
+def is_long(text: str) -> bool:
+    """More than one tokenizing block: long enough for its reading and cutting to show progress."""
+    return len(text) > TOKENIZE_BLOCK_CHARS
+
+
 def block_cuts(text: str, size: int) -> list[int]:
     """Where tokenize_in_blocks cuts `text`: each cut at most `size` characters after the one before."""
     cuts, start = [], 0
@@ -125,20 +149,23 @@ def _last_start(pattern: re.Pattern, window: str) -> int:
 
 
 def split_into_chunks(text: str, token_offsets: Sequence[tuple[int, int]], count_tokens: Callable[[str], int],
-                      budget: int, overlap: int | None = None) -> list[Chunk]:
+                      budget: int, overlap: int | None = None,
+                      on_chunk: Callable[[Chunk], None] = lambda chunk: None) -> list[Chunk]:
     """Chunks of at most `budget` tokens each (counted stripped), covering `text` in order.
 
     `token_offsets` are the (start, end) characters of each token of `text`, from tokenizing it
     once. Chunks end on a paragraph break when one leaves the chunk at least half full, else on a
     sentence end, else (a sentence longer than a chunk) between words. Each chunk after the first
     begins with up to `overlap` tokens of whole sentences from the end of the one before.
+    `on_chunk` hears of each chunk as it is made (progress through a long document).
     """
     if budget < MIN_PIECE_TOKENS:
         raise ContextError(f"a chunk budget of {budget} tokens is too small to summarize with; raise --context")
     overlap = default_overlap(budget) if overlap is None else max(0, min(overlap, budget // 2))
-    spans = _spans(TokenPositions(text, token_offsets, count_tokens), longest=max(MIN_PIECE_TOKENS, budget // 4),
+    tokens = TokenPositions(text, token_offsets, count_tokens)
+    spans = _spans(tokens, longest=max(MIN_PIECE_TOKENS, budget // 4),
                    piece=max(MIN_PIECE_TOKENS, min(overlap, budget // 4)))
-    return _pack(text, spans, count_tokens, budget, overlap)
+    return _pack(tokens, spans, budget, overlap, on_chunk)
 
 
 def default_overlap(budget: int) -> int:
@@ -194,7 +221,8 @@ def _cut_between_words(tokens: TokenPositions, start: int, end: int, boundary: i
     return [p for p in pieces if _has_text(text, p.start, p.end)]
 
 
-def _pack(text: str, spans: list[Span], count_tokens, budget: int, overlap: int) -> list[Chunk]:
+def _pack(tokens: TokenPositions, spans: list[Span], budget: int, overlap: int, on_chunk) -> list[Chunk]:
+    text, count_tokens = tokens.text, tokens.count_tokens
     chunks: list[Chunk] = []
     first_new = 0        # the first span no chunk has covered yet
     previous_first = 0   # the previous chunk's first new span: overlap never reaches before it
@@ -205,17 +233,24 @@ def _pack(text: str, spans: list[Span], count_tokens, budget: int, overlap: int)
             begin = first_new
             end = _fill(spans, begin, first_new, budget)
         end = _prefer_boundary(spans, begin, first_new, end, budget)
-        tokens = count_tokens(text[spans[begin].start:spans[end - 1].end].strip())
-        while tokens > budget:  # alone, the chunk tokenizes a little differently: shrink to fit
+        count = count_tokens(text[spans[begin].start:spans[end - 1].end].strip())
+        while count > budget:  # alone, the chunk tokenizes a little differently: shrink to fit
             if end - 1 > first_new:
                 end -= 1
+                dropped = tokens.starting_in(spans[end - 1].end, spans[end].end)
             elif begin < first_new:
                 begin += 1
+                dropped = tokens.starting_in(spans[begin - 1].start, spans[begin].start)
             else:
                 break  # a single span counted alone already fits; cannot happen with a sane tokenizer
-            tokens = count_tokens(text[spans[begin].start:spans[end - 1].end].strip())
-        chunks.append(Chunk(spans[begin].start, spans[end - 1].end, tokens,
+            # far over budget, the next step is certain without counting again (the document's own
+            # tokens of the dropped span differ from a recount by a token or two at its seams)
+            estimate = count - dropped
+            count = estimate if estimate > budget + RECOUNT_MARGIN else count_tokens(
+                text[spans[begin].start:spans[end - 1].end].strip())
+        chunks.append(Chunk(spans[begin].start, spans[end - 1].end, count,
                             spans[first_new].start - spans[begin].start))
+        on_chunk(chunks[-1])
         previous_first, first_new = first_new, end
     return chunks
 

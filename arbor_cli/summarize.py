@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
-from .chunking import Chunk, default_overlap, split_into_chunks, tokenize_in_blocks
+from .chunking import Chunk, default_overlap, document_token_offsets, is_long, split_into_chunks
 from .errors import ContextError, OutOfMemoryError, UsageError
 from .summary_text import clean_summary, shape_summary
 
@@ -147,7 +147,7 @@ def summarize(model, text: str, options: SummaryOptions | None = None, progress:
         raise UsageError("there is nothing to summarize: the text is empty")
     started = time.perf_counter()
     progress = progress or _NoProgress()
-    token_offsets = token_offsets_of(model, text, progress)  # the one time the document is tokenized
+    token_offsets = document_token_offsets(model.tokenizer.encode_with_offsets, text, progress)  # tokenized once
     plan = model.plan(one_pass_prompt_tokens(model, options) + len(token_offsets) + options.answer_tokens)
     try:
         summary = _run(model, text, token_offsets, plan.context, options, progress)
@@ -162,23 +162,6 @@ def summarize(model, text: str, options: SummaryOptions | None = None, progress:
 
 def count_tokens_of(model, text: str) -> int:
     return len(model.tokenizer.encode(text, add_special_tokens=False))
-
-
-def token_offsets_of(model, text: str, progress: SummaryProgress | None = None) -> list[tuple[int, int]]:
-    """(start, end) in `text` of each token of text.strip(), as the model's tokenizer cuts it; a
-    document of more than one tokenizing block shows it as a phase of `progress`."""
-    lead = len(text) - len(text.lstrip())
-    stripped = text.strip()
-    progress = progress or _NoProgress()
-
-    def on_block(done: int, total: int) -> None:
-        if total > 1 and done == 0:
-            progress.begin("reading the document", total)
-        elif total > 1:
-            progress.advance()
-
-    offsets = tokenize_in_blocks(model.tokenizer.encode_with_offsets, stripped, on_block)
-    return [(start + lead, end + lead) for start, end in offsets]
 
 
 def _run(model, text: str, token_offsets: list[tuple[int, int]], context: int, options: SummaryOptions,
@@ -274,9 +257,13 @@ class SummaryRun:
     def split(self, text: str, token_offsets: list[tuple[int, int]]) -> list[Chunk]:
         """Chunks sized so prompt + chunk + notes fit the context; the prompt names "part i of n"."""
         count = self._estimated_parts(len(token_offsets))
+        shown = is_long(text)  # a long document shows its cutting as a phase too
         while True:  # the prompt's size depends on n's digits: settle it (usually the estimate has them)
             budget = self._chunk_budget(count)
-            chunks = split_into_chunks(text, token_offsets, lambda s: count_tokens_of(self.model, s), budget)
+            if shown:
+                self.progress.begin("cutting the document into parts", count)
+            chunks = split_into_chunks(text, token_offsets, lambda s: count_tokens_of(self.model, s), budget,
+                                       on_chunk=lambda chunk: shown and self.progress.advance())
             if len(str(len(chunks))) <= len(str(count)):
                 return chunks
             count = len(chunks)

@@ -80,8 +80,11 @@ def map_chunks(tokenizer, text: str, context: int) -> list[list[int]]:
     """The chunks the map phase reads at `context`, as [start, end, tokens, overlap]."""
     model = StubModel(tokenizer, context)
     if hasattr(summarizer, "SummaryRun"):
-        run = summarizer.SummaryRun(model, context, SummaryOptions(), summarizer._NoProgress())
-        chunks = run.split(text, summarizer.token_offsets_of(model, text))
+        from arbor_cli.chunking import document_token_offsets
+
+        progress = summarizer._NoProgress()
+        run = summarizer.SummaryRun(model, context, SummaryOptions(), progress)
+        chunks = run.split(text, document_token_offsets(tokenizer.encode_with_offsets, text, progress))
     else:  # the code before SummaryRun
         chunks = summarizer._Run(model, context, SummaryOptions(), summarizer._NoProgress()).split(text)
     return [[c.start, c.end, c.tokens, c.overlap] for c in chunks]
