@@ -28,6 +28,25 @@ def test_interrupted_install_leaves_no_model_and_no_temp_dir(tiny_gguf, monkeypa
     assert list((arbor_weights.cache_dir() / "models").iterdir()) == []
 
 
+def run_in_threads(target, count: int) -> list[BaseException]:
+    """Run `target` in `count` threads at once; what any of them raised (a thread's exception would
+    otherwise be lost)."""
+    errors: list[BaseException] = []
+
+    def guarded():
+        try:
+            target()
+        except BaseException as e:  # noqa: BLE001 - returned to the test
+            errors.append(e)
+
+    threads = [threading.Thread(target=guarded) for _ in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors
+
+
 def test_failed_forced_reinstall_keeps_the_previous_install(tiny_gguf, monkeypatch):
     before = arbor_weights.resolve(str(tiny_gguf), quiet=True)
     monkeypatch.setattr(gguf_import, "write_provenance", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("x")))
@@ -39,19 +58,12 @@ def test_failed_forced_reinstall_keeps_the_previous_install(tiny_gguf, monkeypat
 
 def test_concurrent_pulls_of_one_gguf_convert_once(tiny_gguf, monkeypatch):
     calls = count_conversions(monkeypatch)
-    results, errors = [], []
+    results = []
 
     def pull():
-        try:
-            results.append(arbor_weights.resolve(str(tiny_gguf), quiet=True).path)
-        except BaseException as e:  # noqa: BLE001 - surfaced below; a thread's exception would otherwise be lost
-            errors.append(e)
+        results.append(arbor_weights.resolve(str(tiny_gguf), quiet=True).path)
 
-    threads = [threading.Thread(target=pull) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    errors = run_in_threads(pull, 2)
     assert errors == []
     assert len(calls) == 1 and len(results) == 2 and results[0] == results[1]
 
@@ -112,25 +124,18 @@ def test_lock_file_is_there_while_held_and_gone_after(tiny_gguf):
 
 def test_held_lock_excludes_while_holders_delete_the_file():
     # Holders unlink the file on release: a waiter on the old file must not share the lock with a newcomer.
-    inside, overlaps, done, errors = [], [], [], []
+    inside, overlaps, done = [], [], []
 
     def worker():
-        try:
-            for _ in range(200):
-                with store.held_lock("contended"):
-                    inside.append(1)
-                    if len(inside) > 1:
-                        overlaps.append(len(inside))
-                    time.sleep(0.0002)
-                    inside.pop()
-                done.append(1)
-        except BaseException as e:  # noqa: BLE001 - surfaced below; a thread's exception would otherwise be lost
-            errors.append(e)
+        for _ in range(200):
+            with store.held_lock("contended"):
+                inside.append(1)
+                if len(inside) > 1:
+                    overlaps.append(len(inside))
+                time.sleep(0.0002)
+                inside.pop()
+            done.append(1)
 
-    threads = [threading.Thread(target=worker) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    errors = run_in_threads(worker, 4)
     assert errors == [] and overlaps == [] and len(done) == 800
     assert not (arbor_weights.cache_dir() / "locks").exists()
