@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .errors import BackendUnavailableError, ContextError
+from .errors import BackendUnavailableError, ContextError, UsageError
 from .rope import RopeTables
 
 REPEAT_WINDOW = 64  # tokens the repetition penalty looks back over (llama.cpp's repeat_last_n)
@@ -128,7 +128,7 @@ def select_backend(name: str | None = None):
     """
     if name not in (None, "auto"):
         if name not in BACKEND_PACKAGES:
-            raise BackendUnavailableError(f"unknown backend {name!r}; choose one of: auto, {', '.join(BACKEND_PACKAGES)}")
+            raise UsageError(f"unknown backend {name!r}; choose one of: auto, {', '.join(BACKEND_PACKAGES)}")
         if not installed(name):
             raise BackendUnavailableError(f"backend {name!r} is not installed here; {INSTALL_HINT[name]}")
         return backend_module(name)

@@ -313,8 +313,8 @@ def load(model: str | None = None, backend: str | None = None, device: str | Non
         resolve_method(rope)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    module = select_backend(backend)  # a bad --backend fails before any model is fetched
     checkpoint = arbor_weights.resolve(model or arbor_weights.DEFAULT_MODEL, quiet=quiet)
-    module = select_backend(backend)
     lm = module.load(checkpoint, device=device, dtype=dtype, kv_bits=kv_bits, quantize=quantize)
     m = Model(checkpoint, lm, load_tokenizer(checkpoint.path), module.NAME, context=context, rope_method=rope)
     if context is not None:

@@ -64,7 +64,7 @@ def test_corrupt_model_dir_is_one_line_exit_1(runner, tmp_path):
 
 def test_unknown_backend_is_a_clear_error(runner):
     r = runner.invoke(app, ["generate", "hi", "--backend", "tpu"])
-    one_line_error(r, 1)
+    one_line_error(r, 2)  # a bad option value, like every other one (issue 11)
     assert "unknown backend" in r.stderr
 
 

@@ -257,3 +257,18 @@ def test_a_document_of_many_tokenizing_blocks_shows_reading_it_as_a_phase(fake_m
     assert reading[0] == f"arbor: reading the document: 0/{blocks}" and blocks > 5
     assert reading[-1].startswith(f"arbor: reading the document: {blocks}/{blocks} · ")
     assert r.stderr.index("reading the document") < r.stderr.index(" parts: 0/")
+
+
+@pytest.mark.timeout(120)  # a hang guard, not a speed test: cutting this took ~15 minutes before (quadratic)
+def test_a_long_line_without_whitespace_is_summarized_in_parts(default_checkpoint, monkeypatch, tmp_path):
+    import random
+
+    from arbor_cli.tokenizer import load_tokenizer
+
+    model = FakeModel(largest=4096, answer=lambda prompt: ANSWER, tokenizer=load_tokenizer(default_checkpoint.path))
+    monkeypatch.setattr(summarize_cli, "load_model", lambda opts: model)
+    path = tmp_path / "line.txt"
+    path.write_text("".join(random.Random(0).choices("abcdefghijklmnopqrstuvwxyz", k=400_000)))
+    r = run([str(path), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["chunks"] > 10 and len(model.prompts) > 10

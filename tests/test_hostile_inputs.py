@@ -100,6 +100,16 @@ def test_a_bad_input_limit_flag_is_a_usage_error(runner, tmp_path):
 
 
 # ---- exit codes and option names ----------------------------------------------------------------
+@pytest.mark.parametrize("args, words", [
+    (["--backend", "nosuch"], "unknown backend 'nosuch'"),
+    (["--device", "tpu"], "unknown device 'tpu'"),
+    (["--backend", "mlx", "--device", "tpu"], "device 'tpu' is not supported by the mlx backend"),
+])
+def test_an_unknown_backend_or_device_is_a_usage_error_exit_2(runner, args, words):
+    r = runner.invoke(app, ["generate", "hi", *args])
+    assert r.exit_code == 2 and r.stdout == "" and words in one_error_line(r.stderr)
+
+
 def test_plain_arbor_prints_the_help_and_no_error(runner):
     r = shell("arbor")
     assert r.returncode == 0 and "Usage: arbor" in r.stdout and r.stderr == ""

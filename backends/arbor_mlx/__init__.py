@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from arbor_cli.errors import BackendUnavailableError
+from arbor_cli.errors import BackendUnavailableError, UsageError
 
 from .memory import memory_info, metal_available
 from .runner import MLXModel
@@ -35,7 +35,7 @@ def check_device(device: str) -> str:
     """The MLX device name for `device` ('cpu' or 'gpu'); a clear error for anything MLX cannot run on."""
     kind = DEVICE_ALIASES.get(device)
     if kind is None:
-        raise BackendUnavailableError(f"device {device!r} is not supported by the mlx backend; use cpu or gpu")
+        raise UsageError(f"device {device!r} is not supported by the mlx backend; use cpu or gpu")
     if kind == "gpu" and not metal_available():
         raise BackendUnavailableError(f"device {device!r} requested but MLX has no Metal GPU here (use --device cpu)")
     return kind

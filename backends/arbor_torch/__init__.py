@@ -13,7 +13,7 @@ if "GOMP_SPINCOUNT" not in os.environ and "OMP_WAIT_POLICY" not in os.environ:
 
 import torch  # noqa: E402
 
-from arbor_cli.errors import BackendUnavailableError
+from arbor_cli.errors import BackendUnavailableError, UsageError
 
 from .memory import memory_info
 from .quantize import QUANTIZE_MODES
@@ -44,13 +44,13 @@ def check_device(device: str) -> None:
     try:
         kind = torch.device(device).type
     except RuntimeError:
-        raise BackendUnavailableError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
+        raise UsageError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
     if kind == "cuda" and not torch.cuda.is_available():
         raise BackendUnavailableError("device 'cuda' requested but no CUDA device is available (use --device cpu)")
     if kind == "mps" and not torch.backends.mps.is_available():
         raise BackendUnavailableError("device 'mps' requested but Apple's MPS is not available here")
     if kind not in ("cpu", "cuda", "mps"):
-        raise BackendUnavailableError(f"device {device!r} is not supported by the torch backend")
+        raise UsageError(f"device {device!r} is not supported by the torch backend; use cpu, cuda, cuda:N or mps")
 
 
 def load(checkpoint, device: str | None = None, dtype: str | None = None, kv_bits: int = 16,
