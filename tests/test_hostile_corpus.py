@@ -65,16 +65,19 @@ def models(root: Path) -> dict[str, Path]:
             "not a model": not_a_model, "garbage directory": garbage_dir, "good": good}
 
 
-def snapshot(home: Path) -> dict[str, tuple[int, int]]:
-    return {str(p.relative_to(home)): (p.stat().st_size, p.stat().st_mtime_ns)
-            for p in sorted(home.rglob("*")) if p.is_file()}
+def snapshot(home: Path) -> dict[str, tuple[int, int] | str]:
+    """Every file of the cache with its size and mtime, and every folder (a leftover empty temp or lock
+    folder counts; a folder's own mtime changes when a failed install cleans up after itself)."""
+    return {str(p.relative_to(home)): (p.stat().st_size, p.stat().st_mtime_ns) if p.is_file() else "folder"
+            for p in sorted(home.rglob("*"))}
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("corpus")
     home = root / "arbor-home"
-    env = {**os.environ, "ARBOR_HOME": str(home), "ARBOR_MAX_INPUT_MB": "1", "NO_COLOR": "1"}
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("ARBOR_")},  # none of the shell's settings
+           "ARBOR_HOME": str(home), "ARBOR_MAX_INPUT_MB": "1", "NO_COLOR": "1"}
     paths = models(root)
     done = subprocess.run([*ARBOR, "pull", str(paths["good"])], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr

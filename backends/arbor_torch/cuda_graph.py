@@ -68,7 +68,7 @@ class GraphDecoder:
                                           cache.capacity, device, model.model.embed_tokens.weight.dtype)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
-        self.rope_ptr = 0  # the RoPE table the graph reads: a new table means a new capture
+        self.rope_key: tuple = ()  # the RoPE tables the graph reads (cos, sin addresses): new tables, new capture
         if not hasattr(model.model.layers[0].self_attn, "qkv_weight"):
             model.fuse_projections()
         self.pre_attention, self.post_attention = compiled_layer_parts()
@@ -107,8 +107,9 @@ class GraphDecoder:
         self.cache.length = saved  # warm-up and capture wrote position self.position only: overwritten later
 
     def __call__(self, token: int, position: int) -> torch.Tensor:
-        if self.graph is None or self.rope_ptr != self.model.rope_cos.data_ptr():
-            self.rope_ptr = self.model.rope_cos.data_ptr()
+        rope_key = (self.model.rope_cos.data_ptr(), self.model.rope_sin.data_ptr())
+        if self.graph is None or self.rope_key != rope_key:  # both: a new cos may land where the old one was
+            self.rope_key = rope_key
             self.position.fill_(position)
             self.token.fill_(token)
             self.capture()
