@@ -124,6 +124,22 @@ def document_token_offsets(encode_with_offsets, text: str, progress) -> list[tup
     return [(a + lead, b + lead) for a, b in tokenize_in_blocks(encode_with_offsets, text.strip(), on_block)]
 
 
+def cutting_progress(text: str, progress) -> Callable[["Chunk"], None]:
+    """split_into_chunks' on_chunk for a long document (is_long): cutting it into parts as a phase of
+    `progress`, in percent of the text; for a short one, nothing."""
+    if not is_long(text):
+        return lambda chunk: None
+    progress.begin("cutting the document into parts (%)", 100)
+    shown = [0]
+
+    def on_chunk(chunk: Chunk) -> None:
+        while shown[0] < chunk.end * 100 // len(text):
+            shown[0] += 1
+            progress.advance()
+
+    return on_chunk
+
+
 def is_long(text: str) -> bool:
     """More than one tokenizing block: long enough for its reading and cutting to show progress."""
     return len(text) > TOKENIZE_BLOCK_CHARS

@@ -106,12 +106,15 @@ class GenerationStream:
     """
 
     def __init__(self, pieces: Generator[str, None, GenerationResult], tokens: list[int]):
-        self._pieces = pieces
         self.tokens = tokens
         self.result: GenerationResult | None = None
+        self._pieces = self._keeping_result(pieces)  # one iterator: a stream can be peeked, then read on
+
+    def _keeping_result(self, pieces: Generator[str, None, GenerationResult]) -> Iterator[str]:
+        self.result = yield from pieces
 
     def __iter__(self) -> Iterator[str]:
-        self.result = yield from self._pieces
+        return self._pieces
 
 
 def stream_generation(lm: LoadedModel, tokenizer, cache, prompt_ids: list[int], opts: GenerationOptions,

@@ -97,8 +97,8 @@ class Model:
         self._announce_scaling(plan, rope)
         return plan
 
-    def _budget(self) -> int:
-        mem = self.lm.memory()
+    def _budget(self, mem=None) -> int:
+        mem = mem or self.lm.memory()
         return memory_budget(mem.free_bytes, mem.total_bytes, resident_bytes=self.lm.weights_nbytes)
 
     def _announce_scaling(self, plan: ContextPlan, rope: str | None) -> None:
@@ -125,7 +125,7 @@ class Model:
         """The machine, the model, and the context buckets that fit its free memory now (`arbor info`)."""
         mem, lm = self.lm.memory(), self.lm
         kv_scale_bytes = lm.kv_scale_bytes
-        rows = bucket_table(self.config, self._budget(), lm.weights_nbytes, lm.kv_element_bytes,
+        rows = bucket_table(self.config, self._budget(mem), lm.weights_nbytes, lm.kv_element_bytes,
                             lm.act_element_bytes, self.prefill_chunk, kv_scale_bytes=kv_scale_bytes)
         fitting = [r.context for r in rows if r.fits]
         return {

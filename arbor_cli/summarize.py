@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
-from .chunking import Chunk, default_overlap, document_token_offsets, is_long, split_into_chunks
+from .chunking import Chunk, cutting_progress, default_overlap, document_token_offsets, split_into_chunks
 from .errors import ContextError, OutOfMemoryError, UsageError
 from .summary_text import clean_summary, shape_summary
 
@@ -256,17 +256,15 @@ class SummaryRun:
 
     def split(self, text: str, token_offsets: list[tuple[int, int]]) -> list[Chunk]:
         """Chunks sized so prompt + chunk + notes fit the context; the prompt names "part i of n"."""
-        count = self._estimated_parts(len(token_offsets))
-        shown = is_long(text)  # a long document shows its cutting as a phase too
+        count, first = self._estimated_parts(len(token_offsets)), True
         while True:  # the prompt's size depends on n's digits: settle it (usually the estimate has them)
             budget = self._chunk_budget(count)
-            if shown:
-                self.progress.begin("cutting the document into parts", count)
             chunks = split_into_chunks(text, token_offsets, lambda s: count_tokens_of(self.model, s), budget,
-                                       on_chunk=lambda chunk: shown and self.progress.advance())
-            if len(str(len(chunks))) <= len(str(count)):
+                                       on_chunk=cutting_progress(text, self.progress))
+            digits, guessed = len(str(len(chunks))), len(str(count))
+            if digits == guessed or (digits < guessed and not first):  # as if counted up from one part
                 return chunks
-            count = len(chunks)
+            count, first = len(chunks), False
 
     def _chunk_budget(self, count: int) -> int:
         budget = self.context - map_prompt_tokens(self.model, self.options, count) - self.options.note_tokens

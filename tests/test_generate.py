@@ -5,7 +5,7 @@ import pytest
 from conftest import FakeCache, FakeRuntime
 
 from arbor_cli.errors import UsageError
-from arbor_cli.generate import GenerationOptions, StopFilter, stream_generation
+from arbor_cli.generate import GenerationOptions, GenerationStream, StopFilter, stream_generation
 
 
 @pytest.mark.parametrize("bad", [
@@ -83,3 +83,12 @@ def test_cache_room_bounds_generation():
 def test_timings_are_reported():
     _, r = run([1, 2, 0], GenerationOptions())
     assert r.timings["prompt_tokens"] == 2 and r.timings["generated_tokens"] == 2
+
+
+def test_a_stream_can_be_peeked_then_read_on():
+    tokens: list[int] = []
+    stream = GenerationStream(stream_generation(FakeRuntime([1, 2, 3, 0]), LetterTokenizer(), FakeCache(100), [9, 9],
+                                                GenerationOptions(), generated=tokens), tokens)
+    first = next(iter(stream))
+    rest = "".join(stream)
+    assert first + rest == "abc" and stream.result.text == "abc" and stream.tokens == [1, 2, 3]

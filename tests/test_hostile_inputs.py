@@ -138,3 +138,13 @@ def test_a_failed_save_names_the_users_file_not_a_temp_file(tmp_path, capsys):
     run_slash_command(session, f"/save {target}")
     err = capsys.readouterr().err
     assert one_error_line(err) == f"arbor: error: cannot write or read ({target}): No such file or directory"
+
+
+def test_a_closed_stdin_reads_as_empty():
+    r = shell("arbor summarize <&-")
+    assert r.returncode == 1 and one_error_line(r.stderr) == "arbor: error: <stdin> is empty"
+
+
+def test_help_into_a_pipe_that_closes_early_is_quiet():
+    r = shell("arbor --help | head -c 1 > /dev/null")
+    assert r.stderr == ""

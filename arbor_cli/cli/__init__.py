@@ -12,7 +12,7 @@ from .streams import guard_closed_std_streams
 guard_closed_std_streams()  # before the consoles below are made: a closed stdout/stderr must not crash or leak
 
 from . import bench, chat, eval, generate, info, models, summarize  # noqa: E402
-from .common import describe_error  # noqa: E402
+from .common import silence_stdout, describe_error  # noqa: E402
 
 app = typer.Typer(
     name="arbor",
@@ -45,6 +45,9 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("arbor: interrupted", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:  # `arbor --help | head`: the reader left; nothing to say
+        silence_stdout()
+        sys.exit(1)
     except OSError as e:  # help or usage text that cannot be written (a closed stdout)
         print(f"arbor: error: {describe_error(e)}", file=sys.stderr)
         sys.exit(1)

@@ -224,7 +224,7 @@ def handle_errors(fn):
             console.print("arbor: interrupted", highlight=False)
             raise typer.Exit(130) from None
         except BrokenPipeError:
-            _silence_stdout()
+            silence_stdout()
             raise typer.Exit(1) from None
         except Exception as e:
             if debug:
@@ -253,7 +253,7 @@ def exit_code_for(e: BaseException) -> int:
     return e.exit_code if isinstance(e, ArborError) else 1
 
 
-def _silence_stdout() -> None:
+def silence_stdout() -> None:
     # the reader went away (`| head`): point stdout at /dev/null so the interpreter's final flush is quiet
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)

@@ -1,4 +1,4 @@
-"""Standard streams a shell closed (`arbor … >&-`, `2>&-`): made safe before anything prints.
+"""Standard streams a shell closed (`arbor … >&-`, `2>&-`, `<&-`): made safe before anything runs.
 
 A closed fd 1 or 2 leaves Python's sys.stdout / sys.stderr None: `isatty()` on it crashes, and
 `print(file=sys.stderr)` silently writes to stdout instead. The first file arbor opened would also
@@ -37,20 +37,29 @@ class ClosedStream(io.TextIOBase):
 
 
 def guard_closed_std_streams() -> None:
+    if sys.stdin is None or not _is_open(0):  # `<&-`: stdin reads as empty, as from /dev/null
+        _point_at_devnull(0, os.O_RDONLY)
+        sys.stdin = open(0, closefd=False)
     for fd, name, drop in ((1, "output", False), (2, "error", True)):
         stream = sys.stdout if fd == 1 else sys.stderr
         if stream is not None and _is_open(fd):
             continue
-        if not _is_open(fd):
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            if devnull != fd:
-                os.dup2(devnull, fd)
-                os.close(devnull)
+        _point_at_devnull(fd, os.O_WRONLY)
         closed = ClosedStream(name, drop)
         if fd == 1:
             sys.stdout = closed
         else:
             sys.stderr = closed
+
+
+def _point_at_devnull(fd: int, flags: int) -> None:
+    """A closed `fd` opened on /dev/null, so no file arbor opens later takes its number (0, 1, 2 in order)."""
+    if _is_open(fd):
+        return
+    devnull = os.open(os.devnull, flags)
+    if devnull != fd:
+        os.dup2(devnull, fd)
+        os.close(devnull)
 
 
 def _is_open(fd: int) -> bool:

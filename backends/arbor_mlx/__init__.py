@@ -34,8 +34,10 @@ def default_dtype(device: str) -> str:
 def check_device(device: str) -> str:
     """The MLX device name for `device` ('cpu' or 'gpu'); a clear error for anything MLX cannot run on."""
     kind = DEVICE_ALIASES.get(device)
-    if kind is None:
-        raise UsageError(f"device {device!r} is not supported by the mlx backend; use cpu or gpu")
+    if kind is None:  # a device some backend has (cuda) is this backend's limit; a name no backend knows, a typo
+        known = device.split(":")[0] in ("cuda", "mps", "xpu")
+        raise (BackendUnavailableError if known else UsageError)(
+            f"device {device!r} is not supported by the mlx backend; use cpu or gpu")
     if kind == "gpu" and not metal_available():
         raise BackendUnavailableError(f"device {device!r} requested but MLX has no Metal GPU here (use --device cpu)")
     return kind

@@ -50,7 +50,7 @@ def check_device(device: str) -> None:
     if kind == "mps" and not torch.backends.mps.is_available():
         raise BackendUnavailableError("device 'mps' requested but Apple's MPS is not available here")
     if kind not in ("cpu", "cuda", "mps"):
-        raise UsageError(f"device {device!r} is not supported by the torch backend; use cpu, cuda, cuda:N or mps")
+        raise BackendUnavailableError(f"device {device!r} is not supported by the torch backend")
 
 
 def load(checkpoint, device: str | None = None, dtype: str | None = None, kv_bits: int = 16,
