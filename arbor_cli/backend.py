@@ -104,7 +104,7 @@ def check_room(cache: Any, n: int, rope_len: int) -> None:
         raise ContextError(f"the context is full ({cache.capacity} tokens); start a new conversation "
                            "or raise --context")
     if cache.length + n > rope_len:
-        raise ContextError(f"position {cache.length + n} is beyond the RoPE table; set_rope for the context first")
+        raise ContextError(f"position {cache.length + n} is beyond the RoPE table; make the cache for that context (Model.new_cache)")
 
 
 def is_apple_silicon() -> bool:

@@ -7,6 +7,7 @@ to stderr through rich, which drops colour under NO_COLOR and ANSI codes when no
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import functools
 import inspect
@@ -65,10 +66,10 @@ class GlobalOptions:
     debug: bool = False
 
 
-# each shared option once: its name in GlobalOptions and on the command line's signature, and its declaration
-SHARED_OPTIONS = {"model": (ModelOpt, None), "backend": (BackendOpt, None), "device": (DeviceOpt, None),
-                  "context": (ContextOpt, None), "rope": (RopeOpt, "auto"), "kv_bits": (KvBitsOpt, 16),
-                  "quantize": (QuantizeOpt, None), "debug": (DebugOpt, False)}
+# each shared option once: its name in GlobalOptions and on the command's signature, and its declaration
+# (defaults come from GlobalOptions)
+SHARED_OPTIONS = {"model": ModelOpt, "backend": BackendOpt, "device": DeviceOpt, "context": ContextOpt,
+                  "rope": RopeOpt, "kv_bits": KvBitsOpt, "quantize": QuantizeOpt, "debug": DebugOpt}
 
 
 def model_options(fn=None, *, without: tuple[str, ...] = ()):
@@ -79,8 +80,9 @@ def model_options(fn=None, *, without: tuple[str, ...] = ()):
     shared = {name: spec for name, spec in SHARED_OPTIONS.items() if name not in without}
     signature = inspect.signature(fn, eval_str=True)
     own = [p for p in signature.parameters.values() if p.name != "opts"]
-    added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
-             for name, (annotation, default) in shared.items()]
+    defaults = {f.name: f.default for f in dataclasses.fields(GlobalOptions)}
+    added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=defaults[name])
+             for name, annotation in shared.items()]
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
