@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 MAX_CONTEXT = 1 << 20
 KV_BITS = (8, 16)
 QUANTIZE = ("int8", "int4")  # weight-only quantization a backend may offer (torch: on CPU)
+DTYPES = ("float32", "bfloat16", "float16")  # float weight precisions every backend runs
 
 
 class Model:
@@ -296,8 +297,10 @@ def load(model: str | None = None, backend: str | None = None, device: str | Non
 
     kv_bits: 16 keeps the KV cache in the model's dtype; 8 stores it as int8 with a float16 scale
     per head and token, about half the memory of a 16-bit cache (docs/long-context.md).
-    quantize: None keeps the weights as loaded; "int8" (per output channel) or "int4" (groups of 32)
-    quantizes the Linear weights at load time for faster CPU decode (docs/performance.md).
+    quantize: "int8" (per output channel) or "int4" (groups of 32) quantizes float Linear weights at load
+    time for faster CPU decode (docs/performance.md). With neither quantize nor dtype, the backend picks:
+    on a CPU a model stored with 4-bit layers (a Q4 GGUF) runs them as int4 with a compiled decode step;
+    dtype="float32" asks for the exact float path instead.
     """
     import arbor_weights
 
@@ -307,6 +310,8 @@ def load(model: str | None = None, backend: str | None = None, device: str | Non
         raise UsageError(f"--context must be an integer in 16..{MAX_CONTEXT}, got {context!r}")
     if quantize is not None and quantize not in QUANTIZE:
         raise UsageError(f"--quantize must be {' or '.join(QUANTIZE)}, got {quantize!r}")
+    if dtype is not None and dtype not in DTYPES:
+        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if kv_bits not in KV_BITS or isinstance(kv_bits, bool):
         raise UsageError(f"--kv-bits (kv_bits) must be one of {', '.join(map(str, KV_BITS))}, got {kv_bits!r}")
     try:

@@ -46,6 +46,10 @@ KvBitsOpt = Annotated[int, typer.Option("--kv-bits", help="KV cache precision: 1
 QuantizeOpt = Annotated[Optional[str], typer.Option("--quantize", help="Weight-only quantization at load, CPU: "
                                                    "int8 (per channel) or int4 (groups of 32); faster decode, "
                                                    "less memory (docs/performance.md).", envvar="ARBOR_QUANTIZE")]
+DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help="Float weights in float32, bfloat16 or float16. "
+                                                 "Default: a 4-bit model runs its own 4-bit weights on a CPU (int4, "
+                                                 "compiled decode); --dtype float32 is the exact float path.",
+                                                 envvar="ARBOR_DTYPE")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")]
 MaxInputOpt = Annotated[Optional[int], typer.Option("--max-input-mb", metavar="MB", show_default=False,
                                                     help="Refuse documents larger than this (default 128, or "
@@ -63,13 +67,15 @@ class GlobalOptions:
     rope: str = "auto"
     kv_bits: int = 16
     quantize: str | None = None
+    dtype: str | None = None
     debug: bool = False
 
 
 # each shared option once: its name in GlobalOptions and on the command's signature, and its declaration
 # (defaults come from GlobalOptions)
 SHARED_OPTIONS = {"model": ModelOpt, "backend": BackendOpt, "device": DeviceOpt, "context": ContextOpt,
-                  "rope": RopeOpt, "kv_bits": KvBitsOpt, "quantize": QuantizeOpt, "debug": DebugOpt}
+                  "rope": RopeOpt, "kv_bits": KvBitsOpt, "quantize": QuantizeOpt, "dtype": DtypeOpt,
+                  "debug": DebugOpt}
 
 
 def model_options(fn=None, *, without: tuple[str, ...] = ()):
@@ -100,7 +106,8 @@ def load_model(opts: GlobalOptions):
 
     with status("loading model…"):
         model = arbor_cli.load(opts.model, backend=opts.backend, device=opts.device, context=opts.context,
-                               rope=opts.rope, kv_bits=opts.kv_bits, quantize=opts.quantize)
+                               rope=opts.rope, kv_bits=opts.kv_bits, quantize=opts.quantize,
+                               dtype=opts.dtype)
     model.notify = notice
     return model
 

@@ -40,12 +40,14 @@ def dequantize_int8(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype
 class KVCache:
     """Keys and values of one layer in `slots` slots. (B, n_kv_heads, slots, head_dim)."""
 
-    def __init__(self, slots: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype, device, bits: int = 16):
+    def __init__(self, slots: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype, device, bits: int = 16,
+                 k: torch.Tensor | None = None, v: torch.Tensor | None = None):
         shape = (1, n_kv_heads, slots, head_dim)
         self.slots, self.dtype, self.bits = slots, dtype, bits
         store = torch.int8 if bits == 8 else dtype
-        self.k = torch.zeros(shape, dtype=store, device=device)
-        self.v = torch.zeros(shape, dtype=store, device=device)
+        # k, v: given when the buffers are views of the whole model's stacked cache (ModelCache)
+        self.k = torch.zeros(shape, dtype=store, device=device) if k is None else k
+        self.v = torch.zeros(shape, dtype=store, device=device) if v is None else v
         self.k_scale = self.v_scale = None
         if bits == 8:
             self.k_scale = torch.zeros(shape[:3] + (1,), dtype=SCALE_DTYPE, device=device)
@@ -106,7 +108,17 @@ class ModelCache:
         self.max_chunk = kv_layout.max_chunk(capacity, self.slots, window)
         self.length = 0
         self.decoder = None  # the CUDA-graph decode step bound to these buffers, built on first decode
-        self.layers = [KVCache(self.slots, n_kv_heads, head_dim, dtype, device, bits) for _ in range(n_layers)]
+        # A 16-bit cache is two stacked buffers, (layers, kv_heads, slots, head_dim), each layer's a view:
+        # the compiled CPU decode step (compiled_decode.py) takes the whole cache as two inputs.
+        self.stacked_k = self.stacked_v = None
+        if bits == 16:
+            shape = (n_layers, n_kv_heads, self.slots, head_dim)
+            self.stacked_k = torch.zeros(shape, dtype=dtype, device=device)
+            self.stacked_v = torch.zeros(shape, dtype=dtype, device=device)
+            self.layers = [KVCache(self.slots, n_kv_heads, head_dim, dtype, device, bits,
+                                   k=self.stacked_k[i:i + 1], v=self.stacked_v[i:i + 1]) for i in range(n_layers)]
+        else:
+            self.layers = [KVCache(self.slots, n_kv_heads, head_dim, dtype, device, bits) for _ in range(n_layers)]
 
     def truncate(self, length: int) -> None:
         """Forget positions >= length (entries past it are overwritten by the next write).

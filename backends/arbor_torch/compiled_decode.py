@@ -1,0 +1,271 @@
+"""The CPU decode step compiled ahead of time, once per machine, and kept in arbor's cache.
+
+A quantized decode step on a laptop CPU spends more time dispatching ~40 small ops a layer from
+Python than in its matmul kernels (docs/performance.md, "CPU decode"). torch.export traces
+decode_step.DecodeStep once with the cache length symbolic, AOTInductor compiles the graph into one
+shared library, and every later process loads that library in milliseconds and calls it once a token.
+
+The artifact holds code only: the weights are inputs (the model's own tensors, shared, never
+copied), so it is a few MB whatever the model's size, and one artifact serves every model of the
+same architecture and weight format. Its name is a hash of everything the generated code depends
+on: torch's version, this CPU's instruction set, the source of the modules traced, the model's
+config and the shapes and dtypes of its weights. Anything else is a different file, so a stale
+artifact is never loaded; it ages out (the least recently used beyond KEEP are deleted).
+
+Nothing here may cost a user a crash: no compiler, a failing compile, a damaged file, or a library
+whose output disagrees with the eager step each falls back to the eager path with one line on
+stderr. A failed compile is remembered (a .failed file beside where the artifact would be) so later
+runs do not pay for it again; ARBOR_COMPILE=0 turns the whole thing off, and ARBOR_COMPILE_DIR
+moves the artifacts elsewhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import decode_step, model, quantize
+from .decode_step import DecodeStep
+
+ENV = "ARBOR_COMPILE"
+DIR_ENV = "ARBOR_COMPILE_DIR"
+KEEP = 8  # artifacts kept in the cache directory, least recently used deleted first
+# the first compiled step is checked against the eager one on the same inputs (a wrong library is never used)
+CHECK_ATOL = 1e-3
+
+
+def enabled() -> bool:
+    return os.environ.get(ENV, "1") != "0"
+
+
+def notice(message: str) -> None:
+    print(f"arbor: {message}", file=sys.stderr, flush=True)
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _sources() -> str:
+    """The code the artifact was generated from: a change to it is a different artifact."""
+    digest = hashlib.sha256()
+    for module in (decode_step, model, quantize):
+        digest.update(Path(module.__file__).read_bytes())
+    return digest.hexdigest()
+
+
+def artifact_key(step: DecodeStep, weights: dict[str, torch.Tensor]) -> dict:
+    """What the generated code depends on (the file's name is its hash)."""
+    cfg = step.model.config
+    return {
+        "torch": torch.__version__, "machine": platform.machine(),
+        "cpu": torch.backends.cpu.get_cpu_capability(),
+        "cpu_flags": hashlib.sha256(_cpu_flags().encode()).hexdigest()[:16],
+        "sources": _sources(),
+        "config": json.dumps(cfg.to_dict() if hasattr(cfg, "to_dict") else repr(cfg), sort_keys=True, default=str),
+        "weights": [[name, list(t.shape), str(t.dtype)] for name, t in weights.items()],
+        "activations": str(step.model.model.norm.weight.dtype),
+    }
+
+
+def key_digest(key: dict) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def cache_directory() -> Path:
+    """$ARBOR_COMPILE_DIR, or `compiled/` in arbor's cache (the models' home: $ARBOR_HOME or the platform's)."""
+    from arbor_weights.store import cache_dir
+
+    path = Path(os.environ.get(DIR_ENV) or cache_dir() / "compiled").expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+class _Functional(torch.nn.Module):
+    """DecodeStep with its weights as the first inputs, so the compiled library embeds none of them."""
+
+    def __init__(self, step: DecodeStep, names: list[str]):
+        super().__init__()
+        self.step, self.names = step, names
+
+    def forward(self, weights, token, cache_k, cache_v, cos, sin, past):
+        return torch.func.functional_call(self.step, dict(zip(self.names, weights)),
+                                          (token, cache_k, cache_v, cos, sin, past), strict=True)
+
+
+def compile_step(step: DecodeStep, weights: dict[str, torch.Tensor], example: tuple, out: Path) -> None:
+    """Export and AOT-compile `step` into the package `out` (written whole or not at all)."""
+    # DYNAMIC, not named Dims: export then keeps the relations the code implies (past < slots, past <
+    # positions) as checks in the library instead of refusing them
+    slots = positions = past = torch.export.Dim.DYNAMIC
+    names = list(weights)
+    dynamic = {"weights": (None,) * len(names), "token": None, "cache_k": {2: slots}, "cache_v": {2: slots},
+               "cos": {0: positions}, "sin": {0: positions}, "past": {0: past}}
+    with torch.no_grad():
+        program = torch.export.export(_Functional(step, names), (tuple(weights.values()), *example),
+                                      dynamic_shapes=dynamic, strict=False)
+    partial = out.with_name(f".{out.stem}.{os.getpid()}.partial.pt2")  # AOTInductor wants the suffix
+    try:
+        with _quiet_warnings():
+            torch._inductor.aoti_compile_and_package(program, package_path=str(partial))
+        os.replace(partial, out)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            partial.unlink()
+
+
+@contextlib.contextmanager
+def _quiet_warnings():
+    """torch's own warnings and log lines about packages (e.g. "Loading outdated pt2 file" for a damaged
+    one): the user gets arbor's one line instead."""
+    import logging
+    import warnings
+
+    log = logging.getLogger("torch._inductor")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        log.setLevel(level)
+
+
+def _prune(directory: Path, keep: Path) -> None:
+    artifacts = sorted(directory.glob("*.pt2"), key=lambda p: p.stat().st_atime, reverse=True)
+    for old in [p for p in artifacts if p != keep][KEEP - 1:]:
+        for path in (old, old.with_suffix(".json")):
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+
+class CompiledDecode:
+    """The compiled step for one loaded model; `step(token, cache)` -> logits, or None to run eager.
+
+    Built lazily on the first decode (a one-token `generate` never pays for it). After any failure
+    it stays off for the life of the model, having said why once.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.step_module = DecodeStep(model).eval()
+        named = dict(self.step_module.named_parameters())
+        named.update(dict(self.step_module.named_buffers()))
+        self.weights = named
+        self.weight_list = list(named.values())
+        self.run = None  # the loaded library's entry point, once ready
+        self.off = False
+        self.positions = torch.zeros(0, dtype=torch.long)  # `past` input: only its length is read
+
+    def step(self, token: int, cache) -> torch.Tensor | None:
+        if self.off:
+            return None
+        length = cache.length
+        if self.positions.shape[0] < length:
+            self.positions = torch.zeros(max(length, 2 * self.positions.shape[0], 1024), dtype=torch.long)
+        tok = torch.tensor([token], dtype=torch.long)
+        m = self.step_module.model
+        inputs = [tok, cache.stacked_k, cache.stacked_v, m.rope_cos, m.rope_sin, self.positions[:length]]
+        if self.run is None:
+            self.run = self._prepare(inputs)
+            if self.run is None:
+                self.off = True
+                return None
+        logits, k, v = self.run(self.weight_list + inputs)
+        cache.stacked_k[:, :, length] = k
+        cache.stacked_v[:, :, length] = v
+        return logits
+
+    def _prepare(self, inputs: list):
+        """Load (or first build) the library and check it against the eager step on these inputs."""
+        try:
+            key = artifact_key(self.step_module, self.weights)
+        except Exception as e:  # noqa: BLE001 - an odd config or module: just run eager
+            notice(f"decoding uncompiled ({type(e).__name__}: {_first_line(e)})")
+            return None
+        directory = cache_directory()
+        path = directory / f"decode-{key_digest(key)}.pt2"
+        failed = path.with_suffix(".failed")
+        if failed.exists():
+            notice(f"decoding uncompiled: compiling failed before ({failed.read_text(errors='replace').strip()[:160]}; "
+                   f"delete {failed} to try again)")
+            return None
+        run = self._load(path)
+        if run is None:
+            from arbor_weights.store import held_lock
+
+            with held_lock(f"compile-{path.stem}"):  # two processes: one compiles, the other then loads
+                run = self._load(path) if path.exists() else None
+                if run is None:
+                    run = self._build(path, key, failed, inputs)
+        if run is None:
+            return None
+        _prune(directory, path)
+        return run if self._agrees(run, inputs, path) else None
+
+    def _load(self, path: Path):
+        if not path.exists():
+            return None
+        try:
+            with _quiet_warnings():
+                loader = torch._inductor.aoti_load_package(str(path)).loader
+            os.utime(path)  # least recently used ages out first
+            return loader.boxed_run
+        except Exception as e:  # noqa: BLE001 - a truncated zip, a foreign file, a library that will not load
+            notice(f"the compiled decode step {path.name} is damaged ({_first_line(e)}); rebuilding it")
+            with contextlib.suppress(OSError):
+                path.unlink()
+            return None
+
+    def _build(self, path: Path, key: dict, failed: Path, inputs: list):
+        notice("compiling the decode step for this CPU, once per model format and torch version "
+               "(about a minute on 2 cores; it makes decoding ~2x faster; ARBOR_COMPILE=0 skips it)")
+        start = time.perf_counter()
+        try:
+            compile_step(self.step_module, self.weights, tuple(inputs), path)
+        except Exception as e:  # noqa: BLE001 - no compiler, an inductor bug: remember it, run eager
+            failed.write_text(f"{type(e).__name__}: {_first_line(e)}\n", encoding="utf-8")
+            notice(f"could not compile the decode step ({type(e).__name__}: {_first_line(e)}); decoding runs "
+                   f"uncompiled, about half as fast (details kept in {failed})")
+            return None
+        path.with_suffix(".json").write_text(json.dumps(key, indent=1) + "\n", encoding="utf-8")
+        notice(f"compiled in {time.perf_counter() - start:.0f} s (kept in {path.parent})")
+        return self._load(path)
+
+    def _agrees(self, run, inputs: list, path: Path) -> bool:
+        """The library's first step against the eager DecodeStep on the same inputs (neither writes the cache)."""
+        try:
+            with torch.no_grad():
+                want = self.step_module(*inputs)
+            got = run(self.weight_list + inputs)
+            ok = all(torch.allclose(g, w, atol=CHECK_ATOL, rtol=CHECK_ATOL) for g, w in zip(got, want))
+        except Exception as e:  # noqa: BLE001
+            ok, why = False, _first_line(e)
+        else:
+            why = "its output differs from the eager step's"
+        if not ok:
+            notice(f"the compiled decode step {path.name} failed its check ({why}); decoding runs uncompiled "
+                   "and the file is deleted")
+            with contextlib.suppress(OSError):
+                path.unlink()
+        return ok
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:200]

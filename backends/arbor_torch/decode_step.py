@@ -1,0 +1,79 @@
+"""One decode step of the Transformer as a single exportable function (for compiled_decode.py).
+
+The eager forward runs a token through ~30 layers of small ops, each dispatched from Python: on a
+laptop CPU that dispatch, not the matmuls, is most of a decode step (docs/performance.md, "CPU
+decode"). This module is the same computation written so torch.export can trace it once with the
+cache length as a symbolic size, and AOTInductor can compile it to one C++ function:
+
+- the whole cache is two stacked tensors, (layers, kv_heads, slots, head_dim) for K and for V
+  (ModelCache.stacked_k / stacked_v), of which the first `past` slots hold earlier positions;
+- the step returns the new token's K and V instead of writing them; the caller stores them at slot
+  `past` (two copies), so the graph mutates none of its inputs;
+- attention of the one query is over the past keys plus its own key, merged in one softmax, so the
+  new key never has to be written before it is read.
+
+It shares every parameter and buffer with the Transformer it wraps: nothing is copied.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .model import Transformer, rotate_half
+
+
+def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor,
+               past_v: torch.Tensor) -> torch.Tensor:
+    """Attention of one token's queries (heads, D) over past keys/values (kv_heads, L, D) and its own
+    key/value (kv_heads, D), grouped-query style (heads = kv_heads * group). Returns (heads, D)."""
+    n_heads, head_dim = q.shape
+    n_kv = k.shape[0]
+    q = q.view(n_kv, n_heads // n_kv, head_dim) * (1.0 / math.sqrt(head_dim))
+    scores = torch.matmul(q, past_k.transpose(-1, -2))  # (kv, group, L)
+    own = (q * k.unsqueeze(1)).sum(-1, keepdim=True)  # (kv, group, 1)
+    top = torch.maximum(scores.amax(-1, keepdim=True), own)
+    p, p_own = (scores - top).exp(), (own - top).exp()
+    out = torch.matmul(p, past_v) + p_own * v.unsqueeze(1)
+    return (out / (p.sum(-1, keepdim=True) + p_own)).view(n_heads, head_dim)
+
+
+class DecodeStep(nn.Module):
+    """forward(token (1,) int64, k (layers, kv, slots, D), v (same), cos (positions, D), sin, past (L,))
+    -> (logits (vocab,) float32, new k (layers, kv, D), new v (layers, kv, D)) for the token at position L.
+
+    `past` is only read for its length: an input's size is how torch.export lets L vary.
+    """
+
+    def __init__(self, model: Transformer):
+        super().__init__()
+        if model.config.sliding_window is not None:
+            raise ValueError("the compiled decode step covers models without a sliding window")
+        self.model = model
+
+    def forward(self, token, cache_k, cache_v, cos_table, sin_table, past):
+        m, cfg = self.model, self.model.config
+        n_heads, n_kv, head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        length = past.shape[0]
+        cos, sin = cos_table.narrow(0, length, 1), sin_table.narrow(0, length, 1)  # (1, D)
+        x = m.model.embed_tokens(token.view(1, 1))  # (1, 1, hidden)
+        new_k, new_v = [], []
+        for i, layer in enumerate(m.model.layers):
+            attn = layer.self_attn
+            h = layer.input_layernorm(x)
+            if attn.qkv_proj is not None:
+                q, k, v = attn.qkv_proj(h).split([n_heads * head_dim, n_kv * head_dim, n_kv * head_dim], dim=-1)
+            else:
+                q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+            q, k, v = q.view(n_heads, head_dim), k.view(n_kv, head_dim), v.view(n_kv, head_dim)
+            q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+            past_k, past_v = cache_k[i].narrow(1, 0, length), cache_v[i].narrow(1, 0, length)
+            y = attend_one(q, k, v, past_k, past_v)
+            x = x + attn.o_proj(y.view(1, 1, n_heads * head_dim))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            new_k.append(k)
+            new_v.append(v)
+        logits = m.lm_head(m.model.norm(x)).view(-1).float()
+        return logits, torch.stack(new_k), torch.stack(new_v)
