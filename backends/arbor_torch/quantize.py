@@ -245,3 +245,19 @@ def module_nbytes(model: nn.Module) -> int:
             seen.add(key)
             total += t.numel() * t.element_size()
     return total
+
+
+def int4_linear_from_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                           bias: torch.Tensor | None = None, group_size: int = INT4_GROUP) -> Int4Linear:
+    """An Int4Linear from 0..15 codes [N, K] and per-group scale and zero [N, K/g] (float32) given
+    directly, not found by quantize_int4: weights that already are such codes (a GGUF Q4 block is
+    scale d, zero m + 8d) load without a float round trip, and with the buffers Int4Linear(weight) builds."""
+    linear = Int4Linear.__new__(Int4Linear)
+    nn.Module.__init__(linear)
+    linear.out_features, linear.in_features = codes.shape
+    linear.group_size = group_size
+    linear.register_buffer("qweight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 2))
+    scale_zero = torch.stack([scale, zero], dim=-1).transpose(0, 1)  # [K/g, N, 2]: the kernel's layout
+    linear.register_buffer("scale_zero", scale_zero.contiguous().to(ACT_DTYPE))
+    linear.bias = bias
+    return linear

@@ -80,7 +80,7 @@ class TorchModel:
     @classmethod
     def from_checkpoint(cls, checkpoint, device: str, dtype: str, kv_bits: int = 16,
                         quantize: str | None = None) -> "TorchModel":
-        from . import DTYPES
+        from . import DTYPES, load_quantized
 
         cfg = checkpoint.config
         with torch.device("meta"):
@@ -94,6 +94,15 @@ class TorchModel:
         expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
         state = check_tensors(state, expected, checkpoint.path, cfg.tie_word_embeddings)
         target = DTYPES[dtype]
+        if quantize == "int4" and load_quantized.has_blocks(state):
+            # GGUF 4-bit blocks are the int4 kernel's codes already: built from them, no float copy of the model
+            parameter_count = sum(p.numel() for p in model.parameters())
+            with one_thread():
+                load_quantized.load_int4(model, state, target, checkpoint.path)
+            lm = cls(model, device, dtype, kv_bits)  # no quantize: its layers are quantized already
+            lm.quantize, lm.parameter_count = quantize, parameter_count
+            return lm
+        state = load_quantized.dequantized_state(state, checkpoint.path)  # exact float32 for GGUF blocks
         state = {k: v.to(device=device, dtype=target) for k, v in state.items()}
         model.load_state_dict(state, strict=False, assign=True)
         if cfg.tie_word_embeddings:

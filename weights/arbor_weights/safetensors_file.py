@@ -3,13 +3,15 @@ header (name -> dtype, shape, data offsets) and the raw tensor bytes.
 
 Reading the header ourselves lets `open_checkpoint` catch a truncated download in microseconds
 without mapping gigabytes; writing it ourselves lets an import stream one tensor at a time, so
-converting a model never holds all of its float32 weights in memory at once.
+converting a model never holds all of its weights in memory at once.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -69,30 +71,44 @@ def _check_entry(path: Path, name: str, info: object, data_bytes: int) -> None:
         raise _corrupt(path, f"tensor {name} of shape {shape} and dtype {dtype} spans {end - begin} bytes")
 
 
-def write_float32_safetensors(
+# numpy dtype -> safetensors dtype, for what an import writes
+WRITE_DTYPES = {"float32": "F32", "float16": "F16", "int8": "I8", "uint8": "U8"}
+
+
+def write_safetensors(
     path: str | Path,
-    layout: Sequence[tuple[str, tuple[int, ...]]],
+    layout: Sequence[tuple[str, tuple[int, ...], str]],
     tensor: Callable[[str], np.ndarray],
     advance: Callable[[int], None] = lambda n: None,
 ) -> None:
-    """Write the tensors named in `layout` (name, shape), asking `tensor(name)` for each in turn.
+    """Write the tensors named in `layout` (name, shape, numpy dtype of WRITE_DTYPES), asking
+    `tensor(name)` for each in turn, in layout order.
 
-    The header is written first from the shapes alone, then each tensor's bytes, so peak memory
-    is one tensor. The result loads with safetensors.safe_open and with transformers.
+    The header is written first from the shapes alone, then each tensor's bytes, so peak memory is
+    one tensor. The file is written beside `path` and renamed into place: a reader never sees half of
+    it. The result loads with safetensors.safe_open and with transformers.
     """
+    path = Path(path)
     offsets, position = {}, 0
-    for name, shape in layout:
-        nbytes = math.prod(shape) * 4
-        offsets[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [position, position + nbytes]}
+    for name, shape, dtype in layout:
+        nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+        offsets[name] = {"dtype": WRITE_DTYPES[dtype], "shape": list(shape),
+                         "data_offsets": [position, position + nbytes]}
         position += nbytes
     header = json.dumps({"__metadata__": {"format": "pt"}, **offsets}, separators=(",", ":")).encode()
     header += b" " * (-len(header) % 8)  # the format pads the header so tensor data stays 8-byte aligned
-    with open(path, "wb") as f:
-        f.write(len(header).to_bytes(8, "little"))
-        f.write(header)
-        for name, shape in layout:
-            values = np.ascontiguousarray(tensor(name), dtype="<f4")
-            if values.shape != tuple(shape):
-                raise ValueError(f"tensor {name} has shape {values.shape}, expected {tuple(shape)}")
-            f.write(memoryview(values).cast("B"))
-            advance(1)
+    partial = path.with_name(f".tmp-{path.name}+{uuid.uuid4().hex[:8]}")
+    try:
+        with open(partial, "wb") as f:
+            f.write(len(header).to_bytes(8, "little"))
+            f.write(header)
+            for name, shape, dtype in layout:
+                values = np.ascontiguousarray(tensor(name), dtype=np.dtype(dtype).newbyteorder("<"))
+                if values.shape != tuple(shape):
+                    raise ValueError(f"tensor {name} has shape {values.shape}, expected {tuple(shape)}")
+                f.write(memoryview(values).cast("B"))
+                advance(1)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+

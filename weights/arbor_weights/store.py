@@ -2,7 +2,8 @@
 
     cache_dir()/models/<name>/        installed checkpoints (Arbor or HF layout)
     cache_dir()/models/.tmp-<name>+…  installs in progress (ignored by list_models)
-    cache_dir()/downloads/            source files kept for re-conversion (the default GGUF)
+    cache_dir()/downloads/            a registry model's GGUF, from its download until it is imported
+                                      (then deleted: the checkpoint holds the same weights)
     cache_dir()/locks/<name>.lock     one per model, held around check-then-install; present only
                                       while held, so a failed install leaves nothing behind
 
@@ -148,8 +149,9 @@ def _portable_lock(path: Path, name: str, reporter: Reporter | None) -> Iterator
 
 
 def install(name: str, build: Callable[[Path], None], *, force: bool = False,
-            reporter: Reporter | None = None) -> Path:
-    """Install models/<name> by calling build(temp_dir), unless it is already there (or force).
+            reporter: Reporter | None = None, outdated: Callable[[Path], bool] | None = None) -> Path:
+    """Install models/<name> by calling build(temp_dir), unless it is already there (or force, or
+    outdated(installed_dir) says an older arbor wrote it).
 
     The check runs under the name's lock, so of two concurrent callers one builds and the other
     returns the finished directory. Whatever build raises (KeyboardInterrupt too) removes the
@@ -157,10 +159,14 @@ def install(name: str, build: Callable[[Path], None], *, force: bool = False,
     """
     check_model_name(name)
     final = models_dir() / name
-    if final.is_dir() and not force:  # installed: no lock needed, renames make it whole or absent
+
+    def current() -> bool:
+        return final.is_dir() and not force and not (outdated is not None and outdated(final))
+
+    if current():  # installed: no lock needed, renames make it whole or absent
         return final
     with held_lock(name, reporter):
-        if final.is_dir() and not force:
+        if current():
             return final
         _remove_stale_temp_dirs(name)
         staging = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{name}+", dir=models_dir()))
