@@ -56,14 +56,30 @@ def check_device(device: str) -> None:
 def load(checkpoint, device: str | None = None, dtype: str | None = None, kv_bits: int = 16,
          quantize: str | None = None) -> TorchModel:
     """The checkpoint on `device` (default_device()) in `dtype` (default_dtype(device)); kv_bits 8 or 16
-    (arbor_cli.load validates it); quantize one of QUANTIZE_MODES, CPU only."""
+    (arbor_cli.load validates it); quantize one of QUANTIZE_MODES, CPU only. With neither dtype nor
+    quantize given, default_quantize decides (4-bit checkpoints on a CPU run int4); an explicit dtype
+    (`--dtype float32`) keeps the exact float path."""
     device = device or default_device()
     check_device(device)
+    if dtype is None and quantize is None:
+        quantize = default_quantize(checkpoint, device)
     dtype = dtype or default_dtype(device)
     if dtype not in DTYPES:
         raise BackendUnavailableError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
     check_quantize(quantize, device)
     return TorchModel.from_checkpoint(checkpoint, device, dtype, kv_bits=kv_bits, quantize=quantize)
+
+
+def default_quantize(checkpoint, device: str) -> str | None:
+    """What runs when no dtype or quantize is asked for: on a CPU, a checkpoint stored with 4-bit layers
+    (a Q4_0 / Q4_1 GGUF's blocks) runs them as they are, int4 with the compiled decode step; that is the
+    file's own precision, so it costs nothing against the source (docs/performance.md, "CPU (2 cores)").
+    Float checkpoints, and every GPU, keep float weights."""
+    if torch.device(device).type != "cpu":
+        return None
+    from arbor_weights import quantized
+
+    return "int4" if quantized.layer_bits(checkpoint) == 4 else None
 
 
 def check_quantize(quantize: str | None, device: str) -> None:

@@ -17,7 +17,7 @@ from arbor_cli.errors import CorruptModelError, OutOfMemoryError
 from arbor_cli.planner import kv_cache_tokens
 from arbor_cli.rope import RopeTables
 
-from . import sampling
+from . import compiled_decode, sampling
 from .cache import SCALE_DTYPE, ModelCache
 from .memory import memory_info
 from .model import Transformer
@@ -76,6 +76,12 @@ class TorchModel:
         self.use_cuda_graphs = (torch.device(device).type == "cuda" and model.config.sliding_window is None
                                 and kv_bits == 16 and os.environ.get("ARBOR_CUDA_GRAPHS", "1") != "0")
         self.active_rope: RopeTables | None = None  # the RopeTables the model's cos/sin tables were built from
+        # CPU, quantized weights: decode runs one AOT-compiled step, built once per machine (compiled_decode.py).
+        # The float path stays eager (it is the exact reference), and so do int8 / windowed caches.
+        self.compiled = None
+        if (torch.device(device).type == "cpu" and quantize is not None and kv_bits == 16
+                and model.config.sliding_window is None and compiled_decode.enabled()):
+            self.compiled = compiled_decode.CompiledDecode(model)
 
     @classmethod
     def from_checkpoint(cls, checkpoint, device: str, dtype: str, kv_bits: int = 16,
@@ -171,13 +177,16 @@ class TorchModel:
     def decode(self, token: int, cache: ModelCache) -> torch.Tensor:
         self._use_rope(cache.rope, cache.capacity)
         check_room(cache, 1, self.model._rope_len())
+        logits = None
         if self.use_cuda_graphs:
             if cache.decoder is None:
                 from .cuda_graph import GraphDecoder  # needs Triton: imported on CUDA only
 
                 cache.decoder = GraphDecoder(self.model, cache)
             logits = cache.decoder(token, cache.length)
-        else:
+        elif self.compiled is not None and cache.stacked_k is not None:
+            logits = self.compiled.step(token, cache)  # None: the compiled step is unavailable, run eager
+        if logits is None:
             tokens = torch.tensor([[token]], dtype=torch.long, device=self.device)
             logits = self.model(tokens, cache.length, cache.layers)[0, -1].float()
         cache.length += 1
