@@ -113,8 +113,14 @@ class ModelCache:
         self.stacked_k = self.stacked_v = None
         if bits == 16:
             shape = (n_layers, n_kv_heads, self.slots, head_dim)
-            self.stacked_k = torch.zeros(shape, dtype=dtype, device=device)
-            self.stacked_v = torch.zeros(shape, dtype=dtype, device=device)
+            # Attention reads only written slots, except a ring's, which reads every slot under a mask (and an
+            # uninitialised NaN times a zero weight is NaN): only a ring needs zeros (GPUs keep them too).
+            # Left uninitialised, a CPU cache's pages become resident as positions are written, so a short
+            # chat in a long context holds what it uses (docs/performance.md, "Resident memory").
+            ring = self.slots < capacity or window is not None
+            make = torch.empty if torch.device(device).type == "cpu" and not ring else torch.zeros
+            self.stacked_k = make(shape, dtype=dtype, device=device)
+            self.stacked_v = make(shape, dtype=dtype, device=device)
             self.layers = [KVCache(self.slots, n_kv_heads, head_dim, dtype, device, bits,
                                    k=self.stacked_k[i:i + 1], v=self.stacked_v[i:i + 1]) for i in range(n_layers)]
         else:

@@ -141,7 +141,12 @@ class Block(nn.Module):
 class Backbone(nn.Module):
     def __init__(self, cfg: ArborConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # the table is made here, not by nn.Embedding: its random init on the meta device (how checkpoints are
+        # loaded) runs a reference op that imports torch._dynamo, ~1 s of every cold start
+        table = torch.empty(cfg.vocab_size, cfg.hidden_size)
+        if not table.is_meta:
+            nn.init.normal_(table)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=table)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
