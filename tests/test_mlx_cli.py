@@ -41,8 +41,9 @@ def mlx_args(default_checkpoint):
 
 @pytest.fixture
 def torch_args(default_checkpoint):
+    """torch's exact float path, what MLX runs (torch's CPU default for a 4-bit model is int4)."""
     pytest.importorskip("torch")
-    return ["--model", str(default_checkpoint.path), "--backend", "torch", "--device", "cpu"]
+    return ["--model", str(default_checkpoint.path), "--backend", "torch", "--device", "cpu", "--dtype", "float32"]
 
 
 def ok(result):

@@ -17,9 +17,19 @@ from torch import nn
 
 from arbor_cli.errors import CorruptModelError
 
-from .quantize import HEAD_MODE, Int4Linear, Int8Embedding, Int8Linear, int4_linear_from_codes, quantized_linear
+from .quantize import (
+    HEAD_MODE,
+    Int4Linear,
+    Int8Embedding,
+    Int8Linear,
+    int4_linear_from_codes,
+    int8_linear_from_codes,
+    quantize_int8,
+    quantized_linear,
+)
 
 ENTRY_DTYPES = (torch.uint8, torch.int8, torch.float16)
+INT8_ROWS = 4096  # rows of the head / embedding dequantized at a time: 9 MB of float32, not 113 MB
 
 
 def has_blocks(state: dict[str, torch.Tensor]) -> bool:
@@ -82,11 +92,19 @@ def load_int4(model: nn.Module, state: dict[str, torch.Tensor], dtype: torch.dty
         del attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj
         attn.o_proj = linear([f"{p}self_attn.o_proj"])
         mlp.down_proj = linear([f"{p}mlp.down_proj"])
+    def int8_linear(base: str, bias: nn.Parameter | None = None) -> Int8Linear:  # Int8Linear(float_weight(base))
+        if base not in numpy_groups:
+            return Int8Linear(float_weight(base), bias)
+        entries, rows = numpy_groups[base], numpy_groups[base]["qweight"].shape[0]
+        blocks = [quantize_int8(torch.from_numpy(quantized.dequantize({s: a[i:i + INT8_ROWS] for s, a in entries.items()}))
+                                .to(dtype)) for i in range(0, rows, INT8_ROWS)]
+        return int8_linear_from_codes(torch.cat([q for q, _ in blocks]), torch.cat([s for _, s in blocks]), bias)
+
     tied = model.config.tie_word_embeddings
-    model.lm_head = quantized_linear(float_weight("model.embed_tokens" if tied else "lm_head"),
-                                     bias(["lm_head"]), HEAD_MODE["int4"])
-    codes = model.lm_head if tied and isinstance(model.lm_head, Int8Linear) else \
-        Int8Linear(float_weight("model.embed_tokens"))
+    head = "model.embed_tokens" if tied else "lm_head"
+    model.lm_head = int8_linear(head, bias(["lm_head"])) if HEAD_MODE["int4"] == "int8" else \
+        quantized_linear(float_weight(head), bias(["lm_head"]), HEAD_MODE["int4"])
+    codes = model.lm_head if tied and isinstance(model.lm_head, Int8Linear) else int8_linear("model.embed_tokens")
     model.model.embed_tokens = Int8Embedding(codes, dtype)
     # the norms, copied out of the memory-mapped file (why: the end of quantize_model)
     norms = {name: t.to(dtype).clone() for name, t in floats.items() if name.endswith("norm.weight")}

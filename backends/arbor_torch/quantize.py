@@ -261,3 +261,15 @@ def int4_linear_from_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch
     linear.register_buffer("scale_zero", scale_zero.contiguous().to(ACT_DTYPE))
     linear.bias = bias
     return linear
+
+
+def int8_linear_from_codes(q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> Int8Linear:
+    """An Int8Linear from quantize_int8's codes and per-row scales, e.g. computed a block of rows at a
+    time: its rows are independent, so the result is Int8Linear(weight)'s without the whole float weight."""
+    linear = Int8Linear.__new__(Int8Linear)
+    nn.Module.__init__(linear)
+    linear.out_features, linear.in_features = q.shape
+    linear.register_buffer("qweight", q)
+    linear.register_buffer("scale", scale)
+    linear.bias = bias
+    return linear

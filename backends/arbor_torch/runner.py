@@ -105,8 +105,12 @@ class TorchModel:
             parameter_count = sum(p.numel() for p in model.parameters())
             with one_thread():
                 load_quantized.load_int4(model, state, target, checkpoint.path)
-            lm = cls(model, device, dtype, kv_bits)  # no quantize: its layers are quantized already
+            lm = cls(model, device, dtype, kv_bits)  # no quantize: __init__ would quantize the layers again
             lm.quantize, lm.parameter_count = quantize, parameter_count
+            # what __init__ does for a quantized model besides quantizing it: the compiled CPU decode step
+            if (torch.device(device).type == "cpu" and kv_bits == 16 and cfg.sliding_window is None
+                    and compiled_decode.enabled()):
+                lm.compiled = compiled_decode.CompiledDecode(model)
             return lm
         state = load_quantized.dequantized_state(state, checkpoint.path)  # exact float32 for GGUF blocks
         state = {k: v.to(device=device, dtype=target) for k, v in state.items()}
