@@ -1,6 +1,22 @@
 """Fixtures shared across test modules."""
 
+import os
+
 import pytest
+
+
+def _compiled_steps_once_per_session():
+    """Every test, and every `arbor` it runs, shares one directory of compiled decode steps (the real
+    cache's, or $ARBOR_HOME's as the session starts): tests with a fresh ARBOR_HOME of their own would
+    otherwise each compile the default model's step again (~1 minute on 2 cores)."""
+    if "ARBOR_COMPILE_DIR" not in os.environ:
+        import platformdirs
+
+        home = os.environ.get("ARBOR_HOME") or platformdirs.user_cache_dir("arbor")
+        os.environ["ARBOR_COMPILE_DIR"] = os.path.join(os.path.expanduser(home), "compiled")
+
+
+_compiled_steps_once_per_session()
 
 
 @pytest.fixture(scope="session")
@@ -18,7 +34,18 @@ def default_checkpoint():
     """The default model pulled and converted once, in the real user cache, so CI downloads it once."""
     import arbor_weights
 
-    return arbor_weights.resolve(arbor_weights.DEFAULT_MODEL, quiet=True)
+    checkpoint = arbor_weights.resolve(arbor_weights.DEFAULT_MODEL, quiet=True)
+    _warm_compiled_step(checkpoint)
+    return checkpoint
+
+
+def _warm_compiled_step(checkpoint):
+    """Build the default configuration's compiled decode step here, once, if it is not cached yet, so no
+    test with a subprocess timeout is the one that pays for the compile."""
+    import arbor_cli
+
+    model = arbor_cli.load(str(checkpoint.path), backend="torch", device="cpu", quiet=True)
+    model.generate("Hi", max_new_tokens=2, ignore_eos=True)
 
 
 @pytest.fixture(scope="session")
