@@ -211,6 +211,19 @@ def test_torch_int4_is_built_without_dequantizing_the_layers(tmp_path, monkeypat
     assert dequantized == [(100, 128), (100, 128), (60, 128)]  # the tied embedding / head only, in row blocks
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_bench_vs_hf_gives_transformers_the_dequantized_weights(tmp_path, tied):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from arbor_torch.transformers_peer import hf_model
+
+    blocks, floats = float_import(tmp_path, "Q4_1", tied=tied)
+    theirs = hf_model(blocks, "cpu", "float32").state_dict()
+    for name, value in load_file(floats.weight_files[0]).items():
+        assert torch.equal(theirs[name], torch.from_numpy(value)), name
+    assert torch.equal(theirs["lm_head.weight"], theirs["model.embed_tokens.weight"]) == tied
+
+
 # ---- MLX ----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind", BLOCK_KINDS)

@@ -10,18 +10,37 @@ import torch
 
 from arbor_cli.bench import DECODE_TOKENS, BenchRow, prompt_for
 
+from .load_quantized import dequantized_state
+
+
+def hf_model(checkpoint, device: str, dtype: str):
+    """transformers' model of the checkpoint, eager with SDPA attention. Weights kept as GGUF blocks
+    (arbor_weights/quantized.py) are names transformers does not know: they are dequantized exactly
+    and loaded into a model built from config.json."""
+    import transformers  # a test/bench dependency, not arbor's
+    from safetensors.torch import load_file
+
+    options = {"dtype": getattr(torch, dtype), "attn_implementation": "sdpa"}
+    if checkpoint.quantization is None:
+        return transformers.AutoModelForCausalLM.from_pretrained(checkpoint.path, **options).to(device).eval()
+    state = {}
+    for path in checkpoint.weight_files:
+        state.update(load_file(str(path)))
+    config = transformers.AutoConfig.from_pretrained(checkpoint.path)
+    model = transformers.AutoModelForCausalLM.from_config(config, **options)  # on the CPU: RoPE buffers are built
+    model.load_state_dict(dequantized_state(state, checkpoint.path), strict=not config.tie_word_embeddings)
+    model.tie_weights()
+    return model.to(device).eval()
+
 
 def bench(checkpoint, device: str, dtype: str, context: int, decode_tokens: int = DECODE_TOKENS,
           loaded: dict | None = None) -> BenchRow:
     """transformers eager (SDPA attention) at `context`: prefill, then greedy decode; `loaded` keeps the
     model between contexts."""
-    import transformers  # a test/bench dependency, not arbor's
-
     row = BenchRow("transformers", context, context - decode_tokens - 1)
     cache = loaded if loaded is not None else {}
     if "model" not in cache:
-        cache["model"] = transformers.AutoModelForCausalLM.from_pretrained(
-            checkpoint.path, dtype=getattr(torch, dtype), attn_implementation="sdpa").to(device).eval()
+        cache["model"] = hf_model(checkpoint, device, dtype)
     hf = cache["model"]
     ids = torch.tensor([prompt_for(hf.config.vocab_size, row.prompt_tokens)], device=device)
     if "warm" not in cache:  # as for arbor: library initialisation and kernel selection are not timed
