@@ -3,10 +3,13 @@
     config.json                    ArborConfig.save (a superset of HF's config.json)
     model.safetensors              HF tensor names (model.layers.{i}.self_attn.q_proj.weight, …);
       or model-0000i-of-0000n.safetensors + model.safetensors.index.json
+                                   a GGUF import keeps Q4_0/Q4_1/Q8_0 matrices as <base>.qweight,
+                                   .scales (and .biases) instead of <base>.weight (quantized.py)
     tokenizer.json | tokenizer.model, tokenizer_config.json
     arbor.json                     provenance, written by arbor's own installs only
 
-Because the layout is HF's, a HF model directory opens in place and `export` is a copy. Pickled
+Because the layout is HF's, a HF model directory opens in place and `export` is a copy (block-quantized
+tensors dequantized). Pickled
 weights (pytorch_model.bin, *.pt) are refused: unpickling runs arbitrary code from the file.
 """
 
