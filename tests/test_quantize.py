@@ -90,8 +90,23 @@ def test_int4_linear_is_within_its_rounding_bound(rows):
     limit = scale * (0.5 + 9 * BF16_EPS) + w.abs().view_as(groups).amax(-1) * BF16_EPS
     assert (groups <= limit[..., None]).all()
     y = layer(x)
+    if rows >= Q.DEQUANT_ROWS:  # the prefill GEMM's weight, one bf16 rounding off the kernel's
+        w_hat = layer.prefill_weight().float()
     assert ((y - x @ w.T).abs() <= rounding_bound(x, (w_hat - w).abs(), w_hat, y)).all()
     assert torch.linalg.norm(y - x @ w.T) / torch.linalg.norm(x @ w.T) < 0.12  # 16 levels: ~8% typical
+
+
+@pytest.mark.parametrize("shape", [(64, 32), (128, 96), (3072, 576)])
+def test_int4_prefill_weight_is_the_dequantized_weight_to_bf16_rounding(shape):
+    w, _ = weight_and_input(n=shape[0], k=shape[1], rows=1)
+    layer = Q.Int4Linear(w)
+    exact = layer.dequantized(torch.float32)
+    fast = layer.prefill_weight()
+    assert fast.dtype == torch.bfloat16 and fast.shape == shape
+    # one bf16 rounding of the result, and one of the shifted zero (|zero - 8 scale| <= max|w| + 16 scale)
+    scale = layer.scale_zero[..., 0].t().float().repeat_interleave(Q.INT4_GROUP, dim=1)
+    bound = (exact.abs() + w.abs().amax() + 16 * scale) * 2 * BF16_EPS
+    assert ((fast.float() - exact).abs() <= bound).all()
 
 
 def test_int4_prefill_path_without_the_known_layout_uses_the_kernel(monkeypatch):

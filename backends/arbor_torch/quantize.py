@@ -138,10 +138,25 @@ class Int4Linear(nn.Module):
         scale, zero = self.scale_zero[..., 0].t(), self.scale_zero[..., 1].t()  # [N, K/g]
         return dequantize_int4(codes, scale, zero, dtype)
 
+    def prefill_weight(self) -> torch.Tensor:
+        """The bf16 weight [N, K] for a prefill GEMM, in 4 passes where `dequantized` takes 9: nibbles written
+        straight into row order, then one fused (q * scale + (zero - 8 * scale)) per group. It can differ
+        from `dequantized` by one bf16 rounding (the shifted zero is rounded once, not after each op)."""
+        N, K, g = self.out_features, self.in_features, self.group_size
+        packed = self.qweight.view(N // INT4_BLOCK_N, K, INT4_BLOCK_N // 2)
+        codes = torch.empty(N // INT4_BLOCK_N, 2, INT4_BLOCK_N // 2, K, dtype=torch.uint8)
+        torch.bitwise_and(packed, 0xF, out=codes[:, 0].transpose(1, 2))  # rows j of each block of 64
+        torch.bitwise_right_shift(packed, 4, out=codes[:, 1].transpose(1, 2))  # rows j + 32
+        scale = self.scale_zero[..., 0].t().float().contiguous()  # [N, K/g], row-major: the output is too
+        zero = self.scale_zero[..., 1].t().float().contiguous()
+        shifted = (zero - 8 * scale).to(ACT_DTYPE)[..., None]
+        codes = codes.view(N, K // g, g).to(ACT_DTYPE)
+        return torch.addcmul(shifted, codes, scale.to(ACT_DTYPE)[..., None]).view(N, K)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).to(ACT_DTYPE)
         if rows.shape[0] >= DEQUANT_ROWS and int4_layout_known():
-            y = F.linear(rows, self.dequantized())
+            y = F.linear(rows, self.prefill_weight())
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.qweight, self.group_size, self.scale_zero)
         y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
