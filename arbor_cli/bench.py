@@ -1,7 +1,8 @@
 """Progressive context testing: for each context length, fill the cache with a prompt, time the
 prefill, time greedy decode at that depth, and record peak memory; stop at the first context that
-runs out of memory. Optionally the same on Hugging Face transformers with the same weights, in the
-same process run, for a side-by-side ratio (the peer lives with the torch backend: it needs torch).
+runs out of memory. Optionally the same on a peer in the same process run, for a side-by-side ratio:
+Hugging Face transformers with the same weights (it lives with the torch backend: it needs torch), or
+llama.cpp on the GGUF file (llama_cpp_peer.py).
 """
 
 from __future__ import annotations
@@ -62,13 +63,17 @@ def bench_arbor(model, context: int, decode_tokens: int = DECODE_TOKENS) -> Benc
     return row
 
 
-def run_bench(model, contexts: list[int], decode_tokens: int = DECODE_TOKENS, vs_hf: bool = False,
+PEERS = ("hf", "llama.cpp")  # transformers on the same checkpoint; llama.cpp on the GGUF it came from
+
+
+def run_bench(model, contexts: list[int], decode_tokens: int = DECODE_TOKENS, vs: str = "",
               on_row: Callable[[BenchRow], None] | None = None) -> list[BenchRow]:
-    """Each context in order, arbor (and transformers) side by side; stops after the first failure."""
+    """Each context in order, arbor first (as loaded: the default configuration unless flags said
+    otherwise), then the peer `vs` ('', or one of PEERS); stops after arbor's first failure."""
     rows: list[BenchRow] = []
-    hf_state: dict = {}
+    peer_state: dict = {}
     for context in contexts:
-        for row in _rows_for(model, context, decode_tokens, vs_hf, hf_state):
+        for row in _rows_for(model, context, decode_tokens, vs, peer_state):
             rows.append(row)
             if on_row:
                 on_row(row)
@@ -77,7 +82,12 @@ def run_bench(model, contexts: list[int], decode_tokens: int = DECODE_TOKENS, vs
     return rows
 
 
-def _rows_for(model, context, decode_tokens, vs_hf, hf_state):
+def _rows_for(model, context, decode_tokens, vs, peer_state):
     yield bench_arbor(model, context, decode_tokens)
-    if vs_hf:
-        yield transformers_peer().bench(model.checkpoint, model.device, model.dtype, context, decode_tokens, hf_state)
+    if vs == "hf":
+        yield transformers_peer().bench(model.checkpoint, model.device, model.dtype, context, decode_tokens,
+                                        peer_state)
+    elif vs == "llama.cpp":
+        from . import llama_cpp_peer
+
+        yield llama_cpp_peer.bench(model.checkpoint, context, decode_tokens, peer_state)

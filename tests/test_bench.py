@@ -76,3 +76,31 @@ def test_vs_hf_runs_transformers_on_the_same_weights(runner, model_args):
     assert r.exit_code == 0, r.stderr
     assert "arbor" in r.stdout and "transformers" in r.stdout  # the table is the answer
     assert "transformers at 256" in r.stderr
+
+
+@pytest.mark.slow
+def test_vs_llama_cpp_runs_llama_cpp_on_the_gguf_the_model_came_from(runner, default_checkpoint):
+    """The default configuration first, llama.cpp beside it (llama-cpp-python is a benchmark extra: CI
+    has none, so this runs where it is installed)."""
+    pytest.importorskip("llama_cpp")
+    r = runner.invoke(app, ["bench", "--contexts", "512", "--tokens", "8", "--vs", "llama.cpp", "--json"])
+    assert r.exit_code == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["quantize"] == "int4"  # no flags: the CPU default
+    engines = [row["engine"] for row in report["rows"]]
+    assert engines == ["arbor", "llama.cpp"]
+    peer = report["rows"][1]
+    assert peer["error"] is None and peer["prefill_s"] > 0 and peer["decode_tokens_per_s"] > 0
+
+
+def test_vs_llama_cpp_without_a_gguf_is_a_usage_error(tiny_checkpoint):
+    from arbor_cli.errors import UsageError
+    from arbor_cli.llama_cpp_peer import source_gguf
+
+    with pytest.raises(UsageError, match="--vs llama.cpp runs GGUF files"):
+        source_gguf(tiny_checkpoint())
+
+
+def test_an_unknown_peer_is_a_usage_error(runner):
+    r = runner.invoke(app, ["bench", "--vs", "ollama"])
+    assert r.exit_code == 2 and "'hf' (transformers) or 'llama.cpp'" in r.stderr

@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from ..bench import DECODE_TOKENS, parse_contexts, run_bench
+from ..bench import DECODE_TOKENS, PEERS, parse_contexts, run_bench
 from ..errors import UsageError
 from .common import (
     GlobalOptions,
@@ -23,6 +23,15 @@ from .common import (
 )
 
 
+def _weights(m) -> str:
+    """What arbor ran: the dtype, or the quantized weights and whether decode was the compiled step."""
+    if not m.lm.quantize:
+        return m.dtype
+    compiled = getattr(m.lm, "compiled", None)
+    step = " · compiled decode" if compiled is not None and compiled.run is not None else ""
+    return f"{m.lm.quantize} weights, {m.dtype} activations{step}"
+
+
 def register(app: typer.Typer) -> None:
     app.command(help="Measure prefill, decode and peak memory at each context; stops at the first that fails.")(bench)
 
@@ -33,13 +42,14 @@ def bench(
     contexts: Annotated[str, typer.Option("--contexts", help="Comma-separated sizes, e.g. 4k,16k,32k.")]
     = "4k,16k,32k,64k,128k",
     tokens: Annotated[int, typer.Option("--tokens", help="Tokens decoded at each context.")] = DECODE_TOKENS,
-    vs: Annotated[str, typer.Option("--vs", help="Also run a peer on the same weights: hf (transformers).")] = "",
+    vs: Annotated[str, typer.Option("--vs", help="Also run a peer on the same weights: hf (transformers) or "
+                                    "llama.cpp (llama-cpp-python on the GGUF file).")] = "",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
     *, opts: GlobalOptions,
 ) -> None:
     sizes = parse_contexts(contexts)
-    if vs not in ("", "hf"):
-        raise UsageError(f"--vs takes 'hf' (transformers), got {vs!r}")
+    if vs not in ("", *PEERS):
+        raise UsageError(f"--vs takes 'hf' (transformers) or 'llama.cpp', got {vs!r}")
     if tokens < 2:
         raise UsageError("--tokens must be at least 2")
     m = load_model(opts)
@@ -52,13 +62,13 @@ def bench(
                    f"decode {row.decode_tokens_per_s:.1f} tok/s")
 
     with status("benchmarking…"):
-        rows = run_bench(m, sizes, tokens, vs_hf=vs == "hf", on_row=show)
+        rows = run_bench(m, sizes, tokens, vs=vs, on_row=show)
     if as_json:
-        write_answer(json.dumps({"backend": m.backend, "device": m.device, "dtype": m.dtype,
+        write_answer(json.dumps({"backend": m.backend, "device": m.device, "dtype": m.dtype, "quantize": m.lm.quantize,
                                  "model": m.checkpoint.name, "rows": [r.to_json() for r in rows]}))
         return
     table = Table("engine", "context", "prefill", "prefill tok/s", "decode tok/s", "peak memory", "RoPE",
-                  title=f"{escape(m.checkpoint.name)} · {m.backend}/{m.device} · {m.dtype}", title_justify="left")
+                  title=f"{escape(m.checkpoint.name)} · {m.backend}/{m.device} · {_weights(m)}", title_justify="left")
     for r in rows:
         if r.error:
             table.add_row(r.engine, f"{r.context:,}", "[red]failed[/red]", "", "", "", escape(r.error[:40]))
