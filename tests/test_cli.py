@@ -130,7 +130,7 @@ def test_absurd_context_is_a_usage_error(runner):
 
 @pytest.mark.slow
 def test_info_json_agrees_with_a_real_load(runner, model_args, default_model):
-    r = runner.invoke(app, ["info", "--json", *model_args])
+    r = runner.invoke(app, ["info", "--json", "--dtype", "float32", *model_args])  # as default_model loads
     assert r.exit_code == 0, r.output
     info = json.loads(r.stdout)
     for key in ("backend", "device", "memory_total_bytes", "memory_free_bytes", "model", "trained_context",
