@@ -11,7 +11,8 @@ import torch
 # compiles C++ (AOTInductor): a machine without a compiler falls back to eager (test_a_failing_compiler_...
 # simulates that), and cannot run the rest
 HAS_CXX = any(shutil.which(c) for c in ("g++", "c++", "clang++"))
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(not HAS_CXX, reason="needs a C++ compiler")]
+pytestmark = pytest.mark.slow
+needs_cxx = pytest.mark.skipif(not HAS_CXX, reason="needs a C++ compiler")
 
 # int4-tileable shapes (rows a multiple of 64, inputs of 32), so the tiny model runs the int4 kernels
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -62,6 +63,7 @@ def artifacts(path):
     return sorted(p.name for p in path.glob("*.pt2"))
 
 
+@needs_cxx
 def test_compiled_step_gives_the_eager_tokens_and_is_reused(compile_dir, capfd, monkeypatch):
     lm = quantized_tiny()
     assert lm.compiled is not None
@@ -86,6 +88,7 @@ def test_compiled_step_gives_the_eager_tokens_and_is_reused(compile_dir, capfd, 
     assert len(artifacts(compile_dir)) == 1
 
 
+@needs_cxx
 def test_stale_artifact_is_not_loaded_but_rebuilt(compile_dir, capfd, monkeypatch):
     from arbor_torch import compiled_decode
 
@@ -114,6 +117,7 @@ def test_stale_artifact_is_not_loaded_but_rebuilt(compile_dir, capfd, monkeypatc
     assert len(artifacts(compile_dir)) == 3
 
 
+@needs_cxx
 def test_damaged_artifact_is_replaced_with_one_notice(compile_dir, capfd):
     tokens = greedy(quantized_tiny())[0]
     [name] = artifacts(compile_dir)
@@ -160,6 +164,7 @@ def test_a_failing_compiler_falls_back_once_and_is_remembered(compile_dir, capfd
     assert "compiling failed before" in capfd.readouterr().err
 
 
+@needs_cxx
 def test_a_library_that_disagrees_with_eager_is_never_used(compile_dir, capfd, monkeypatch):
     from arbor_torch import compiled_decode
 
