@@ -38,8 +38,12 @@ from .decode_step import DecodeStep
 ENV = "ARBOR_COMPILE"
 DIR_ENV = "ARBOR_COMPILE_DIR"
 KEEP = 8  # artifacts kept in the cache directory, least recently used deleted first
-# the first compiled step is checked against the eager one on the same inputs (a wrong library is never used)
-CHECK_ATOL = 1e-3
+# Inductor takes a symbolic size to be >= 2 (1 would broadcast): a step after a 1-token past runs eager
+MIN_PAST = 2
+# The first compiled step is checked against the eager one on the same inputs, so a wrong library is never
+# used. Not for equality: the bf16 casts before each quantized matmul turn float32 summation-order noise
+# into whole bf16 steps now and then (~1% of the logits' norm); a wrong library is off by ~100%.
+CHECK_REL = 0.05
 
 
 def enabled() -> bool:
@@ -173,9 +177,9 @@ class CompiledDecode:
         self.positions = torch.zeros(0, dtype=torch.long)  # `past` input: only its length is read
 
     def step(self, token: int, cache) -> torch.Tensor | None:
-        if self.off:
-            return None
         length = cache.length
+        if self.off or length < MIN_PAST:
+            return None
         if self.positions.shape[0] < length:
             self.positions = torch.zeros(max(length, 2 * self.positions.shape[0], 1024), dtype=torch.long)
         tok = torch.tensor([token], dtype=torch.long)
@@ -237,7 +241,7 @@ class CompiledDecode:
                "(about a minute on 2 cores; it makes decoding ~2x faster; ARBOR_COMPILE=0 skips it)")
         start = time.perf_counter()
         try:
-            compile_step(self.step_module, self.weights, tuple(inputs), path)
+            compile_step(self.step_module, self.weights, _example(inputs), path)
         except Exception as e:  # noqa: BLE001 - no compiler, an inductor bug: remember it, run eager
             failed.write_text(f"{type(e).__name__}: {_first_line(e)}\n", encoding="utf-8")
             notice(f"could not compile the decode step ({type(e).__name__}: {_first_line(e)}); decoding runs "
@@ -253,7 +257,9 @@ class CompiledDecode:
             with torch.no_grad():
                 want = self.step_module(*inputs)
             got = run(self.weight_list + inputs)
-            ok = all(torch.allclose(g, w, atol=CHECK_ATOL, rtol=CHECK_ATOL) for g, w in zip(got, want))
+            ok = len(got) == len(want) and all(
+                g.shape == w.shape and bool(torch.linalg.norm(g - w) <= CHECK_REL * torch.linalg.norm(w))
+                for g, w in zip(got, want))
         except Exception as e:  # noqa: BLE001
             ok, why = False, _first_line(e)
         else:
@@ -264,6 +270,16 @@ class CompiledDecode:
             with contextlib.suppress(OSError):
                 path.unlink()
         return ok
+
+
+def _example(inputs: list) -> tuple:
+    """Inputs to trace with: the real ones' dtypes and fixed sizes, generic symbolic sizes. The first real
+    call may have a 1-token past, or a cache exactly as long as the table, which export would specialise
+    the library to (sizes 0 and 1 are constants to it) or refuse as a conflict with the dynamic ranges."""
+    token, cache_k, cache_v, cos, sin, past = inputs
+    layers, kv, _, dim = cache_k.shape
+    return (token, cache_k.new_zeros(layers, kv, 24, dim), cache_v.new_zeros(layers, kv, 24, dim),
+            cos.new_zeros(40, cos.shape[1]), sin.new_zeros(40, sin.shape[1]), past.new_zeros(7))
 
 
 def _first_line(e: BaseException) -> str:

@@ -50,15 +50,19 @@ def _translate_oom(fn):
 
 
 class TorchModel:
-    def __init__(self, model: Transformer, device: str, dtype: str, kv_bits: int = 16, quantize: str | None = None):
+    def __init__(self, model: Transformer, device: str, dtype: str, kv_bits: int = 16, quantize: str | None = None,
+                 *, parameter_count: int | None = None):
+        """`quantize`: the weight format to run; float layers are quantized here, while a model whose layers
+        arrive quantized already (built from a checkpoint's blocks: `parameter_count` then says how many
+        weights it had as floats) is taken as it is."""
         self.model = model.eval()
         self.config = model.config
         self.device = device
         self.dtype = dtype
         self.torch_dtype = model.model.embed_tokens.weight.dtype
-        self.parameter_count = sum(p.numel() for p in model.parameters())
+        self.parameter_count = parameter_count or sum(p.numel() for p in model.parameters())
         self.quantize = quantize
-        if quantize is not None:  # weight-only int8 / int4 Linears (quantize.py); what stays float is counted too
+        if quantize is not None and parameter_count is None:  # float layers -> weight-only int8 / int4 (quantize.py)
             with one_thread():  # memory-bound passes: 1 thread loses nothing and cannot stall on a busy CPU
                 quantize_model(model, quantize)
         self.weights_nbytes = module_nbytes(model)
@@ -105,13 +109,7 @@ class TorchModel:
             parameter_count = sum(p.numel() for p in model.parameters())
             with one_thread():
                 load_quantized.load_int4(model, state, target, checkpoint.path)
-            lm = cls(model, device, dtype, kv_bits)  # no quantize: __init__ would quantize the layers again
-            lm.quantize, lm.parameter_count = quantize, parameter_count
-            # what __init__ does for a quantized model besides quantizing it: the compiled CPU decode step
-            if (torch.device(device).type == "cpu" and kv_bits == 16 and cfg.sliding_window is None
-                    and compiled_decode.enabled()):
-                lm.compiled = compiled_decode.CompiledDecode(model)
-            return lm
+            return cls(model, device, dtype, kv_bits, quantize, parameter_count=parameter_count)
         state = load_quantized.dequantized_state(state, checkpoint.path)  # exact float32 for GGUF blocks
         state = {k: v.to(device=device, dtype=target) for k, v in state.items()}
         model.load_state_dict(state, strict=False, assign=True)
