@@ -19,7 +19,7 @@ from arbor_cli.rope import RopeTables
 
 from . import compiled_decode, sampling
 from .cache import SCALE_DTYPE, ModelCache
-from .memory import memory_info
+from .memory import memory_info, release_freed_heap
 from .model import Transformer
 from .quantize import module_nbytes, one_thread, quantize_model
 
@@ -109,13 +109,18 @@ class TorchModel:
             parameter_count = sum(p.numel() for p in model.parameters())
             with one_thread():
                 load_quantized.load_int4(model, state, target, checkpoint.path)
-            return cls(model, device, dtype, kv_bits, quantize, parameter_count=parameter_count)
+            lm = cls(model, device, dtype, kv_bits, quantize, parameter_count=parameter_count)
+            release_freed_heap()
+            return lm
         state = load_quantized.dequantized_state(state, checkpoint.path)  # exact float32 for GGUF blocks
         state = {k: v.to(device=device, dtype=target) for k, v in state.items()}
         model.load_state_dict(state, strict=False, assign=True)
         if cfg.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
-        return cls(model, device, dtype, kv_bits, quantize)
+        lm = cls(model, device, dtype, kv_bits, quantize)
+        if torch.device(device).type == "cpu":
+            release_freed_heap()
+        return lm
 
     # ---- the backend protocol -----------------------------------------------------------
     def memory(self):
