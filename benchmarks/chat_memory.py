@@ -24,6 +24,7 @@ import resource
 import subprocess
 import sys
 import time
+import report_json  # benchmarks/report_json.py, beside this script
 
 TURNS = ["Hi! Who are you?", "What is the capital of France?", "Tell me one fact about its history.",
          "And one about its food?", "Thanks. Summarise what we said."]
@@ -135,12 +136,8 @@ def main() -> None:
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": rows,
               "peak_rss_ratio": arbor["peak_rss"] / llama["peak_rss"],
               "rss_after_ratio": arbor["rss_after"] / llama["rss_after"]}
-    if args.json == "-":
-        print(json.dumps(report, indent=1))
+    if report_json.emit(report, args.json):
         return
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
     mib = 1 << 20
     print(f"{report['gguf']} ({report['gguf_bytes'] / mib:,.0f} MiB) · context {args.context:,} · {args.turns} turns "
           f"of <= {args.max_tokens} tokens · {args.threads} threads · torch {report['torch']} · llama-cpp-python "

@@ -15,7 +15,6 @@ slowest imports (cumulative per top-level package, and by self time).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -23,6 +22,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+import report_json  # benchmarks/report_json.py, beside this script
 
 TARGET_S = 1.0
 
@@ -114,12 +114,8 @@ def main() -> None:
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     if args.importtime:
         report["importtime"] = import_times(commands["arbor"], env, args.top)
-    if args.json == "-":
-        print(json.dumps(report, indent=1))
+    if report_json.emit(report, args.json):
         return
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
     print(f"{report['cores']} cores · Python {report['python']} · torch {report['torch']} · {report['reps']} reps · "
           f"{report['date']} · load avg {load_before} -> {report['load_average_after']}")
     print(f"arbor ({args.via}): {report['commands']['arbor']}  -> {report['arbor_output'].strip()!r}")

@@ -29,7 +29,6 @@ first difference is. Random-weights GGUFs give noise text: parity there says lit
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -44,6 +43,7 @@ import arbor_cli
 import arbor_weights
 from arbor_cli.backend import SamplingParams
 from arbor_cli.model import QUANTIZE
+import report_json  # benchmarks/report_json.py, beside this script
 
 GREEDY = SamplingParams()
 WARMUP_PROMPT, WARMUP_STEPS = 64, 8
@@ -264,12 +264,8 @@ def main() -> None:
               "prefill_tokens": args.prefill_tokens, "seed": args.seed,
               "load_average_before": load_before, "load_average_after": load_average(),
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": rows, "parity": parity_report}
-    if args.json == "-":
-        print(json.dumps(report, indent=1))
+    if report_json.emit(report, args.json):
         return
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
     print_report(report)
 
 
