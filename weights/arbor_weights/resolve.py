@@ -155,7 +155,12 @@ def _from_gguf(path: Path, reporter: Reporter, force: bool) -> Checkpoint:
         with reporter.stage(f"hashing {path.name}", total=stat.st_size, unit="bytes") as advance:
             sha = sha256_of_file(path, advance)
         name = (None if force else find_installed(lambda r: r.get("sha256") == sha)) or gguf_install_name(path, sha)
-    install(name, lambda staging: gguf_import.convert_gguf(path, staging, reporter=reporter, sha256=sha),
+    # The same weights may be installed from elsewhere (a registry model, found by its hash): imported again,
+    # they keep that record's source, so the name still says where it came from.
+    installed = installed_path(name)
+    source = read_provenance(installed).get("source") if installed else None
+    install(name, lambda staging: gguf_import.convert_gguf(path, staging, reporter=reporter, sha256=sha,
+                                                           source=source),
             force=force, reporter=reporter, outdated=_outdated_noted(name, reporter))
     return _open_installed(name)
 
