@@ -22,7 +22,7 @@ import math
 import torch
 from torch import nn
 
-from .model import Transformer, rotate_half
+from .model import Transformer, apply_rope
 
 
 def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor,
@@ -62,13 +62,9 @@ class DecodeStep(nn.Module):
         new_k, new_v = [], []
         for i, layer in enumerate(m.model.layers):
             attn = layer.self_attn
-            h = layer.input_layernorm(x)
-            if attn.qkv_proj is not None:
-                q, k, v = attn.qkv_proj(h).split([n_heads * head_dim, n_kv * head_dim, n_kv * head_dim], dim=-1)
-            else:
-                q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+            q, k, v = attn.project(layer.input_layernorm(x))
             q, k, v = q.view(n_heads, head_dim), k.view(n_kv, head_dim), v.view(n_kv, head_dim)
-            q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             past_k, past_v = cache_k[i].narrow(1, 0, length), cache_v[i].narrow(1, 0, length)
             y = attend_one(q, k, v, past_k, past_v)
             x = x + attn.o_proj(y.view(1, 1, n_heads * head_dim))
