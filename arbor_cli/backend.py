@@ -82,6 +82,14 @@ class LoadedModel(Protocol):
     def logits(self, ids: list[int], rope: RopeTables | None = None) -> np.ndarray:
         """Full forward without a cache: float32 [len(ids), vocab]; with `rope` for len(ids) positions
         (None: the tables of the latest set_rope)."""
+    def export_cache(self, cache: Any) -> dict[str, np.ndarray]:
+        """The cache's positions [0, cache.length) as host arrays, so a document's prefill can be kept on
+        disk (arbor_cli/doc_cache.py): the names and layout of `check_cache_arrays`. Not for a ring cache
+        (slots < capacity): NotImplementedError."""
+    def import_cache(self, arrays: dict[str, np.ndarray], capacity: int, rope: RopeTables | None = None) -> Any:
+        """A new cache as new_cache(capacity, rope) makes it, holding the positions export_cache gave
+        (cache.length set). ValueError for arrays of another model, dtype or kv_bits;
+        NotImplementedError when the cache would be a ring (slots < capacity)."""
 
 
 class BackendModule(Protocol):
@@ -105,6 +113,44 @@ def check_room(cache: Any, n: int, rope_len: int) -> None:
                            "or raise --context")
     if cache.length + n > rope_len:
         raise ContextError(f"position {cache.length + n} is beyond the RoPE table; make the cache for that context (Model.new_cache)")
+
+
+def cache_array_layout(layers: int, kv_heads: int, length: int, head_dim: int, store: np.dtype,
+                       bits: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """The arrays export_cache returns, name -> (shape, dtype), the same on every backend.
+
+    "k" / "v": (layers, kv_heads, length, head_dim) in the cache's storage dtype (int8 codes for kv_bits
+    8; bfloat16, which numpy lacks, as its uint16 bits); "k_scale" / "v_scale" (kv_bits 8): float16
+    (layers, kv_heads, length, 1); "length": int64 (1,).
+    """
+    layout = {"k": ((layers, kv_heads, length, head_dim), np.dtype(store)),
+              "v": ((layers, kv_heads, length, head_dim), np.dtype(store)),
+              "length": ((1,), np.dtype(np.int64))}
+    if bits == 8:
+        layout["k_scale"] = layout["v_scale"] = ((layers, kv_heads, length, 1), np.dtype(np.float16))
+    return layout
+
+
+def check_cache_arrays(arrays: dict[str, np.ndarray], capacity: int, slots: int, layers: int, kv_heads: int,
+                       head_dim: int, store: np.dtype, bits: int) -> int:
+    """The length `arrays` hold, after checking they are export_cache's layout for this cache
+    (ValueError) and fit it; a ring (slots < capacity) is not supported yet (NotImplementedError)."""
+    if slots < capacity:
+        raise NotImplementedError("a sliding-window (ring) cache cannot be exported or imported yet")
+    length_array = arrays.get("length")
+    if length_array is None or np.asarray(length_array).shape != (1,):
+        raise ValueError("the cache arrays have no length")
+    length = int(np.asarray(length_array)[0])
+    if not 0 <= length <= capacity:
+        raise ValueError(f"the cache arrays hold {length} positions; the cache holds {capacity}")
+    layout = cache_array_layout(layers, kv_heads, length, head_dim, store, bits)
+    if set(arrays) != set(layout):
+        raise ValueError(f"the cache arrays are {sorted(arrays)}, expected {sorted(layout)}")
+    for name, (shape, dtype) in layout.items():
+        a = arrays[name]
+        if tuple(a.shape) != shape or a.dtype != dtype:
+            raise ValueError(f"cache array {name!r} is {a.dtype} {tuple(a.shape)}, expected {dtype} {shape}")
+    return length
 
 
 def is_apple_silicon() -> bool:

@@ -15,18 +15,22 @@ from arbor_weights import quantized
 from arbor_weights.checkpoint import check_tensors
 from mlx.utils import tree_flatten, tree_unflatten
 
-from arbor_cli.backend import SamplingParams, check_room
+from arbor_cli.backend import SamplingParams, check_cache_arrays, check_room
 from arbor_cli.errors import CorruptModelError, OutOfMemoryError
 from arbor_cli.planner import kv_cache_tokens
 from arbor_cli.rope import RopeTables
 
-from .cache import SCALE_DTYPE, ModelCache
+from .cache import SCALE_DTYPE, STEP, ModelCache
 from .memory import memory_info, peak_memory, reset_peak_memory
 from .model import Transformer
 from .sampling import RandomKey, sample_lazy
 
 GPU_PREFILL_CHUNK = 2048  # mlx-lm's prefill step on Apple GPUs
 CPU_PREFILL_CHUNK = 512
+# a cached K/V element on the host (export_cache): bfloat16, which numpy lacks, travels as its 16 bits
+HOST_STORE = {mx.float32: np.float32, mx.float16: np.float16, mx.bfloat16: np.uint16, mx.int8: np.int8}
+# export_cache's names -> KVCache's attributes
+CACHE_ARRAYS = {"k": "keys", "v": "values", "k_scale": "key_scales", "v_scale": "value_scales"}
 
 
 def _on_device(fn):
@@ -161,6 +165,41 @@ class MLXModel:
         self._latest = (logits, cache)
         return logits
 
+    @_on_device
+    def export_cache(self, cache: ModelCache) -> dict[str, np.ndarray]:
+        if cache.slots < cache.capacity:
+            raise NotImplementedError("a sliding-window (ring) cache cannot be exported yet")
+        n, names = cache.length, list(CACHE_ARRAYS) if self.kv_bits == 8 else ["k", "v"]
+        out = {"length": np.array([n], dtype=np.int64)}
+        for name in names:
+            held = [getattr(layer, CACHE_ARRAYS[name]) for layer in cache.layers]
+            if n == 0 or held[0] is None:
+                dim = self.config.head_dim if name in ("k", "v") else 1
+                dtype = SCALE_DTYPE if name.endswith("scale") else mx.int8 if self.kv_bits == 8 else self.mx_dtype
+                stacked = mx.zeros((len(held), self.config.num_key_value_heads, 0, dim), dtype=dtype)
+            else:
+                stacked = mx.concatenate([a[:, :, :n, :] for a in held])
+            out[name] = _to_host(stacked)
+        return out
+
+    @_on_device
+    def import_cache(self, arrays: dict[str, np.ndarray], capacity: int, rope: RopeTables | None = None) -> ModelCache:
+        cache = self.new_cache(capacity, rope)
+        c = self.config
+        store = mx.int8 if self.kv_bits == 8 else self.mx_dtype
+        n = check_cache_arrays(arrays, cache.capacity, cache.slots, c.num_hidden_layers, c.num_key_value_heads,
+                               c.head_dim, HOST_STORE[store], self.kv_bits)
+        if n:
+            stacked = {name: _from_host(arrays[name], SCALE_DTYPE if name.endswith("scale") else store)
+                       for name in (CACHE_ARRAYS if self.kv_bits == 8 else ("k", "v"))}
+            for i, layer in enumerate(cache.layers):
+                layer._grow(min(layer.slots, -(-n // STEP) * STEP))  # as a prefill of n positions grows it
+                for name, a in stacked.items():
+                    getattr(layer, CACHE_ARRAYS[name])[:, :, :n, :] = a[i:i + 1]
+            mx.eval(cache.arrays())
+        cache.length = n
+        return cache
+
     def new_rng(self, seed: int | None) -> RandomKey:
         return RandomKey(seed)
 
@@ -208,3 +247,13 @@ class MLXModel:
     def decode_without_advancing(self, token: mx.array, cache: ModelCache) -> mx.array:
         """Logits of one token (1, 1) at position cache.length, written into the cache (length unchanged)."""
         return self.model(token, cache.length, cache.layers)[0, -1].astype(mx.float32)
+
+
+def _to_host(a: mx.array) -> np.ndarray:
+    """An array as numpy; bfloat16 as its uint16 bits."""
+    return np.array(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a)
+
+
+def _from_host(a: np.ndarray, dtype: mx.Dtype) -> mx.array:
+    """export_cache's array as `dtype` (uint16 bits back to bfloat16)."""
+    return mx.array(a).view(mx.bfloat16) if dtype == mx.bfloat16 else mx.array(a)

@@ -12,7 +12,7 @@ from arbor_weights.checkpoint import check_tensors
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from arbor_cli.backend import SamplingParams, check_room
+from arbor_cli.backend import SamplingParams, check_cache_arrays, check_room
 from arbor_cli.errors import CorruptModelError, OutOfMemoryError
 from arbor_cli.planner import kv_cache_tokens
 from arbor_cli.rope import RopeTables
@@ -29,6 +29,8 @@ from .quantize import module_nbytes, one_thread, quantize_model
 CUDA_PREFILL_CHUNK_MAX = 32768
 CUDA_PREFILL_TRANSIENT_BYTES = 128 << 20
 CPU_PREFILL_CHUNK = 512
+# a cached K/V element on the host (export_cache): bfloat16, which numpy lacks, travels as its 16 bits
+HOST_STORE = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16, torch.int8: np.int8}
 
 
 def cuda_prefill_chunk(intermediate_size: int) -> int:
@@ -199,6 +201,38 @@ class TorchModel:
         cache.length += 1
         return logits
 
+    def _store_dtype(self) -> torch.dtype:
+        return torch.int8 if self.kv_bits == 8 else self.torch_dtype
+
+    def _check_arrays(self, arrays: dict[str, np.ndarray], cache: ModelCache) -> int:
+        c = self.config
+        return check_cache_arrays(arrays, cache.capacity, cache.slots, c.num_hidden_layers, c.num_key_value_heads,
+                                  c.head_dim, HOST_STORE[self._store_dtype()], self.kv_bits)
+
+    @torch.inference_mode()
+    def export_cache(self, cache: ModelCache) -> dict[str, np.ndarray]:
+        if cache.slots < cache.capacity:
+            raise NotImplementedError("a sliding-window (ring) cache cannot be exported yet")
+        n, names = cache.length, ("k", "v", "k_scale", "v_scale")
+        out = {"length": np.array([n], dtype=np.int64)}
+        for name in names if self.kv_bits == 8 else names[:2]:
+            stacked = torch.cat([getattr(layer, name)[:, :, :n] for layer in cache.layers])  # a copy, on the device
+            out[name] = _to_host(stacked.cpu())
+        return out
+
+    @_translate_oom
+    @torch.inference_mode()
+    def import_cache(self, arrays: dict[str, np.ndarray], capacity: int, rope: RopeTables | None = None) -> ModelCache:
+        cache = self.new_cache(capacity, rope)
+        n = self._check_arrays(arrays, cache)
+        names = ("k", "v", "k_scale", "v_scale") if self.kv_bits == 8 else ("k", "v")
+        for name in names:
+            stacked = _from_host(arrays[name], getattr(cache.layers[0], name).dtype, self.device)
+            for i, layer in enumerate(cache.layers):
+                getattr(layer, name)[:, :, :n] = stacked[i:i + 1]
+        cache.length = n
+        return cache
+
     def new_rng(self, seed: int | None) -> torch.Generator:
         return sampling.new_rng(self.device, seed)
 
@@ -210,3 +244,17 @@ class TorchModel:
         self._use_rope(rope, len(ids))
         tokens = torch.tensor([ids], dtype=torch.long, device=self.device)
         return self.model(tokens, 0, None)[0].float().cpu().numpy()
+
+
+def _to_host(t: torch.Tensor) -> np.ndarray:
+    """A CPU tensor as numpy; bfloat16 as its uint16 bits."""
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(np.uint16)
+    return t.numpy()
+
+
+def _from_host(a: np.ndarray, dtype: torch.dtype, device) -> torch.Tensor:
+    """export_cache's array as a tensor of `dtype` on `device` (uint16 bits back to bfloat16)."""
+    if dtype == torch.bfloat16:
+        return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16).to(device)
+    return torch.from_numpy(np.ascontiguousarray(a)).to(device)
