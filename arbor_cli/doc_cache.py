@@ -134,9 +134,14 @@ def save(model, key: dict[str, Any], cache) -> bool:
 
     Written to a temporary file in the same directory and renamed into place, so an interrupted
     write (Ctrl-C included: it is re-raised) leaves no entry; then older entries are evicted.
+    `cache` must hold exactly the key's document (ValueError otherwise: a caller's mistake, not the disk's).
     """
+    from safetensors import SafetensorError
     from safetensors.numpy import save_file
 
+    if cache.length != key["tokens"] or cache.capacity != key["context"]:
+        raise ValueError(f"the cache holds {cache.length} of {cache.capacity} positions; the key is for "
+                         f"{key['tokens']} of {key['context']}")
     name = entry_name(key)
     temp = None
     try:
@@ -150,7 +155,7 @@ def save(model, key: dict[str, Any], cache) -> bool:
     except NotImplementedError as e:  # a ring cache (sliding-window model)
         _warn(f"could not keep the document's cache ({e}); the next question prefills it again")
         return False
-    except OSError as e:
+    except (OSError, SafetensorError) as e:  # safetensors reports its I/O errors (a full disk) as SafetensorError
         _warn(f"could not keep the document's cache ({_describe(e)}); the next question prefills it again")
         return False
     finally:
@@ -190,7 +195,10 @@ def load(model, key: dict[str, Any], capacity: int, rope: str | None = None):
 
 def _describe(e: BaseException) -> str:
     text = (e.strerror if isinstance(e, OSError) and e.strerror else str(e)).splitlines()
-    return (text[0] if text else type(e).__name__)[:160]
+    line = text[0] if text else type(e).__name__
+    # safetensors: "Error while serializing: I/O error: No space left on device (os error 28) at path ..."
+    line = line.removeprefix("Error while serializing: ").removeprefix("I/O error: ").split(" at path ")[0]
+    return line[:160]
 
 
 def _unlink(path: Path) -> bool:

@@ -153,6 +153,8 @@ def test_another_document_model_or_context_is_another_entry(store, tiny_checkpoi
     for k in others[:2]:
         assert doc_cache.load(torch_model, k, k["context"]) is None
     assert doc_cache.load(torch_model, key, CAPACITY) is not None
+    with pytest.raises(ValueError):  # a cache that is not the key's document is the caller's mistake
+        doc_cache.save(torch_model, others[1], cache)
 
 
 def test_a_truncated_file_is_a_notice_and_is_deleted(store, torch_model, capsys):
@@ -203,6 +205,30 @@ def test_an_unwritable_directory_is_a_warning_not_an_error(store, torch_model, c
     assert err.startswith("arbor: could not keep the document's cache (") and len(err.splitlines()) == 1
     assert "the next question prefills it again" in err
     assert doc_cache.entries() == [] and list(store.iterdir()) == []
+
+
+@pytest.mark.parametrize("how", ["a file where the directory goes", "safetensors' own I/O error"])
+def test_a_failed_write_is_a_warning_not_an_error(store, torch_model, capsys, monkeypatch, how):
+    import safetensors.numpy
+    from safetensors import SafetensorError
+
+    doc = ids(20)
+    key = doc_cache.key_for(torch_model, doc, CAPACITY, "auto")
+    cache, _ = prefilled(torch_model, doc)
+    if how.startswith("a file"):
+        store.parent.mkdir(parents=True)
+        store.write_text("in the way")
+    else:
+        def full(arrays, filename, metadata=None):
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28) "
+                                  f"at path {filename}")
+        monkeypatch.setattr(safetensors.numpy, "save_file", full)
+    assert doc_cache.save(torch_model, key, cache) is False
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("arbor: could not keep the document's cache (") and len(err.splitlines()) == 1
+    if not how.startswith("a file"):
+        assert "(No space left on device (os error 28));" in err
+    assert doc_cache.entries() == [] and doc_cache.load(torch_model, key, CAPACITY) is None
 
 
 def test_ctrl_c_during_the_write_leaves_no_entry(store, torch_model, monkeypatch):
