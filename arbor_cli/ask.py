@@ -1,0 +1,164 @@
+"""Questions about a document of any length (`arbor ask`), answered in one pass or part by part.
+
+Plain attention stops retrieving long before the context ends: the default model finds a pass key
+hidden in real prose 75% of the time at 2K tokens and never from 32K (docs/long-context.md). So:
+
+- a document within `reliable_tokens(model)` is asked in one pass: the document, then the question;
+- a longer one is read in parts of that size, like the summariser reads it (chunking.py), and each
+  part is asked the question on its own. A small model asked about a part that lacks the answer
+  invents one (../shared/design/ask-probe.md: 12 of 13 parts answered a pass key, one rightly), so a
+  part's answer is kept only with *evidence*: a run of its words that occurs verbatim in that part's
+  text and says more than the question does. The kept findings carry their part and quote, and the
+  answer says where in the document it came from.
+
+Not done yet (issue 13 stays open): the document's KV cache on disk is built (doc_cache.py) but not
+used here, so a second question reads the document again; the reliable length is the default model's
+for every model; and the per-part question is not yet good enough. Probe (default model, CPU): a pass
+key in repeated filler is found at 8K (part 1 of 3 answers it, the others' invented keys fail the
+evidence check) but not at 16K, where the part holding the key answers "a unique pass key that…"
+with 2K-token parts as with 4K ones. The wording of the part prompt and the part size are what to
+measure next (../shared/design/ask-probe.md found the passkey eval's own wording works).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from .chunking import document_token_offsets, split_into_chunks
+from .errors import UsageError
+
+# Where plain attention still retrieves on the default model: passkey in real prose 75% at 2K, in
+# repeated filler 100% at 4K (docs/long-context.md); longer documents are asked part by part.
+RELIABLE_TOKENS = 4096
+PART_TOKENS = 2048  # a part, prompt and answer included: where retrieval in real prose is still 75%
+ANSWER_TOKENS = 64
+PROMPT_MARGIN_TOKENS = 32
+PART_OVERLAP_TOKENS = 200  # a fact cut by a part's edge is whole in the next part
+MIN_EVIDENCE_WORDS = 3  # a run of this many words, or one word with a digit in it, is evidence
+SYSTEM_PROMPT = "You answer questions about documents from what the document says."
+ONE_PASS_PROMPT = "Read the document below.\n\n---\n{text}\n---\n\n{question}"
+PART_PROMPT = ("Here is part {index} of {count} of a longer document. The answer to a question may be hidden "
+               "anywhere in it: read it carefully.\n\n---\n{text}\n---\n\n{question}\n"
+               "Answer in one sentence with the words of this part.")
+NOT_FOUND = "The document does not seem to say."
+WORDS = re.compile(r"\w+")
+
+
+@dataclass
+class Finding:
+    part: int  # 1-based, as the prompt names it
+    answer: str
+    quote: str  # the evidence, as it is written in the document
+    start: int  # the quote's character offset in the document
+
+
+@dataclass
+class Answer:
+    text: str
+    path: str  # "one pass" or "parts"
+    parts: int = 1
+    findings: list[Finding] = field(default_factory=list)
+    timings: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+class _Quiet:
+    """Progress that shows nothing (the caller's `progress` hears of parts only)."""
+
+    def begin(self, phase: str, total: int) -> None:
+        pass
+
+    def advance(self) -> None:
+        pass
+
+
+def reliable_tokens(model) -> int:
+    """The longest document asked in one pass: RELIABLE_TOKENS, or the trained context if shorter."""
+    return min(RELIABLE_TOKENS, model.config.trained_context)
+
+
+def one_pass_messages(text: str, question: str) -> list[dict]:
+    return [{"role": "system", "content": SYSTEM_PROMPT},
+            {"role": "user", "content": ONE_PASS_PROMPT.format(text=text, question=question)}]
+
+
+def part_messages(text: str, question: str, index: int, count: int) -> list[dict]:
+    return [{"role": "system", "content": SYSTEM_PROMPT},
+            {"role": "user", "content": PART_PROMPT.format(text=text, question=question, index=index, count=count)}]
+
+
+def evidence(answer: str, part: str, question: str) -> tuple[int, int] | None:
+    """Where in `part` the longest run of the answer's words occurs verbatim (case and spacing aside),
+    if that run is evidence: at least MIN_EVIDENCE_WORDS words, or a word with a digit, and not all
+    words the question already holds (an answer that echoes the question proves nothing)."""
+    words = WORDS.findall(answer.casefold())
+    asked = set(WORDS.findall(question.casefold()))
+    spans = [(m.start(), m.end()) for m in WORDS.finditer(part)]
+    part_words = [part[a:b].casefold() for a, b in spans]
+    best = None
+    for i in range(len(words)):  # answers are a sentence: quadratic in its words is nothing
+        for j in range(len(words), i, -1):
+            run = words[i:j]
+            if best is not None and len(run) <= best[1] - best[0]:
+                break
+            if set(run) <= asked or not (len(run) >= MIN_EVIDENCE_WORDS or any(c.isdigit() for w in run for c in w)):
+                continue
+            at = _find_run(part_words, run)
+            if at is not None:
+                best = (at, at + len(run))
+                break
+    if best is None:
+        return None
+    return spans[best[0]][0], spans[best[1] - 1][1]
+
+
+def _find_run(haystack: list[str], run: list[str]) -> int | None:
+    n = len(run)
+    for k in range(len(haystack) - n + 1):
+        if haystack[k] == run[0] and haystack[k:k + n] == run:
+            return k
+    return None
+
+
+def ask(model, text: str, question: str, *, progress=None) -> Answer:
+    """Answer `question` about `text` with `model` (arbor_cli.Model, or anything with its chat surface).
+
+    `progress` (begin(phase, total), advance(): the summariser's progress protocol) follows reading the
+    document and asking its parts."""
+    if not text.strip():
+        raise UsageError("there is nothing to ask about: the document is empty")
+    if not question.strip():
+        raise UsageError("the question is empty")
+    started = time.perf_counter()
+    tokenizer = model.tokenizer
+    prompt = len(tokenizer.encode_chat(one_pass_messages("", question))) + PROMPT_MARGIN_TOKENS
+    progress = progress or _Quiet()
+    offsets = document_token_offsets(tokenizer.encode_with_offsets, text, progress)
+    limit = reliable_tokens(model)
+    if len(offsets) + prompt + ANSWER_TOKENS <= limit:
+        reply = model.chat(one_pass_messages(text, question), max_new_tokens=ANSWER_TOKENS, temperature=0.0)
+        return Answer(reply.text.strip(), "one pass", timings={"total_s": round(time.perf_counter() - started, 3)})
+    part_limit = min(PART_TOKENS, limit)
+    budget = part_limit - prompt - ANSWER_TOKENS - 32  # the part prompt's own words
+    chunks = split_into_chunks(text, offsets, lambda s: len(tokenizer.encode(s)), budget,
+                               overlap=PART_OVERLAP_TOKENS)
+    findings = []
+    progress.begin(f"asking {len(chunks)} parts", len(chunks))
+    for index, chunk in enumerate(chunks, 1):
+        part = chunk.text_of(text)
+        reply = model.chat(part_messages(part, question, index, len(chunks)), context=part_limit,
+                           max_new_tokens=ANSWER_TOKENS, temperature=0.0)
+        where = evidence(reply.text, part, question)
+        if where is not None:
+            offset = text.index(part, chunk.start)
+            findings.append(Finding(index, reply.text.strip(), part[where[0]:where[1]], offset + where[0]))
+        progress.advance()
+    timings = {"total_s": round(time.perf_counter() - started, 3)}
+    if not findings:
+        return Answer(NOT_FOUND, "parts", len(chunks), [], timings)
+    best = max(findings, key=lambda f: len(f.quote))
+    return Answer(f"{best.answer} (part {best.part} of {len(chunks)}: \u201c{best.quote}\u201d)", "parts",
+                  len(chunks), findings, timings)
