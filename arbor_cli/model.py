@@ -170,6 +170,11 @@ class Model:
         ids = self.tokenizer.encode_chat(messages, add_generation_prompt=True)
         return _finished(self.stream(ids, opts, context=context, rope=rope), stream)
 
+    def prefill(self, ids: list[int], cache) -> None:
+        """Prefill `ids` after what `cache` holds, answering nothing: a document kept for later questions."""
+        if ids:
+            self.lm.prefill(self._check_ids(ids), cache, self.prefill_chunk)
+
     def stream(self, ids: list[int], options: GenerationOptions, *, cache=None, context: int | None = None,
                rope: str | None = None) -> GenerationStream:
         """The one generation entry point: prefill `ids`, decode, stream text.

@@ -84,3 +84,25 @@ def test_arbor_ask_answers_a_short_file_in_one_pass_and_prints_only_the_answer(d
     missing = subprocess.run([sys.executable, "-m", "arbor_cli", "ask", str(tmp_path / "nope.txt"), "Why?"],
                              capture_output=True, text=True, timeout=300)
     assert missing.returncode == 1 and missing.stderr.count("\n") == 1 and "no such file" in missing.stderr
+
+
+@pytest.mark.slow
+def test_a_second_question_loads_the_documents_cache_and_a_changed_document_does_not(default_checkpoint, arbor_home,
+                                                                                      monkeypatch):
+    import arbor_cli
+    from arbor_cli import doc_cache
+
+    model = arbor_cli.load(str(default_checkpoint.path), quiet=True)
+    prefilled = []
+    real = model.prefill
+    monkeypatch.setattr(model, "prefill", lambda ids, cache: (prefilled.append(len(ids)), real(ids, cache))[1])
+    text = document(6)  # ~2,000 tokens: the one-pass path
+    first = ask(model, text, "What is the first word of the text?")
+    assert first.path == "one pass" and len(prefilled) == 1 and prefilled[0] > 1000
+    assert len(doc_cache.entries()) == 1
+    again = ask(model, text, "What is the first word of the text?")
+    assert len(prefilled) == 1  # the document came from disk: only the question was prefilled
+    assert again.text == first.text
+    changed = ask(model, text.replace("p0s0w0", "changed", 1), "What is the first word of the text?")
+    assert len(prefilled) == 2 and len(doc_cache.entries()) == 2  # a fresh cache, not the old one
+    assert changed.path == "one pass"
