@@ -83,7 +83,6 @@ def document_sha256(doc_ids: list[int]) -> str:
 
 def key_for(model, doc_ids: list[int], context: int, rope_method: str) -> dict[str, Any]:
     """Everything the document's cache depends on (JSON values); equal keys mean an interchangeable cache."""
-    lm = model.lm
     config = json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode()
     return {
         "format": FORMAT_VERSION,
@@ -96,11 +95,7 @@ def key_for(model, doc_ids: list[int], context: int, rope_method: str) -> dict[s
         "context": int(context),
         "rope_method": rope_method,
         "rope_scaling": model.rope_scaling_for(context, rope_method),
-        "kv_bits": lm.kv_bits,
-        "backend": model.backend,
-        "device": str(lm.device),
-        "dtype": lm.dtype,
-        "quantize": lm.quantize,
+        **model.runtime(),  # kv_bits, backend, device, dtype, quantize
     }
 
 
@@ -145,7 +140,7 @@ def save(model, key: dict[str, Any], cache) -> bool:
     name = entry_name(key)
     temp = None
     try:
-        arrays = model.lm.export_cache(cache)
+        arrays = model.export_cache(cache)
         folder = directory()
         folder.mkdir(parents=True, exist_ok=True)
         temp = folder / f"{TEMP_PREFIX}{name}-{uuid.uuid4().hex[:8]}{SUFFIX}"
@@ -182,7 +177,7 @@ def load(model, key: dict[str, Any], capacity: int, rope: str | None = None):
                 _unlink(path)
                 return None
             arrays = {k: f.get_tensor(k) for k in f.keys()}
-        cache = model.lm.import_cache(arrays, capacity, model.rope_tables(capacity, rope))
+        cache = model.import_cache(arrays, capacity, rope)
     except NotImplementedError:
         return None
     except (SafetensorError, OSError, ValueError) as e:

@@ -170,6 +170,20 @@ class Model:
         ids = self.tokenizer.encode_chat(messages, add_generation_prompt=True)
         return _finished(self.stream(ids, opts, context=context, rope=rope), stream)
 
+    def export_cache(self, cache) -> dict:
+        """The cache's valid positions as host arrays (doc_cache keeps a document's on disk)."""
+        return self.lm.export_cache(cache)
+
+    def import_cache(self, arrays: dict, capacity: int, rope: str | None = None):
+        """A new cache of `capacity` (RoPE method `rope`, as new_cache) holding exported positions."""
+        return self.lm.import_cache(arrays, capacity, self.rope_tables(capacity, rope))
+
+    def runtime(self) -> dict:
+        """What a cache this model makes depends on besides its weights: KV precision, device, dtypes."""
+        lm = self.lm
+        return {"kv_bits": lm.kv_bits, "backend": self.backend, "device": str(lm.device), "dtype": lm.dtype,
+                "quantize": lm.quantize}
+
     def prefill(self, ids: list[int], cache) -> None:
         """Prefill `ids` after what `cache` holds, answering nothing: a document kept for later questions."""
         if ids:
