@@ -16,11 +16,12 @@ The document's part of each prompt (the whole document, or a part) is prefilled 
 document, default model, CPU: 8.9 s for the first question, 1.1 s for the second, the same answer).
 
 Not done yet (issue 13 stays open): the reliable length is the default model's for every model, and
-the per-part question is not yet good enough. Probe (default model, CPU): a pass
-key in repeated filler is found at 8K (part 1 of 3 answers it, the others' invented keys fail the
-evidence check) but not at 16K, where the part holding the key answers "a unique pass key that…"
-with 2K-token parts as with 4K ones. The wording of the part prompt and the part size are what to
-measure next (../shared/design/ask-probe.md found the passkey eval's own wording works).
+retrieval is not yet at the issue's bar. Probe (default model, CPU, a pass key in repeated filler at
+16K tokens, 4 random depths): 3 of 4 found, the fourth answered "does not seem to say" (no wrong key),
+with the passkey eval's own wording in the part prompt; with "Answer in one sentence with the words of
+this part" the part holding the key answered "a unique pass key that…" (0 of 1). A part that quotes the
+filler back ("the phrase 'The grass is green.'") is no finding: `specific` drops quotes that occur all
+over the document. Not yet measured: 32K-128K, real prose, real-document questions.
 """
 
 from __future__ import annotations
@@ -41,11 +42,11 @@ ANSWER_TOKENS = 64
 PROMPT_MARGIN_TOKENS = 32
 PART_OVERLAP_TOKENS = 200  # a fact cut by a part's edge is whole in the next part
 MIN_EVIDENCE_WORDS = 3  # a run of this many words, or one word with a digit in it, is evidence
+MAX_QUOTE_REPEATS = 2  # a quote found more often in the document says nothing about where the answer is
 SYSTEM_PROMPT = "You answer questions about documents from what the document says."
 ONE_PASS_PROMPT = "Read the document below.\n\n---\n{text}\n---\n\n{question}"
-PART_PROMPT = ("Here is part {index} of {count} of a longer document. The answer to a question may be hidden "
-               "anywhere in it: read it carefully.\n\n---\n{text}\n---\n\n{question}\n"
-               "Answer in one sentence with the words of this part.")
+PART_PROMPT = ("There is an important piece of information hidden in this text, part {index} of {count} of a "
+               "longer document. Find it and memorize it.\n\n{text}\n\n{question}")
 NOT_FOUND = "The document does not seem to say."
 QUESTION_ROOM = 256  # tokens a question may take after a cached document (the cache's context holds them)
 WORDS = re.compile(r"\w+")
@@ -119,6 +120,22 @@ def evidence(answer: str, part: str, question: str) -> tuple[int, int] | None:
     if best is None:
         return None
     return spans[best[0]][0], spans[best[1] - 1][1]
+
+
+def specific(findings: list[Finding], text: str) -> list[Finding]:
+    """The findings whose quote occurs at most MAX_QUOTE_REPEATS times in the whole document: a part that
+    lacks the answer may still quote itself ("The pass key is the phrase 'The grass is green.'" in a
+    document of repeated filler), but a quote found all over the document tells nothing."""
+    words = [w.casefold() for w in WORDS.findall(text)]
+    return [f for f in findings if _count_run(words, WORDS.findall(f.quote.casefold())) <= MAX_QUOTE_REPEATS]
+
+
+def _count_run(haystack: list[str], run: list[str]) -> int:
+    n, count = len(run), 0
+    for k in range(len(haystack) - n + 1):
+        if haystack[k] == run[0] and haystack[k:k + n] == run:
+            count += 1
+    return count
 
 
 def answer_after_document(model, messages: list[dict], without_question: list[dict], context: int | None = None):
@@ -201,6 +218,7 @@ def ask(model, text: str, question: str, *, progress=None) -> Answer:
             offset = text.index(part, chunk.start)
             findings.append(Finding(index, reply.text.strip(), part[where[0]:where[1]], offset + where[0]))
         progress.advance()
+    findings = specific(findings, text)
     timings = {"total_s": round(time.perf_counter() - started, 3)}
     if not findings:
         return Answer(NOT_FOUND, "parts", len(chunks), [], timings)

@@ -40,7 +40,20 @@ def test_a_long_document_is_asked_part_by_part_and_only_the_part_with_evidence_c
     assert text[finding.start:finding.start + len(finding.quote)] == finding.quote
     assert "91644" in model.prompts[finding.part - 1]
     assert result.text.startswith("The pass key is 91644.") and f"part {finding.part} of {result.parts}" in result.text
-    assert all(p.startswith("Here is part ") for p in model.prompts)
+    assert all(p.startswith("There is an important piece of information hidden in this text, part ")
+               for p in model.prompts)
+
+
+def test_a_part_quoting_text_found_all_over_the_document_is_not_a_finding():
+    filler = "The grass is green. The sky is blue. " * 600  # ~4,800 words of repeated filler, one key
+    text = filler + KEY + " " + filler
+
+    def quoting(prompt: str) -> str:
+        return KEY if "91644" in prompt else "The pass key is the phrase 'The grass is green.'"
+
+    result = ask(FakeModel(answer=quoting), text, "What is the pass key?")
+    assert [f.quote for f in result.findings] == ["The pass key is 91644"]
+    assert result.text.startswith(KEY)
 
 
 def test_no_part_with_evidence_says_so_instead_of_guessing():
