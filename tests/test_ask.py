@@ -119,3 +119,20 @@ def test_a_second_question_loads_the_documents_cache_and_a_changed_document_does
     changed = ask(model, text.replace("p0s0w0", "changed", 1), "What is the first word of the text?")
     assert len(prefilled) == 2 and len(doc_cache.entries()) == 2  # a fresh cache, not the old one
     assert changed.path == "one pass"
+
+
+@pytest.mark.slow
+def test_chat_doc_answers_each_message_about_the_document(default_checkpoint, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    doc = tmp_path / "keeper.txt"
+    doc.write_text("The lighthouse keeper was named Henry Winstanley. He built the first tower in 1698.\n")
+    env = {**os.environ, "ARBOR_HOME": str(tmp_path / "home")}  # the document's cache goes there
+    done = subprocess.run([sys.executable, "-m", "arbor_cli", "chat", "--doc", str(doc), "--model",
+                           str(default_checkpoint.path)], input="Who was the lighthouse keeper?\n",
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() and "arbor:" not in done.stdout
+    assert list((tmp_path / "home" / "doc-cache").glob("*.safetensors"))  # kept for the next question

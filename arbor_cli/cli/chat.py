@@ -18,6 +18,7 @@ from .common import (
     handle_errors,
     load_model,
     model_options,
+    max_input_bytes,
     read_text_input,
     stdin_is_piped,
     write_answer,
@@ -50,9 +51,14 @@ def chat(
     seed: Annotated[Optional[int], typer.Option("--seed")] = None,
     repeat_penalty: Annotated[float, typer.Option("--repeat-penalty", help="Discourage repeating the last 64 "
                                                   "tokens (1 = off).")] = 1.1,
+    doc: Annotated[Optional[str], typer.Option("--doc", metavar="FILE", help="Every message is a question about "
+                                               "FILE, answered as `arbor ask` does (its cache kept on disk).")] = None,
     *, opts: GlobalOptions,
 ) -> None:
     options = GenerationOptions.build(max_tokens, temperature, top_p, top_k, seed, repetition_penalty=repeat_penalty)
+    if doc is not None:
+        chat_about(doc, opts)
+        return
     if stdin_is_piped():
         text, _ = read_text_input("-")
         m = load_model(opts)
@@ -65,6 +71,45 @@ def chat(
     console.print(f"[dim]arbor chat · {escape(m.checkpoint.name)} · {m.backend}/{m.device} · context {session.context} · "
                   "/help for commands, Ctrl-D to exit[/dim]")
     repl(session)
+
+
+def chat_about(doc: str, opts: GlobalOptions) -> None:
+    """`chat --doc FILE`: each message (piped stdin: the one message) is a question about FILE."""
+    from ..ask import ask
+    from .summarize import progress_display
+
+    text, _ = read_text_input(doc, max_input_bytes())
+    question = read_text_input("-")[0].strip() if stdin_is_piped() else None
+    m = load_model(opts)
+
+    def answer(q: str) -> str:
+        with progress_display() as progress:
+            return ask(m, text, q, progress=progress).text
+
+    if question is not None:
+        write_answer(answer(question))
+        return
+    console.print(f"[dim]arbor chat about {escape(doc)} · {escape(m.checkpoint.name)} · every message is a question "
+                  "about the document · Ctrl-D to exit[/dim]")
+    while True:
+        try:
+            line = read_message()
+        except EOFError:
+            console.print()
+            return
+        except KeyboardInterrupt:
+            console.print("\n[dim](Ctrl-D to leave)[/dim]")
+            continue
+        if line.strip() in ("/exit", "/quit", "/bye"):
+            return
+        if line.strip():
+            try:
+                sys.stdout.write(answer(line.strip()) + "\n")
+                sys.stdout.flush()
+            except KeyboardInterrupt:
+                console.print("[dim](question stopped)[/dim]")
+            except ArborError as e:
+                console.print(f"arbor: error: {describe_error(e)}", markup=False)
 
 
 def repl(session: ChatSession) -> None:
