@@ -91,15 +91,7 @@ def chat_about(doc: str, opts: GlobalOptions) -> None:
         return
     console.print(f"[dim]arbor chat about {escape(doc)} · {escape(m.checkpoint.name)} · every message is a question "
                   "about the document · Ctrl-D to exit[/dim]")
-    while True:
-        try:
-            line = read_message()
-        except EOFError:
-            console.print()
-            return
-        except KeyboardInterrupt:
-            console.print("\n[dim](Ctrl-D to leave)[/dim]")
-            continue
+    for line in messages("(Ctrl-D to leave)"):
         if line.strip() in ("/exit", "/quit", "/bye"):
             return
         if line.strip():
@@ -112,16 +104,20 @@ def chat_about(doc: str, opts: GlobalOptions) -> None:
                 console.print(f"arbor: error: {describe_error(e)}", markup=False)
 
 
-def repl(session: ChatSession) -> None:
+def messages(leave_hint: str):
+    """The REPL's messages until Ctrl-D; a Ctrl-C at the prompt prints `leave_hint` and asks again."""
     while True:
         try:
-            line = read_message()
+            yield read_message()
         except EOFError:
             console.print()
             return
         except KeyboardInterrupt:
-            console.print("\n[dim](Ctrl-D or /exit to leave)[/dim]")
-            continue
+            console.print(f"\n[dim]{leave_hint}[/dim]")
+
+
+def repl(session: ChatSession) -> None:
+    for line in messages("(Ctrl-D or /exit to leave)"):
         if not line.strip():
             continue
         if line.startswith("/"):
