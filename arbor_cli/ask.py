@@ -116,7 +116,7 @@ def evidence(answer: str, part: str, question: str) -> tuple[int, int] | None:
                 break
             if set(run) <= asked or not (len(run) >= MIN_EVIDENCE_WORDS or any(c.isdigit() for w in run for c in w)):
                 continue
-            at = _find_run(part_words, run)
+            at = next(_runs(part_words, run), None)
             if at is not None:
                 best = (at, at + len(run))
                 break
@@ -130,15 +130,7 @@ def specific(findings: list[Finding], text: str) -> list[Finding]:
     lacks the answer may still quote itself ("The pass key is the phrase 'The grass is green.'" in a
     document of repeated filler), but a quote found all over the document tells nothing."""
     words = [w.casefold() for w in WORDS.findall(text)]
-    return [f for f in findings if _count_run(words, WORDS.findall(f.quote.casefold())) <= MAX_QUOTE_REPEATS]
-
-
-def _count_run(haystack: list[str], run: list[str]) -> int:
-    n, count = len(run), 0
-    for k in range(len(haystack) - n + 1):
-        if haystack[k] == run[0] and haystack[k:k + n] == run:
-            count += 1
-    return count
+    return [f for f in findings if sum(1 for _ in _runs(words, WORDS.findall(f.quote.casefold()))) <= MAX_QUOTE_REPEATS]
 
 
 def answer_after_document(model, messages: list[dict], without_question: list[dict], context: int | None = None):
@@ -179,13 +171,12 @@ def _prefill_timings(reply) -> dict:
     return {k: timings[k] for k in ("prompt_tokens", "prefill_s", "time_to_first_token_s") if k in timings}
 
 
-def _find_run(haystack: list[str], run: list[str]) -> int | None:
+def _runs(haystack: list[str], run: list[str]):
+    """The indices where `run` occurs in `haystack`, in order."""
     n = len(run)
     for k in range(len(haystack) - n + 1):
         if haystack[k] == run[0] and haystack[k:k + n] == run:
-            return k
-    return None
-
+            yield k
 
 def ask(model, text: str, question: str, *, progress=None) -> Answer:
     """Answer `question` about `text` with `model` (arbor_cli.Model, or anything with its chat surface).
