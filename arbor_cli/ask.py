@@ -4,27 +4,25 @@ Plain attention stops retrieving long before the context ends: the default model
 hidden in real prose 75% of the time at 2K tokens and never from 32K (docs/long-context.md). So:
 
 - a document within `reliable_tokens(model)` is asked in one pass: the document, then the question;
-- a longer one is read in parts of that size, like the summariser reads it (chunking.py), and each
-  part is asked the question on its own. A small model asked about a part that lacks the answer
-  invents one (../shared/design/ask-probe.md: 12 of 13 parts answered a pass key, one rightly), so a
-  part's answer is kept only with *evidence*: a run of its words that occurs verbatim in that part's
-  text and says more than the question does. The kept findings carry their part and quote, and the
-  answer says where in the document it came from.
+- a longer one is cut into parts of that size, as the summariser cuts it (chunking.py). Every part is
+  read with the question after it, and the model's own log-probability of the question after the part
+  ranks the parts (query likelihood: a part that holds the answer makes the question expected; on the
+  default model the part holding a pass key in prose scored -69 nats against -88 for the best other,
+  8 of 8). The best-ranked parts answer. A small model asked about a part without the answer invents
+  one (../shared/design/ask-probe.md), so an answer is kept only with *evidence*: a run of its words
+  that occurs verbatim in that part's text and says more than the question does. When the best part's
+  answer has none, that part is read once more with the question before its text (a second look,
+  uncached). The kept findings carry their part, quote and score, and the answer names where it came from.
 
-The document's part of each prompt (the whole document, or a part) is prefilled once and kept on disk
-(doc_cache.py): a later question about the same text loads it and prefills only itself (2,562-token
-document, default model, CPU: 8.9 s for the first question, 1.1 s for the second, the same answer).
+The prompt is the one that measured best on the default model (pass key in real prose, 8 trials per
+size, /tmp probes recorded in docs/long-context.md): the text, then "Question: …", then the instruction
+to answer with the text's exact words (8/8 at 1,024 tokens, 5/8 at 2,048; with the question alone
+0/8, with the passkey eval's "There is an important piece of information hidden…" 0/8). Putting the
+question first reads even better (8/8, 7/8) but then no two questions share a prefix, so it is kept for
+the second look, where one part is read again.
 
-Not done yet (issue 13 stays open): the reliable length is the default model's for every model, and
-retrieval is not yet at the issue's bar. Probe (default model, CPU, a pass key in repeated filler at
-16K tokens, 4 random depths): 3 of 4 found, the fourth answered "does not seem to say" (no wrong key),
-with the passkey eval's own wording in the part prompt; with "Answer in one sentence with the words of
-this part" the part holding the key answered "a unique pass key that…" (0 of 1). A part that quotes the
-filler back ("the phrase 'The grass is green.'") is no finding: `specific` drops quotes that occur all
-over the document. Then 8 trials at 16K (depths (i + 0.5) / 8, 10 parts each, CPU): 7 of 8 found,
-the eighth "does not seem to say"; first question 14-24 s, the same question again 7.8-9.2 s (the
-parts' caches load from disk, but every part still decodes its answer, and float32 KV makes each
-2K-token part's file ~90 MB). Not yet measured: 32K-128K, real prose, real-document questions.
+The document's part of each prompt (the whole document, or each part) is prefilled once and kept on
+disk (doc_cache.py): a later question loads it and prefills only itself, then scores and answers.
 """
 
 from __future__ import annotations
@@ -32,35 +30,46 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Any
+
 from . import doc_cache
 from .chunking import document_token_offsets, split_into_chunks
 from .errors import UsageError
 from .generate import GenerationOptions
 
-# Where plain attention still retrieves on the default model: passkey in real prose 75% at 2K, in
-# repeated filler 100% at 4K (docs/long-context.md); longer documents are asked part by part.
-RELIABLE_TOKENS = 4096
-PART_TOKENS = 2048  # a part, prompt and answer included: where retrieval in real prose is still 75%
-ANSWER_TOKENS = 64
-PROMPT_MARGIN_TOKENS = 32
-PART_OVERLAP_TOKENS = 200  # a fact cut by a part's edge is whole in the next part
+ANSWER_TOKENS = 32  # an answer in the text's own words is a sentence; it also ends at a line break
+QUESTION_ROOM = 256  # tokens a question (with the instruction after it) may take after a cached document
+PART_OVERLAP_TOKENS = 96  # a sentence cut by a part's edge is whole in the next part
+ANSWERED_PARTS = 3  # the best-ranked parts that answer; more only while none has given evidence
+MAX_ANSWERED_PARTS = 12  # "the document does not seem to say" after this many best-ranked parts
 MIN_EVIDENCE_WORDS = 3  # a run of this many words, or one word with a digit in it, is evidence
 MAX_QUOTE_REPEATS = 2  # a quote found more often in the document says nothing about where the answer is
-SYSTEM_PROMPT = "You answer questions about documents from what the document says."
-ONE_PASS_PROMPT = "Read the document below.\n\n---\n{text}\n---\n\n{question}"
-PART_PROMPT = ("There is an important piece of information hidden in this text, part {index} of {count} of a "
-               "longer document. Find it and memorize it.\n\n{text}\n\n{question}")
+COMMON_IN = 0.25  # a question word found in more than this share of the parts ties no quote to the question
+INSTRUCTION = "Answer the question with the exact words of the text, copied from the text above."
+PROMPT = "Text:\n{text}\n\nQuestion: {question}\n" + INSTRUCTION
+SECOND_LOOK_PROMPT = "Question: {question}\n\nText:\n{text}\n\n" + INSTRUCTION + " Question: {question}"
 NOT_FOUND = "The document does not seem to say."
-QUESTION_ROOM = 256  # tokens a question may take after a cached document (the cache's context holds them)
 WORDS = re.compile(r"\w+")
+SENTENCE_END = re.compile(r"[.!?](?=\s)|\n[ \t]*\n")  # a wrapped line goes on; a blank line ends
+QUOTE_CHARS = 240  # a quote is the sentence holding the evidence, cut to this around it
+FOCUS_CHARS = 600  # what a second look reads of the best part: ~150 tokens around its likeliest sentence
+# (Python's language reference, 7 questions: 5 answered with 600, 4 with 1,200; docs/long-context.md)
+# words that tie no sentence to a question: a quote whose sentence shares only these with it is not anchored
+FUNCTION_WORDS = frozenset("""a an the is are was were be been being am do does did done have has had what which
+who whom whose when where why how of in on at to for by with from and or nor not no yes it its this that these those
+there here their they them he she his her him i you we our your my me us as about into onto than then so if but
+can could will would shall should may might must text document question answer say says said tell""".split())
 
 
 @dataclass
 class Finding:
-    part: int  # 1-based, as the prompt names it
+    part: int  # 1-based
     answer: str
     quote: str  # the evidence, as it is written in the document
     start: int  # the quote's character offset in the document
+    score: float  # the part's rank score: log-probability of the question after it (nats)
+    anchored: bool  # the quote's sentence shares a word with the question (beyond FUNCTION_WORDS)
+    match: str  # the answer's words the quote holds verbatim
 
 
 @dataclass
@@ -68,15 +77,27 @@ class Answer:
     text: str
     path: str  # "one pass" or "parts"
     parts: int = 1
-    findings: list[Finding] = field(default_factory=list)
+    tokens: int = 0  # the document's
+    answered: list[dict] = field(default_factory=list)  # part, score, reply (second_look): best-ranked first
+    findings: list[Finding] = field(default_factory=list)  # the one the answer gives first
+    cache: dict = field(default_factory=dict)  # parts whose document prefix came from disk / was prefilled
     timings: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return asdict(self)
 
 
+@dataclass
+class Reading:
+    """One text read with the question after it: ready to answer with the prompt's last token."""
+
+    score: float
+    cache: Any
+    last: list[int]
+
+
 class _Quiet:
-    """Progress that shows nothing (the caller's `progress` hears of parts only)."""
+    """Progress that shows nothing."""
 
     def begin(self, phase: str, total: int) -> None:
         pass
@@ -86,75 +107,187 @@ class _Quiet:
 
 
 def reliable_tokens(model) -> int:
-    """The longest document asked in one pass: RELIABLE_TOKENS, or the trained context if shorter."""
-    return min(RELIABLE_TOKENS, model.config.trained_context)
+    """The longest text the model is asked about in one piece: measured for known models (the
+    registry's reliable_tokens), else a quarter of the trained context within 1K..16K."""
+    from arbor_weights import KNOWN_MODELS
+
+    known = KNOWN_MODELS.get(getattr(getattr(model, "checkpoint", None), "name", None))
+    if known is not None and known.reliable_tokens:
+        return known.reliable_tokens
+    return min(max(model.config.trained_context // 4, 1024), 16384)
 
 
-def one_pass_messages(text: str, question: str) -> list[dict]:
-    return [{"role": "system", "content": SYSTEM_PROMPT},
-            {"role": "user", "content": ONE_PASS_PROMPT.format(text=text, question=question)}]
+def messages(text: str, question: str) -> list[dict]:
+    return [{"role": "user", "content": PROMPT.format(text=text, question=question)}]
 
 
-def part_messages(text: str, question: str, index: int, count: int) -> list[dict]:
-    return [{"role": "system", "content": SYSTEM_PROMPT},
-            {"role": "user", "content": PART_PROMPT.format(text=text, question=question, index=index, count=count)}]
+def second_look_messages(text: str, question: str) -> list[dict]:
+    return [{"role": "user", "content": SECOND_LOOK_PROMPT.format(text=text, question=question)}]
 
 
-def evidence(answer: str, part: str, question: str) -> tuple[int, int] | None:
-    """Where in `part` the longest run of the answer's words occurs verbatim (case and spacing aside),
-    if that run is evidence: at least MIN_EVIDENCE_WORDS words, or a word with a digit, and not all
-    words the question already holds (an answer that echoes the question proves nothing)."""
+@dataclass(frozen=True)
+class Evidence:
+    """A run of an answer's words found verbatim in a part, and the sentence that holds it."""
+
+    run: tuple[int, int]  # part[run[0]:run[1]]
+    sentence: tuple[int, int]  # part[sentence[0]:sentence[1]]: the run's sentence, at most QUOTE_CHARS
+    anchored: bool  # the sentence shares a word with the question (see anchored)
+
+
+def evidence(answer: str, part: str, question: str, common: frozenset[str] = frozenset()) -> Evidence | None:
+    """The answer's best evidence in `part`: a run of its words that occurs verbatim there (case and
+    spacing aside), at least MIN_EVIDENCE_WORDS words or one word with a digit, and not all words the
+    question already holds (an answer that echoes the question proves nothing). Of the longest such run
+    starting at each of the answer's words, one whose sentence is anchored wins, then the longest:
+    "…a null operation that is passed to the primary object involved" is evidenced by "pass is a null
+    operation" (its sentence is about "pass"), not by the longer "passed to the primary object involved"."""
     words = WORDS.findall(answer.casefold())
     asked = set(WORDS.findall(question.casefold()))
     spans = [(m.start(), m.end()) for m in WORDS.finditer(part)]
     part_words = [part[a:b].casefold() for a, b in spans]
-    best = None
+    best, best_rank = None, None
     for i in range(len(words)):  # answers are a sentence: quadratic in its words is nothing
         for j in range(len(words), i, -1):
             run = words[i:j]
-            if best is not None and len(run) <= best[1] - best[0]:
-                break
             if set(run) <= asked or not (len(run) >= MIN_EVIDENCE_WORDS or any(c.isdigit() for w in run for c in w)):
-                continue
+                break  # a shorter run from i qualifies no better
             at = next(_runs(part_words, run), None)
-            if at is not None:
-                best = (at, at + len(run))
-                break
-    if best is None:
-        return None
-    return spans[best[0]][0], spans[best[1] - 1][1]
+            if at is None:
+                continue
+            found = (spans[at][0], spans[at + len(run) - 1][1])
+            sentence = sentence_around(part, *found)
+            candidate = Evidence(found, sentence, anchored(part[sentence[0]:sentence[1]], question, common))
+            if best_rank is None or (candidate.anchored, len(run)) > best_rank:
+                best, best_rank = candidate, (candidate.anchored, len(run))
+            break
+    return best
 
 
-def specific(findings: list[Finding], text: str) -> list[Finding]:
-    """The findings whose quote occurs at most MAX_QUOTE_REPEATS times in the whole document: a part that
-    lacks the answer may still quote itself ("The pass key is the phrase 'The grass is green.'" in a
-    document of repeated filler), but a quote found all over the document tells nothing."""
-    words = [w.casefold() for w in WORDS.findall(text)]
-    return [f for f in findings if sum(1 for _ in _runs(words, WORDS.findall(f.quote.casefold()))) <= MAX_QUOTE_REPEATS]
+def sentence_around(part: str, start: int, end: int) -> tuple[int, int]:
+    """The sentence(s) holding part[start:end], cut to QUOTE_CHARS around it (on spaces) when longer."""
+    before = [m.end() for m in SENTENCE_END.finditer(part, 0, start)]
+    after = SENTENCE_END.search(part, end)
+    lo, hi = before[-1] if before else 0, after.end() if after else len(part)
+    spare = max(QUOTE_CHARS - (end - start), 0)
+    if hi - lo > QUOTE_CHARS:
+        lo = max(lo, start - spare // 2)
+        hi = min(hi, end + spare - (start - lo))
+        lo = part.find(" ", lo, start) + 1 if part.find(" ", lo, start) >= 0 else lo
+        hi = part.rfind(" ", end, hi) if part.rfind(" ", end, hi) >= 0 else hi
+    while lo < start and part[lo].isspace():
+        lo += 1
+    return lo, hi
 
 
-def answer_after_document(model, messages: list[dict], without_question: list[dict], context: int | None = None):
-    """model.chat(messages), greedy, with the document's part of the prompt (what `messages` shares with
-    `without_question`) prefilled once and kept on disk (doc_cache): a later question about the same
-    text loads it and prefills only itself. A model without a backend (tests' fakes) just chats."""
-    if getattr(model, "lm", None) is None:
-        return model.chat(messages, context=context, max_new_tokens=ANSWER_TOKENS, temperature=0.0)
-    ids = model.tokenizer.encode_chat(messages, add_generation_prompt=True)
-    shared = _common_prefix(ids, model.tokenizer.encode_chat(without_question, add_generation_prompt=True))
-    shared = min(shared, len(ids) - 1)  # at least one token of the question is prefilled with the answer
-    capacity = context or model.plan(shared + QUESTION_ROOM + ANSWER_TOKENS).context
-    if len(ids) + ANSWER_TOKENS > capacity:  # a question longer than QUESTION_ROOM: no cache for it
-        return model.chat(messages, context=context, max_new_tokens=ANSWER_TOKENS, temperature=0.0)
-    key = doc_cache.key_for(model, ids[:shared], capacity, model.rope_method)
-    cache = doc_cache.load(model, key, capacity)
-    if cache is None:
+def stem(word: str) -> str:
+    """A word without a plural or third-person "s", so "continues" meets "continue" and "literals" "literal"
+    (and nothing more: "passed" is not "pass")."""
+    return word[:-1] if len(word) > 3 and word.endswith("s") and not word.endswith("ss") else word
+
+
+def anchored(sentence: str, question: str, common: frozenset[str] = frozenset()) -> bool:
+    """Whether `sentence` shares a word (stemmed) with the question beyond FUNCTION_WORDS and the
+    document's `common` words: "The pass key is 54635" answers "What is the pass key?" from its own
+    sentence; "Aaron and his sons", copied by a part that missed the key, sits in a sentence that has
+    nothing to do with the question; in Python's documentation "statement" ties nothing to anything.
+    Only an anchored finding answers; the others are listed (--json) but the answer is NOT_FOUND."""
+    asked = {stem(w) for w in WORDS.findall(question.casefold()) if w not in FUNCTION_WORDS and w not in common}
+    return bool(asked & {stem(w) for w in WORDS.findall(sentence.casefold())})
+
+
+def common_words(parts: list[str]) -> frozenset[str]:
+    """The words (casefolded) found in more than COMMON_IN of the parts: too common to tie a quote to a question."""
+    counts: dict[str, int] = {}
+    for part in parts:
+        for word in set(WORDS.findall(part.casefold())):
+            counts[word] = counts.get(word, 0) + 1
+    return frozenset(w for w, n in counts.items() if n > COMMON_IN * len(parts))
+
+
+def specific(quote: str, document_words: list[str]) -> bool:
+    """Whether `quote` occurs at most MAX_QUOTE_REPEATS times in the document (its casefolded words): a
+    part that lacks the answer may still quote itself ("The pass key is the phrase 'The grass is green.'"
+    in a document of repeated filler), but a quote found all over the document tells nothing."""
+    return sum(1 for _ in _runs(document_words, WORDS.findall(quote.casefold()))) <= MAX_QUOTE_REPEATS
+
+
+class DocumentReader:
+    """Reads texts of one document with a question after them, each text's prefill kept on disk when
+    `keep` (doc_cache); counts how many came from disk and how many were prefilled."""
+
+    def __init__(self, model, keep: bool = True):
+        self.model, self.keep = model, keep
+        self.loaded = self.prefilled = 0
+
+    def read(self, text: str, question: str) -> Reading:
+        """The text's prefill (from disk, or run and kept), then the rest of the prompt, the question's
+        tokens scored: their log-probability after the text (all but the first, which follows the same
+        "Question:" in every part)."""
+        model = self.model
+        ids = model.tokenizer.encode_chat(messages(text, question), add_generation_prompt=True)
+        without = model.tokenizer.encode_chat(messages(text, ""), add_generation_prompt=True)
+        shared = min(_common_prefix(ids, without), len(ids) - 2)  # the prompt's last token starts the answer
+        if len(ids) - shared > QUESTION_ROOM:
+            raise UsageError(f"the question is too long ({len(ids) - shared} tokens with the instruction; "
+                             f"at most {QUESTION_ROOM})")
+        end = len(ids) - _common_prefix(ids[::-1][:len(ids) - shared], without[::-1])  # the question ends there
+        cache = self._document(ids[:shared], shared + QUESTION_ROOM + ANSWER_TOKENS)
+        log_probs = model.prefill_log_probs(ids[shared:-1], cache)  # of ids[shared + 1:]
+        return Reading(sum(log_probs[:max(end - shared - 1, 0)]), cache, ids[-1:])
+
+    def _document(self, doc_ids: list[int], capacity: int):
+        model = self.model
+        key = doc_cache.key_for(model, doc_ids, capacity, model.rope_method) if self.keep else None
+        cache = doc_cache.load(model, key, capacity) if self.keep else None
+        if cache is not None:
+            self.loaded += 1
+            return cache
         cache = model.new_cache(capacity)
-        model.prefill(ids[:shared], cache)
-        doc_cache.save(model, key, cache)
-    stream = model.stream(ids[shared:], GenerationOptions.build(max_new_tokens=ANSWER_TOKENS), cache=cache)
+        model.prefill(doc_ids, cache)
+        self.prefilled += 1
+        if self.keep:
+            doc_cache.save(model, key, cache)
+        return cache
+
+    def answer(self, reading: Reading):
+        """Greedy answer after a reading (its cache then holds the answer too)."""
+        stream = self.model.stream(reading.last, _answer_options(), cache=reading.cache)
+        for _ in stream:
+            pass
+        return stream.result
+
+
+def _answer_options() -> GenerationOptions:
+    return GenerationOptions.build(max_new_tokens=ANSWER_TOKENS, stop="\n")
+
+
+def second_look(model, text: str, question: str):
+    """The text read again with the question before it (no cache: the question starts the prompt)."""
+    ids = model.tokenizer.encode_chat(second_look_messages(text, question), add_generation_prompt=True)
+    stream = model.stream(ids, _answer_options(), context=len(ids) + ANSWER_TOKENS)
     for _ in stream:
         pass
     return stream.result
+
+
+def focus(part: str, question: str, common: frozenset[str] = frozenset()) -> str:
+    """The stretch of `part` a second look reads: the sentence sharing most words with the question
+    (as `anchored` counts them) and its neighbours, about FOCUS_CHARS in all; the whole part when no
+    sentence shares any. A tiny model reads a short text far better (a pass key in prose: 8/8 at 512
+    tokens, 5/8 at 2,048), and the part was already chosen by the model's own ranking."""
+    asked = {stem(w) for w in WORDS.findall(question.casefold()) if w not in FUNCTION_WORDS and w not in common}
+    bounds = [0, *(m.end() for m in SENTENCE_END.finditer(part)), len(part)]
+    sentences = [(a, b) for a, b in zip(bounds, bounds[1:]) if part[a:b].strip()]
+    shared = [len(asked & {stem(w) for w in WORDS.findall(part[a:b].casefold())}) for a, b in sentences]
+    if not sentences or max(shared) == 0 or len(part) <= FOCUS_CHARS:
+        return part
+    lo = hi = shared.index(max(shared))
+    while sentences[hi][1] - sentences[lo][0] < FOCUS_CHARS and (lo > 0 or hi + 1 < len(sentences)):
+        if hi + 1 < len(sentences):  # a sentence after the best one, then one before: it stays central
+            hi += 1
+        if lo > 0 and sentences[hi][1] - sentences[lo][0] < FOCUS_CHARS:
+            lo -= 1
+    return part[sentences[lo][0]:sentences[hi][1]].strip()
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -166,11 +299,6 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def _prefill_timings(reply) -> dict:
-    timings = getattr(reply, "timings", None) or {}
-    return {k: timings[k] for k in ("prompt_tokens", "prefill_s", "time_to_first_token_s") if k in timings}
-
-
 def _runs(haystack: list[str], run: list[str]):
     """The indices where `run` occurs in `haystack`, in order."""
     n = len(run)
@@ -178,44 +306,108 @@ def _runs(haystack: list[str], run: list[str]):
         if haystack[k] == run[0] and haystack[k:k + n] == run:
             yield k
 
-def ask(model, text: str, question: str, *, progress=None) -> Answer:
-    """Answer `question` about `text` with `model` (arbor_cli.Model, or anything with its chat surface).
+
+def _finding(reply_text: str, part: str, offset: int, question: str, index: int, score: float,
+             common: frozenset[str] = frozenset()) -> Finding | None:
+    found = evidence(reply_text, part, question, common)
+    if found is None:
+        return None
+    (a, b), (lo, hi) = found.run, found.sentence
+    return Finding(index, reply_text.strip(), part[lo:hi], offset + lo, round(score, 3), found.anchored, part[a:b])
+
+
+def _rank(finding: Finding) -> tuple:
+    """Anchored findings first, then by their part's score, then the longer match."""
+    return finding.anchored, finding.score, len(finding.match)
+
+
+def _keep_the_cache(model, tokens: int, parts: int, keep: bool) -> bool:
+    """Whether the document's prefill fits the disk cache's cap; says so when it does not."""
+    if not keep:
+        return False
+    need = (tokens + parts * 64) * model.kv_bytes_per_token()  # the prompt's own words: ~64 tokens a part
+    if need > doc_cache.cap_bytes():
+        model.notify(f"the document's cache would take {need / 1e9:.1f} GB, more than the "
+                     f"{doc_cache.cap_bytes() / 1e9:.1f} GB kept (ARBOR_DOC_CACHE_MB): not kept")
+        return False
+    return True
+
+
+def ask(model, text: str, question: str, *, progress=None, keep: bool = True, part_tokens: int | None = None
+        ) -> Answer:
+    """Answer `question` about `text` with `model` (arbor_cli.Model).
 
     `progress` (begin(phase, total), advance(): the summariser's progress protocol) follows reading the
-    document and asking its parts."""
+    document and its parts; `keep` keeps each text's prefill on disk for the next question;
+    `part_tokens` overrides reliable_tokens(model)."""
     if not text.strip():
         raise UsageError("there is nothing to ask about: the document is empty")
     if not question.strip():
         raise UsageError("the question is empty")
+    limit = reliable_tokens(model) if part_tokens is None else part_tokens
+    if limit < 128:
+        raise UsageError(f"--part-tokens must be at least 128, got {limit}")
     started = time.perf_counter()
-    tokenizer = model.tokenizer
-    prompt = len(tokenizer.encode_chat(one_pass_messages("", question))) + PROMPT_MARGIN_TOKENS
-    progress = progress or _Quiet()
+    tokenizer, progress = model.tokenizer, progress or _Quiet()
     offsets = document_token_offsets(tokenizer.encode_with_offsets, text, progress)
-    limit = reliable_tokens(model)
-    if len(offsets) + prompt + ANSWER_TOKENS <= limit:
-        reply = answer_after_document(model, one_pass_messages(text, question), one_pass_messages(text, ""))
-        return Answer(reply.text.strip(), "one pass", timings={"total_s": round(time.perf_counter() - started, 3),
-                                                                 **_prefill_timings(reply)})
-    part_limit = min(PART_TOKENS, limit)
-    budget = part_limit - prompt - ANSWER_TOKENS - 32  # the part prompt's own words
-    chunks = split_into_chunks(text, offsets, lambda s: len(tokenizer.encode(s)), budget,
-                               overlap=PART_OVERLAP_TOKENS)
-    findings = []
-    progress.begin(f"asking {len(chunks)} parts", len(chunks))
-    for index, chunk in enumerate(chunks, 1):
-        part = chunk.text_of(text)
-        reply = answer_after_document(model, part_messages(part, question, index, len(chunks)),
-                                      part_messages(part, "", index, len(chunks)), context=part_limit)
-        where = evidence(reply.text, part, question)
-        if where is not None:
-            offset = text.index(part, chunk.start)
-            findings.append(Finding(index, reply.text.strip(), part[where[0]:where[1]], offset + where[0]))
+    if len(offsets) <= limit:
+        return _one_pass(model, text, question, len(offsets), keep, started)
+    chunks = split_into_chunks(text, offsets, lambda s: len(tokenizer.encode(s)), limit, overlap=PART_OVERLAP_TOKENS)
+    reader = DocumentReader(model, _keep_the_cache(model, len(offsets), len(chunks), keep))
+    parts = [chunk.text_of(text) for chunk in chunks]
+    scores, held = [], {}  # held: the best-scored readings so far, ready to answer
+    progress.begin(f"reading {len(chunks)} parts", len(chunks))
+    rank = lambda i: (-scores[i - 1], i)  # noqa: E731  best first; ties in document order
+    for index, part in enumerate(parts, 1):
+        reading = reader.read(part, question)
+        scores.append(reading.score)
+        held[index] = reading
+        if len(held) > ANSWERED_PARTS:
+            del held[max(held, key=rank)]
         progress.advance()
-    findings = specific(findings, text)
-    timings = {"total_s": round(time.perf_counter() - started, 3)}
-    if not findings:
-        return Answer(NOT_FOUND, "parts", len(chunks), [], timings)
-    best = max(findings, key=lambda f: len(f.quote))
-    return Answer(f"{best.answer} (part {best.part} of {len(chunks)}: \u201c{best.quote}\u201d)", "parts",
-                  len(chunks), findings, timings)
+    read_s = time.perf_counter() - started
+    ranked = sorted(range(1, len(parts) + 1), key=rank)
+    document_words = [w.casefold() for w in WORDS.findall(text)]
+    common = common_words(parts)
+    findings, answered = [], []
+    for index in ranked[:MAX_ANSWERED_PARTS]:
+        if len(answered) >= ANSWERED_PARTS and findings:
+            break
+        part, score = parts[index - 1], scores[index - 1]
+        offset = text.index(part, chunks[index - 1].start)
+        reply = reader.answer(held.pop(index, None) or reader.read(part, question)).text
+        record = {"part": index, "score": round(score, 3), "reply": reply.strip()}
+        found = _finding(reply, part, offset, question, index, score, common)
+        if not answered and (found is None or not found.anchored):  # the best-ranked part: a second look
+            record["second_look"] = second_look(model, focus(part, question, common), question).text.strip()
+            looked = _finding(record["second_look"], part, offset, question, index, score, common)
+            found = max([f for f in (found, looked) if f is not None], key=_rank, default=None)
+        answered.append(record)
+        if found is not None and specific(found.match, document_words):
+            findings.append(found)
+    timings = {"total_s": round(time.perf_counter() - started, 3), "read_s": round(read_s, 3)}
+    result = Answer(NOT_FOUND, "parts", len(parts), len(offsets), answered, findings,
+                    {"loaded": reader.loaded, "prefilled": reader.prefilled}, timings)
+    findings.sort(key=_rank, reverse=True)  # the answer's own first
+    if findings and findings[0].anchored:  # a quote from a sentence unrelated to the question answers nothing
+        best = findings[0]
+        result.text = f"{best.answer} (part {best.part} of {len(parts)}: \u201c{' '.join(best.quote.split())}\u201d)"
+    return result
+
+
+def _one_pass(model, text: str, question: str, tokens: int, keep: bool, started: float) -> Answer:
+    """The whole document in one prompt; the answer as it is, with its quote when it has one."""
+    body = text.strip()
+    reader = DocumentReader(model, keep)
+    reading = reader.read(body, question)
+    reply = reader.answer(reading)
+    found = _finding(reply.text, body, text.index(body), question, 1, reading.score)
+    return Answer(reply.text.strip(), "one pass", 1, tokens, [{"part": 1, "score": round(reading.score, 3),
+                                                                "reply": reply.text.strip()}], [found] if found else [],
+                  {"loaded": reader.loaded, "prefilled": reader.prefilled},
+                  {"total_s": round(time.perf_counter() - started, 3), **_prefill_timings(reply)})
+
+
+def _prefill_timings(reply) -> dict:
+    timings = getattr(reply, "timings", None) or {}
+    return {k: round(timings[k], 3) for k in ("prompt_tokens", "prefill_s") if k in timings}

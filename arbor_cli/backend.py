@@ -72,8 +72,9 @@ class LoadedModel(Protocol):
         `capacity` positions). None: the tables of the latest set_rope."""
     def set_rope(self, rope: RopeTables, positions: int) -> None:
         """Make `rope` (for positions [0, positions)) the tables that caches without a rope of their own use."""
-    def prefill(self, ids: list[int], cache: Any, chunk_size: int) -> Any:
-        """Run `ids` at positions [cache.length, …), append them to the cache, return the last position's logits."""
+    def prefill(self, ids: list[int], cache: Any, chunk_size: int, *, every: bool = False) -> Any:
+        """Run `ids` at positions [cache.length, …), append them to the cache, return the last position's
+        logits ([vocab]); with `every`, every position's ([len(ids), vocab]: a short continuation's, to score it)."""
     def decode(self, token: int, cache: Any) -> Any:
         """Run one token at position cache.length, append it, return its logits."""
     def sample(self, logits: Any, params: SamplingParams, rng: Any, recent: list[int] = ()) -> int:

@@ -30,6 +30,8 @@ TASK = ("There is an important info hidden inside a lot of irrelevant text. Find
         "I will quiz you about the important information there.")
 KEY_LINE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "What is the pass key? The pass key is"
+ASK_QUESTION = "What is the pass key?"  # --via ask: the question a user would type
+VIA = ("attention", "ask")
 ANSWER_TOKENS = 8
 PPL_WINDOW = 256
 
@@ -58,6 +60,7 @@ class PasskeyPrompt:
     depth: float  # the depth asked for, 0 = just after the task line, 1 = just before the question
     key_depth: float  # where the key line landed, as a fraction of the filler
     key_position: int  # token index of the key line's first token
+    document: tuple[int, int] = (0, 0)  # ids[start:end]: the filler with the key line, without task and question
 
 
 def split_sentences(text: str) -> list[str]:
@@ -122,7 +125,7 @@ def build_passkey_prompt(encode: SentenceEncoder, prompt_tokens: int, depth: flo
     target = min(max(depth, 0.0), 1.0) * budget
     at = min((s for s in [*starts, budget] if s <= budget), key=lambda s: abs(s - target))
     ids = head + haystack[:at] + key_ids + haystack[at:] + question
-    return PasskeyPrompt(ids, key, depth, at / budget, len(head) + at)
+    return PasskeyPrompt(ids, key, depth, at / budget, len(head) + at, (len(head), len(ids) - len(question)))
 
 
 def trial_depth(trial: int, trials: int) -> float:
@@ -208,14 +211,20 @@ class PasskeyReport:
 
 def run_passkey(model, lengths: list[int], methods: list[str], trials: int, seed: int = 0,
                 prose: list[str] | None = None, filler_name: str = "repeat",
-                on_result: Callable[[PasskeyResult], None] = lambda r: None) -> PasskeyReport:
+                on_result: Callable[[PasskeyResult], None] = lambda r: None, via: str = "attention") -> PasskeyReport:
     """Every (length, method, trial): build the prompt, answer greedily, score.
 
     Runs whose RoPE is the same (every method within the trained context is plain RoPE) are run
     once and their outcome shared, since the computation is identical.
+    via "ask": the same document (filler and key line, without the task line) goes through arbor ask
+    (ask.py) with ASK_QUESTION instead of one attention pass; its column is named "ask".
     """
     if trials < 1:
         raise UsageError("--trials must be at least 1")
+    if via not in VIA:
+        raise UsageError(f"--via must be {' or '.join(VIA)}, got {via!r}")
+    if via == "ask":
+        methods = ["ask"]
     report = PasskeyReport(lengths, methods, trials, filler_name)
     encode = SentenceEncoder(model.tokenizer)
     for length in lengths:
@@ -223,10 +232,25 @@ def run_passkey(model, lengths: list[int], methods: list[str], trials: int, seed
         done: dict[tuple, PasskeyResult] = {}
         for method in methods:
             for trial, prompt in enumerate(prompts):
-                result = _passkey_trial(model, length, method, trial, prompt, done)
+                if via == "ask":
+                    result = _passkey_ask_trial(model, length, trial, prompt)
+                else:
+                    result = _passkey_trial(model, length, method, trial, prompt, done)
                 report.results.append(result)
                 on_result(result)
     return report
+
+
+def _passkey_ask_trial(model, length: int, trial: int, prompt: PasskeyPrompt) -> PasskeyResult:
+    """One trial through arbor ask: the document read part by part (nothing kept on disk)."""
+    from .ask import ask
+
+    document = model.tokenizer.decode(prompt.ids[prompt.document[0]:prompt.document[1]])
+    t0 = time.perf_counter()
+    answer = ask(model, document, ASK_QUESTION, keep=False)
+    return PasskeyResult(length, "ask", "ask", f"{answer.path}, {answer.parts} parts", trial, prompt.depth,
+                         prompt.key_depth, prompt.key, passkey_found(answer.text, prompt.key), answer.text,
+                         answer.tokens, time.perf_counter() - t0)
 
 
 def _passkey_trial(model, length: int, requested: str, trial: int, prompt: PasskeyPrompt,

@@ -137,7 +137,7 @@ class Model:
             "rope_method": self.rope_method,
             "kv_bits": lm.kv_bits,
             "quantize": lm.quantize,
-            "kv_bytes_per_token": self.config.kv_bytes_per_token(lm.kv_element_bytes, kv_scale_bytes),
+            "kv_bytes_per_token": self.kv_bytes_per_token(),
             "sliding_window": self.config.sliding_window,
             "kv_cached_tokens_max": kv_cache_tokens(self.config, BUCKETS[-1], self.prefill_chunk),
             "buckets": [{"context": r.context, "bytes": r.bytes, "fits": r.fits,
@@ -188,6 +188,18 @@ class Model:
         """Prefill `ids` after what `cache` holds, answering nothing: a document kept for later questions."""
         if ids:
             self.lm.prefill(self._check_ids(ids), cache, self.prefill_chunk)
+
+    def prefill_log_probs(self, ids: list[int], cache) -> list[float]:
+        """Prefill `ids` after what `cache` holds and return the log-probability (nats) the model gives each
+        of ids[1:], given the cache and the ids before it: how expected a continuation is after that
+        cache (ask.py ranks a document's parts by how well each predicts the question)."""
+        ids = self._check_ids(ids)
+        logits = logits_to_numpy(self.lm.prefill(ids, cache, self.prefill_chunk, every=True))
+        return [-negative_log_likelihood(logits[i], ids[i + 1]) for i in range(len(ids) - 1)]
+
+    def kv_bytes_per_token(self) -> int:
+        """Bytes one position of this model's KV cache takes (all layers, K and V, scales included)."""
+        return self.config.kv_bytes_per_token(self.lm.kv_element_bytes, self.lm.kv_scale_bytes)
 
     def stream(self, ids: list[int], options: GenerationOptions, *, cache=None, context: int | None = None,
                rope: str | None = None) -> GenerationStream:

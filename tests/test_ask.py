@@ -1,14 +1,93 @@
-"""arbor ask's logic on the fake model (no weights): which path runs, and that a part's answer is kept
-only with evidence from that part's own text. Real-model retrieval figures belong to issue 13's
-measurements (docs/long-context.md), not to this file."""
+"""arbor ask's logic on a word-level fake model (no weights): which path runs, how parts are ranked and
+answered, and that an answer is kept only with evidence from its part's own text. The real-model tests
+(marked slow) answer real questions and keep the document's cache on disk; the retrieval figures are
+issue 13's measurements (docs/long-context.md)."""
+
+import re
+from types import SimpleNamespace
 
 import pytest
 
-from arbor_cli.ask import NOT_FOUND, ask, evidence
+from arbor_cli import ask as ask_module
+from arbor_cli.ask import ANSWERED_PARTS, NOT_FOUND, anchored, ask, common_words, evidence
 from arbor_cli.errors import UsageError
-from conftest import FakeModel, document
+from arbor_cli.generate import GenerationResult
+from conftest import document
 
 KEY = "The pass key is 91644."
+QUESTION = "What is the pass key?"
+TOKEN = re.compile(r"\w+|[^\w\s]|\n")
+
+
+class WordTokenizer:
+    """One id per word, punctuation mark or line break; decode joins them back (spacing aside)."""
+
+    def __init__(self):
+        self.ids: dict[str, int] = {}
+        self.words: list[str] = []
+
+    def _id(self, word: str) -> int:
+        if word not in self.ids:
+            self.ids[word] = len(self.words)
+            self.words.append(word)
+        return self.ids[word]
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return [self._id(w) for w in TOKEN.findall(text)]
+
+    def encode_with_offsets(self, text: str):
+        spans = [m.span() for m in TOKEN.finditer(text)]
+        return [self._id(text[a:b]) for a, b in spans], spans
+
+    def encode_chat(self, messages, add_generation_prompt: bool = True) -> list[int]:
+        ids = []
+        for m in messages:
+            ids += [self._id(f"<{m['role']}>")] + self.encode(m["content"]) + [self._id("<end>")]
+        return ids + ([self._id("<assistant>")] if add_generation_prompt else [])
+
+    def decode(self, ids: list[int]) -> str:
+        return " ".join(self.words[i] for i in ids)
+
+
+class Stream:
+    def __init__(self, result):
+        self.result = result
+
+    def __iter__(self):
+        yield self.result.text
+
+
+class DocModel:
+    """The Model methods ask uses, on words: a cache is the ids it holds; `score(prompt)` is the question's
+    log-probability after a part, `answer(prompt)` the reply. Records what it was asked."""
+
+    def __init__(self, answer, score=lambda prompt: -1.0 * prompt.count("key"), trained: int = 4096):
+        self.tokenizer = WordTokenizer()
+        self.config = SimpleNamespace(trained_context=trained)
+        self.answer_for, self.score_for = answer, score
+        self.prompts: list[str] = []  # what each answer was given
+        self.notices: list[str] = []
+        self.notify = self.notices.append
+
+    def new_cache(self, capacity: int):
+        return SimpleNamespace(capacity=capacity, ids=[])
+
+    def prefill(self, ids, cache):
+        cache.ids += ids
+
+    def prefill_log_probs(self, ids, cache) -> list[float]:
+        """The whole score on the question's second token (ask sums the question's tokens after the first)."""
+        cache.ids += ids
+        return [0.0, self.score_for(self.tokenizer.decode(cache.ids))] + [0.0] * (len(ids) - 3)
+
+    def stream(self, ids, options, *, cache=None, context=None):
+        prompt = self.tokenizer.decode((cache.ids if cache is not None else []) + ids)
+        self.prompts.append(prompt)
+        text = self.answer_for(prompt)
+        return Stream(GenerationResult(text, [], "eos", {}, context or cache.capacity))
+
+    def kv_bytes_per_token(self) -> int:
+        return 1
 
 
 def needle_document(paragraphs: int, at: int) -> str:
@@ -22,44 +101,88 @@ def answers_from_the_part(prompt: str) -> str:
     return "The pass key is 91644." if "91644" in prompt else "The pass key is 1234."
 
 
+def ranked_by_the_key(prompt: str) -> float:
+    return 0.0 if "91644" in prompt else -10.0
+
+
 def test_a_short_document_is_asked_in_one_pass():
-    model = FakeModel(answer=lambda prompt: "It says p1s2w3.")
-    result = ask(model, document(3), "What is the third word of the second sentence?")
+    model = DocModel(answer=lambda prompt: "It says p1s2w3.")
+    result = ask(model, document(3), QUESTION, keep=False)
     assert result.path == "one pass" and result.parts == 1 and result.text == "It says p1s2w3."
     [prompt] = model.prompts
-    assert "p2s4w11" in prompt and prompt.endswith("What is the third word of the second sentence?")
+    assert "p2s4w11" in prompt and prompt.index("p2s4w11") < prompt.index("Question : What is the pass key ?")
+    assert prompt.rstrip(" <end><assistant>").endswith("copied from the text above .")
+    assert result.findings[0].match == "p1s2w3"  # the one-pass answer keeps its quote when it has one
+    assert result.findings[0].quote.startswith("p1s2w0") and result.findings[0].quote.endswith("p1s2w11.")
 
 
-def test_a_long_document_is_asked_part_by_part_and_only_the_part_with_evidence_counts():
-    text = needle_document(120, at=70)  # ~7,900 words: past the one-pass length
-    model = FakeModel(answer=answers_from_the_part)
-    result = ask(model, text, "What is the pass key?")
-    assert result.path == "parts" and result.parts == len(model.prompts) >= 2
-    assert [f.quote for f in result.findings] == ["The pass key is 91644"]
+def test_a_long_document_is_read_part_by_part_and_the_best_ranked_parts_answer():
+    text = needle_document(120, at=70)  # ~8,000 words: past the one-pass length
+    scored = []
+    model = DocModel(answer=answers_from_the_part, score=lambda p: (scored.append(p), ranked_by_the_key(p))[1])
+    result = ask(model, text, QUESTION, keep=False)
+    assert result.path == "parts" and result.parts == len(scored) >= 7  # every part read and scored
+    assert len(model.prompts) == len(result.answered) == ANSWERED_PARTS  # only the best-ranked answer
+    assert "91644" in model.prompts[0]  # the part holding the key answered first
+    assert [f.match for f in result.findings] == ["The pass key is 91644"]
     finding = result.findings[0]
-    assert text[finding.start:finding.start + len(finding.quote)] == finding.quote
-    assert "91644" in model.prompts[finding.part - 1]
+    assert text[finding.start:finding.start + len(finding.quote)] == finding.quote and finding.anchored
+    assert result.answered[0]["part"] == finding.part
     assert result.text.startswith("The pass key is 91644.") and f"part {finding.part} of {result.parts}" in result.text
-    assert all(p.startswith("There is an important piece of information hidden in this text, part ")
-               for p in model.prompts)
+
+
+def test_an_invented_answer_is_no_finding_and_nothing_found_says_so():
+    model = DocModel(answer=lambda prompt: "The pass key is 1234.")
+    result = ask(model, document(200), QUESTION, keep=False)
+    assert result.path == "parts" and result.findings == [] and result.text == NOT_FOUND
+    assert result.parts > len(result.answered) == ask_module.MAX_ANSWERED_PARTS  # it looked further, then gave up
+    second_looks = [p for p in model.prompts if p.startswith("<user> Question :")]
+    assert len(second_looks) == 1  # the best-ranked part was read again, question first
+
+
+def test_the_best_part_without_evidence_gets_a_second_look_with_the_question_first():
+    text = needle_document(120, at=70)
+
+    def misses_then_finds(prompt: str) -> str:
+        if "91644" in prompt and prompt.startswith("<user> Question :"):
+            return KEY
+        return "The pass key is a small wooden box."
+
+    model = DocModel(answer=misses_then_finds, score=ranked_by_the_key)
+    result = ask(model, text, QUESTION, keep=False)
+    assert [f.match for f in result.findings] == ["The pass key is 91644"]
+    assert result.text.startswith(KEY)
 
 
 def test_a_part_quoting_text_found_all_over_the_document_is_not_a_finding():
-    filler = "The grass is green. The sky is blue. " * 600  # ~4,800 words of repeated filler, one key
+    filler = "The grass is green. The sky is blue. " * 600  # ~6,000 words of repeated filler, one key
     text = filler + KEY + " " + filler
 
     def quoting(prompt: str) -> str:
         return KEY if "91644" in prompt else "The pass key is the phrase 'The grass is green.'"
 
-    result = ask(FakeModel(answer=quoting), text, "What is the pass key?")
-    assert [f.quote for f in result.findings] == ["The pass key is 91644"]
+    result = ask(DocModel(answer=quoting, score=lambda p: 0.0), text, QUESTION, keep=False)
+    assert [f.match for f in result.findings] == ["The pass key is 91644"]
     assert result.text.startswith(KEY)
 
 
-def test_no_part_with_evidence_says_so_instead_of_guessing():
-    model = FakeModel(answer=lambda prompt: "The pass key is 1234.")
-    result = ask(model, document(120), "What is the pass key?")
-    assert result.path == "parts" and result.findings == [] and result.text == NOT_FOUND
+def test_an_anchored_finding_beats_a_better_ranked_unanchored_one():
+    text = needle_document(120, at=70)
+
+    def answers(prompt: str) -> str:
+        return KEY if "91644" in prompt else "It is p5s1w2 p5s1w3 p5s1w4."  # a real quote, unrelated to keys
+
+    model = DocModel(answer=answers, score=lambda p: -5.0 if "91644" in p else (0.0 if "p5s1w2" in p else -9.0))
+    result = ask(model, text, QUESTION, keep=False)
+    assert {f.match for f in result.findings} == {"The pass key is 91644", "p5s1w2 p5s1w3 p5s1w4"}
+    assert result.text.startswith(KEY)
+
+
+def test_a_quote_unrelated_to_the_question_is_listed_but_answers_nothing():
+    model = DocModel(answer=lambda prompt: "It is p5s1w2 p5s1w3 p5s1w4.", score=lambda p: 0.0 if "p5s1w2" in p else -9.0)
+    result = ask(model, document(120), QUESTION, keep=False)
+    assert [f.match for f in result.findings] == ["p5s1w2 p5s1w3 p5s1w4"] and not result.findings[0].anchored
+    assert result.text == NOT_FOUND
 
 
 @pytest.mark.parametrize("answer, part, found", [
@@ -70,15 +193,61 @@ def test_no_part_with_evidence_says_so_instead_of_guessing():
     ("Bees make honey.", "In summer bees make honey in hives.", "bees make honey"),
 ])
 def test_evidence_is_a_verbatim_run_that_says_more_than_the_question(answer, part, found):
-    where = evidence(answer, part, "What is the pass key?")
-    assert (None if where is None else part[where[0]:where[1]]) == found
+    where = evidence(answer, part, QUESTION)
+    assert (None if where is None else part[where.run[0]:where.run[1]]) == found
 
 
-def test_empty_document_or_question_is_a_usage_error():
+def test_evidence_prefers_a_run_whose_sentence_is_about_the_question_and_quotes_that_sentence():
+    part = ('Deletion of slicings is passed to the primary object involved. "pass" is a null operation. '
+            "It is useful as a placeholder.")
+    answer = "The pass statement is a null operation that is passed to the primary object involved."
+    found = evidence(answer, part, 'What is the "pass" statement?')
+    assert part[found.run[0]:found.run[1]] == "is a null operation" and found.anchored
+    assert part[found.sentence[0]:found.sentence[1]] == '"pass" is a null operation.'
+
+
+@pytest.mark.parametrize("sentence, question, expected", [
+    ("Grass grows. The pass key is 54635. Remember it.", QUESTION, True),
+    ("Consecrate Aaron and his sons.", QUESTION, False),
+    ("He built the first tower in 1698.", "When was the tower built?", True),
+    ("It continues with the next cycle of the nearest enclosing loop.", 'What does "continue" do?', True),  # stems
+    ("It is what it is.", "What is it?", False),  # function words tie nothing
+])
+def test_a_sentence_is_anchored_when_it_shares_a_word_with_the_question(sentence, question, expected):
+    assert anchored(sentence, question) is expected
+
+
+def test_a_word_found_in_most_parts_anchors_nothing():
+    parts = ["The statement here.", "A statement there.", "Statement and the pass key.", "No such word."]
+    common = common_words(parts)
+    assert "statement" in common and "pass" not in common
+    assert not anchored("The statement is long.", "What is the pass statement?", common)
+    assert anchored("The pass key.", "What is the pass statement?", common)
+
+
+def test_a_long_sentence_is_quoted_around_the_evidence():
+    part = "Words " * 100 + "the pass key is 91644 and " + "more words " * 100 + "."
+    where = evidence("The pass key is 91644.", part, QUESTION)
+    lo, hi = where.sentence
+    assert hi - lo <= ask_module.QUOTE_CHARS and lo <= where.run[0] and where.run[1] <= hi
+    assert not part[lo].isspace() and part[lo - 1] == " " and part[hi] == " "  # cut between words
+
+
+def test_empty_document_question_or_too_long_question_is_a_usage_error():
     with pytest.raises(UsageError, match="document is empty"):
-        ask(FakeModel(), "  \n", "Why?")
+        ask(DocModel(answer=str), "  \n", "Why?")
     with pytest.raises(UsageError, match="question is empty"):
-        ask(FakeModel(), "Some text.", " ")
+        ask(DocModel(answer=str), "Some text.", " ")
+    with pytest.raises(UsageError, match="question is too long"):
+        ask(DocModel(answer=str), "Some text.", "why " * 300, keep=False)
+
+
+def test_a_document_whose_cache_exceeds_the_cap_is_read_without_keeping_it(monkeypatch):
+    monkeypatch.setenv("ARBOR_DOC_CACHE_MB", "0.001")  # 1,000 bytes: the fake's cache is a byte a token
+    model = DocModel(answer=answers_from_the_part, score=ranked_by_the_key)
+    result = ask(model, needle_document(120, at=70), QUESTION)
+    assert result.text.startswith(KEY) and result.cache == {"loaded": 0, "prefilled": result.parts}
+    assert len(model.notices) == 1 and "ARBOR_DOC_CACHE_MB" in model.notices[0]
 
 
 @pytest.mark.slow

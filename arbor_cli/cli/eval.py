@@ -13,6 +13,7 @@ from ..errors import UsageError
 from ..rope import AUTO_METHOD
 from ..evals import (
     PPL_WINDOW,
+    VIA,
     PasskeyReport,
     PasskeyResult,
     PerplexityRow,
@@ -60,26 +61,35 @@ def passkey(
     prose: Annotated[str | None, typer.Option("--prose", metavar="FILE", help="Hide the key in this real text "
                                                  "instead of the papers' repeated filler (the harder variant).")]
     = None,
+    via: Annotated[str, typer.Option("--via", help="attention: the whole prompt in one pass (per RoPE method); "
+                                     "ask: the same document through `arbor ask` (part by part).")] = "attention",
     as_json: JsonOpt = False,
     *, opts: GlobalOptions,
 ) -> None:
     sizes, methods = parse_lengths(lengths), parse_rope_methods(rope)
     if trials < 1:
         raise UsageError(f"--trials must be at least 1, got {trials}")
+    if via not in VIA:
+        raise UsageError(f"--via must be {' or '.join(VIA)}, got {via!r}")
+    if via == "ask" and methods != ["auto"]:
+        raise UsageError("--rope compares RoPE methods of one attention pass; --via ask reads parts within the "
+                         "trained context (leave --rope out)")
     sentences = split_sentences(read_text_input(prose)[0]) if prose else None
     m = load_model(opts)
     announce = _announcer()
 
     def show(r: PasskeyResult) -> None:
-        announce(r.length, r.requested, r.rope, r.scaling)
+        if via != "ask":  # ask reads parts within the trained context: no RoPE choice to announce
+            announce(r.length, r.requested, r.rope, r.scaling)
         outcome = f"error: {r.error}" if r.error else ("found" if r.found else f"missed ({r.answer.strip()!r})")
         notice(f"passkey {r.length:,} · {r.requested} · depth {r.depth:.0%}: {outcome} [{r.seconds:.1f} s]")
 
     with status("passkey retrieval…"):
-        report = run_passkey(m, sizes, methods, trials, seed, sentences, prose or "repeat", on_result=show)
+        report = run_passkey(m, sizes, methods, trials, seed, sentences, prose or "repeat", on_result=show, via=via)
     if as_json:
         write_answer(json.dumps({"model": m.checkpoint.name, "backend": m.backend, "device": m.device,
-                                 "dtype": m.dtype, "trained_context": m.config.trained_context, **report.to_json()}))
+                                 "dtype": m.dtype, "trained_context": m.config.trained_context, "via": via,
+                                 **report.to_json()}))
         return
     answer_console.print(_title(m, f"passkey retrieval, {trials} trials per length, filler: {report.filler}"))
     answer_console.print(_accuracy_table(report))

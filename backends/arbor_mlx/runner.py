@@ -134,20 +134,23 @@ class MLXModel:
             self.set_rope(rope, positions)
 
     @_on_device
-    def prefill(self, ids: list[int], cache: ModelCache, chunk_size: int = 512) -> mx.array:
+    def prefill(self, ids: list[int], cache: ModelCache, chunk_size: int = 512, *, every: bool = False) -> mx.array:
         if not ids:
             raise ValueError("prefill needs at least one token")
         self._use_rope(cache.rope, cache.capacity)
         check_room(cache, len(ids), self.model.rope_len())
         cache.pending = None
         chunk_size = min(chunk_size, cache.max_chunk)  # a ring cache bounds how many queries one step may write
+        rows = []
         for begin in range(0, len(ids), chunk_size):
             chunk = ids[begin:begin + chunk_size]
-            out = self.model(mx.array([chunk], dtype=mx.int32), cache.length, cache.layers, last_only=True)
+            out = self.model(mx.array([chunk], dtype=mx.int32), cache.length, cache.layers, last_only=not every)
             cache.length += len(chunk)
+            if every:
+                rows.append(out[0].astype(mx.float32))
             if begin + chunk_size < len(ids):
-                mx.eval(cache.arrays())  # run this chunk now: bounds the graph and the attention workspace
-        logits = out[0, -1].astype(mx.float32)
+                mx.eval(cache.arrays(), *rows)  # run this chunk now: bounds the graph and the attention workspace
+        logits = mx.concatenate(rows) if every else out[0, -1].astype(mx.float32)
         mx.async_eval(logits)
         self._latest = (logits, cache)
         return logits

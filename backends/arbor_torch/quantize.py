@@ -31,9 +31,12 @@ ACT_DTYPE = torch.bfloat16  # what the kernels take as input
 # on the default model group 64 made the logits 4.5x further from fp32 (128 does not divide its 576).
 INT4_GROUP = 32
 INT4_BLOCK_N = 64  # rows the CPU int4 kernel interleaves in its packed layout (checked in int4_layout_known)
-# From this many activation rows on, dequantize and run a bf16 GEMM (prefill). At 16 rows (3072x576,
-# 1 thread) the GEMM already wins: 370 us vs 868 (int8 kernel) and 680 (int4 kernel).
-DEQUANT_ROWS = 16
+# From this many activation rows on, dequantize and run a bf16 GEMM (prefill). Where it pays depends on
+# the CPU: on a Zen 4 the GEMM already wins at 16 rows (3072x576, 1 thread: 370 us vs 868 for the int8
+# kernel and 680 for int4); on a 2-core Xeon without AMX (avx512_bf16) the int4 kernel wins up to ~512
+# rows (1536x576 at 32 rows: 0.47 ms vs 2.73; 576x1536 at 512: 8.3 vs 7.6), and a 30-token prefill after
+# a cached document (ask.py's question) took 0.45 s at 16 against 0.17 s at 64. 64 keeps most of both.
+DEQUANT_ROWS = 64
 
 
 def quantize_int8(w: torch.Tensor, scale_dtype=ACT_DTYPE) -> tuple[torch.Tensor, torch.Tensor]:

@@ -164,22 +164,24 @@ class TorchModel:
 
     @_translate_oom
     @torch.inference_mode()
-    def prefill(self, ids: list[int], cache: ModelCache, chunk_size: int = 512) -> torch.Tensor:
+    def prefill(self, ids: list[int], cache: ModelCache, chunk_size: int = 512, *, every: bool = False) -> torch.Tensor:
         if not ids:
             raise ValueError("prefill needs at least one token")
         self._use_rope(cache.rope, cache.capacity)
         check_room(cache, len(ids), self.model._rope_len())
         chunk_size = min(chunk_size, cache.max_chunk)  # a ring cache bounds how many queries one step may write
-        logits = None
+        rows = []
         for begin in range(0, len(ids), chunk_size):
             chunk = ids[begin:begin + chunk_size]
             tokens = torch.tensor([chunk], dtype=torch.long, device=self.device)
             last = begin + chunk_size >= len(ids)
-            out = self.model(tokens, cache.length, cache.layers, last_only=True)
+            out = self.model(tokens, cache.length, cache.layers, last_only=not every)
             cache.length += len(chunk)
-            if last:
-                logits = out[0, -1].float()
-        return logits
+            if every:
+                rows.append(out[0].float())
+            elif last:
+                rows.append(out[0, -1].float())
+        return torch.cat(rows) if every else rows[0]
 
     @_translate_oom
     @torch.inference_mode()

