@@ -37,14 +37,16 @@ from .chunking import document_token_offsets, split_into_chunks
 from .errors import UsageError
 from .generate import GenerationOptions
 
-ANSWER_TOKENS = 32  # an answer in the text's own words is a sentence; it also ends at a line break
+ANSWER_TOKENS = 32  # an answer in the text's own words is a sentence; it also ends at a blank line
 QUESTION_ROOM = 256  # tokens a question (with the instruction after it) may take after a cached document
 PART_OVERLAP_TOKENS = 96  # a sentence cut by a part's edge is whole in the next part
 ANSWERED_PARTS = 3  # the best-ranked parts that answer; more only while none has given evidence
 MAX_ANSWERED_PARTS = 12  # "the document does not seem to say" after this many best-ranked parts
-MIN_EVIDENCE_WORDS = 3  # a run of this many words, or one word with a digit in it, is evidence
-MAX_QUOTE_REPEATS = 2  # a quote found more often in the document says nothing about where the answer is
-COMMON_IN = 0.25  # a question word found in more than this share of the parts ties no quote to the question
+MIN_EVIDENCE_WORDS = 3  # a run of this many words (or one word with a digit, or a content word) is evidence
+# a run found more often in the document says nothing about where the answer is: a part that lacks the
+# answer may still quote itself ("The pass key is the phrase 'The grass is green.'" in repeated filler)
+MAX_QUOTE_REPEATS = 2
+COMMON_IN = 0.5  # a question word found in more than this share of the parts ties no quote to the question
 INSTRUCTION = "Answer the question with the exact words of the text, copied from the text above."
 PROMPT = "Text:\n{text}\n\nQuestion: {question}\n" + INSTRUCTION
 SECOND_LOOK_PROMPT = "Question: {question}\n\nText:\n{text}\n\n" + INSTRUCTION + " Question: {question}"
@@ -134,25 +136,33 @@ class Evidence:
     anchored: bool  # the sentence shares a word with the question (see anchored)
 
 
-def evidence(answer: str, part: str, question: str, common: frozenset[str] = frozenset()) -> Evidence | None:
+def evidence(answer: str, part: str, question: str, common: frozenset[str] = frozenset(),
+             document: DocumentWords | None = None) -> Evidence | None:
     """The answer's best evidence in `part`: a run of its words that occurs verbatim there (case and
-    spacing aside), at least MIN_EVIDENCE_WORDS words or one word with a digit, and not all words the
-    question already holds (an answer that echoes the question proves nothing). Of the longest such run
-    starting at each of the answer's words, one whose sentence is anchored wins, then the longest:
-    "…a null operation that is passed to the primary object involved" is evidenced by "pass is a null
-    operation" (its sentence is about "pass"), not by the longer "passed to the primary object involved"."""
+    spacing aside) and says more than the question (not only words the question holds; at least
+    MIN_EVIDENCE_WORDS words, or a word with a digit, or a word found at most MAX_QUOTE_REPEATS times in
+    the document, like "Endeavour"), and, given the document's words, occurs in it at most
+    MAX_QUOTE_REPEATS times. Of the longest such run starting at each of the answer's
+    words, one whose sentence is anchored wins, then the longest: "…a null operation that is passed to
+    the primary object involved" is evidenced by "pass is a null operation" (its sentence is about
+    "pass"), not by the longer "passed to the primary object involved"."""
     words = WORDS.findall(answer.casefold())
     asked = set(WORDS.findall(question.casefold()))
     spans = [(m.start(), m.end()) for m in WORDS.finditer(part)]
     part_words = [part[a:b].casefold() for a, b in spans]
+    counted = document or DocumentWords(part)
+
+    def rare(word: str) -> bool:
+        return counted.count([word], MAX_QUOTE_REPEATS) <= MAX_QUOTE_REPEATS
+
     best, best_rank = None, None
     for i in range(len(words)):  # answers are a sentence: quadratic in its words is nothing
         for j in range(len(words), i, -1):
             run = words[i:j]
-            if set(run) <= asked or not (len(run) >= MIN_EVIDENCE_WORDS or any(c.isdigit() for w in run for c in w)):
-                break  # a shorter run from i qualifies no better
+            if not _says_more(run, asked, rare):
+                break  # a shorter run from i says no more
             at = next(_runs(part_words, run), None)
-            if at is None:
+            if at is None or (document is not None and document.count(run, MAX_QUOTE_REPEATS) > MAX_QUOTE_REPEATS):
                 continue
             found = (spans[at][0], spans[at + len(run) - 1][1])
             sentence = sentence_around(part, *found)
@@ -161,6 +171,15 @@ def evidence(answer: str, part: str, question: str, common: frozenset[str] = fro
                 best, best_rank = candidate, (candidate.anchored, len(run))
             break
     return best
+
+
+def _says_more(run: list[str], asked: set[str], rare) -> bool:
+    """Whether a run could be evidence: not only the question's words; MIN_EVIDENCE_WORDS words, or a word
+    with a digit, or a rare word (`rare(word)`: "Endeavour" is; "loop", all over a text on loops, is not)."""
+    if set(run) <= asked:
+        return False
+    return (len(run) >= MIN_EVIDENCE_WORDS or any(c.isdigit() for w in run for c in w)
+            or any(w not in asked and w not in FUNCTION_WORDS and rare(w) for w in run))
 
 
 def sentence_around(part: str, start: int, end: int) -> tuple[int, int]:
@@ -204,11 +223,24 @@ def common_words(parts: list[str]) -> frozenset[str]:
     return frozenset(w for w, n in counts.items() if n > COMMON_IN * len(parts))
 
 
-def specific(quote: str, document_words: list[str]) -> bool:
-    """Whether `quote` occurs at most MAX_QUOTE_REPEATS times in the document (its casefolded words): a
-    part that lacks the answer may still quote itself ("The pass key is the phrase 'The grass is green.'"
-    in a document of repeated filler), but a quote found all over the document tells nothing."""
-    return sum(1 for _ in _runs(document_words, WORDS.findall(quote.casefold()))) <= MAX_QUOTE_REPEATS
+class DocumentWords:
+    """A document's words (casefolded) and where each occurs, to count a run's occurrences quickly."""
+
+    def __init__(self, text: str):
+        self.words = WORDS.findall(text.casefold())
+        self.at: dict[str, list[int]] = {}
+        for i, w in enumerate(self.words):
+            self.at.setdefault(w, []).append(i)
+
+    def count(self, run: list[str], most: int) -> int:
+        """How often `run` occurs, counting no further than most + 1."""
+        n, found = len(run), 0
+        for k in self.at.get(run[0], ()) if run else ():
+            if self.words[k:k + n] == run:
+                found += 1
+                if found > most:
+                    break
+        return found
 
 
 class DocumentReader:
@@ -258,7 +290,7 @@ class DocumentReader:
 
 
 def _answer_options() -> GenerationOptions:
-    return GenerationOptions.build(max_new_tokens=ANSWER_TOKENS, stop="\n")
+    return GenerationOptions.build(max_new_tokens=ANSWER_TOKENS, stop="\n\n")
 
 
 def second_look(model, text: str, question: str):
@@ -308,8 +340,8 @@ def _runs(haystack: list[str], run: list[str]):
 
 
 def _finding(reply_text: str, part: str, offset: int, question: str, index: int, score: float,
-             common: frozenset[str] = frozenset()) -> Finding | None:
-    found = evidence(reply_text, part, question, common)
+             common: frozenset[str] = frozenset(), document: DocumentWords | None = None) -> Finding | None:
+    found = evidence(reply_text, part, question, common, document)
     if found is None:
         return None
     (a, b), (lo, hi) = found.run, found.sentence
@@ -367,7 +399,7 @@ def ask(model, text: str, question: str, *, progress=None, keep: bool = True, pa
         progress.advance()
     read_s = time.perf_counter() - started
     ranked = sorted(range(1, len(parts) + 1), key=rank)
-    document_words = [w.casefold() for w in WORDS.findall(text)]
+    document = DocumentWords(text)
     common = common_words(parts)
     findings, answered = [], []
     for index in ranked[:MAX_ANSWERED_PARTS]:
@@ -377,13 +409,13 @@ def ask(model, text: str, question: str, *, progress=None, keep: bool = True, pa
         offset = text.index(part, chunks[index - 1].start)
         reply = reader.answer(held.pop(index, None) or reader.read(part, question)).text
         record = {"part": index, "score": round(score, 3), "reply": reply.strip()}
-        found = _finding(reply, part, offset, question, index, score, common)
+        found = _finding(reply, part, offset, question, index, score, common, document)
         if not answered and (found is None or not found.anchored):  # the best-ranked part: a second look
             record["second_look"] = second_look(model, focus(part, question, common), question).text.strip()
-            looked = _finding(record["second_look"], part, offset, question, index, score, common)
+            looked = _finding(record["second_look"], part, offset, question, index, score, common, document)
             found = max([f for f in (found, looked) if f is not None], key=_rank, default=None)
         answered.append(record)
-        if found is not None and specific(found.match, document_words):
+        if found is not None:
             findings.append(found)
     timings = {"total_s": round(time.perf_counter() - started, 3), "read_s": round(read_s, 3)}
     result = Answer(NOT_FOUND, "parts", len(parts), len(offsets), answered, findings,

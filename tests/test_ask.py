@@ -197,6 +197,14 @@ def test_evidence_is_a_verbatim_run_that_says_more_than_the_question(answer, par
     assert (None if where is None else part[where.run[0]:where.run[1]]) == found
 
 
+def test_one_content_word_is_evidence_but_a_run_common_in_the_document_is_not():
+    part = "They sailed at dawn. The name of the ship is Endeavour. The sea was calm."
+    found = evidence('The ship is the "Endeavour"', part, "What is the name of the ship?")
+    assert part[found.run[0]:found.run[1]] == "Endeavour" and found.anchored
+    document = ask_module.DocumentWords(part + " The sea was calm." * 3)
+    assert evidence("The sea was calm.", part, "What was the sea like?", document=document) is None
+
+
 def test_evidence_prefers_a_run_whose_sentence_is_about_the_question_and_quotes_that_sentence():
     part = ('Deletion of slicings is passed to the primary object involved. "pass" is a null operation. '
             "It is useful as a placeholder.")

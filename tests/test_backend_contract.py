@@ -139,6 +139,18 @@ def test_chunked_prefill_then_decode_matches_the_full_forward(backend, make_chec
     assert cache.length == 70
 
 
+@pytest.mark.parametrize("chunk", [4, 64])
+def test_prefill_of_every_position_after_a_cache_matches_the_full_forward(backend, make_checkpoint, chunk):
+    lm = backend.load(make_checkpoint())
+    ids = random_ids(40)
+    full = lm.logits(ids)
+    cache = lm.new_cache(64)
+    lm.prefill(ids[:25], cache, chunk)
+    rows = backend.numpy(lm.prefill(ids[25:], cache, chunk, every=True))  # a question after a kept document
+    assert rows.shape == (15, full.shape[1]) and cache.length == 40
+    np.testing.assert_allclose(rows, full[25:], rtol=1e-4, atol=1e-4)
+
+
 def test_cache_overflow_and_missing_rope_are_context_errors(backend, make_checkpoint):
     lm = backend.load(make_checkpoint())
     cache = lm.new_cache(8)
