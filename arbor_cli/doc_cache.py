@@ -18,6 +18,7 @@ import os
 import sys
 import time
 import uuid
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -81,21 +82,32 @@ def document_sha256(doc_ids: list[int]) -> str:
     return _sha256(np.asarray(doc_ids, dtype=np.int64).tobytes())
 
 
+_IDENTITIES: "weakref.WeakKeyDictionary[Any, dict[str, Any]]" = weakref.WeakKeyDictionary()
+
+
+def _identity(model) -> dict[str, Any]:
+    """What a model's caches depend on besides the document and context, worked out once per model
+    (hashing the tokenizer files each time cost a question about a 128-part document 128 hashes)."""
+    if model not in _IDENTITIES:
+        config = json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode()
+        _IDENTITIES[model] = {"model": str(model.checkpoint.name), "model_sha256": _model_sha256(model.checkpoint),
+                              "config_sha256": _sha256(config), "tokenizer_sha256": _tokenizer_identity(model),
+                              **model.runtime()}  # kv_bits, backend, device, dtype, quantize
+    return _IDENTITIES[model]
+
+
 def key_for(model, doc_ids: list[int], context: int, rope_method: str) -> dict[str, Any]:
     """Everything the document's cache depends on (JSON values); equal keys mean an interchangeable cache."""
-    config = json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode()
+    identity = _identity(model)
     return {
         "format": FORMAT_VERSION,
-        "model": str(model.checkpoint.name),
-        "model_sha256": _model_sha256(model.checkpoint),
-        "config_sha256": _sha256(config),
-        "tokenizer_sha256": _tokenizer_identity(model),
+        **{k: identity[k] for k in ("model", "model_sha256", "config_sha256", "tokenizer_sha256")},
         "document_sha256": document_sha256(doc_ids),
         "tokens": len(doc_ids),
         "context": int(context),
         "rope_method": rope_method,
         "rope_scaling": model.rope_scaling_for(context, rope_method),
-        **model.runtime(),  # kv_bits, backend, device, dtype, quantize
+        **{k: v for k, v in identity.items() if k not in ("model", "model_sha256", "config_sha256", "tokenizer_sha256")},
     }
 
 

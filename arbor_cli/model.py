@@ -194,8 +194,10 @@ class Model:
         of ids[1:], given the cache and the ids before it: how expected a continuation is after that
         cache (ask.py ranks a document's parts by how well each predicts the question)."""
         ids = self._check_ids(ids)
-        logits = logits_to_numpy(self.lm.prefill(ids, cache, self.prefill_chunk, every=True))
-        return [-negative_log_likelihood(logits[i], ids[i + 1]) for i in range(len(ids) - 1)]
+        z = logits_to_numpy(self.lm.prefill(ids, cache, self.prefill_chunk, every=True))[:-1]
+        top = z.max(axis=1, keepdims=True)
+        log_norm = top[:, 0] + np.log(np.exp(z - top).sum(axis=1, dtype=np.float64))
+        return (z[np.arange(len(z)), ids[1:]] - log_norm).tolist()
 
     def kv_bytes_per_token(self) -> int:
         """Bytes one position of this model's KV cache takes (all layers, K and V, scales included)."""
