@@ -277,8 +277,8 @@ class DocumentReader:
         cache = model.new_cache(capacity)
         model.prefill(doc_ids, cache)
         self.prefilled += 1
-        if self.keep:
-            doc_cache.save(model, key, cache)
+        if self.keep and not doc_cache.save(model, key, cache):
+            self.keep = False  # one warning said why; the other parts are not tried (a full disk stays full)
         return cache
 
     def answer(self, reading: Reading):
