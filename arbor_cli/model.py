@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from .tokenizer import Tokenizer
 
 MAX_CONTEXT = 1 << 20
+SCORE_CHUNK = 256  # positions whose logits prefill_log_probs holds at once (256 x a 49K vocabulary: 50 MB)
 KV_BITS = (8, 16)
 QUANTIZE = ("int8", "int4")  # weight-only quantization a backend may offer (torch: on CPU)
 DTYPES = ("float32", "bfloat16", "float16")  # float weight precisions every backend runs
@@ -194,10 +195,16 @@ class Model:
         of ids[1:], given the cache and the ids before it: how expected a continuation is after that
         cache (ask.py ranks a document's parts by how well each predicts the question)."""
         ids = self._check_ids(ids)
-        z = logits_to_numpy(self.lm.prefill(ids, cache, self.prefill_chunk, every=True))[:-1]
-        top = z.max(axis=1, keepdims=True)
-        log_norm = top[:, 0] + np.log(np.exp(z - top).sum(axis=1, dtype=np.float64))
-        return (z[np.arange(len(z)), ids[1:]] - log_norm).tolist()
+        scored: list[float] = []
+        for begin in range(0, len(ids), SCORE_CHUNK):  # a chunk's logits are [chunk, vocab]: keep them few
+            chunk = ids[begin:begin + SCORE_CHUNK]
+            z = logits_to_numpy(self.lm.prefill(chunk, cache, self.prefill_chunk, every=True))
+            targets = ids[begin + 1:begin + 1 + len(chunk)]  # the next chunk's first id closes this one
+            z = z[:len(targets)]
+            top = z.max(axis=1, keepdims=True)
+            log_norm = top[:, 0] + np.log(np.exp(z - top).sum(axis=1, dtype=np.float64))
+            scored += (z[np.arange(len(z)), targets] - log_norm).tolist()
+        return scored
 
     def kv_bytes_per_token(self) -> int:
         """Bytes one position of this model's KV cache takes (all layers, K and V, scales included)."""
