@@ -72,7 +72,14 @@ def _check_entry(path: Path, name: str, info: object, data_bytes: int) -> None:
 
 
 # numpy dtype -> safetensors dtype, for what an import writes
-WRITE_DTYPES = {"float32": "F32", "float16": "F16", "int8": "I8", "uint8": "U8"}
+WRITE_DTYPES = {"float32": "F32", "float16": "F16", "int8": "I8", "uint8": "U8", "bfloat16": "BF16"}
+STORED_AS = {"bfloat16": "uint16"}  # numpy has no bfloat16: its bits travel as uint16 (to_bfloat16_bits)
+
+
+def to_bfloat16_bits(values: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16, rounded to nearest even, as uint16 bits (what torch's .to(bfloat16) gives)."""
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    return ((bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
 
 
 def write_safetensors(
@@ -81,7 +88,8 @@ def write_safetensors(
     tensor: Callable[[str], np.ndarray],
     advance: Callable[[int], None] = lambda n: None,
 ) -> None:
-    """Write the tensors named in `layout` (name, shape, numpy dtype of WRITE_DTYPES), asking
+    """Write the tensors named in `layout` (name, shape, a dtype of WRITE_DTYPES; bfloat16 given as its
+    uint16 bits), asking
     `tensor(name)` for each in turn, in layout order.
 
     The header is written first from the shapes alone, then each tensor's bytes, so peak memory is
@@ -91,7 +99,7 @@ def write_safetensors(
     path = Path(path)
     offsets, position = {}, 0
     for name, shape, dtype in layout:
-        nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+        nbytes = math.prod(shape) * np.dtype(STORED_AS.get(dtype, dtype)).itemsize
         offsets[name] = {"dtype": WRITE_DTYPES[dtype], "shape": list(shape),
                          "data_offsets": [position, position + nbytes]}
         position += nbytes
@@ -103,7 +111,7 @@ def write_safetensors(
             f.write(len(header).to_bytes(8, "little"))
             f.write(header)
             for name, shape, dtype in layout:
-                values = np.ascontiguousarray(tensor(name), dtype=np.dtype(dtype).newbyteorder("<"))
+                values = np.ascontiguousarray(tensor(name), dtype=np.dtype(STORED_AS.get(dtype, dtype)).newbyteorder("<"))
                 if values.shape != tuple(shape):
                     raise ValueError(f"tensor {name} has shape {values.shape}, expected {tuple(shape)}")
                 f.write(memoryview(values).cast("B"))
