@@ -94,8 +94,9 @@ class Reading:
     """One text read with the question after it: ready to answer with the prompt's last token."""
 
     score: float
-    cache: Any
-    last: list[int]
+    cache: Any  # None on an engine
+    last: list[int]  # the prompt's last token, which starts the answer
+    messages: list[dict] | None = None  # the prompt as messages (an engine answers them)
 
 
 class _Quiet:
@@ -256,16 +257,16 @@ class DocumentReader:
         tokens scored: their log-probability after the text (all but the first, which follows the same
         "Question:" in every part)."""
         model = self.model
-        ids = model.tokenizer.encode_chat(messages(text, question), add_generation_prompt=True)
-        without = model.tokenizer.encode_chat(messages(text, ""), add_generation_prompt=True)
-        shared = min(_common_prefix(ids, without), len(ids) - 2)  # the prompt's last token starts the answer
-        if len(ids) - shared > QUESTION_ROOM:
-            raise UsageError(f"the question is too long ({len(ids) - shared} tokens with the instruction; "
-                             f"at most {QUESTION_ROOM})")
-        end = len(ids) - _common_prefix(ids[::-1][:len(ids) - shared], without[::-1])  # the question ends there
+        ids, shared, end = prompt_ids(model.tokenizer, text, question)
         cache = self._document(ids[:shared], shared + QUESTION_ROOM + ANSWER_TOKENS)
         log_probs = model.prefill_log_probs(ids[shared:-1], cache)  # of ids[shared + 1:]
         return Reading(sum(log_probs[:max(end - shared - 1, 0)]), cache, ids[-1:])
+
+    def read_all(self, texts: list[str], question: str, on_done=lambda: None):
+        """Each text read in turn (one model here runs one prefill at a time)."""
+        for text in texts:
+            yield self.read(text, question)
+            on_done()
 
     def _document(self, doc_ids: list[int], capacity: int):
         model = self.model
@@ -289,17 +290,71 @@ class DocumentReader:
         return stream.result
 
 
+class EngineReader:
+    """DocumentReader's work on an OpenAI-compatible engine (engine.py): the question's log-probability
+    from the engine's prompt scoring (completions with echo + logprobs), `parallel` parts at a time.
+    An engine that does not score prompts leaves the parts unranked (`ranked` False): then every part
+    answers and the quotes decide."""
+
+    loaded = prefilled = 0
+
+    def __init__(self, model):
+        self.model, self.ranked = model, True
+
+    def read(self, text: str, question: str) -> Reading:
+        from .engine import EngineError
+
+        ids, shared, end = prompt_ids(self.model.tokenizer, text, question)
+        score = 0.0
+        if self.ranked:
+            try:
+                score = sum(self.model.prompt_log_probs(ids)[shared:max(end - 1, shared)])  # of ids[shared + 1:end]
+            except EngineError as e:
+                if "does not score" not in str(e):
+                    raise
+                self.ranked = False
+                self.model.notify(f"{e}: every part answers, unranked")
+        return Reading(score, None, ids[-1:], messages(text, question))
+
+    def read_all(self, texts: list[str], question: str, on_done=lambda: None):
+        from .engine import run_all
+
+        first = self.read(texts[0], question)  # finds out once whether the engine scores prompts
+        on_done()
+        yield first
+        yield from run_all(self.model, lambda text: self.read(text, question), texts[1:], on_done)
+
+    def answer(self, reading: Reading):
+        return self.model.chat(reading.messages, max_new_tokens=ANSWER_TOKENS, temperature=0.0, stop="\n\n")
+
+
+def prompt_ids(tokenizer, text: str, question: str) -> tuple[list[int], int, int]:
+    """The prompt's ids; where the text's prefix (the same for every question) ends, and where the
+    question ends: the question's tokens are ids[shared:end]."""
+    ids = tokenizer.encode_chat(messages(text, question), add_generation_prompt=True)
+    without = tokenizer.encode_chat(messages(text, ""), add_generation_prompt=True)
+    shared = min(_common_prefix(ids, without), len(ids) - 2)  # the prompt's last token starts the answer
+    if len(ids) - shared > QUESTION_ROOM:
+        raise UsageError(f"the question is too long ({len(ids) - shared} tokens with the instruction; "
+                         f"at most {QUESTION_ROOM})")
+    end = len(ids) - _common_prefix(ids[::-1][:len(ids) - shared], without[::-1])
+    return ids, shared, end
+
+
+def reader_for(model, keep: bool):
+    """An EngineReader on an engine, else a DocumentReader (keeping prefills on disk when `keep`)."""
+    return EngineReader(model) if getattr(model, "remote", False) else DocumentReader(model, keep)
+
+
 def _answer_options() -> GenerationOptions:
     return GenerationOptions.build(max_new_tokens=ANSWER_TOKENS, stop="\n\n")
 
 
 def second_look(model, text: str, question: str):
     """The text read again with the question before it (no cache: the question starts the prompt)."""
-    ids = model.tokenizer.encode_chat(second_look_messages(text, question), add_generation_prompt=True)
-    stream = model.stream(ids, _answer_options(), context=len(ids) + ANSWER_TOKENS)
-    for _ in stream:
-        pass
-    return stream.result
+    look = second_look_messages(text, question)
+    room = len(model.tokenizer.encode_chat(look, add_generation_prompt=True)) + ANSWER_TOKENS
+    return model.chat(look, context=room, max_new_tokens=ANSWER_TOKENS, temperature=0.0, stop="\n\n")
 
 
 def focus(part: str, question: str, common: frozenset[str] = frozenset()) -> str:
@@ -355,7 +410,7 @@ def _rank(finding: Finding) -> tuple:
 
 def _keep_the_cache(model, tokens: int, parts: int, keep: bool) -> bool:
     """Whether the document's prefill fits the disk cache's cap; says so when it does not."""
-    if not keep:
+    if not keep or getattr(model, "remote", False):  # an engine keeps its own caches
         return False
     need = (tokens + parts * 64) * model.kv_bytes_per_token()  # the prompt's own words: ~64 tokens a part
     if need > doc_cache.cap_bytes():
@@ -385,32 +440,35 @@ def ask(model, text: str, question: str, *, progress=None, keep: bool = True, pa
     if len(offsets) <= limit:
         return _one_pass(model, text, question, len(offsets), keep, started)
     chunks = split_into_chunks(text, offsets, lambda s: len(tokenizer.encode(s)), limit, overlap=PART_OVERLAP_TOKENS)
-    reader = DocumentReader(model, _keep_the_cache(model, len(offsets), len(chunks), keep))
+    reader = reader_for(model, _keep_the_cache(model, len(offsets), len(chunks), keep))
     parts = [chunk.text_of(text) for chunk in chunks]
     scores, held = [], {}  # held: the best-scored readings so far, ready to answer
     progress.begin(f"reading {len(chunks)} parts", len(chunks))
     rank = lambda i: (-scores[i - 1], i)  # noqa: E731  best first; ties in document order
-    for index, part in enumerate(parts, 1):
-        reading = reader.read(part, question)
+    for index, reading in enumerate(reader.read_all(parts, question, progress.advance), 1):
         scores.append(reading.score)
         held[index] = reading
-        if len(held) > ANSWERED_PARTS:
+        if len(held) > ANSWERED_PARTS and reading.cache is not None:  # caches are large; an engine's are not here
             del held[max(held, key=rank)]
-        progress.advance()
     read_s = time.perf_counter() - started
     ranked = sorted(range(1, len(parts) + 1), key=rank)
     document = DocumentWords(text)
     common = common_words(parts)
     findings, answered = [], []
-    for index in ranked[:MAX_ANSWERED_PARTS]:
-        if len(answered) >= ANSWERED_PARTS and findings:
+    replies = {}
+    if not getattr(reader, "ranked", True):  # nothing ranks the parts: every part answers (at once on an engine)
+        from .engine import run_all
+
+        replies = dict(zip(ranked, run_all(model, lambda i: reader.answer(held[i]).text, ranked)))
+    for index in ranked if replies else ranked[:MAX_ANSWERED_PARTS]:
+        if len(answered) >= ANSWERED_PARTS and findings and not replies:
             break
         part, score = parts[index - 1], scores[index - 1]
         offset = text.index(part, chunks[index - 1].start)
-        reply = reader.answer(held.pop(index, None) or reader.read(part, question)).text
+        reply = replies.get(index) or reader.answer(held.pop(index, None) or reader.read(part, question)).text
         record = {"part": index, "score": round(score, 3), "reply": reply.strip()}
         found = _finding(reply, part, offset, question, index, score, common, document)
-        if not answered and (found is None or not found.anchored):  # the best-ranked part: a second look
+        if not answered and not replies and (found is None or not found.anchored):  # the best part: a second look
             record["second_look"] = second_look(model, focus(part, question, common), question).text.strip()
             looked = _finding(record["second_look"], part, offset, question, index, score, common, document)
             found = max([f for f in (found, looked) if f is not None], key=_rank, default=None)
@@ -430,7 +488,7 @@ def ask(model, text: str, question: str, *, progress=None, keep: bool = True, pa
 def _one_pass(model, text: str, question: str, tokens: int, keep: bool, started: float) -> Answer:
     """The whole document in one prompt; the answer as it is, with its quote when it has one."""
     body = text.strip()
-    reader = DocumentReader(model, keep)
+    reader = reader_for(model, keep)
     reading = reader.read(body, question)
     reply = reader.answer(reading)
     found = _finding(reply.text, body, text.index(body), question, 1, reading.score)

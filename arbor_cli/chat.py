@@ -138,3 +138,30 @@ class ChatSession:
         self.system = data.get("system") or None
         self.turns = [dict(role=m["role"], content=m["content"]) for m in messages]
         self.cached_ids = []
+
+
+class EngineChatSession(ChatSession):
+    """A conversation whose replies an OpenAI-compatible engine writes (engine.py): the history is sent
+    as messages each turn (the server keeps its own cache), trimmed with the local tokenizer to fit."""
+
+    def send(self, content: str) -> Iterator[str]:
+        self.turns.append({"role": "user", "content": content})
+        self._fit_history()
+        reply: list[str] = []
+        stream = self.model.chat_stream(self.messages, self.options)
+        try:
+            for piece in stream:
+                reply.append(piece)
+                yield piece
+            self.last_result = stream.result
+        finally:
+            self.turns.append({"role": "assistant", "content": "".join(reply)})
+
+    def tokens_used(self) -> int:
+        return len(self.model.tokenizer.encode_chat(self.messages, add_generation_prompt=True)) if self.turns else 0
+
+
+def new_session(model, system: str | None = None, options: GenerationOptions | None = None) -> ChatSession:
+    """A ChatSession, or an EngineChatSession when `model` is an engine."""
+    kind = EngineChatSession if getattr(model, "remote", False) else ChatSession
+    return kind(model, system=system, options=options)

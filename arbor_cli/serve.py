@@ -10,9 +10,9 @@ request that finds it full is answered 503 at once with an OpenAI-style error bo
 waiting without bound. A client that goes away mid-stream (or before its turn) stops its generation
 between two tokens. The worker keeps the last request's KV cache: a chat that extends the previous
 conversation prefills only its new tokens (the prompt's longest common prefix with what the cache
-holds, as ChatSession does between turns; as there, and as with llama.cpp's prompt cache, the new
-tokens' logits may round differently from a fresh run's, so a near-tie can go the other way). The
-context is planned per request as the CLI plans it
+holds, in whole prefill chunks, so that what is prefilled after it is cut as a fresh run cuts it and
+the answer is the fresh run's: on a CPU the int4 kernels round differently for 30 rows than for 512).
+The context is planned per request as the CLI plans it
 (prompt + max_tokens); a prompt that does not fit is a 400 error, never silently truncated.
 No tensors here: only Model's door.
 """
@@ -120,7 +120,10 @@ class Worker(threading.Thread):
             if a != b:
                 break
             same += 1
-        self.cache.truncate(min(same, len(job.ids) - 1))  # at least one token is prefilled for the logits
+        same = min(same, len(job.ids) - 1)  # at least one token is prefilled for the logits
+        # whole prefill chunks only: the rest is then prefilled in the chunks a fresh run would use, so the
+        # answer is the one a fresh request gets (a CPU kernel's rounding depends on how many rows it runs)
+        self.cache.truncate(same - same % self.model.prefill_chunk)
         same = self.cache.length  # a ring may keep less
         self.cached_ids = self.cached_ids[:same]
         return same

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 from .chunking import Chunk, cutting_progress, default_overlap, document_token_offsets, split_into_chunks
+from .engine import run_all
 from .errors import ContextError, OutOfMemoryError, UsageError
 from .summary_text import clean_summary, shape_summary
 
@@ -243,11 +244,9 @@ class SummaryRun:
         t1 = time.perf_counter()
         self.split_s = t1 - t0
         self.progress.begin(f"reading {len(chunks)} parts", len(chunks))
-        notes = []
-        for i, chunk in enumerate(chunks, 1):
-            notes.append(self.generate(map_messages(chunk.text_of(text), i, len(chunks), self.options),
-                                       self.options.note_tokens))
-            self.progress.advance()
+        notes = run_all(self.model, lambda item: self.generate(map_messages(item[1].text_of(text), item[0], len(chunks),
+                                                                            self.options), self.options.note_tokens),
+                        enumerate(chunks, 1), on_done=self.progress.advance)
         t2 = time.perf_counter()
         self.map_s = t2 - t1
         answer = self.reduce([n for n in notes if n])
@@ -293,14 +292,9 @@ class SummaryRun:
         groups = self.group(notes, room - self.options.note_tokens)
         self.reduce_rounds += 1
         self.progress.begin(f"combining notes (round {self.reduce_rounds}, {len(groups)} groups)", len(groups))
-        combined = []
-        for group in groups:
-            if len(group) == 1:
-                combined.append(group[0])
-            else:
-                combined.append(self.generate(reduce_messages(join_notes(group), self.options.note_words,
-                                                              "paragraph"), self.options.note_tokens))
-            self.progress.advance()
+        combined = run_all(self.model, lambda group: group[0] if len(group) == 1 else self.generate(
+            reduce_messages(join_notes(group), self.options.note_words, "paragraph"), self.options.note_tokens),
+            groups, on_done=self.progress.advance)
         return self.reduce([c for c in combined if c])
 
     def group(self, notes: list[str], budget: int) -> list[list[str]]:

@@ -86,6 +86,10 @@ class DocModel:
         text = self.answer_for(prompt)
         return Stream(GenerationResult(text, [], "eos", {}, context or cache.capacity))
 
+    def chat(self, messages, *, context=None, max_new_tokens=256, temperature=0.0, stop=None):
+        ids = self.tokenizer.encode_chat(messages, add_generation_prompt=True)
+        return self.stream(ids, None, context=context or len(ids) + max_new_tokens).result
+
     def kv_bytes_per_token(self) -> int:
         return 1
 

@@ -195,7 +195,8 @@ def test_a_client_that_leaves_mid_stream_stops_its_generation(server):
 
 
 def test_a_conversation_that_goes_on_reuses_its_kv_prefix(client, server):
-    first = [{"role": "user", "content": "My name is Ada. Remember it."}]
+    story = " ".join(f"On day {i} the keeper lit the lamp at dusk and put it out at dawn." for i in range(60))
+    first = [{"role": "user", "content": f"{story}\nMy name is Ada. Remember it."}]  # > 512 tokens: a whole chunk
     reply = client.chat.completions.create(model="smollm2-135m-instruct", temperature=0, max_tokens=24,
                                            messages=first)
     before = health(server)["reused_tokens"]
@@ -204,7 +205,8 @@ def test_a_conversation_that_goes_on_reuses_its_kv_prefix(client, server):
     again = client.chat.completions.create(model="smollm2-135m-instruct", temperature=0, max_tokens=24,
                                            messages=follow)
     assert again.choices[0].message.content
-    assert health(server)["reused_tokens"] - before >= reply.usage.prompt_tokens  # the first turn came from cache
+    reused = health(server)["reused_tokens"] - before
+    assert reply.usage.prompt_tokens - 512 < reused <= reply.usage.prompt_tokens  # the first turn's whole chunks
 
 
 def test_echo_with_logprobs_scores_the_prompt(server):

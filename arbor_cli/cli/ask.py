@@ -18,7 +18,7 @@ def register(app: typer.Typer) -> None:
 
 
 @handle_errors
-@model_options
+@model_options(engine=True)
 def ask(
     file: Annotated[str, typer.Argument(help="The text file; '-' reads stdin.", show_default=False)],
     question: Annotated[str, typer.Argument(help="The question.", show_default=False)],

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape
 
-from ..chat import ChatSession
+from ..chat import ChatSession, new_session
 from ..errors import ArborError
 from ..generate import GenerationOptions
 from .common import (
@@ -41,7 +41,7 @@ def register(app: typer.Typer) -> None:
 
 
 @handle_errors
-@model_options
+@model_options(engine=True)
 def chat(
     system: Annotated[Optional[str], typer.Option("--system", "-s", help="System prompt.")] = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", help="Longest reply, in tokens.")] = 1024,
@@ -62,12 +62,12 @@ def chat(
     if stdin_is_piped():
         text, _ = read_text_input("-")
         m = load_model(opts)
-        session = ChatSession(m, system=system, options=options)
+        session = new_session(m, system=system, options=options)
         reply = "".join(session.send(text.strip()))
         write_answer(reply.strip())
         return
     m = load_model(opts)
-    session = ChatSession(m, system=system, options=options)
+    session = new_session(m, system=system, options=options)
     console.print(f"[dim]arbor chat · {escape(m.checkpoint.name)} · {m.backend}/{m.device} · context {session.context} · "
                   "/help for commands, Ctrl-D to exit[/dim]")
     repl(session)

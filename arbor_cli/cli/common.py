@@ -51,6 +51,17 @@ DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help="Float weights 
                                                  "compiled decode); --dtype float32 is the exact float path.",
                                                  envvar="ARBOR_DTYPE")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")]
+EngineOpt = Annotated[Optional[str], typer.Option("--engine", metavar="URL", envvar="ARBOR_ENGINE", show_default=False,
+                                                  help="Run the generations on this OpenAI-compatible server (vLLM, "
+                                                  "llama.cpp's server, Ollama, arbor serve) instead of loading the "
+                                                  "model here; --model names the model whose tokenizer counts tokens.")]
+EngineModelOpt = Annotated[Optional[str], typer.Option("--engine-model", metavar="NAME", envvar="ARBOR_ENGINE_MODEL",
+                                                       show_default=False, help="The model id to ask the engine for "
+                                                       "(default: the first it lists).")]
+EngineKeyOpt = Annotated[Optional[str], typer.Option("--engine-api-key", metavar="KEY", envvar="ARBOR_ENGINE_API_KEY",
+                                                     show_default=False, help="The engine's API key (Bearer).")]
+ParallelOpt = Annotated[int, typer.Option("--parallel", metavar="N", help="With --engine: how many requests run at "
+                                          "once (the parts of a long document).")]
 MaxInputOpt = Annotated[Optional[int], typer.Option("--max-input-mb", metavar="MB", show_default=False,
                                                     help="Refuse documents larger than this (default 128, or "
                                                     "ARBOR_MAX_INPUT_MB).")]
@@ -69,6 +80,10 @@ class GlobalOptions:
     quantize: str | None = None
     dtype: str | None = None
     debug: bool = False
+    engine: str | None = None
+    engine_model: str | None = None
+    engine_api_key: str | None = None
+    parallel: int = 1
 
 
 # each shared option once: its name in GlobalOptions and on the command's signature, and its declaration
@@ -76,14 +91,18 @@ class GlobalOptions:
 SHARED_OPTIONS = {"model": ModelOpt, "backend": BackendOpt, "device": DeviceOpt, "context": ContextOpt,
                   "rope": RopeOpt, "kv_bits": KvBitsOpt, "quantize": QuantizeOpt, "dtype": DtypeOpt,
                   "debug": DebugOpt}
+ENGINE_OPTIONS = {"engine": EngineOpt, "engine_model": EngineModelOpt, "engine_api_key": EngineKeyOpt,
+                  "parallel": ParallelOpt}
 
 
-def model_options(fn=None, *, without: tuple[str, ...] = ()):
+def model_options(fn=None, *, without: tuple[str, ...] = (), engine: bool = False):
     """Give a command the shared options (--model … --debug) and hand them to it as one keyword-only
-    `opts: GlobalOptions`. `without` leaves out options the command does not take or declares itself."""
+    `opts: GlobalOptions`. `without` leaves out options the command does not take or declares itself;
+    `engine` adds --engine, --engine-model, --engine-api-key and --parallel."""
     if fn is None:
-        return functools.partial(model_options, without=without)
-    shared = {name: spec for name, spec in SHARED_OPTIONS.items() if name not in without}
+        return functools.partial(model_options, without=without, engine=engine)
+    offered = {**SHARED_OPTIONS, **(ENGINE_OPTIONS if engine else {})}
+    shared = {name: spec for name, spec in offered.items() if name not in without}
     signature = inspect.signature(fn, eval_str=True)
     own = [p for p in signature.parameters.values() if p.name != "opts"]
     defaults = {f.name: f.default for f in dataclasses.fields(GlobalOptions)}
@@ -101,9 +120,20 @@ def model_options(fn=None, *, without: tuple[str, ...] = ()):
 
 
 def load_model(opts: GlobalOptions):
-    """Load the model for a command, routing the model's notices (RoPE scaling, …) to stderr."""
+    """Load the model for a command (or, with --engine, connect to the server that runs it), routing the
+    model's notices (RoPE scaling, retries, …) to stderr."""
     import arbor_cli
 
+    if opts.engine:
+        from ..engine import connect
+
+        with status("connecting to the engine…"):
+            model = connect(opts.engine, opts.model, served=opts.engine_model, api_key=opts.engine_api_key,
+                            parallel=opts.parallel, context=opts.context)
+        model.notify = notice
+        return model
+    if opts.parallel != 1:
+        raise UsageError("--parallel needs --engine: a model loaded here answers one request at a time")
     with status("loading model…"):
         model = arbor_cli.load(opts.model, backend=opts.backend, device=opts.device, context=opts.context,
                                rope=opts.rope, kv_bits=opts.kv_bits, quantize=opts.quantize,

@@ -34,7 +34,7 @@ def register(app: typer.Typer) -> None:
 
 
 @handle_errors
-@model_options
+@model_options(engine=True)
 def summarize(
     file: Annotated[Optional[str], typer.Argument(help="The text file; '-' reads stdin.", show_default=False)] = None,
     words: Annotated[str, typer.Option("--words", "-w", metavar="N",
