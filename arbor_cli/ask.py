@@ -134,7 +134,11 @@ class Evidence:
 
     run: tuple[int, int]  # part[run[0]:run[1]]
     sentence: tuple[int, int]  # part[sentence[0]:sentence[1]]: the run's sentence, at most QUOTE_CHARS
-    anchored: bool  # the sentence shares a word with the question (see anchored)
+    shared: int  # the question's words (see anchored) the sentence holds
+
+    @property
+    def anchored(self) -> bool:
+        return self.shared > 0
 
 
 def evidence(answer: str, part: str, question: str, common: frozenset[str] = frozenset(),
@@ -144,7 +148,7 @@ def evidence(answer: str, part: str, question: str, common: frozenset[str] = fro
     MIN_EVIDENCE_WORDS words, or a word with a digit, or a word found at most MAX_QUOTE_REPEATS times in
     the document, like "Endeavour"), and, given the document's words, occurs in it at most
     MAX_QUOTE_REPEATS times. Of the longest such run starting at each of the answer's
-    words, one whose sentence is anchored wins, then the longest: "…a null operation that is passed to
+    words, the one whose sentence holds most of the question's words wins, then the longest: "…a null operation that is passed to
     the primary object involved" is evidenced by "pass is a null operation" (its sentence is about
     "pass"), not by the longer "passed to the primary object involved"."""
     words = WORDS.findall(answer.casefold())
@@ -167,9 +171,9 @@ def evidence(answer: str, part: str, question: str, common: frozenset[str] = fro
                 continue
             found = (spans[at][0], spans[at + len(run) - 1][1])
             sentence = sentence_around(part, *found)
-            candidate = Evidence(found, sentence, anchored(part[sentence[0]:sentence[1]], question, common))
-            if best_rank is None or (candidate.anchored, len(run)) > best_rank:
-                best, best_rank = candidate, (candidate.anchored, len(run))
+            candidate = Evidence(found, sentence, question_words_in(part[sentence[0]:sentence[1]], question, common))
+            if best_rank is None or (candidate.shared, len(run)) > best_rank:
+                best, best_rank = candidate, (candidate.shared, len(run))
             break
     return best
 
@@ -205,14 +209,20 @@ def stem(word: str) -> str:
     return word[:-1] if len(word) > 3 and word.endswith("s") and not word.endswith("ss") else word
 
 
+def question_words_in(sentence: str, question: str, common: frozenset[str] = frozenset()) -> int:
+    """How many of the question's words (stemmed; not FUNCTION_WORDS, not the document's `common`) the
+    sentence holds."""
+    asked = {stem(w) for w in WORDS.findall(question.casefold()) if w not in FUNCTION_WORDS and w not in common}
+    return len(asked & {stem(w) for w in WORDS.findall(sentence.casefold())})
+
+
 def anchored(sentence: str, question: str, common: frozenset[str] = frozenset()) -> bool:
     """Whether `sentence` shares a word (stemmed) with the question beyond FUNCTION_WORDS and the
     document's `common` words: "The pass key is 54635" answers "What is the pass key?" from its own
     sentence; "Aaron and his sons", copied by a part that missed the key, sits in a sentence that has
     nothing to do with the question; in Python's documentation "statement" ties nothing to anything.
     Only an anchored finding answers; the others are listed (--json) but the answer is NOT_FOUND."""
-    asked = {stem(w) for w in WORDS.findall(question.casefold()) if w not in FUNCTION_WORDS and w not in common}
-    return bool(asked & {stem(w) for w in WORDS.findall(sentence.casefold())})
+    return question_words_in(sentence, question, common) > 0
 
 
 def common_words(parts: list[str]) -> frozenset[str]:
@@ -492,7 +502,10 @@ def _one_pass(model, text: str, question: str, tokens: int, keep: bool, started:
     reading = reader.read(body, question)
     reply = reader.answer(reading)
     found = _finding(reply.text, body, text.index(body), question, 1, reading.score)
-    return Answer(reply.text.strip(), "one pass", 1, tokens, [{"part": 1, "score": round(reading.score, 3),
+    shown = reply.text.strip()
+    if found is not None and found.anchored:  # the evidence, for the reader to check
+        shown += f" (\u201c{' '.join(found.quote.split())}\u201d)"
+    return Answer(shown, "one pass", 1, tokens, [{"part": 1, "score": round(reading.score, 3),
                                                                 "reply": reply.text.strip()}], [found] if found else [],
                   {"loaded": reader.loaded, "prefilled": reader.prefilled},
                   {"total_s": round(time.perf_counter() - started, 3), **_prefill_timings(reply)})

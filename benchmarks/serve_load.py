@@ -1,0 +1,113 @@
+"""Load on `arbor serve` over loopback: N concurrent clients send a fixed number of requests each, then
+stop. Every request must come back answered (200) or refused (503, the queue full), nothing lost or
+hung; prints one JSON object with the counts, throughput and latency percentiles.
+
+    python benchmarks/serve_load.py --clients 8 --requests 5 --queue-size 4 --max-tokens 16
+Starts its own server (the default model, or --model) on a free port and stops it at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+
+PROMPTS = ["What is the capital of France?", "Name a colour.", "Say hello.", "Count to three.",
+           "What is two plus two?", "Name an animal.", "What is water made of?", "Name a planet."]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(args, port: int) -> subprocess.Popen:
+    command = [sys.executable, "-m", "arbor_cli", "serve", "--port", str(port), "--queue-size", str(args.queue_size)]
+    if args.model:
+        command += ["--model", args.model]
+    proc = subprocess.Popen(command, stderr=subprocess.DEVNULL, env={**os.environ, "NO_COLOR": "1"})
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        try:
+            httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
+            return proc
+        except httpx.TransportError:
+            time.sleep(0.3)
+    proc.kill()
+    raise SystemExit("arbor serve did not start")
+
+
+def client(url: str, index: int, args, results: list, lock: threading.Lock) -> None:
+    with httpx.Client(timeout=args.timeout) as http:
+        for r in range(args.requests):
+            body = {"messages": [{"role": "user", "content": PROMPTS[(index + r) % len(PROMPTS)]}],
+                    "max_tokens": args.max_tokens, "temperature": 0}
+            t0 = time.perf_counter()
+            try:
+                response = http.post(f"{url}/v1/chat/completions", json=body)
+                status = response.status_code
+                ok = status == 200 and bool(response.json()["choices"][0]["message"]["content"] is not None)
+                well_formed = ok or ("error" in response.json())
+            except (httpx.HTTPError, ValueError, KeyError) as e:
+                status, well_formed = f"{type(e).__name__}", False
+            with lock:
+                results.append({"status": status, "seconds": time.perf_counter() - t0, "well_formed": well_formed})
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--requests", type=int, default=5, help="per client")
+    parser.add_argument("--queue-size", type=int, default=4)
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--timeout", type=float, default=600)
+    parser.add_argument("--model", default=None)
+    args = parser.parse_args()
+    port = free_port()
+    server = start(args, port)
+    url = f"http://127.0.0.1:{port}"
+    results: list[dict] = []
+    lock = threading.Lock()
+    try:
+        httpx.post(f"{url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}],
+                                                       "max_tokens": 2}, timeout=600)  # warm: not counted
+        t0 = time.perf_counter()
+        threads = [threading.Thread(target=client, args=(url, i, args, results, lock)) for i in range(args.clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - t0
+        health = httpx.get(f"{url}/health", timeout=5).json()
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    answered = sorted(r["seconds"] for r in results if r["status"] == 200)
+    refused = [r for r in results if r["status"] == 503]
+    other = [r for r in results if r["status"] not in (200, 503)]
+
+    def pct(q: float) -> float | None:
+        return round(answered[min(len(answered) - 1, int(q * len(answered)))], 3) if answered else None
+
+    report = {"clients": args.clients, "requests": len(results), "sent": args.clients * args.requests,
+              "answered": len(answered), "refused_503": len(refused), "other": len(other),
+              "all_well_formed": all(r["well_formed"] for r in results), "wall_s": round(wall, 2),
+              "answered_per_s": round(len(answered) / wall, 2), "p50_s": pct(0.5), "p99_s": pct(0.99),
+              "mean_s": round(statistics.mean(answered), 3) if answered else None, "server": health,
+              "queue_size": args.queue_size, "max_tokens": args.max_tokens}
+    json.dump(report, sys.stdout, indent=1)
+    print()
+    return 0 if report["sent"] == report["requests"] and not other else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
