@@ -20,13 +20,16 @@ gguf=/tmp/arbor/downloads/SmolLM2-135M-Instruct.Q4_1.gguf
 [ -f "$gguf" ] || cat /tmp/gguf.part00 /tmp/gguf.part01 > "$gguf"
 sha256sum "$gguf" | tee "$OUT/gpu.txt"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$OUT/gpu.txt"
-python3 -m pytest -q -p no:cacheprovider tests/test_backend_contract.py tests/test_model.py tests/test_cuda.py \
-  -k "every_position or log_probs or cuda" 2>&1 | tee "$OUT/test_cuda.txt" | tail -4
+if [ "${ARBOR_ASK_TESTS:-1}" = 1 ]; then
+  python3 -m pytest -q -p no:cacheprovider tests/test_backend_contract.py tests/test_model.py tests/test_cuda.py \
+    -k "every_position or log_probs or cuda" 2>&1 | tee "$OUT/test_cuda.txt" | tail -4
+fi
 python3 benchmarks/ask_second_question.py --prose "$TEXT" --tokens 16384 > "$OUT/ask_second_16k.json" \
-  2> >(tail -3 >&2); tail -c 400 "$OUT/ask_second_16k.json"
-for filler in repeat prose; do
+  2> >(tail -3 >&2); tail -c 300 "$OUT/ask_second_16k.json"
+for filler in repeat prose; do  # both at once: the 135M model leaves the GPU mostly idle
   prose=(); [ "$filler" = prose ] && prose=(--prose "$TEXT")
   python3 -m arbor_cli eval passkey --via ask --lengths 16k,32k,64k,128k --trials 8 "${prose[@]}" --json \
-    > "$OUT/ask_passkey_$filler.json" 2> "$OUT/ask_passkey_$filler.log"
-  grep -o '"accuracy": {[^}]*}}' "$OUT/ask_passkey_$filler.json"
+    > "$OUT/ask_passkey_$filler.json" 2> "$OUT/ask_passkey_$filler.log" &
 done
+wait
+for filler in repeat prose; do grep -o '"accuracy": {[^}]*}}' "$OUT/ask_passkey_$filler.json"; done
