@@ -191,3 +191,10 @@ def transformers_peer():
     if not installed("torch"):
         raise BackendUnavailableError(f"--vs hf needs torch and transformers; {INSTALL_HINT['torch']}")
     return importlib.import_module("arbor_torch.transformers_peer")
+
+
+def trainer():
+    """The training loop (`arbor train`): it runs on the torch backend's Transformer (train.py)."""
+    if not installed("torch"):
+        raise BackendUnavailableError(f"arbor train needs torch; {INSTALL_HINT['torch']}")
+    return importlib.import_module("arbor_torch.train")

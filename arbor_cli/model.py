@@ -171,6 +171,25 @@ class Model:
         ids = self.tokenizer.encode_chat(messages, add_generation_prompt=True)
         return _finished(self.stream(ids, opts, context=context, rope=rope), stream)
 
+    def grow(self, depth: float = 1.0, width: float = 1.0, destination=None, seed: int = 0) -> "Model":
+        """This model grown without changing what it computes (arbor_weights/grow.py: identity blocks for
+        `depth`, split neurons and heads for `width`), written as a normal checkpoint at `destination`
+        (default: under the cache, named for the growth) and loaded like this one."""
+        from pathlib import Path
+
+        import arbor_weights
+        from arbor_weights.grow import grow_checkpoint
+
+        if destination is None:
+            name = f"{Path(str(self.checkpoint.path)).name}-grown-d{depth:g}-w{width:g}-s{seed}"
+            destination = arbor_weights.cache_dir() / "grown" / name
+            if Path(destination).is_dir() and (Path(destination) / "config.json").is_file():
+                return load(str(destination), backend=self.backend, device=str(self.device), quiet=True,
+                            kv_bits=self.lm.kv_bits, dtype=self.dtype)
+        path, _, _ = grow_checkpoint(self.checkpoint, destination, depth, width, seed)
+        return load(str(path), backend=self.backend, device=str(self.device), quiet=True, kv_bits=self.lm.kv_bits,
+                    dtype=self.dtype)
+
     def export_cache(self, cache) -> dict:
         """The cache's valid positions as host arrays (doc_cache keeps a document's on disk)."""
         return self.lm.export_cache(cache)

@@ -196,6 +196,22 @@ class Transformer(nn.Module):
             x = x[:, -1:]
         return self.lm_head(self.model.norm(x))
 
+    def hidden_states(self, tokens: torch.Tensor, checkpoint_blocks: bool = False) -> torch.Tensor:
+        """(B, T) -> the final norm's output (B, T, hidden) at positions [0, T), no cache: training's
+        forward (train.py applies the head in chunks). With `checkpoint_blocks`, each block's activations
+        are recomputed in the backward pass instead of kept: one block's memory, not all of them."""
+        from torch.utils.checkpoint import checkpoint  # imported when training: it costs every start otherwise
+
+        T = tokens.shape[1]
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        x = self.model.embed_tokens(tokens)
+        for layer in self.model.layers:
+            if checkpoint_blocks:
+                x = checkpoint(layer, x, cos, sin, None, 0, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, None, 0)
+        return self.model.norm(x)
+
     def fuse_projections(self) -> None:
         """Store q/k/v and gate/up weights contiguously, the per-projection weights becoming views.
 
