@@ -379,6 +379,15 @@ def load(model: str | None = None, backend: str | None = None, device: str | Non
         raise UsageError(str(e)) from None
     module = select_backend(backend)  # a bad --backend fails before any model is fetched
     checkpoint = arbor_weights.resolve(model or arbor_weights.DEFAULT_MODEL, quiet=quiet)
+    longer = arbor_weights.LONG_VARIANTS.get(checkpoint.name)
+    if longer and rope == "auto" and context is not None and context > checkpoint.config.trained_context:
+        # --rope auto beyond the trained context: the model's long-context adapter, where arbor ships one
+        from arbor_weights.progress import Reporter
+
+        Reporter(quiet=quiet).note(f"context {context:,} is beyond {checkpoint.name}'s trained "
+                                   f"{checkpoint.config.trained_context:,} tokens: using {longer} (its long-context "
+                                   "adapter; --rope yarn keeps the plain model)")
+        checkpoint = arbor_weights.resolve(longer, quiet=quiet)
     lm = module.load(checkpoint, device=device, dtype=dtype, kv_bits=kv_bits, quantize=quantize)
     m = Model(checkpoint, lm, load_tokenizer(checkpoint.path), module.NAME, context=context, rope_method=rope)
     if context is not None:

@@ -46,3 +46,42 @@ KNOWN_MODELS = {
         ),
     )
 }
+
+
+@dataclass(frozen=True)
+class AdapterModel:
+    """A built-in model made of a registry model and a LoRA adapter shipped inside arbor (adapters/NAME/):
+    merged once into the cache (arbor_weights.adapter), its rope_scaling the adapter's."""
+
+    name: str
+    base: str  # a KNOWN_MODELS name
+    sha256: str  # of adapters/<name>/adapter.safetensors
+    description: str
+    reliable_tokens: int | None = None
+
+    @property
+    def directory(self):
+        from pathlib import Path
+
+        return Path(__file__).parent / "adapters" / self.name
+
+    @property
+    def source(self) -> str:
+        return f"adapter:{self.name}"
+
+
+KNOWN_ADAPTERS = {
+    adapter.name: adapter
+    for adapter in (
+        AdapterModel(
+            name=f"{DEFAULT_MODEL}-long",
+            base=DEFAULT_MODEL,
+            # benchmarks/long_adapter_gpu.sh on one H200, 2026-12-02: LoRA rank 16 on q/k/v/o + the norms, YaRN x16,
+            # 253 steps of one 32,768-token sequence of KJV (Genesis-Deuteronomy, the New Testament), 188 s
+            sha256="9d25f2ba7e0485f59818b2f902362a11cbc61fcc450d3cd0a6adcf5b32984baf",
+            description="SmolLM2 135M Instruct with arbor's long-context adapter (LoRA, YaRN x16), for beyond 8k",
+        ),
+    )
+}
+# the long-context variant --rope auto loads for a context beyond a model's trained one
+LONG_VARIANTS = {adapter.base: adapter.name for adapter in KNOWN_ADAPTERS.values()}

