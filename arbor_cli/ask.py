@@ -112,11 +112,14 @@ class _Quiet:
 def reliable_tokens(model) -> int:
     """The longest text the model is asked about in one piece: measured for known models (the
     registry's reliable_tokens), else a quarter of the trained context within 1K..16K."""
-    from arbor_weights import KNOWN_MODELS
+    from arbor_weights import KNOWN_ADAPTERS, KNOWN_MODELS
 
-    known = KNOWN_MODELS.get(getattr(getattr(model, "checkpoint", None), "name", None))
-    if known is not None and known.reliable_tokens:
-        return known.reliable_tokens
+    checkpoint = getattr(model, "checkpoint", None)
+    for known in (*KNOWN_MODELS.values(), *KNOWN_ADAPTERS.values()):  # by name, or by where a path's weights came from
+        if checkpoint is not None and checkpoint.name == known.name or getattr(checkpoint, "source", None) == known.source:
+            if known.reliable_tokens:
+                return known.reliable_tokens
+            break
     return min(max(model.config.trained_context // 4, 1024), 16384)
 
 

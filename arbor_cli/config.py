@@ -18,7 +18,10 @@ from .errors import ConfigError
 
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
 # Architectures whose math is the Llama block (RMSNorm, GQA + RoPE, SwiGLU), differing only in flags.
-LLAMA_FAMILY = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+LLAMA_FAMILY = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                "gemma3_text": "Gemma3ForCausalLM"}
+ACTIVATIONS = ("silu", "gelu_pytorch_tanh")  # SwiGLU (Llama), GeGLU with tanh GELU (Gemma)
+LAYER_TYPES = ("full_attention", "sliding_attention")
 ROPE_KEYS = (
     "rope_type", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
     "low_freq_factor", "high_freq_factor", "attention_factor", "mscale", "mscale_all_dim", "truncate",
@@ -45,6 +48,10 @@ class ArborConfig:
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     model_type: str = "llama"
+    hidden_act: str | None = None  # the MLP's gate activation; default: silu, gelu_pytorch_tanh for Gemma
+    query_pre_attn_scalar: float | None = None  # attention scores are scaled by this ** -0.5 (default head_dim)
+    layer_types: list[str] | None = None  # per layer, full_attention or sliding_attention (None: all alike)
+    rope_local_base_freq: float | None = None  # the RoPE base of sliding layers, unscaled (Gemma 3)
     extra: dict[str, Any] = field(default_factory=dict, repr=False)  # unknown keys, kept for export
 
     def __post_init__(self) -> None:
@@ -54,11 +61,40 @@ class ArborConfig:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.attention_out_bias is None:
             self.attention_out_bias = self.attention_bias and self.model_type != "qwen2"
+        if self.hidden_act is None:
+            self.hidden_act = "gelu_pytorch_tanh" if self.gemma else "silu"
         if self.rope_scaling is not None:
             self.rope_scaling = _normalise_rope_scaling(self.rope_scaling, self.max_position_embeddings)
         self.validate()
 
     # ---- derived quantities -------------------------------------------------------------
+    @property
+    def gemma(self) -> bool:
+        """Gemma 3's block: RMSNorm on q and k, norms before and after attention and the MLP, weights of
+        every RMSNorm stored as an offset from 1, embeddings scaled by sqrt(hidden_size)."""
+        return self.model_type == "gemma3_text"
+
+    @property
+    def embedding_multiplier(self) -> float | None:
+        return self.hidden_size ** 0.5 if self.gemma else None
+
+    @property
+    def attention_scale(self) -> float:
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of `layer`: the model's for every layer, or for its sliding_attention
+        layers when layer_types says which those are; None: it attends to the whole context."""
+        if self.sliding_window is None or (self.layer_types is not None and
+                                           self.layer_types[layer] != "sliding_attention"):
+            return None
+        return self.sliding_window
+
+    @property
+    def layer_windows(self) -> list[int | None]:
+        return [self.layer_window(i) for i in range(self.num_hidden_layers)]
+
+
     @property
     def rope_type(self) -> str:
         return self.rope_scaling["rope_type"] if self.rope_scaling else "default"
@@ -118,6 +154,19 @@ class ArborConfig:
             raise ConfigError(f"config field rope_theta must be a number > 1, got {self.rope_theta!r}")
         if self.sliding_window is not None and not _positive(self.sliding_window):
             raise ConfigError(f"config field sliding_window must be a positive integer, got {self.sliding_window!r}")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ConfigError(f"config field hidden_act {self.hidden_act!r} is not one of {', '.join(ACTIVATIONS)}")
+        if self.layer_types is not None and (len(self.layer_types) != self.num_hidden_layers
+                                             or any(t not in LAYER_TYPES for t in self.layer_types)):
+            raise ConfigError(f"config field layer_types must give one of {', '.join(LAYER_TYPES)} for each of the "
+                              f"{self.num_hidden_layers} layers")
+        for name in ("query_pre_attn_scalar", "rope_local_base_freq"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and value > 0):
+                raise ConfigError(f"config field {name} must be a positive number, got {value!r}")
+        for name in ("final_logit_softcapping", "attn_logit_softcapping"):
+            if self.extra.get(name) is not None:
+                raise ConfigError(f"config field {name} is set; arbor does not run logit soft-capping (Gemma 2)")
         if self.model_type not in LLAMA_FAMILY:
             raise ConfigError(
                 f"config field model_type {self.model_type!r} is not supported; arbor runs "
@@ -141,6 +190,8 @@ class ArborConfig:
                 data["rope_theta"] = params.pop("rope_theta")
             if rope is None and params.get("rope_type", params.get("type", "default")) != "default":
                 rope = params
+        if "hidden_activation" in data:  # Gemma's name for it
+            data.setdefault("hidden_act", data.pop("hidden_activation"))
         if model_type == "qwen2":
             data["attention_bias"] = True
             data.setdefault("attention_out_bias", False)
@@ -163,6 +214,11 @@ class ArborConfig:
         out["architectures"] = [LLAMA_FAMILY[self.model_type]]
         if self.model_type == "qwen2":
             out["use_sliding_window"] = self.sliding_window is not None
+        if self.gemma:
+            out["hidden_activation"] = out.pop("hidden_act")
+        for name in ("query_pre_attn_scalar", "layer_types", "rope_local_base_freq"):
+            if out.get(name) is None:
+                out.pop(name)
         if self.rope_scaling is None:
             out.pop("rope_scaling")
         return out

@@ -172,3 +172,11 @@ def describe_scaling(config: ArborConfig, context: int, method: str) -> str:
     if config.rope_scaling:
         return f"{kind} (checkpoint)"
     return f"{kind} x{float(scaling.get('factor', 1.0)):g}"
+
+
+def local_rope(config: ArborConfig) -> RopeTables:
+    """The RoPE of Gemma 3's sliding-window layers: base rope_local_base_freq, never scaled (transformers'
+    rotary_emb_local)."""
+    import dataclasses
+
+    return rope_frequencies(dataclasses.replace(config, rope_theta=config.rope_local_base_freq, rope_scaling=None))

@@ -14,21 +14,26 @@ from torch import nn
 
 from arbor_cli import kv_layout
 from arbor_cli.config import ArborConfig
+from arbor_cli.rope import local_rope
 
 from .cache import KVCache
 from .prefix_attention import attention_after_prefix, choose_kernel
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    """x / rms(x) * weight; Gemma stores the weight as an offset from 1 (`offset`) and scales in float32."""
+
+    def __init__(self, dim: int, eps: float, offset: bool = False):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim))
+        self.eps, self.offset = eps, offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # normalise in float32 whatever the weights' dtype: bf16 variance loses too much
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:
+            return (h * (1.0 + self.weight.float())).to(x.dtype)
         return self.weight * h.to(x.dtype)
 
 
@@ -43,16 +48,22 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ArborConfig):
+    def __init__(self, cfg: ArborConfig, layer: int = 0):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.window = cfg.sliding_window
+        self.window = cfg.layer_window(layer)
+        self.scale = cfg.attention_scale  # head_dim ** -0.5, or Gemma's query_pre_attn_scalar ** -0.5
         self.prefix_kernel: str | None = None  # chosen on the first CUDA prefill chunk (prefix_attention.py)
         self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=cfg.attention_bias)
         self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=cfg.attention_out_bias)
         self.qkv_proj: nn.Module | None = None  # q, k, v in one matmul, when quantize.py fuses them (CPU)
+        if cfg.gemma:  # RMSNorm over each head's q and k, before RoPE
+            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, offset=True)
+            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, offset=True)
+        else:
+            self.q_norm = self.k_norm = None
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v of x (…, hidden): one fused matmul when quantize.py made one, else three."""
@@ -67,6 +78,8 @@ class Attention(nn.Module):
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         key_pos = None  # None: the keys are positions [key_start, start + T) in order
         if cache is not None:
@@ -78,12 +91,14 @@ class Attention(nn.Module):
             mask = self._mask(T, k.shape[2], key_start, start, x.device, key_pos)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                                is_causal=mask is None and T > 1 and start == 0,
-                                               enable_gqa=self.n_heads != self.n_kv_heads)
+                                               scale=self.scale, enable_gqa=self.n_heads != self.n_kv_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
     def _after_prefix(self, q_len: int, kv_len: int, key_start: int, start: int, x: torch.Tensor) -> bool:
         """A CUDA prefill chunk over keys from position 0 that the LSE-merged fast kernels can take."""
         if x.device.type != "cuda" or q_len == 1 or q_len == kv_len or key_start != 0:
+            return False
+        if self.scale != self.head_dim ** -0.5:  # the merged kernels use the default scale
             return False
         if self.window is not None and start + q_len > self.window:
             return False
@@ -115,6 +130,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ArborConfig):
         super().__init__()
+        # SwiGLU (Llama), or GeGLU with the tanh GELU (Gemma)
+        self.act = F.silu if cfg.hidden_act == "silu" else (lambda g: F.gelu(g, approximate="tanh"))
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
@@ -125,18 +142,26 @@ class MLP(nn.Module):
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(F.silu(gate) * up)  # SwiGLU
+        return self.down_proj(self.act(gate) * up)
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ArborConfig):
+    def __init__(self, cfg: ArborConfig, layer: int = 0):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        eps, offset = cfg.rms_norm_eps, cfg.gemma
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps, offset)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps, offset)
         self.mlp = MLP(cfg)
+        self.sandwich = cfg.gemma  # Gemma: norms before and after attention and the MLP
+        if self.sandwich:
+            self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps, offset)
+            self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps, offset)
 
     def forward(self, x, cos, sin, cache, start):
+        if self.sandwich:  # post_attention_layernorm is then the attention output's norm, not the MLP's input's
+            x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, cache, start))
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -150,8 +175,8 @@ class Backbone(nn.Module):
         if not table.is_meta:
             nn.init.normal_(table)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=table)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.gemma)
 
 
 class Transformer(nn.Module):
@@ -166,6 +191,9 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rope_cos: torch.Tensor | None = None
         self.rope_sin: torch.Tensor | None = None
+        # Gemma's sliding layers rotate with their own base, never scaled (set with the global tables)
+        self.local_cos: torch.Tensor | None = None
+        self.local_sin: torch.Tensor | None = None
 
     def set_rope(self, inv_freq: torch.Tensor, attention_factor: float, positions: int) -> None:
         """Precompute cos/sin for positions [0, positions), as transformers does: float32 angles."""
@@ -181,6 +209,25 @@ class Transformer(nn.Module):
             self.rope_sin.copy_(sin)
         else:
             self.rope_cos, self.rope_sin = cos, sin
+        if self.config.rope_local_base_freq:
+            local = local_rope(self.config)
+            freqs = torch.outer(t, torch.from_numpy(local.inv_freq).to(device=device, dtype=torch.float32))
+            emb = torch.cat((freqs, freqs), dim=-1)
+            self.local_cos, self.local_sin = emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.model.embed_tokens(tokens)
+        if self.config.embedding_multiplier:  # Gemma: scaled by sqrt(hidden), in the embedding's dtype
+            x = x * torch.tensor(self.config.embedding_multiplier, dtype=x.dtype)
+        return x
+
+    def _rope_for_layers(self, start: int, T: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(cos, sin) of positions [start, start + T) for each layer: Gemma's sliding layers read the local tables."""
+        full = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
+        if self.local_cos is None:
+            return [full] * len(self.model.layers)
+        local = (self.local_cos[start:start + T], self.local_sin[start:start + T])
+        return [local if layer.self_attn.window is not None else full for layer in self.model.layers]
 
     def forward(self, tokens: torch.Tensor, start: int = 0, caches: list[KVCache] | None = None,
                 last_only: bool = False) -> torch.Tensor:
@@ -188,9 +235,8 @@ class Transformer(nn.Module):
         T = tokens.shape[1]
         if self.rope_cos is None or start + T > self.rope_cos.shape[0]:
             raise ValueError(f"positions up to {start + T} exceed the RoPE table ({self._rope_len()})")
-        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
-        x = self.model.embed_tokens(tokens)
-        for i, layer in enumerate(self.model.layers):
+        x = self._embed(tokens)
+        for i, (layer, (cos, sin)) in enumerate(zip(self.model.layers, self._rope_for_layers(start, T))):
             x = layer(x, cos, sin, caches[i] if caches is not None else None, start)
         if last_only:
             x = x[:, -1:]
@@ -202,10 +248,8 @@ class Transformer(nn.Module):
         are recomputed in the backward pass instead of kept: one block's memory, not all of them."""
         from torch.utils.checkpoint import checkpoint  # imported when training: it costs every start otherwise
 
-        T = tokens.shape[1]
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
-        x = self.model.embed_tokens(tokens)
-        for layer in self.model.layers:
+        x = self._embed(tokens)
+        for layer, (cos, sin) in zip(self.model.layers, self._rope_for_layers(0, tokens.shape[1])):
             if checkpoint_blocks:
                 x = checkpoint(layer, x, cos, sin, None, 0, use_reentrant=False)
             else:
