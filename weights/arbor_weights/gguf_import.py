@@ -45,6 +45,23 @@ LAYER_TENSORS = {
     "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
 }
+# Gemma 3's block: norms on q and k, and norms after attention and around the MLP; its ffn_norm is the norm
+# before the MLP (a Llama block's ffn_norm is HF's post_attention_layernorm, which in Gemma follows attention).
+GEMMA3_LAYER_TENSORS = {
+    **LAYER_TENSORS, "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+    "post_attention_norm": "post_attention_layernorm", "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+LAYER_TENSORS_BY_ARCH = {"gemma3": GEMMA3_LAYER_TENSORS}
+# llama.cpp's architecture name -> the config's model_type where the two differ
+MODEL_TYPE_BY_ARCH = {"gemma3": "gemma3_text"}
+# What a gemma3 GGUF does not record, from Gemma 3's published configurations (google/gemma-3-{270m,1b,4b,12b,
+# 27b}[-it] config.json on the Hugging Face Hub, and the Gemma 3 technical report, 2025, section 2.1): five
+# sliding-window layers then one global layer, the sliding layers' RoPE base 10,000 (unscaled), and
+# query_pre_attn_scalar = head_dim in every size but 27B, whose is hidden_size / heads = 168.
+GEMMA3_SLIDING_WINDOW_PATTERN = 6
+GEMMA3_ROPE_LOCAL_BASE_FREQ = 10_000.0
+GEMMA3_QUERY_PRE_ATTN_SCALAR_BY_HIDDEN = {5376: 168}
 # Not weights in the HF layout: rope_freqs (Llama 3 RoPE scaling) becomes config, the others are
 # precomputed tables some old converters stored.
 NON_WEIGHT_TENSORS = {"rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"}
@@ -111,12 +128,13 @@ def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
     return _metadata(open_gguf(path), Path(path))
 
 
-def hf_tensor_name(gguf_name: str) -> str:
+def hf_tensor_name(gguf_name: str, arch: str = "llama") -> str:
     """'blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj.weight', and the global tensors."""
     if match := LAYER_NAME.fullmatch(gguf_name):
         layer, part, kind = match.groups()
-        if part in LAYER_TENSORS:
-            return f"model.layers.{layer}.{LAYER_TENSORS[part]}.{kind}"
+        names = LAYER_TENSORS_BY_ARCH.get(arch, LAYER_TENSORS)
+        if part in names:
+            return f"model.layers.{layer}.{names[part]}.{kind}"
     else:
         stem, _, kind = gguf_name.rpartition(".")
         if stem in GLOBAL_TENSORS and kind in ("weight", "bias"):
@@ -168,8 +186,10 @@ def config_from_metadata(meta: dict[str, Any], *, tie_word_embeddings: bool,
                          vocab_size: int | None = None) -> ArborConfig:
     """ArborConfig from GGUF key/values alone (already decoded to Python values)."""
     arch = meta.get("general.architecture")
-    if arch not in LLAMA_FAMILY:
-        raise ConfigError(f"GGUF general.architecture {arch!r} is not supported; arbor runs {', '.join(LLAMA_FAMILY)}")
+    model_type = MODEL_TYPE_BY_ARCH.get(arch, arch)
+    if model_type not in LLAMA_FAMILY:
+        known = sorted({a for a, t in MODEL_TYPE_BY_ARCH.items() if t in LLAMA_FAMILY} | set(LLAMA_FAMILY) - {"gemma3_text"})
+        raise ConfigError(f"GGUF general.architecture {arch!r} is not supported; arbor runs {', '.join(known)}")
 
     def get(key: str, default: Any = None) -> Any:
         return meta.get(f"{arch}.{key}", default)
@@ -190,14 +210,23 @@ def config_from_metadata(meta: dict[str, Any], *, tie_word_embeddings: bool,
         if original:
             rope["original_max_position_embeddings"] = int(original)
     tokens = meta.get("tokenizer.ggml.tokens")
+    head_dim = int(get("attention.key_length") or get("rope.dimension_count") or hidden // heads)
+    layers = int(need("block_count"))
+    gemma = {}
+    if arch == "gemma3":
+        gemma = dict(
+            layer_types=["full_attention" if (i + 1) % GEMMA3_SLIDING_WINDOW_PATTERN == 0 else "sliding_attention"
+                         for i in range(layers)],
+            rope_local_base_freq=GEMMA3_ROPE_LOCAL_BASE_FREQ,
+            query_pre_attn_scalar=GEMMA3_QUERY_PRE_ATTN_SCALAR_BY_HIDDEN.get(hidden, head_dim))
     return ArborConfig(
         vocab_size=int(vocab_size or get("vocab_size") or len(tokens or [])),
         hidden_size=hidden,
         intermediate_size=int(need("feed_forward_length")),
-        num_hidden_layers=int(need("block_count")),
+        num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=int(get("attention.head_count_kv", heads)),
-        head_dim=int(get("attention.key_length") or get("rope.dimension_count") or hidden // heads),
+        head_dim=head_dim,
         rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
         rope_theta=float(get("rope.freq_base", 10000.0)),
         rope_scaling=rope,
@@ -207,7 +236,8 @@ def config_from_metadata(meta: dict[str, Any], *, tie_word_embeddings: bool,
         sliding_window=get("attention.sliding_window"),
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
         eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
-        model_type=arch,
+        model_type=model_type,
+        **gemma,
     )
 
 
@@ -250,11 +280,11 @@ def _llama3_factors(rope: dict[str, Any], head_dim: int, theta: float) -> np.nda
     return np.where(wavelen < original / high, 1.0, np.where(wavelen > original / low, factor, blended))
 
 
-def _check_complete(config: ArborConfig, names: set[str], path: Path) -> None:
+def _check_complete(config: ArborConfig, names: set[str], path: Path, arch: str) -> None:
     required = ["model.embed_tokens.weight", "model.norm.weight"]
     required += [] if config.tie_word_embeddings else ["lm_head.weight"]
     for i in range(config.num_hidden_layers):
-        required += [f"model.layers.{i}.{part}.weight" for part in LAYER_TENSORS.values()]
+        required += [f"model.layers.{i}.{part}.weight" for part in LAYER_TENSORS_BY_ARCH.get(arch, LAYER_TENSORS).values()]
     missing = [n for n in required if n not in names]
     if missing:
         raise CorruptModelError(f"{path} lacks {len(missing)} tensor(s) a {config.num_hidden_layers}-layer model "
@@ -273,9 +303,10 @@ def convert_gguf(gguf_path: str | Path, dest_dir: str | Path, *, reporter: Repor
         raise CorruptModelError(f"{path} has no token_embd.weight tensor, so it is not a language model GGUF")
     config = config_from_gguf(meta, tensors)
     heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}
-    permuted = meta.get("general.architecture") in PERMUTED_ARCHS
-    by_hf_name = {hf_tensor_name(n): t for n, t in tensors.items() if n not in NON_WEIGHT_TENSORS}
-    _check_complete(config, set(by_hf_name), path)
+    arch = meta.get("general.architecture")
+    permuted = arch in PERMUTED_ARCHS
+    by_hf_name = {hf_tensor_name(n, arch): t for n, t in tensors.items() if n not in NON_WEIGHT_TENSORS}
+    _check_complete(config, set(by_hf_name), path, arch)
     tokenizer = tokenizer_from_gguf(meta, name=path.name)
     _check_chat_template(tokenizer, path)
 
@@ -300,7 +331,10 @@ def convert_gguf(gguf_path: str | Path, dest_dir: str | Path, *, reporter: Repor
 
     def entry(name: str) -> np.ndarray:
         if name in by_hf_name:
-            return rows_in_hf_order(by_hf_name[name], dequantized(by_hf_name[name], path))
+            values = rows_in_hf_order(by_hf_name[name], dequantized(by_hf_name[name], path))
+            # llama.cpp stores a Gemma norm's weight as 1 + w, the factor it multiplies by; the checkpoint
+            # keeps HF's w (the model computes x * (1 + w))
+            return values - 1.0 if config.gemma and name.endswith("norm.weight") else values
         base, _, suffix = name.rpartition(".")
         if base not in current:
             tensor = by_hf_name[f"{base}.weight"]
