@@ -24,6 +24,21 @@ def max_chunk(capacity: int, slots: int, window: int | None) -> int:
     return slots if slots == capacity else slots - window + 1
 
 
+def per_layer(value, n_layers: int) -> list:
+    """A cache option given once for every layer, or already one per layer (Gemma: windowed and global layers)."""
+    return list(value) if isinstance(value, (list, tuple)) else [value] * n_layers
+
+
+def layers_max_chunk(capacity: int, slots: list[int], windows: list[int | None]) -> int:
+    """max_chunk of a cache whose layers hold different slots: the least any layer allows."""
+    return min(max_chunk(capacity, s, w) for s, w in zip(slots, windows))
+
+
+def layers_kept_length(requested: int, length: int, windows: list[int | None], oldest: list[int]) -> int:
+    """kept_length of a cache whose layers have their own windows and rings: what every layer can keep."""
+    return min(kept_length(requested, length, w, o) for w, o in zip(windows, oldest))
+
+
 def write_spans(start: int, count: int, slots: int) -> list[tuple[int, int, int, int]]:
     """Where a write of `count` tokens at positions [start, start + count) goes.
 

@@ -44,19 +44,25 @@ class ContextPlan:
         return self.context / self.trained_context
 
 
-def kv_cache_tokens(config: ArborConfig, context: int, chunk: int) -> int:
-    """Positions a KV cache for `context` tokens holds: all of them, or for a sliding-window model
-    at most window + chunk - 1, enough for a chunk of `chunk` queries to see `window` keys each.
+def layer_cache_tokens(config: ArborConfig, context: int, chunk: int) -> list[int]:
+    """Positions each layer's KV cache holds for `context` tokens: all of them, or for a layer with a
+    sliding window (every layer of a Mistral, five in six of a Gemma 3) at most window + chunk - 1,
+    enough for a chunk of `chunk` queries to see `window` keys each.
 
     The backends size their caches with this, so the planner and the allocation agree.
     """
-    if config.sliding_window is None:
-        return context
-    return min(context, config.sliding_window + chunk - 1)
+    return [context if window is None else min(context, window + chunk - 1) for window in config.layer_windows]
+
+
+def kv_cache_tokens(config: ArborConfig, context: int, chunk: int) -> int:
+    """The most positions any layer's cache holds (layer_cache_tokens)."""
+    return max(layer_cache_tokens(config, context, chunk))
 
 
 def kv_bytes(config: ArborConfig, context: int, kv_element_bytes: int, chunk: int, kv_scale_bytes: int = 0) -> int:
-    return config.kv_bytes_per_token(kv_element_bytes, kv_scale_bytes) * kv_cache_tokens(config, context, chunk)
+    """The KV cache of a `context`: each layer's share of kv_bytes_per_token times what that layer holds."""
+    per_layer_token = config.kv_bytes_per_token(kv_element_bytes, kv_scale_bytes) // config.num_hidden_layers
+    return per_layer_token * sum(layer_cache_tokens(config, context, chunk))
 
 
 def prefill_workspace_bytes(config: ArborConfig, context: int, chunk: int, act_element_bytes: int,

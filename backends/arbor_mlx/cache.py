@@ -114,14 +114,18 @@ class ModelCache:
     """
 
     def __init__(self, capacity: int, n_layers: int, n_kv_heads: int, head_dim: int, dtype: mx.Dtype,
-                 bits: int = 16, window: int | None = None, slots: int | None = None, rope: RopeTables | None = None):
+                 bits: int = 16, window: int | None | list = None, slots: int | None | list = None,
+                 rope: RopeTables | None = None):
+        # window, slots: one for every layer, or one per layer (a Gemma's windowed layers keep a ring, its global
+        # layers the whole context)
         self.capacity = capacity
-        self.window = window
+        self.windows = kv_layout.per_layer(window, n_layers)
         self.rope = rope
-        self.slots = kv_layout.cache_slots(capacity, slots)
-        self.max_chunk = kv_layout.max_chunk(capacity, self.slots, window)
+        self.layer_slots = [kv_layout.cache_slots(capacity, s) for s in kv_layout.per_layer(slots, n_layers)]
+        self.slots = min(self.layer_slots)  # the fewest any layer holds: = capacity when no layer is a ring
+        self.max_chunk = kv_layout.layers_max_chunk(capacity, self.layer_slots, self.windows)
         self.length = 0
-        self.layers = [KVCache(self.slots, n_kv_heads, head_dim, dtype, bits) for _ in range(n_layers)]
+        self.layers = [KVCache(s, n_kv_heads, head_dim, dtype, bits) for s in self.layer_slots]
         # the decode step MLXModel.sample queued for position `length`: (position, token, logits), or None
         self.pending: tuple[int, mx.array, mx.array] | None = None
 
@@ -131,7 +135,7 @@ class ModelCache:
         A ring may have overwritten keys that a query at `length` still needs: then nothing is
         kept and length becomes 0 (callers read `length` to see how much they may reuse).
         """
-        length = kv_layout.kept_length(length, self.length, self.window, self.layers[0].oldest)
+        length = kv_layout.layers_kept_length(length, self.length, self.windows, [c.oldest for c in self.layers])
         if length == 0:
             for layer in self.layers:
                 layer.oldest = 0

@@ -1,10 +1,11 @@
-"""The Llama-family transformer in MLX: RMSNorm, GQA attention with RoPE, SwiGLU.
+"""The Llama-family transformer in MLX: RMSNorm, GQA attention with RoPE, SwiGLU (and Gemma 3's block).
 
 The same model as arbor_torch/model.py, written with MLX's fused kernels (`mx.fast.rms_norm`,
 `mx.fast.rope`, `mx.fast.scaled_dot_product_attention`). Module and parameter names follow
 Hugging Face's LlamaForCausalLM, so the dict `mx.load` reads from an Arbor checkpoint's
 safetensors maps straight onto `Transformer.parameters()`. Architecture switches are config
-fields: attention biases (Qwen2), tied embeddings, sliding-window attention (Mistral).
+fields: attention biases (Qwen2), tied embeddings, sliding-window attention (Mistral), and Gemma 3's
+q/k norms, sandwich norms, GeGLU, scaled embeddings and interleaved local/global layers.
 """
 
 from __future__ import annotations
@@ -15,17 +16,22 @@ from mlx import nn
 
 from arbor_cli import kv_layout
 from arbor_cli.config import ArborConfig
+from arbor_cli.rope import local_rope
 
 from .cache import KVCache
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    """x / rms(x) * weight; Gemma stores the weight as an offset from 1 (`offset`)."""
+
+    def __init__(self, dim: int, eps: float, offset: bool = False):
         super().__init__()
-        self.weight = mx.ones((dim,))
-        self.eps = eps
+        self.weight = mx.zeros((dim,)) if offset else mx.ones((dim,))
+        self.eps, self.offset = eps, offset
 
     def __call__(self, x: mx.array) -> mx.array:
+        if self.offset:  # x * (1 + w), the factor formed in float32 as transformers does
+            return mx.fast.rms_norm(x, (1.0 + self.weight.astype(mx.float32)).astype(x.dtype), self.eps)
         return mx.fast.rms_norm(x, self.weight, self.eps)  # accumulates in float32 whatever x's dtype
 
 
@@ -50,21 +56,27 @@ class Rope:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ArborConfig):
+    def __init__(self, cfg: ArborConfig, layer: int = 0):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.window = cfg.sliding_window
-        self.scale = self.head_dim ** -0.5
+        self.window = cfg.layer_window(layer)
+        self.scale = cfg.attention_scale  # head_dim ** -0.5, or Gemma's query_pre_attn_scalar ** -0.5
         self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=cfg.attention_bias)
         self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=cfg.attention_out_bias)
+        if cfg.gemma:  # RMSNorm over each head's q and k, before RoPE
+            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, offset=True)
+            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, offset=True)
+        self.qk_norm = cfg.gemma
 
     def __call__(self, x: mx.array, rope: Rope, cache: KVCache | None, start: int) -> mx.array:
         B, T, _ = x.shape
         q = self.q_proj(x).reshape(B, T, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)  # (B, nh, T, hd)
         k = self.k_proj(x).reshape(B, T, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)  # (B, nkv, T, hd)
         v = self.v_proj(x).reshape(B, T, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = rope(q, start), rope(k, start)
         key_pos = None  # None: the keys are positions [0, start + T) in order
         if cache is not None:
@@ -100,20 +112,33 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gelu = cfg.hidden_act == "gelu_pytorch_tanh"
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+        gate = self.gate_proj(x)
+        gate = nn.gelu_approx(gate) if self.gelu else nn.silu(gate)  # GeGLU (tanh GELU) or SwiGLU
+        return self.down_proj(gate * self.up_proj(x))
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ArborConfig):
+    """Llama's pre-norm block; Gemma's adds a norm after attention (post_attention_layernorm, which in Llama
+    is the norm before the MLP) and norms before and after the MLP."""
+
+    def __init__(self, cfg: ArborConfig, layer: int = 0):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.gemma = cfg.gemma
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, offset=cfg.gemma)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, offset=cfg.gemma)
+        if cfg.gemma:
+            self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, offset=True)
+            self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, offset=True)
         self.mlp = MLP(cfg)
 
     def __call__(self, x, rope, cache, start):
+        if self.gemma:
+            x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), rope, cache, start))
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
         x = x + self.self_attn(self.input_layernorm(x), rope, cache, start)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -122,8 +147,8 @@ class Backbone(nn.Module):
     def __init__(self, cfg: ArborConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = [Block(cfg) for _ in range(cfg.num_hidden_layers)]
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.layers = [Block(cfg, i) for i in range(cfg.num_hidden_layers)]
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, offset=cfg.gemma)
 
 
 class Transformer(nn.Module):
@@ -136,9 +161,12 @@ class Transformer(nn.Module):
         if not cfg.tie_word_embeddings:  # tied: the head is the embedding matrix, no parameter of its own
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rope: Rope | None = None
+        self.local_rope: Rope | None = None  # Gemma's sliding layers: their own base, unscaled
 
     def set_rope(self, inv_freq: np.ndarray, attention_factor: float, positions: int) -> None:
         self.rope = Rope(inv_freq, attention_factor, positions)
+        if self.config.rope_local_base_freq:
+            self.local_rope = Rope(local_rope(self.config).inv_freq, 1.0, positions)
 
     def rope_len(self) -> int:
         return 0 if self.rope is None else self.rope.positions
@@ -150,8 +178,11 @@ class Transformer(nn.Module):
         if start + T > self.rope_len():
             raise ValueError(f"positions up to {start + T} exceed the RoPE table ({self.rope_len()})")
         x = self.model.embed_tokens(tokens)
+        if self.config.embedding_multiplier is not None:  # Gemma: sqrt(hidden), rounded to the dtype as HF does
+            x = x * mx.array(self.config.embedding_multiplier, dtype=x.dtype)
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, self.rope, caches[i] if caches is not None else None, start)
+            rope = self.local_rope if self.local_rope is not None and layer.self_attn.window is not None else self.rope
+            x = layer(x, rope, caches[i] if caches is not None else None, start)
         if last_only:
             x = x[:, -1:]
         x = self.model.norm(x)

@@ -17,7 +17,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from arbor_cli.backend import SamplingParams, check_cache_arrays, check_room
 from arbor_cli.errors import CorruptModelError, OutOfMemoryError
-from arbor_cli.planner import kv_cache_tokens
+from arbor_cli.planner import layer_cache_tokens
 from arbor_cli.rope import RopeTables
 
 from .cache import SCALE_DTYPE, STEP, ModelCache
@@ -120,8 +120,8 @@ class MLXModel:
     def new_cache(self, capacity: int, rope: RopeTables | None = None, *, bits: int | None = None) -> ModelCache:
         c = self.config
         return ModelCache(capacity, c.num_hidden_layers, c.num_key_value_heads, c.head_dim, self.mx_dtype,
-                          bits=bits or self.kv_bits, window=c.sliding_window,
-                          slots=kv_cache_tokens(c, capacity, self.prefill_chunk), rope=rope)
+                          bits=bits or self.kv_bits, window=c.layer_windows,
+                          slots=layer_cache_tokens(c, capacity, self.prefill_chunk), rope=rope)
 
     def set_rope(self, rope: RopeTables, positions: int) -> None:
         self.model.set_rope(rope.inv_freq, rope.attention_factor, positions)

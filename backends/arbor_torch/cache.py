@@ -100,31 +100,35 @@ class ModelCache:
     """
 
     def __init__(self, capacity: int, n_layers: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype, device,
-                 bits: int = 16, window: int | None = None, slots: int | None = None, rope: RopeTables | None = None):
+                 bits: int = 16, window: int | None | list = None, slots: int | None | list = None,
+                 rope: RopeTables | None = None):
+        # window, slots: one for every layer, or one per layer (a Gemma's windowed layers keep a ring, its global
+        # layers the whole context)
         self.capacity = capacity
-        self.window = window
+        self.windows = kv_layout.per_layer(window, n_layers)
         self.rope = rope
-        self.slots = kv_layout.cache_slots(capacity, slots)
-        self.max_chunk = kv_layout.max_chunk(capacity, self.slots, window)
+        self.layer_slots = [kv_layout.cache_slots(capacity, s) for s in kv_layout.per_layer(slots, n_layers)]
+        self.slots = min(self.layer_slots)  # the fewest any layer holds: = capacity when no layer is a ring
+        self.max_chunk = kv_layout.layers_max_chunk(capacity, self.layer_slots, self.windows)
         self.length = 0
         self.decoder = None  # the CUDA-graph decode step bound to these buffers, built on first decode
         # A 16-bit cache is two stacked buffers, (layers, kv_heads, slots, head_dim), each layer's a view:
         # the compiled CPU decode step (compiled_decode.py) takes the whole cache as two inputs.
         self.stacked_k = self.stacked_v = None
-        if bits == 16:
+        if bits == 16 and len(set(self.layer_slots)) == 1:
             shape = (n_layers, n_kv_heads, self.slots, head_dim)
             # Attention reads only written slots, except a ring's, which reads every slot under a mask (and an
             # uninitialised NaN times a zero weight is NaN): only a ring needs zeros (GPUs keep them too).
             # Left uninitialised, a CPU cache's pages become resident as positions are written, so a short
             # chat in a long context holds what it uses (docs/performance.md, "Resident memory").
-            ring = self.slots < capacity or window is not None
+            ring = self.slots < capacity or any(w is not None for w in self.windows)
             make = torch.empty if torch.device(device).type == "cpu" and not ring else torch.zeros
             self.stacked_k = make(shape, dtype=dtype, device=device)
             self.stacked_v = make(shape, dtype=dtype, device=device)
             self.layers = [KVCache(self.slots, n_kv_heads, head_dim, dtype, device, bits,
                                    k=self.stacked_k[i:i + 1], v=self.stacked_v[i:i + 1]) for i in range(n_layers)]
         else:
-            self.layers = [KVCache(self.slots, n_kv_heads, head_dim, dtype, device, bits) for _ in range(n_layers)]
+            self.layers = [KVCache(s, n_kv_heads, head_dim, dtype, device, bits) for s in self.layer_slots]
 
     def truncate(self, length: int) -> None:
         """Forget positions >= length (entries past it are overwritten by the next write).
@@ -133,7 +137,7 @@ class ModelCache:
         back before the oldest position held): then nothing is kept, length becomes 0, and callers
         (chat's prefix reuse) see from `length` that they must prefill again from the start.
         """
-        length = kv_layout.kept_length(length, self.length, self.window, self.layers[0].oldest)
+        length = kv_layout.layers_kept_length(length, self.length, self.windows, [c.oldest for c in self.layers])
         if length == 0:
             for layer in self.layers:
                 layer.oldest = 0

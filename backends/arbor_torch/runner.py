@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from arbor_cli.backend import SamplingParams, check_cache_arrays, check_room
 from arbor_cli.errors import CorruptModelError, OutOfMemoryError
-from arbor_cli.planner import kv_cache_tokens
+from arbor_cli.planner import layer_cache_tokens
 from arbor_cli.rope import RopeTables
 
 from . import compiled_decode, sampling
@@ -146,8 +146,8 @@ class TorchModel:
     def new_cache(self, capacity: int, rope: RopeTables | None = None) -> ModelCache:
         c = self.config
         return ModelCache(capacity, c.num_hidden_layers, c.num_key_value_heads, c.head_dim, self.torch_dtype, self.device,
-                          bits=self.kv_bits, window=c.sliding_window,
-                          slots=kv_cache_tokens(c, capacity, self.prefill_chunk), rope=rope)
+                          bits=self.kv_bits, window=c.layer_windows,
+                          slots=layer_cache_tokens(c, capacity, self.prefill_chunk), rope=rope)
 
     def set_rope(self, rope: RopeTables, positions: int) -> None:
         self.model.set_rope(torch.from_numpy(rope.inv_freq), rope.attention_factor, positions)
