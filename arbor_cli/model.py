@@ -141,6 +141,9 @@ class Model:
             "kv_bytes_per_token": self.kv_bytes_per_token(),
             "sliding_window": self.config.sliding_window,
             "kv_cached_tokens_max": kv_cache_tokens(self.config, BUCKETS[-1], self.prefill_chunk),
+            # layers that keep the whole context (the rest keep their window): Gemma 3's global layers
+            "full_context_layers": sum(w is None for w in self.config.layer_windows),
+            "layers": self.config.num_hidden_layers,
             "buckets": [{"context": r.context, "bytes": r.bytes, "fits": r.fits,
                          "rope_scaling": self.rope_scaling_for(r.context)} for r in rows],
         }

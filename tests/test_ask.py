@@ -299,9 +299,9 @@ def kjv_like(paragraphs: int) -> list[str]:
 
 
 def ship_document(name: str = "Endeavour") -> str:
-    paragraphs = kjv_like(60)  # ~3,000 tokens: 3-4 parts of the default model's 1,024
-    paragraphs.insert(10, "The pass key is 71423. Remember it.")
-    paragraphs.insert(45, f"The name of the ship is {name}.")
+    paragraphs = kjv_like(40)  # ~2,000 tokens: 2-3 parts of the default model's 1,024
+    paragraphs.insert(8, "The pass key is 71423. Remember it.")
+    paragraphs.insert(30, f"The name of the ship is {name}.")
     return "\n\n".join(paragraphs)
 
 

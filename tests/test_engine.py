@@ -187,7 +187,7 @@ def test_a_summary_through_arbor_serve_is_the_local_summary(default_checkpoint, 
     from long_document import long_document
 
     doc = tmp_path / "doc.txt"
-    doc.write_text(long_document(20))  # ~5,700 tokens: 4 parts of a 2,048-token context
+    doc.write_text(long_document(8))  # ~2,300 tokens: 2 parts of a 2,048-token context
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -212,5 +212,5 @@ def test_a_summary_through_arbor_serve_is_the_local_summary(default_checkpoint, 
         server.wait(timeout=30)
     assert local.returncode == 0 and remote_run.returncode == 0, local.stderr + remote_run.stderr
     here, there = json.loads(local.stdout), json.loads(remote_run.stdout)
-    assert here["chunks"] == there["chunks"] >= 3
+    assert here["chunks"] == there["chunks"] >= 2
     assert here["text"] == there["text"]

@@ -50,6 +50,10 @@ def info(as_json: Annotated[bool, typer.Option("--json", help="Print JSON for sc
 def _kv_line(report: dict) -> str:
     precision = "int8 + float16 scales" if report["kv_bits"] == 8 else report["dtype"]
     line = f"{precision} · {report['kv_bytes_per_token'] / 1024:.1f} KiB per token"
-    if report["sliding_window"]:
+    full, layers = report.get("full_context_layers", report.get("layers")), report.get("layers")
+    if report["sliding_window"] and full:  # some layers windowed, some global: the global ones grow with the context
+        line += (f" · {layers - full} of {layers} layers keep only a {report['sliding_window']:,}-token window, "
+                 f"so a token of context costs {report['kv_bytes_per_token'] * full / layers / 1024:.1f} KiB")
+    elif report["sliding_window"]:
         line += f" · sliding window {report['sliding_window']:,}: at most {report['kv_cached_tokens_max']:,} tokens cached"
     return line

