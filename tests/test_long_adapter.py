@@ -17,7 +17,7 @@ def test_the_shipped_adapter_is_whole_and_names_its_base_and_recipe():
     assert sha256_of_file(adapter.directory / "adapter.safetensors") == adapter.sha256
     meta = json.loads((adapter.directory / "adapter.json").read_text())
     assert meta["base"] == adapter.base and meta["rope_scaling"]["rope_type"] == "yarn"
-    assert meta["train"]["seq_len"] == 32768 and meta["rank"] == 16
+    assert meta["train"]["seq_len"] == 4096 and meta["rank"] == 16 and meta["rope_scaling"]["factor"] == 16
     assert (adapter.directory / "adapter.safetensors").stat().st_size < 10 << 20  # a few MB
 
 
