@@ -164,4 +164,8 @@ class EngineChatSession(ChatSession):
 def new_session(model, system: str | None = None, options: GenerationOptions | None = None) -> ChatSession:
     """A ChatSession, or an EngineChatSession when `model` is an engine."""
     kind = EngineChatSession if getattr(model, "remote", False) else ChatSession
+    if kind is ChatSession and model.tokenizer.chat_template is None:
+        from .chat_template import cannot_chat
+
+        raise cannot_chat(model.checkpoint.name)
     return kind(model, system=system, options=options)

@@ -47,6 +47,12 @@ SAMPLE_CONVERSATIONS = (
 )
 
 
+# How a model without a chat template (a base model: Gemma 3 270M) is prompted by arbor's own tasks (summarize,
+# ask): each message's text, then a blank line, and the model continues from there. `arbor chat` refuses such a
+# model instead: a conversation needs the turns the model was trained on.
+PLAIN_PROMPT_TEMPLATE = "{% for message in messages %}{{ message['content'] }}\n\n{% endfor %}"
+
+
 class ChatTemplateError(ConfigError):
     """A model without a chat template, or one whose template fails or is refused by the sandbox."""
 
@@ -54,6 +60,11 @@ class ChatTemplateError(ConfigError):
 class ChatTemplateRefusedError(ChatTemplateError):
     """A template that ran past its time or output bound or reached outside the sandbox: hostile or
     broken whatever the conversation, so a model carrying it is not installed."""
+
+
+def cannot_chat(name: str | None) -> ChatTemplateError:
+    return ChatTemplateError(f"{name or 'the model'} has no chat template (a base model), so it cannot chat; use "
+                             "`arbor generate` for plain completion (summarize and ask prompt it as plain text)")
 
 
 def render_template(source: str | None, messages: list[dict], *, add_generation_prompt: bool,
@@ -64,8 +75,7 @@ def render_template(source: str | None, messages: list[dict], *, add_generation_
 
     whose = f"the chat template of {name}" if name else "the model's chat template"
     if not source:
-        raise ChatTemplateError(f"{name or 'the model'} has no chat template; use `arbor generate` for plain "
-                                "completion")
+        raise cannot_chat(name)
     limit = output_limit(messages)
     ticket = _watchdog.arm(RENDER_SECONDS)
     try:

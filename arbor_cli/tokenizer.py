@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 
 from arbor_cli.chat_template import (
+    PLAIN_PROMPT_TEMPLATE,
     control_token_pattern,
     fresh_markers,
     render_template,
@@ -106,8 +107,13 @@ class Tokenizer:
         return None if token_id is None else self._backend.id_to_token(token_id)
 
     def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        bos = self._token_text(self.bos_id) or ""
+        if self.chat_template is None:  # a base model, prompted as plain text by summarize and ask
+            return (bos if self.add_bos else "") + render_template(
+                PLAIN_PROMPT_TEMPLATE, messages, add_generation_prompt=add_generation_prompt, name=self.name,
+                bos_token=bos, eos_token="")
         return render_template(self.chat_template, messages, add_generation_prompt=add_generation_prompt, name=self.name,
-                               bos_token=self._token_text(self.bos_id) or "",
+                               bos_token=bos,
                                eos_token=self._token_text(self.eos_ids[0] if self.eos_ids else None) or "")
 
     def _encode_shielded(self, rendered: str, open_mark: str, close_mark: str) -> list[int]:

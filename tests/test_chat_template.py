@@ -56,10 +56,17 @@ def test_template_raise_exception_becomes_an_arbor_error(tiny_spm_meta):
         tok.encode_chat([{"role": "user", "content": "hi"}])
 
 
-def test_model_without_template_says_to_use_generate(tiny_spm_meta):
+def test_a_model_without_template_is_prompted_as_plain_text_and_cannot_chat(tiny_spm_meta):
+    from types import SimpleNamespace
+
+    from arbor_cli.chat import new_session
+
     tok = tokenizer_from_gguf(with_template(tiny_spm_meta, None))
-    with pytest.raises(ChatTemplateError, match="arbor generate"):
-        tok.encode_chat([{"role": "user", "content": "hi"}])
+    ids = tok.encode_chat([{"role": "user", "content": "Summarize the text."}])  # summarize's and ask's prompts
+    assert ids == [tok.bos_id] + tok.encode("Summarize the text.\n\n")
+    model = SimpleNamespace(tokenizer=tok, checkpoint=SimpleNamespace(name="tiny"), remote=False)
+    with pytest.raises(ChatTemplateError, match="cannot chat; use `arbor generate`"):
+        new_session(model)
 
 
 # ---- bounded work: a template is a program from whoever made the model file ----
