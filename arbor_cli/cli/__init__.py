@@ -11,7 +11,7 @@ from .streams import guard_closed_std_streams
 
 guard_closed_std_streams()  # before the consoles below are made: a closed stdout/stderr must not crash or leak
 
-from . import ask, bench, cache, chat, eval, export, generate, grow, info, models, serve, summarize, train  # noqa: E402
+from . import ask, bench, cache, chat, eval, export, generate, grow, info, models, plot, serve, summarize, train  # noqa: E402
 from .common import silence_stdout, describe_error  # noqa: E402
 
 app = typer.Typer(
@@ -22,7 +22,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-for module in (chat, summarize, ask, generate, serve, export, grow, train, models, cache, info, bench, eval):
+for module in (chat, summarize, ask, generate, serve, export, grow, train, models, cache, info, bench, eval, plot):
     module.register(app)
 
 # typer now raises the exceptions of its own vendored copy of click: catch both families

@@ -45,8 +45,13 @@ def bench(
     vs: Annotated[str, typer.Option("--vs", help="Also run a peer on the same weights: hf (transformers) or "
                                     "llama.cpp (llama-cpp-python on the GGUF file).")] = "",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+    plot: Annotated[str | None, typer.Option("--plot", metavar="FILE", help="Also draw prefill, decode and memory "
+                                             "against context (.png or .svg; the plot extra).")] = None,
     *, opts: GlobalOptions,
 ) -> None:
+    from ..plots import check_output, draw, stamp
+
+    plot_path = check_output(plot) if plot else None
     sizes = parse_contexts(contexts)
     if vs not in ("", *PEERS):
         raise UsageError(f"--vs takes 'hf' (transformers) or 'llama.cpp', got {vs!r}")
@@ -63,9 +68,18 @@ def bench(
 
     with status("benchmarking…"):
         rows = run_bench(m, sizes, tokens, vs=vs, on_row=show)
+    result = {"backend": m.backend, "device": m.device, "dtype": m.dtype, "quantize": m.lm.quantize,
+              "model": m.checkpoint.name, **stamp(m.device), "rows": [r.to_json() for r in rows]}
+    if plot_path:
+        try:
+            draw("bench", [result], plot_path)
+            notice(f"wrote {plot_path}")
+        except UsageError as e:
+            if "matplotlib" in str(e):
+                raise
+            notice(f"no picture: {e}")
     if as_json:
-        write_answer(json.dumps({"backend": m.backend, "device": m.device, "dtype": m.dtype, "quantize": m.lm.quantize,
-                                 "model": m.checkpoint.name, "rows": [r.to_json() for r in rows]}))
+        write_answer(json.dumps(result))
         return
     table = Table("engine", "context", "prefill", "prefill tok/s", "decode tok/s", "peak memory", "RoPE",
                   title=f"{escape(m.checkpoint.name)} · {m.backend}/{m.device} · {_weights(m)}", title_justify="left")

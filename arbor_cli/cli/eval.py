@@ -10,6 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..errors import UsageError
+from ..plots import check_output, draw, stamp
 from ..rope import AUTO_METHOD
 from ..evals import (
     PPL_WINDOW,
@@ -43,6 +44,8 @@ RopeOpt = Annotated[str, typer.Option("--rope", help=f"RoPE method beyond the tr
                                       f"it, {AUTO_METHOD} beyond), none, linear, dynamic, yarn, llama3; "
                                       "several comma-separated to compare.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+PlotOpt = Annotated[str | None, typer.Option("--plot", metavar="FILE", help="Also draw the result as a picture "
+                                             "(.png or .svg; needs the plot extra: pip install 'arbor-cli[plot]').")]
 
 
 def register(app: typer.Typer) -> None:
@@ -64,8 +67,10 @@ def passkey(
     via: Annotated[str, typer.Option("--via", help="attention: the whole prompt in one pass (per RoPE method); "
                                      "ask: the same document through `arbor ask` (part by part).")] = "attention",
     as_json: JsonOpt = False,
+    plot: PlotOpt = None,
     *, opts: GlobalOptions,
 ) -> None:
+    plot_path = check_output(plot) if plot else None
     sizes, methods = parse_lengths(lengths), parse_rope_methods(rope)
     if trials < 1:
         raise UsageError(f"--trials must be at least 1, got {trials}")
@@ -86,10 +91,12 @@ def passkey(
 
     with status("passkey retrieval…"):
         report = run_passkey(m, sizes, methods, trials, seed, sentences, prose or "repeat", on_result=show, via=via)
+    result = {"model": m.checkpoint.name, "backend": m.backend, "device": m.device, "dtype": m.dtype,
+              "trained_context": m.config.trained_context, "via": via, **stamp(m.device), **report.to_json()}
+    if plot_path:
+        _draw("passkey", result, plot_path)
     if as_json:
-        write_answer(json.dumps({"model": m.checkpoint.name, "backend": m.backend, "device": m.device,
-                                 "dtype": m.dtype, "trained_context": m.config.trained_context, "via": via,
-                                 **report.to_json()}))
+        write_answer(json.dumps(result))
         return
     answer_console.print(_title(m, f"passkey retrieval, {trials} trials per length, filler: {report.filler}"))
     answer_console.print(_accuracy_table(report))
@@ -106,8 +113,10 @@ def ppl(
     rope: RopeOpt = "auto",
     window: Annotated[int, typer.Option("--window", help="Tokens scored at the end of each length.")] = PPL_WINDOW,
     as_json: JsonOpt = False,
+    plot: PlotOpt = None,
     *, opts: GlobalOptions,
 ) -> None:
+    plot_path = check_output(plot) if plot else None
     sizes, methods = parse_lengths(lengths), parse_rope_methods(rope)
     if window < 1:
         raise UsageError(f"--window must be at least 1, got {window}")
@@ -125,14 +134,28 @@ def ppl(
     with status("perplexity…"):
         rows = run_perplexity(m, ids, sizes, methods, window, on_row=show,
                               on_skip=lambda length, why: notice(f"skipping {length:,}: {why}"))
+    result = {"model": m.checkpoint.name, "backend": m.backend, "device": m.device, "dtype": m.dtype, "file": name,
+              "tokens": len(ids), "window": window, "trained_context": m.config.trained_context, "lengths": sizes,
+              "rope": methods, **stamp(m.device), "rows": [r.__dict__ for r in rows]}
+    if plot_path:
+        _draw("ppl", result, plot_path)
     if as_json:
-        write_answer(json.dumps({"model": m.checkpoint.name, "backend": m.backend, "device": m.device,
-                                 "dtype": m.dtype, "file": name, "tokens": len(ids), "window": window,
-                                 "trained_context": m.config.trained_context, "lengths": sizes, "rope": methods,
-                                 "rows": [r.__dict__ for r in rows]}))
+        write_answer(json.dumps(result))
         return
     answer_console.print(_title(m, f"perplexity of the last {window} tokens of {name}"))
     answer_console.print(_perplexity_table(rows, methods))
+
+
+def _draw(kind: str, result: dict, path) -> None:
+    """The picture of a result just measured; a result with nothing to draw is said, not an error of the run."""
+    try:
+        draw(kind, [result], path)
+    except UsageError as e:
+        if "matplotlib" in str(e):
+            raise
+        notice(f"no picture: {e}")
+        return
+    notice(f"wrote {path}")
 
 
 def _announcer():
