@@ -13,6 +13,14 @@ test *ARGS:
 test-fast *ARGS:
     python -m pytest -q -m "not slow" {{ARGS}}
 
+# the pictures in docs/, redrawn from the committed --json results (needs the plot extra)
+figures:
+    arbor plot passkey docs/bench/long-context/passkey_repeat.json -o docs/figures/passkey_repeat.png --machine "NVIDIA H100 80GB HBM3"
+    arbor plot passkey docs/bench/long-context/passkey_prose.json -o docs/figures/passkey_prose.png --machine "NVIDIA H100 80GB HBM3"
+    arbor plot ppl docs/bench/long-context/ppl.json -o docs/figures/ppl.png --machine "NVIDIA H100 80GB HBM3"
+    arbor plot passkey docs/bench/ask/h200_passkey_repeat.json -o docs/figures/ask_passkey_repeat_h200.png --machine "NVIDIA H200"
+    arbor plot bench docs/bench/h100/bench_135m.json -o docs/figures/bench_135m_h100.png --machine "NVIDIA H100 80GB HBM3"
+
 lint:
     ruff check arbor_cli backends weights tests
 

@@ -183,7 +183,7 @@ def plot_passkey(results: list[dict], out: str | Path) -> dict[str, int]:
     bar.set_label("share of trials that found the key", fontsize=9)
     first = results[0]
     fig.suptitle(_title({**first, "model": first.get("model") if len(results) == 1 else None},
-                        f"pass-key retrieval, filler: {first.get('filler', 'repeat')}"), fontsize=10)
+                        f"pass-key retrieval, filler: {Path(str(first.get('filler', 'repeat'))).name}"), fontsize=10)
     _save(fig, out)
     return {"panels": len(panels)}
 
@@ -229,7 +229,7 @@ def plot_ppl(results: list[dict], out: str | Path) -> dict[str, int]:
         ax.spines[side].set_visible(False)
     ax.legend(frameon=False, fontsize=8)
     ax.set_title(_title({**first, "model": first.get("model") if len(results) == 1 else None},
-                        f"perplexity against context, {first.get('file', '')}"), fontsize=10)
+                        f"perplexity against context, {Path(str(first.get('file', ''))).name}"), fontsize=10)
     _save(fig, out)
     return {"series": series}
 
