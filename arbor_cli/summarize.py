@@ -8,6 +8,12 @@ are combined into one summary ("reduce"), in groups and again over the groups' r
 do not fit one context. Every answer is cleaned by summary_text.py. Out of memory, the whole run
 is retried once at the next smaller context bucket (Model.smaller_context decides). Progress is
 reported through callbacks; nothing here prints.
+
+Several documents (summarize_documents): a set that fits one context is read in one pass, each
+document under its name; otherwise each document is summarised on its own (as above) and the
+summaries, each under its document's name, are combined. With --style bullets and several documents
+the answer is one group of bullets per document, then one for the whole set. A --focus instruction
+goes into every prompt: the parts' notes, each document's summary and the combination.
 """
 
 from __future__ import annotations
@@ -35,12 +41,23 @@ REPEAT_PENALTY = 1.1       # Ollama's and llama.cpp's default: keeps a small mod
 SYSTEM_PROMPT = "You are a careful assistant who writes accurate, concise summaries of documents."
 ONE_PASS_PROMPT = ("Read the document below.\n\n---\n{text}\n---\n\n"
                    "Summarize the document above in at most {words} words{style}. "
-                   "Name its main subjects and state its key points.")
+                   "Name its main subjects and state its key points.{focus}")
 MAP_PROMPT = ("Here is part {index} of {count} of a longer document.\n\n---\n{text}\n---\n\n"
-              "List the key points of this part in at most {words} words. Name the subjects it is about.")
+              "List the key points of this part in at most {words} words. Name the subjects it is about.{focus}")
 REDUCE_PROMPT = ("Here are notes on the parts of one document, in order.\n\n---\n{text}\n---\n\n"
                  "Write one summary of the whole document in at most {words} words{style}. "
-                 "Name its main subjects and state its key points.")
+                 "Name its main subjects and state its key points.{focus}")
+# several documents: each under its name, in the one-pass prompt and in the combination of their summaries
+DOCUMENT_BLOCK = "Document {index}: {name}\n---\n{text}\n---"
+DOCUMENTS_PROMPT = ("Read the {count} documents below, each under its name.\n\n{text}\n\n"
+                    "Summarize them in at most {words} words{style}, saying which document each point comes from. "
+                    "Name their main subjects and state their key points.{focus}")
+COMBINE_PROMPT = ("Here are summaries of several documents, each under its name.\n\n---\n{text}\n---\n\n"
+                  "Write one summary of all of them in at most {words} words{style}, saying which document each "
+                  "point comes from. Name their main subjects and state their key points.{focus}")
+FOCUS_HINT = "\n\nAbove all, follow this instruction: {focus}"
+MAX_FOCUS_CHARS = 500
+WHOLE_SET_HEADING = "All documents"
 STYLE_HINTS = {"paragraph": ", as one paragraph", "bullets": ", as a list of bullet points, one per line, each starting with '- '"}
 
 
@@ -49,15 +66,23 @@ STYLE_HINTS = {"paragraph": ", as one paragraph", "bullets": ", as a list of bul
 class SummaryOptions:
     words: int = DEFAULT_WORDS
     style: str = "paragraph"
+    focus: str | None = None  # the user's own instruction ("Summarize the key findings"), in every prompt
 
     @classmethod
-    def build(cls, words: int = DEFAULT_WORDS, style: str = "paragraph") -> "SummaryOptions":
+    def build(cls, words: int = DEFAULT_WORDS, style: str = "paragraph", focus: str | None = None
+              ) -> "SummaryOptions":
         """Validate user-supplied values; each bad one is a UsageError naming the option."""
         if isinstance(words, bool) or not isinstance(words, int) or not MIN_WORDS <= words <= MAX_WORDS:
             raise UsageError(f"--words must be an integer in {MIN_WORDS}..{MAX_WORDS}, got {words!r}")
         if style not in STYLES:
             raise UsageError(f"--style must be one of {', '.join(STYLES)}, got {style!r}")
-        return cls(words, style)
+        if focus is not None and (not focus.strip() or len(focus) > MAX_FOCUS_CHARS):
+            raise UsageError(f"--focus must be an instruction of 1..{MAX_FOCUS_CHARS} characters")
+        return cls(words, style, " ".join(focus.split()) if focus else None)
+
+    @property
+    def focus_hint(self) -> str:
+        return FOCUS_HINT.format(focus=self.focus) if self.focus else ""
 
     @property
     def note_words(self) -> int:
@@ -86,10 +111,12 @@ class Summary:
     rope_scaling: dict | None   # the RoPE scaling at that context; None for the model's own
     timings: dict[str, float] = field(default_factory=dict)
     reduce_rounds: int = 0
+    documents: list[dict] = field(default_factory=list)  # several documents: each one's name, tokens and parts
 
     def to_json(self) -> dict:
-        return {"text": self.text, "chunks": self.chunks, "context": self.context,
-                "rope_scaling": self.rope_scaling, "timings": self.timings}
+        out = {"text": self.text, "chunks": self.chunks, "context": self.context,
+               "rope_scaling": self.rope_scaling, "timings": self.timings}
+        return {**out, "documents": self.documents} if self.documents else out
 
 
 class SummaryProgress(Protocol):
@@ -186,8 +213,8 @@ def map_prompt_tokens(model, options: SummaryOptions, count: int) -> int:
     return _prompt_tokens(model, map_messages("", count, count, options))
 
 
-def reduce_prompt_tokens(model, options: SummaryOptions) -> int:
-    return _prompt_tokens(model, reduce_messages("", options.words, options.style))
+def reduce_prompt_tokens(model, options: SummaryOptions, prompt: str = REDUCE_PROMPT) -> int:
+    return _prompt_tokens(model, reduce_messages("", options.words, options.style, options.focus_hint, prompt))
 
 
 def _prompt_tokens(model, messages: list[dict]) -> int:
@@ -195,18 +222,73 @@ def _prompt_tokens(model, messages: list[dict]) -> int:
 
 
 def one_pass_messages(text: str, options: SummaryOptions) -> list[dict]:
-    prompt = ONE_PASS_PROMPT.format(text=text, words=options.words, style=STYLE_HINTS[options.style])
+    prompt = ONE_PASS_PROMPT.format(text=text, words=options.words, style=STYLE_HINTS[options.style],
+                                    focus=options.focus_hint)
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": prompt}]
 
 
 def map_messages(text: str, index: int, count: int, options: SummaryOptions) -> list[dict]:
-    prompt = MAP_PROMPT.format(text=text, index=index, count=count, words=options.note_words)
+    prompt = MAP_PROMPT.format(text=text, index=index, count=count, words=options.note_words, focus=options.focus_hint)
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": prompt}]
 
 
-def reduce_messages(notes: str, words: int, style: str) -> list[dict]:
-    prompt = REDUCE_PROMPT.format(text=notes, words=words, style=STYLE_HINTS[style])
+def reduce_messages(notes: str, words: int, style: str, focus_hint: str = "", prompt: str = REDUCE_PROMPT
+                    ) -> list[dict]:
+    prompt = prompt.format(text=notes, words=words, style=STYLE_HINTS[style], focus=focus_hint)
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": prompt}]
+
+
+def documents_messages(documents: list[tuple[str, str]], options: SummaryOptions) -> list[dict]:
+    blocks = "\n\n".join(DOCUMENT_BLOCK.format(index=i, name=name, text=text.strip())
+                          for i, (name, text) in enumerate(documents, 1))
+    prompt = DOCUMENTS_PROMPT.format(count=len(documents), text=blocks, words=options.words,
+                                     style=STYLE_HINTS[options.style], focus=options.focus_hint)
+    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": prompt}]
+
+
+def summarize_documents(model, documents: list[tuple[str, str]], options: SummaryOptions | None = None,
+                        progress: SummaryProgress | None = None, notify: Callable[[str], None] | None = None
+                        ) -> Summary:
+    """One summary of several (name, text) documents; each keeps its name (see the module's docstring)."""
+    options = options or SummaryOptions()
+    if len(documents) == 1:
+        name, text = documents[0]
+        summary = summarize(model, text, options, progress, notify)
+        summary.documents = [{"name": name, "tokens": count_tokens_of(model, text), "parts": summary.chunks}]
+        return summary
+    started = time.perf_counter()
+    progress = progress or _NoProgress()
+    tokens = [count_tokens_of(model, text) for _, text in documents]
+    if not any(text.strip() for _, text in documents):
+        raise UsageError("there is nothing to summarize: the documents are empty")
+    one_pass = _prompt_tokens(model, documents_messages(documents, options)) + options.answer_tokens
+    plan = model.plan(one_pass)
+    if options.style == "paragraph" and one_pass <= plan.context:  # the whole set in one pass, names and all
+        run = SummaryRun(model, plan.context, options, progress)
+        progress.begin("summarizing", 1)
+        text = shape_summary(run.generate(documents_messages(documents, options), options.answer_tokens), "paragraph")
+        progress.advance()
+        parts = [1] * len(documents)
+        summary = Summary(text, 1, plan.context, model.rope_scaling_for(plan.context), run.usage.as_timings())
+    else:  # each document on its own, then their summaries combined under their names
+        own = SummaryOptions(max(options.note_words, options.words // 2) if options.style == "bullets"
+                             else options.note_words, options.style, options.focus)
+        each = [summarize(model, text, own, progress, notify) for _, text in documents]
+        parts = [s.chunks for s in each]
+        run = SummaryRun(model, plan.context, options, progress, reduce_prompt=COMBINE_PROMPT)
+        run.check_room_to_combine()
+        notes = [f"{name}: {s.text}" for (name, _), s in zip(documents, each)]
+        whole = shape_summary(run.reduce(notes), options.style)
+        if options.style == "bullets":
+            groups = [f"{name}:\n{s.text}" for (name, _), s in zip(documents, each)]
+            whole = "\n\n".join([*groups, f"{WHOLE_SET_HEADING}:\n{whole}"])
+        timings = {key: run.usage.as_timings()[key] + sum(s.timings.get(key, 0) for s in each)
+                   for key in ("prompt_tokens", "generated_tokens")}  # over every document's run and the combination
+        summary = Summary(whole, sum(parts), plan.context, model.rope_scaling_for(plan.context), timings,
+                          run.reduce_rounds)
+    summary.documents = [{"name": name, "tokens": n, "parts": p} for (name, _), n, p in zip(documents, tokens, parts)]
+    summary.timings["total_s"] = round(time.perf_counter() - started, 3)
+    return summary
 
 
 class SummaryRun:
@@ -217,8 +299,10 @@ class SummaryRun:
     beyond this context: every prompt is sized to fit it.
     """
 
-    def __init__(self, model, context: int, options: SummaryOptions, progress: SummaryProgress):
+    def __init__(self, model, context: int, options: SummaryOptions, progress: SummaryProgress,
+                 reduce_prompt: str = REDUCE_PROMPT):
         self.model, self.context, self.options, self.progress = model, context, options, progress
+        self.reduce_prompt = reduce_prompt  # COMBINE_PROMPT when the notes are several documents' summaries
         self.generation_context = context if model.context is not None else None
         self.usage = GenerationTotals()
         self.split_s = self.map_s = self.reduce_s = 0.0
@@ -282,19 +366,21 @@ class SummaryRun:
         of at most REDUCE_FANOUT notes and reduce again. A small model asked to merge many notes at
         once keeps the last few and drops the rest; a tree of small merges keeps every subject."""
         words, style = self.options.words, self.options.style
-        room = self.context - reduce_prompt_tokens(self.model, self.options)
+        focus, prompt = self.options.focus_hint, self.reduce_prompt
+        room = self.context - reduce_prompt_tokens(self.model, self.options, prompt)
         if len(notes) <= REDUCE_FANOUT and self._notes_tokens(notes) + self.options.answer_tokens <= room:
             self.progress.begin("combining notes", 1)
             self.reduce_rounds += 1
-            answer = self.generate(reduce_messages(join_notes(notes), words, style), self.options.answer_tokens)
+            answer = self.generate(reduce_messages(join_notes(notes), words, style, focus, prompt),
+                                   self.options.answer_tokens)
             self.progress.advance()
             return answer
         groups = self.group(notes, room - self.options.note_tokens)
         self.reduce_rounds += 1
         self.progress.begin(f"combining notes (round {self.reduce_rounds}, {len(groups)} groups)", len(groups))
         combined = run_all(self.model, lambda group: group[0] if len(group) == 1 else self.generate(
-            reduce_messages(join_notes(group), self.options.note_words, "paragraph"), self.options.note_tokens),
-            groups, on_done=self.progress.advance)
+            reduce_messages(join_notes(group), self.options.note_words, "paragraph", focus, prompt),
+            self.options.note_tokens), groups, on_done=self.progress.advance)
         return self.reduce([c for c in combined if c])
 
     def group(self, notes: list[str], budget: int) -> list[list[str]]:
@@ -322,7 +408,7 @@ class SummaryRun:
         return groups
 
     def check_room_to_combine(self) -> None:
-        room = self.context - reduce_prompt_tokens(self.model, self.options)
+        room = self.context - reduce_prompt_tokens(self.model, self.options, self.reduce_prompt)
         if min(room - self.options.answer_tokens, room - self.options.note_tokens) < 2 * self.options.note_tokens:
             raise ContextError(f"--words {self.options.words} is too long for a {self.context}-token context "
                                "(the notes on the parts and the answer must fit it); lower --words or raise --context")

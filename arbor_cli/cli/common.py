@@ -213,6 +213,51 @@ def read_text_input(source: str | None, max_bytes: int | None = None) -> tuple[s
     return text.lstrip("\ufeff"), name
 
 
+def read_documents(sources: list[str], max_bytes: int | None = None
+                   ) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """([(name, text)], [(name, why skipped)]) of FILEs, DIRs (their text files, recursively, in sorted order;
+    hidden entries and links to directories are not followed) and '-'.
+
+    One FILE (or stdin) reads as read_text_input does: anything wrong with it is an InputError. Among
+    several, or inside a directory, a file that cannot be a document (binary, empty, too large, unreadable)
+    is skipped with one line on stderr; an InputError only when nothing at all could be read."""
+    if len(sources) <= 1 and not (sources and Path(sources[0]).is_dir()):
+        text, name = read_text_input(sources[0] if sources else None, max_bytes)
+        return [(name, text)], []
+    documents, skipped = [], []
+    for source in sources:
+        if source != "-" and not Path(source).exists() and not Path(source).is_symlink():
+            raise InputError(f"{source}: no such file or directory (a pattern that matched nothing?)")
+        for path in ([source] if source == "-" or not Path(source).is_dir() else _text_files_under(Path(source),
+                                                                                                     skipped)):
+            try:
+                text, name = read_text_input(str(path), max_bytes)
+            except InputError as e:
+                skipped.append((str(path), str(e)))
+                warn(f"skipped: {e}")
+                continue
+            documents.append((name, text))
+    if not documents:
+        what = f" ({len(skipped)} skipped)" if skipped else " (no files in it)"
+        raise InputError(f"no document could be read from {', '.join(sources)}{what}")
+    return documents, skipped
+
+
+def _text_files_under(folder: Path, skipped: list[tuple[str, str]]) -> list[Path]:
+    """Every file below `folder` in a stable (sorted) order, hidden names left out; links to directories are
+    not followed (a link back up the tree would loop) and are named once as skipped."""
+    found = []
+    for root, dirs, files in os.walk(folder, followlinks=False):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for d in list(dirs):
+            if (Path(root) / d).is_symlink():
+                dirs.remove(d)
+                skipped.append((str(Path(root) / d), f"{Path(root) / d} is a link to a directory, not followed"))
+                warn(f"skipped: {Path(root) / d} is a link to a directory, not followed")
+        found += [Path(root) / f for f in sorted(files) if not f.startswith(".")]
+    return found
+
+
 def _open_document(path: Path):
     if path.is_dir():
         raise IsADirectoryError(errno.EISDIR, "is a directory", str(path))

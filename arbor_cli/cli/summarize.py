@@ -9,8 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from ..summarize import DEFAULT_WORDS, MAX_WORDS, SummaryOptions
-from ..summarize import summarize as summarize_text
+from ..summarize import DEFAULT_WORDS, MAX_WORDS, SummaryOptions, summarize_documents
 from .common import (
     GlobalOptions,
     MaxInputOpt,
@@ -20,7 +19,7 @@ from .common import (
     max_input_bytes,
     model_options,
     notice,
-    read_text_input,
+    read_documents,
     write_answer,
 )
 
@@ -29,28 +28,37 @@ PLAIN_PROGRESS_SECONDS = 10.0  # off a terminal, a progress line at most this of
 
 
 def register(app: typer.Typer) -> None:
-    app.command(help="Summarize FILE ('-' or piped stdin reads stdin). Documents longer than the context are read "
-                     "in parts and the parts' notes combined.")(summarize)
+    app.command(help="Summarize FILEs and DIRs ('-' or piped stdin reads stdin). Documents longer than the context "
+                     "are read in parts and the parts' notes combined; several documents keep their names.")(summarize)
 
 
 @handle_errors
 @model_options(engine=True)
 def summarize(
-    file: Annotated[Optional[str], typer.Argument(help="The text file; '-' reads stdin.", show_default=False)] = None,
+    files: Annotated[Optional[list[str]], typer.Argument(help="Text files and directories (their text files, "
+                                                          "recursively); '-' reads stdin.", show_default=False)] = None,
     words: Annotated[str, typer.Option("--words", "-w", metavar="N",
                                        help=f"Longest summary, in words (1..{MAX_WORDS}).")] = str(DEFAULT_WORDS),
     style: Annotated[str, typer.Option("--style", help="paragraph or bullets.")] = "paragraph",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object: text, chunks, context, "
                                           "rope_scaling, timings.")] = False,
+    focus: Annotated[Optional[str], typer.Option("--focus", metavar="INSTRUCTION", help="Your own instruction "
+                                                 "(\"Summarize the key findings\"): it steers every part's notes and "
+                                                 "the combination.")] = None,
     max_input_mb: MaxInputOpt = None,
     *, opts: GlobalOptions,
 ) -> None:
-    options = SummaryOptions.build(parse_words(words), style)  # bad values fail before the model loads
-    text, _ = read_text_input(file, max_input_bytes(max_input_mb))
+    options = SummaryOptions.build(parse_words(words), style, focus)  # bad values fail before the model loads
+    documents, skipped = read_documents(files or [], max_input_bytes(max_input_mb))
     m = load_model(opts)
     with progress_display() as progress:
-        summary = summarize_text(m, text, options, progress=progress, notify=notice)
-    write_answer(json.dumps(summary.to_json(), ensure_ascii=False) if as_json else summary.text)
+        summary = summarize_documents(m, documents, options, progress=progress, notify=notice)
+    result = summary.to_json()
+    if len(documents) > 1 or skipped:
+        result["skipped"] = [{"name": name, "why": why} for name, why in skipped]
+    else:
+        result.pop("documents", None)  # one document: the JSON it always had
+    write_answer(json.dumps(result, ensure_ascii=False) if as_json else summary.text)
 
 
 def parse_words(value: str) -> int | str:
