@@ -84,9 +84,14 @@ class Answer:
     findings: list[Finding] = field(default_factory=list)  # the one the answer gives first
     cache: dict = field(default_factory=dict)  # parts whose document prefix came from disk / was prefilled
     timings: dict = field(default_factory=dict)
+    document: str | None = None  # several documents: the one the answer's quote comes from
+    documents: list[dict] = field(default_factory=list)  # several documents: name, start (in the joined text)
 
     def to_json(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        if not self.documents:
+            del out["document"], out["documents"]
+        return out
 
 
 @dataclass
@@ -433,13 +438,40 @@ def _keep_the_cache(model, tokens: int, parts: int, keep: bool) -> bool:
     return True
 
 
-def ask(model, text: str, question: str, *, progress=None, keep: bool = True, part_tokens: int | None = None
-        ) -> Answer:
+DOCUMENT_HEADING = "Document: {name}"
+
+
+def ask_documents(model, documents: list[tuple[str, str]], question: str, **options) -> Answer:
+    """ask() over several (name, text) documents: read as one text, each under a heading with its name, and
+    the answer names the document its quote comes from (and the part, when it was read in parts)."""
+    if len(documents) == 1:
+        return ask(model, documents[0][1], question, **options)
+    pieces, starts, at = [], [], 0
+    for name, text in documents:
+        piece = DOCUMENT_HEADING.format(name=name) + "\n\n" + text.strip()
+        starts.append(at)
+        pieces.append(piece)
+        at += len(piece) + 2
+    names = [name for name, _ in documents]
+
+    def name_of(offset: int) -> str:
+        return names[max(i for i, start in enumerate(starts) if start <= offset)]
+
+    answer = ask(model, "\n\n".join(pieces), question, name_of=name_of, **options)
+    answer.documents = [{"name": name, "start": start} for name, start in zip(names, starts)]
+    if answer.findings and not answer.text.startswith(NOT_FOUND):
+        answer.document = name_of(answer.findings[0].start)
+    return answer
+
+
+def ask(model, text: str, question: str, *, progress=None, keep: bool = True, part_tokens: int | None = None,
+        name_of=None) -> Answer:
     """Answer `question` about `text` with `model` (arbor_cli.Model).
 
     `progress` (begin(phase, total), advance(): the summariser's progress protocol) follows reading the
     document and its parts; `keep` keeps each text's prefill on disk for the next question;
-    `part_tokens` overrides reliable_tokens(model)."""
+    `part_tokens` overrides reliable_tokens(model); `name_of(offset)` names the document at a character
+    offset of `text` (several documents, ask_documents), and the answer says it beside the quote."""
     if not text.strip():
         raise UsageError("there is nothing to ask about: the document is empty")
     if not question.strip():
@@ -451,7 +483,7 @@ def ask(model, text: str, question: str, *, progress=None, keep: bool = True, pa
     tokenizer, progress = model.tokenizer, progress or _Quiet()
     offsets = document_token_offsets(tokenizer.encode_with_offsets, text, progress)
     if len(offsets) <= limit:
-        return _one_pass(model, text, question, len(offsets), keep, started)
+        return _one_pass(model, text, question, len(offsets), keep, started, name_of)
     chunks = split_into_chunks(text, offsets, lambda s: len(tokenizer.encode(s)), limit, overlap=PART_OVERLAP_TOKENS)
     reader = reader_for(model, _keep_the_cache(model, len(offsets), len(chunks), keep))
     parts = [chunk.text_of(text) for chunk in chunks]
@@ -494,11 +526,13 @@ def ask(model, text: str, question: str, *, progress=None, keep: bool = True, pa
     findings.sort(key=_rank, reverse=True)  # the answer's own first
     if findings and findings[0].anchored:  # a quote from a sentence unrelated to the question answers nothing
         best = findings[0]
-        result.text = f"{best.answer} (part {best.part} of {len(parts)}: \u201c{' '.join(best.quote.split())}\u201d)"
+        where = f"{name_of(best.start)}, " if name_of else ""
+        result.text = (f"{best.answer} ({where}part {best.part} of {len(parts)}: "
+                       f"\u201c{' '.join(best.quote.split())}\u201d)")
     return result
 
 
-def _one_pass(model, text: str, question: str, tokens: int, keep: bool, started: float) -> Answer:
+def _one_pass(model, text: str, question: str, tokens: int, keep: bool, started: float, name_of=None) -> Answer:
     """The whole document in one prompt; the answer as it is, with its quote when it has one."""
     body = text.strip()
     reader = reader_for(model, keep)
@@ -507,7 +541,8 @@ def _one_pass(model, text: str, question: str, tokens: int, keep: bool, started:
     found = _finding(reply.text, body, text.index(body), question, 1, reading.score)
     shown = reply.text.strip()
     if found is not None and found.anchored:  # the evidence, for the reader to check
-        shown += f" (\u201c{' '.join(found.quote.split())}\u201d)"
+        where = f"{name_of(found.start)}: " if name_of else ""
+        shown += f" ({where}\u201c{' '.join(found.quote.split())}\u201d)"
     return Answer(shown, "one pass", 1, tokens, [{"part": 1, "score": round(reading.score, 3),
                                                                 "reply": reply.text.strip()}], [found] if found else [],
                   {"loaded": reader.loaded, "prefilled": reader.prefilled},

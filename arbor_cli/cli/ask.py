@@ -7,21 +7,23 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..ask import ask as ask_document
-from .common import GlobalOptions, MaxInputOpt, handle_errors, load_model, max_input_bytes, model_options, read_text_input, write_answer
+from ..ask import ask_documents
+from ..errors import UsageError
+from .common import GlobalOptions, MaxInputOpt, handle_errors, load_model, max_input_bytes, model_options, read_documents, write_answer
 from .summarize import progress_display
 
 
 def register(app: typer.Typer) -> None:
-    app.command(help="Answer QUESTION about FILE ('-' reads stdin). A document longer than the model reads "
-                     "reliably is asked part by part; an answer is kept only with a quote from its part.")(ask)
+    app.command(help="Answer QUESTION about FILE ('-' reads stdin), or about several FILEs and DIRs (their text "
+                     "files; the answer names the document its quote is from). A document longer than the model "
+                     "reads reliably is asked part by part; an answer is kept only with a quote from its part.")(ask)
 
 
 @handle_errors
 @model_options(engine=True)
 def ask(
-    file: Annotated[str, typer.Argument(help="The text file; '-' reads stdin.", show_default=False)],
-    question: Annotated[str, typer.Argument(help="The question.", show_default=False)],
+    paths: Annotated[list[str], typer.Argument(help="The text file(s) or director(ies), then the question; '-' "
+                                               "reads stdin.", show_default=False, metavar="FILE|DIR... QUESTION")],
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object: text, path (one pass or parts), "
                                           "parts, tokens, answered (parts), findings (part, answer, quote, start, "
                                           "score, anchored), cache (parts loaded / prefilled), timings.")] = False,
@@ -34,8 +36,11 @@ def ask(
     max_input_mb: MaxInputOpt = None,
     *, opts: GlobalOptions,
 ) -> None:
-    text, _ = read_text_input(file, max_input_bytes(max_input_mb))
+    if len(paths) < 2:
+        raise UsageError("give a FILE (or DIR, or '-') and then the QUESTION")
+    *sources, question = paths
+    documents, _ = read_documents(sources, max_input_bytes(max_input_mb))
     m = load_model(opts)
     with progress_display() as progress:
-        answer = ask_document(m, text, question, progress=progress, keep=not no_cache, part_tokens=part_tokens)
+        answer = ask_documents(m, documents, question, progress=progress, keep=not no_cache, part_tokens=part_tokens)
     write_answer(json.dumps(answer.to_json(), ensure_ascii=False) if as_json else answer.text)

@@ -254,8 +254,8 @@ def _text_files_under(folder: Path, skipped: list[tuple[str, str]]) -> list[Path
                 dirs.remove(d)
                 skipped.append((str(Path(root) / d), f"{Path(root) / d} is a link to a directory, not followed"))
                 warn(f"skipped: {Path(root) / d} is a link to a directory, not followed")
-        found += [Path(root) / f for f in sorted(files) if not f.startswith(".")]
-    return found
+        found += [Path(root) / f for f in files if not f.startswith(".")]
+    return sorted(found, key=lambda path: path.relative_to(folder).parts)  # as `find | sort` lists them
 
 
 def _open_document(path: Path):
