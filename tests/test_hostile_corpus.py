@@ -4,6 +4,7 @@ the model cache exactly as it was."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shlex
@@ -123,11 +124,28 @@ BAD_DOCUMENTS = ["binary", "nul bytes", "huge", "empty", "a device", "a director
 
 @pytest.mark.parametrize("command, document", [
     (command, document) for command in sorted(DOCUMENT_COMMANDS) for document in GOOD_DOCUMENTS + BAD_DOCUMENTS
-    if not (command == "generate < FILE" and document == "a directory")])  # a shell cannot redirect a directory
+    if not (command == "generate < FILE" and document == "a directory")  # a shell cannot redirect a directory
+    and not (command == "summarize" and document == "a directory")])  # summarize reads directories: below
 def test_a_nasty_document_through_each_command(corpus, command, document):
     args, shell_stdin = DOCUMENT_COMMANDS[command](corpus["documents"][document], corpus["good"])
     r = run_case(corpus, args, shell_stdin=shell_stdin)
     assert r.returncode == (1 if document in BAD_DOCUMENTS else 0), (command, document, r.stderr[-500:])
+
+
+def test_summarize_reads_the_good_files_of_a_hostile_directory_and_names_each_bad_one_once(corpus):
+    """The corpus directory mixes readable documents with binary, NUL-filled, huge and empty files:
+    the good ones are summarised (exit 0) and every bad one is named in exactly one warning line."""
+    directory = corpus["documents"]["a directory"]
+    r = run_case(corpus, ["summarize", str(directory), "--model", str(corpus["good"]), "--words", "20", "--json"])
+    assert r.returncode == 0, r.stderr[-500:]
+    result = json.loads(r.stdout)
+    read = {Path(d["name"]).name for d in result["documents"]}
+    skipped = {Path(s["name"]).name for s in result["skipped"]}
+    assert read == {corpus["documents"][name].name for name in GOOD_DOCUMENTS}
+    assert skipped == {corpus["documents"][name].name for name in ("binary", "nul bytes", "huge", "empty")}
+    warnings = [line for line in r.stderr.splitlines() if line.startswith("arbor: warning:")]
+    for name in skipped:
+        assert sum(name in line for line in warnings) == 1, (name, warnings)
 
 
 @pytest.mark.parametrize("command", ["summarize -", "generate -", "chat"])
