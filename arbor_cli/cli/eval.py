@@ -45,7 +45,7 @@ RopeOpt = Annotated[str, typer.Option("--rope", help=f"RoPE method beyond the tr
                                       "several comma-separated to compare.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 PlotOpt = Annotated[str | None, typer.Option("--plot", metavar="FILE", help="Also draw the result as a picture "
-                                             "(.png or .svg; needs the plot extra: pip install 'arbor-cli[plot]').")]
+                                             "(.png or .svg; needs the plot extra: pip install 'arbor-cli\\[plot]').")]
 
 
 def register(app: typer.Typer) -> None:
