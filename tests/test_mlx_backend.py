@@ -305,15 +305,15 @@ def long_text(sentences: int, seed: int = 0) -> str:
                     f"{rng.choice(weather)}" for i in range(sentences))
 
 
-def assert_runs_agree(results, recorders, label: str) -> None:
-    """torch's and MLX's recorded runs: the prompt's logits, then 63 decode steps' logits, and the text."""
+def assert_runs_agree(results, recorders, label: str, steps: int = 64) -> None:
+    """torch's and MLX's recorded runs: the prompt's logits, then `steps` - 1 decode steps' logits, and the text."""
     (ref, got), (ref_logits, got_logits) = results, [r.seen for r in recorders]
     prefill_err = rel_err(got_logits[0], ref_logits[0])
     step_errs = [rel_err(g, r) for g, r in zip(got_logits[1:], ref_logits[1:])]
     print(f"\n{label}: prompt logits rel err {prefill_err:.2e}, decode steps max {max(step_errs):.2e}")
-    assert len(got_logits) == len(ref_logits) == 64  # the prompt and 63 decode steps
+    assert len(got_logits) == len(ref_logits) == steps  # the prompt, then a decode step per token but the last
     assert prefill_err <= PARITY and max(step_errs) <= PARITY
-    assert len(got.tokens) == 64 and got.tokens == ref.tokens and got.text == ref.text
+    assert len(got.tokens) == steps and got.tokens == ref.tokens and got.text == ref.text
 
 
 # The whole thing on MLX: a 9,000-token prompt prefilled by each backend at a 12,288-token context,
@@ -349,10 +349,10 @@ def test_default_model_beyond_its_trained_context_matches_torch(default_pair, me
 # Past the model's real trained length (8,192 positions) in CI. MLX prefilling 8,320 tokens itself
 # takes ~40 minutes per method on this wheel's one-core BLAS, torch ~40 s; so torch prefills them and
 # hands its cache (the same float32 keys and values, as numbers) to MLX. From there each backend runs
-# its own scaled RoPE and attention at positions 8,320-8,400 over that 8K-token cache: a 16-token
-# prompt, then 64 greedy steps through arbor's generation loop. (ARBOR_MLX_LONG=1 above runs the
+# its own scaled RoPE and attention at positions 8,320-8,368 over that 8K-token cache: a 16-token
+# prompt, then 32 greedy steps through arbor's generation loop. (ARBOR_MLX_LONG=1 above runs the
 # whole prompt on MLX as well.)
-HANDOFF_HELD, HANDOFF_PROMPT, HANDOFF_CONTEXT = 8320, 16, 12288
+HANDOFF_HELD, HANDOFF_PROMPT, HANDOFF_CONTEXT, HANDOFF_STEPS = 8320, 16, 12288, 32
 
 
 def hand_over(torch_cache, mlx_cache, length: int) -> None:
@@ -382,15 +382,16 @@ def test_default_model_past_its_real_trained_length_matches_torch(default_pair, 
         caches.append(model.new_cache(HANDOFF_CONTEXT))
     torch_model.lm.prefill(held, caches[0], 512)
     hand_over(caches[0], caches[1], len(held))
-    opts = GenerationOptions.build(max_new_tokens=64, ignore_eos=True)
+    opts = GenerationOptions.build(max_new_tokens=HANDOFF_STEPS, ignore_eos=True)
     results, recorders = [], []
     for loaded, cache in zip((torch_model, mlx_model), caches):
         recorder = RecordingModel(loaded.lm)
         for _ in stream_generation(recorder, loaded.tokenizer, cache, prompt, opts, on_done=results.append):
             pass
         recorders.append(recorder)
-        assert cache.length == HANDOFF_HELD + HANDOFF_PROMPT + 63  # the 64th token is sampled, not fed back
-    assert_runs_agree(results, recorders, f"{method} at positions {HANDOFF_HELD}-{HANDOFF_HELD + HANDOFF_PROMPT + 63}")
+        assert cache.length == HANDOFF_HELD + HANDOFF_PROMPT + HANDOFF_STEPS - 1  # the last token is sampled, not fed
+    last = HANDOFF_HELD + HANDOFF_PROMPT + HANDOFF_STEPS - 1
+    assert_runs_agree(results, recorders, f"{method} at positions {HANDOFF_HELD}-{last}", HANDOFF_STEPS)
 
 
 # ---- int8 KV and the sliding-window ring: the same arithmetic as torch's -----------------------------
