@@ -2,10 +2,14 @@
 
     python benchmarks/gpu_bench.py --model smollm2-135m-instruct --contexts 4k,32k,128k --vs-hf
     python benchmarks/gpu_bench.py --random-shape smollm2-1.7b --contexts 4k,128k --vs-hf
+    python benchmarks/gpu_bench.py --kv-bits 8 --contexts 128k          # the int8 KV cache
+    python benchmarks/gpu_bench.py --random-shape gemma3-270m --contexts 4k,32k --eager-too
 
 For each context: prefill of a (context - 65)-token prompt, greedy decode of 64 tokens at that
 depth, peak GPU memory. A shape name builds random weights of that model's shape (what the
-issue's reference figures used). Prints a table with arbor/transformers ratios; --json writes rows.
+issue's reference figures used). --eager-too adds rows with the captured-graph decode turned off
+(ARBOR_CUDA_GRAPHS=0's path), engine "arbor-eager". Prints a table with arbor/transformers ratios;
+--json writes rows.
 """
 
 from __future__ import annotations
@@ -25,6 +29,12 @@ SHAPES = {  # config.json fields of the real models, random weights
     "smollm2-1.7b": dict(vocab_size=49152, hidden_size=2048, intermediate_size=8192, num_hidden_layers=24,
                          num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=8192,
                          rope_theta=130000.0, tie_word_embeddings=True),
+    # what arbor's GGUF import makes of Gemma 3 270M (weights/arbor_weights/gguf_import.py)
+    "gemma3-270m": dict(model_type="gemma3_text", vocab_size=262144, hidden_size=640, intermediate_size=2048,
+                        num_hidden_layers=18, num_attention_heads=4, num_key_value_heads=1, head_dim=256,
+                        max_position_embeddings=32768, rope_theta=1_000_000.0, rope_local_base_freq=10_000.0,
+                        query_pre_attn_scalar=256, sliding_window=512, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                        layer_types=["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(18)]),
 }
 
 
@@ -49,18 +59,19 @@ def random_checkpoint(shape: str, directory: Path):
     torch.cuda.empty_cache()
 
 
-def load(model_name: str | None, shape: str | None, workdir: Path):
+def load(model_name: str | None, shape: str | None, workdir: Path, kv_bits: int = 16):
     import arbor_torch
     import arbor_weights
     from arbor_cli.model import Model
 
     if shape:
-        random_checkpoint(shape, workdir)
+        if not (workdir / "config.json").exists():
+            random_checkpoint(shape, workdir)
         ckpt = arbor_weights.open_checkpoint(workdir)
-        return Model(ckpt, arbor_torch.load(ckpt, "cuda", "bfloat16"), tokenizer=None, backend="torch")
+        return Model(ckpt, arbor_torch.load(ckpt, "cuda", "bfloat16", kv_bits=kv_bits), tokenizer=None, backend="torch")
     import arbor_cli
 
-    return arbor_cli.load(model_name, backend="torch", device="cuda", dtype="bfloat16", quiet=True)
+    return arbor_cli.load(model_name, backend="torch", device="cuda", dtype="bfloat16", quiet=True, kv_bits=kv_bits)
 
 
 def main() -> None:
@@ -73,17 +84,25 @@ def main() -> None:
     ap.add_argument("--contexts", default="4k,32k,128k")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--vs-hf", action="store_true")
+    ap.add_argument("--kv-bits", type=int, choices=(16, 8), default=16)
+    ap.add_argument("--eager-too", action="store_true", help="also time decode without the captured graph")
     ap.add_argument("--json")
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        model = load(args.model, args.random_shape, Path(tmp))
-        label = args.random_shape or args.model
+        model = load(args.model, args.random_shape, Path(tmp), args.kv_bits)
+        label = (args.random_shape or args.model) + (" kv8" if args.kv_bits == 8 else "")
         hf_state: dict = {}
         for context in parse_contexts(args.contexts):
             a = bench_arbor(model, context, args.tokens)
             rows.append({"model": label, **a.to_json()})
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+            if args.eager_too:
+                model.lm.use_cuda_graphs = False
+                e = bench_arbor(model, context, args.tokens)
+                model.lm.use_cuda_graphs = True
+                rows.append({"model": label, **e.to_json(), "engine": "arbor-eager"})
+                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
             if args.vs_hf:
                 h = bench_transformers(model.checkpoint, "cuda", "bfloat16", context, args.tokens, hf_state)
                 rows.append({"model": label, **h.to_json()})

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# The long-context adapter of the default model (issue 15), trained and measured on one lent GPU.
+# The long-context adapter of the default model (issue 15), trained on one lent GPU.
 #   here, once:  bash benchmarks/passkey_run.sh prepare   (build/long-context: KJV text, public domain, Debian)
 #                split -b 50M -d SmolLM2-135M-Instruct.Q4_1.gguf .device-cache/gguf.part
 #   call 1 (carry .whl, .device-cache/gguf.part00):                        bash benchmarks/long_adapter_gpu.sh 1
 #   call 2 (carry .whl, .device-cache/gguf.part01, build/long-context):    bash benchmarks/long_adapter_gpu.sh 2
-# Call 2: peak memory with and without gradient checkpointing (2 steps each at SEQ), then LoRA training
-# for as many steps as fit TRAIN_S seconds (measured from the first run's speed), the adapter merged, and
-# the passkey and perplexity evaluations of the merged model beside the base model's.
+#   then, on the same warm machine: bash benchmarks/long_adapter_eval.sh (ADAPTER=/tmp/adapter)
+# Call 2: peak memory with and without gradient checkpointing (2 steps each at SEQ; MEMORY=0 skips it),
+# then LoRA training for STEPS steps (or as many as fit TRAIN_S seconds, from the first run's speed);
+# the adapter lands in $OUT and /tmp/adapter as soon as it is trained.
 set -uo pipefail
 stage=${1:-2}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -26,30 +27,24 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null | tee
 train() {  # $1: out dir, $2: steps, rest: extra flags
   local dir=$1 steps=$2; shift 2
   python3 -m arbor_cli train $DATA --out "$dir" --seq-len "$SEQ" --rope "$ROPE" --lora "$RANK" --lr "$LR" \
-    --steps "$steps" --warmup $(( steps / 10 + 1 )) --save-every 1000 $BF16 "$@" 2>&1 | tail -2
+    --steps "$steps" --warmup $(( steps / 10 + 1 )) --save-every "${SAVE_EVERY:-100}" $BF16 "$@" 2>&1 | tail -2
 }
-for mode in checkpointing plain; do  # peak memory of 2 steps, with and without per-block recomputation
-  flag=(); [ "$mode" = checkpointing ] && flag=(--grad-checkpointing)
-  rm -rf "/tmp/mem-$mode"; train "/tmp/mem-$mode" 2 "${flag[@]}"
-  tail -1 "/tmp/mem-$mode/log.jsonl" | sed "s/^/$mode: /" | tee -a "$OUT/memory.txt"
-done
-per_step=$(python3 -c "import json; r=[json.loads(l) for l in open('/tmp/mem-checkpointing/log.jsonl')]; print(r[-1]['elapsed_s'] - r[0]['elapsed_s'])")
-steps=$(python3 -c "print(max(10, int($TRAIN_S / max($per_step, 0.01))))")
-echo "one step ${per_step}s: training $steps steps" | tee "$OUT/train.txt"
+if [ "${MEMORY:-1}" = 1 ]; then
+  for mode in checkpointing plain; do  # peak memory of 2 steps, with and without per-block recomputation
+    flag=(); [ "$mode" = checkpointing ] && flag=(--grad-checkpointing)
+    rm -rf "/tmp/mem-$mode"; train "/tmp/mem-$mode" 2 "${flag[@]}"
+    tail -1 "/tmp/mem-$mode/log.jsonl" | sed "s/^/$mode: /" | tee -a "$OUT/memory.txt"
+  done
+fi
+if [ -n "${STEPS:-}" ]; then
+  steps=$STEPS
+else
+  per_step=$(python3 -c "import json; r=[json.loads(l) for l in open('/tmp/mem-checkpointing/log.jsonl')]; print(r[-1]['elapsed_s'] - r[0]['elapsed_s'])")
+  steps=$(python3 -c "print(max(10, int($TRAIN_S / max($per_step, 0.01))))")
+fi
+echo "training $steps steps of $SEQ tokens, rope $ROPE, LoRA $RANK, lr $LR" | tee "$OUT/train.txt"
 t0=$(date +%s)
 train /tmp/adapter "$steps" --grad-checkpointing | tee -a "$OUT/train.txt"
 echo "trained in $(( $(date +%s) - t0 )) s" | tee -a "$OUT/train.txt"
 cp /tmp/adapter/log.jsonl "$OUT/train_log.jsonl"; cp /tmp/adapter/adapter.json /tmp/adapter/adapter.safetensors "$OUT/" 2>/dev/null
-python3 -c "
-import arbor_weights
-from arbor_weights.adapter import merge_adapter
-print(merge_adapter(arbor_weights.resolve('smollm2-135m-instruct', quiet=True), '/tmp/adapter', '/tmp/merged'))"
-for model in /tmp/merged smollm2-135m-instruct; do
-  name=$( [ "$model" = /tmp/merged ] && echo adapter || echo base )
-  python3 -m arbor_cli eval passkey --model "$model" --lengths "$LENGTHS" --trials 4 --json \
-    > "$OUT/passkey_$name.json" 2> "$OUT/passkey_$name.log" &
-done
-wait
-for name in adapter base; do grep -o '"accuracy": {[^}]*}}' "$OUT/passkey_$name.json" | sed "s/^/$name: /"; done
-python3 -m arbor_cli eval ppl build/long-context/kjv_pentateuch.txt --model /tmp/merged --lengths "$PPL_LENGTHS" \
-  --json > "$OUT/ppl_adapter.json" 2> "$OUT/ppl_adapter.log"; grep -o '"perplexity": [0-9.]*' "$OUT/ppl_adapter.json"
+ls -la "$OUT"

@@ -38,33 +38,58 @@ def test_fused_projections_keep_the_logits_and_the_parameter_count(tiny_model):
     assert lm.num_parameters() == count
 
 
-@pytest.mark.parametrize("compiled", [False, True])
-def test_decode_step_halves_equal_the_block(compiled, monkeypatch, tiny_model):
-    """The CUDA graph's per-layer math (pre/post attention, as compiled) equals Block.forward."""
-    from arbor_torch.cuda_graph import compiled_layer_parts, pre_attention
+@pytest.mark.parametrize("arch", ["llama", "gemma"])
+@pytest.mark.parametrize("fused", [False, True])
+def test_decode_step_halves_equal_the_block(fused, arch, monkeypatch, tiny_model):
+    """The CUDA graph's per-layer math (pre/post attention, as compiled) equals Block.forward, for a Llama block
+    and a Gemma one (q/k norms, sandwich norms, GeGLU, its local RoPE); with an int8 cache, the new token's K/V
+    come out as cache.quantize_int8 makes them."""
+    from test_gemma import TINY_GEMMA
 
-    if compiled:
+    from arbor_torch.cache import quantize_int8
+    from arbor_torch.cuda_graph import compiled, gemma_post_attention, post_attention, pre_attention
+
+    if fused:
         pytest.importorskip("triton")  # torch.compile's CPU backend needs a C++ compiler; skip where absent
-    monkeypatch.setenv("ARBOR_COMPILE", "1" if compiled else "0")
-    pre, post = compiled_layer_parts()
-    lm = tiny_model(attention_bias=True)
+    monkeypatch.setenv("ARBOR_COMPILE", "1" if fused else "0")
+    gemma = arch == "gemma"
+    pre = compiled(pre_attention)
+    post = compiled(gemma_post_attention if gemma else post_attention)
+    lm = tiny_model(**TINY_GEMMA) if gemma else tiny_model(attention_bias=True)
     lm.model.fuse_projections()
     cfg = lm.config
     layer = lm.model.model.layers[0]
     x = torch.randn(1, 1, cfg.hidden_size)
     pos = 5
-    cos, sin = lm.model.rope_cos[pos:pos + 1], lm.model.rope_sin[pos:pos + 1]
+    tables = (lm.model.local_cos, lm.model.local_sin) if gemma else (lm.model.rope_cos, lm.model.rope_sin)
+    assert layer.self_attn.window == (8 if gemma else None)  # Gemma's first layer slides: its own RoPE tables
+    cos, sin = tables[0][pos:pos + 1], tables[1][pos:pos + 1]
+    shapes = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
     with torch.no_grad():
         cache = lm.new_cache(16)
         ref = layer(x, cos, sin, cache.layers[0], 0)[0]  # one token at position 0..: compare at start=0
-        a = layer.self_attn
-        q, k, v = pre(x[0], layer.input_layernorm.weight, a.qkv_weight, a.qkv_bias, cos, sin,
-                      (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim), cfg.rms_norm_eps)
-        y = torch.nn.functional.scaled_dot_product_attention(q[None, :, None], k, v, enable_gqa=True)[0, :, 0]
-        out = post(x[0], y.reshape(1, -1), a.o_proj.weight, a.o_proj.bias, layer.post_attention_layernorm.weight,
-                   layer.mlp.gate_up_weight, layer.mlp.down_proj.weight, cfg.rms_norm_eps)
+        a, norms = layer.self_attn, (None, None)
+        if gemma:
+            norms = (a.q_norm.weight, a.k_norm.weight)
+        args = (x[0], layer.input_layernorm.weight, a.qkv_weight, a.qkv_bias, *norms, cos, sin, shapes, cfg.rms_norm_eps,
+                gemma)
+        q, k, v = pre(*args, False)
+        y = torch.nn.functional.scaled_dot_product_attention(q[None, :, None], k, v, enable_gqa=True,
+                                                             scale=cfg.attention_scale)[0, :, 0]
+        if gemma:
+            out = post(x[0], y.reshape(1, -1), a.o_proj.weight, a.o_proj.bias, layer.post_attention_layernorm.weight,
+                       layer.pre_feedforward_layernorm.weight, layer.post_feedforward_layernorm.weight,
+                       layer.mlp.gate_up_weight, layer.mlp.down_proj.weight, cfg.rms_norm_eps)
+        else:
+            out = post(x[0], y.reshape(1, -1), a.o_proj.weight, a.o_proj.bias, layer.post_attention_layernorm.weight,
+                       layer.mlp.gate_up_weight, layer.mlp.down_proj.weight, cfg.rms_norm_eps)
+        quantized = pre(*args, True)
     np.testing.assert_allclose(out.numpy(), ref.numpy(), rtol=1e-4, atol=1e-5)
-    assert pre is not pre_attention or not compiled
+    expected = (q,) + quantize_int8(k) + quantize_int8(v)
+    assert [t.dtype for t in quantized] == [t.dtype for t in expected]
+    for got, want in zip(quantized, expected):
+        np.testing.assert_allclose(got.float().numpy(), want.float().numpy(), rtol=1e-5, atol=1e-5)
+    assert pre is not pre_attention or not fused
 
 
 def test_cuda_prefill_chunks_bound_the_mlp_transient():

@@ -78,9 +78,8 @@ class TorchModel:
         self.prefill_chunk = int(os.environ.get("ARBOR_PREFILL_CHUNK", 0)) or (
             cuda_prefill_chunk(model.config.intermediate_size) if torch.device(device).type == "cuda"
             else CPU_PREFILL_CHUNK)
-        # the graph's split-KV kernel reads a 16-bit, unwindowed cache: int8 and sliding windows run eager
-        self.use_cuda_graphs = (torch.device(device).type == "cuda" and model.config.sliding_window is None
-                                and kv_bits == 16 and os.environ.get("ARBOR_CUDA_GRAPHS", "1") != "0")
+        # the graph's split-KV kernel reads every cache layout: 16-bit or int8, whole or a sliding layer's ring
+        self.use_cuda_graphs = torch.device(device).type == "cuda" and os.environ.get("ARBOR_CUDA_GRAPHS", "1") != "0"
         self.active_rope: RopeTables | None = None  # the RopeTables the model's cos/sin tables were built from
         # CPU, quantized weights: decode runs one AOT-compiled step, built once per machine (compiled_decode.py).
         # The float path stays eager (it is the exact reference), and so do int8 / windowed caches.
