@@ -214,7 +214,33 @@ def test_int8_graph_decode_equals_the_eager_int8_path(int8_pair, prompt_len):
             row = m.lm.decode(token, cache)
             logits[name].append(row.cpu().numpy())
     assert tokens["fast"] == tokens["plain"]
-    assert rel(np.stack(logits["fast"]), np.stack(logits["plain"])) < 1e-4
+    # int8 rounding is discontinuous: the graph's fused quantization (float32 math in another order) moves a code
+    # by one step now and then, and later steps read it; measured 5.9e-3 over 32 steps on an H200 (130-token prompt). A wrong scale,
+    # slot or mask is off by far more.
+    assert rel(np.stack(logits["fast"]), np.stack(logits["plain"])) < 2e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("quantized", [False, True], ids=["16bit", "int8"])
+def test_split_kv_fits_wide_heads(dtype, quantized):
+    """Gemma 3's 256-dimensional heads, float32 too (smaller key blocks keep them in shared memory), on a ring."""
+    from arbor_torch.cache import dequantize_int8, quantize_int8
+    from arbor_torch.split_kv import SplitKVAttention
+
+    n_heads, n_kv, d, slots, window, length = 4, 1, 256, 1023, 512, 3000
+    g = torch.Generator(device="cuda").manual_seed(7)
+    q, k, v = (torch.randn(*shape, device="cuda", dtype=dtype, generator=g)
+               for shape in ((n_heads, d), (1, n_kv, slots, d), (1, n_kv, slots, d)))
+    attn = SplitKVAttention(n_heads, n_kv, d, slots, "cuda", dtype, window=window, scale=d ** -0.5, quantized=quantized)
+    n = torch.tensor([length], device="cuda", dtype=torch.int32)
+    if quantized:
+        (kc, ks), (vc, vs) = quantize_int8(k), quantize_int8(v)
+        out = attn(q, kc, vc, n, k_scale=ks, v_scale=vs)
+        k, v = dequantize_int8(kc, ks, dtype), dequantize_int8(vc, vs, dtype)
+    else:
+        out = attn(q, k, v, n)
+    ref = layout_reference(q, k, v, length, slots, window, d ** -0.5)
+    assert rel(out.float().cpu(), ref.cpu()) < (1e-5 if dtype == torch.float32 else 2e-2)
 
 
 @pytest.mark.parametrize("head_dim", [16, 256])  # 256: Gemma 3 270M's heads

@@ -15,12 +15,12 @@ def test_the_shipped_adapter_is_whole_and_names_its_base_and_recipe():
 
     [adapter] = KNOWN_ADAPTERS.values()
     assert adapter.base == "smollm2-135m-instruct"
-    # measured worse than YaRN on the plain model (docs/long-context.md): asked for by name only
-    assert not adapter.rope_auto and LONG_VARIANTS == {}
+    # measured better than the plain model with YaRN beyond 8K (docs/long-context.md): --rope auto loads it there
+    assert adapter.rope_auto and LONG_VARIANTS == {"smollm2-135m-instruct": "smollm2-135m-instruct-long"}
     assert sha256_of_file(adapter.directory / "adapter.safetensors") == adapter.sha256
     meta = json.loads((adapter.directory / "adapter.json").read_text())
     assert meta["base"] == adapter.base and meta["rope_scaling"]["rope_type"] == "yarn"
-    assert meta["train"]["seq_len"] == 4096 and meta["rank"] == 16 and meta["rope_scaling"]["factor"] == 16
+    assert meta["train"]["seq_len"] == 32768 and meta["rank"] == 16 and meta["rope_scaling"]["factor"] == 16
     assert (adapter.directory / "adapter.safetensors").stat().st_size < 10 << 20  # a few MB
 
 
@@ -47,15 +47,15 @@ def test_rope_auto_beyond_the_trained_context_loads_an_adapter_marked_for_it(def
     import arbor_cli
     import arbor_weights
 
-    # the shipped adapter is not marked for --rope auto: beyond 8K the plain model runs with YaRN
-    plain = arbor_cli.load(context=16384, quiet=True)
-    assert plain.checkpoint.name == "smollm2-135m-instruct"
-    assert plain.rope_scaling_for(16384)["rope_type"] == "yarn"
-    # an adapter that is marked (a measured-better one) is what --rope auto loads there
-    monkeypatch.setitem(arbor_weights.LONG_VARIANTS, "smollm2-135m-instruct", "smollm2-135m-instruct-long")
+    # the shipped adapter is marked: --rope auto beyond 8K loads it, 8K and --rope yarn keep the plain model
     assert arbor_cli.load(context=16384, quiet=True).checkpoint.name == "smollm2-135m-instruct-long"
     assert arbor_cli.load(context=8192, quiet=True).checkpoint.name == "smollm2-135m-instruct"
     assert arbor_cli.load(context=16384, rope="yarn", quiet=True).checkpoint.name == "smollm2-135m-instruct"
+    # a model without a marked adapter runs plain with YaRN there
+    monkeypatch.delitem(arbor_weights.LONG_VARIANTS, "smollm2-135m-instruct")
+    plain = arbor_cli.load(context=16384, quiet=True)
+    assert plain.checkpoint.name == "smollm2-135m-instruct"
+    assert plain.rope_scaling_for(16384)["rope_type"] == "yarn"
 
 
 def test_a_changed_adapter_file_is_refused(tmp_path, arbor_home, monkeypatch):

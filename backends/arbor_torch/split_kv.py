@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 BLOCK_N = 64
+ROW_BYTES_FOR_FULL_BLOCK = 512  # keys of head_dim x element size above this get 16-key blocks (shared memory)
 TARGET_PROGRAMS_PER_SM = 2
 
 
@@ -122,9 +123,11 @@ class SplitKVAttention:
         self.g = n_heads // n_kv_heads
         self.g_pad = max(16, triton.next_power_of_2(self.g))  # tl.dot needs 16 rows
         self.slots, self.window, self.quantized = slots, window, quantized
-        blocks = math.ceil(slots / BLOCK_N)
+        # float32 keys of Gemma's 256 dimensions in 64-key blocks ask an H200 for 276 KiB of shared memory
+        self.block = BLOCK_N if head_dim * dtype.itemsize <= ROW_BYTES_FOR_FULL_BLOCK else 16
+        blocks = math.ceil(slots / self.block)
         self.num_splits = max(1, min(blocks, math.ceil(TARGET_PROGRAMS_PER_SM * multiprocessors(device) / n_kv_heads)))
-        self.split = math.ceil(blocks / self.num_splits) * BLOCK_N
+        self.split = math.ceil(blocks / self.num_splits) * self.block
         self.num_splits = math.ceil(slots / self.split)
         shape = (n_kv_heads * self.num_splits * self.g_pad,)
         self.o_part = torch.empty(shape + (head_dim,), device=device, dtype=torch.float32)
@@ -145,7 +148,7 @@ class SplitKVAttention:
         _partial_attention[(self.n_kv, self.num_splits)](
             q, k_cache, v_cache, scales[0], scales[1], length, self.o_part, self.m_part, self.l_part, self.scale,
             k_cache.stride(1), k_cache.stride(2), scales[0].stride(1), self.slots, self.window or 0,
-            G=self.g, G_PAD=self.g_pad, D=self.d, BLOCK=BLOCK_N, SPLIT=self.split, NUM_SPLITS=self.num_splits,
+            G=self.g, G_PAD=self.g_pad, D=self.d, BLOCK=self.block, SPLIT=self.split, NUM_SPLITS=self.num_splits,
             IEEE=self.ieee, QUANT=self.quantized, WINDOWED=self.window is not None, num_warps=4)
         _merge_partials[(self.n_heads,)](
             self.o_part, self.m_part, self.l_part, out, G=self.g, G_PAD=self.g_pad, D=self.d,

@@ -105,13 +105,14 @@ KNOWN_ADAPTERS = {
         AdapterModel(
             name=f"{DEFAULT_MODEL}-long",
             base=DEFAULT_MODEL,
-            # arbor train on this repo's 2-core CPU, 2026-12-03 (the H200-trained adapter of 2026-12-02 was lost before
-            # it landed): LoRA rank 16 on q/k/v/o + the norms, YaRN x16, 48 steps of one 4,096-token sequence of KJV
-            # (Genesis-Deuteronomy, the New Testament), 73 minutes; docs/long-context.md has its figures
-            sha256="c852ad5fbfa537287fdd591712c0f0255d553ece261c3201d7e1718b278d0c31",
+            # arbor train on one H200, 2026-12-03 (benchmarks/long_adapter_gpu.sh): LoRA rank 16 on q/k/v/o + the norms,
+            # YaRN x16, 450 steps of one 32,768-token sequence of KJV (Genesis-Deuteronomy, the New Testament), 327 s
+            sha256="0bb7fc5ee6ab0fe9e42bf61e7caae56dbb6cbf793f886604521adfeb318351f4",
             description="SmolLM2 135M Instruct with arbor's long-context adapter (LoRA, YaRN x16), for beyond 8k",
-            # not for --rope auto: on held-out KJV its perplexity is worse than the plain model's with YaRN (8K: 22.6 vs 13.7)
-            rope_auto=False,
+            # --rope auto loads it beyond 8K: on held-out KJV its perplexity is 12.3 / 13.3 / 13.7 at 32K / 64K / 128K against
+            # the plain model's 19.1 / 27.4 / 63.7 with YaRN, and it finds a pass key hidden in that prose 50% / 62% at
+            # 16K / 32K where the plain model finds none (docs/long-context.md; in repeated filler it is behind at 16K-32K)
+            rope_auto=True,
         ),
     )
 }
