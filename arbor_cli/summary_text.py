@@ -39,6 +39,7 @@ def drop_repeats(text: str) -> str:
         kept_sentences = []
         for sentence in SENTENCE_END.split(line):
             key = re.sub(r"\W+", " ", BULLET.sub("", sentence)).strip().lower()
+            key = key if re.search(r"[^\W\d_]", key) else ""  # a bare list number ("1.") repeats nothing
             if key and key in seen:
                 return "\n".join(kept_lines + ([" ".join(kept_sentences)] if kept_sentences else [])).strip()
             if key:

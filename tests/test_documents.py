@@ -125,8 +125,27 @@ def test_reading_a_folder_skips_binaries_links_back_up_and_empty_files_with_one_
     (folder / "loop").symlink_to(folder)  # a link back up the tree
     (folder / "gone.txt").symlink_to(tmp_path / "missing.txt")  # a dangling link
     docs, skipped = read_documents([str(folder)])
-    assert [os.path.relpath(name, folder) for name, _ in docs] == sorted(SUBJECTS)
+    assert [name for name, _ in docs] == sorted(SUBJECTS)
     assert sorted(os.path.basename(name) for name, _ in skipped) == ["empty.txt", "gone.txt", "image.png", "loop"]
+
+
+def test_documents_in_a_folder_are_named_by_their_path_below_it_wherever_it_lies(tmp_path, monkeypatch):
+    """The prompt names a document `notes/chess.txt` whether the folder was given absolute, relative or as '.':
+    the same folder in another place reads the same (and the user's directory layout stays out of it); with
+    several sources each keeps its folder's name, so two folders' README.md stay apart."""
+    from arbor_cli.cli.common import read_documents
+
+    folder = make_folder(tmp_path)
+    expected = sorted(SUBJECTS)
+    assert [name for name, _ in read_documents([str(folder.resolve())])[0]] == expected
+    monkeypatch.chdir(tmp_path)
+    assert [name for name, _ in read_documents(["docs/"])[0]] == expected
+    other = make_folder(tmp_path / "more")
+    both = [name for name, _ in read_documents([str(folder), str(other)])[0]]
+    assert both == [f"docs/{name}" for name in expected] * 2
+    monkeypatch.chdir(folder)
+    assert [name for name, _ in read_documents(["."])[0]] == expected
+    assert [name for name, _ in read_documents(["bees.txt", "notes/chess.txt"])[0]] == ["bees.txt", "notes/chess.txt"]
 
 
 @pytest.mark.parametrize("setup, says", [

@@ -367,7 +367,10 @@ def hand_over(torch_cache, mlx_cache, length: int) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("method", ["linear", "dynamic", "yarn", "llama3"])
+# yarn (what --rope auto picks) and llama3: ~62 s each on 2 cores, mostly torch's 8K prefill. linear and dynamic
+# stay checked past the trained length on a tiny model (test_logits_match_torch_beyond_the_trained_length_for_each_
+# rope_scaling) and on the real one at full length under ARBOR_MLX_LONG=1 (above)
+@pytest.mark.parametrize("method", ["yarn", "llama3"])
 def test_default_model_past_its_real_trained_length_matches_torch(default_pair, method):
     torch_model, mlx_model = default_pair
     assert torch_model.config.trained_context == TRAINED < HANDOFF_HELD

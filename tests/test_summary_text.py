@@ -28,3 +28,10 @@ def test_bullets_style_gives_one_item_per_line():
 def test_paragraph_style_joins_list_items():
     assert shape_summary("- Bees make honey.\n- Volcanoes erupt.", "paragraph") == \
         "Bees make honey. Volcanoes erupt."
+
+
+def test_bare_list_numbers_are_not_taken_for_a_repeated_sentence():
+    """A second numbered list ("1." again) is not a greedy loop: the text after it is kept."""
+    text = "The three are:\n\n1. A cat sat.\nThe main ones:\n\n1. Bees live.\n\n2. Chess is fun."
+    assert "Chess is fun." in clean_summary(text)
+    assert clean_summary("Bees live. Bees live. More.") == "Bees live."

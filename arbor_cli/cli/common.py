@@ -236,11 +236,25 @@ def read_documents(sources: list[str], max_bytes: int | None = None
                 skipped.append((str(path), str(e)))
                 warn(f"skipped: {e}")
                 continue
+            if path != source:  # found under a directory: named by its path below it
+                name = _name_under(Path(source), Path(path), several=len(sources) > 1)
             documents.append((name, text))
     if not documents:
         what = f" ({len(skipped)} skipped)" if skipped else " (no files in it)"
         raise InputError(f"no document could be read from {', '.join(sources)}{what}")
     return documents, skipped
+
+
+def _name_under(folder: Path, path: Path, several: bool) -> str:
+    """A file found under `folder` as the model and --json see it: its path below the folder (`notes/chess.txt`),
+    with the folder's own name in front when several sources were given (two folders may both hold a
+    README.md); never the absolute path the folder was given by, which would put the user's directory layout
+    in every prompt and read the same folder differently from another place."""
+    below = path.relative_to(folder)
+    if not several:
+        return str(below)
+    top = folder.resolve().name if folder.name in ("", ".", "..") else folder.name
+    return str(Path(top) / below)
 
 
 def _text_files_under(folder: Path, skipped: list[tuple[str, str]]) -> list[Path]:
