@@ -38,7 +38,8 @@ if [ "${MEMORY:-1}" = 1 ]; then
 fi
 if [ -n "${STEPS:-}" ]; then
   steps=$STEPS
-else
+else  # the step time of the memory run (MEMORY=1) sizes the training to TRAIN_S
+  [ -f /tmp/mem-checkpointing/log.jsonl ] || { echo "MEMORY=0 needs STEPS=N" >&2; exit 2; }
   per_step=$(python3 -c "import json; r=[json.loads(l) for l in open('/tmp/mem-checkpointing/log.jsonl')]; print(r[-1]['elapsed_s'] - r[0]['elapsed_s'])")
   steps=$(python3 -c "print(max(10, int($TRAIN_S / max($per_step, 0.01))))")
 fi

@@ -53,6 +53,28 @@ def layout_reference(q, k, v, length, slots, window, scale):
     return torch.einsum("hn,hnd->hd", w, vv)
 
 
+def split_kv_and_reference(dtype, quantized, n_heads, n_kv, d, slots, window, length, scale, seed):
+    """(the kernel's output, layout_reference's) for random q and a random cache of `slots` holding `length`
+    positions; int8: the reference reads what the eager path reads, the codes dequantized to the compute dtype."""
+    from arbor_torch.cache import dequantize_int8, quantize_int8
+    from arbor_torch.split_kv import SplitKVAttention
+
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(n_heads, d, device="cuda", dtype=dtype, generator=g)
+    k = torch.randn(1, n_kv, slots, d, device="cuda", dtype=dtype, generator=g)
+    v = torch.randn(1, n_kv, slots, d, device="cuda", dtype=dtype, generator=g)
+    attn = SplitKVAttention(n_heads, n_kv, d, slots, "cuda", dtype, window=window, scale=scale, quantized=quantized)
+    out = torch.full_like(q, float("nan"))
+    n = torch.tensor([length], device="cuda", dtype=torch.int32)
+    if quantized:
+        (kc, ks), (vc, vs) = quantize_int8(k), quantize_int8(v)
+        attn(q, kc, vc, n, out=out, k_scale=ks, v_scale=vs)
+        k, v = dequantize_int8(kc, ks, dtype), dequantize_int8(vc, vs, dtype)
+    else:
+        attn(q, k, v, n, out=out)
+    return out, layout_reference(q, k, v, length, slots, window, scale)
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("quantized", [False, True], ids=["16bit", "int8"])
 @pytest.mark.parametrize("slots,window,length", [
@@ -62,24 +84,7 @@ def layout_reference(q, k, v, length, slots, window, scale):
     (4096, 512, 3000),  # a window over a cache that holds every position
 ])
 def test_split_kv_reads_every_cache_layout(dtype, tol, quantized, slots, window, length):
-    from arbor_torch.cache import dequantize_int8, quantize_int8
-    from arbor_torch.split_kv import SplitKVAttention
-
-    n_heads, n_kv, d, scale = 8, 2, 64, 0.09
-    g = torch.Generator(device="cuda").manual_seed(slots + length)
-    q = torch.randn(n_heads, d, device="cuda", dtype=dtype, generator=g)
-    k = torch.randn(1, n_kv, slots, d, device="cuda", dtype=dtype, generator=g)
-    v = torch.randn(1, n_kv, slots, d, device="cuda", dtype=dtype, generator=g)
-    attn = SplitKVAttention(n_heads, n_kv, d, slots, "cuda", dtype, window=window, scale=scale, quantized=quantized)
-    out = torch.full_like(q, float("nan"))
-    n = torch.tensor([length], device="cuda", dtype=torch.int32)
-    if quantized:  # the reference reads what the eager path reads: the codes dequantized to the compute dtype
-        (kc, ks), (vc, vs) = quantize_int8(k), quantize_int8(v)
-        attn(q, kc, vc, n, out=out, k_scale=ks, v_scale=vs)
-        k, v = dequantize_int8(kc, ks, dtype), dequantize_int8(vc, vs, dtype)
-    else:
-        attn(q, k, v, n, out=out)
-    ref = layout_reference(q, k, v, length, slots, window, scale)
+    out, ref = split_kv_and_reference(dtype, quantized, 8, 2, 64, slots, window, length, 0.09, seed=slots + length)
     assert not torch.isnan(out).any()
     assert rel(out.float().cpu(), ref.cpu()) < tol
 
@@ -224,22 +229,7 @@ def test_int8_graph_decode_equals_the_eager_int8_path(int8_pair, prompt_len):
 @pytest.mark.parametrize("quantized", [False, True], ids=["16bit", "int8"])
 def test_split_kv_fits_wide_heads(dtype, quantized):
     """Gemma 3's 256-dimensional heads, float32 too (smaller key blocks keep them in shared memory), on a ring."""
-    from arbor_torch.cache import dequantize_int8, quantize_int8
-    from arbor_torch.split_kv import SplitKVAttention
-
-    n_heads, n_kv, d, slots, window, length = 4, 1, 256, 1023, 512, 3000
-    g = torch.Generator(device="cuda").manual_seed(7)
-    q, k, v = (torch.randn(*shape, device="cuda", dtype=dtype, generator=g)
-               for shape in ((n_heads, d), (1, n_kv, slots, d), (1, n_kv, slots, d)))
-    attn = SplitKVAttention(n_heads, n_kv, d, slots, "cuda", dtype, window=window, scale=d ** -0.5, quantized=quantized)
-    n = torch.tensor([length], device="cuda", dtype=torch.int32)
-    if quantized:
-        (kc, ks), (vc, vs) = quantize_int8(k), quantize_int8(v)
-        out = attn(q, kc, vc, n, k_scale=ks, v_scale=vs)
-        k, v = dequantize_int8(kc, ks, dtype), dequantize_int8(vc, vs, dtype)
-    else:
-        out = attn(q, k, v, n)
-    ref = layout_reference(q, k, v, length, slots, window, d ** -0.5)
+    out, ref = split_kv_and_reference(dtype, quantized, 4, 1, 256, 1023, 512, 3000, 256 ** -0.5, seed=7)
     assert rel(out.float().cpu(), ref.cpu()) < (1e-5 if dtype == torch.float32 else 2e-2)
 
 
