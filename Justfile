@@ -22,7 +22,7 @@ figures:
     arbor plot bench docs/bench/h100/bench_135m.json -o docs/figures/bench_135m_h100.png --machine "NVIDIA H100 80GB HBM3"
 
 lint:
-    ruff check arbor_cli backends weights tests
+    ruff check core arbor_cli backends weights tests
 
 # what arbor does, on the default model
 demo:

@@ -5,8 +5,9 @@
     print(m.chat([{"role": "user", "content": "What is the capital of France?"}]).text)
 """
 
-from .config import ArborConfig
-from .errors import ArborError
+from arbor_core.config import ArborConfig
+from arbor_core.errors import ArborError
+
 from .generate import GenerationResult, GenerationStream
 from .model import Model, load
 

@@ -32,9 +32,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from arbor_core.errors import UsageError
+
 from . import doc_cache
 from .chunking import document_token_offsets, split_into_chunks
-from .errors import UsageError
 from .generate import GenerationOptions
 
 ANSWER_TOKENS = 32  # an answer in the text's own words is a sentence; it also ends at a blank line

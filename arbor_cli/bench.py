@@ -7,43 +7,20 @@ llama.cpp on the GGUF file (llama_cpp_peer.py).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from typing import Callable
 
-import numpy as np
+from arbor_core.bench_rows import DECODE_TOKENS, BenchRow, prompt_for
+from arbor_core.errors import ContextError, OutOfMemoryError
+from arbor_core.planner import parse_token_counts
 
-from .backend import transformers_peer
-from .errors import ContextError, OutOfMemoryError
-from .planner import parse_token_counts
+from .backends import transformers_peer
 
 DEFAULT_CONTEXTS = (4096, 16384, 32768, 65536, 131072)
-DECODE_TOKENS = 64
-
-
-@dataclass
-class BenchRow:
-    engine: str
-    context: int
-    prompt_tokens: int
-    prefill_s: float | None = None
-    prefill_tokens_per_s: float | None = None
-    decode_tokens_per_s: float | None = None
-    peak_memory_bytes: int | None = None
-    rope: str = "native"
-    error: str | None = None
-
-    def to_json(self) -> dict:
-        return asdict(self)
 
 
 def parse_contexts(spec: str) -> list[int]:
     """'4k,16k,32768' -> [4096, 16384, 32768], in the order given."""
     return parse_token_counts(spec, "--contexts")
-
-
-def prompt_for(vocab_size: int, length: int, seed: int = 0) -> list[int]:
-    """Random token ids: what the kernels see does not depend on the text, and no tokenizer is timed."""
-    return np.random.default_rng(seed).integers(100, vocab_size - 100, size=length).tolist()
 
 
 def bench_arbor(model, context: int, decode_tokens: int = DECODE_TOKENS) -> BenchRow:

@@ -14,7 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from .errors import ContextError, InputError
+from arbor_core.errors import ContextError, InputError
+
 from .generate import GenerationOptions, GenerationResult
 
 REPLY_RESERVE = 512  # tokens kept free for the reply when trimming history
@@ -165,7 +166,7 @@ def new_session(model, system: str | None = None, options: GenerationOptions | N
     """A ChatSession, or an EngineChatSession when `model` is an engine."""
     kind = EngineChatSession if getattr(model, "remote", False) else ChatSession
     if kind is ChatSession and model.tokenizer.chat_template is None:
-        from .chat_template import cannot_chat
+        from arbor_core.chat_template import cannot_chat
 
         raise cannot_chat(model.checkpoint.name)
     return kind(model, system=system, options=options)

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from .errors import ContextError
+from arbor_core.errors import ContextError
 
 TOKENIZE_BLOCK_CHARS = 1 << 20  # about a second of tokenizing per block: progress moves at least that often
 OVERLAP_FRACTION = 0.08    # of a chunk's budget, repeated at the start of the next chunk

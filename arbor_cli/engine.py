@@ -26,9 +26,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from .errors import ArborError, ContextError, UsageError
+from arbor_core.errors import ArborError, ContextError, UsageError
+from arbor_core.planner import BUCKETS
+
 from .generate import GenerationResult, GenerationStream
-from .planner import BUCKETS
 
 RETRIES = 3  # attempts after the first, for transient failures
 BACKOFF_S = 0.5  # doubled each retry
@@ -323,8 +324,7 @@ def connect(url: str, model: str | None = None, *, served: str | None = None, ap
     """A RemoteModel for the engine at `url`, counting tokens with the local tokenizer of `model`
     (default: arbor's default model)."""
     import arbor_weights
-
-    from .tokenizer import load_tokenizer
+    from arbor_core.tokenizer import load_tokenizer
 
     if not url.startswith(("http://", "https://")):
         raise UsageError(f"--engine must be an http:// or https:// URL, got {url!r}")

@@ -21,9 +21,9 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 
-from .errors import ContextError, OutOfMemoryError, UsageError
-from .planner import parse_token_counts
-from .rope import AUTO_METHOD, METHODS, describe_scaling, method_for_context, scaling_for_context
+from arbor_core.errors import ContextError, OutOfMemoryError, UsageError
+from arbor_core.planner import parse_token_counts
+from arbor_core.rope import AUTO_METHOD, METHODS, describe_scaling, method_for_context, scaling_for_context
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "

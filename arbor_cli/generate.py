@@ -13,8 +13,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Generator, Iterator
 
-from .backend import REPEAT_WINDOW, LoadedModel, SamplingParams
-from .errors import UsageError
+from arbor_core.backend import REPEAT_WINDOW, LoadedModel, SamplingParams
+from arbor_core.errors import UsageError
 
 MAX_NEW_TOKENS_LIMIT = 1 << 20
 

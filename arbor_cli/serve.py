@@ -29,7 +29,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ArborError, ContextError, UsageError
+from arbor_core.errors import ArborError, ContextError, UsageError
+
 from .generate import GenerationOptions
 
 DEFAULT_QUEUE = 16  # requests waiting beside the one running; more are refused with 503

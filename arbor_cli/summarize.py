@@ -22,9 +22,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
+from arbor_core.errors import ContextError, OutOfMemoryError, UsageError
+
 from .chunking import Chunk, cutting_progress, default_overlap, document_token_offsets, split_into_chunks
 from .engine import run_all
-from .errors import ContextError, OutOfMemoryError, UsageError
 from .summary_text import clean_summary, shape_summary
 
 STYLES = ("paragraph", "bullets")

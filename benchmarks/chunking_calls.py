@@ -28,7 +28,7 @@ import arbor_weights
 from arbor_cli import summarize as summarizer
 from arbor_cli.generate import GenerationResult
 from arbor_cli.summarize import SummaryOptions, summarize
-from arbor_cli.tokenizer import load_tokenizer
+from arbor_core.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))

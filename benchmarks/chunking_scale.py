@@ -29,8 +29,8 @@ from long_document import long_document  # noqa: E402
 
 import arbor_cli  # noqa: E402
 from arbor_cli.chunking import tokenize_in_blocks  # noqa: E402
-from arbor_cli.planner import parse_token_counts  # noqa: E402
 from arbor_cli.summarize import SummaryOptions, SummaryRun, map_messages  # noqa: E402
+from arbor_core.planner import parse_token_counts  # noqa: E402
 
 
 def documents(size: int) -> dict[str, str]:

@@ -35,15 +35,15 @@ import statistics
 import sys
 import time
 
-import arbor_torch  # noqa: F401 -- before torch: it sets OpenMP's spin count, read when torch loads
 import numpy as np
+import report_json  # benchmarks/report_json.py, beside this script
 import torch
 
 import arbor_cli
+import arbor_torch  # noqa: F401 -- before torch: it sets OpenMP's spin count, read when torch loads
 import arbor_weights
-from arbor_cli.backend import SamplingParams
 from arbor_cli.model import QUANTIZE
-import report_json  # benchmarks/report_json.py, beside this script
+from arbor_core.backend import SamplingParams
 
 GREEDY = SamplingParams()
 WARMUP_PROMPT, WARMUP_STEPS = 64, 8

@@ -43,7 +43,7 @@ def random_checkpoint(shape: str, directory: Path):
     import torch
     from safetensors.torch import save_file
 
-    from arbor_cli.config import ArborConfig
+    from arbor_core.config import ArborConfig
     from arbor_torch.model import Transformer
 
     cfg = ArborConfig(**SHAPES[shape])

@@ -68,10 +68,10 @@ def write_tiny_checkpoint(path, seed: int = 0, norms: float = 1.0, **over):
 
     Weights are N(0, 0.2); RMSNorm weights `norms` + N(0, 0.2) (0: the tiny torch model's style)."""
     import numpy as np
-    from arbor_weights.checkpoint import open_checkpoint
     from safetensors.numpy import save_file
 
-    from arbor_cli.config import ArborConfig
+    from arbor_core.config import ArborConfig
+    from arbor_weights.checkpoint import open_checkpoint
 
     cfg = ArborConfig(**{**TINY_CONFIG, **over})
     rng = np.random.default_rng(seed)
@@ -116,11 +116,11 @@ def tiny_checkpoint(tmp_path):
 def build_tiny_torch_model(**over):
     """A TorchModel on CPU, float32, random weights N(0, 0.2) from torch's seed 0, RoPE set for 256 positions."""
     import torch
+
+    from arbor_core.config import ArborConfig
+    from arbor_core.rope import rope_frequencies
     from arbor_torch.model import Transformer
     from arbor_torch.runner import TorchModel
-
-    from arbor_cli.config import ArborConfig
-    from arbor_cli.rope import rope_frequencies
 
     kw = dict(vocab_size=97, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=6,
               num_key_value_heads=2, max_position_embeddings=256, rope_theta=1000.0)
@@ -232,7 +232,7 @@ def tiny(tiny_spm_meta):
 # ==== chat), the one fake backend runtime (generate, evals), and documents that say where each piece came from =
 import re as _re
 
-from arbor_cli.errors import OutOfMemoryError as _OutOfMemoryError
+from arbor_core.errors import OutOfMemoryError as _OutOfMemoryError
 
 WORD = _re.compile(r"\w+|[^\w\s]")
 
@@ -290,7 +290,7 @@ class FakeModel:
         self.notify = self.notices.append
 
     def plan(self, needed_tokens: int, requested: int | None = None, rope: str | None = None) -> FakePlan:
-        from arbor_cli.planner import BUCKETS
+        from arbor_core.planner import BUCKETS
 
         requested = self.context if requested is None else requested
         self.plans.append((needed_tokens, requested))
@@ -301,7 +301,7 @@ class FakeModel:
         return FakePlan(holding[0] if holding else fitting[-1], needed_tokens)
 
     def smaller_context(self, error, context: int, *, needed: int = 0, pinned: bool = False) -> int:
-        from arbor_cli.planner import next_smaller
+        from arbor_core.planner import next_smaller
 
         smaller = next_smaller(context)
         if smaller is None or pinned or needed >= smaller:
@@ -344,7 +344,7 @@ class FakeCache:
 
 
 class FakeRuntime:
-    """A backend's loaded model (arbor_cli.backend.LoadedModel) reduced to the loop's needs: each prefill or
+    """A backend's loaded model (arbor_core.backend.LoadedModel) reduced to the loop's needs: each prefill or
     decode step returns the next item of `script` as its logits, or `logits` once the script is used up;
     sample() takes a step's "logits" to be the token itself when it is an int. Records what it was fed."""
 

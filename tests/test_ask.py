@@ -7,12 +7,12 @@ import re
 from types import SimpleNamespace
 
 import pytest
+from conftest import document
 
 from arbor_cli import ask as ask_module
 from arbor_cli.ask import ANSWERED_PARTS, NOT_FOUND, anchored, ask, common_words, evidence
-from arbor_cli.errors import UsageError
 from arbor_cli.generate import GenerationResult
-from conftest import document
+from arbor_core.errors import UsageError
 
 KEY = "The pass key is 91644."
 QUESTION = "What is the pass key?"

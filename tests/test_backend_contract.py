@@ -13,10 +13,11 @@ import importlib.util
 import numpy as np
 import pytest
 
-from arbor_cli import planner
-from arbor_cli.backend import LoadedModel, SamplingParams, backend_module
-from arbor_cli.errors import BackendUnavailableError, ContextError, CorruptModelError
-from arbor_cli.rope import rope_frequencies
+from arbor_cli.backends import backend_module
+from arbor_core import planner
+from arbor_core.backend import LoadedModel, SamplingParams
+from arbor_core.errors import BackendUnavailableError, ContextError, CorruptModelError
+from arbor_core.rope import rope_frequencies
 
 WINDOW, CHUNK = 9, 7  # a ring of WINDOW + CHUNK - 1 = 15 slots
 # int8 vs the float32 cache, relative error of the logits: each cached element moves by at most

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from arbor_cli.bench import parse_contexts, run_bench
 from arbor_cli.cli import app
-from arbor_cli.errors import OutOfMemoryError, UsageError
+from arbor_core.errors import OutOfMemoryError, UsageError
 
 
 @pytest.fixture
@@ -94,8 +94,8 @@ def test_vs_llama_cpp_runs_llama_cpp_on_the_gguf_the_model_came_from(runner, def
 
 
 def test_vs_llama_cpp_without_a_gguf_is_a_usage_error(tiny_checkpoint):
-    from arbor_cli.errors import UsageError
     from arbor_cli.llama_cpp_peer import source_gguf
+    from arbor_core.errors import UsageError
 
     with pytest.raises(UsageError, match="--vs llama.cpp runs GGUF files"):
         source_gguf(tiny_checkpoint())

@@ -4,12 +4,12 @@ import threading
 import time
 
 import pytest
-from arbor_weights.gguf_vocab import tokenizer_from_gguf
 from tokenizer_samples import CHATML
 
-from arbor_cli import chat_template
-from arbor_cli.chat_template import ChatTemplateError, ChatTemplateRefusedError, check_template, render_template
-from arbor_cli.tokenizer import load_tokenizer
+from arbor_core import chat_template
+from arbor_core.chat_template import ChatTemplateError, ChatTemplateRefusedError, check_template, render_template
+from arbor_core.tokenizer import load_tokenizer
+from arbor_weights.gguf_vocab import tokenizer_from_gguf
 
 
 def with_template(meta: dict, template) -> dict:

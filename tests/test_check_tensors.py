@@ -2,9 +2,9 @@
 
 import numpy as np
 import pytest
-from arbor_weights.checkpoint import IGNORED_KEYS, check_tensors
 
-from arbor_cli.errors import CorruptModelError
+from arbor_core.errors import CorruptModelError
+from arbor_weights.checkpoint import IGNORED_KEYS, check_tensors
 
 EXPECTED = {"model.embed_tokens.weight": (10, 4), "model.norm.weight": (4,), "lm_head.weight": (10, 4)}
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import arbor_weights
 import pytest
 
-from arbor_cli.errors import CorruptModelError, ModelNotFoundError
+import arbor_weights
+from arbor_core.errors import CorruptModelError, ModelNotFoundError
 
 pytestmark = pytest.mark.usefixtures("arbor_home")
 

@@ -122,7 +122,7 @@ def test_a_long_line_without_whitespace_is_cut_where_tokens_begin():
 def test_with_the_real_tokenizer_each_chunk_counted_alone_fits_its_budget(default_checkpoint, budget):
     from long_document import long_document
 
-    from arbor_cli.tokenizer import load_tokenizer
+    from arbor_core.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(default_checkpoint.path)
     text = long_document()
@@ -159,7 +159,7 @@ def test_tokenizing_in_blocks_gives_the_tokens_of_the_whole_text_with_the_real_t
                                                                                          block_chars):
     from long_document import long_document
 
-    from arbor_cli.tokenizer import load_tokenizer
+    from arbor_core.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(default_checkpoint.path)
     text = long_document() + "\n\n" + Path(__file__).resolve().parents[1].joinpath("README.md").read_text()

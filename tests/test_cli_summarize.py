@@ -269,7 +269,7 @@ def test_a_document_of_many_tokenizing_blocks_shows_reading_it_as_a_phase(fake_m
 def test_a_long_line_without_whitespace_is_summarized_in_parts(default_checkpoint, monkeypatch, tmp_path):
     import random
 
-    from arbor_cli.tokenizer import load_tokenizer
+    from arbor_core.tokenizer import load_tokenizer
 
     model = FakeModel(largest=4096, answer=lambda prompt: ANSWER, tokenizer=load_tokenizer(default_checkpoint.path))
     monkeypatch.setattr(summarize_cli, "load_model", lambda opts: model)

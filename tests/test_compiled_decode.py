@@ -20,11 +20,10 @@ TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_la
 
 
 def quantized_tiny(seed: int = 0):
+    from arbor_core.config import ArborConfig
+    from arbor_core.rope import rope_frequencies
     from arbor_torch.model import Transformer
     from arbor_torch.runner import TorchModel
-
-    from arbor_cli.config import ArborConfig
-    from arbor_cli.rope import rope_frequencies
 
     cfg = ArborConfig(**TINY)
     torch.manual_seed(seed)
@@ -38,7 +37,7 @@ def quantized_tiny(seed: int = 0):
 
 
 def greedy(lm, prompt=(3, 17, 42, 5, 99), n=24):
-    from arbor_cli.backend import SamplingParams
+    from arbor_core.backend import SamplingParams
 
     cache = lm.new_cache(128)
     token = lm.sample(lm.prefill(list(prompt), cache, 512), SamplingParams(), None)
@@ -186,10 +185,9 @@ def test_a_library_that_disagrees_with_eager_is_never_used(compile_dir, capfd, m
 
 
 def test_int8_kv_and_float_weights_stay_eager(compile_dir):
+    from arbor_core.config import ArborConfig
     from arbor_torch.model import Transformer
     from arbor_torch.runner import TorchModel
-
-    from arbor_cli.config import ArborConfig
 
     cfg = ArborConfig(**TINY)
     assert TorchModel(Transformer(cfg), "cpu", "float32").compiled is None  # the exact float path

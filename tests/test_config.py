@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from arbor_cli.config import ArborConfig
-from arbor_cli.errors import ConfigError
+from arbor_core.config import ArborConfig
+from arbor_core.errors import ConfigError
 
 BASE = dict(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=4096, rope_theta=10000.0, model_type="llama")

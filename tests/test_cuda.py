@@ -238,14 +238,15 @@ def test_gemma_graph_decode_through_wrapped_rings_equals_the_plain_path(tiny_che
     """A tiny Gemma (five sliding layers of window 8, one global) on CUDA: the captured graph writes the
     sliding layers' rings at slot position % slots and reads them through the window; every step's logits
     match the eager path's, and so do the greedy tokens."""
-    import arbor_torch
     from test_gemma import TINY_GEMMA
+
+    import arbor_torch
 
     ckpt = tiny_checkpoint(norms=0.0, **{**TINY_GEMMA, "head_dim": head_dim, "max_position_embeddings": 256})
     fast, plain = (arbor_torch.load(ckpt, device="cuda", dtype="float32") for _ in range(2))
     plain.use_cuda_graphs = False
     assert fast.use_cuda_graphs
-    from arbor_cli.rope import rope_frequencies
+    from arbor_core.rope import rope_frequencies
 
     ids = np.random.default_rng(3).integers(3, 97, 20).tolist()
     rows, tokens = {}, {}

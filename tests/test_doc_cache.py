@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from arbor_cli import doc_cache
-from arbor_cli.backend import backend_module
+from arbor_cli.backends import backend_module
 from arbor_cli.model import Model
 
 BACKENDS = [

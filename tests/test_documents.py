@@ -13,8 +13,8 @@ import sys
 import pytest
 from conftest import FakeModel, document
 
-from arbor_cli.errors import UsageError
 from arbor_cli.summarize import WHOLE_SET_HEADING, SummaryOptions, summarize_documents
+from arbor_core.errors import UsageError
 
 SUBJECTS = {
     "bees.txt": ("Honey bees live in colonies ruled by a single queen. Worker bees collect nectar from flowers and "

@@ -11,9 +11,6 @@ from conftest import FakeCache, FakeModel, FakeRuntime
 from typer.testing import CliRunner
 
 from arbor_cli.cli import app
-from arbor_cli.errors import UsageError
-from arbor_cli.model import Model
-from arbor_cli.rope import AUTO_METHOD
 from arbor_cli.evals import (
     ANSWER_TOKENS,
     KEY_LINE,
@@ -32,6 +29,9 @@ from arbor_cli.evals import (
     trial_depth,
     trial_key,
 )
+from arbor_cli.model import Model
+from arbor_core.errors import UsageError
+from arbor_core.rope import AUTO_METHOD
 
 PROSE = ("It was a bright cold day in spring, and the clocks were striking nine. The river ran high with snow water! "
          "Would the ferry cross today? Nobody in the village could say.\n\nThe miller's wife said it would. "
@@ -118,7 +118,7 @@ def test_prose_prompt_hides_the_key_in_the_text():
 @pytest.mark.slow
 @pytest.mark.parametrize("length", [1024, 8184, 32760])
 def test_prompt_hits_the_target_length_with_the_real_tokenizer(default_checkpoint, length):
-    from arbor_cli.tokenizer import load_tokenizer
+    from arbor_core.tokenizer import load_tokenizer
 
     tok = load_tokenizer(default_checkpoint.path)
     prompt = build_passkey_prompt(SentenceEncoder(tok), length, 0.625, "90210", repeated_filler())
@@ -159,7 +159,7 @@ def test_methods_that_run_the_same_rope_share_one_run():
 
 
 def test_a_length_that_does_not_fit_is_recorded_not_fatal():
-    from arbor_cli.errors import ContextError
+    from arbor_core.errors import ContextError
 
     model = passkey_model()
     generate = model.generate

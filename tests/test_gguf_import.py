@@ -10,17 +10,17 @@ from __future__ import annotations
 import json
 import math
 
-import arbor_weights
 import numpy as np
 import pytest
-from arbor_weights import gguf_import, quantized
 from gguf_files import HEAD_DIM, HEADS, HIDDEN, KV_HEADS, LAYERS, Q, llama_cpp_permute, write_tiny_gguf
 from safetensors import safe_open
 from safetensors.numpy import load_file
 
-from arbor_cli import chat_template
-from arbor_cli.chat_template import ChatTemplateRefusedError, check_template
-from arbor_cli.errors import ArborError, ConfigError, CorruptModelError
+import arbor_weights
+from arbor_core import chat_template
+from arbor_core.chat_template import ChatTemplateRefusedError, check_template
+from arbor_core.errors import ArborError, ConfigError, CorruptModelError
+from arbor_weights import gguf_import, quantized
 
 pytestmark = pytest.mark.usefixtures("arbor_home")
 

@@ -1,11 +1,11 @@
 """A GGUF file's vocabulary rebuilt as a tokenizer: sentencepiece ('llama') and byte-level BPE ('gpt2')."""
 
-import arbor_weights
 import pytest
-from arbor_weights.gguf_vocab import tokenizer_from_gguf
 from tokenizer_samples import MULTIBYTE
 
-from arbor_cli.errors import ConfigError
+import arbor_weights
+from arbor_core.errors import ConfigError
+from arbor_weights.gguf_vocab import tokenizer_from_gguf
 
 pytestmark = pytest.mark.usefixtures("arbor_home")
 
@@ -35,14 +35,14 @@ def test_unsupported_gguf_tokenizer_model_is_named(tiny_spm_meta):
 # ---- the vocabulary an import saves beside the weights ----
 
 def test_imported_tokenizer_loads(tmp_path, tiny_gguf):
-    tokenizer = pytest.importorskip("arbor_cli.tokenizer")
+    tokenizer = pytest.importorskip("arbor_core.tokenizer")
     arbor_weights.import_gguf(tiny_gguf, tmp_path / "out", quiet=True)
     tok = tokenizer.load_tokenizer(tmp_path / "out")
     assert tok.decode(tok.encode("hello")).endswith("hello")
 
 
 def test_default_checkpoint_tokenizer_loads(default_checkpoint):
-    tokenizer = pytest.importorskip("arbor_cli.tokenizer")
+    tokenizer = pytest.importorskip("arbor_core.tokenizer")
     assert (default_checkpoint.path / "tokenizer_config.json").is_file()
     tok = tokenizer.load_tokenizer(default_checkpoint.path)
     assert tok.decode(tok.encode("Hello, world!")).endswith("Hello, world!")

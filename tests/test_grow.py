@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from arbor_cli.errors import UsageError
+from arbor_core.errors import UsageError
 
 
 @pytest.mark.slow

@@ -10,15 +10,15 @@ import sys
 import time
 import zipfile
 
-import arbor_weights
 import pytest
-from arbor_weights import pypi_wheel, registry
-from arbor_weights.registry import WheelModel
 from gguf_files import Q, write_tiny_gguf
 from typer.testing import CliRunner
 
-from arbor_cli import chat_template
+import arbor_weights
 from arbor_cli.cli import app
+from arbor_core import chat_template
+from arbor_weights import pypi_wheel, registry
+from arbor_weights.registry import WheelModel
 
 pytestmark = pytest.mark.usefixtures("arbor_home")
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import sys
 
-import arbor_weights
 import pytest
-from arbor_weights import hub
 
-from arbor_cli.errors import ArborError, PullError
+import arbor_weights
+from arbor_core.errors import ArborError, PullError
+from arbor_weights import hub
 
 pytestmark = pytest.mark.usefixtures("arbor_home")
 

@@ -8,12 +8,12 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from arbor_torch.cache import dequantize_int8, quantize_int8
 
-from arbor_cli import planner
 from arbor_cli.chat import ChatSession
-from arbor_cli.config import ArborConfig
-from arbor_cli.errors import UsageError
+from arbor_core import planner
+from arbor_core.config import ArborConfig
+from arbor_core.errors import UsageError
+from arbor_torch.cache import dequantize_int8, quantize_int8
 
 WINDOW, CHUNK = 9, 7  # a ring of WINDOW + CHUNK - 1 = 15 slots
 # int8 vs the float32 cache on the tiny model, relative error of the logits (norm of the difference
@@ -203,7 +203,7 @@ def test_kv_bits_option_other_than_8_or_16_is_a_one_line_usage_error(value):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_int8_cache_on_cuda_stays_close_to_16_bits(tiny_model):
-    from arbor_cli.rope import rope_frequencies
+    from arbor_core.rope import rope_frequencies
     from arbor_torch.runner import TorchModel
 
     model = tiny_model().model.to("cuda", torch.bfloat16)

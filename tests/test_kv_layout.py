@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from arbor_cli import kv_layout
+from arbor_core import kv_layout
 
 
 def test_a_cache_has_as_many_slots_as_positions_unless_the_planner_gives_fewer():

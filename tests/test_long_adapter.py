@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from arbor_cli.errors import PullError
+from arbor_core.errors import PullError
 
 
 def test_the_shipped_adapter_is_whole_and_names_its_base_and_recipe():
@@ -27,6 +27,7 @@ def test_the_shipped_adapter_is_whole_and_names_its_base_and_recipe():
 @pytest.mark.slow
 def test_the_long_model_is_the_default_model_with_the_adapter_merged(default_checkpoint, arbor_home):
     import numpy as np
+
     import arbor_weights
     from arbor_weights.adapter import merged_state, read_adapter
     from arbor_weights.grow import read_float_state

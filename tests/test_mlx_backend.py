@@ -11,7 +11,6 @@ the trained context. torch is the oracle here only: the MLX path itself never im
 from __future__ import annotations
 
 import os
-
 import random
 
 import numpy as np
@@ -22,13 +21,13 @@ torch = pytest.importorskip("torch")
 
 import arbor_mlx
 import arbor_torch
-from arbor_mlx.cache import STEP
-
-from arbor_cli.backend import SamplingParams, select_backend
-from arbor_cli.errors import BackendUnavailableError
+from arbor_cli.backends import select_backend
 from arbor_cli.generate import GenerationOptions, stream_generation
 from arbor_cli.model import Model
-from arbor_cli.rope import rope_frequencies
+from arbor_core.backend import SamplingParams
+from arbor_core.errors import BackendUnavailableError
+from arbor_core.rope import rope_frequencies
+from arbor_mlx.cache import STEP
 
 PARITY = 1e-4  # relative error (norm of the difference over the norm) between the backends in float32
 SCALINGS = {

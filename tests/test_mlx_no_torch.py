@@ -94,8 +94,8 @@ def test_torch_is_absent_and_attempts_are_reported(site_without_torch):
 
 def test_auto_picks_mlx_and_torch_is_a_clear_error_without_torch(site_without_torch):
     body = textwrap.dedent("""
-        from arbor_cli.backend import select_backend
-        from arbor_cli.errors import BackendUnavailableError
+        from arbor_cli.backends import select_backend
+        from arbor_core.errors import BackendUnavailableError
         print(select_backend("auto").NAME)
         try:
             select_backend("torch")

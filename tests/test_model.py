@@ -9,7 +9,7 @@ from arbor_cli.generate import GenerationOptions
 
 @pytest.mark.slow
 def test_out_of_memory_retries_once_at_the_next_smaller_context_and_says_so(default_model, monkeypatch):
-    from arbor_cli.errors import OutOfMemoryError
+    from arbor_core.errors import OutOfMemoryError
 
     lm, notices = default_model.lm, []
     real_new_cache = lm.new_cache

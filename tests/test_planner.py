@@ -2,9 +2,9 @@
 
 import pytest
 
-from arbor_cli import planner
-from arbor_cli.config import ArborConfig
-from arbor_cli.errors import ContextError
+from arbor_core import planner
+from arbor_core.config import ArborConfig
+from arbor_core.errors import ContextError
 
 GIB = 1 << 30
 SMOL = ArborConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,

@@ -7,13 +7,13 @@ import sys
 import zipfile
 from pathlib import Path
 
-import arbor_weights
 import pytest
-from arbor_weights import pypi_wheel, registry
-from arbor_weights.registry import WheelModel
 from gguf_files import count_conversions
 
-from arbor_cli.errors import ChecksumError, PullError
+import arbor_weights
+from arbor_core.errors import ChecksumError, PullError
+from arbor_weights import pypi_wheel, registry
+from arbor_weights.registry import WheelModel
 
 pytestmark = pytest.mark.usefixtures("arbor_home")
 

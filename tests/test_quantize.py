@@ -7,8 +7,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from arbor_cli.config import ArborConfig
-from arbor_cli.rope import rope_frequencies
+from arbor_core.config import ArborConfig
+from arbor_core.rope import rope_frequencies
 from arbor_torch import quantize as Q
 from arbor_torch.model import Transformer
 from arbor_torch.runner import TorchModel
@@ -195,7 +195,7 @@ def test_quantized_tiny_model_cached_decode_matches_its_full_forward():
 
 
 def test_quantize_on_a_gpu_device_is_a_clear_error():
-    from arbor_cli.errors import BackendUnavailableError
+    from arbor_core.errors import BackendUnavailableError
 
     with pytest.raises(BackendUnavailableError, match="CPU only"):
         arbor_torch.check_quantize("int8", "cuda")
@@ -251,7 +251,7 @@ def test_a_backend_without_quantization_says_so(default_checkpoint):
     """The backend's own load() refuses a mode it lacks (MLX: QUANTIZE_MODES is empty), through arbor_cli.load."""
     pytest.importorskip("mlx.core")
     import arbor_cli
-    from arbor_cli.errors import BackendUnavailableError
+    from arbor_core.errors import BackendUnavailableError
 
     with pytest.raises(BackendUnavailableError, match="mlx backend does not support quantize='int4'"):
         arbor_cli.load(str(default_checkpoint.path), backend="mlx", quiet=True, quantize="int4")

@@ -10,17 +10,17 @@ import json
 import shutil
 import zipfile
 
-import arbor_weights
 import gguf
 import numpy as np
 import pytest
-from arbor_weights import gguf_import, pypi_wheel, quantized, registry
-from arbor_weights.checkpoint import check_tensors
-from arbor_weights.registry import WheelModel
 from gguf_files import HEADS, KV_HEADS, Q, count_conversions, write_tiny_gguf
 from safetensors.numpy import load_file, save_file
 
-from arbor_cli.errors import CorruptModelError
+import arbor_weights
+from arbor_core.errors import CorruptModelError
+from arbor_weights import gguf_import, pypi_wheel, quantized, registry
+from arbor_weights.checkpoint import check_tensors
+from arbor_weights.registry import WheelModel
 
 pytestmark = pytest.mark.usefixtures("arbor_home")
 BLOCK_KINDS = ["Q4_0", "Q4_1", "Q8_0"]
@@ -126,9 +126,8 @@ def float_import(tmp_path, kind, **gguf_options):
 
 
 def torch_lm(checkpoint, quantize=None, dtype="float32"):
+    from arbor_core.rope import rope_frequencies
     from arbor_torch.runner import TorchModel
-
-    from arbor_cli.rope import rope_frequencies
 
     lm = TorchModel.from_checkpoint(checkpoint, "cpu", dtype, quantize=quantize)
     lm.set_rope(rope_frequencies(checkpoint.config), 64)
@@ -229,9 +228,8 @@ def test_bench_vs_hf_gives_transformers_the_dequantized_weights(tmp_path, tied):
 @pytest.mark.parametrize("kind", BLOCK_KINDS)
 def test_mlx_loads_blocks_as_the_float_import(tmp_path, kind):
     pytest.importorskip("mlx.core")
+    from arbor_core.rope import rope_frequencies
     from arbor_mlx.runner import MLXModel
-
-    from arbor_cli.rope import rope_frequencies
 
     logits = []
     for checkpoint in float_import(tmp_path, kind):
@@ -423,10 +421,10 @@ def default_float_state(default_checkpoint, default_gguf):
 @pytest.mark.parametrize("mode", [None, "int4"])
 def test_default_model_loads_as_the_float_import_and_quantize_model_of_it(default_checkpoint, default_float_state, mode):
     import torch
+
+    from arbor_core.rope import rope_frequencies
     from arbor_torch.model import Transformer
     from arbor_torch.runner import TorchModel
-
-    from arbor_cli.rope import rope_frequencies
 
     with torch.device("meta"):
         model = Transformer(default_checkpoint.config)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import arbor_weights
 import pytest
-from arbor_weights import registry
 from gguf_files import count_conversions
 
-from arbor_cli.errors import CorruptModelError, ModelNotFoundError
+import arbor_weights
+from arbor_core.errors import CorruptModelError, ModelNotFoundError
+from arbor_weights import registry
 
 pytestmark = pytest.mark.usefixtures("arbor_home")
 

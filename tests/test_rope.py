@@ -3,7 +3,7 @@ The tables themselves are checked against transformers in tests/reference/test_r
 
 from types import SimpleNamespace
 
-from arbor_cli.rope import AUTO_METHOD, describe_scaling, method_for_context
+from arbor_core.rope import AUTO_METHOD, describe_scaling, method_for_context
 
 
 def test_auto_is_plain_rope_within_the_trained_context_and_the_chosen_method_beyond():

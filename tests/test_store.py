@@ -5,12 +5,12 @@ from __future__ import annotations
 import threading
 import time
 
-import arbor_weights
 import pytest
-from arbor_weights import gguf_import, store
 from gguf_files import count_conversions
 
-from arbor_cli.errors import ModelNotFoundError
+import arbor_weights
+from arbor_core.errors import ModelNotFoundError
+from arbor_weights import gguf_import, store
 
 pytestmark = pytest.mark.usefixtures("arbor_home")
 

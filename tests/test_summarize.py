@@ -12,8 +12,8 @@ import re
 import pytest
 from conftest import FakeModel, document
 
-from arbor_cli.errors import ContextError, OutOfMemoryError, UsageError
 from arbor_cli.summarize import Summary, SummaryOptions, summarize, tokens_for_words
+from arbor_core.errors import ContextError, OutOfMemoryError, UsageError
 
 
 # ---- options ------------------------------------------------------------------------------

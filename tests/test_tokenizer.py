@@ -5,8 +5,8 @@ import json
 import pytest
 from tokenizer_samples import CHATML, MULTIBYTE
 
-from arbor_cli.errors import ArborError, CorruptModelError
-from arbor_cli.tokenizer import load_tokenizer
+from arbor_core.errors import ArborError, CorruptModelError
+from arbor_core.tokenizer import load_tokenizer
 
 CONVERSATION = [{"role": "system", "content": "You are terse."},
                 {"role": "user", "content": "Name a colour."},

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import arbor_torch
-from arbor_cli.rope import rope_frequencies
+from arbor_core.rope import rope_frequencies
 from arbor_torch.runner import TorchModel
 
 

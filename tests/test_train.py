@@ -9,7 +9,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from arbor_cli.errors import UsageError
+from arbor_core.errors import UsageError
 from arbor_torch import train as T
 
 
@@ -94,12 +94,12 @@ def test_packing_joins_documents_and_overlaps_rows_by_one_token():
 
 
 def test_a_lora_adapter_merges_into_a_model_that_computes_what_training_ran(tiny_checkpoint, tmp_path):
-    from arbor_weights.adapter import merge_adapter
-    from arbor_weights.checkpoint import open_checkpoint
     from safetensors.torch import load_file
 
     import arbor_torch
-    from arbor_cli.rope import rope_frequencies
+    from arbor_core.rope import rope_frequencies
+    from arbor_weights.adapter import merge_adapter
+    from arbor_weights.checkpoint import open_checkpoint
 
     checkpoint, rows = tiny_checkpoint(), rows_of()
     cfg = config(lora_rank=4, rope="yarn:2")

@@ -7,9 +7,19 @@ from typing import Annotated, Optional
 
 import typer
 
+from arbor_core.errors import UsageError
+
 from ..ask import ask_documents
-from ..errors import UsageError
-from .common import GlobalOptions, MaxInputOpt, handle_errors, load_model, max_input_bytes, model_options, read_documents, write_answer
+from .common import (
+    GlobalOptions,
+    MaxInputOpt,
+    handle_errors,
+    load_model,
+    max_input_bytes,
+    model_options,
+    read_documents,
+    write_answer,
+)
 from .summarize import progress_display
 
 

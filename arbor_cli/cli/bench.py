@@ -9,8 +9,9 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from arbor_core.errors import UsageError
+
 from ..bench import DECODE_TOKENS, PEERS, parse_contexts, run_bench
-from ..errors import UsageError
 from .common import (
     GlobalOptions,
     answer_console,

@@ -42,8 +42,9 @@ def ls(as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scri
 @handle_errors
 def rm(name: Annotated[str, typer.Argument(help="Entry name, as `arbor cache ls` shows it.")],
        debug: DebugOpt = False) -> None:
+    from arbor_core.errors import ArborError
+
     from .. import doc_cache
-    from ..errors import ArborError
 
     if not doc_cache.remove(name):
         known = ", ".join(r["name"] for r in doc_cache.entries()) or "none"

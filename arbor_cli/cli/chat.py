@@ -8,8 +8,9 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape
 
+from arbor_core.errors import ArborError
+
 from ..chat import ChatSession, new_session
-from ..errors import ArborError
 from ..generate import GenerationOptions
 from .common import (
     GlobalOptions,
@@ -17,8 +18,8 @@ from .common import (
     describe_error,
     handle_errors,
     load_model,
-    model_options,
     max_input_bytes,
+    model_options,
     read_text_input,
     stdin_is_piped,
     write_answer,

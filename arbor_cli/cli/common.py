@@ -22,7 +22,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from ..errors import InputError, UsageError
+from arbor_core.errors import InputError, UsageError
 
 BINARY_SNIFF_BYTES = 8192
 DEFAULT_MAX_INPUT_MB = 128  # documents beyond this are refused unless asked for: a 128 MB text is ~30M tokens
@@ -334,7 +334,7 @@ def handle_errors(fn):
 
 
 def describe_error(e: BaseException) -> str:
-    from ..errors import ArborError
+    from arbor_core.errors import ArborError
 
     if isinstance(e, ArborError):
         return str(e)
@@ -346,7 +346,7 @@ def describe_error(e: BaseException) -> str:
 
 
 def exit_code_for(e: BaseException) -> int:
-    from ..errors import ArborError
+    from arbor_core.errors import ArborError
 
     return e.exit_code if isinstance(e, ArborError) else 1
 

@@ -9,9 +9,9 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from ..errors import UsageError
-from ..plots import check_output, draw, stamp
-from ..rope import AUTO_METHOD
+from arbor_core.errors import UsageError
+from arbor_core.rope import AUTO_METHOD
+
 from ..evals import (
     PPL_WINDOW,
     VIA,
@@ -24,6 +24,7 @@ from ..evals import (
     run_perplexity,
     split_sentences,
 )
+from ..plots import check_output, draw, stamp
 from .common import (
     GlobalOptions,
     answer_console,

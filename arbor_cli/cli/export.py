@@ -6,7 +6,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..errors import UsageError
+from arbor_core.errors import UsageError
+
 from .common import handle_errors, notice, status, write_answer
 
 
@@ -30,9 +31,8 @@ def export(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
 ) -> None:
     import arbor_weights
+    from arbor_core.rope import resolve_method, scaling_for_context
     from arbor_weights.export import FORMATS, export_hf
-
-    from ..rope import resolve_method, scaling_for_context
 
     if format not in FORMATS:
         raise UsageError(f"--format must be {' or '.join(FORMATS)}, got {format!r}")

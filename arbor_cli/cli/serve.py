@@ -7,7 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..errors import UsageError
+from arbor_core.errors import UsageError
+
 from .common import GlobalOptions, handle_errors, load_model, model_options, notice, warn
 
 SERVE_EXTRA = "pip install 'arbor-cli[serve]'"

@@ -8,8 +8,9 @@ from typing import Annotated, Optional
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from ..backend import trainer
-from ..errors import UsageError
+from arbor_cli.backends import trainer
+from arbor_core.errors import UsageError
+
 from .common import ModelOpt, console, handle_errors, max_input_bytes, notice, read_text_input, write_answer
 
 
@@ -50,8 +51,7 @@ def train(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
 ) -> None:
     import arbor_weights
-
-    from ..tokenizer import load_tokenizer
+    from arbor_core.tokenizer import load_tokenizer
 
     train_module = trainer()
     cfg = train_module.TrainConfig(seq_len=seq_len, steps=steps, batch=batch, grad_accum=grad_accum, lr=lr,

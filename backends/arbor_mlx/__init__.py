@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from arbor_cli.errors import BackendUnavailableError, UsageError
+from arbor_core.errors import BackendUnavailableError, UsageError
 
 from .memory import memory_info, metal_available
 from .runner import MLXModel

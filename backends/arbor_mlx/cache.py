@@ -4,7 +4,7 @@ MLX arrays are written in place at [start, end) (as mlx-lm's KVCache does); a bu
 whole steps only when a write reaches past its end, so a 128K-token context costs memory as the
 conversation reaches it rather than up front, and growing happens every STEP tokens, not each one.
 
-The same two options as arbor_torch/cache.py, with the same arithmetic (arbor_cli.kv_layout):
+The same two options as arbor_torch/cache.py, with the same arithmetic (arbor_core.kv_layout):
 - int8 (kv_bits=8): int8 codes plus one float16 scale per head and token (symmetric absmax over
   head_dim), dequantized to the compute dtype one layer at a time inside attention.
 - a ring (sliding-window models): fewer slots than the context, position p in slot p % slots;
@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from arbor_cli import kv_layout
-from arbor_cli.rope import RopeTables
+from arbor_core import kv_layout
+from arbor_core.rope import RopeTables
 
 STEP = 256
 INT8_MAX = 127

@@ -12,7 +12,7 @@ from __future__ import annotations
 import mlx.core as mx
 import psutil
 
-from arbor_cli.backend import MemoryInfo
+from arbor_core.backend import MemoryInfo
 
 
 def metal_available() -> bool:

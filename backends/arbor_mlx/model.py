@@ -14,9 +14,9 @@ import mlx.core as mx
 import numpy as np
 from mlx import nn
 
-from arbor_cli import kv_layout
-from arbor_cli.config import ArborConfig
-from arbor_cli.rope import local_rope
+from arbor_core import kv_layout
+from arbor_core.config import ArborConfig
+from arbor_core.rope import local_rope
 
 from .cache import KVCache
 

@@ -11,14 +11,14 @@ import os
 import mlx.core as mx
 import numpy as np
 import psutil
-from arbor_weights import quantized
-from arbor_weights.checkpoint import check_tensors
 from mlx.utils import tree_flatten, tree_unflatten
 
-from arbor_cli.backend import SamplingParams, check_cache_arrays, check_room
-from arbor_cli.errors import CorruptModelError, OutOfMemoryError
-from arbor_cli.planner import layer_cache_tokens
-from arbor_cli.rope import RopeTables
+from arbor_core.backend import SamplingParams, check_cache_arrays, check_room
+from arbor_core.errors import CorruptModelError, OutOfMemoryError
+from arbor_core.planner import layer_cache_tokens
+from arbor_core.rope import RopeTables
+from arbor_weights import quantized
+from arbor_weights.checkpoint import check_tensors
 
 from .cache import SCALE_DTYPE, STEP, ModelCache
 from .memory import memory_info, peak_memory, reset_peak_memory

@@ -10,7 +10,7 @@ import secrets
 
 import mlx.core as mx
 
-from arbor_cli.backend import SamplingParams
+from arbor_core.backend import SamplingParams
 
 
 class RandomKey:

@@ -13,7 +13,7 @@ if "GOMP_SPINCOUNT" not in os.environ and "OMP_WAIT_POLICY" not in os.environ:
 
 import torch  # noqa: E402
 
-from arbor_cli.errors import BackendUnavailableError, UsageError
+from arbor_core.errors import BackendUnavailableError, UsageError
 
 from .memory import memory_info
 from .quantize import QUANTIZE_MODES

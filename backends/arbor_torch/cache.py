@@ -8,16 +8,16 @@ Two options change what a layer's buffer holds, never what attention computes fr
 - a ring (sliding-window models): a cache with fewer slots than its context keeps position p in
   slot p % slots. Attention then sees every slot with its position (a window mask drops what is
   out of reach), and a chunk of queries fits as long as slots >= window + chunk - 1
-  (arbor_cli.planner.kv_cache_tokens), so memory is bounded by the window, not the context.
-  The ring's rules are arbor_cli.kv_layout's; this module only moves tensors.
+  (arbor_core.planner.kv_cache_tokens), so memory is bounded by the window, not the context.
+  The ring's rules are arbor_core.kv_layout's; this module only moves tensors.
 """
 
 from __future__ import annotations
 
 import torch
 
-from arbor_cli import kv_layout
-from arbor_cli.rope import RopeTables
+from arbor_core import kv_layout
+from arbor_core.rope import RopeTables
 
 INT8_MAX = 127
 SCALE_DTYPE = torch.float16

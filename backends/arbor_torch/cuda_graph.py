@@ -21,7 +21,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from arbor_cli import kv_layout
+from arbor_core import kv_layout
 
 from .cache import ModelCache, quantize_int8
 from .model import Transformer, rotate_half

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from arbor_weights import quantized
 from torch import nn
 
-from arbor_cli.errors import CorruptModelError
+from arbor_core.errors import CorruptModelError
+from arbor_weights import quantized
 
 from .quantize import (
     HEAD_MODE,

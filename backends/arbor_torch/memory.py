@@ -5,7 +5,7 @@ from __future__ import annotations
 import psutil
 import torch
 
-from arbor_cli.backend import MemoryInfo
+from arbor_core.backend import MemoryInfo
 
 
 def memory_info(device: str) -> MemoryInfo:

@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from arbor_cli import kv_layout
-from arbor_cli.config import ArborConfig
-from arbor_cli.rope import local_rope
+from arbor_core import kv_layout
+from arbor_core.config import ArborConfig
+from arbor_core.rope import local_rope
 
 from .cache import KVCache
 from .prefix_attention import attention_after_prefix, choose_kernel

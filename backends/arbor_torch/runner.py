@@ -8,14 +8,14 @@ import os
 import numpy as np
 import psutil
 import torch
-from arbor_weights.checkpoint import check_tensors
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from arbor_cli.backend import SamplingParams, check_cache_arrays, check_room
-from arbor_cli.errors import CorruptModelError, OutOfMemoryError
-from arbor_cli.planner import layer_cache_tokens
-from arbor_cli.rope import RopeTables
+from arbor_core.backend import SamplingParams, check_cache_arrays, check_room
+from arbor_core.errors import CorruptModelError, OutOfMemoryError
+from arbor_core.planner import layer_cache_tokens
+from arbor_core.rope import RopeTables
+from arbor_weights.checkpoint import check_tensors
 
 from . import compiled_decode, sampling
 from .cache import SCALE_DTYPE, ModelCache

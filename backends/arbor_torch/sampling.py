@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from arbor_cli.backend import SamplingParams
+from arbor_core.backend import SamplingParams
 
 
 def new_rng(device: str, seed: int | None) -> torch.Generator:

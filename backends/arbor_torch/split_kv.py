@@ -11,7 +11,7 @@ The same kernel reads the caches cache.py keeps, whatever their layout:
 - int8 (kv_bits 8): codes and one float16 scale per head and token, dequantized in registers as
   the keys are loaded, so the cache's half-sized bytes are all that crosses memory; the product is
   rounded to the compute dtype exactly as the eager path's dequantize_int8 rounds it;
-- a ring (a sliding-window layer, arbor_cli.kv_layout): slot s holds the latest position p with
+- a ring (a sliding-window layer, arbor_core.kv_layout): slot s holds the latest position p with
   p % slots == s, and keys older than the window are masked by their position.
 """
 

@@ -39,8 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from arbor_cli.errors import UsageError
-from arbor_cli.rope import rope_frequencies
+from arbor_core.errors import UsageError
+from arbor_core.rope import rope_frequencies
 
 from .model import Transformer
 
@@ -121,8 +121,9 @@ class LoRALinear(nn.Module):
 def build_model(checkpoint, cfg: TrainConfig, device: str) -> Transformer:
     """The checkpoint's Transformer in float32 on `device`, RoPE set for cfg.seq_len with cfg.rope, and
     (LoRA) adapters in place; its trainable parameters are the ones with requires_grad."""
-    from arbor_weights.checkpoint import check_tensors
     from safetensors.torch import load_file
+
+    from arbor_weights.checkpoint import check_tensors
 
     from . import load_quantized
 

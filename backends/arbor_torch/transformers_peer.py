@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from arbor_cli.bench import DECODE_TOKENS, BenchRow, prompt_for
+from arbor_core.bench_rows import DECODE_TOKENS, BenchRow, prompt_for
 
 from .load_quantized import dequantized_state
 

@@ -7,9 +7,9 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from arbor_cli.model import Model  # noqa: E402
 import arbor_torch  # noqa: E402
 import arbor_weights  # noqa: E402
+from arbor_cli.model import Model  # noqa: E402
 
 TRAINED = 48
 SEQ = 160  # > 3x the trained context
@@ -95,7 +95,7 @@ def test_mistral_sliding_window_matches_transformers(tmp_path):
 def test_mistral_rolling_cache_matches_transformers_in_chunked_prefill_and_greedy_decode(tmp_path):
     """Window 16, 80 tokens, prefill chunks of 7: the ring holds 16 + 7 - 1 = 22 positions and wraps
     several times; every position's logits and a 40-token greedy continuation match transformers."""
-    from arbor_cli.rope import rope_frequencies
+    from arbor_core.rope import rope_frequencies
 
     window, chunk, prompt, total = 16, 7, 40, 80
     ref = save_random("MistralForCausalLM", "MistralConfig", tmp_path, **tiny_kwargs(sliding_window=window))

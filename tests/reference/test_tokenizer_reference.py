@@ -1,8 +1,9 @@
 """The default model's GGUF vocabulary, tokenized by arbor and by transformers, must give the same ids."""
 
 import pytest
-from arbor_weights.gguf_vocab import tokenizer_from_gguf
 from tokenizer_samples import REFERENCE_SAMPLES as SAMPLES
+
+from arbor_weights.gguf_vocab import tokenizer_from_gguf
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +93,7 @@ def test_transformers_reads_the_directory_save_writes(ours, tmp_path):
 
 
 def test_load_tokenizer_reads_the_directory_transformers_saves(theirs, tmp_path):
-    from arbor_cli.tokenizer import load_tokenizer
+    from arbor_core.tokenizer import load_tokenizer
 
     theirs.save_pretrained(tmp_path)  # tokenizer.json, tokenizer_config.json, chat_template.jinja
     loaded = load_tokenizer(tmp_path)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from arbor_cli.errors import CorruptModelError
+from arbor_core.errors import CorruptModelError
 
 from .grow import read_float_state, write_checkpoint
 

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from arbor_cli.config import ArborConfig
-from arbor_cli.errors import CorruptModelError, ModelNotFoundError
+from arbor_core.config import ArborConfig
+from arbor_core.errors import CorruptModelError, ModelNotFoundError
 
 from .quantized import GROUP_SIZE, SUFFIXES
 from .safetensors_file import read_safetensors_header

@@ -19,7 +19,7 @@ from typing import Callable
 
 import numpy as np
 
-from arbor_cli.errors import UsageError
+from arbor_core.errors import UsageError
 
 from .quantized import SUFFIXES, dequantize, kind_of
 from .safetensors_file import read_safetensors_header, to_bfloat16_bits, write_safetensors

@@ -23,9 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from arbor_cli.chat_template import ChatTemplateError, check_template
-from arbor_cli.config import LLAMA_FAMILY, ArborConfig
-from arbor_cli.errors import ConfigError, CorruptModelError, ModelNotFoundError
+from arbor_core.chat_template import ChatTemplateError, check_template
+from arbor_core.config import LLAMA_FAMILY, ArborConfig
+from arbor_core.errors import ConfigError, CorruptModelError, ModelNotFoundError
 
 from . import quantized
 from .checkpoint import write_provenance

@@ -8,8 +8,8 @@ tokenizer.model, so a converted checkpoint loads like a HF directory.
 
 from __future__ import annotations
 
-from arbor_cli.errors import ConfigError, CorruptModelError
-from arbor_cli.tokenizer import (
+from arbor_core.errors import ConfigError, CorruptModelError
+from arbor_core.tokenizer import (
     BYTE,
     CONTROL,
     NORMAL,

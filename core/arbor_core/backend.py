@@ -14,21 +14,15 @@ else; generation loops, templates and planning live in arbor_cli and work on eve
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import platform
-import sys
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 
-from .errors import BackendUnavailableError, ContextError, UsageError
+from .errors import ContextError
 from .rope import RopeTables
 
 REPEAT_WINDOW = 64  # tokens the repetition penalty looks back over (llama.cpp's repeat_last_n)
-BACKEND_PACKAGES = {"torch": ("arbor_torch", "torch"), "mlx": ("arbor_mlx", "mlx")}
-INSTALL_HINT = {"torch": "pip install 'arbor-cli[torch]'", "mlx": "pip install 'arbor-cli[mlx]' (Linux: [mlx-cpu])"}
 
 
 @dataclass(frozen=True)
@@ -152,49 +146,3 @@ def check_cache_arrays(arrays: dict[str, np.ndarray], capacity: int, slots: int,
         if tuple(a.shape) != shape or a.dtype != dtype:
             raise ValueError(f"cache array {name!r} is {a.dtype} {tuple(a.shape)}, expected {dtype} {shape}")
     return length
-
-
-def is_apple_silicon() -> bool:
-    return sys.platform == "darwin" and platform.machine() == "arm64"
-
-
-def installed(name: str) -> bool:
-    package, framework = BACKEND_PACKAGES[name]
-    return importlib.util.find_spec(framework) is not None and importlib.util.find_spec(package) is not None
-
-
-def backend_module(name: str):
-    package, _ = BACKEND_PACKAGES[name]
-    return importlib.import_module(package)
-
-
-def select_backend(name: str | None = None):
-    """The backend module for `name` ('torch', 'mlx', or None/'auto').
-
-    auto: MLX on Apple Silicon; torch where a CUDA device exists; else torch on CPU; else MLX.
-    """
-    if name not in (None, "auto"):
-        if name not in BACKEND_PACKAGES:
-            raise UsageError(f"unknown backend {name!r}; choose one of: auto, {', '.join(BACKEND_PACKAGES)}")
-        if not installed(name):
-            raise BackendUnavailableError(f"backend {name!r} is not installed here; {INSTALL_HINT[name]}")
-        return backend_module(name)
-    order = ["mlx", "torch"] if is_apple_silicon() else ["torch", "mlx"]
-    available = [n for n in order if installed(n)]
-    if not available:
-        raise BackendUnavailableError(f"no backend is installed; {INSTALL_HINT['torch']}")
-    return backend_module(available[0])
-
-
-def transformers_peer():
-    """The transformers reference engine `arbor bench --vs hf` runs beside arbor (it needs torch)."""
-    if not installed("torch"):
-        raise BackendUnavailableError(f"--vs hf needs torch and transformers; {INSTALL_HINT['torch']}")
-    return importlib.import_module("arbor_torch.transformers_peer")
-
-
-def trainer():
-    """The training loop (`arbor train`): it runs on the torch backend's Transformer (train.py)."""
-    if not installed("torch"):
-        raise BackendUnavailableError(f"arbor train needs torch; {INSTALL_HINT['torch']}")
-    return importlib.import_module("arbor_torch.train")

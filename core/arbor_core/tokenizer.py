@@ -14,7 +14,7 @@ import json
 import re
 from pathlib import Path
 
-from arbor_cli.chat_template import (
+from .chat_template import (
     PLAIN_PROMPT_TEMPLATE,
     control_token_pattern,
     fresh_markers,
@@ -22,7 +22,7 @@ from arbor_cli.chat_template import (
     shielded,
     split_on_control_tokens,
 )
-from arbor_cli.errors import CorruptModelError
+from .errors import CorruptModelError
 
 # llama.cpp's token types (tokenizer.ggml.token_type); sentencepiece numbers its piece types the same.
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6

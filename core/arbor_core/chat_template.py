@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from datetime import datetime
 
-from arbor_cli.errors import ConfigError
+from .errors import ConfigError
 
 RENDER_SECONDS = 5.0
 OUTPUT_FLOOR_CHARS = 4_000_000  # plus OUTPUT_PER_MESSAGE_CHAR for every character of the messages
