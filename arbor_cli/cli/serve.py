@@ -1,4 +1,4 @@
-"""`arbor serve`: the model behind an OpenAI-compatible HTTP API (arbor_cli/serve.py)."""
+"""`arbor serve`: the model behind an OpenAI-compatible HTTP API (arbor_cli/serve/)."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def serve(
                                                        "name, or its file or folder name).")] = None,
     *, opts: GlobalOptions,
 ) -> None:
-    from ..serve import LOOPBACK, Server, create_app
+    from ..serve import LOOPBACK, Server
 
     missing = [m for m in ("starlette", "uvicorn") if importlib.util.find_spec(m) is None]
     if missing:
@@ -46,6 +46,8 @@ def serve(
     if host not in LOOPBACK and not api_key:
         warn(f"serving on {host} without --api-key: anyone who can reach this machine can use the model")
     import uvicorn
+
+    from ..serve.app import create_app  # Starlette's: only once it is known to be installed
 
     model = load_model(opts)
     server = Server(model, queue_size=queue_size, api_key=api_key, name=served_name)

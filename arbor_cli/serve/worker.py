@@ -1,0 +1,144 @@
+"""The one thread that runs `arbor serve`'s generations: a bounded queue of Jobs, run one at a time in
+arrival order, each cancelled between two tokens when its client goes away.
+
+The worker keeps the last request's KV cache: a prompt that extends what the cache holds prefills only its
+new tokens, counted from whole prefill chunks so that the answer is a fresh run's (`_cache_for` says why).
+The cache and the ids it holds are touched only by `_cache_of`, `_cache_for` and `_remember`: the place a
+Session (one prefix-reuse rule for chat, serve and ask) takes over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from arbor_core.errors import ArborError, ContextError, UsageError
+
+from ..generate import GenerationOptions
+from .openai import RequestError
+
+DEFAULT_QUEUE = 16  # requests waiting beside the one running; more are refused with 503
+
+
+@dataclass
+class Job:
+    """One request's work, handed from the HTTP side to the worker; events come back on `events`."""
+
+    ids: list[int]
+    options: GenerationOptions
+    context: int
+    loop: asyncio.AbstractEventLoop
+    kind: str = "generate"  # or "score": the prompt's own log-probabilities (completions' echo + logprobs)
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def emit(self, kind: str, value: Any = None) -> None:
+        """Hand an event to the request's event loop: ("piece", text), ("scored", log p's), ("done", result
+        or None when cancelled) or ("error", RequestError)."""
+        self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+
+
+class Worker(threading.Thread):
+    """Runs jobs one at a time, keeping the last cache for the next request's common prefix."""
+
+    def __init__(self, model, queue_size: int = DEFAULT_QUEUE):
+        super().__init__(name="arbor-serve-worker", daemon=True)
+        self.model = model
+        self.jobs: queue.Queue[Job] = queue.Queue(maxsize=queue_size)
+        self.cache = None
+        self.cached_ids: list[int] = []
+        self.busy = False
+        self.counts = {"served": 0, "cancelled": 0, "refused": 0, "failed": 0, "reused_tokens": 0}
+
+    def submit(self, job: Job) -> None:
+        try:
+            self.jobs.put_nowait(job)
+        except queue.Full:
+            self.counts["refused"] += 1
+            raise RequestError(503, f"the server is busy: {self.jobs.maxsize} requests are already waiting; "
+                               "retry later", "server_overloaded", code="queue_full") from None
+
+    def run(self) -> None:
+        while True:
+            job = self.jobs.get()
+            if job.cancelled.is_set():  # its client left while it waited
+                self.counts["cancelled"] += 1
+                job.emit("done", None)
+                continue
+            self._run(job)
+
+    def _run(self, job: Job) -> None:
+        """One job, its failure told to its client as an error event (the server stays up)."""
+        self.busy = True
+        try:
+            if job.kind == "score":
+                job.emit("scored", self._score(job))
+                job.emit("done", None)
+            else:
+                self._generate(job)
+        except ArborError as e:
+            self.counts["failed"] += 1
+            job.emit("error", RequestError(400 if isinstance(e, (ContextError, UsageError)) else 500, str(e)))
+        except Exception as e:  # noqa: BLE001  the server stays up; the client hears what broke
+            self.counts["failed"] += 1
+            job.emit("error", RequestError(500, f"internal error: {type(e).__name__}: {e}", "server_error"))
+        finally:
+            self.busy = False
+
+    def _generate(self, job: Job) -> None:
+        start = self._cache_for(job)
+        self.counts["reused_tokens"] += start
+        stream = self.model.stream(job.ids[start:], job.options, cache=self.cache)
+        try:
+            for piece in stream:
+                if job.cancelled.is_set():
+                    break
+                job.emit("piece", piece)
+        finally:
+            self._remember(job.ids + stream.tokens)
+        if job.cancelled.is_set():
+            self.counts["cancelled"] += 1
+            job.emit("done", None)
+            return
+        self.counts["served"] += 1
+        job.emit("done", stream.result)
+
+    def _score(self, job: Job) -> list[float | None]:
+        """log p of each prompt token given the ones before it (None for the first: nothing precedes it)."""
+        self._cache_of(job.context)
+        self.cache.truncate(0)
+        self.cached_ids = []
+        scored = self.model.prefill_log_probs(job.ids, self.cache)
+        self._remember(job.ids)
+        self.counts["served"] += 1
+        return [None, *scored]
+
+    # ---- the cache and the ids it holds --------------------------------------------------------
+    def _cache_of(self, context: int) -> None:
+        """A cache of `context` positions: the one held when it has that capacity, else a new, empty one."""
+        if self.cache is None or self.cache.capacity != context:
+            self.cache = None  # the old one goes before the new one is allocated
+            self.cache, self.cached_ids = self.model.new_cache(context), []
+
+    def _cache_for(self, job: Job) -> int:
+        """A cache for the job's context holding the longest prefix of its prompt it can; that length."""
+        self._cache_of(job.context)
+        same = 0
+        for a, b in zip(self.cached_ids, job.ids):
+            if a != b:
+                break
+            same += 1
+        same = min(same, len(job.ids) - 1)  # at least one token is prefilled for the logits
+        # whole prefill chunks only: the rest is then prefilled in the chunks a fresh run would use, so the
+        # answer is the one a fresh request gets (a CPU kernel's rounding depends on how many rows it runs)
+        self.cache.truncate(same - same % self.model.prefill_chunk)
+        same = self.cache.length  # a ring may keep less
+        self.cached_ids = self.cached_ids[:same]
+        return same
+
+    def _remember(self, ids: list[int]) -> None:
+        """What the cache now holds: the first cache.length of `ids`."""
+        self.cached_ids = ids[:self.cache.length]
