@@ -11,11 +11,12 @@ torch = pytest.importorskip("torch")
 
 from arbor_core.errors import UsageError
 from arbor_torch import train as T
+from arbor_torch.train_data import pack
 
 
 def rows_of(seq_len=32, seed=0):
     rng = np.random.default_rng(seed)
-    return T.pack([list(rng.integers(0, 97, 300)) for _ in range(4)], seq_len, 0)
+    return pack([list(rng.integers(0, 97, 300)) for _ in range(4)], seq_len, 0)
 
 
 def config(**over):
@@ -87,10 +88,10 @@ def test_the_learning_rate_warms_up_then_decays_to_its_floor():
 
 
 def test_packing_joins_documents_and_overlaps_rows_by_one_token():
-    rows = T.pack([[1, 2, 3], [4, 5, 6, 7]], 3, 0)
+    rows = pack([[1, 2, 3], [4, 5, 6, 7]], 3, 0)
     assert rows.tolist() == [[1, 2, 3, 0], [0, 4, 5, 6]]
     with pytest.raises(UsageError, match="fewer than one sequence"):
-        T.pack([[1, 2]], 8, 0)
+        pack([[1, 2]], 8, 0)
 
 
 def test_a_lora_adapter_merges_into_a_model_that_computes_what_training_ran(tiny_checkpoint, tmp_path):
@@ -127,7 +128,7 @@ def test_a_grown_model_still_trains(tiny_checkpoint, tmp_path):
 
     path, before, after = grow_checkpoint(tiny_checkpoint(), tmp_path / "grown", depth=2.0, width=2.0)
     assert after > 2 * before
-    counting = T.pack([list(range(97)) * 6], 32, None)  # each token predicts the next: learnable in a few steps
+    counting = pack([list(range(97)) * 6], 32, None)  # each token predicts the next: learnable in a few steps
     result = T.train(open_checkpoint(path), counting, tmp_path / "run", config(steps=12, lr=3e-3, save_every=12))
     assert np.mean(result.losses[-4:]) < 0.75 * result.losses[0]  # 5.37 -> ~3.0 (the rows start at other phases)
 

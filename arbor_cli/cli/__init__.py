@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 import click
@@ -11,8 +12,11 @@ from .streams import guard_closed_std_streams
 
 guard_closed_std_streams()  # before the consoles below are made: a closed stdout/stderr must not crash or leak
 
-from . import ask, bench, cache, chat, eval, export, generate, grow, info, models, plot, serve, summarize, train  # noqa: E402
 from .common import silence_stdout, describe_error  # noqa: E402
+
+# one module per command, each with register(app); `arbor --help` lists them in this order
+COMMAND_MODULES = ("chat", "summarize", "ask", "generate", "serve", "export", "grow", "train", "models", "cache",
+                   "info", "bench", "eval", "plot")
 
 app = typer.Typer(
     name="arbor",
@@ -22,8 +26,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-for module in (chat, summarize, ask, generate, serve, export, grow, train, models, cache, info, bench, eval, plot):
-    module.register(app)
+for name in COMMAND_MODULES:
+    importlib.import_module(f".{name}", __name__).register(app)
 
 # typer now raises the exceptions of its own vendored copy of click: catch both families
 CLICK_ERRORS = (click.ClickException, *(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException"))

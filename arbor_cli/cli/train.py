@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -10,8 +11,18 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from arbor_cli.backends import trainer
 from arbor_core.errors import UsageError
+from arbor_core.rope import parse_scaling
 
-from .common import ModelOpt, console, handle_errors, max_input_bytes, notice, read_text_input, write_answer
+from .common import (
+    GlobalOptions,
+    console,
+    handle_errors,
+    max_input_bytes,
+    model_options,
+    notice,
+    read_text_input,
+    write_answer,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -21,12 +32,13 @@ def register(app: typer.Typer) -> None:
 
 
 @handle_errors
+@model_options(without=("backend", "device", "context", "rope", "kv_bits", "quantize", "dtype"))
 def train(
     data: Annotated[list[str], typer.Argument(help="Text files to train on ('-' reads stdin).", show_default=False)],
     out: Annotated[str, typer.Option("--out", help="Directory for checkpoints, the log and the result.",
                                      show_default=False)],
-    model: ModelOpt = None,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per training sequence.")] = 4096,
+    # not the shared --rope (a method for running beyond the trained context): the scaling trained with
     rope: Annotated[Optional[str], typer.Option("--rope", help="RoPE scaling to train with: linear:F or yarn:F "
                                                 "(default: the model's own).")] = None,
     steps: Annotated[int, typer.Option("--steps", help="Optimizer steps.")] = 100,
@@ -48,10 +60,9 @@ def train(
     seed: Annotated[int, typer.Option("--seed", help="Seeds the data order and the adapters.")] = 0,
     device: Annotated[Optional[str], typer.Option("--device", help="cuda or cpu (default: cuda when present).")]
     = None,
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+    *, opts: GlobalOptions,
 ) -> None:
     import arbor_weights
-    from arbor_core.tokenizer import load_tokenizer
 
     train_module = trainer()
     cfg = train_module.TrainConfig(seq_len=seq_len, steps=steps, batch=batch, grad_accum=grad_accum, lr=lr,
@@ -59,17 +70,26 @@ def train(
                                    grad_checkpointing=grad_checkpointing, bf16=bf16, rope=rope,
                                    save_every=save_every, seed=seed)
     cfg.check()
-    checkpoint = arbor_weights.resolve(model or arbor_weights.DEFAULT_MODEL)
-    train_module.parse_rope(rope, checkpoint.config.trained_context)  # a bad --rope fails before the data is read
-    tokenizer = load_tokenizer(checkpoint.path)
-    documents = [tokenizer.encode(read_text_input(path, max_input_bytes())[0]) for path in data]
-    separator = (checkpoint.config.eos_token_ids or [None])[0]
-    rows = train_module.pack(documents, seq_len, separator)
-    notice(f"{sum(len(d) for d in documents):,} tokens of text: {len(rows):,} sequences of {seq_len:,}; "
+    checkpoint = arbor_weights.resolve(opts.model or arbor_weights.DEFAULT_MODEL)
+    parse_scaling(rope, checkpoint.config.trained_context)  # a bad --rope fails before the data is read
+    texts = (read_text_input(path, max_input_bytes())[0] for path in data)  # each read when it is tokenized
+    rows, tokens = train_module.training_rows(checkpoint, texts, seq_len)
+    notice(f"{tokens:,} tokens of text: {len(rows):,} sequences of {seq_len:,}; "
            f"{steps * batch * grad_accum:,} sequences in {steps:,} steps")
     device = device or ("cuda" if _cuda() else "cpu")
     if bf16 and device == "cpu":
         raise UsageError("--bf16 is autocast on CUDA; on a CPU training runs in float32")
+    with _progress(steps) as show:
+        result = train_module.train(checkpoint, rows, out, cfg, device=device, resume=resume, on_step=show)
+    if result.losses:
+        notice(f"steps {result.steps - len(result.losses) + 1}–{result.steps}: loss {result.losses[0]:.4f} → "
+               f"{result.losses[-1]:.4f}; wrote {', '.join(result.written) or 'checkpoints'} in {out}")
+    write_answer(str(Path(out).absolute()))
+
+
+@contextlib.contextmanager
+def _progress(steps: int):
+    """A progress bar on a terminal, else a notice every twentieth of the run; yields the on_step callback."""
     with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]} tok/s"),
                   TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=not console.is_terminal,
@@ -82,11 +102,7 @@ def train(
             if not console.is_terminal and record["step"] % max(1, steps // 20) == 0:
                 notice(f"step {record['step']}/{steps}: loss {record['loss']:.4f}, {record['tokens_per_s']:,.0f} tok/s")
 
-        result = train_module.train(checkpoint, rows, out, cfg, device=device, resume=resume, on_step=show)
-    if result.losses:
-        notice(f"steps {result.steps - len(result.losses) + 1}–{result.steps}: loss {result.losses[0]:.4f} → "
-               f"{result.losses[-1]:.4f}; wrote {', '.join(result.written) or 'checkpoints'} in {out}")
-    write_answer(str(Path(out).absolute()))
+        yield show
 
 
 def _cuda() -> bool:

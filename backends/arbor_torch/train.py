@@ -1,7 +1,7 @@
 """Training the Transformer of model.py (no second model class): full fine-tune or LoRA, for long context.
 
-- data: real text packed into sequences of seq_len + 1 tokens (documents joined by the end-of-text
-  token), visited in an order fixed by the seed, so step s always sees the same sequences;
+- data (train_data.py): real text packed into sequences of seq_len + 1 tokens (documents joined by the
+  end-of-text token), visited in an order fixed by the seed, so step s always sees the same sequences;
 - the model: float32 master weights; LoRA (Hu et al. 2021) puts low-rank adapters on the attention
   projections, and with `train_norms` the RMSNorm weights train too (LongLoRA's recipe, Chen et al.
   2023); bf16 autocast on CUDA; the RoPE scaling (`rope`: linear or YaRN with a factor) is the one the
@@ -12,10 +12,10 @@
   (Transformer.hidden_states); the loss is taken in chunks of `loss_chunk` positions whose logits are
   recomputed in the backward pass too, so no [sequence, vocabulary] logits tensor ever exists (at 128K
   and a 49K vocabulary it would be 25 GB in float32);
-- checkpoints every `save_every` steps and at the end: `step-NNNNNN/` holds the trainable weights, the
-  AdamW state and state.json; the file `latest` names the newest and is replaced atomically, so a
-  killed run leaves the previous checkpoint whole. `resume` continues from it exactly: same weights,
-  same optimizer moments, same data order, same schedule, same losses;
+- checkpoints (train_checkpoints.py) every `save_every` steps and at the end: `step-NNNNNN/` holds the
+  trainable weights, the AdamW state and state.json; the file `latest` names the newest and is replaced
+  atomically, so a killed run leaves the previous checkpoint whole. `resume` continues from it exactly:
+  same weights, same optimizer moments, same data order, same schedule, same losses;
 - log: log.jsonl, one line a step (loss, learning rate, tokens/s, peak memory).
 
 What it writes at the end: a LoRA run writes adapter.safetensors + adapter.json (merge with
@@ -26,10 +26,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import time
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -40,12 +38,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from arbor_core.errors import UsageError
-from arbor_core.rope import rope_frequencies
+from arbor_core.rope import parse_scaling, rope_frequencies
 
 from .model import Transformer
+from .train_checkpoints import first_step, save_checkpoint
+from .train_data import Batches
+# the data side of a run, which `arbor train` reaches through this module (arbor_cli.backends.trainer)
+from .train_data import training_rows as training_rows
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
-KEEP_CHECKPOINTS = 2
 
 
 @dataclass
@@ -77,23 +78,6 @@ class TrainConfig:
             raise UsageError(f"--lr must be positive, got {self.lr}")
         if self.lora_rank is not None and self.lora_rank < 1:
             raise UsageError(f"--lora must be a rank of at least 1, got {self.lora_rank}")
-
-
-def parse_rope(spec: str | None, trained: int) -> dict | None:
-    """'yarn:4' / 'linear:2' -> the rope_scaling dict (YaRN keeps the trained length as original)."""
-    if not spec:
-        return None
-    method, _, factor = spec.partition(":")
-    try:
-        value = float(factor)
-    except ValueError:
-        value = 0.0
-    if method not in ("yarn", "linear") or value <= 1:
-        raise UsageError(f"--rope takes linear:F or yarn:F with a factor F > 1, got {spec!r}")
-    scaling = {"rope_type": method, "factor": value}
-    if method == "yarn":
-        scaling["original_max_position_embeddings"] = trained
-    return scaling
 
 
 # ---- the model ------------------------------------------------------------------------------------
@@ -128,7 +112,7 @@ def build_model(checkpoint, cfg: TrainConfig, device: str) -> Transformer:
     from . import load_quantized
 
     config = checkpoint.config
-    scaling = parse_rope(cfg.rope, config.trained_context)
+    scaling = parse_scaling(cfg.rope, config.trained_context)
     if scaling:
         config = config.with_rope_scaling(scaling)
     with torch.device("meta"):
@@ -137,8 +121,8 @@ def build_model(checkpoint, cfg: TrainConfig, device: str) -> Transformer:
     for path in checkpoint.weight_files:
         state.update(load_file(str(path), device="cpu"))
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    state = load_quantized.dequantized_state(check_tensors(state, expected, checkpoint.path, config.tie_word_embeddings),
-                                             checkpoint.path)
+    state = check_tensors(state, expected, checkpoint.path, config.tie_word_embeddings)
+    state = load_quantized.dequantized_state(state, checkpoint.path)
     model.load_state_dict({k: v.to(device=device, dtype=torch.float32) for k, v in state.items()}, strict=False,
                           assign=True)
     if config.tie_word_embeddings:
@@ -164,35 +148,7 @@ def trainable(model: nn.Module) -> dict[str, nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
-# ---- data and loss --------------------------------------------------------------------------------
-def pack(documents: list[list[int]], seq_len: int, separator: int | None) -> np.ndarray:
-    """The documents' ids joined (by `separator`), cut into rows of seq_len + 1 that overlap by one (the
-    last token of a row is the first target of the next)."""
-    ids: list[int] = []
-    for doc in documents:
-        ids.extend(doc)
-        if separator is not None:
-            ids.append(separator)
-    rows = (len(ids) - 1) // seq_len
-    if rows < 1:
-        raise UsageError(f"the data has {len(ids):,} tokens, fewer than one sequence of {seq_len + 1:,}")
-    flat = np.asarray(ids[:rows * seq_len + 1], dtype=np.int64)
-    return np.lib.stride_tricks.sliding_window_view(flat, seq_len + 1)[::seq_len].copy()
-
-
-class Batches:
-    """Which rows each (step, micro-batch) reads: a seeded permutation, repeated as needed."""
-
-    def __init__(self, rows: np.ndarray, batch: int, grad_accum: int, seed: int):
-        self.rows, self.batch, self.grad_accum = rows, batch, grad_accum
-        self.order = np.random.default_rng(seed).permutation(len(rows))
-
-    def get(self, step: int, micro: int, device) -> torch.Tensor:
-        first = (step * self.grad_accum + micro) * self.batch
-        picks = [self.order[(first + r) % len(self.order)] for r in range(self.batch)]
-        return torch.from_numpy(self.rows[picks]).to(device)
-
-
+# ---- loss -----------------------------------------------------------------------------------------
 def _chunk_loss(hidden: torch.Tensor, targets: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
     logits = (hidden @ head.t()).float()
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
@@ -221,74 +177,6 @@ def learning_rate(step: int, cfg: TrainConfig) -> float:
     return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-# ---- checkpoints ----------------------------------------------------------------------------------
-def save_checkpoint(out: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig,
-                    extra: dict) -> Path:
-    """out/step-NNNNNN (written under a temporary name, then renamed), then `latest` replaced atomically."""
-    from safetensors.torch import save_file
-
-    name = f"step-{step:06d}"
-    work = out / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
-    work.mkdir(parents=True)
-    try:
-        save_file({k: p.detach().cpu().contiguous() for k, p in trainable(model).items()}, str(work / "trainable.safetensors"))
-        state = optimizer.state_dict()
-        tensors = {f"{index}.{key}": value.detach().cpu().contiguous()
-                   for index, entries in state["state"].items() for key, value in entries.items()
-                   if torch.is_tensor(value)}
-        save_file(tensors, str(work / "optimizer.safetensors"))
-        groups = [{k: v for k, v in g.items()} for g in state["param_groups"]]
-        (work / "state.json").write_text(json.dumps({"step": step, "config": asdict(cfg), "param_groups": groups,
-                                                     **extra}, indent=1), encoding="utf-8")
-        final = out / name
-        if final.exists():
-            shutil.rmtree(final)
-        work.rename(final)
-    finally:
-        if work.exists():
-            shutil.rmtree(work, ignore_errors=True)
-    pointer = out / f".latest-{uuid.uuid4().hex[:8]}"
-    pointer.write_text(name + "\n", encoding="utf-8")
-    os.replace(pointer, out / "latest")
-    kept = sorted(p for p in out.glob("step-*") if p.is_dir())
-    for old in kept[:-KEEP_CHECKPOINTS]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def latest_checkpoint(out: Path) -> Path | None:
-    try:
-        name = (out / "latest").read_text(encoding="utf-8").strip()
-    except OSError:
-        return None
-    path = out / name
-    return path if (path / "state.json").is_file() else None
-
-
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """Put a checkpoint's trainable weights and AdamW state back; its state.json."""
-    from safetensors.torch import load_file
-
-    weights = load_file(str(path / "trainable.safetensors"))
-    params = trainable(model)
-    if set(weights) != set(params):
-        raise UsageError(f"{path} holds another model's trainable weights (or another --lora); start a new --out")
-    with torch.no_grad():
-        for name, value in weights.items():
-            params[name].copy_(value)
-    info = json.loads((path / "state.json").read_text(encoding="utf-8"))
-    tensors = load_file(str(path / "optimizer.safetensors"))
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        index, _, name = key.partition(".")
-        state.setdefault(int(index), {})[name] = value
-    device = next(iter(params.values())).device
-    optimizer.load_state_dict({"state": {i: {k: (v if k == "step" else v.to(device)) for k, v in s.items()}
-                                         for i, s in state.items()},
-                               "param_groups": info["param_groups"]})
-    return info
-
-
 # ---- the loop -------------------------------------------------------------------------------------
 @dataclass
 class TrainResult:
@@ -302,7 +190,7 @@ class TrainResult:
 def train(checkpoint, rows: np.ndarray, out: str | Path, cfg: TrainConfig, *, device: str = "cpu",
           resume: bool = False, on_step: Callable[[dict], None] = lambda record: None,
           stop_after: int | None = None) -> TrainResult:
-    """Train `checkpoint` on `rows` (pack's output) into `out`. `stop_after`: end this run after that many
+    """Train `checkpoint` on `rows` (train_data.pack's output) into `out`. `stop_after`: end this run after that many
     steps (a test's stand-in for a run cut short; the checkpoint cadence is unchanged)."""
     cfg.check()
     out = Path(out)
@@ -311,14 +199,7 @@ def train(checkpoint, rows: np.ndarray, out: str | Path, cfg: TrainConfig, *, de
     model = build_model(checkpoint, cfg, device)
     params = trainable(model)
     optimizer = torch.optim.AdamW(params.values(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-    start = 0
-    found = latest_checkpoint(out) if resume else None
-    if resume and found is None and any(out.glob("step-*")):
-        raise UsageError(f"{out} has checkpoints but no readable 'latest'")
-    if found is not None:
-        start = load_checkpoint(found, model, optimizer)["step"]
-    elif not resume and latest_checkpoint(out) is not None:
-        raise UsageError(f"{out} already holds a training run; --resume continues it, or choose another --out")
+    start = first_step(out, resume, params, optimizer)
     batches = Batches(rows, cfg.batch, cfg.grad_accum, cfg.seed)
     cuda = torch.device(device).type == "cuda"
     if cuda:
@@ -331,19 +212,9 @@ def train(checkpoint, rows: np.ndarray, out: str | Path, cfg: TrainConfig, *, de
             if stop_after is not None and step - start >= stop_after:
                 break
             lr = learning_rate(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_sum = 0.0
-            for micro in range(cfg.grad_accum):
-                batch = batches.get(step, micro, device)
-                with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=cfg.bf16 and cuda):
-                    loss = sequence_loss(model, batch, cfg) / cfg.grad_accum
-                loss.backward()
-                loss_sum += float(loss.detach())
-                tokens += batch.shape[0] * (batch.shape[1] - 1)
-            norm = float(torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            micro_batches = batches.micro_batches(step, device)
+            loss_sum, norm, seen = _optimizer_step(model, optimizer, params, micro_batches, lr, cfg)
+            tokens += seen
             elapsed = time.perf_counter() - t0
             peak = torch.cuda.max_memory_allocated(device) if cuda else 0
             record = {"step": step + 1, "loss": loss_sum, "lr": lr, "grad_norm": norm, "tokens": tokens,
@@ -355,7 +226,7 @@ def train(checkpoint, rows: np.ndarray, out: str | Path, cfg: TrainConfig, *, de
             result.steps, result.peak_memory_bytes = step + 1, peak
             on_step(record)
             if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-                save_checkpoint(out, step + 1, model, optimizer, cfg, {"base": str(checkpoint.name)})
+                save_checkpoint(out, step + 1, params, optimizer, asdict(cfg), {"base": str(checkpoint.name)})
     finally:
         log.close()
     if result.steps == cfg.steps:
@@ -363,11 +234,31 @@ def train(checkpoint, rows: np.ndarray, out: str | Path, cfg: TrainConfig, *, de
     return result
 
 
+def _optimizer_step(model: Transformer, optimizer: torch.optim.Optimizer, params: dict[str, nn.Parameter],
+                    micro_batches, lr: float, cfg: TrainConfig) -> tuple[float, float, int]:
+    """One step at learning rate `lr`: the gradients of every micro-batch, clipped, then AdamW. The
+    step's loss, the gradient norm before clipping, and the tokens it trained on."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss_sum, tokens = 0.0, 0
+    for batch in micro_batches:
+        autocast = cfg.bf16 and batch.device.type == "cuda"
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=autocast):
+            loss = sequence_loss(model, batch, cfg) / cfg.grad_accum
+        loss.backward()
+        loss_sum += float(loss.detach())
+        tokens += batch.shape[0] * (batch.shape[1] - 1)
+    norm = float(torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum, norm, tokens
+
+
 def write_result(checkpoint, model: Transformer, cfg: TrainConfig, out: Path) -> list[str]:
     """What the finished run leaves: the adapter (LoRA) or the whole model (full fine-tune)."""
     from safetensors.torch import save_file
 
-    scaling = parse_rope(cfg.rope, checkpoint.config.trained_context)
+    scaling = parse_scaling(cfg.rope, checkpoint.config.trained_context)
     if cfg.lora_rank:
         tensors = {k: p.detach().cpu().contiguous() for k, p in trainable(model).items()}
         save_file(tensors, str(out / "adapter.safetensors"))

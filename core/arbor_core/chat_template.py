@@ -10,16 +10,14 @@ A template is a program from whoever made the model file, so its work is bounded
 RENDER_SECONDS of time (a watchdog thread interrupts the rendering thread; a loop that writes
 nothing never yields, so nothing less general catches it), a bounded output (counted as it is
 written), and no operation that builds a huge value in one C call (`'x' * 10**9`, `9 ** 9 ** 9`,
-widths of millions). check_template runs sample conversations under the same bounds before a
-model is installed.
+widths of millions: template_sandbox.py). check_template runs sample conversations under the same
+bounds before a model is installed.
 """
 
 from __future__ import annotations
 
 import ctypes
-import functools
 import itertools
-import json
 import math
 import os
 import re
@@ -27,17 +25,12 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
-from datetime import datetime
 
 from .errors import ConfigError
 
 RENDER_SECONDS = 5.0
 OUTPUT_FLOOR_CHARS = 4_000_000  # plus OUTPUT_PER_MESSAGE_CHAR for every character of the messages
 OUTPUT_PER_MESSAGE_CHAR = 4
-LARGEST_COUNT = 10_000_000  # a repeat count, width or padding above this is refused
-LARGEST_POWER_BITS = 100_000  # an integer power with more bits than this is refused
-# a width of 10 million or more in a printf-style or str.format format string
-_WIDE_FORMAT = re.compile(r"%[-+ #0]*\d{8,}|\{[^{}]*:[^{}]*\d{8,}")
 
 SAMPLE_CONVERSATIONS = (
     [{"role": "user", "content": "Hello!"}],
@@ -73,6 +66,8 @@ def render_template(source: str | None, messages: list[dict], *, add_generation_
     from jinja2 import TemplateError, TemplateSyntaxError
     from jinja2.exceptions import SecurityError
 
+    from .template_sandbox import compiled_template
+
     whose = f"the chat template of {name}" if name else "the model's chat template"
     if not source:
         raise cannot_chat(name)
@@ -80,7 +75,7 @@ def render_template(source: str | None, messages: list[dict], *, add_generation_
     ticket = _watchdog.arm(RENDER_SECONDS)
     try:
         try:
-            pieces = _compiled_template(source).generate(
+            pieces = compiled_template(source).generate(
                 messages=messages, add_generation_prompt=add_generation_prompt,
                 bos_token=bos_token, eos_token=eos_token)
             return _joined_within(pieces, limit, whose, len(messages))
@@ -249,87 +244,3 @@ def shielded(value, pattern, open_mark: str, close_mark: str):
     if isinstance(value, (list, tuple)):
         return [shielded(item, pattern, open_mark, close_mark) for item in value]
     return value
-
-
-@functools.lru_cache(maxsize=8)
-def _compiled_template(source: str):
-    """The template compiled in the jinja environment HF renders chat templates in, but with a
-    sandbox that fails loudly (the stock one renders a forbidden attribute as empty text) and
-    refuses operations that build a huge value in one step. Syntax errors propagate."""
-    from jinja2.exceptions import SecurityError, TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-    from jinja2.utils import Namespace
-
-    def refuse_huge(what: str, *values) -> None:
-        for value in values:
-            if isinstance(value, tuple):  # the arguments of `%`
-                refuse_huge(what, *value)
-            elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > LARGEST_COUNT:
-                raise SecurityError(f"template asked for {what} of {value:,} (more than {LARGEST_COUNT:,})")
-
-    def refuse_wide_format(fmt) -> None:
-        if isinstance(fmt, str) and _WIDE_FORMAT.search(fmt):
-            raise SecurityError("template asked for a format width of 10 million or more")
-
-    class LoudSandbox(ImmutableSandboxedEnvironment):
-        intercepted_binops = frozenset({"*", "**", "%"})
-
-        # a template that reaches for `__class__` is hostile or broken: either way, no prompt from it
-        def unsafe_undefined(self, obj, attribute):
-            raise SecurityError(f"template tried to access {attribute!r} of a {type(obj).__name__} object")
-
-        def call_binop(self, context, operator, left, right):
-            if operator == "**" and isinstance(left, int) and isinstance(right, int) and right > 0 \
-                    and left.bit_length() * right > LARGEST_POWER_BITS:
-                raise SecurityError(f"template asked for a power with more than {LARGEST_POWER_BITS:,} bits")
-            if operator == "*":
-                sized, count = (left, right) if isinstance(right, int) else (right, left)
-                if isinstance(sized, (str, list, tuple)) and isinstance(count, int) \
-                        and len(sized) * count > LARGEST_COUNT:
-                    raise SecurityError(f"template asked for a repetition of more than {LARGEST_COUNT:,} items")
-            if operator == "%" and isinstance(left, str):
-                refuse_wide_format(left)
-                refuse_huge("a format width", right)
-            return super().call_binop(context, operator, left, right)
-
-        def getattr(self, obj, attribute):
-            if attribute in ("format", "format_map") and isinstance(obj, str):
-                refuse_wide_format(obj)
-            return super().getattr(obj, attribute)
-
-        def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 - jinja's own signature
-            refuse_huge("a width or count", *args, *kwargs.values())
-            return super().call(__context, __obj, *args, **kwargs)
-
-    class BoundedNamespace(Namespace):
-        # the one mutable value a template has: growing it in a loop must stay bounded too
-        def __setitem__(self, key, value):
-            if isinstance(value, (str, list, tuple)) and len(value) > LARGEST_COUNT:
-                raise SecurityError(f"template stored a value of more than {LARGEST_COUNT:,} items")
-            super().__setitem__(key, value)
-
-    def raise_exception(message):
-        raise TemplateError(message)
-
-    def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        # jinja's own tojson HTML-escapes "<" and ">", which would change the prompt.
-        refuse_huge("an indent", indent)
-        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                          sort_keys=sort_keys)
-
-    def bounded(filter_function, what: str):
-        @functools.wraps(filter_function)  # keeps jinja's pass_environment mark (wordwrap has one)
-        def checked(*args, **kwargs):
-            refuse_huge(what, *args[1:], *kwargs.values())
-            refuse_wide_format(args[0] if what == "a format width" and args else None)
-            return filter_function(*args, **kwargs)
-        return checked
-
-    env = LoudSandbox(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-    env.filters["tojson"] = tojson
-    for name in ("center", "indent", "format", "wordwrap"):
-        env.filters[name] = bounded(env.filters[name], f"a {name} width")
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    env.globals["namespace"] = BoundedNamespace
-    return env.from_string(source)

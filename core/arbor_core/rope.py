@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import ArborConfig
+from .errors import UsageError
 
 
 @dataclass(frozen=True)
@@ -146,7 +147,26 @@ def scaling_for_context(config: ArborConfig, context: int, method: str = "auto")
     trained = config.trained_context
     if context <= trained or method == "none":
         return None
-    factor = context / trained
+    return _scaling(method, context / trained, trained)
+
+
+def parse_scaling(spec: str | None, trained: int) -> dict | None:
+    """'yarn:4' / 'linear:2' (`arbor train --rope`) -> the rope_scaling dict (YaRN keeps the trained
+    length as original); None for no spec."""
+    if not spec:
+        return None
+    method, _, factor = spec.partition(":")
+    try:
+        value = float(factor)
+    except ValueError:
+        value = 0.0
+    if method not in ("yarn", "linear") or value <= 1:
+        raise UsageError(f"--rope takes linear:F or yarn:F with a factor F > 1, got {spec!r}")
+    return _scaling(method, value, trained)
+
+
+def _scaling(method: str, factor: float, trained: int) -> dict:
+    """The rope_scaling of `method` stretching a model trained on `trained` tokens `factor` times."""
     scaling = {"rope_type": method, "factor": factor}
     if method in ("yarn", "llama3"):
         scaling["original_max_position_embeddings"] = trained

@@ -1,8 +1,9 @@
 """Text <-> token ids for every model arbor runs; chat_template.py renders the conversation.
 
-Two adapters feed one Tokenizer: a HF `tokenizer.json` (read by the `tokenizers` library) and a
-sentencepiece `tokenizer.model`; the vocabulary a GGUF file keeps in its metadata is rebuilt as
-one of those two (arbor_weights/gguf_vocab.py). Two rules hold for all of them:
+Two adapters feed one Tokenizer (tokenizer_adapters.py): a HF `tokenizer.json` (read by the `tokenizers`
+library) and a sentencepiece `tokenizer.model`; the vocabulary a GGUF file keeps in its metadata is
+rebuilt as one of those two (arbor_weights/gguf_vocab.py); load_tokenizer reads a HF-style model
+directory. Two rules hold for all of them:
 - Text a user supplies is only ever text. "<|im_start|>" typed in a prompt or a document is spelled
   out in ordinary tokens, so it cannot forge a chat turn; only the chat template emits control ids.
 - Streamed output never shows half a character (StreamDecoder holds incomplete UTF-8 back).
@@ -23,13 +24,10 @@ from .chat_template import (
     split_on_control_tokens,
 )
 from .errors import CorruptModelError
-
-# llama.cpp's token types (tokenizer.ggml.token_type); sentencepiece numbers its piece types the same.
-NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+from .tokenizer_adapters import REPULL, HFTokenizersAdapter, SentencePieceAdapter
 
 # Tokens that end an assistant turn; configs often name only the base model's end-of-text as eos.
 _END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<end_of_turn>", "<|end|>")
-REPULL = "re-run `arbor pull <model>` to fetch it again"
 
 
 class Tokenizer:
@@ -112,8 +110,8 @@ class Tokenizer:
             return (bos if self.add_bos else "") + render_template(
                 PLAIN_PROMPT_TEMPLATE, messages, add_generation_prompt=add_generation_prompt, name=self.name,
                 bos_token=bos, eos_token="")
-        return render_template(self.chat_template, messages, add_generation_prompt=add_generation_prompt, name=self.name,
-                               bos_token=bos,
+        return render_template(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
+                               name=self.name, bos_token=bos,
                                eos_token=self._token_text(self.eos_ids[0] if self.eos_ids else None) or "")
 
     def _encode_shielded(self, rendered: str, open_mark: str, close_mark: str) -> list[int]:
@@ -163,113 +161,6 @@ class StreamDecoder:
         text = self._decode(self._window)
         self._window, self._read = [], 0
         return text[len(seen):]
-
-
-class HFTokenizersAdapter:
-    """A `tokenizers.Tokenizer`: a tokenizer.json, or a GGUF byte-level BPE rebuilt as one."""
-
-    def __init__(self, tok):
-        from tokenizers import Tokenizer as RustTokenizer
-
-        self._with_specials = tok
-        self._plain = RustTokenizer.from_str(tok.to_str())
-        self._plain.encode_special_tokens = True  # a control token typed in text stays text
-        added = tok.get_added_tokens_decoder()
-        self.special_tokens = {t.content: i for i, t in added.items() if t.special}
-        self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
-
-    def encode(self, text: str) -> list[int]:
-        return self._plain.encode(text, add_special_tokens=False).ids
-
-    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-        encoding = self._plain.encode(text, add_special_tokens=False)
-        return encoding.ids, encoding.offsets
-
-    def encode_with_specials(self, text: str) -> list[int]:
-        return self._with_specials.encode(text, add_special_tokens=False).ids
-
-    def decode(self, ids: list[int], skip_special_tokens: bool) -> str:
-        return self._plain.decode(ids, skip_special_tokens=skip_special_tokens)
-
-    def token_to_id(self, token: str) -> int | None:
-        return self._plain.token_to_id(token)
-
-    def id_to_token(self, token_id: int) -> str | None:
-        return self._plain.id_to_token(token_id)
-
-    def adds_bos(self, bos_id: int) -> bool:
-        """Whether tokenizer.json's post-processor puts BOS first (its way of saying add_bos_token)."""
-        return self._with_specials.encode("a", add_special_tokens=True).ids[:1] == [bos_id]
-
-    def save(self, directory: Path) -> str:
-        self._with_specials.save(str(directory / "tokenizer.json"))
-        return "PreTrainedTokenizerFast"
-
-
-class SentencePieceAdapter:
-    """A sentencepiece model: a tokenizer.model, or a GGUF 'llama' vocabulary rebuilt as one."""
-
-    def __init__(self, proto):
-        import sentencepiece
-
-        self._proto = proto
-        try:
-            self._sp = sentencepiece.SentencePieceProcessor(model_proto=proto.SerializeToString())
-        except (RuntimeError, OSError) as e:
-            raise CorruptModelError(f"sentencepiece rejected the tokenizer model ({e}); {REPULL}") from None
-        self.special_tokens = {p.piece: i for i, p in enumerate(proto.pieces) if p.type == CONTROL}
-        self.vocab_size = len(proto.pieces)
-        # sentencepiece drops the leading space of the first piece it decodes (the dummy prefix).
-        self._drops_first_space = proto.normalizer_spec.add_dummy_prefix
-
-    def encode(self, text: str) -> list[int]:
-        return self._sp.encode(text)  # sentencepiece never matches CONTROL pieces in text
-
-    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-        pieces = self._sp.encode(text, out_type="proto").pieces  # begin/end count UTF-8 bytes of text
-        char_at = [i for i, c in enumerate(text) for _ in range(len(c.encode("utf-8")))] + [len(text)]
-        return [p.id for p in pieces], [(char_at[p.begin], char_at[p.end]) for p in pieces]
-
-    def encode_with_specials(self, text: str) -> list[int]:
-        # Each run of text after a control token gets its own dummy-prefix space, as in llama.cpp.
-        ids = []
-        for plain, special_id in split_on_control_tokens(text, control_token_pattern(self.special_tokens), self.special_tokens):
-            ids += self.encode(plain) if plain else []
-            ids += [] if special_id is None else [special_id]
-        return ids
-
-    def decode(self, ids: list[int], skip_special_tokens: bool) -> str:
-        # sentencepiece silently drops control ids, so decode the runs between them and splice them in.
-        out, run = "", []
-        for token_id in ids + [None]:
-            if token_id is not None and not self._sp.IsControl(token_id):
-                run.append(token_id)
-                continue
-            out += self._decode_run(run, at_start=not out)
-            run = []
-            if token_id is not None and not skip_special_tokens:
-                out += self._sp.IdToPiece(token_id)
-        return out
-
-    def _decode_run(self, run: list[int], at_start: bool) -> str:
-        text = self._sp.decode(run) if run else ""
-        if run and not at_start and self._drops_first_space and self._sp.IdToPiece(run[0]).startswith("\u2581"):
-            text = " " + text  # mid-text, that space belongs to the output
-        return text
-
-    def token_to_id(self, token: str) -> int | None:
-        token_id = self._sp.PieceToId(token)
-        return token_id if self._sp.IdToPiece(token_id) == token else None
-
-    def id_to_token(self, token_id: int) -> str | None:
-        return self._sp.IdToPiece(token_id)
-
-    def adds_bos(self, bos_id: int) -> bool:
-        return True  # what LlamaTokenizer does when tokenizer_config.json does not say
-
-    def save(self, directory: Path) -> str:
-        (directory / "tokenizer.model").write_bytes(self._proto.SerializeToString())
-        return "LlamaTokenizer"
 
 
 def load_tokenizer(directory) -> Tokenizer:

@@ -9,7 +9,8 @@ tokenizer.model, so a converted checkpoint loads like a HF directory.
 from __future__ import annotations
 
 from arbor_core.errors import ConfigError, CorruptModelError
-from arbor_core.tokenizer import (
+from arbor_core.tokenizer import Tokenizer, eos_ids_for
+from arbor_core.tokenizer_adapters import (
     BYTE,
     CONTROL,
     NORMAL,
@@ -18,8 +19,6 @@ from arbor_core.tokenizer import (
     USER_DEFINED,
     HFTokenizersAdapter,
     SentencePieceAdapter,
-    Tokenizer,
-    eos_ids_for,
 )
 
 # Pre-tokenizer splits by llama.cpp `tokenizer.ggml.pre` name. Merges were learned on text cut this
