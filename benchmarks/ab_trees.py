@@ -79,7 +79,7 @@ class Tree:
     side: str  # BEFORE or AFTER
     root: Path
     env: dict[str, str]
-    servers: list = field(default_factory=list)  # (result, process, output file) of `&` commands
+    servers: list = field(default_factory=list)  # (result, process, stdout file, stderr file) of `&` commands
 
 
 def make_tree(side: str, root: str, work: Path, shared_home: Path) -> Tree:
