@@ -35,6 +35,7 @@ from arbor_core.errors import UsageError
 
 from . import doc_cache
 from .chunking import document_token_offsets, split_into_chunks
+from .documents import Document
 from .evidence import DocumentWords, Finding, common_words, focus
 from .evidence import finding as _finding, finding_rank as _rank  # the names ask's body has always used
 from .generate import GenerationOptions
@@ -240,7 +241,7 @@ def _keep_the_cache(model, tokens: int, parts: int, keep: bool) -> bool:
 DOCUMENT_HEADING = "Document: {name}"
 
 
-def ask_documents(model, documents: list[tuple[str, str]], question: str, **options) -> Answer:
+def ask_documents(model, documents: list[Document], question: str, **options) -> Answer:
     """ask() over several (name, text) documents: read as one text, each under a heading with its name, and
     the answer names the document its quote comes from (and the part, when it was read in parts)."""
     if len(documents) == 1:
