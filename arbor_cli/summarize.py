@@ -5,9 +5,10 @@ prompt and the answer, is summarised in one pass. A longer one is split on parag
 sentence, then word boundaries into token-budgeted chunks that overlap a little (chunking.py,
 from the one tokenization of the document); each chunk becomes short notes ("map"), and the notes
 are combined into one summary ("reduce"), in groups and again over the groups' results while they
-do not fit one context. Every answer is cleaned by summary_text.py. Out of memory, the whole run
-is retried once at the next smaller context bucket (Model.smaller_context decides). Progress is
-reported through callbacks; nothing here prints.
+do not fit one context. The prompts and the options that fill them are summary_prompts.py's; every
+answer is cleaned by summary_text.py. Out of memory, the whole run is retried once at the next
+smaller context bucket (Model.smaller_context decides). Progress is reported through progress.py's
+Progress; nothing here prints.
 
 Several documents (summarize_documents): a set that fits one context is read in one pass, each
 document under its name; otherwise each document is summarised on its own (as above) and the
@@ -20,90 +21,37 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Callable
 
 from arbor_core.errors import ContextError, OutOfMemoryError, UsageError
 
 from .chunking import Chunk, cutting_progress, default_overlap, document_token_offsets, split_into_chunks
+from .documents import Document
 from .engine import run_all
+from .progress import NoProgress, Progress
+from .summary_prompts import (
+    COMBINE_PROMPT,
+    REDUCE_PROMPT,
+    SummaryOptions,
+    documents_messages,
+    map_messages,
+    map_prompt_tokens,
+    one_pass_messages,
+    one_pass_prompt_tokens,
+    prompt_tokens,
+    reduce_messages,
+    reduce_prompt_tokens,
+)
 from .summary_text import clean_summary, shape_summary
 
-STYLES = ("paragraph", "bullets")
-MIN_WORDS, MAX_WORDS = 1, 2000
-DEFAULT_WORDS = 150
-NOTE_WORDS = 50            # each chunk's notes: short, so the map phase decodes little
-TOKENS_PER_WORD = 1.5      # English runs ~1.3 tokens a word; the rest is room for the last sentence
-ANSWER_SLACK_TOKENS = 16
-PROMPT_MARGIN_TOKENS = 32  # tokenization at the seams of template and text may differ a little
 MIN_CHUNK_TOKENS = 64
 REDUCE_FANOUT = 3          # notes merged by one call; more and a small model drops the early ones
 REPEAT_PENALTY = 1.1       # Ollama's and llama.cpp's default: keeps a small model's notes from looping
 
-SYSTEM_PROMPT = "You are a careful assistant who writes accurate, concise summaries of documents."
-ONE_PASS_PROMPT = ("Read the document below.\n\n---\n{text}\n---\n\n"
-                   "Summarize the document above in at most {words} words{style}. "
-                   "Name its main subjects and state its key points.{focus}")
-MAP_PROMPT = ("Here is part {index} of {count} of a longer document.\n\n---\n{text}\n---\n\n"
-              "List the key points of this part in at most {words} words. Name the subjects it is about.{focus}")
-REDUCE_PROMPT = ("Here are notes on the parts of one document, in order.\n\n---\n{text}\n---\n\n"
-                 "Write one summary of the whole document in at most {words} words{style}. "
-                 "Name its main subjects and state its key points.{focus}")
-# several documents: each under its name, in the one-pass prompt and in the combination of their summaries
-DOCUMENT_BLOCK = "Document {index}: {name}\n---\n{text}\n---"
-DOCUMENTS_PROMPT = ("Read the {count} documents below, each under its name.\n\n{text}\n\n"
-                    "Summarize them in at most {words} words{style}, saying which document each point comes from. "
-                    "Name their main subjects and state their key points.{focus}")
-COMBINE_PROMPT = ("Here are summaries of several documents, each under its name.\n\n---\n{text}\n---\n\n"
-                  "Write one summary of all of them in at most {words} words{style}, saying which document each "
-                  "point comes from. Name their main subjects and state their key points.{focus}")
-FOCUS_HINT = "\n\nAbove all, follow this instruction: {focus}"
-MAX_FOCUS_CHARS = 500
 WHOLE_SET_HEADING = "All documents"
-STYLE_HINTS = {"paragraph": ", as one paragraph", "bullets": ", as a list of bullet points, one per line, each starting with '- '"}
 
 
-# ---- options ------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class SummaryOptions:
-    words: int = DEFAULT_WORDS
-    style: str = "paragraph"
-    focus: str | None = None  # the user's own instruction ("Summarize the key findings"), in every prompt
-
-    @classmethod
-    def build(cls, words: int = DEFAULT_WORDS, style: str = "paragraph", focus: str | None = None
-              ) -> "SummaryOptions":
-        """Validate user-supplied values; each bad one is a UsageError naming the option."""
-        if isinstance(words, bool) or not isinstance(words, int) or not MIN_WORDS <= words <= MAX_WORDS:
-            raise UsageError(f"--words must be an integer in {MIN_WORDS}..{MAX_WORDS}, got {words!r}")
-        if style not in STYLES:
-            raise UsageError(f"--style must be one of {', '.join(STYLES)}, got {style!r}")
-        if focus is not None and (not focus.strip() or len(focus) > MAX_FOCUS_CHARS):
-            raise UsageError(f"--focus must be an instruction of 1..{MAX_FOCUS_CHARS} characters")
-        return cls(words, style, " ".join(focus.split()) if focus else None)
-
-    @property
-    def focus_hint(self) -> str:
-        return FOCUS_HINT.format(focus=self.focus) if self.focus else ""
-
-    @property
-    def note_words(self) -> int:
-        return min(self.words, NOTE_WORDS)
-
-    @property
-    def answer_tokens(self) -> int:
-        return tokens_for_words(self.words)
-
-    @property
-    def note_tokens(self) -> int:
-        return tokens_for_words(self.note_words)
-
-
-def tokens_for_words(words: int) -> int:
-    """max_new_tokens for an answer of `words` words: enough to finish, short enough to stop a loop."""
-    return int(words * TOKENS_PER_WORD) + ANSWER_SLACK_TOKENS
-
-
-# ---- results and progress -----------------------------------------------------------------
+# ---- results ----------------------------------------------------------------------------
 @dataclass
 class Summary:
     text: str
@@ -118,21 +66,6 @@ class Summary:
         out = {"text": self.text, "chunks": self.chunks, "context": self.context,
                "rope_scaling": self.rope_scaling, "timings": self.timings}
         return {**out, "documents": self.documents} if self.documents else out
-
-
-class SummaryProgress(Protocol):
-    """What a display implements to follow a run (the CLI draws a progress bar with it)."""
-
-    def begin(self, phase: str, total: int) -> None: ...
-    def advance(self) -> None: ...
-
-
-class _NoProgress:
-    def begin(self, phase: str, total: int) -> None:
-        pass
-
-    def advance(self) -> None:
-        pass
 
 
 @dataclass
@@ -163,7 +96,7 @@ def _rate(tokens: int, seconds: float) -> float:
 
 
 # ---- the run ------------------------------------------------------------------------------
-def summarize(model, text: str, options: SummaryOptions | None = None, progress: SummaryProgress | None = None,
+def summarize(model, text: str, options: SummaryOptions | None = None, progress: Progress | None = None,
               notify: Callable[[str], None] | None = None) -> Summary:
     """Summarise `text` with `model`; out of memory, retry once at the next smaller context.
 
@@ -175,7 +108,7 @@ def summarize(model, text: str, options: SummaryOptions | None = None, progress:
     if not text.strip():
         raise UsageError("there is nothing to summarize: the text is empty")
     started = time.perf_counter()
-    progress = progress or _NoProgress()
+    progress = progress or NoProgress()
     token_offsets = document_token_offsets(model.tokenizer.encode_with_offsets, text, progress)  # tokenized once
     plan = model.plan(one_pass_prompt_tokens(model, options) + len(token_offsets) + options.answer_tokens)
     try:
@@ -194,7 +127,7 @@ def count_tokens_of(model, text: str) -> int:
 
 
 def _run(model, text: str, token_offsets: list[tuple[int, int]], context: int, options: SummaryOptions,
-         progress: SummaryProgress) -> Summary:
+         progress: Progress) -> Summary:
     run = SummaryRun(model, context, options, progress)
     if one_pass_prompt_tokens(model, options) + len(token_offsets) + options.answer_tokens <= context:
         summary_text, chunks = run.one_pass(text), 1
@@ -206,49 +139,8 @@ def _run(model, text: str, token_offsets: list[tuple[int, int]], context: int, o
     return Summary(summary_text, chunks, context, model.rope_scaling_for(context), timings, run.reduce_rounds)
 
 
-def one_pass_prompt_tokens(model, options: SummaryOptions) -> int:
-    return _prompt_tokens(model, one_pass_messages("", options))
-
-
-def map_prompt_tokens(model, options: SummaryOptions, count: int) -> int:
-    return _prompt_tokens(model, map_messages("", count, count, options))
-
-
-def reduce_prompt_tokens(model, options: SummaryOptions, prompt: str = REDUCE_PROMPT) -> int:
-    return _prompt_tokens(model, reduce_messages("", options.words, options.style, options.focus_hint, prompt))
-
-
-def _prompt_tokens(model, messages: list[dict]) -> int:
-    return len(model.tokenizer.encode_chat(messages, add_generation_prompt=True)) + PROMPT_MARGIN_TOKENS
-
-
-def one_pass_messages(text: str, options: SummaryOptions) -> list[dict]:
-    prompt = ONE_PASS_PROMPT.format(text=text, words=options.words, style=STYLE_HINTS[options.style],
-                                    focus=options.focus_hint)
-    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": prompt}]
-
-
-def map_messages(text: str, index: int, count: int, options: SummaryOptions) -> list[dict]:
-    prompt = MAP_PROMPT.format(text=text, index=index, count=count, words=options.note_words, focus=options.focus_hint)
-    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": prompt}]
-
-
-def reduce_messages(notes: str, words: int, style: str, focus_hint: str = "", prompt: str = REDUCE_PROMPT
-                    ) -> list[dict]:
-    prompt = prompt.format(text=notes, words=words, style=STYLE_HINTS[style], focus=focus_hint)
-    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": prompt}]
-
-
-def documents_messages(documents: list[tuple[str, str]], options: SummaryOptions) -> list[dict]:
-    blocks = "\n\n".join(DOCUMENT_BLOCK.format(index=i, name=name, text=text.strip())
-                          for i, (name, text) in enumerate(documents, 1))
-    prompt = DOCUMENTS_PROMPT.format(count=len(documents), text=blocks, words=options.words,
-                                     style=STYLE_HINTS[options.style], focus=options.focus_hint)
-    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": prompt}]
-
-
-def summarize_documents(model, documents: list[tuple[str, str]], options: SummaryOptions | None = None,
-                        progress: SummaryProgress | None = None, notify: Callable[[str], None] | None = None
+def summarize_documents(model, documents: list[Document], options: SummaryOptions | None = None,
+                        progress: Progress | None = None, notify: Callable[[str], None] | None = None
                         ) -> Summary:
     """One summary of several (name, text) documents; each keeps its name (see the module's docstring)."""
     options = options or SummaryOptions()
@@ -258,11 +150,11 @@ def summarize_documents(model, documents: list[tuple[str, str]], options: Summar
         summary.documents = [{"name": name, "tokens": count_tokens_of(model, text), "parts": summary.chunks}]
         return summary
     started = time.perf_counter()
-    progress = progress or _NoProgress()
+    progress = progress or NoProgress()
     tokens = [count_tokens_of(model, text) for _, text in documents]
     if not any(text.strip() for _, text in documents):
         raise UsageError("there is nothing to summarize: the documents are empty")
-    one_pass = _prompt_tokens(model, documents_messages(documents, options)) + options.answer_tokens
+    one_pass = prompt_tokens(model, documents_messages(documents, options)) + options.answer_tokens
     plan = model.plan(one_pass)
     if options.style == "paragraph" and one_pass <= plan.context:  # the whole set in one pass, names and all
         run = SummaryRun(model, plan.context, options, progress)
@@ -300,7 +192,7 @@ class SummaryRun:
     beyond this context: every prompt is sized to fit it.
     """
 
-    def __init__(self, model, context: int, options: SummaryOptions, progress: SummaryProgress,
+    def __init__(self, model, context: int, options: SummaryOptions, progress: Progress,
                  reduce_prompt: str = REDUCE_PROMPT):
         self.model, self.context, self.options, self.progress = model, context, options, progress
         self.reduce_prompt = reduce_prompt  # COMBINE_PROMPT when the notes are several documents' summaries

@@ -10,7 +10,7 @@ import pytest
 from conftest import document
 
 from arbor_cli import ask as ask_module
-from arbor_cli.ask import ANSWERED_PARTS, NOT_FOUND, anchored, ask, common_words, evidence
+from arbor_cli.ask import ANSWERED_PARTS, NOT_FOUND, ask
 from arbor_cli.generate import GenerationResult
 from arbor_core.errors import UsageError
 
@@ -187,62 +187,6 @@ def test_a_quote_unrelated_to_the_question_is_listed_but_answers_nothing():
     result = ask(model, document(120), QUESTION, keep=False)
     assert [f.match for f in result.findings] == ["p5s1w2 p5s1w3 p5s1w4"] and not result.findings[0].anchored
     assert result.text == NOT_FOUND
-
-
-@pytest.mark.parametrize("answer, part, found", [
-    ("The pass key is 91644.", "filler. The  PASS key is 91644 . more", "The  PASS key is 91644"),
-    ("The pass key is 1234.", "filler text. The pass key is 91644.", None),  # its number is not in the part
-    ("What is the pass key?", "What is the pass key? Nobody knows.", None),  # an echo of the question
-    ("It is 42.", "the answer: 42", "42"),  # one word with a digit is enough
-    ("Bees make honey.", "In summer bees make honey in hives.", "bees make honey"),
-])
-def test_evidence_is_a_verbatim_run_that_says_more_than_the_question(answer, part, found):
-    where = evidence(answer, part, QUESTION)
-    assert (None if where is None else part[where.run[0]:where.run[1]]) == found
-
-
-def test_one_content_word_is_evidence_but_a_run_common_in_the_document_is_not():
-    part = "They sailed at dawn. The name of the ship is Endeavour. The sea was calm."
-    found = evidence('The ship is the "Endeavour"', part, "What is the name of the ship?")
-    assert part[found.run[0]:found.run[1]] == "Endeavour" and found.anchored
-    document = ask_module.DocumentWords(part + " The sea was calm." * 3)
-    assert evidence("The sea was calm.", part, "What was the sea like?", document=document) is None
-
-
-def test_evidence_prefers_a_run_whose_sentence_is_about_the_question_and_quotes_that_sentence():
-    part = ('Deletion of slicings is passed to the primary object involved. "pass" is a null operation. '
-            "It is useful as a placeholder.")
-    answer = "The pass statement is a null operation that is passed to the primary object involved."
-    found = evidence(answer, part, 'What is the "pass" statement?')
-    assert part[found.run[0]:found.run[1]] == "is a null operation" and found.anchored
-    assert part[found.sentence[0]:found.sentence[1]] == '"pass" is a null operation.'
-
-
-@pytest.mark.parametrize("sentence, question, expected", [
-    ("Grass grows. The pass key is 54635. Remember it.", QUESTION, True),
-    ("Consecrate Aaron and his sons.", QUESTION, False),
-    ("He built the first tower in 1698.", "When was the tower built?", True),
-    ("It continues with the next cycle of the nearest enclosing loop.", 'What does "continue" do?', True),  # stems
-    ("It is what it is.", "What is it?", False),  # function words tie nothing
-])
-def test_a_sentence_is_anchored_when_it_shares_a_word_with_the_question(sentence, question, expected):
-    assert anchored(sentence, question) is expected
-
-
-def test_a_word_found_in_most_parts_anchors_nothing():
-    parts = ["The statement here.", "A statement there.", "Statement and the pass key.", "No such word."]
-    common = common_words(parts)
-    assert "statement" in common and "pass" not in common
-    assert not anchored("The statement is long.", "What is the pass statement?", common)
-    assert anchored("The pass key.", "What is the pass statement?", common)
-
-
-def test_a_long_sentence_is_quoted_around_the_evidence():
-    part = "Words " * 100 + "the pass key is 91644 and " + "more words " * 100 + "."
-    where = evidence("The pass key is 91644.", part, QUESTION)
-    lo, hi = where.sentence
-    assert hi - lo <= ask_module.QUOTE_CHARS and lo <= where.run[0] and where.run[1] <= hi
-    assert not part[lo].isspace() and part[lo - 1] == " " and part[hi] == " "  # cut between words
 
 
 def test_empty_document_question_or_too_long_question_is_a_usage_error():

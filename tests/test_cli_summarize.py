@@ -14,6 +14,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from arbor_cli.cli import progress as progress_cli
 from arbor_cli.cli import summarize as summarize_cli
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -222,7 +223,7 @@ def test_a_30k_token_document_is_summarised_by_map_reduce_naming_its_subjects(de
 
 # ---- progress off a terminal ---------------------------------------------------------------------
 def test_in_a_pipe_progress_is_plain_lines_and_no_blank_line(fake_model, tmp_path, monkeypatch):
-    monkeypatch.setattr(summarize_cli, "PLAIN_PROGRESS_SECONDS", 0.0)  # every step shows: the rate is tested below
+    monkeypatch.setattr(progress_cli, "PLAIN_PROGRESS_SECONDS", 0.0)  # every step shows: the rate is tested below
     path = tmp_path / "doc.txt"
     path.write_text(document(150))  # ~9K words: several parts at 4K
     r = run([str(path)])
@@ -238,8 +239,8 @@ def test_in_a_pipe_progress_is_plain_lines_and_no_blank_line(fake_model, tmp_pat
 
 def test_plain_progress_shows_a_phase_at_most_every_few_seconds(monkeypatch):
     shown, now = [], [0.0]
-    monkeypatch.setattr(summarize_cli, "notice", shown.append)
-    progress = summarize_cli.PlainProgress(every=10.0, clock=lambda: now[0])
+    monkeypatch.setattr(progress_cli, "notice", shown.append)
+    progress = progress_cli.PlainProgress(every=10.0, clock=lambda: now[0])
     progress.begin("reading 100 parts", 100)
     for _ in range(100):
         now[0] += 1.0  # a part a second
@@ -252,7 +253,7 @@ def test_plain_progress_shows_a_phase_at_most_every_few_seconds(monkeypatch):
 def test_a_document_of_many_tokenizing_blocks_shows_reading_it_as_a_phase(fake_model, tmp_path, monkeypatch):
     import arbor_cli.chunking as chunking
 
-    monkeypatch.setattr(summarize_cli, "PLAIN_PROGRESS_SECONDS", 0.0)
+    monkeypatch.setattr(progress_cli, "PLAIN_PROGRESS_SECONDS", 0.0)
     monkeypatch.setattr(chunking, "TOKENIZE_BLOCK_CHARS", 10_000)
     path = tmp_path / "doc.txt"
     path.write_text(document(150))

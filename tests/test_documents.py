@@ -129,6 +129,21 @@ def test_reading_a_folder_skips_binaries_links_back_up_and_empty_files_with_one_
     assert sorted(os.path.basename(name) for name, _ in skipped) == ["empty.txt", "gone.txt", "image.png", "loop"]
 
 
+def test_the_documents_library_prints_nothing_and_hands_each_skipped_file_to_warn(tmp_path, capsys):
+    from arbor_cli.documents import Document, read_documents
+
+    folder = make_folder(tmp_path)
+    (folder / "empty.txt").write_text("")
+    (folder / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
+    heard = []
+    docs, skipped = read_documents([str(folder)], 1 << 20, heard.append)
+    assert all(isinstance(doc, Document) for doc in docs)  # a (name, text) pair, named
+    assert [doc.name for doc in docs] == sorted([*SUBJECTS, "latin1.txt"]) and len(skipped) == 1
+    assert heard[0].startswith("skipped: ") and "empty.txt is empty" in heard[0]
+    assert "latin1.txt is not valid UTF-8" in heard[1] and len(heard) == 2
+    assert capsys.readouterr() == ("", "")
+
+
 def test_documents_in_a_folder_are_named_by_their_path_below_it_wherever_it_lies(tmp_path, monkeypatch):
     """The prompt names a document `notes/chess.txt` whether the folder was given absolute, relative or as '.':
     the same folder in another place reads the same (and the user's directory layout stays out of it); with

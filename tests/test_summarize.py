@@ -12,7 +12,8 @@ import re
 import pytest
 from conftest import FakeModel, document
 
-from arbor_cli.summarize import Summary, SummaryOptions, summarize, tokens_for_words
+from arbor_cli.summarize import Summary, SummaryOptions, summarize
+from arbor_cli.summary_prompts import tokens_for_words
 from arbor_core.errors import ContextError, OutOfMemoryError, UsageError
 
 

@@ -20,7 +20,7 @@ from .common import (
     read_documents,
     write_answer,
 )
-from .summarize import progress_display
+from .progress import progress_display
 
 
 def register(app: typer.Typer) -> None:

@@ -1,0 +1,208 @@
+"""The evidence for an answer in a document's own words: pure text work, no model.
+
+`arbor ask` keeps a small model's answer only when a run of its words occurs verbatim in the part it
+was read from and says more than the question does (`evidence`); the sentence holding that run is the
+quote, and it answers only when it shares a word with the question beyond FUNCTION_WORDS and the words
+common to most parts (`anchored`, `common_words`). A second look reads the stretch of a part around its
+likeliest sentence (`focus`). Why each rule is there: ask.py's docstring.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+MIN_EVIDENCE_WORDS = 3  # a run of this many words (or one word with a digit, or a content word) is evidence
+# a run found more often in the document says nothing about where the answer is: a part that lacks the
+# answer may still quote itself ("The pass key is the phrase 'The grass is green.'" in repeated filler)
+MAX_QUOTE_REPEATS = 2
+COMMON_IN = 0.5  # a question word found in more than this share of the parts ties no quote to the question
+WORDS = re.compile(r"\w+")
+SENTENCE_END = re.compile(r"[.!?](?=\s)|\n[ \t]*\n")  # a wrapped line goes on; a blank line ends
+QUOTE_CHARS = 240  # a quote is the sentence holding the evidence, cut to this around it
+FOCUS_CHARS = 600  # what a second look reads of the best part: ~150 tokens around its likeliest sentence
+# (Python's language reference, 7 questions: 5 answered with 600, 4 with 1,200; docs/long-context.md)
+# words that tie no sentence to a question: a quote whose sentence shares only these with it is not anchored
+FUNCTION_WORDS = frozenset("""a an the is are was were be been being am do does did done have has had what which
+who whom whose when where why how of in on at to for by with from and or nor not no yes it its this that these those
+there here their they them he she his her him i you we our your my me us as about into onto than then so if but
+can could will would shall should may might must text document question answer say says said tell""".split())
+
+
+@dataclass
+class Finding:
+    part: int  # 1-based
+    answer: str
+    quote: str  # the evidence, as it is written in the document
+    start: int  # the quote's character offset in the document
+    score: float  # the part's rank score: log-probability of the question after it (nats)
+    anchored: bool  # the quote's sentence shares a word with the question (beyond FUNCTION_WORDS)
+    match: str  # the answer's words the quote holds verbatim
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """A run of an answer's words found verbatim in a part, and the sentence that holds it."""
+
+    run: tuple[int, int]  # part[run[0]:run[1]]
+    sentence: tuple[int, int]  # part[sentence[0]:sentence[1]]: the run's sentence, at most QUOTE_CHARS
+    shared: int  # the question's words (see anchored) the sentence holds
+
+    @property
+    def anchored(self) -> bool:
+        return self.shared > 0
+
+
+def evidence(answer: str, part: str, question: str, common: frozenset[str] = frozenset(),
+             document: DocumentWords | None = None) -> Evidence | None:
+    """The answer's best evidence in `part`: a run of its words that occurs verbatim there (case and
+    spacing aside) and says more than the question (not only words the question holds; at least
+    MIN_EVIDENCE_WORDS words, or a word with a digit, or a word found at most MAX_QUOTE_REPEATS times in
+    the document, like "Endeavour"), and, given the document's words, occurs in it at most
+    MAX_QUOTE_REPEATS times. Of the longest such run starting at each of the answer's
+    words, the one whose sentence holds most of the question's words wins, then the longest: "…a null operation that is passed to
+    the primary object involved" is evidenced by "pass is a null operation" (its sentence is about
+    "pass"), not by the longer "passed to the primary object involved"."""
+    words = WORDS.findall(answer.casefold())
+    asked = set(WORDS.findall(question.casefold()))
+    spans = [(m.start(), m.end()) for m in WORDS.finditer(part)]
+    part_words = [part[a:b].casefold() for a, b in spans]
+    counted = document or DocumentWords(part)
+
+    def rare(word: str) -> bool:
+        return counted.count([word], MAX_QUOTE_REPEATS) <= MAX_QUOTE_REPEATS
+
+    best, best_rank = None, None
+    for i in range(len(words)):  # answers are a sentence: quadratic in its words is nothing
+        for j in range(len(words), i, -1):
+            run = words[i:j]
+            if not _says_more(run, asked, rare):
+                break  # a shorter run from i says no more
+            at = next(_runs(part_words, run), None)
+            if at is None or (document is not None and document.count(run, MAX_QUOTE_REPEATS) > MAX_QUOTE_REPEATS):
+                continue
+            found = (spans[at][0], spans[at + len(run) - 1][1])
+            sentence = sentence_around(part, *found)
+            candidate = Evidence(found, sentence, question_words_in(part[sentence[0]:sentence[1]], question, common))
+            if best_rank is None or (candidate.shared, len(run)) > best_rank:
+                best, best_rank = candidate, (candidate.shared, len(run))
+            break
+    return best
+
+
+def _says_more(run: list[str], asked: set[str], rare) -> bool:
+    """Whether a run could be evidence: not only the question's words; MIN_EVIDENCE_WORDS words, or a word
+    with a digit, or a rare word (`rare(word)`: "Endeavour" is; "loop", all over a text on loops, is not)."""
+    if set(run) <= asked:
+        return False
+    return (len(run) >= MIN_EVIDENCE_WORDS or any(c.isdigit() for w in run for c in w)
+            or any(w not in asked and w not in FUNCTION_WORDS and rare(w) for w in run))
+
+
+def sentence_around(part: str, start: int, end: int) -> tuple[int, int]:
+    """The sentence(s) holding part[start:end], cut to QUOTE_CHARS around it (on spaces) when longer."""
+    before = [m.end() for m in SENTENCE_END.finditer(part, 0, start)]
+    after = SENTENCE_END.search(part, end)
+    lo, hi = before[-1] if before else 0, after.end() if after else len(part)
+    spare = max(QUOTE_CHARS - (end - start), 0)
+    if hi - lo > QUOTE_CHARS:
+        lo = max(lo, start - spare // 2)
+        hi = min(hi, end + spare - (start - lo))
+        lo = part.find(" ", lo, start) + 1 if part.find(" ", lo, start) >= 0 else lo
+        hi = part.rfind(" ", end, hi) if part.rfind(" ", end, hi) >= 0 else hi
+    while lo < start and part[lo].isspace():
+        lo += 1
+    return lo, hi
+
+
+def stem(word: str) -> str:
+    """A word without a plural or third-person "s", so "continues" meets "continue" and "literals" "literal"
+    (and nothing more: "passed" is not "pass")."""
+    return word[:-1] if len(word) > 3 and word.endswith("s") and not word.endswith("ss") else word
+
+
+def question_words_in(sentence: str, question: str, common: frozenset[str] = frozenset()) -> int:
+    """How many of the question's words (stemmed; not FUNCTION_WORDS, not the document's `common`) the
+    sentence holds."""
+    asked = {stem(w) for w in WORDS.findall(question.casefold()) if w not in FUNCTION_WORDS and w not in common}
+    return len(asked & {stem(w) for w in WORDS.findall(sentence.casefold())})
+
+
+def anchored(sentence: str, question: str, common: frozenset[str] = frozenset()) -> bool:
+    """Whether `sentence` shares a word (stemmed) with the question beyond FUNCTION_WORDS and the
+    document's `common` words: "The pass key is 54635" answers "What is the pass key?" from its own
+    sentence; "Aaron and his sons", copied by a part that missed the key, sits in a sentence that has
+    nothing to do with the question; in Python's documentation "statement" ties nothing to anything.
+    Only an anchored finding answers; the others are listed (--json) but the answer is NOT_FOUND."""
+    return question_words_in(sentence, question, common) > 0
+
+
+def common_words(parts: list[str]) -> frozenset[str]:
+    """The words (casefolded) found in more than COMMON_IN of the parts: too common to tie a quote to a question."""
+    counts: dict[str, int] = {}
+    for part in parts:
+        for word in set(WORDS.findall(part.casefold())):
+            counts[word] = counts.get(word, 0) + 1
+    return frozenset(w for w, n in counts.items() if n > COMMON_IN * len(parts))
+
+
+class DocumentWords:
+    """A document's words (casefolded) and where each occurs, to count a run's occurrences quickly."""
+
+    def __init__(self, text: str):
+        self.words = WORDS.findall(text.casefold())
+        self.at: dict[str, list[int]] = {}
+        for i, w in enumerate(self.words):
+            self.at.setdefault(w, []).append(i)
+
+    def count(self, run: list[str], most: int) -> int:
+        """How often `run` occurs, counting no further than most + 1."""
+        n, found = len(run), 0
+        for k in self.at.get(run[0], ()) if run else ():
+            if self.words[k:k + n] == run:
+                found += 1
+                if found > most:
+                    break
+        return found
+
+
+def focus(part: str, question: str, common: frozenset[str] = frozenset()) -> str:
+    """The stretch of `part` a second look reads: the sentence sharing most words with the question
+    (as `anchored` counts them) and its neighbours, about FOCUS_CHARS in all; the whole part when no
+    sentence shares any. A tiny model reads a short text far better (a pass key in prose: 8/8 at 512
+    tokens, 5/8 at 2,048), and the part was already chosen by the model's own ranking."""
+    asked = {stem(w) for w in WORDS.findall(question.casefold()) if w not in FUNCTION_WORDS and w not in common}
+    bounds = [0, *(m.end() for m in SENTENCE_END.finditer(part)), len(part)]
+    sentences = [(a, b) for a, b in zip(bounds, bounds[1:]) if part[a:b].strip()]
+    shared = [len(asked & {stem(w) for w in WORDS.findall(part[a:b].casefold())}) for a, b in sentences]
+    if not sentences or max(shared) == 0 or len(part) <= FOCUS_CHARS:
+        return part
+    lo = hi = shared.index(max(shared))
+    while sentences[hi][1] - sentences[lo][0] < FOCUS_CHARS and (lo > 0 or hi + 1 < len(sentences)):
+        if hi + 1 < len(sentences):  # a sentence after the best one, then one before: it stays central
+            hi += 1
+        if lo > 0 and sentences[hi][1] - sentences[lo][0] < FOCUS_CHARS:
+            lo -= 1
+    return part[sentences[lo][0]:sentences[hi][1]].strip()
+
+
+def _runs(haystack: list[str], run: list[str]):
+    """The indices where `run` occurs in `haystack`, in order."""
+    n = len(run)
+    for k in range(len(haystack) - n + 1):
+        if haystack[k] == run[0] and haystack[k:k + n] == run:
+            yield k
+
+
+def finding(reply_text: str, part: str, offset: int, question: str, index: int, score: float,
+             common: frozenset[str] = frozenset(), document: DocumentWords | None = None) -> Finding | None:
+    found = evidence(reply_text, part, question, common, document)
+    if found is None:
+        return None
+    (a, b), (lo, hi) = found.run, found.sentence
+    return Finding(index, reply_text.strip(), part[lo:hi], offset + lo, round(score, 3), found.anchored, part[a:b])
+
+
+def finding_rank(finding: Finding) -> tuple:
+    """Anchored findings first, then by their part's score, then the longer match."""
+    return finding.anchored, finding.score, len(finding.match)
