@@ -26,7 +26,9 @@ from types import SimpleNamespace
 
 import arbor_weights
 from arbor_cli import summarize as summarizer
+from arbor_cli.chunking import document_token_offsets
 from arbor_cli.generate import GenerationResult
+from arbor_cli.progress import NoProgress
 from arbor_cli.summarize import SummaryOptions, summarize
 from arbor_core.tokenizer import load_tokenizer
 
@@ -79,14 +81,9 @@ class StubModel:
 def map_chunks(tokenizer, text: str, context: int) -> list[list[int]]:
     """The chunks the map phase reads at `context`, as [start, end, tokens, overlap]."""
     model = StubModel(tokenizer, context)
-    if hasattr(summarizer, "SummaryRun"):
-        from arbor_cli.chunking import document_token_offsets
-
-        progress = summarizer._NoProgress()
-        run = summarizer.SummaryRun(model, context, SummaryOptions(), progress)
-        chunks = run.split(text, document_token_offsets(tokenizer.encode_with_offsets, text, progress))
-    else:  # the code before SummaryRun
-        chunks = summarizer._Run(model, context, SummaryOptions(), summarizer._NoProgress()).split(text)
+    progress = NoProgress()
+    run = summarizer.SummaryRun(model, context, SummaryOptions(), progress)
+    chunks = run.split(text, document_token_offsets(tokenizer.encode_with_offsets, text, progress))
     return [[c.start, c.end, c.tokens, c.overlap] for c in chunks]
 
 
