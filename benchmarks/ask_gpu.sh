@@ -14,7 +14,7 @@ TEXT=build/long-context/kjv_pentateuch.txt
 for part in .device-cache/gguf.part*; do [ -f "$part" ] && cp "$part" /tmp/; done
 [ "$stage" = 1 ] && { ls -la /tmp/gguf.part*; exit 0; }
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=$PWD:$PWD/backends:$PWD/weights:/tmp/site PYTHONUNBUFFERED=1 ARBOR_HOME=/tmp/arbor
+export PYTHONPATH=$PWD:$PWD/core:$PWD/backends:$PWD/weights:/tmp/site PYTHONUNBUFFERED=1 ARBOR_HOME=/tmp/arbor
 mkdir -p /tmp/arbor/downloads
 gguf=/tmp/arbor/downloads/SmolLM2-135M-Instruct.Q4_1.gguf
 [ -f "$gguf" ] || cat /tmp/gguf.part00 /tmp/gguf.part01 > "$gguf"

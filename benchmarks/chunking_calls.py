@@ -10,7 +10,7 @@ a line of 100,000 characters without whitespace (random letters and digits), the
 cutting inside words. --dump writes the map phase's chunk lists (start, end, tokens, overlap) for
 that document and README.md at a 4096- and a 1024-token context, to compare two versions of the
 code. Runs on the code before SummaryRun too:
-`PYTHONPATH=<old tree>:<old tree>/backends:<old tree>/weights python benchmarks/chunking_calls.py`.
+`PYTHONPATH=<old tree>:<old tree>/core:<old tree>/backends:<old tree>/weights python benchmarks/chunking_calls.py`.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ for part in .device-cache/gguf.part*; do [ -f "$part" ] && cp "$part" /tmp/; don
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 fi
-export PYTHONPATH=$PWD:$PWD/backends:$PWD/weights:/tmp/site PYTHONUNBUFFERED=1 ARBOR_HOME=${ARBOR_HOME:-/tmp/arbor}
+export PYTHONPATH=$PWD:$PWD/core:$PWD/backends:$PWD/weights:/tmp/site PYTHONUNBUFFERED=1 ARBOR_HOME=${ARBOR_HOME:-/tmp/arbor}
 mkdir -p "$ARBOR_HOME/downloads"
 gguf=$ARBOR_HOME/downloads/SmolLM2-135M-Instruct.Q4_1.gguf
 [ -f "$gguf" ] || [ ! -f /tmp/gguf.part00 ] || cat /tmp/gguf.part00 /tmp/gguf.part01 > "$gguf"
