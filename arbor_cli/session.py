@@ -58,6 +58,11 @@ class Session:
         if self.cache is not None:
             self.cache.truncate(0)
 
+    def adopt(self, cache, ids: list[int]) -> None:
+        """Take a cache made elsewhere (the disk's copy of a document's prefill) holding `ids`. None of it
+        counts as exact: how it was computed is not known here."""
+        self.cache, self._ids, self._exact, self._running = cache, list(ids), 0, None
+
     def hold(self, ids: list[int], *, start: int, generated: list[int] | None = None, rows: int | None = None) -> None:
         """Book-keeping after the door ran ids[start:] behind the first `start` ids it held, in prefill steps
         of `rows` (default: the grain), then decodes into `generated` (a list the generation fills as it

@@ -259,16 +259,14 @@ class FakeTokenizer:
     def encode_chat(self, messages, add_generation_prompt: bool = True) -> list[int]:
         return [1] * sum(count_words(m["content"]) + 4 for m in messages)
 
-
-class FakePlan:
-    def __init__(self, context: int, needed_tokens: int, trained_context: int = 4096):
-        self.context, self.needed_tokens, self.trained_context = context, needed_tokens, trained_context
+    def decode(self, ids: list[int]) -> str:
+        return " ".join("w" for _ in ids)
 
 
 class FakeModel:
-    """The Model surface the summariser uses. Plans like the real planner over BUCKETS up to `largest`;
-    chat answers from a script, records prompts and the context asked for, and runs out of memory above
-    `oom_above`."""
+    """The door (arbor_core.door.Door) on words. Plans with the planner over BUCKETS up to `largest`; chat
+    answers from a script, records prompts and the context asked for, and runs out of memory above
+    `oom_above`; a prompt is scored -1 nat a token."""
 
     def __init__(self, largest: int = 4096, answer=None, oom_above: int | None = None, context: int | None = None,
                  tokenizer=None, trained: int = 4096, rope_method: str = "auto"):
@@ -276,6 +274,7 @@ class FakeModel:
 
         self.tokenizer = tokenizer or FakeTokenizer()
         self.config = SimpleNamespace(trained_context=trained, rope_scaling=None)
+        self.checkpoint = SimpleNamespace(name="fake", path=None, config=self.config)
         self.largest = largest
         self.context = context  # the user's --context: read, never written
         self.rope_method = rope_method  # likewise
@@ -289,29 +288,39 @@ class FakeModel:
         self.notices: list[str] = []
         self.notify = self.notices.append
 
-    def plan(self, needed_tokens: int, requested: int | None = None, rope: str | None = None) -> FakePlan:
-        from arbor_core.planner import BUCKETS
+    def plan(self, needed_tokens: int, requested: int | None = None, rope: str | None = None):
+        from arbor_core.planner import bucket_within
 
         requested = self.context if requested is None else requested
         self.plans.append((needed_tokens, requested))
-        if requested is not None:
-            return FakePlan(requested, needed_tokens)
-        fitting = [b for b in BUCKETS if b <= self.largest]
-        holding = [b for b in fitting if b >= needed_tokens]
-        return FakePlan(holding[0] if holding else fitting[-1], needed_tokens)
+        return bucket_within(needed_tokens, self.largest, self.config.trained_context, requested)
 
     def smaller_context(self, error, context: int, *, needed: int = 0, pinned: bool = False) -> int:
-        from arbor_core.planner import next_smaller
+        from arbor_core.planner import smaller_after_out_of_memory
 
-        smaller = next_smaller(context)
-        if smaller is None or pinned or needed >= smaller:
-            raise error
-        return smaller
+        return smaller_after_out_of_memory(error, context, needed=needed, pinned=pinned)
 
     def rope_scaling_for(self, context: int, rope: str | None = None):
         return {"rope_type": "linear", "factor": context / 4096} if context > 4096 else None
 
-    def chat(self, messages, stream=False, *, context=None, rope=None, max_new_tokens=256, temperature=0.0, **_):
+    def session_context(self) -> int:
+        return self.plan(self.context or self.config.trained_context).context
+
+    def kv_bytes_per_token(self) -> None:
+        return None  # nothing kept on disk
+
+    def session(self, context: int | None = None, rope: str | None = None):
+        from arbor_cli.session import Session
+
+        return Session(self, context or self.session_context(), rope)
+
+    def map(self, work, items, on_done=None):
+        from arbor_cli.mapping import map_in_order
+
+        return map_in_order(work, items, on_done)
+
+    def chat(self, messages, stream=False, *, context=None, rope=None, session=None, continuing=False,
+             max_new_tokens=256, temperature=0.0, **_):
         from arbor_cli.generate import GenerationResult
 
         self.chat_contexts.append(context)
@@ -327,8 +336,23 @@ class FakeModel:
         text = self.answer(prompt)
         timings = {"prompt_tokens": needed - max_new_tokens, "generated_tokens": count_words(text),
                    "prefill_s": 0.01, "decode_s": 0.02}
+        if session is not None:
+            session.hold(self.tokenizer.encode_chat(messages) + self.tokenizer.encode(text), start=0)
         return GenerationResult(text, [1] * count_words(text), "eos", timings, capacity)
 
+    def stream(self, prompt, options, *, session=None, continuing=False, context=None, rope=None):
+        """chat's answer to messages, or the scripted answer to token ids' decoding, as one piece."""
+        from arbor_cli.generate import GenerationResult, GenerationStream
+
+        if prompt and isinstance(prompt[0], dict):
+            result = self.chat(prompt, context=context, session=session, max_new_tokens=options.max_new_tokens)
+        else:
+            result = GenerationResult(self.answer(self.tokenizer.decode(prompt)), [], "eos", {}, context or 0)
+
+        def pieces():
+            yield result.text
+            return result
+        return GenerationStream(pieces(), [])
 
     def generate(self, ids, max_new_tokens=256, *, context=None, rope=None, **_):
         """Completes token ids (decoded with the tokenizer) with `answer`; records each call."""
@@ -336,6 +360,14 @@ class FakeModel:
 
         self.calls.append((len(ids), context, rope))
         return SimpleNamespace(text=self.answer(self.tokenizer.decode(ids)))
+
+    def score_prompt(self, ids, session=None) -> list[float]:
+        if session is not None:
+            session.hold(session.ids + list(ids), start=0)
+        return [-1.0] * (len(ids) - 1)
+
+    def prefill(self, ids, session) -> None:
+        session.hold(session.ids + list(ids), start=0)
 
 
 class FakeCache:
@@ -349,6 +381,7 @@ class FakeRuntime:
     sample() takes a step's "logits" to be the token itself when it is an int. Records what it was fed."""
 
     prefill_chunk = 64
+    exact_across_row_counts = False
 
     def __init__(self, script=(), logits=None):
         self.script, self.logits = list(script), logits

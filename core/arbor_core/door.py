@@ -40,6 +40,9 @@ class Door(Protocol):
     def session_context(self) -> int:
         """The context of a long-lived session (a chat) when the user names none."""
 
+    def kv_bytes_per_token(self) -> int | None:
+        """Bytes one position of this door's KV cache takes here; None where the cache is not here (an engine)."""
+
     # ---- generations ---------------------------------------------------------------------------
     def stream(self, prompt: list[int] | list[dict], options: Any, *, session: Any = None, continuing: bool = False,
                context: int | None = None, rope: str | None = None) -> Any:
