@@ -9,7 +9,8 @@ from arbor_core.config import ArborConfig
 from arbor_core.errors import ArborError
 
 from .generate import GenerationResult, GenerationStream
-from .model import Model, load
+from .loading import load
+from .model import Model
 
 __version__ = "0.1.0"
 __all__ = ["load", "Model", "ArborConfig", "ArborError", "GenerationResult", "GenerationStream", "__version__"]

@@ -36,10 +36,8 @@ from arbor_core.errors import UsageError
 from . import doc_cache
 from .chunking import document_token_offsets, split_into_chunks
 from .documents import Document
-from .evidence import DocumentWords, Finding, common_words, focus
-from .evidence import finding as _finding, finding_rank as _rank  # the names ask's body has always used
-from .generate import GenerationOptions
-from .progress import NoProgress as _Quiet  # the name ask's body has always used
+from .evidence import DocumentWords, Finding, common_words, finding, finding_rank, focus
+from .progress import NoProgress
 
 ANSWER_TOKENS = 32  # an answer in the text's own words is a sentence; it also ends at a blank line
 QUESTION_ROOM = 256  # tokens a question (with the instruction after it) may take after a cached document
@@ -74,12 +72,11 @@ class Answer:
 
 @dataclass
 class Reading:
-    """One text read with the question after it: ready to answer with the prompt's last token."""
+    """One text read with the question after it: ready to answer from the prompt's last token."""
 
     score: float
-    cache: Any  # None on an engine
-    last: list[int]  # the prompt's last token, which starts the answer
-    messages: list[dict] | None = None  # the prompt as messages (an engine answers them)
+    session: Any  # holds the prompt but its last token (on an engine, only its ids)
+    messages: list[dict]  # the whole prompt
 
 
 def reliable_tokens(model) -> int:
@@ -105,87 +102,64 @@ def second_look_messages(text: str, question: str) -> list[dict]:
 
 
 class DocumentReader:
-    """Reads texts of one document with a question after them, each text's prefill kept on disk when
-    `keep` (doc_cache); counts how many came from disk and how many were prefilled."""
+    """Reads texts of one document with a question after them, on any door: each text's part of the prompt
+    is held by a Session (its prefill kept on disk when `keep`: doc_cache), the question scored after it
+    (query likelihood). Counts how many texts came from disk and how many were prefilled here. A door
+    that does not score prompts (an engine without echo + logprobs) leaves the parts unranked (`ranked`
+    False): then every part answers and the quotes decide."""
 
     def __init__(self, model, keep: bool = True):
-        self.model, self.keep = model, keep
+        self.model, self.ranked = model, True
+        self.cached_here = model.kv_bytes_per_token() is not None  # an engine keeps its own caches
+        self.keep = keep and self.cached_here
         self.loaded = self.prefilled = 0
 
     def read(self, text: str, question: str) -> Reading:
-        """The text's prefill (from disk, or run and kept), then the rest of the prompt, the question's
-        tokens scored: their log-probability after the text (all but the first, which follows the same
-        "Question:" in every part)."""
-        model = self.model
-        ids, shared, end = prompt_ids(model.tokenizer, text, question)
-        cache = self._document(ids[:shared], shared + QUESTION_ROOM + ANSWER_TOKENS)
-        log_probs = model.prefill_log_probs(ids[shared:-1], cache)  # of ids[shared + 1:]
-        return Reading(sum(log_probs[:max(end - shared - 1, 0)]), cache, ids[-1:])
-
-    def read_all(self, texts: list[str], question: str, on_done=lambda: None):
-        """Each text read in turn (one model here runs one prefill at a time)."""
-        for text in texts:
-            yield self.read(text, question)
-            on_done()
-
-    def _document(self, doc_ids: list[int], capacity: int):
-        model = self.model
-        key = doc_cache.key_for(model, doc_ids, capacity, model.rope_method) if self.keep else None
-        cache = doc_cache.load(model, key, capacity) if self.keep else None
-        if cache is not None:
-            self.loaded += 1
-            return cache
-        cache = model.new_cache(capacity)
-        model.prefill(doc_ids, cache)
-        self.prefilled += 1
-        if self.keep and not doc_cache.save(model, key, cache):
-            self.keep = False  # one warning said why; the other parts are not tried (a full disk stays full)
-        return cache
-
-    def answer(self, reading: Reading):
-        """Greedy answer after a reading (its cache then holds the answer too)."""
-        stream = self.model.stream(reading.last, _answer_options(), cache=reading.cache)
-        for _ in stream:
-            pass
-        return stream.result
-
-
-class EngineReader:
-    """DocumentReader's work on an OpenAI-compatible engine (engine.py): the question's log-probability
-    from the engine's prompt scoring (completions with echo + logprobs), `parallel` parts at a time.
-    An engine that does not score prompts leaves the parts unranked (`ranked` False): then every part
-    answers and the quotes decide."""
-
-    loaded = prefilled = 0
-
-    def __init__(self, model):
-        self.model, self.ranked = model, True
-
-    def read(self, text: str, question: str) -> Reading:
+        """The text's prefill (from disk, or run and kept), then the rest of the prompt but its last token,
+        the question's tokens scored: their log-probability after the text (all but the first, which
+        follows the same "Question:" in every part)."""
         from .engine import EngineError
 
         ids, shared, end = prompt_ids(self.model.tokenizer, text, question)
+        session = self._document(ids[:shared], shared + QUESTION_ROOM + ANSWER_TOKENS)
         score = 0.0
         if self.ranked:
             try:
-                score = sum(self.model.prompt_log_probs(ids)[shared:max(end - 1, shared)])  # of ids[shared + 1:end]
+                score = sum(self.model.score_prompt(ids[shared:-1], session)[:max(end - shared - 1, 0)])
             except EngineError as e:
                 if "does not score" not in str(e):
                     raise
                 self.ranked = False
                 self.model.notify(f"{e}: every part answers, unranked")
-        return Reading(score, None, ids[-1:], messages(text, question))
+        return Reading(score, session, messages(text, question))
 
     def read_all(self, texts: list[str], question: str, on_done=lambda: None):
-        from .engine import run_all
-
-        first = self.read(texts[0], question)  # finds out once whether the engine scores prompts
+        """Each text read, in order, as many at once as the door runs (one at a time here: a part's cache
+        is made only when the previous reading was taken)."""
+        first = self.read(texts[0], question)  # finds out once whether the door scores prompts
         on_done()
         yield first
-        yield from run_all(self.model, lambda text: self.read(text, question), texts[1:], on_done)
+        yield from self.model.map(lambda text: self.read(text, question), texts[1:], on_done)
+
+    def _document(self, doc_ids: list[int], capacity: int):
+        model = self.model
+        session = model.session(capacity)
+        key = doc_cache.key_for(model, doc_ids, capacity, model.rope_method) if self.keep else None
+        cache = doc_cache.load(model, key, capacity) if self.keep else None
+        if cache is not None:
+            self.loaded += 1
+            session.adopt(cache, doc_ids)
+            return session
+        model.prefill(doc_ids, session)
+        self.prefilled += self.cached_here
+        if self.keep and not doc_cache.save(model, key, session.cache):
+            self.keep = False  # one warning said why; the other parts are not tried (a full disk stays full)
+        return session
 
     def answer(self, reading: Reading):
-        return self.model.chat(reading.messages, max_new_tokens=ANSWER_TOKENS, temperature=0.0, stop="\n\n")
+        """Greedy answer after a reading (its session then holds the answer too)."""
+        return self.model.chat(reading.messages, session=reading.session, continuing=True,
+                               max_new_tokens=ANSWER_TOKENS, temperature=0.0, stop="\n\n")
 
 
 def prompt_ids(tokenizer, text: str, question: str) -> tuple[list[int], int, int]:
@@ -199,15 +173,6 @@ def prompt_ids(tokenizer, text: str, question: str) -> tuple[list[int], int, int
                          f"at most {QUESTION_ROOM})")
     end = len(ids) - _common_prefix(ids[::-1][:len(ids) - shared], without[::-1])
     return ids, shared, end
-
-
-def reader_for(model, keep: bool):
-    """An EngineReader on an engine, else a DocumentReader (keeping prefills on disk when `keep`)."""
-    return EngineReader(model) if getattr(model, "remote", False) else DocumentReader(model, keep)
-
-
-def _answer_options() -> GenerationOptions:
-    return GenerationOptions.build(max_new_tokens=ANSWER_TOKENS, stop="\n\n")
 
 
 def second_look(model, text: str, question: str):
@@ -228,9 +193,10 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 def _keep_the_cache(model, tokens: int, parts: int, keep: bool) -> bool:
     """Whether the document's prefill fits the disk cache's cap; says so when it does not."""
-    if not keep or getattr(model, "remote", False):  # an engine keeps its own caches
+    per_token = model.kv_bytes_per_token()
+    if not keep or per_token is None:  # None: an engine, which keeps its own caches
         return False
-    need = (tokens + parts * 64) * model.kv_bytes_per_token()  # the prompt's own words: ~64 tokens a part
+    need = (tokens + parts * 64) * per_token  # the prompt's own words: ~64 tokens a part
     if need > doc_cache.cap_bytes():
         model.notify(f"the document's cache would take {need / 1e9:.1f} GB, more than the "
                      f"{doc_cache.cap_bytes() / 1e9:.1f} GB kept (ARBOR_DOC_CACHE_MB): not kept")
@@ -266,7 +232,7 @@ def ask_documents(model, documents: list[Document], question: str, **options) ->
 
 def ask(model, text: str, question: str, *, progress=None, keep: bool = True, part_tokens: int | None = None,
         name_of=None) -> Answer:
-    """Answer `question` about `text` with `model` (arbor_cli.Model).
+    """Answer `question` about `text` with `model` (a door: arbor_core.door.Door).
 
     `progress` (begin(phase, total), advance(): the summariser's progress protocol) follows reading the
     document and its parts; `keep` keeps each text's prefill on disk for the next question;
@@ -280,50 +246,20 @@ def ask(model, text: str, question: str, *, progress=None, keep: bool = True, pa
     if limit < 128:
         raise UsageError(f"--part-tokens must be at least 128, got {limit}")
     started = time.perf_counter()
-    tokenizer, progress = model.tokenizer, progress or _Quiet()
+    tokenizer, progress = model.tokenizer, progress or NoProgress()
     offsets = document_token_offsets(tokenizer.encode_with_offsets, text, progress)
     if len(offsets) <= limit:
         return _one_pass(model, text, question, len(offsets), keep, started, name_of)
     chunks = split_into_chunks(text, offsets, lambda s: len(tokenizer.encode(s)), limit, overlap=PART_OVERLAP_TOKENS)
-    reader = reader_for(model, _keep_the_cache(model, len(offsets), len(chunks), keep))
+    reader = DocumentReader(model, _keep_the_cache(model, len(offsets), len(chunks), keep))
     parts = [chunk.text_of(text) for chunk in chunks]
-    scores, held = [], {}  # held: the best-scored readings so far, ready to answer
-    progress.begin(f"reading {len(chunks)} parts", len(chunks))
-    rank = lambda i: (-scores[i - 1], i)  # noqa: E731  best first; ties in document order
-    for index, reading in enumerate(reader.read_all(parts, question, progress.advance), 1):
-        scores.append(reading.score)
-        held[index] = reading
-        if len(held) > ANSWERED_PARTS and reading.cache is not None:  # caches are large; an engine's are not here
-            del held[max(held, key=rank)]
+    scores, held = _read_parts(reader, parts, question, progress)
     read_s = time.perf_counter() - started
-    ranked = sorted(range(1, len(parts) + 1), key=rank)
-    document = DocumentWords(text)
-    common = common_words(parts)
-    findings, answered = [], []
-    replies = {}
-    if not getattr(reader, "ranked", True):  # nothing ranks the parts: every part answers (at once on an engine)
-        from .engine import run_all
-
-        replies = dict(zip(ranked, run_all(model, lambda i: reader.answer(held[i]).text, ranked)))
-    for index in ranked if replies else ranked[:MAX_ANSWERED_PARTS]:
-        if len(answered) >= ANSWERED_PARTS and findings and not replies:
-            break
-        part, score = parts[index - 1], scores[index - 1]
-        offset = text.index(part, chunks[index - 1].start)
-        reply = replies.get(index) or reader.answer(held.pop(index, None) or reader.read(part, question)).text
-        record = {"part": index, "score": round(score, 3), "reply": reply.strip()}
-        found = _finding(reply, part, offset, question, index, score, common, document)
-        if not answered and not replies and (found is None or not found.anchored):  # the best part: a second look
-            record["second_look"] = second_look(model, focus(part, question, common), question).text.strip()
-            looked = _finding(record["second_look"], part, offset, question, index, score, common, document)
-            found = max([f for f in (found, looked) if f is not None], key=_rank, default=None)
-        answered.append(record)
-        if found is not None:
-            findings.append(found)
+    answered, findings = _answer_parts(model, reader, text, [c.start for c in chunks], parts, question, scores, held)
     timings = {"total_s": round(time.perf_counter() - started, 3), "read_s": round(read_s, 3)}
     result = Answer(NOT_FOUND, "parts", len(parts), len(offsets), answered, findings,
                     {"loaded": reader.loaded, "prefilled": reader.prefilled}, timings)
-    findings.sort(key=_rank, reverse=True)  # the answer's own first
+    findings.sort(key=finding_rank, reverse=True)  # the answer's own first
     if findings and findings[0].anchored:  # a quote from a sentence unrelated to the question answers nothing
         best = findings[0]
         where = f"{name_of(best.start)}, " if name_of else ""
@@ -332,13 +268,59 @@ def ask(model, text: str, question: str, *, progress=None, keep: bool = True, pa
     return result
 
 
+def _best_first(scores: list[float]):
+    return lambda i: (-scores[i - 1], i)  # ties in document order
+
+
+def _read_parts(reader: DocumentReader, parts: list[str], question: str, progress) -> tuple[list[float], dict]:
+    """Every part read with the question after it: the parts' scores, and the best-scored readings so far,
+    ready to answer (a model's sessions are large: ANSWERED_PARTS of them are kept; an engine's hold ids)."""
+    scores, held = [], {}
+    rank = _best_first(scores)
+    progress.begin(f"reading {len(parts)} parts", len(parts))
+    for index, reading in enumerate(reader.read_all(parts, question, progress.advance), 1):
+        scores.append(reading.score)
+        held[index] = reading
+        if len(held) > ANSWERED_PARTS and reading.session.cache is not None:
+            del held[max(held, key=rank)]
+    return scores, held
+
+
+def _answer_parts(model, reader: DocumentReader, text: str, starts: list[int], parts: list[str], question: str,
+                  scores: list[float], held: dict) -> tuple[list[dict], list[Finding]]:
+    """The best-ranked parts answer, until ANSWERED_PARTS have and one gave evidence; the best part without
+    evidence gets a second look. Unranked (the door does not score), every part answers, at once where
+    the door runs several."""
+    ranked = sorted(range(1, len(parts) + 1), key=_best_first(scores))
+    document, common = DocumentWords(text), common_words(parts)
+    findings, answered, replies = [], [], {}
+    if not reader.ranked:
+        replies = dict(zip(ranked, model.map(lambda i: reader.answer(held[i]).text, ranked)))
+    for index in ranked if replies else ranked[:MAX_ANSWERED_PARTS]:
+        if len(answered) >= ANSWERED_PARTS and findings and not replies:
+            break
+        part, score = parts[index - 1], scores[index - 1]
+        offset = text.index(part, starts[index - 1])
+        reply = replies.get(index) or reader.answer(held.pop(index, None) or reader.read(part, question)).text
+        record = {"part": index, "score": round(score, 3), "reply": reply.strip()}
+        found = finding(reply, part, offset, question, index, score, common, document)
+        if not answered and not replies and (found is None or not found.anchored):  # the best part: a second look
+            record["second_look"] = second_look(model, focus(part, question, common), question).text.strip()
+            looked = finding(record["second_look"], part, offset, question, index, score, common, document)
+            found = max([f for f in (found, looked) if f is not None], key=finding_rank, default=None)
+        answered.append(record)
+        if found is not None:
+            findings.append(found)
+    return answered, findings
+
+
 def _one_pass(model, text: str, question: str, tokens: int, keep: bool, started: float, name_of=None) -> Answer:
     """The whole document in one prompt; the answer as it is, with its quote when it has one."""
     body = text.strip()
-    reader = reader_for(model, keep)
+    reader = DocumentReader(model, keep)
     reading = reader.read(body, question)
     reply = reader.answer(reading)
-    found = _finding(reply.text, body, text.index(body), question, 1, reading.score)
+    found = finding(reply.text, body, text.index(body), question, 1, reading.score)
     shown = reply.text.strip()
     if found is not None and found.anchored:  # the evidence, for the reader to check
         where = f"{name_of(found.start)}: " if name_of else ""

@@ -7,6 +7,7 @@ llama.cpp on the GGUF file (llama_cpp_peer.py).
 
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 from arbor_core.bench_rows import DECODE_TOKENS, BenchRow, prompt_for
@@ -14,6 +15,7 @@ from arbor_core.errors import ContextError, OutOfMemoryError
 from arbor_core.planner import parse_token_counts
 
 from .backends import transformers_peer
+from .generate import GenerationOptions
 
 DEFAULT_CONTEXTS = (4096, 16384, 32768, 65536, 131072)
 
@@ -29,7 +31,7 @@ def bench_arbor(model, context: int, decode_tokens: int = DECODE_TOKENS) -> Benc
     row = BenchRow("arbor", context, len(prompt),
                    rope=f"{scaling['rope_type']} x{scaling['factor']:g}" if scaling else "native")
     try:
-        timed = model.time_prefill_decode(prompt, context, decode_tokens)
+        timed = time_prefill_decode(model, prompt, context, decode_tokens)
     except (OutOfMemoryError, ContextError) as e:
         row.error = str(e)
         return row
@@ -38,6 +40,29 @@ def bench_arbor(model, context: int, decode_tokens: int = DECODE_TOKENS) -> Benc
     row.decode_tokens_per_s = (decode_tokens - 1) / timed["decode_s"]
     row.peak_memory_bytes = timed["peak_memory_bytes"]
     return row
+
+
+def time_prefill_decode(model, prompt: list[int], context: int, decode_tokens: int) -> dict[str, float]:
+    """Greedy prefill of `prompt` and `decode_tokens` decode steps at `context` on `model` (a Model), timed.
+
+    Warm-up first: two chunks (a first one, and one after cached keys) so kernel selection,
+    library initialisation and autotuning are not timed; then the cache is emptied again. The
+    first decode step (a CUDA graph's capture) is not timed either.
+    """
+    lm, chunk, greedy = model.lm, model.prefill_chunk, GenerationOptions().sampling
+    lm.reset_peak_memory()
+    cache = model.new_cache(context)
+    lm.sample(lm.prefill(prompt[:2 * chunk], cache, chunk), greedy, None)
+    cache.truncate(0)
+    t0 = time.perf_counter()
+    token = lm.sample(lm.prefill(prompt, cache, chunk), greedy, None)  # sample() syncs
+    t1 = time.perf_counter()
+    token = lm.sample(lm.decode(token, cache), greedy, None)
+    t2 = time.perf_counter()
+    for _ in range(decode_tokens - 1):
+        token = lm.sample(lm.decode(token, cache), greedy, None)
+    t3 = time.perf_counter()
+    return {"prefill_s": t1 - t0, "decode_s": t3 - t2, "peak_memory_bytes": lm.peak_memory()}
 
 
 PEERS = ("hf", "llama.cpp")  # transformers on the same checkpoint; llama.cpp on the GGUF it came from

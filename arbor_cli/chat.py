@@ -1,9 +1,9 @@
-"""ChatSession: a conversation whose KV cache survives between turns.
+"""ChatSession: a conversation whose context survives between turns, on any door.
 
-Each turn renders the whole history through the model's chat template, finds how much of it the
-cache already holds (the longest common prefix of token ids) and prefills only the rest, so a new
-turn costs its own tokens, not the history's. Near the context limit the oldest turns are dropped
-(the system prompt stays) and the caller is told.
+Each turn renders the whole history through the model's chat template and hands it to the door with
+the conversation's Session (session.py), which reuses what it already holds of it by its one rule and
+runs the rest (on an engine the server keeps its own cache). Near the context limit the oldest turns
+are dropped (the system prompt stays) and the caller is told.
 """
 
 from __future__ import annotations
@@ -29,9 +29,8 @@ class ChatSession:
         self.options = options or GenerationOptions(max_new_tokens=1024)
         self.system = system
         self.turns: list[dict[str, str]] = []  # user/assistant messages, system excluded
-        self.context = context or model.plan(model.context or model.config.trained_context).context
-        self.cache = None
-        self.cached_ids: list[int] = []  # the token ids whose keys/values the cache holds, in order
+        self.context = context or model.session_context()
+        self.session = model.session(self.context)
         self.last_result: GenerationResult | None = None
 
     # ---- history ------------------------------------------------------------------------
@@ -41,11 +40,11 @@ class ChatSession:
         return head + self.turns
 
     def tokens_used(self) -> int:
-        return len(self.cached_ids)
+        return self.session.tokens_used()
 
     def reset(self) -> None:
         self.turns.clear()
-        self.cached_ids = []
+        self.session.clear()
 
     def set_system(self, text: str | None) -> None:
         self.system = text or None
@@ -54,36 +53,16 @@ class ChatSession:
     def send(self, content: str) -> Iterator[str]:
         """Stream the reply to `content`; the turn is recorded even if the caller stops early."""
         self.turns.append({"role": "user", "content": content})
-        ids = self._fit_history()
-        if self.cache is None:
-            self.cache = self.model.new_cache(self.context)
-        start = self._reuse_prefix(ids)
+        self._fit_history()
         reply: list[str] = []
-        stream = self.model.stream(ids[start:], self.options, cache=self.cache)
+        stream = self.model.stream(self.messages, self.options, session=self.session)
         try:
             for piece in stream:
                 reply.append(piece)
                 yield piece
             self.last_result = stream.result
         finally:
-            # what the cache holds now: prompt then generated tokens, up to cache.length (a Ctrl-C may
-            # land mid-step; positions below cache.length are always complete)
-            self.cached_ids = (ids + stream.tokens)[:self.cache.length]
             self.turns.append({"role": "assistant", "content": "".join(reply)})
-
-    def _reuse_prefix(self, ids: list[int]) -> int:
-        same = 0
-        for a, b in zip(self.cached_ids, ids):
-            if a != b:
-                break
-            same += 1
-        same = min(same, len(ids) - 1)  # always prefill at least one token to get the next logits
-        self.cache.truncate(same)
-        # the cache may keep less than asked: a sliding-window ring that has overwritten keys the
-        # next position needs keeps nothing, and the whole prompt is prefilled again
-        same = self.cache.length
-        self.cached_ids = self.cached_ids[:same]
-        return same
 
     def _fit_history(self) -> list[int]:
         """Token ids of the conversation, dropping the oldest turns until it fits with room to reply."""
@@ -138,35 +117,13 @@ class ChatSession:
             raise InputError(f"{path} is not a saved arbor chat (expected {SESSION_FORMAT} JSON)")
         self.system = data.get("system") or None
         self.turns = [dict(role=m["role"], content=m["content"]) for m in messages]
-        self.cached_ids = []
-
-
-class EngineChatSession(ChatSession):
-    """A conversation whose replies an OpenAI-compatible engine writes (engine.py): the history is sent
-    as messages each turn (the server keeps its own cache), trimmed with the local tokenizer to fit."""
-
-    def send(self, content: str) -> Iterator[str]:
-        self.turns.append({"role": "user", "content": content})
-        self._fit_history()
-        reply: list[str] = []
-        stream = self.model.chat_stream(self.messages, self.options)
-        try:
-            for piece in stream:
-                reply.append(piece)
-                yield piece
-            self.last_result = stream.result
-        finally:
-            self.turns.append({"role": "assistant", "content": "".join(reply)})
-
-    def tokens_used(self) -> int:
-        return len(self.model.tokenizer.encode_chat(self.messages, add_generation_prompt=True)) if self.turns else 0
+        self.session.clear()
 
 
 def new_session(model, system: str | None = None, options: GenerationOptions | None = None) -> ChatSession:
-    """A ChatSession, or an EngineChatSession when `model` is an engine."""
-    kind = EngineChatSession if getattr(model, "remote", False) else ChatSession
-    if kind is ChatSession and model.tokenizer.chat_template is None:
+    """A ChatSession, or the error that says the model has no chat template."""
+    if model.tokenizer.chat_template is None:
         from arbor_core.chat_template import cannot_chat
 
         raise cannot_chat(model.checkpoint.name)
-    return kind(model, system=system, options=options)
+    return ChatSession(model, system=system, options=options)

@@ -1,41 +1,40 @@
 """Where generations run: any OpenAI-compatible server (`--engine URL`: vLLM, llama.cpp's server,
 Ollama, another `arbor serve`) instead of a model loaded here.
 
-`RemoteModel` offers the part of `Model`'s door that summarize, ask and chat use: a tokenizer (the
-local one of the named model: token counts must be right for parts to fit), `plan` against the
-server's context (its /v1/models `max_model_len`, else the model's trained context), `chat`, a
-streamed `chat_stream`, and `prompt_log_probs` (completions with echo + logprobs, which arbor serve
-and vLLM answer) for ask's ranking. `parallel` requests may run at once: the summariser's map phase
-and ask's reading of parts go through `run_all`. The server's errors become one-line EngineErrors; refused
-connections, timeouts, 429 and 5xx are retried with backoff (Retry-After honoured). Greedy answers
-are kept in an append-only log under the cache (`engine/`), so a run the engine broke off resumes
-where it stopped: what was answered is not asked again.
+`RemoteModel` is the door (arbor_core.door.Door) over a server: a tokenizer (the local one of the
+named model: token counts must be right for parts to fit), `plan` against the server's context (its
+/v1/models `max_model_len`, else the model's trained context), `chat` and `stream` (chat completions
+for messages, completions for token ids), `score_prompt` (completions with echo + logprobs, which
+arbor serve and vLLM answer) for ask's ranking. A Session here holds only token ids: the server keeps
+its own cache. `map` runs `parallel` requests at once (the summariser's map phase, ask's reading of
+parts). The server's errors become one-line EngineErrors; refused connections, timeouts, 429 and 5xx
+are retried with backoff (Retry-After honoured). Greedy chat answers are kept in an AnswerLog
+(answer_log.py), so a run the engine broke off resumes where it stopped.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import socket
-import threading
 import time
 import urllib.error
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from arbor_core.errors import ArborError, ContextError, UsageError
-from arbor_core.planner import BUCKETS
+from arbor_core.planner import ContextPlan, bucket_within
 
-from .generate import GenerationResult, GenerationStream
+from .answer_log import AnswerLog
+from .generate import GenerationOptions, GenerationResult, GenerationStream
+from .mapping import map_in_order
+from .session import Session
 
 RETRIES = 3  # attempts after the first, for transient failures
 BACKOFF_S = 0.5  # doubled each retry
 TIMEOUT_S = 600.0
 TRANSIENT_STATUS = (408, 409, 429, 500, 502, 503, 504)
-ANSWER_LOG_MAX_BYTES = 64 << 20  # the kept answers of one served model; beyond it, the older half goes
 
 
 class EngineError(ArborError):
@@ -44,16 +43,8 @@ class EngineError(ArborError):
     exit_code = 1
 
 
-class Plan:
-    def __init__(self, context: int, needed_tokens: int, trained_context: int):
-        self.context, self.needed_tokens, self.trained_context = context, needed_tokens, trained_context
-        self.scaled = False  # the server decides its RoPE
-
-
 class RemoteModel:
-    """The Model surface of summarize, ask and chat, over an OpenAI-compatible server."""
-
-    remote = True
+    """The door over an OpenAI-compatible server."""
 
     def __init__(self, url: str, checkpoint, tokenizer, *, served: str | None = None, api_key: str | None = None,
                  parallel: int = 1, context: int | None = None, timeout: float = TIMEOUT_S,
@@ -88,17 +79,13 @@ class RemoteModel:
         limit = chosen.get("max_model_len") or chosen.get("context_length") or self.config.trained_context
         return chosen["id"], int(limit)
 
-    def plan(self, needed_tokens: int, requested: int | None = None, rope: str | None = None) -> Plan:
+    def plan(self, needed_tokens: int, requested: int | None = None, rope: str | None = None) -> ContextPlan:
         """The context for `needed_tokens`: the requested one (the user's --context), else the smallest
-        bucket that holds them, within the server's context."""
+        bucket that holds them, within the server's context (planner.bucket_within)."""
         requested = self.context if requested is None else requested
-        if requested is not None:
-            if requested > self.max_context:
-                raise ContextError(f"--context {requested} is more than the engine's {self.max_context} tokens")
-            return Plan(requested, needed_tokens, self.config.trained_context)
-        fitting = [b for b in BUCKETS if b <= self.max_context] or [self.max_context]
-        holding = [b for b in fitting if b >= needed_tokens]
-        return Plan(holding[0] if holding else fitting[-1], needed_tokens, self.config.trained_context)
+        if requested is not None and requested > self.max_context:
+            raise ContextError(f"--context {requested} is more than the engine's {self.max_context} tokens")
+        return bucket_within(needed_tokens, self.max_context, self.config.trained_context, requested)
 
     def smaller_context(self, error: Exception, context: int, *, needed: int = 0, pinned: bool = False) -> int:
         raise error  # the server's memory is its own business
@@ -106,11 +93,28 @@ class RemoteModel:
     def rope_scaling_for(self, context: int, rope: str | None = None) -> dict | None:
         return None  # the server decides
 
+    def session_context(self) -> int:
+        return self.plan(self.context or self.config.trained_context).context
+
+    def kv_bytes_per_token(self) -> None:
+        return None  # no KV cache here: the server keeps its own
+
+    def session(self, context: int | None = None, rope: str | None = None) -> Session:
+        """A Session that holds token ids only (the server keeps its own cache)."""
+        return Session(self, context or self.session_context(), rope)
+
+    def map(self, work: Callable[[Any], Any], items: Iterable[Any], on_done: Callable[[], None] | None = None
+            ) -> Iterator[Any]:
+        """work(item) for every item, results in order, `parallel` requests at once."""
+        return map_in_order(work, items, on_done, self.parallel)
+
     # ---- generations -------------------------------------------------------------------------
     def chat(self, messages: list[dict], stream: bool = False, *, context: int | None = None, rope: str | None = None,
-             max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-             stop=None, repetition_penalty: float = 1.0, **_) -> GenerationResult:
-        """One chat completion (greedy answers come from the answer log when this request was answered before)."""
+             session: Session | None = None, continuing: bool = False, max_new_tokens: int = 256,
+             temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, stop=None,
+             repetition_penalty: float = 1.0, **_) -> GenerationResult:
+        """One chat completion (greedy answers come from the answer log when this request was answered
+        before); `session` then holds the conversation's ids."""
         body = {"model": self.served, "messages": messages, "max_tokens": max_new_tokens, "temperature": temperature,
                 "top_p": top_p}
         if seed is not None:
@@ -121,6 +125,7 @@ class RemoteModel:
             body["repetition_penalty"] = repetition_penalty  # vLLM's and arbor serve's name for it
         kept = self._log.get(body) if self._log is not None and temperature == 0 else None
         if kept is not None:
+            self._hold(session, messages, kept["text"])
             return GenerationResult(kept["text"], [], kept["finish_reason"], {"from_log": 1.0}, context or 0)
         t0 = time.perf_counter()
         reply = self.request("POST", "/chat/completions", body)
@@ -136,41 +141,85 @@ class RemoteModel:
                                    "decode_s": time.perf_counter() - t0}, context or 0)
         if self._log is not None and temperature == 0:
             self._log.put(body, {"text": text, "finish_reason": result.finish_reason})
+        self._hold(session, messages, text)
         return result
 
-    def chat_stream(self, messages: list[dict], options) -> GenerationStream:
-        """A streamed chat completion with GenerationOptions `options` (arbor chat over an engine)."""
-        body = {"model": self.served, "messages": messages, "stream": True, "max_tokens": options.max_new_tokens,
-                "temperature": options.sampling.temperature, "top_p": options.sampling.top_p}
+    def stream(self, prompt: list[int] | list[dict], options: GenerationOptions, *, session: Session | None = None,
+               continuing: bool = False, context: int | None = None, rope: str | None = None) -> GenerationStream:
+        """A streamed chat completion of messages, or completion of token ids (the server's own cache reuses
+        what it can); `session` then holds the conversation's ids."""
+        chat = bool(prompt) and isinstance(prompt[0], dict)
+        body = {"model": self.served, "messages" if chat else "prompt": prompt, "stream": True,
+                "max_tokens": options.max_new_tokens, "temperature": options.sampling.temperature,
+                "top_p": options.sampling.top_p}
         if options.seed is not None:
             body["seed"] = options.seed
         if options.stop:
             body["stop"] = list(options.stop)
-        return GenerationStream(self._chat_pieces(body), [])
+        return GenerationStream(self._pieces("/chat/completions" if chat else "/completions", body, session), [])
 
-    def _chat_pieces(self, body: dict):
+    def generate(self, prompt: str | list[int], max_new_tokens: int = 256, temperature: float = 0.0,
+                 top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop=None, ignore_eos: bool = False,
+                 stream: bool = False, add_special_tokens: bool = True, repetition_penalty: float = 1.0, *,
+                 context: int | None = None, rope: str | None = None) -> GenerationResult | GenerationStream:
+        """Complete `prompt` (text, encoded here; or token ids) with a completion request."""
+        opts = GenerationOptions.build(max_new_tokens, temperature, top_p, top_k, seed, stop, ignore_eos,
+                                       repetition_penalty)
+        ids = list(prompt) if isinstance(prompt, list) else \
+            self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+        pieces = self.stream(ids, opts)
+        if not stream:
+            for _ in pieces:
+                pass
+            return pieces.result
+        return pieces
+
+    def _pieces(self, path: str, body: dict, session: Session | None):
         text, finish = [], "stop"
-        for event in self.events("/chat/completions", body):
-            for choice in event.get("choices") or ():
-                piece = (choice.get("delta") or {}).get("content")
-                if piece:
-                    text.append(piece)
-                    yield piece
-                finish = choice.get("finish_reason") or finish
+        try:
+            for event in self.events(path, body):
+                for choice in event.get("choices") or ():
+                    piece = (choice.get("delta") or {}).get("content") or choice.get("text")
+                    if piece:
+                        text.append(piece)
+                        yield piece
+                    finish = choice.get("finish_reason") or finish
+        finally:
+            self._hold(session, body.get("messages") or body["prompt"], "".join(text))
         return GenerationResult("".join(text), [], "length" if finish == "length" else "stop", {}, 0)
 
-    def prompt_log_probs(self, ids: list[int]) -> list[float]:
-        """log p of ids[1:], each given the ones before it: completions with echo and logprobs."""
-        reply = self.request("POST", "/completions", {"model": self.served, "prompt": ids, "echo": True,
+    def _hold(self, session: Session | None, prompt: list[int] | list[dict], reply: str) -> None:
+        """`session` holds the prompt and the reply, as the local tokenizer counts them."""
+        if session is None:
+            return
+        if prompt and isinstance(prompt[0], dict):
+            ids = self.tokenizer.encode_chat([*prompt, {"role": "assistant", "content": reply}],
+                                             add_generation_prompt=True)
+        else:
+            ids = list(prompt) + self.tokenizer.encode(reply, add_special_tokens=False)
+        session.hold(ids, start=0)
+
+    def prefill(self, ids: list[int], session: Session) -> None:
+        """The session holds `ids` too: the server reads them with the next request that needs them."""
+        session.hold(session.ids + list(ids), start=0)
+
+    def score_prompt(self, ids: list[int], session: Session | None = None) -> list[float]:
+        """log p of ids[1:], each given the ones before it (and what `session` holds, sent before them):
+        completions with echo and logprobs."""
+        held = session.ids if session is not None else []
+        prompt = held + list(ids)
+        reply = self.request("POST", "/completions", {"model": self.served, "prompt": prompt, "echo": True,
                                                       "logprobs": 0, "max_tokens": 1, "temperature": 0})
         try:
             values = reply["choices"][0]["logprobs"]["token_logprobs"]
         except (KeyError, IndexError, TypeError):
             values = None
-        if not isinstance(values, list) or len(values) < len(ids):
+        if not isinstance(values, list) or len(values) < len(prompt):
             raise EngineError(f"the engine at {self.url} does not score prompts (completions with echo and "
                               "logprobs)")
-        return [float(v) for v in values[1:len(ids)]]
+        if session is not None:
+            session.hold(prompt, start=0)
+        return [float(v) for v in values[len(held) + 1:len(prompt)]]
 
     # ---- HTTP --------------------------------------------------------------------------------
     def request(self, method: str, path: str, body: dict | None = None) -> Any:
@@ -227,23 +276,6 @@ class RemoteModel:
         raise AssertionError("unreachable")
 
 
-def run_all(model, work: Callable[[Any], Any], items: Iterable[Any], on_done: Callable[[], None] = lambda: None
-            ) -> list[Any]:
-    """work(item) for every item, results in order: `model.parallel` at a time on an engine, one after
-    another on a model loaded here (one model runs one generation at a time)."""
-    items, parallel = list(items), getattr(model, "parallel", 1)
-
-    def one(item):
-        result = work(item)
-        on_done()
-        return result
-
-    if parallel == 1 or len(items) < 2:
-        return [one(item) for item in items]
-    with ThreadPoolExecutor(max_workers=parallel) as pool:
-        return list(pool.map(one, items))
-
-
 def _error_text(e: urllib.error.HTTPError) -> str:
     try:
         return _message(json.loads(e.read() or b"null"))
@@ -262,61 +294,6 @@ def _retry_after(e: urllib.error.HTTPError) -> float | None:
         return min(float(e.headers.get("Retry-After", "")), 30.0)
     except (TypeError, ValueError):
         return None
-
-
-class AnswerLog:
-    """Greedy answers an engine gave, one JSON line each, keyed by the request: a rerun after a failure
-    asks only what was not answered yet. Appends are one write of one line (safe across threads here)."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self._lock = threading.Lock()
-        self._answers: dict[str, dict] | None = None
-
-    @staticmethod
-    def key(body: dict) -> str:
-        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
-
-    def _load(self) -> dict[str, dict]:
-        if self._answers is None:
-            self._answers = {}
-            try:
-                with open(self.path, encoding="utf-8") as f:
-                    for line in f:
-                        try:
-                            row = json.loads(line)
-                            self._answers[row["key"]] = row["answer"]
-                        except (ValueError, KeyError, TypeError):
-                            continue  # a line cut by a crash: that answer is asked again
-            except OSError:
-                pass
-        return self._answers
-
-    def get(self, body: dict) -> dict | None:
-        with self._lock:
-            return self._load().get(self.key(body))
-
-    def put(self, body: dict, answer: dict) -> None:
-        with self._lock:
-            self._load()[self.key(body)] = answer
-            try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                self._trim()
-                with open(self.path, "a", encoding="utf-8") as f:
-                    f.write(json.dumps({"key": self.key(body), "answer": answer}, ensure_ascii=False) + "\n")
-            except OSError:
-                pass  # keeping answers is an optimisation
-
-    def _trim(self) -> None:
-        try:
-            if self.path.stat().st_size <= ANSWER_LOG_MAX_BYTES:
-                return
-            lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
-            temp = self.path.with_name(f".{self.path.name}.tmp")
-            temp.write_text("".join(lines[len(lines) // 2:]), encoding="utf-8")
-            os.replace(temp, self.path)
-        except OSError:
-            pass
 
 
 def connect(url: str, model: str | None = None, *, served: str | None = None, api_key: str | None = None,

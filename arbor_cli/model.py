@@ -1,19 +1,16 @@
 """The Python API: `load()` a model by name or path, then `logits`, `generate`, `chat`, `stream`, `score`.
 
-`Model` is the one door to a backend: every caller (the CLI, ChatSession, the summariser, evals,
-bench) holds a Model and never the backend's loaded object (`lm`). Context length and RoPE method
-are arguments of a call; the Model's own `context` and `rope_method` are the defaults load() set.
+`Model` is the door (arbor_core.door.Door) to a backend loaded here: every caller (the CLI, chat,
+the summariser, ask, serve, evals, bench) holds a Model and never the backend's loaded object (`lm`).
+Context length and RoPE method are arguments of a call; the Model's own `context` and `rope_method`
+are the defaults load() set. A long-lived context is a Session (session.py), which owns prefix reuse.
 """
 
 from __future__ import annotations
 
 import json
-import time
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
-import numpy as np
-
-from arbor_cli.backends import select_backend
 from arbor_core.backend import LoadedModel
 from arbor_core.config import ArborConfig
 from arbor_core.errors import ContextError, OutOfMemoryError, UsageError
@@ -23,18 +20,24 @@ from arbor_core.planner import (
     bucket_table,
     choose_context,
     kv_cache_tokens,
+    largest_fitting,
     memory_budget,
-    next_smaller,
+    smaller_after_out_of_memory,
 )
-from arbor_core.rope import RopeTables, resolve_method, rope_frequencies, scaling_for_context
+from arbor_core.rope import RopeTables, rope_frequencies, scaling_for_context
 
 from .generate import GenerationOptions, GenerationResult, GenerationStream, stream_generation
+from .log_probs import log_probs_of, logits_to_numpy, negative_log_likelihood  # noqa: F401 (the API's)
+from .mapping import map_in_order
+from .session import Session
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from arbor_core.tokenizer import Tokenizer
 
 MAX_CONTEXT = 1 << 20
-SCORE_CHUNK = 256  # positions whose logits prefill_log_probs holds at once (256 x a 49K vocabulary: 50 MB)
+SCORE_CHUNK = 256  # positions whose logits score_prompt holds at once (256 x a 49K vocabulary: 50 MB)
 KV_BITS = (8, 16)
 QUANTIZE = ("int8", "int4")  # weight-only quantization a backend may offer (torch: on CPU)
 DTYPES = ("float32", "bfloat16", "float16")  # float weight precisions every backend runs
@@ -124,36 +127,32 @@ class Model:
                     f"RoPE {scaling['rope_type']} scaling, factor {scaling.get('factor', 1.0):g} ({how})")
 
     def smaller_context(self, error: OutOfMemoryError, context: int, *, needed: int = 0, pinned: bool = False) -> int:
-        """The out-of-memory policy, for every caller: after `error` at `context`, retry once at the next
-        smaller context bucket. Re-raises `error` when there is none, when the context was the user's
-        (`pinned`: that error is theirs to see), or when `needed` tokens would not fit the smaller one."""
-        smaller = next_smaller(context)
-        if smaller is None or pinned or needed >= smaller:
-            raise error
-        self._scratch_cache = None  # let the failed context's cache go before allocating the smaller one
+        """The out-of-memory policy (planner.smaller_after_out_of_memory); the failed context's cache goes
+        before the smaller one is allocated."""
+        smaller = smaller_after_out_of_memory(error, context, needed=needed, pinned=pinned)
+        self._scratch_cache = None
         return smaller
+
+    def session_context(self) -> int:
+        """The one rule for a long-lived session's context: the user's --context, else the bucket planned
+        for the model's trained context on this machine now."""
+        return self.plan(self.context or self.config.trained_context).context
 
     def memory_report(self) -> dict:
         """The machine, the model, and the context buckets that fit its free memory now (`arbor info`)."""
-        mem, lm = self.lm.memory(), self.lm
-        kv_scale_bytes = lm.kv_scale_bytes
-        rows = bucket_table(self.config, self._budget(mem), lm.weights_nbytes, lm.kv_element_bytes,
-                            lm.act_element_bytes, self.prefill_chunk, kv_scale_bytes=kv_scale_bytes)
-        fitting = [r.context for r in rows if r.fits]
+        mem, lm, config = self.lm.memory(), self.lm, self.config
+        rows = bucket_table(config, self._budget(mem), lm.weights_nbytes, lm.kv_element_bytes, lm.act_element_bytes,
+                            self.prefill_chunk, kv_scale_bytes=lm.kv_scale_bytes)
         return {
             "backend": self.backend, "device": self.device, "dtype": self.dtype,
             "memory_total_bytes": mem.total_bytes, "memory_free_bytes": mem.free_bytes,
             "model": self.checkpoint.name, "parameters": self.num_parameters(), "weights_bytes": lm.weights_nbytes,
-            "trained_context": self.config.trained_context, "max_context": fitting[-1] if fitting else 0,
-            "rope_method": self.rope_method,
-            "kv_bits": lm.kv_bits,
-            "quantize": lm.quantize,
-            "kv_bytes_per_token": self.kv_bytes_per_token(),
-            "sliding_window": self.config.sliding_window,
-            "kv_cached_tokens_max": kv_cache_tokens(self.config, BUCKETS[-1], self.prefill_chunk),
+            "trained_context": config.trained_context, "max_context": largest_fitting(rows),
+            "rope_method": self.rope_method, "kv_bits": lm.kv_bits, "quantize": lm.quantize,
+            "kv_bytes_per_token": self.kv_bytes_per_token(), "sliding_window": config.sliding_window,
+            "kv_cached_tokens_max": kv_cache_tokens(config, BUCKETS[-1], self.prefill_chunk),
             # layers that keep the whole context (the rest keep their window): Gemma 3's global layers
-            "full_context_layers": sum(w is None for w in self.config.layer_windows),
-            "layers": self.config.num_hidden_layers,
+            "full_context_layers": sum(w is None for w in config.layer_windows), "layers": config.num_hidden_layers,
             "buckets": [{"context": r.context, "bytes": r.bytes, "fits": r.fits,
                          "rope_scaling": self.rope_scaling_for(r.context)} for r in rows],
         }
@@ -178,30 +177,12 @@ class Model:
         return _finished(self.stream(ids, opts, context=context, rope=rope), stream)
 
     def chat(self, messages: list[dict[str, Any]], stream: bool = False, *, context: int | None = None,
-             rope: str | None = None, **options) -> GenerationResult | GenerationStream:
+             rope: str | None = None, session: Session | None = None, continuing: bool = False,
+             **options) -> GenerationResult | GenerationStream:
         """Reply to `messages` ([{"role": ..., "content": ...}]) through the model's chat template."""
         opts = GenerationOptions.build(**options)
-        ids = self.tokenizer.encode_chat(messages, add_generation_prompt=True)
-        return _finished(self.stream(ids, opts, context=context, rope=rope), stream)
-
-    def grow(self, depth: float = 1.0, width: float = 1.0, destination=None, seed: int = 0) -> "Model":
-        """This model grown without changing what it computes (arbor_weights/grow.py: identity blocks for
-        `depth`, split neurons and heads for `width`), written as a normal checkpoint at `destination`
-        (default: under the cache, named for the growth) and loaded like this one."""
-        from pathlib import Path
-
-        import arbor_weights
-        from arbor_weights.grow import grow_checkpoint
-
-        if destination is None:
-            name = f"{Path(str(self.checkpoint.path)).name}-grown-d{depth:g}-w{width:g}-s{seed}"
-            destination = arbor_weights.cache_dir() / "grown" / name
-            if Path(destination).is_dir() and (Path(destination) / "config.json").is_file():
-                return load(str(destination), backend=self.backend, device=str(self.device), quiet=True,
-                            kv_bits=self.lm.kv_bits, dtype=self.dtype)
-        path, _, _ = grow_checkpoint(self.checkpoint, destination, depth, width, seed)
-        return load(str(path), backend=self.backend, device=str(self.device), quiet=True, kv_bits=self.lm.kv_bits,
-                    dtype=self.dtype)
+        return _finished(self.stream(messages, opts, session=session, continuing=continuing, context=context,
+                                     rope=rope), stream)
 
     def export_cache(self, cache) -> dict:
         """The cache's valid positions as host arrays (doc_cache keeps a document's on disk)."""
@@ -217,45 +198,81 @@ class Model:
         return {"kv_bits": lm.kv_bits, "backend": self.backend, "device": str(lm.device), "dtype": lm.dtype,
                 "quantize": lm.quantize}
 
-    def prefill(self, ids: list[int], cache) -> None:
-        """Prefill `ids` after what `cache` holds, answering nothing: a document kept for later questions."""
+    # ---- sessions ---------------------------------------------------------------------------
+    def session(self, context: int | None = None, rope: str | None = None) -> Session:
+        """A new, empty Session of `context` tokens (default: session_context()); its cache is made on first use."""
+        return Session(self, context or self.session_context(), rope)
+
+    def _cache_of(self, session: Session):
+        if session.cache is None:
+            session.cache = self.new_cache(session.context, session.rope)
+            # a ring bounds the rows of one prefill step (the backend cuts its chunks to it)
+            rows = min(self.prefill_chunk, getattr(session.cache, "max_chunk", self.prefill_chunk))
+            session.grain = 1 if self.lm.exact_across_row_counts else rows
+        return session.cache
+
+    def prefill(self, ids: list[int], session: Session) -> None:
+        """`session` takes `ids` after what it holds, answering nothing: a document kept for later questions."""
         if ids:
-            self.lm.prefill(self._check_ids(ids), cache, self.prefill_chunk)
+            held = session.ids
+            self.lm.prefill(self._check_ids(ids), self._cache_of(session), self.prefill_chunk)
+            session.hold(held + list(ids), start=len(held))
+
+    def score_prompt(self, ids: list[int], session: Session | None = None) -> list[float]:
+        """The log-probability (nats) the model gives each of ids[1:], given the ids before it and what
+        `session` holds (its ids then include these): how expected a continuation is after that session
+        (ask ranks a document's parts by how well each predicts the question). Without a session, `ids`
+        are scored alone, at a context planned for them."""
+        if session is None:
+            return self.prefill_log_probs(ids, self._reusable_cache(self.plan(len(ids)).context))
+        held = session.ids
+        scored = self.prefill_log_probs(ids, self._cache_of(session))
+        session.hold(held + list(ids), start=len(held), rows=SCORE_CHUNK)
+        return scored
 
     def prefill_log_probs(self, ids: list[int], cache) -> list[float]:
-        """Prefill `ids` after what `cache` holds and return the log-probability (nats) the model gives each
-        of ids[1:], given the cache and the ids before it: how expected a continuation is after that
-        cache (ask.py ranks a document's parts by how well each predicts the question)."""
+        """score_prompt on a raw cache (serve.py's worker, until it holds a Session)."""
         ids = self._check_ids(ids)
         scored: list[float] = []
         for begin in range(0, len(ids), SCORE_CHUNK):  # a chunk's logits are [chunk, vocab]: keep them few
             chunk = ids[begin:begin + SCORE_CHUNK]
             z = logits_to_numpy(self.lm.prefill(chunk, cache, self.prefill_chunk, every=True))
-            targets = ids[begin + 1:begin + 1 + len(chunk)]  # the next chunk's first id closes this one
-            z = z[:len(targets)]
-            top = z.max(axis=1, keepdims=True)
-            log_norm = top[:, 0] + np.log(np.exp(z - top).sum(axis=1, dtype=np.float64))
-            scored += (z[np.arange(len(z)), targets] - log_norm).tolist()
+            scored += log_probs_of(z, ids[begin + 1:begin + 1 + len(chunk)])  # the next chunk's first id closes this one
         return scored
+
+    def map(self, work: Callable[[Any], Any], items: Iterable[Any], on_done: Callable[[], None] | None = None
+            ) -> Iterator[Any]:
+        """work(item) for every item, in order, one at a time: one model here runs one generation at a time."""
+        return map_in_order(work, items, on_done)
 
     def kv_bytes_per_token(self) -> int:
         """Bytes one position of this model's KV cache takes (all layers, K and V, scales included)."""
         return self.config.kv_bytes_per_token(self.lm.kv_element_bytes, self.lm.kv_scale_bytes)
 
-    def stream(self, ids: list[int], options: GenerationOptions, *, cache=None, context: int | None = None,
-               rope: str | None = None) -> GenerationStream:
-        """The one generation entry point: prefill `ids`, decode, stream text.
+    def stream(self, prompt: list[int] | list[dict], options: GenerationOptions, *, session: Session | None = None,
+               continuing: bool = False, context: int | None = None, rope: str | None = None,
+               cache=None) -> GenerationStream:
+        """The one generation entry point: prefill the prompt (token ids, or chat messages rendered by the
+        template), decode, stream text.
 
-        With `cache` (a live conversation's, from new_cache), `ids` follow what it holds and run with
-        the RoPE it was built for. Without, the context is `context` (default: the model's, else
-        planned for prompt + answer) and a one-shot cache is used; out of memory before the first
-        piece, an unpinned context is retried once one bucket smaller (smaller_context).
+        With `session`, the prompt is the whole conversation: what the session holds of it is reused by
+        its rule (session.py) and the rest prefilled, at the session's context and RoPE; `continuing`
+        keeps all it holds. Without, the context is `context` (default: the model's, else planned for
+        prompt + answer) and a one-shot cache is used; out of memory before the first piece, an unpinned
+        context is retried once one bucket smaller (smaller_context). `cache` (a raw cache the ids follow)
+        is serve.py's worker's until it holds a Session.
         """
+        ids = self.tokenizer.encode_chat(prompt, add_generation_prompt=True) if _is_chat(prompt) else prompt
         if not ids:
             raise UsageError("the prompt is empty")
         tokens: list[int] = []
-        if cache is not None:
-            return GenerationStream(stream_generation(self.lm, self.tokenizer, cache, ids, options,
+        if cache is not None or session is not None:
+            start = 0
+            if session is not None:
+                cache = self._cache_of(session)
+                start = session.reuse(ids, continuing)
+                session.hold(ids, start=start, generated=tokens)
+            return GenerationStream(stream_generation(self.lm, self.tokenizer, cache, ids[start:], options,
                                                       chunk_size=self.prefill_chunk, generated=tokens), tokens)
         capacity = self.plan(len(ids) + options.max_new_tokens, requested=context, rope=rope).context
         if len(ids) >= capacity:
@@ -308,29 +325,6 @@ class Model:
                 logits = self.lm.decode(target, cache)
         return total / len(scored)
 
-    def time_prefill_decode(self, prompt: list[int], context: int, decode_tokens: int) -> dict[str, float]:
-        """Greedy prefill of `prompt` and `decode_tokens` decode steps at `context`, timed (`arbor bench`).
-
-        Warm-up first: two chunks (a first one, and one after cached keys) so kernel selection,
-        library initialisation and autotuning are not timed; then the cache is emptied again. The
-        first decode step (a CUDA graph's capture) is not timed either.
-        """
-        lm, greedy = self.lm, GenerationOptions().sampling
-        lm.reset_peak_memory()
-        cache = self.new_cache(context)
-        warm = prompt[:2 * self.prefill_chunk]
-        lm.sample(lm.prefill(warm, cache, self.prefill_chunk), greedy, None)
-        cache.truncate(0)
-        t0 = time.perf_counter()
-        token = lm.sample(lm.prefill(prompt, cache, self.prefill_chunk), greedy, None)  # sample() syncs
-        t1 = time.perf_counter()
-        token = lm.sample(lm.decode(token, cache), greedy, None)
-        t2 = time.perf_counter()
-        for _ in range(decode_tokens - 1):
-            token = lm.sample(lm.decode(token, cache), greedy, None)
-        t3 = time.perf_counter()
-        return {"prefill_s": t1 - t0, "decode_s": t3 - t2, "peak_memory_bytes": lm.peak_memory()}
-
     def _check_ids(self, ids) -> list[int]:
         ids = [int(i) for i in ids]
         if not ids:
@@ -341,67 +335,13 @@ class Model:
         return ids
 
 
+def _is_chat(prompt) -> bool:
+    return bool(prompt) and isinstance(prompt[0], dict)
+
+
 def _finished(stream: GenerationStream, keep_streaming: bool) -> GenerationResult | GenerationStream:
     if keep_streaming:
         return stream
     for _ in stream:
         pass
     return stream.result
-
-
-def negative_log_likelihood(logits: np.ndarray, target: int) -> float:
-    z = logits.astype(np.float64)
-    top = z.max()
-    return float(top + np.log(np.exp(z - top).sum()) - z[target])
-
-
-def logits_to_numpy(logits) -> np.ndarray:
-    """A backend's logits as numpy. Numpy's array protocol reads CPU tensors and MLX arrays; an
-    accelerator tensor is first copied to the host through its `.cpu()`."""
-    to_host = getattr(logits, "cpu", None)
-    return np.asarray(to_host() if callable(to_host) else logits, dtype=np.float32)
-
-
-def load(model: str | None = None, backend: str | None = None, device: str | None = None, dtype: str | None = None,
-         context: int | None = None, quiet: bool = False, rope: str = "auto", kv_bits: int = 16,
-         quantize: str | None = None) -> Model:
-    """Load a model by registry name, `hf:ORG/NAME`, or path (HF dir, Arbor dir, .gguf file).
-
-    kv_bits: 16 keeps the KV cache in the model's dtype; 8 stores it as int8 with a float16 scale
-    per head and token, about half the memory of a 16-bit cache (docs/long-context.md).
-    quantize: "int8" (per output channel) or "int4" (groups of 32) quantizes float Linear weights at load
-    time for faster CPU decode (docs/performance.md). With neither quantize nor dtype, the backend picks:
-    on a CPU a model stored with 4-bit layers (a Q4 GGUF) runs them as int4 with a compiled decode step;
-    dtype="float32" asks for the exact float path instead.
-    """
-    import arbor_weights
-    from arbor_core.tokenizer import load_tokenizer
-
-    if context is not None and (not isinstance(context, int) or not 16 <= context <= MAX_CONTEXT):
-        raise UsageError(f"--context must be an integer in 16..{MAX_CONTEXT}, got {context!r}")
-    if quantize is not None and quantize not in QUANTIZE:
-        raise UsageError(f"--quantize must be {' or '.join(QUANTIZE)}, got {quantize!r}")
-    if dtype is not None and dtype not in DTYPES:
-        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if kv_bits not in KV_BITS or isinstance(kv_bits, bool):
-        raise UsageError(f"--kv-bits (kv_bits) must be one of {', '.join(map(str, KV_BITS))}, got {kv_bits!r}")
-    try:
-        resolve_method(rope)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    module = select_backend(backend)  # a bad --backend fails before any model is fetched
-    checkpoint = arbor_weights.resolve(model or arbor_weights.DEFAULT_MODEL, quiet=quiet)
-    longer = arbor_weights.LONG_VARIANTS.get(checkpoint.name)
-    if longer and rope == "auto" and context is not None and context > checkpoint.config.trained_context:
-        # --rope auto beyond the trained context: the model's long-context adapter, where arbor ships one
-        from arbor_weights.progress import Reporter
-
-        Reporter(quiet=quiet).note(f"context {context:,} is beyond {checkpoint.name}'s trained "
-                                   f"{checkpoint.config.trained_context:,} tokens: using {longer} (its long-context "
-                                   "adapter; --rope yarn keeps the plain model)")
-        checkpoint = arbor_weights.resolve(longer, quiet=quiet)
-    lm = module.load(checkpoint, device=device, dtype=dtype, kv_bits=kv_bits, quantize=quantize)
-    m = Model(checkpoint, lm, load_tokenizer(checkpoint.path), module.NAME, context=context, rope_method=rope)
-    if context is not None:
-        m.plan(context)  # refuse at load time a --context that cannot fit
-    return m

@@ -27,7 +27,6 @@ from arbor_core.errors import ContextError, OutOfMemoryError, UsageError
 
 from .chunking import Chunk, cutting_progress, default_overlap, document_token_offsets, split_into_chunks
 from .documents import Document
-from .engine import run_all
 from .progress import NoProgress, Progress
 from .summary_prompts import (
     COMBINE_PROMPT,
@@ -221,9 +220,9 @@ class SummaryRun:
         t1 = time.perf_counter()
         self.split_s = t1 - t0
         self.progress.begin(f"reading {len(chunks)} parts", len(chunks))
-        notes = run_all(self.model, lambda item: self.generate(map_messages(item[1].text_of(text), item[0], len(chunks),
+        notes = list(self.model.map(lambda item: self.generate(map_messages(item[1].text_of(text), item[0], len(chunks),
                                                                             self.options), self.options.note_tokens),
-                        enumerate(chunks, 1), on_done=self.progress.advance)
+                                    enumerate(chunks, 1), on_done=self.progress.advance))
         t2 = time.perf_counter()
         self.map_s = t2 - t1
         answer = self.reduce([n for n in notes if n])
@@ -271,7 +270,7 @@ class SummaryRun:
         groups = self.group(notes, room - self.options.note_tokens)
         self.reduce_rounds += 1
         self.progress.begin(f"combining notes (round {self.reduce_rounds}, {len(groups)} groups)", len(groups))
-        combined = run_all(self.model, lambda group: group[0] if len(group) == 1 else self.generate(
+        combined = self.model.map(lambda group: group[0] if len(group) == 1 else self.generate(
             reduce_messages(join_notes(group), self.options.note_words, "paragraph", focus, prompt),
             self.options.note_tokens), groups, on_done=self.progress.advance)
         return self.reduce([c for c in combined if c])

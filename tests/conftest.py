@@ -228,114 +228,10 @@ def tiny(tiny_spm_meta):
 # ==== end of the arbor_weights and tokenizer section ====================================================
 
 
-# ==== the fakes: a tokenizer of one token per word or punctuation mark, the one fake Model (summarize, evals, ====
-# ==== chat), the one fake backend runtime (generate, evals), and documents that say where each piece came from =
-import re as _re
-
-from arbor_core.errors import OutOfMemoryError as _OutOfMemoryError
-
-WORD = _re.compile(r"\w+|[^\w\s]")
-
-
-def count_words(text: str) -> int:
-    return len(WORD.findall(text))
-
-
-def word_offsets(text: str) -> list[tuple[int, int]]:
-    """Where each of count_words' tokens lies in text."""
-    return [m.span() for m in WORD.finditer(text)]
-
-
-class FakeTokenizer:
-    """One token per word or punctuation mark; chat messages cost their words plus 4 per message."""
-
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        return [1] * count_words(text)
-
-    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-        offsets = word_offsets(text)
-        return [1] * len(offsets), offsets
-
-    def encode_chat(self, messages, add_generation_prompt: bool = True) -> list[int]:
-        return [1] * sum(count_words(m["content"]) + 4 for m in messages)
-
-
-class FakePlan:
-    def __init__(self, context: int, needed_tokens: int, trained_context: int = 4096):
-        self.context, self.needed_tokens, self.trained_context = context, needed_tokens, trained_context
-
-
-class FakeModel:
-    """The Model surface the summariser uses. Plans like the real planner over BUCKETS up to `largest`;
-    chat answers from a script, records prompts and the context asked for, and runs out of memory above
-    `oom_above`."""
-
-    def __init__(self, largest: int = 4096, answer=None, oom_above: int | None = None, context: int | None = None,
-                 tokenizer=None, trained: int = 4096, rope_method: str = "auto"):
-        from types import SimpleNamespace
-
-        self.tokenizer = tokenizer or FakeTokenizer()
-        self.config = SimpleNamespace(trained_context=trained, rope_scaling=None)
-        self.largest = largest
-        self.context = context  # the user's --context: read, never written
-        self.rope_method = rope_method  # likewise
-        self.calls: list[tuple[int, int | None, str | None]] = []  # generate(): (prompt tokens, context=, rope=)
-        self.answer = answer or (lambda prompt: "Bees make honey. Volcanoes erupt.")
-        self.oom_above = oom_above
-        self.prompts: list[str] = []
-        self.max_new: list[int] = []
-        self.chat_contexts: list[int | None] = []  # the context= of each chat call
-        self.plans: list[tuple[int, int | None]] = []
-        self.notices: list[str] = []
-        self.notify = self.notices.append
-
-    def plan(self, needed_tokens: int, requested: int | None = None, rope: str | None = None) -> FakePlan:
-        from arbor_core.planner import BUCKETS
-
-        requested = self.context if requested is None else requested
-        self.plans.append((needed_tokens, requested))
-        if requested is not None:
-            return FakePlan(requested, needed_tokens)
-        fitting = [b for b in BUCKETS if b <= self.largest]
-        holding = [b for b in fitting if b >= needed_tokens]
-        return FakePlan(holding[0] if holding else fitting[-1], needed_tokens)
-
-    def smaller_context(self, error, context: int, *, needed: int = 0, pinned: bool = False) -> int:
-        from arbor_core.planner import next_smaller
-
-        smaller = next_smaller(context)
-        if smaller is None or pinned or needed >= smaller:
-            raise error
-        return smaller
-
-    def rope_scaling_for(self, context: int, rope: str | None = None):
-        return {"rope_type": "linear", "factor": context / 4096} if context > 4096 else None
-
-    def chat(self, messages, stream=False, *, context=None, rope=None, max_new_tokens=256, temperature=0.0, **_):
-        from arbor_cli.generate import GenerationResult
-
-        self.chat_contexts.append(context)
-        prompt = messages[-1]["content"]
-        needed = sum(count_words(m["content"]) + 4 for m in messages) + max_new_tokens
-        capacity = context or self.context or self.plan(needed).context
-        assert needed <= capacity, f"a prompt of {needed} tokens overflows a {capacity}-token context"
-        if self.oom_above is not None and capacity > self.oom_above:
-            raise _OutOfMemoryError("out of memory (fake)")
-        assert temperature == 0.0
-        self.prompts.append(prompt)
-        self.max_new.append(max_new_tokens)
-        text = self.answer(prompt)
-        timings = {"prompt_tokens": needed - max_new_tokens, "generated_tokens": count_words(text),
-                   "prefill_s": 0.01, "decode_s": 0.02}
-        return GenerationResult(text, [1] * count_words(text), "eos", timings, capacity)
-
-
-    def generate(self, ids, max_new_tokens=256, *, context=None, rope=None, **_):
-        """Completes token ids (decoded with the tokenizer) with `answer`; records each call."""
-        from types import SimpleNamespace
-
-        self.calls.append((len(ids), context, rope))
-        return SimpleNamespace(text=self.answer(self.tokenizer.decode(ids)))
+# ==== the fakes: a tokenizer of one token per word or punctuation mark and the one fake Model (fake_door.py: ====
+# ==== summarize, evals, chat), the one fake backend runtime (generate, evals), and documents that say where each
+# ==== piece came from ===========================================================================================
+from fake_door import WORD, FakeModel, FakeTokenizer, count_words, word_offsets  # noqa: E402, F401
 
 
 class FakeCache:
@@ -349,6 +245,7 @@ class FakeRuntime:
     sample() takes a step's "logits" to be the token itself when it is an int. Records what it was fed."""
 
     prefill_chunk = 64
+    exact_across_row_counts = False
 
     def __init__(self, script=(), logits=None):
         self.script, self.logits = list(script), logits

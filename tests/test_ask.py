@@ -49,17 +49,9 @@ class WordTokenizer:
         return " ".join(self.words[i] for i in ids)
 
 
-class Stream:
-    def __init__(self, result):
-        self.result = result
-
-    def __iter__(self):
-        yield self.result.text
-
-
 class DocModel:
-    """The Model methods ask uses, on words: a cache is the ids it holds; `score(prompt)` is the question's
-    log-probability after a part, `answer(prompt)` the reply. Records what it was asked."""
+    """The door ask uses, on words: a session holds ids; `score(prompt)` is the question's log-probability
+    after a part, `answer(prompt)` the reply. Records what it was asked."""
 
     def __init__(self, answer, score=lambda prompt: -1.0 * prompt.count("key"), trained: int = 4096):
         self.tokenizer = WordTokenizer()
@@ -69,26 +61,29 @@ class DocModel:
         self.notices: list[str] = []
         self.notify = self.notices.append
 
-    def new_cache(self, capacity: int):
-        return SimpleNamespace(capacity=capacity, ids=[])
+    def session(self, context=None, rope=None):
+        from arbor_cli.session import Session
 
-    def prefill(self, ids, cache):
-        cache.ids += ids
+        return Session(self, context)
 
-    def prefill_log_probs(self, ids, cache) -> list[float]:
+    def prefill(self, ids, session):
+        session.hold(session.ids + ids, start=0)
+
+    def score_prompt(self, ids, session) -> list[float]:
         """The whole score on the question's second token (ask sums the question's tokens after the first)."""
-        cache.ids += ids
-        return [0.0, self.score_for(self.tokenizer.decode(cache.ids))] + [0.0] * (len(ids) - 3)
+        session.hold(session.ids + ids, start=0)
+        return [0.0, self.score_for(self.tokenizer.decode(session.ids))] + [0.0] * (len(ids) - 3)
 
-    def stream(self, ids, options, *, cache=None, context=None):
-        prompt = self.tokenizer.decode((cache.ids if cache is not None else []) + ids)
+    def chat(self, messages, *, context=None, session=None, continuing=False, max_new_tokens=256, temperature=0.0,
+             stop=None):
+        prompt = self.tokenizer.decode(self.tokenizer.encode_chat(messages, add_generation_prompt=True))
         self.prompts.append(prompt)
-        text = self.answer_for(prompt)
-        return Stream(GenerationResult(text, [], "eos", {}, context or cache.capacity))
+        return GenerationResult(self.answer_for(prompt), [], "eos", {}, context or 0)
 
-    def chat(self, messages, *, context=None, max_new_tokens=256, temperature=0.0, stop=None):
-        ids = self.tokenizer.encode_chat(messages, add_generation_prompt=True)
-        return self.stream(ids, None, context=context or len(ids) + max_new_tokens).result
+    def map(self, work, items, on_done=None):
+        from arbor_cli.mapping import map_in_order
+
+        return map_in_order(work, items, on_done)
 
     def kv_bytes_per_token(self) -> int:
         return 1

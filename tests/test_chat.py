@@ -1,5 +1,7 @@
 """ChatSession (arbor_cli/chat.py): prefix reuse across turns, dropping old turns, save and load."""
 
+from types import SimpleNamespace
+
 import pytest
 from conftest import FakeModel
 
@@ -7,20 +9,47 @@ from arbor_cli.chat import ChatSession
 from arbor_cli.generate import GenerationOptions
 
 
-@pytest.mark.slow
-def test_second_turn_prefills_only_new_tokens_and_matches_a_fresh_session(default_model):
-    opts = GenerationOptions(max_new_tokens=24)
-    session = ChatSession(default_model, options=opts, context=4096)
+def second_turn(model, opts) -> SimpleNamespace:
+    """A conversation's second reply, with what its turns held, prefilled and reused, and a fresh session's reply."""
+    session = ChatSession(model, options=opts, context=4096)
     "".join(session.send("Name a fruit that is yellow."))
     history_tokens = session.tokens_used()
     second = "".join(session.send("And one that is red?"))
-    prefilled = session.last_result.timings["prompt_tokens"]
-    full = len(default_model.tokenizer.encode_chat(session.messages[:-1]))
-    # only the new turn, plus the few tokens where the re-rendered last reply differs from what was generated
-    assert prefilled <= full - history_tokens + 8 and prefilled < full / 2
-    fresh = ChatSession(default_model, options=opts, context=4096)
+    fresh = ChatSession(model, options=opts, context=4096)
     fresh.turns = session.turns[:2]
-    assert "".join(fresh.send("And one that is red?")) == second
+    return SimpleNamespace(reply=second, history_tokens=history_tokens, reused=session.session.reused,
+                           prefilled=session.last_result.timings["prompt_tokens"],
+                           full=len(model.tokenizer.encode_chat(session.messages[:-1])),
+                           first_prompt=len(model.tokenizer.encode_chat(session.messages[:1])),
+                           fresh=fresh, fresh_reply="".join(fresh.send("And one that is red?")))
+
+
+@pytest.mark.slow
+def test_on_the_cpu_int4_default_a_second_turn_reuses_whole_chunks_and_is_a_fresh_sessions_reply(default_checkpoint):
+    """Torch's CPU kernels round differently for 30 rows than for 16 (session.py): a turn keeps only the
+    whole prefill chunks of the first prompt, across a chunk boundary here (chunks of 16), and its greedy
+    reply is a fresh session's byte for byte."""
+    import arbor_cli
+
+    model = arbor_cli.load(str(default_checkpoint.path), backend="torch", device="cpu", quiet=True)
+    assert model.lm.quantize == "int4" and not model.lm.exact_across_row_counts
+    model.prefill_chunk = 16
+    turn = second_turn(model, GenerationOptions(max_new_tokens=24))
+    assert turn.reused == turn.first_prompt // 16 * 16 >= 32 and turn.prefilled == turn.full - turn.reused
+    assert turn.reply == turn.fresh_reply
+
+
+@pytest.mark.slow
+def test_where_row_counts_change_nothing_a_second_turn_prefills_only_its_own_tokens(default_checkpoint):
+    pytest.importorskip("mlx.core")
+    import arbor_cli
+
+    model = arbor_cli.load(str(default_checkpoint.path), backend="mlx", device="cpu", quiet=True)
+    assert model.lm.exact_across_row_counts  # measured: MLX on the CPU computes a position alike for any rows
+    turn = second_turn(model, GenerationOptions(max_new_tokens=24))
+    # only the new turn, plus the few tokens where the re-rendered last reply differs from what was generated
+    assert turn.prefilled <= turn.full - turn.history_tokens + 8 and turn.prefilled < turn.full / 2
+    assert turn.reply == turn.fresh_reply
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""Model.grow / arbor grow: a larger model that computes what the original does."""
+"""grow_model / arbor grow: a larger model that computes what the original does."""
 
 import numpy as np
 import pytest
@@ -10,9 +10,10 @@ from arbor_core.errors import UsageError
 @pytest.mark.parametrize("depth, width", [(2.0, 1.0), (1.0, 1.5), (1.5, 2.0)])
 def test_a_grown_default_model_gives_the_originals_logits(default_checkpoint, tmp_path, depth, width):
     import arbor_cli
+    from arbor_cli.cli.grow import grow_model
 
     model = arbor_cli.load(str(default_checkpoint.path), dtype="float32", quiet=True)
-    grown = model.grow(depth=depth, width=width, destination=tmp_path / "grown")
+    grown = grow_model(model, depth=depth, width=width, destination=tmp_path / "grown")
     config = grown.config
     assert config.num_hidden_layers == round(30 * depth) and config.intermediate_size == round(1536 * width)
     assert config.num_attention_heads == 9 * (int(width) if width.is_integer() else 1)

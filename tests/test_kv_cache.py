@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from arbor_cli.chat import ChatSession
 from arbor_core import planner
 from arbor_core.config import ArborConfig
 from arbor_core.errors import UsageError
@@ -94,18 +93,20 @@ def test_a_torch_ring_cache_is_allocated_whole_up_front_and_never_grows(model_wi
 
 
 def test_chat_reuses_only_what_the_ring_still_holds(model_with):
+    from arbor_cli.session import Session
+
     lm = model_with(16, WINDOW)
-    session = ChatSession.__new__(ChatSession)  # only the prefix-reuse step, on a real ring cache
-    session.cache = lm.new_cache(128)
+    session = Session(None, 128)  # only the prefix-reuse step, on a real ring cache
+    session.cache, session.grain = lm.new_cache(128), CHUNK
     history = ids(60)
     lm.prefill(history, session.cache, CHUNK)
-    session.cached_ids = history
-    assert session._reuse_prefix(history[:56] + [1, 2, 3]) == 56  # the window before 56 is held
-    assert session.cache.length == 56 and session.cached_ids == history[:56]
+    session.hold(history, start=0)  # whole chunks of 7 up to 56
+    assert session.reuse(history[:56] + [1, 2, 3]) == 56  # the window before 56 is held
+    assert session.cache.length == 56 and session.ids == history[:56]
     lm.prefill([1, 2, 3], session.cache, CHUNK)
-    session.cached_ids = history[:56] + [1, 2, 3]
-    assert session._reuse_prefix(history[:40] + [7, 8]) == 0  # overwritten: prefill it all again
-    assert session.cache.length == 0 and session.cached_ids == []
+    session.hold(history[:56] + [1, 2, 3], start=56)
+    assert session.reuse(history[:40] + [7, 8]) == 0  # overwritten: prefill it all again
+    assert session.cache.length == 0 and session.ids == []
 
 
 # ---- the planner ---------------------------------------------------------------------------------
@@ -164,22 +165,24 @@ def test_default_model_generates_greedily_with_an_int8_cache(default_model, defa
 
 
 @pytest.mark.slow
-def test_chat_with_an_int8_cache_reuses_the_history_and_holds_what_a_fresh_prefill_computes(default_int8):
-    """Reuse works as with 16 bits: only the new turn is prefilled, and the cache then holds what a
-    fresh prefill of the same tokens computes. Not token-exact replies: keys computed by decode
-    steps and by one prefill differ by float rounding (~1e-6), and int8 can turn that into one code
-    step (~0.4% of a head's absmax) in a few elements, which can tip a near-tie in greedy decoding."""
+def test_chat_with_an_int8_cache_reuses_the_history_and_holds_what_a_fresh_prefill_computes(default_int8, monkeypatch):
+    """Reuse works as with 16 bits: only what the session holds of whole prefill chunks is kept (chunks of
+    16 here, so that some are), the rest is prefilled, and the cache then holds what a fresh prefill of the
+    same tokens computes. Keys computed by decode steps and by one prefill differ by float rounding (~1e-6),
+    and int8 can turn that into one code step (~0.4% of a head's absmax) in a few elements."""
+    from arbor_cli.chat import ChatSession
     from arbor_cli.generate import GenerationOptions
 
     lm = default_int8.lm
+    monkeypatch.setattr(default_int8, "prefill_chunk", 16)
     session = ChatSession(default_int8, options=GenerationOptions(max_new_tokens=8), context=2048)
     "".join(session.send("Name a fruit that is yellow."))
-    history = session.tokens_used()
+    first_prompt = len(default_int8.tokenizer.encode_chat(session.messages[:1]))
     assert "".join(session.send("And one that is red?")).strip()
     prefilled = session.last_result.timings["prompt_tokens"]
     full = len(default_int8.tokenizer.encode_chat(session.messages[:-1]))
-    assert prefilled <= full - history + 8  # only the new turn was prefilled
-    held, cache = session.cached_ids, session.cache
+    assert prefilled == full - first_prompt // 16 * 16  # the whole chunks of the first prompt were reused
+    held, cache = session.session.ids, session.session.cache
     assert cache.length == len(held)
     cache.truncate(len(held) - 1)  # re-run the last position over the reused cache
     reused = lm.decode(held[-1], cache).numpy()

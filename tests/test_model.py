@@ -52,14 +52,14 @@ def test_a_generate_at_another_context_does_not_change_a_live_chats_rope(default
 
 
 @pytest.mark.slow
-def test_prefill_log_probs_are_the_full_forwards_log_probabilities_of_the_continuation(default_model):
+def test_score_prompt_gives_the_full_forwards_log_probabilities_of_the_continuation(default_model):
     from arbor_cli.model import negative_log_likelihood
 
     ids = default_model.tokenizer.encode("The lighthouse keeper lit the lamp. What did the keeper light?")
     full = default_model.logits(ids, context=4096)  # the scoring context's RoPE: plain within 8K
-    cache = default_model.new_cache(4096)
-    default_model.prefill(ids[:8], cache)
-    scored = default_model.prefill_log_probs(ids[8:], cache)
+    session = default_model.session(4096)
+    default_model.prefill(ids[:8], session)
+    scored = default_model.score_prompt(ids[8:], session)
     expected = [-negative_log_likelihood(full[i], ids[i + 1]) for i in range(8, len(ids) - 1)]
-    assert len(scored) == len(ids) - 9 and cache.length == len(ids)
+    assert len(scored) == len(ids) - 9 and session.cache.length == len(ids) and session.ids == ids
     assert max(abs(a - b) for a, b in zip(scored, expected)) < 1e-3  # the same kernels, rows split differently

@@ -1,7 +1,9 @@
-"""`arbor grow SRC DST`: a larger model that computes exactly what SRC does, ready to train."""
+"""`arbor grow SRC DST`: a larger model that computes exactly what SRC does, ready to train; `grow_model`
+does the same for a loaded Model and loads the result."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -32,3 +34,21 @@ def grow(
         path, before, after = grow_checkpoint(checkpoint, destination, depth, width, seed)
     notice(f"parameters {before / 1e6:,.1f}M → {after / 1e6:,.1f}M ({after / before:.2f}x)")
     write_answer(str(path))
+
+
+def grow_model(model, depth: float = 1.0, width: float = 1.0, destination=None, seed: int = 0):
+    """`model` (a Model) grown without changing what it computes (arbor_weights/grow.py: identity blocks for
+    `depth`, split neurons and heads for `width`), written as a normal checkpoint at `destination`
+    (default: under the cache, named for the growth, reused when already there) and loaded like `model`."""
+    from arbor_weights.grow import grow_checkpoint, grown_destination
+
+    from ..loading import load
+
+    if destination is None:
+        destination = grown_destination(model.checkpoint, depth, width, seed)
+        if (Path(destination) / "config.json").is_file():
+            return load(str(destination), backend=model.backend, device=str(model.device), quiet=True,
+                        kv_bits=model.lm.kv_bits, dtype=model.dtype)
+    path, _, _ = grow_checkpoint(model.checkpoint, destination, depth, width, seed)
+    return load(str(path), backend=model.backend, device=str(model.device), quiet=True, kv_bits=model.lm.kv_bits,
+                dtype=model.dtype)

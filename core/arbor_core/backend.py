@@ -53,6 +53,10 @@ class LoadedModel(Protocol):
     kv_scale_bytes: int  # bytes stored beside each head's K or V vector per token (an int8 cache's scale)
     act_element_bytes: int
     prefill_chunk: int  # tokens per prefill step that suit the device
+    # whether a position's keys, values and logits come out bit for bit the same whatever the number of
+    # rows the step that computed it ran (a chunk of 512, of 30, a decode step of 1): arbor_cli.session's
+    # prefix reuse keeps any common prefix where True, only whole prefill chunks where False
+    exact_across_row_counts: bool
 
     def memory(self) -> MemoryInfo: ...
     def reset_peak_memory(self) -> None: ...

@@ -142,6 +142,34 @@ def next_smaller(context: int, buckets: tuple[int, ...] = BUCKETS) -> int | None
     return smaller[-1] if smaller else None
 
 
+def smaller_after_out_of_memory(error: Exception, context: int, *, needed: int = 0, pinned: bool = False) -> int:
+    """The out-of-memory policy, for every door: after `error` at `context`, retry once at the next
+    smaller bucket. Re-raises `error` when there is none, when the context was the user's (`pinned`:
+    that error is theirs to see), or when `needed` tokens would not fit the smaller one."""
+    smaller = next_smaller(context)
+    if smaller is None or pinned or needed >= smaller:
+        raise error
+    return smaller
+
+
+def bucket_within(needed_tokens: int, largest: int, trained_context: int, requested: int | None = None
+                  ) -> ContextPlan:
+    """A plan where memory is not measured here (an engine's server holds `largest` tokens): the
+    requested context, else the smallest bucket within `largest` that holds `needed_tokens`, else the
+    largest bucket within it (`largest` itself when no bucket is)."""
+    if requested is None:
+        fitting = [b for b in BUCKETS if b <= largest] or [largest]
+        holding = [b for b in fitting if b >= needed_tokens]
+        requested = holding[0] if holding else fitting[-1]
+    return ContextPlan(requested, needed_tokens, 0, 0, trained_context)
+
+
+def largest_fitting(rows: list[Bucket]) -> int:
+    """The largest bucket of `rows` (bucket_table) that fits; 0 when none does."""
+    fitting = [r.context for r in rows if r.fits]
+    return fitting[-1] if fitting else 0
+
+
 def _gib(n: int) -> str:
     return f"{n / (1 << 30):.2f} GiB"
 

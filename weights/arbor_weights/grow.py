@@ -173,3 +173,10 @@ def grow_checkpoint(checkpoint, destination: str | Path, depth: float = 1.0, wid
     grown, config = grow_state(state, checkpoint.config, depth, width, seed)
     path = write_checkpoint(grown, config, destination, Path(checkpoint.path))
     return path, before, parameter_count(grown, config)
+
+
+def grown_destination(checkpoint, depth: float, width: float, seed: int) -> Path:
+    """Where a growth of `checkpoint` is kept when no destination is named: under the cache, named for it."""
+    from .store import cache_dir
+
+    return cache_dir() / "grown" / f"{Path(str(checkpoint.path)).name}-grown-d{depth:g}-w{width:g}-s{seed}"

@@ -1,0 +1,26 @@
+"""Work mapped over items, results in the items' order: one at a time, or several at once in threads
+(an engine answers `--parallel N` requests at once). The doors' `map` is this function."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Iterable, Iterator
+
+
+def map_in_order(work: Callable[[Any], Any], items: Iterable[Any], on_done: Callable[[], None] | None = None,
+                 at_once: int = 1) -> Iterator[Any]:
+    """work(item) for every item, yielded in order; `on_done()` after each. One at a time, each item's
+    work starts only when the previous result was taken (a reader holds one part's cache at a time)."""
+    items = list(items)
+
+    def one(item):
+        result = work(item)
+        if on_done is not None:
+            on_done()
+        return result
+
+    if at_once == 1 or len(items) < 2:
+        yield from (one(item) for item in items)
+        return
+    with ThreadPoolExecutor(max_workers=at_once) as pool:
+        yield from pool.map(one, items)
