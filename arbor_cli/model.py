@@ -224,14 +224,14 @@ class Model:
         (ask ranks a document's parts by how well each predicts the question). Without a session, `ids`
         are scored alone, at a context planned for them."""
         if session is None:
-            return self.prefill_log_probs(ids, self._reusable_cache(self.plan(len(ids)).context))
+            return self._log_probs_after(ids, self._reusable_cache(self.plan(len(ids)).context))
         held = session.ids
-        scored = self.prefill_log_probs(ids, self._cache_of(session))
+        scored = self._log_probs_after(ids, self._cache_of(session))
         session.hold(held + list(ids), start=len(held), rows=SCORE_CHUNK)
         return scored
 
-    def prefill_log_probs(self, ids: list[int], cache) -> list[float]:
-        """score_prompt on a raw cache (serve.py's worker, until it holds a Session)."""
+    def _log_probs_after(self, ids: list[int], cache) -> list[float]:
+        """score_prompt's work on a cache: prefill `ids` after what it holds, scoring each of ids[1:]."""
         ids = self._check_ids(ids)
         scored: list[float] = []
         for begin in range(0, len(ids), SCORE_CHUNK):  # a chunk's logits are [chunk, vocab]: keep them few
@@ -250,8 +250,7 @@ class Model:
         return self.config.kv_bytes_per_token(self.lm.kv_element_bytes, self.lm.kv_scale_bytes)
 
     def stream(self, prompt: list[int] | list[dict], options: GenerationOptions, *, session: Session | None = None,
-               continuing: bool = False, context: int | None = None, rope: str | None = None,
-               cache=None) -> GenerationStream:
+               continuing: bool = False, context: int | None = None, rope: str | None = None) -> GenerationStream:
         """The one generation entry point: prefill the prompt (token ids, or chat messages rendered by the
         template), decode, stream text.
 
@@ -259,19 +258,16 @@ class Model:
         its rule (session.py) and the rest prefilled, at the session's context and RoPE; `continuing`
         keeps all it holds. Without, the context is `context` (default: the model's, else planned for
         prompt + answer) and a one-shot cache is used; out of memory before the first piece, an unpinned
-        context is retried once one bucket smaller (smaller_context). `cache` (a raw cache the ids follow)
-        is serve.py's worker's until it holds a Session.
+        context is retried once one bucket smaller (smaller_context).
         """
         ids = self.tokenizer.encode_chat(prompt, add_generation_prompt=True) if _is_chat(prompt) else prompt
         if not ids:
             raise UsageError("the prompt is empty")
         tokens: list[int] = []
-        if cache is not None or session is not None:
-            start = 0
-            if session is not None:
-                cache = self._cache_of(session)
-                start = session.reuse(ids, continuing)
-                session.hold(ids, start=start, generated=tokens)
+        if session is not None:
+            cache = self._cache_of(session)
+            start = session.reuse(ids, continuing)
+            session.hold(ids, start=start, generated=tokens)
             return GenerationStream(stream_generation(self.lm, self.tokenizer, cache, ids[start:], options,
                                                       chunk_size=self.prefill_chunk, generated=tokens), tokens)
         capacity = self.plan(len(ids) + options.max_new_tokens, requested=context, rope=rope).context

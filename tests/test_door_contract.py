@@ -58,7 +58,8 @@ def served(model):
     uvicorn = pytest.importorskip("uvicorn")
     pytest.importorskip("starlette")
     from arbor_cli.engine import RemoteModel
-    from arbor_cli.serve import Server, create_app
+    from arbor_cli.serve import Server
+    from arbor_cli.serve.app import create_app
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -13,6 +13,7 @@ pytest.importorskip("httpx")
 from starlette.testclient import TestClient  # noqa: E402
 
 from arbor_cli.serve import Server  # noqa: E402
+from arbor_cli.session import Session  # noqa: E402
 from arbor_cli.serve.app import create_app  # noqa: E402
 
 
@@ -40,8 +41,8 @@ class ScriptedCache:
 class ScriptedStream:
     """Answers "ab" one token at a time, or fails on a prompt ending in "!"."""
 
-    def __init__(self, ids, cache):
-        self.ids, self.cache, self.tokens, self.result = ids, cache, [], None
+    def __init__(self, ids, cache, tokens):
+        self.ids, self.cache, self.tokens, self.result = ids, cache, tokens, None
 
     def __iter__(self):
         if self.ids[-1] == ord("!"):
@@ -67,15 +68,20 @@ class ScriptedModel:
     def plan(self, tokens):
         return SimpleNamespace(context=64)
 
-    def new_cache(self, context):
-        return ScriptedCache(context)
+    def session(self, context):
+        session = Session(self, context)
+        session.cache, session.grain = ScriptedCache(context), self.prefill_chunk  # kernels that count rows
+        return session
 
-    def stream(self, ids, options, cache):
-        self.prefilled.append("".join(map(chr, ids)))
-        return ScriptedStream(ids, cache)
+    def stream(self, ids, options, *, session, continuing=False):
+        start, tokens = session.reuse(ids, continuing), []
+        session.hold(ids, start=start, generated=tokens)
+        self.prefilled.append("".join(map(chr, ids[start:])))
+        return ScriptedStream(ids[start:], session.cache, tokens)
 
-    def prefill_log_probs(self, ids, cache):
-        cache.length = len(ids)
+    def score_prompt(self, ids, session):
+        session.cache.length = len(ids)
+        session.hold(ids, start=0)
         return [-1.0] * (len(ids) - 1)
 
 

@@ -1,10 +1,8 @@
 """The one thread that runs `arbor serve`'s generations: a bounded queue of Jobs, run one at a time in
 arrival order, each cancelled between two tokens when its client goes away.
 
-The worker keeps the last request's KV cache: a prompt that extends what the cache holds prefills only its
-new tokens, counted from whole prefill chunks so that the answer is a fresh run's (`_cache_for` says why).
-The cache and the ids it holds are touched only by `_cache_of`, `_cache_for` and `_remember`: the place a
-Session (one prefix-reuse rule for chat, serve and ask) takes over.
+The worker keeps the last request's Session (arbor_cli/session.py): a prompt that extends what it holds runs
+only what the session's one prefix-reuse rule cannot keep, so the answer is the one a fresh request gets.
 """
 
 from __future__ import annotations
@@ -48,8 +46,7 @@ class Worker(threading.Thread):
         super().__init__(name="arbor-serve-worker", daemon=True)
         self.model = model
         self.jobs: queue.Queue[Job] = queue.Queue(maxsize=queue_size)
-        self.cache = None
-        self.cached_ids: list[int] = []
+        self.session = None  # the last request's, kept for the next one's common prefix
         self.busy = False
         self.counts = {"served": 0, "cancelled": 0, "refused": 0, "failed": 0, "reused_tokens": 0}
 
@@ -89,16 +86,13 @@ class Worker(threading.Thread):
             self.busy = False
 
     def _generate(self, job: Job) -> None:
-        start = self._cache_for(job)
-        self.counts["reused_tokens"] += start
-        stream = self.model.stream(job.ids[start:], job.options, cache=self.cache)
-        try:
-            for piece in stream:
-                if job.cancelled.is_set():
-                    break
-                job.emit("piece", piece)
-        finally:
-            self._remember(job.ids + stream.tokens)
+        session = self._session_for(job.context)
+        stream = session.stream(job.ids, job.options)
+        self.counts["reused_tokens"] += session.reused
+        for piece in stream:
+            if job.cancelled.is_set():
+                break
+            job.emit("piece", piece)
         if job.cancelled.is_set():
             self.counts["cancelled"] += 1
             job.emit("done", None)
@@ -108,37 +102,15 @@ class Worker(threading.Thread):
 
     def _score(self, job: Job) -> list[float | None]:
         """log p of each prompt token given the ones before it (None for the first: nothing precedes it)."""
-        self._cache_of(job.context)
-        self.cache.truncate(0)
-        self.cached_ids = []
-        scored = self.model.prefill_log_probs(job.ids, self.cache)
-        self._remember(job.ids)
+        session = self._session_for(job.context)
+        session.clear()
+        scored = session.score(job.ids)
         self.counts["served"] += 1
         return [None, *scored]
 
-    # ---- the cache and the ids it holds --------------------------------------------------------
-    def _cache_of(self, context: int) -> None:
-        """A cache of `context` positions: the one held when it has that capacity, else a new, empty one."""
-        if self.cache is None or self.cache.capacity != context:
-            self.cache = None  # the old one goes before the new one is allocated
-            self.cache, self.cached_ids = self.model.new_cache(context), []
-
-    def _cache_for(self, job: Job) -> int:
-        """A cache for the job's context holding the longest prefix of its prompt it can; that length."""
-        self._cache_of(job.context)
-        same = 0
-        for a, b in zip(self.cached_ids, job.ids):
-            if a != b:
-                break
-            same += 1
-        same = min(same, len(job.ids) - 1)  # at least one token is prefilled for the logits
-        # whole prefill chunks only: the rest is then prefilled in the chunks a fresh run would use, so the
-        # answer is the one a fresh request gets (a CPU kernel's rounding depends on how many rows it runs)
-        self.cache.truncate(same - same % self.model.prefill_chunk)
-        same = self.cache.length  # a ring may keep less
-        self.cached_ids = self.cached_ids[:same]
-        return same
-
-    def _remember(self, ids: list[int]) -> None:
-        """What the cache now holds: the first cache.length of `ids`."""
-        self.cached_ids = ids[:self.cache.length]
+    def _session_for(self, context: int):
+        """The session held when it has `context` positions, else a new one (the old one's cache goes first)."""
+        if self.session is None or self.session.context != context:
+            self.session = None
+            self.session = self.model.session(context)
+        return self.session
