@@ -201,6 +201,14 @@ def test_gguf_missing_key_is_named():
         gguf_import.config_from_metadata({"general.architecture": "llama"}, tie_word_embeddings=True)
 
 
+
+def test_every_gguf_architecture_imports_to_a_model_type_the_backends_run():
+    from arbor_core.config import LLAMA_FAMILY
+
+    assert {arch.model_type for arch in architectures.ARCHITECTURES.values()} == set(LLAMA_FAMILY)
+    with pytest.raises(ConfigError, match="'phi3' is not supported; arbor runs gemma3, llama, mistral, qwen2"):
+        gguf_import.config_from_metadata({"general.architecture": "phi3"}, tie_word_embeddings=True)
+
 # ---- damaged files ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("keep", [0.5, 0.9, 0.01])
