@@ -12,7 +12,7 @@ from pathlib import Path
 
 import gguf
 import numpy as np
-from arbor_weights import gguf_import
+from arbor_weights import architectures, gguf_import
 
 Q = gguf.GGMLQuantizationType
 HIDDEN, HEADS, KV_HEADS, FFN, LAYERS = 256, 4, 2, 256, 2  # 256 columns: whole K-quant blocks
@@ -74,7 +74,7 @@ def hf_weights(vocab: int, *, tied: bool, bias: bool, seed: int = 0) -> dict[str
     return {k: v.astype(np.float32) for k, v in w.items()}
 
 
-GGUF_NAMES = {v: k for k, v in gguf_import.LAYER_TENSORS.items()}
+GGUF_NAMES = {v: k for k, v in architectures.LLAMA_LAYER_TENSORS.items()}
 
 
 def gguf_name(hf_name: str) -> str:
@@ -82,7 +82,7 @@ def gguf_name(hf_name: str) -> str:
         _, _, layer, *part, kind = hf_name.split(".")
         return f"blk.{layer}.{GGUF_NAMES['.'.join(part)]}.{kind}"
     stem, kind = hf_name.rsplit(".", 1)
-    return {v: k for k, v in gguf_import.GLOBAL_TENSORS.items()}[stem] + "." + kind
+    return {v: k for k, v in architectures.GLOBAL_TENSORS.items()}[stem] + "." + kind
 
 
 # gguf can dequantize K-quants but not produce them, so those tests store random blocks; only the

@@ -373,3 +373,32 @@ def test_an_unreadable_weights_file_is_a_corrupt_model(backend, make_checkpoint)
     checkpoint.weight_files[0].write_bytes(data[:len(data) // 2])
     with pytest.raises(CorruptModelError):
         backend.module.load(checkpoint, backend.device, "float32")
+
+
+# ---- every architecture --------------------------------------------------------------------------------
+# One tiny checkpoint per model_type the config accepts, each with what sets its block apart. Adding an
+# architecture is its block in each backend (backends/*/arch/), its GGUF entry (arbor_weights/architectures.py)
+# and its entry here.
+ARCHITECTURE_CHECKPOINTS = {
+    "llama": {},
+    "mistral": dict(model_type="mistral", sliding_window=WINDOW),
+    "qwen2": dict(model_type="qwen2", attention_bias=True),
+    # a sliding layer then a global one, a query scale and a local RoPE base unlike the defaults
+    "gemma3_text": dict(model_type="gemma3_text", norms=0.0, sliding_window=WINDOW, rope_local_base_freq=100.0,
+                        layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=24),
+}
+
+
+def test_every_model_type_the_config_accepts_has_an_architecture_entry():
+    from arbor_core.config import LLAMA_FAMILY
+
+    assert set(ARCHITECTURE_CHECKPOINTS) == set(LLAMA_FAMILY)
+
+
+@pytest.mark.parametrize("model_type", ARCHITECTURE_CHECKPOINTS)
+def test_every_architecture_prefills_and_decodes_as_its_full_forward(backend, make_checkpoint, model_type):
+    lm = backend.load(make_checkpoint(**ARCHITECTURE_CHECKPOINTS[model_type]), prefill_chunk=CHUNK)
+    assert lm.config.model_type == model_type
+    tokens = random_ids(50)
+    np.testing.assert_allclose(cached_logits(backend, lm, tokens, 64, CHUNK, 35), lm.logits(tokens),
+                               rtol=1e-4, atol=1e-4)

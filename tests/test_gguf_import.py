@@ -20,7 +20,7 @@ import arbor_weights
 from arbor_core import chat_template
 from arbor_core.chat_template import ChatTemplateRefusedError, check_template
 from arbor_core.errors import ArborError, ConfigError, CorruptModelError
-from arbor_weights import gguf_import, quantized
+from arbor_weights import architectures, gguf_import, quantized
 
 pytestmark = pytest.mark.usefixtures("arbor_home")
 
@@ -30,9 +30,9 @@ def unpermute_expected(stored: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     out = dict(stored)
     for name, w in stored.items():
         if ".q_proj." in name:
-            out[name] = gguf_import.unpermute_rotary(w, HEADS)
+            out[name] = architectures.unpermute_rotary(w, HEADS)
         elif ".k_proj." in name:
-            out[name] = gguf_import.unpermute_rotary(w, KV_HEADS)
+            out[name] = architectures.unpermute_rotary(w, KV_HEADS)
     return out
 
 
@@ -98,7 +98,7 @@ def test_unpermute_inverts_llama_cpp_permute_for_weights_and_biases():
     rng = np.random.default_rng(1)
     for shape in [(HEADS * HEAD_DIM, HIDDEN), (HEADS * HEAD_DIM,)]:
         w = rng.standard_normal(shape)
-        np.testing.assert_array_equal(gguf_import.unpermute_rotary(llama_cpp_permute(w, HEADS), HEADS), w)
+        np.testing.assert_array_equal(architectures.unpermute_rotary(llama_cpp_permute(w, HEADS), HEADS), w)
 
 
 def test_q_and_k_biases_are_unpermuted_and_set_attention_bias(tmp_path):
@@ -200,6 +200,14 @@ def test_gguf_missing_key_is_named():
     with pytest.raises(ConfigError, match="embedding_length"):
         gguf_import.config_from_metadata({"general.architecture": "llama"}, tie_word_embeddings=True)
 
+
+
+def test_every_gguf_architecture_imports_to_a_model_type_the_backends_run():
+    from arbor_core.config import LLAMA_FAMILY
+
+    assert {arch.model_type for arch in architectures.ARCHITECTURES.values()} == set(LLAMA_FAMILY)
+    with pytest.raises(ConfigError, match="'phi3' is not supported; arbor runs gemma3, llama, mistral, qwen2"):
+        gguf_import.config_from_metadata({"general.architecture": "phi3"}, tie_word_embeddings=True)
 
 # ---- damaged files ---------------------------------------------------------------------------
 

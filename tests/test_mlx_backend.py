@@ -61,6 +61,13 @@ def tiny(tiny_checkpoint):
     return tiny_checkpoint
 
 
+def test_every_model_type_the_config_accepts_has_an_mlx_block():
+    from arbor_core.config import LLAMA_FAMILY
+    from arbor_mlx.arch import ARCHITECTURES
+
+    assert set(ARCHITECTURES) == set(LLAMA_FAMILY)
+
+
 # ---- tiny random models: MLX vs torch --------------------------------------------------------
 @pytest.mark.parametrize("variant", [
     {},

@@ -18,7 +18,7 @@ from safetensors.numpy import load_file, save_file
 
 import arbor_weights
 from arbor_core.errors import CorruptModelError
-from arbor_weights import gguf_import, pypi_wheel, quantized, registry
+from arbor_weights import architectures, gguf_import, pypi_wheel, quantized, registry
 from arbor_weights.checkpoint import check_tensors
 from arbor_weights.registry import WheelModel
 
@@ -119,7 +119,7 @@ def float_import(tmp_path, kind, **gguf_options):
     arbor_weights.import_gguf(tmp_path / "m.gguf", tmp_path / "blocks", quiet=True)
     shutil.copytree(tmp_path / "blocks", tmp_path / "float")
     heads = {".q_proj.": HEADS, ".k_proj.": KV_HEADS}
-    weights = {name: next((gguf_import.unpermute_rotary(w, n) for part, n in heads.items() if part in name), w)
+    weights = {name: next((architectures.unpermute_rotary(w, n) for part, n in heads.items() if part in name), w)
                for name, w in stored.items()}
     save_file(weights, str(tmp_path / "float" / "model.safetensors"))
     return arbor_weights.open_checkpoint(tmp_path / "blocks"), arbor_weights.open_checkpoint(tmp_path / "float")
@@ -413,7 +413,7 @@ def default_float_state(default_checkpoint, default_gguf):
         values = gguf_import.dequantized(tensor, default_gguf)
         part = tensor.name.split(".")[-2]
         state[gguf_import.hf_tensor_name(tensor.name)] = torch.from_numpy(np.array(  # a copy: F32 maps read-only
-            gguf_import.unpermute_rotary(values, heads[part]) if part in heads else values))
+            architectures.unpermute_rotary(values, heads[part]) if part in heads else values))
     return state
 
 

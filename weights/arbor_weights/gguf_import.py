@@ -1,13 +1,7 @@
 """GGUF -> Arbor checkpoint: rename every tensor to its HF name, keep Q4_0 / Q4_1 / Q8_0 matrices as
 their blocks' codes and scales (quantized.py: the checkpoint stores what the model runs, losslessly)
-and dequantize every other tensor to float32, and undo the row permutation llama.cpp applied to the
-Q and K projections.
-
-Why the permutation: HF Llama applies RoPE by rotating the two *halves* of each head
-(`rotate_half`); llama.cpp rotates *adjacent pairs*. Its converter reorders each head's Q/K rows
-so pairs line up, and the same rows of our checkpoint must go back to the half-split order for
-the HF-style math in the backends. Qwen2 files are not permuted (llama.cpp runs them with the
-half-split "NEOX" RoPE), so only the architectures in PERMUTED_ARCHS are undone.
+and dequantize every other tensor to float32, with each architecture's fixes for how llama.cpp stored
+it (architectures.py: Llama's permuted Q/K rows, Gemma's norms stored as 1 + w).
 
 The config comes from the metadata (config_from_metadata), corrected by what the tensors show;
 the vocabulary is rebuilt by gguf_vocab.py.
@@ -17,17 +11,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from arbor_core.chat_template import ChatTemplateError, check_template
-from arbor_core.config import LLAMA_FAMILY, ArborConfig
+from arbor_core.config import ArborConfig
 from arbor_core.errors import ConfigError, CorruptModelError, ModelNotFoundError
 
 from . import quantized
+from .architectures import NON_WEIGHT_TENSORS, GGUFArchitecture, gguf_architecture
 from .checkpoint import write_provenance
 from .gguf_vocab import tokenizer_from_gguf
 from .progress import Reporter
@@ -38,34 +32,6 @@ GGUF_MAGIC = b"GGUF"
 # Bumped when an import of the same GGUF would write a different checkpoint; resolve() re-imports an
 # installed one of an older version (1: every tensor float32; 2: Q4_0/Q4_1/Q8_0 kept as blocks).
 IMPORT_VERSION = 2
-PERMUTED_ARCHS = {"llama", "mistral"}
-GLOBAL_TENSORS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-LAYER_TENSORS = {
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-}
-# Gemma 3's block: norms on q and k, and norms after attention and around the MLP; its ffn_norm is the norm
-# before the MLP (a Llama block's ffn_norm is HF's post_attention_layernorm, which in Gemma follows attention).
-GEMMA3_LAYER_TENSORS = {
-    **LAYER_TENSORS, "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
-    "post_attention_norm": "post_attention_layernorm", "ffn_norm": "pre_feedforward_layernorm",
-    "post_ffw_norm": "post_feedforward_layernorm",
-}
-LAYER_TENSORS_BY_ARCH = {"gemma3": GEMMA3_LAYER_TENSORS}
-# llama.cpp's architecture name -> the config's model_type where the two differ
-MODEL_TYPE_BY_ARCH = {"gemma3": "gemma3_text"}
-# What a gemma3 GGUF does not record, from Gemma 3's published configurations (google/gemma-3-{270m,1b,4b,12b,
-# 27b}[-it] config.json on the Hugging Face Hub, and the Gemma 3 technical report, 2025, section 2.1): five
-# sliding-window layers then one global layer, the sliding layers' RoPE base 10,000 (unscaled), and
-# query_pre_attn_scalar = head_dim in every size but 27B, whose is hidden_size / heads = 168.
-GEMMA3_SLIDING_WINDOW_PATTERN = 6
-GEMMA3_ROPE_LOCAL_BASE_FREQ = 10_000.0
-GEMMA3_QUERY_PRE_ATTN_SCALAR_BY_HIDDEN = {5376: 168}
-# Not weights in the HF layout: rope_freqs (Llama 3 RoPE scaling) becomes config, the others are
-# precomputed tables some old converters stored.
-NON_WEIGHT_TENSORS = {"rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"}
-LAYER_NAME = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
 
 ACCEPTED_MODELS = ("a .gguf model file, a Hugging Face model directory (config.json + safetensors), an Arbor "
@@ -129,23 +95,8 @@ def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
 
 
 def hf_tensor_name(gguf_name: str, arch: str = "llama") -> str:
-    """'blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj.weight', and the global tensors."""
-    if match := LAYER_NAME.fullmatch(gguf_name):
-        layer, part, kind = match.groups()
-        names = LAYER_TENSORS_BY_ARCH.get(arch, LAYER_TENSORS)
-        if part in names:
-            return f"model.layers.{layer}.{names[part]}.{kind}"
-    else:
-        stem, _, kind = gguf_name.rpartition(".")
-        if stem in GLOBAL_TENSORS and kind in ("weight", "bias"):
-            return f"{GLOBAL_TENSORS[stem]}.{kind}"
-    raise ConfigError(f"GGUF tensor {gguf_name} is not part of the Llama block arbor runs")
-
-
-def unpermute_rotary(w: np.ndarray, n_head: int) -> np.ndarray:
-    """Invert convert_hf_to_gguf.py's permute for Q/K weights and biases (rows = n_head * head_dim):
-    it did reshape(n_head, 2, head_dim // 2, …).swapaxes(1, 2); we do the reverse, exactly."""
-    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    """'blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj.weight' in a GGUF of `arch`, and the global tensors."""
+    return gguf_architecture(arch).hf_name(gguf_name)
 
 
 def _hf_shape(tensor) -> tuple[int, ...]:
@@ -185,40 +136,22 @@ def dequantized(tensor, path: Path) -> np.ndarray:
 def config_from_metadata(meta: dict[str, Any], *, tie_word_embeddings: bool,
                          vocab_size: int | None = None) -> ArborConfig:
     """ArborConfig from GGUF key/values alone (already decoded to Python values)."""
-    arch = meta.get("general.architecture")
-    model_type = MODEL_TYPE_BY_ARCH.get(arch, arch)
-    if model_type not in LLAMA_FAMILY:
-        known = sorted({a for a, t in MODEL_TYPE_BY_ARCH.items() if t in LLAMA_FAMILY} | set(LLAMA_FAMILY) - {"gemma3_text"})
-        raise ConfigError(f"GGUF general.architecture {arch!r} is not supported; arbor runs {', '.join(known)}")
+    arch = gguf_architecture(meta.get("general.architecture"))
 
     def get(key: str, default: Any = None) -> Any:
-        return meta.get(f"{arch}.{key}", default)
+        return meta.get(f"{arch.name}.{key}", default)
 
     def need(key: str) -> Any:
-        if f"{arch}.{key}" not in meta:
-            raise ConfigError(f"GGUF metadata is missing {arch}.{key}")
-        return meta[f"{arch}.{key}"]
+        if f"{arch.name}.{key}" not in meta:
+            raise ConfigError(f"GGUF metadata is missing {arch.name}.{key}")
+        return meta[f"{arch.name}.{key}"]
 
     hidden, heads = int(need("embedding_length")), int(need("attention.head_count"))
     context = int(need("context_length"))
-    rope = None
-    scaling_type = get("rope.scaling.type")
-    if scaling_type and scaling_type != "none":
-        rope = {"rope_type": {"linear": "linear", "yarn": "yarn"}.get(scaling_type, scaling_type),
-                "factor": float(get("rope.scaling.factor", 1.0))}
-        original = get("rope.scaling.original_context_length")
-        if original:
-            rope["original_max_position_embeddings"] = int(original)
+    rope = _rope_scaling(get)
     tokens = meta.get("tokenizer.ggml.tokens")
     head_dim = int(get("attention.key_length") or get("rope.dimension_count") or hidden // heads)
     layers = int(need("block_count"))
-    gemma = {}
-    if arch == "gemma3":
-        gemma = dict(
-            layer_types=["full_attention" if (i + 1) % GEMMA3_SLIDING_WINDOW_PATTERN == 0 else "sliding_attention"
-                         for i in range(layers)],
-            rope_local_base_freq=GEMMA3_ROPE_LOCAL_BASE_FREQ,
-            query_pre_attn_scalar=GEMMA3_QUERY_PRE_ATTN_SCALAR_BY_HIDDEN.get(hidden, head_dim))
     return ArborConfig(
         vocab_size=int(vocab_size or get("vocab_size") or len(tokens or [])),
         hidden_size=hidden,
@@ -232,13 +165,26 @@ def config_from_metadata(meta: dict[str, Any], *, tie_word_embeddings: bool,
         rope_scaling=rope,
         max_position_embeddings=context,
         tie_word_embeddings=tie_word_embeddings,
-        attention_bias=arch == "qwen2",
+        attention_bias=arch.attention_bias,
         sliding_window=get("attention.sliding_window"),
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
         eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
-        model_type=model_type,
-        **gemma,
+        model_type=arch.model_type,
+        **(arch.published_config(hidden, head_dim, layers) if arch.published_config else {}),
     )
+
+
+def _rope_scaling(get) -> dict[str, Any] | None:
+    """rope_scaling from the metadata's rope.scaling.* (`get` reads a key of the file's architecture)."""
+    scaling_type = get("rope.scaling.type")
+    if not scaling_type or scaling_type == "none":
+        return None
+    rope = {"rope_type": {"linear": "linear", "yarn": "yarn"}.get(scaling_type, scaling_type),
+            "factor": float(get("rope.scaling.factor", 1.0))}
+    original = get("rope.scaling.original_context_length")
+    if original:
+        rope["original_max_position_embeddings"] = int(original)
+    return rope
 
 
 def config_from_gguf(meta: dict[str, Any], tensors: dict[str, Any]) -> ArborConfig:
@@ -280,15 +226,49 @@ def _llama3_factors(rope: dict[str, Any], head_dim: int, theta: float) -> np.nda
     return np.where(wavelen < original / high, 1.0, np.where(wavelen > original / low, factor, blended))
 
 
-def _check_complete(config: ArborConfig, names: set[str], path: Path, arch: str) -> None:
+def _check_complete(config: ArborConfig, names: set[str], path: Path, arch: GGUFArchitecture) -> None:
     required = ["model.embed_tokens.weight", "model.norm.weight"]
     required += [] if config.tie_word_embeddings else ["lm_head.weight"]
     for i in range(config.num_hidden_layers):
-        required += [f"model.layers.{i}.{part}.weight" for part in LAYER_TENSORS_BY_ARCH.get(arch, LAYER_TENSORS).values()]
+        required += [f"model.layers.{i}.{weight}" for weight in arch.layer_weights()]
     missing = [n for n in required if n not in names]
     if missing:
         raise CorruptModelError(f"{path} lacks {len(missing)} tensor(s) a {config.num_hidden_layers}-layer model "
                                 f"needs (first: {missing[0]}); download it again")
+
+
+def _layout(by_hf_name: dict[str, Any]) -> tuple[list[tuple[str, tuple[int, ...], str]], dict[str, int]]:
+    """The checkpoint's entries (name, shape, dtype) in order, and how many tensors of each kind stay blocks."""
+    layout, counts = [], {}
+    for name, tensor in by_hf_name.items():
+        shape, kind = _hf_shape(tensor), tensor.tensor_type.name
+        if quantized.keeps_quantized(kind, shape):
+            base = name.removesuffix(".weight")
+            layout += [(f"{base}.{suffix}", entry_shape, dtype)
+                       for suffix, (entry_shape, dtype) in quantized.entry_layout(kind, shape).items()]
+            counts[kind] = counts.get(kind, 0) + 1
+        else:
+            layout.append((name, shape, "float32"))
+    return layout, counts
+
+
+def _entry_reader(by_hf_name: dict[str, Any], arch: GGUFArchitecture, config: ArborConfig, path: Path):
+    """entry(name) -> the values of one checkpoint entry, read from the GGUF as write_safetensors asks for it."""
+    current: dict[str, dict[str, np.ndarray]] = {}  # base -> entries of the one tensor being written
+
+    def entry(name: str) -> np.ndarray:
+        if name in by_hf_name:
+            tensor = by_hf_name[name]
+            return arch.float_weight(name, arch.rows_in_hf_order(tensor.name, dequantized(tensor, path), config))
+        base, _, suffix = name.rpartition(".")
+        if base not in current:
+            tensor = by_hf_name[f"{base}.weight"]
+            blocks = quantized.from_gguf_blocks(_blocks(tensor, path), tensor.tensor_type.name, _hf_shape(tensor))
+            current.clear()
+            current[base] = {s: arch.rows_in_hf_order(tensor.name, a, config) for s, a in blocks.items()}
+        return current[base][suffix]
+
+    return entry
 
 
 def convert_gguf(gguf_path: str | Path, dest_dir: str | Path, *, reporter: Reporter,
@@ -302,50 +282,18 @@ def convert_gguf(gguf_path: str | Path, dest_dir: str | Path, *, reporter: Repor
     if "token_embd.weight" not in tensors:
         raise CorruptModelError(f"{path} has no token_embd.weight tensor, so it is not a language model GGUF")
     config = config_from_gguf(meta, tensors)
-    heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}
-    arch = meta.get("general.architecture")
-    permuted = arch in PERMUTED_ARCHS
-    by_hf_name = {hf_tensor_name(n, arch): t for n, t in tensors.items() if n not in NON_WEIGHT_TENSORS}
+    arch = gguf_architecture(meta.get("general.architecture"))
+    by_hf_name = {arch.hf_name(n): t for n, t in tensors.items() if n not in NON_WEIGHT_TENSORS}
     _check_complete(config, set(by_hf_name), path, arch)
     tokenizer = tokenizer_from_gguf(meta, name=path.name)
     _check_chat_template(tokenizer, path)
 
-    layout, counts = [], {}
-    for name, tensor in by_hf_name.items():
-        shape, kind = _hf_shape(tensor), tensor.tensor_type.name
-        if quantized.keeps_quantized(kind, shape):
-            base = name.removesuffix(".weight")
-            layout += [(f"{base}.{suffix}", entry_shape, dtype)
-                       for suffix, (entry_shape, dtype) in quantized.entry_layout(kind, shape).items()]
-            counts[kind] = counts.get(kind, 0) + 1
-        else:
-            layout.append((name, shape, "float32"))
+    layout, counts = _layout(by_hf_name)
     if (record := quantized.quantization_record(counts)) is not None:
         config = dataclasses.replace(config, extra={**config.extra, "quantization": record})
-
-    def rows_in_hf_order(tensor, values: np.ndarray) -> np.ndarray:
-        part = tensor.name.split(".")[-2]
-        return unpermute_rotary(values, heads[part]) if permuted and part in heads else values
-
-    current: dict[str, dict[str, np.ndarray]] = {}  # base -> entries of the one tensor being written
-
-    def entry(name: str) -> np.ndarray:
-        if name in by_hf_name:
-            values = rows_in_hf_order(by_hf_name[name], dequantized(by_hf_name[name], path))
-            # llama.cpp stores a Gemma norm's weight as 1 + w, the factor it multiplies by; the checkpoint
-            # keeps HF's w (the model computes x * (1 + w))
-            return values - 1.0 if config.gemma and name.endswith("norm.weight") else values
-        base, _, suffix = name.rpartition(".")
-        if base not in current:
-            tensor = by_hf_name[f"{base}.weight"]
-            blocks = quantized.from_gguf_blocks(_blocks(tensor, path), tensor.tensor_type.name, _hf_shape(tensor))
-            current.clear()
-            current[base] = {s: rows_in_hf_order(tensor, a) for s, a in blocks.items()}
-        return current[base][suffix]
-
     dest.mkdir(parents=True, exist_ok=True)
     with reporter.stage(f"converting {path.name}", total=len(layout)) as advance:
-        write_safetensors(dest / "model.safetensors", layout, entry, advance)
+        write_safetensors(dest / "model.safetensors", layout, _entry_reader(by_hf_name, arch, config, path), advance)
     config.save(dest / "config.json")
     tokenizer.save(dest)
     # Size and mtime let a later resolve() of the same path skip re-hashing a multi-GB file.

@@ -1,0 +1,118 @@
+"""The MLX layers every architecture in arch/ is built of: RMSNorm, RoPE, grouped-query attention, the gated MLP.
+
+Written with MLX's fused kernels (`mx.fast.rms_norm`, `mx.fast.rope`, `mx.fast.scaled_dot_product_attention`).
+Module and parameter names follow Hugging Face's, so an architecture's layer built from these maps straight
+onto the checkpoint's tensor names (`self_attn.q_proj.weight`, `mlp.gate_proj.weight`, …).
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+from mlx import nn
+
+from arbor_core import kv_layout
+from arbor_core.config import ArborConfig
+
+from .cache import KVCache
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight; Gemma stores the weight as an offset from 1 (`offset`)."""
+
+    def __init__(self, dim: int, eps: float, offset: bool = False):
+        super().__init__()
+        self.weight = mx.zeros((dim,)) if offset else mx.ones((dim,))
+        self.eps, self.offset = eps, offset
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if self.offset:  # x * (1 + w), the factor formed in float32 as transformers does
+            return mx.fast.rms_norm(x, (1.0 + self.weight.astype(mx.float32)).astype(x.dtype), self.eps)
+        return mx.fast.rms_norm(x, self.weight, self.eps)  # accumulates in float32 whatever x's dtype
+
+
+class Rope:
+    """RoPE with arbor's frequencies (rope.py): HF's half-split layout, scaled by attention_factor.
+
+    arbor hands every backend inverse frequencies; `mx.fast.rope` takes the reciprocal (a
+    wavelength-like `freqs`, angle = position / freqs), which expresses linear, dynamic, yarn and
+    llama3 scaling alike. YaRN's attention factor multiplies cos and sin, i.e. the rotated vector.
+    """
+
+    def __init__(self, inv_freq: np.ndarray, attention_factor: float, positions: int):
+        self.freqs = mx.array(np.float32(1.0) / inv_freq.astype(np.float32))
+        self.dims = 2 * inv_freq.shape[0]
+        self.attention_factor = attention_factor
+        self.positions = positions  # the context it was set up for: positions beyond are refused
+
+    def __call__(self, x: mx.array, start: int) -> mx.array:
+        # x: (B, heads, T, head_dim) at positions [start, start + T)
+        x = mx.fast.rope(x, self.dims, traditional=False, base=None, scale=1.0, offset=start, freqs=self.freqs)
+        return x * self.attention_factor if self.attention_factor != 1.0 else x
+
+
+class Attention(nn.Module):
+    """The q/k/v/o projections of one layer and attention over its KV cache; what comes before and after
+    (norms, RoPE) is the architecture's."""
+
+    def __init__(self, cfg: ArborConfig, layer: int = 0):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.window = cfg.layer_window(layer)
+        self.scale = cfg.attention_scale  # head_dim ** -0.5, or Gemma's query_pre_attn_scalar ** -0.5
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=cfg.attention_out_bias)
+
+    def project(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        """(B, T, hidden) -> q (B, n_heads, T, head_dim), k and v (B, n_kv_heads, T, head_dim)."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).reshape(B, T, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)
+        k = self.k_proj(x).reshape(B, T, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
+        v = self.v_proj(x).reshape(B, T, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
+        return q, k, v
+
+    def attend(self, q: mx.array, k: mx.array, v: mx.array, cache: KVCache | None, start: int) -> mx.array:
+        """Queries at [start, start + T) over the cached keys and these: (B, T, n_heads * head_dim), before o_proj."""
+        B, _, T, _ = q.shape
+        key_pos = None  # None: the keys are positions [0, start + T) in order
+        if cache is not None:
+            k, v, key_pos = cache.update(start, k, v)  # key_pos: each key's position, once a ring cache wrapped
+        key_start = 0
+        if key_pos is None and self.window is not None and start + T > self.window:
+            key_start = kv_layout.first_visible_key(start, self.window)  # older keys are outside every query's window
+            k, v = k[:, :, key_start:], v[:, :, key_start:]
+        mask = attention_mask(T, k.shape[2], key_start, start, self.window, key_pos)
+        y = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)  # GQA: k/v not tiled
+        return y.transpose(0, 2, 1, 3).reshape(B, T, self.n_heads * self.head_dim)
+
+
+def attention_mask(q_len: int, kv_len: int, key_start: int, start: int, window: int | None, key_pos=None):
+    """Mask for queries at [start, start+q_len) over keys at [key_start, key_start+kv_len), or at
+    the positions `key_pos` (a wrapped ring cache's slots, which only a window model has).
+
+    None for one query whose keys are all visible; "causal" (MLX aligns it lower-right: the last
+    query sees the last key) when the keys end with the queries and no window cuts in; otherwise
+    an explicit boolean matrix, as arbor_torch's `_mask` builds it.
+    """
+    end = key_start + kv_len
+    windowed = kv_layout.window_cuts_in(window, start + q_len - 1, key_start)  # some query loses a key
+    if key_pos is None and not windowed and end == start + q_len:
+        return None if q_len == 1 else "causal"
+    k_pos = mx.arange(key_start, end) if key_pos is None else key_pos
+    return kv_layout.visible(mx.arange(start, start + q_len), k_pos, window)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ArborConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gelu = cfg.hidden_act == "gelu_pytorch_tanh"
+
+    def __call__(self, x: mx.array) -> mx.array:
+        gate = self.gate_proj(x)
+        gate = nn.gelu_approx(gate) if self.gelu else nn.silu(gate)  # GeGLU (tanh GELU) or SwiGLU
+        return self.down_proj(gate * self.up_proj(x))
