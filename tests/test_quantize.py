@@ -137,7 +137,9 @@ def test_fused_projections_equal_the_separate_ones():
     with torch.no_grad():
         for linear, weight in zip(linears, w):
             linear.weight.copy_(weight)
-    fused = Q.fused_quantized_linear(linears, "int4")
+    # quantize_model quantizes the fused weight (model.fuse_layer): rows side by side, biases likewise
+    fused = Q.quantized_linear(torch.cat([linear.weight.data for linear in linears]),
+                               torch.cat([linear.bias.data for linear in linears]), "int4")
     separate = torch.cat([linear(x) for linear in linears], dim=-1)
     assert isinstance(fused, Q.Int4Linear)  # 128 rows tile, where 32-row k/v alone would not
     assert torch.linalg.norm(fused(x) - separate) / torch.linalg.norm(separate) < 0.12

@@ -41,55 +41,85 @@ def test_fused_projections_keep_the_logits_and_the_parameter_count(tiny_model):
 @pytest.mark.parametrize("arch", ["llama", "gemma"])
 @pytest.mark.parametrize("fused", [False, True])
 def test_decode_step_halves_equal_the_block(fused, arch, monkeypatch, tiny_model):
-    """The CUDA graph's per-layer math (pre/post attention, as compiled) equals Block.forward, for a Llama block
-    and a Gemma one (q/k norms, sandwich norms, GeGLU, its local RoPE); with an int8 cache, the new token's K/V
-    come out as cache.quantize_int8 makes them."""
+    """The CUDA graph's per-layer math (its family's pre/post attention on the fused weights, as compiled) equals
+    Block.forward, for a Llama block and a Gemma one (q/k norms, sandwich norms, GeGLU, its local RoPE); with an
+    int8 cache, the new token's K/V come out as cache.quantize_int8 makes them."""
     from test_gemma import TINY_GEMMA
 
     from arbor_torch.cache import quantize_int8
-    from arbor_torch.cuda_graph import compiled, gemma_post_attention, post_attention, pre_attention
+    from arbor_torch.cuda_graph import layer_halves
 
     if fused:
         pytest.importorskip("triton")  # torch.compile's CPU backend needs a C++ compiler; skip where absent
     monkeypatch.setenv("ARBOR_COMPILE", "1" if fused else "0")
     gemma = arch == "gemma"
-    pre = compiled(pre_attention)
-    post = compiled(gemma_post_attention if gemma else post_attention)
     lm = tiny_model(**TINY_GEMMA) if gemma else tiny_model(attention_bias=True)
     lm.model.fuse_projections()
     cfg = lm.config
-    layer = lm.model.model.layers[0]
+    block = lm.model.model.layers[0]
+    (pre, post), (pre_int8, _) = layer_halves(block.arch, False), layer_halves(block.arch, True)
+    layer = block.arch.layer_of(block, tensors=True)
     x = torch.randn(1, 1, cfg.hidden_size)
     pos = 5
     tables = (lm.model.local_cos, lm.model.local_sin) if gemma else (lm.model.rope_cos, lm.model.rope_sin)
-    assert layer.self_attn.window == (8 if gemma else None)  # Gemma's first layer slides: its own RoPE tables
+    assert block.self_attn.window == (8 if gemma else None)  # Gemma's first layer slides: its own RoPE tables
     cos, sin = tables[0][pos:pos + 1], tables[1][pos:pos + 1]
-    shapes = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
     with torch.no_grad():
         cache = lm.new_cache(16)
-        ref = layer(x, cos, sin, cache.layers[0], 0)[0]  # one token at position 0..: compare at start=0
-        a, norms = layer.self_attn, (None, None)
-        if gemma:
-            norms = (a.q_norm.weight, a.k_norm.weight)
-        args = (x[0], layer.input_layernorm.weight, a.qkv_weight, a.qkv_bias, *norms, cos, sin, shapes, cfg.rms_norm_eps,
-                gemma)
-        q, k, v = pre(*args, False)
+        ref = block(x, cos, sin, cache.layers[0], 0)[0]  # one token at position 0..: compare at start=0
+        q, k, v = pre(x[0], layer, cos, sin)
         y = torch.nn.functional.scaled_dot_product_attention(q[None, :, None], k, v, enable_gqa=True,
                                                              scale=cfg.attention_scale)[0, :, 0]
-        if gemma:
-            out = post(x[0], y.reshape(1, -1), a.o_proj.weight, a.o_proj.bias, layer.post_attention_layernorm.weight,
-                       layer.pre_feedforward_layernorm.weight, layer.post_feedforward_layernorm.weight,
-                       layer.mlp.gate_up_weight, layer.mlp.down_proj.weight, cfg.rms_norm_eps)
-        else:
-            out = post(x[0], y.reshape(1, -1), a.o_proj.weight, a.o_proj.bias, layer.post_attention_layernorm.weight,
-                       layer.mlp.gate_up_weight, layer.mlp.down_proj.weight, cfg.rms_norm_eps)
-        quantized = pre(*args, True)
+        out = post(x[0], y.reshape(1, -1), layer)
+        quantized = pre_int8(x[0], layer, cos, sin)
     np.testing.assert_allclose(out.numpy(), ref.numpy(), rtol=1e-4, atol=1e-5)
     expected = (q,) + quantize_int8(k) + quantize_int8(v)
     assert [t.dtype for t in quantized] == [t.dtype for t in expected]
     for got, want in zip(quantized, expected):
         np.testing.assert_allclose(got.float().numpy(), want.float().numpy(), rtol=1e-5, atol=1e-5)
-    assert pre is not pre_attention or not fused
+    assert hasattr(pre, "_torchdynamo_orig_callable") == fused  # compiled exactly when asked
+
+
+@pytest.mark.parametrize("quantize", [None, "int4"])
+def test_the_compiled_steps_module_equals_the_eager_decode(quantize, tiny_model):
+    """decode_step.DecodeStep (what compiled_decode exports), run eagerly, gives the eager decode's logits and K/V,
+    with an attention scale unlike head_dim ** -0.5 (it runs the family's block, not a copy of it)."""
+    from arbor_torch.decode_step import DecodeStep
+
+    lm = tiny_model(hidden_size=64, intermediate_size=128, num_attention_heads=4, query_pre_attn_scalar=24,
+                    attention_bias=True, vocab_size=128)
+    if quantize:
+        from arbor_torch.quantize import quantize_model
+
+        quantize_model(lm.model, quantize)
+    cache = lm.new_cache(32)
+    lm.prefill([3, 9, 27, 81, 17], cache)
+    with torch.no_grad():
+        step = DecodeStep(lm.model)
+        positions = torch.zeros(cache.length, dtype=torch.long)
+        logits, k, v = step(torch.tensor([40]), cache.stacked_k, cache.stacked_v, lm.model.rope_cos,
+                            lm.model.rope_sin, positions)
+    want = lm.decode(40, cache)
+    torch.testing.assert_close(logits, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(k, cache.stacked_k[:, :, 5], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(v, cache.stacked_v[:, :, 5], rtol=1e-5, atol=1e-5)
+
+
+def test_which_strategies_run_a_family():
+    from arbor_core.config import ArborConfig
+    from arbor_torch.arch import family
+    from arbor_torch.decode_step import DecodeStep
+    from arbor_torch.model import Transformer
+    from test_gemma import TINY_GEMMA
+
+    shape = dict(vocab_size=97, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=6)
+    llama, windowed = ArborConfig(**shape), ArborConfig(**shape, model_type="mistral", sliding_window=8)
+    gemma = ArborConfig(**TINY_GEMMA)
+    assert "compiled_cpu" in family(llama).decode_strategies(llama)
+    for cfg in (windowed, gemma):
+        assert family(cfg).decode_strategies(cfg) == {"eager", "cuda_graph"}
+        with pytest.raises(ValueError, match="does not run this model"):
+            DecodeStep(Transformer(cfg))
 
 
 def test_cuda_prefill_chunks_bound_the_mlp_transient():

@@ -12,26 +12,30 @@ cache length as a symbolic size, and AOTInductor can compile it to one C++ funct
 - attention of the one query is over the past keys plus its own key, merged in one softmax, so the
   new key never has to be written before it is read.
 
+Everything else is the family's block (arch/): its norms, projections, RoPE, MLP and embedding scale.
+Which families it may run is theirs to say (decode_strategies).
+
 It shares every parameter and buffer with the Transformer it wraps: nothing is copied.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
-from .model import Transformer, apply_rope
+from .arch import family
+from .arch.pieces import embed, final
+from .model import Transformer
 
 
 def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor,
-               past_v: torch.Tensor) -> torch.Tensor:
+               past_v: torch.Tensor, scale: float) -> torch.Tensor:
     """Attention of one token's queries (heads, D) over past keys/values (kv_heads, L, D) and its own
-    key/value (kv_heads, D), grouped-query style (heads = kv_heads * group). Returns (heads, D)."""
+    key/value (kv_heads, D), grouped-query style (heads = kv_heads * group), scores scaled by `scale`.
+    Returns (heads, D)."""
     n_heads, head_dim = q.shape
     n_kv = k.shape[0]
-    q = q.view(n_kv, n_heads // n_kv, head_dim) * (1.0 / math.sqrt(head_dim))
+    q = q.view(n_kv, n_heads // n_kv, head_dim) * scale
     scores = torch.matmul(q, past_k.transpose(-1, -2))  # (kv, group, L)
     own = (q * k.unsqueeze(1)).sum(-1, keepdim=True)  # (kv, group, 1)
     top = torch.maximum(scores.amax(-1, keepdim=True), own)
@@ -44,13 +48,16 @@ class DecodeStep(nn.Module):
     """forward(token (1,) int64, k (layers, kv, slots, D), v (same), cos (positions, D), sin, past (L,))
     -> (logits (vocab,) float32, new k (layers, kv, D), new v (layers, kv, D)) for the token at position L.
 
-    `past` is only read for its length: an input's size is how torch.export lets L vary.
+    `past` is only read for its length: an input's size is how torch.export lets L vary. The block is
+    the model's family's (arch/): this step only says how attention reads the cache.
     """
 
     def __init__(self, model: Transformer):
         super().__init__()
-        if model.config.sliding_window is not None:
-            raise ValueError("the compiled decode step covers models without a sliding window")
+        cfg = model.config
+        if "compiled_cpu" not in family(cfg).decode_strategies(cfg):
+            raise ValueError(f"the compiled decode step does not run this model ({cfg.model_type}"
+                             f"{', sliding window' if cfg.sliding_window is not None else ''})")
         self.model = model
 
     def forward(self, token, cache_k, cache_v, cos_table, sin_table, past):
@@ -58,18 +65,16 @@ class DecodeStep(nn.Module):
         n_heads, n_kv, head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         length = past.shape[0]
         cos, sin = cos_table.narrow(0, length, 1), sin_table.narrow(0, length, 1)  # (1, D)
-        x = m.model.embed_tokens(token.view(1, 1))  # (1, 1, hidden)
+        x = embed(token.view(1, 1), m.model.embed_tokens, cfg.embedding_multiplier)  # (1, 1, hidden)
         new_k, new_v = [], []
-        for i, layer in enumerate(m.model.layers):
-            attn = layer.self_attn
-            q, k, v = attn.project(layer.input_layernorm(x))
-            q, k, v = q.view(n_heads, head_dim), k.view(n_kv, head_dim), v.view(n_kv, head_dim)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        for i, block in enumerate(m.model.layers):
+            layer = block.arch.layer_of(block)
+            q, k, v = block.arch.pre_attention(x, layer, cos, sin)  # (1, heads, 1, D)
+            q, k, v = q.reshape(n_heads, head_dim), k.reshape(n_kv, head_dim), v.reshape(n_kv, head_dim)
             past_k, past_v = cache_k[i].narrow(1, 0, length), cache_v[i].narrow(1, 0, length)
-            y = attend_one(q, k, v, past_k, past_v)
-            x = x + attn.o_proj(y.view(1, 1, n_heads * head_dim))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            y = attend_one(q, k, v, past_k, past_v, cfg.attention_scale)
+            x = block.arch.post_attention(x, y.view(1, 1, n_heads * head_dim), layer)
             new_k.append(k)
             new_v.append(v)
-        logits = m.lm_head(m.model.norm(x)).view(-1).float()
+        logits = final(x, m.model.norm, m.lm_head).view(-1).float()
         return logits, torch.stack(new_k), torch.stack(new_v)

@@ -85,7 +85,7 @@ def load_int4(model: nn.Module, state: dict[str, torch.Tensor], dtype: torch.dty
                 return int4_linear_from_codes(codes, scale, zero, bias(bases))
         return quantized_linear(torch.cat([float_weight(base) for base in bases]), bias(bases), "int4")
 
-    for i, layer in enumerate(model.model.layers):
+    for i, layer in enumerate(model.model.layers):  # fused in model.fuse_layer's order: q, k, v and gate, up
         attn, mlp, p = layer.self_attn, layer.mlp, f"model.layers.{i}."
         attn.qkv_proj = linear([f"{p}self_attn.{x}_proj" for x in "qkv"])
         mlp.gate_up_proj = linear([f"{p}mlp.gate_proj", f"{p}mlp.up_proj"])

@@ -1,9 +1,10 @@
-"""The Llama-family transformer in PyTorch: RMSNorm, GQA attention with RoPE, SwiGLU.
+"""The transformer's modules in PyTorch, and its eager forward (prefill, eager decode, training, growth).
 
-Module and parameter names follow Hugging Face's LlamaForCausalLM, so an Arbor checkpoint
-(config.json + safetensors with HF names) loads with `load_state_dict` and no renaming.
-Architecture switches are config fields: attention biases (Qwen2), tied embeddings,
-sliding-window attention (Mistral).
+Module and parameter names follow Hugging Face's LlamaForCausalLM (Gemma3ForCausalLM adds its norms), so
+an Arbor checkpoint (config.json + safetensors with HF names) loads with `load_state_dict` and no
+renaming. The block's math is its family's (arch/llama.py, arch/gemma3.py, found by model_type); what
+is here is the eager strategy's attention (SDPA, the masks, the CUDA prefix kernels), the RoPE tables,
+and the one q/k/v fusion (fuse_layer).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from arbor_core import kv_layout
 from arbor_core.config import ArborConfig
 from arbor_core.rope import local_rope
 
+from .arch import family
+from .arch.pieces import embed, final, rms_norm
 from .cache import KVCache
 from .prefix_attention import attention_after_prefix, choose_kernel
 
@@ -29,25 +32,12 @@ class RMSNorm(nn.Module):
         self.eps, self.offset = eps, offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # normalise in float32 whatever the weights' dtype: bf16 variance loses too much
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.offset:
-            return (h * (1.0 + self.weight.float())).to(x.dtype)
-        return self.weight * h.to(x.dtype)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: (B, heads, T, head_dim); cos/sin: (T, head_dim), HF's half-split layout
-    return x * cos + rotate_half(x) * sin
+        return rms_norm(x, self.weight, self.eps, self.offset)
 
 
 class Attention(nn.Module):
+    """The attention modules of a block (HF names) and the eager strategy's `attend`: SDPA over the cache."""
+
     def __init__(self, cfg: ArborConfig, layer: int = 0):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -58,52 +48,43 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=cfg.attention_out_bias)
-        self.qkv_proj: nn.Module | None = None  # q, k, v in one matmul, when quantize.py fuses them (CPU)
-        if cfg.gemma:  # RMSNorm over each head's q and k, before RoPE
+        # the one fusion (fuse_layer): q/k/v rows stored contiguously, the three weights becoming views
+        self.qkv_weight: torch.Tensor | None = None
+        self.qkv_bias: torch.Tensor | None = None
+        self.qkv_proj: nn.Module | None = None  # q, k, v in one quantized matmul (quantize.py, load_quantized.py)
+        if family(cfg).QK_NORM:  # RMSNorm over each head's q and k, before RoPE
             self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, offset=True)
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, offset=True)
         else:
             self.q_norm = self.k_norm = None
 
-    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q, k, v of x (…, hidden): one fused matmul when quantize.py made one, else three."""
-        if self.qkv_proj is not None:
-            kv_dim = self.n_kv_heads * self.head_dim
-            return self.qkv_proj(x).split([self.n_heads * self.head_dim, kv_dim, kv_dim], dim=-1)
-        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
-
-    def forward(self, x, cos, sin, cache: KVCache | None, start: int) -> torch.Tensor:
-        B, T, _ = x.shape
-        q, k, v = self.project(x)
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    def attend(self, q, k, v, cache: KVCache | None, start: int) -> torch.Tensor:
+        """q (B, heads, T, D) and the new k, v (B, kv_heads, T, D) at positions [start, start + T), stored
+        in `cache` and attended with the cached keys -> (B, T, heads * D)."""
+        B, _, T, _ = q.shape
         key_pos = None  # None: the keys are positions [key_start, start + T) in order
         if cache is not None:
             k, v, key_pos = cache.update(start, k, v)  # key_pos: each key's position, once a ring cache wrapped
         key_start = start + T - k.shape[2]
-        if key_pos is None and self._after_prefix(T, k.shape[2], key_start, start, x):
+        if key_pos is None and self._after_prefix(T, k.shape[2], key_start, start, q):
             y = attention_after_prefix(q, k, v, self.prefix_kernel)  # a prefill chunk after cached keys, on CUDA
         else:
-            mask = self._mask(T, k.shape[2], key_start, start, x.device, key_pos)
+            mask = self._mask(T, k.shape[2], key_start, start, q.device, key_pos)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                                is_causal=mask is None and T > 1 and start == 0,
                                                scale=self.scale, enable_gqa=self.n_heads != self.n_kv_heads)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        return y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
 
-    def _after_prefix(self, q_len: int, kv_len: int, key_start: int, start: int, x: torch.Tensor) -> bool:
+    def _after_prefix(self, q_len: int, kv_len: int, key_start: int, start: int, q: torch.Tensor) -> bool:
         """A CUDA prefill chunk over keys from position 0 that the LSE-merged fast kernels can take."""
-        if x.device.type != "cuda" or q_len == 1 or q_len == kv_len or key_start != 0:
+        if q.device.type != "cuda" or q_len == 1 or q_len == kv_len or key_start != 0:
             return False
         if self.scale != self.head_dim ** -0.5:  # the merged kernels use the default scale
             return False
         if self.window is not None and start + q_len > self.window:
             return False
         if self.prefix_kernel is None:
-            self.prefix_kernel = choose_kernel(x.device, x.dtype)
+            self.prefix_kernel = choose_kernel(q.device, q.dtype)
         return self.prefix_kernel != "efficient"
 
     def _mask(self, q_len: int, kv_len: int, key_start: int, start: int, device, key_pos=None):
@@ -130,40 +111,33 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ArborConfig):
         super().__init__()
-        # SwiGLU (Llama), or GeGLU with the tanh GELU (Gemma)
-        self.act = F.silu if cfg.hidden_act == "silu" else (lambda g: F.gelu(g, approximate="tanh"))
+        self.gelu = cfg.hidden_act != "silu"  # SwiGLU (Llama), or GeGLU with the tanh GELU (Gemma)
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-        self.gate_up_proj: nn.Module | None = None  # gate and up in one matmul, when quantize.py fuses them
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_up_proj is not None:
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(self.act(gate) * up)
+        self.gate_up_weight: torch.Tensor | None = None  # gate and up rows contiguous (fuse_layer)
+        self.gate_up_proj: nn.Module | None = None  # gate and up in one quantized matmul
 
 
 class Block(nn.Module):
+    """One decoder layer's modules (HF names); its math is its family's (arch/), its attention eager SDPA."""
+
     def __init__(self, cfg: ArborConfig, layer: int = 0):
         super().__init__()
-        eps, offset = cfg.rms_norm_eps, cfg.gemma
+        self.arch = family(cfg)
+        eps, offset = cfg.rms_norm_eps, self.arch.NORM_OFFSET
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps, offset)
         self.self_attn = Attention(cfg, layer)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps, offset)
         self.mlp = MLP(cfg)
-        self.sandwich = cfg.gemma  # Gemma: norms before and after attention and the MLP
-        if self.sandwich:
+        if self.arch.SANDWICH:  # norms before and after attention and the MLP
             self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps, offset)
             self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps, offset)
 
     def forward(self, x, cos, sin, cache, start):
-        if self.sandwich:  # post_attention_layernorm is then the attention output's norm, not the MLP's input's
-            x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, cache, start))
-            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        layer = self.arch.layer_of(self)
+        q, k, v = self.arch.pre_attention(x, layer, cos, sin)
+        return self.arch.post_attention(x, self.self_attn.attend(q, k, v, cache, start), layer)
 
 
 class Backbone(nn.Module):
@@ -176,7 +150,7 @@ class Backbone(nn.Module):
             nn.init.normal_(table)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=table)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.gemma)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, family(cfg).NORM_OFFSET)
 
 
 class Transformer(nn.Module):
@@ -215,12 +189,6 @@ class Transformer(nn.Module):
             emb = torch.cat((freqs, freqs), dim=-1)
             self.local_cos, self.local_sin = emb.cos().to(dtype), emb.sin().to(dtype)
 
-    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = self.model.embed_tokens(tokens)
-        if self.config.embedding_multiplier:  # Gemma: scaled by sqrt(hidden), in the embedding's dtype
-            x = x * torch.tensor(self.config.embedding_multiplier, dtype=x.dtype)
-        return x
-
     def _rope_for_layers(self, start: int, T: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(cos, sin) of positions [start, start + T) for each layer: Gemma's sliding layers read the local tables."""
         full = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
@@ -235,12 +203,12 @@ class Transformer(nn.Module):
         T = tokens.shape[1]
         if self.rope_cos is None or start + T > self.rope_cos.shape[0]:
             raise ValueError(f"positions up to {start + T} exceed the RoPE table ({self._rope_len()})")
-        x = self._embed(tokens)
+        x = embed(tokens, self.model.embed_tokens, self.config.embedding_multiplier)
         for i, (layer, (cos, sin)) in enumerate(zip(self.model.layers, self._rope_for_layers(start, T))):
             x = layer(x, cos, sin, caches[i] if caches is not None else None, start)
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(self.model.norm(x))
+        return final(x, self.model.norm, self.lm_head)
 
     def hidden_states(self, tokens: torch.Tensor, checkpoint_blocks: bool = False) -> torch.Tensor:
         """(B, T) -> the final norm's output (B, T, hidden) at positions [0, T), no cache: training's
@@ -248,7 +216,7 @@ class Transformer(nn.Module):
         are recomputed in the backward pass instead of kept: one block's memory, not all of them."""
         from torch.utils.checkpoint import checkpoint  # imported when training: it costs every start otherwise
 
-        x = self._embed(tokens)
+        x = embed(tokens, self.model.embed_tokens, self.config.embedding_multiplier)
         for layer, (cos, sin) in zip(self.model.layers, self._rope_for_layers(0, tokens.shape[1])):
             if checkpoint_blocks:
                 x = checkpoint(layer, x, cos, sin, None, 0, use_reentrant=False)
@@ -257,24 +225,28 @@ class Transformer(nn.Module):
         return self.model.norm(x)
 
     def fuse_projections(self) -> None:
-        """Store q/k/v and gate/up weights contiguously, the per-projection weights becoming views.
-
-        One matmul then reads all three (or both) in decode; prefill and the HF names are
-        unchanged, and no memory is duplicated.
-        """
+        """fuse_layer on every block (the CUDA graph reads the fused weights; runner.py calls this at load)."""
         for layer in self.model.layers:
-            a, mlp = layer.self_attn, layer.mlp
-            a.qkv_weight, (a.q_proj.weight, a.k_proj.weight, a.v_proj.weight) = _fused(
-                a.q_proj.weight, a.k_proj.weight, a.v_proj.weight)
-            a.qkv_bias = None
-            if a.q_proj.bias is not None:
-                a.qkv_bias, (a.q_proj.bias, a.k_proj.bias, a.v_proj.bias) = _fused(
-                    a.q_proj.bias, a.k_proj.bias, a.v_proj.bias)
-            mlp.gate_up_weight, (mlp.gate_proj.weight, mlp.up_proj.weight) = _fused(
-                mlp.gate_proj.weight, mlp.up_proj.weight)
+            fuse_layer(layer)
 
     def _rope_len(self) -> int:
         return 0 if self.rope_cos is None else self.rope_cos.shape[0]
+
+
+def fuse_layer(block: Block) -> None:
+    """The one q/k/v (and gate/up) fusion: the rows stored contiguously, in the order q, k, v (gate, up),
+    the per-projection weights becoming views of them, so no memory is duplicated, the HF names and the
+    parameter count are unchanged and eager's separate matmuls read the same numbers. The CUDA graph
+    multiplies by the fused weights; quantize.py quantizes them into one Linear each. Done once: a block
+    already fused, or quantized, is left as it is."""
+    a, mlp = block.self_attn, block.mlp
+    if a.qkv_weight is not None or a.qkv_proj is not None:
+        return
+    a.qkv_weight, (a.q_proj.weight, a.k_proj.weight, a.v_proj.weight) = _fused(
+        a.q_proj.weight, a.k_proj.weight, a.v_proj.weight)
+    if a.q_proj.bias is not None:
+        a.qkv_bias, (a.q_proj.bias, a.k_proj.bias, a.v_proj.bias) = _fused(a.q_proj.bias, a.k_proj.bias, a.v_proj.bias)
+    mlp.gate_up_weight, (mlp.gate_proj.weight, mlp.up_proj.weight) = _fused(mlp.gate_proj.weight, mlp.up_proj.weight)
 
 
 def _fused(*params: nn.Parameter) -> tuple[torch.Tensor, list[nn.Parameter]]:

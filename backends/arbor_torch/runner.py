@@ -18,6 +18,7 @@ from arbor_core.rope import RopeTables
 from arbor_weights.checkpoint import check_tensors
 
 from . import compiled_decode, sampling
+from .arch import family
 from .cache import SCALE_DTYPE, ModelCache
 from .memory import memory_info, release_freed_heap
 from .model import Transformer
@@ -64,9 +65,13 @@ class TorchModel:
         self.torch_dtype = model.model.embed_tokens.weight.dtype
         self.parameter_count = parameter_count or sum(p.numel() for p in model.parameters())
         self.quantize = quantize
+        # the graph's split-KV kernel reads every cache layout: 16-bit or int8, whole or a sliding layer's ring
+        self.use_cuda_graphs = torch.device(device).type == "cuda" and os.environ.get("ARBOR_CUDA_GRAPHS", "1") != "0"
         if quantize is not None and parameter_count is None:  # float layers -> weight-only int8 / int4 (quantize.py)
             with one_thread():  # memory-bound passes: 1 thread loses nothing and cannot stall on a busy CPU
-                quantize_model(model, quantize)
+                quantize_model(model, quantize)  # fuses each block's projections (model.fuse_layer), then quantizes
+        elif self.use_cuda_graphs:
+            model.fuse_projections()  # the graph multiplies by the fused q/k/v and gate/up weights
         self.weights_nbytes = module_nbytes(model)
         self.act_element_bytes = self.torch_dtype.itemsize
         # kv_bits 16: the cache in the model's dtype; 8: int8 codes plus a float16 scale per head and token
@@ -78,18 +83,17 @@ class TorchModel:
         self.prefill_chunk = int(os.environ.get("ARBOR_PREFILL_CHUNK", 0)) or (
             cuda_prefill_chunk(model.config.intermediate_size) if torch.device(device).type == "cuda"
             else CPU_PREFILL_CHUNK)
-        # the graph's split-KV kernel reads every cache layout: 16-bit or int8, whole or a sliding layer's ring
         # measured (40 tokens as 40 rows vs 30 + 10 vs 39 + a decode step): on the CPU (135M model) float32
         # logits differ by 2e-5, int8 by 0.2, int4 by 0.25; on an H100 (its shape, 4 random layers) bf16 by
         # 0.4-1.3 and float32 by 1e-4, with CUDA graphs or without
         self.exact_across_row_counts = False
-        self.use_cuda_graphs = torch.device(device).type == "cuda" and os.environ.get("ARBOR_CUDA_GRAPHS", "1") != "0"
         self.active_rope: RopeTables | None = None  # the RopeTables the model's cos/sin tables were built from
         # CPU, quantized weights: decode runs one AOT-compiled step, built once per machine (compiled_decode.py).
-        # The float path stays eager (it is the exact reference), and so do int8 / windowed caches.
+        # The float path stays eager (it is the exact reference), and so do int8 caches and the families the
+        # compiled step does not run (arch/: decode_strategies).
         self.compiled = None
         if (torch.device(device).type == "cpu" and quantize is not None and kv_bits == 16
-                and model.config.sliding_window is None and compiled_decode.enabled()):
+                and "compiled_cpu" in family(model.config).decode_strategies(model.config) and compiled_decode.enabled()):
             self.compiled = compiled_decode.CompiledDecode(model)
 
     @classmethod
@@ -120,6 +124,7 @@ class TorchModel:
         state = load_quantized.dequantized_state(state, checkpoint.path)  # exact float32 for GGUF blocks
         state = {k: v.to(device=device, dtype=target) for k, v in state.items()}
         model.load_state_dict(state, strict=False, assign=True)
+        del state  # the model holds the tensors now; fusing or quantizing them must free what they replace
         if cfg.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
         lm = cls(model, device, dtype, kv_bits, quantize)

@@ -1,0 +1,22 @@
+"""The architecture families of the torch backend, one file each, found by config.model_type.
+
+A family module holds its block as plain functions (embed, pre_attention, post_attention, final) that the
+eager forward (model.py), the CUDA graph step (cuda_graph.py) and the compiled CPU step (decode_step.py)
+all call, the facts model.py builds its modules from (NORM_OFFSET, QK_NORM, SANDWICH), and which decode
+strategies may run it (decode_strategies: "eager", "cuda_graph", "compiled_cpu").
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from arbor_core.config import ArborConfig
+
+from . import gemma3, llama
+
+FAMILIES: dict[str, ModuleType] = {"llama": llama, "mistral": llama, "qwen2": llama, "gemma3_text": gemma3}
+
+
+def family(config: ArborConfig) -> ModuleType:
+    """The family module of config.model_type (the config accepts only the types listed here)."""
+    return FAMILIES[config.model_type]
