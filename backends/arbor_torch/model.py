@@ -136,8 +136,11 @@ class Block(nn.Module):
 
     def forward(self, x, cos, sin, cache, start):
         layer = self.arch.layer_of(self)
-        q, k, v = self.arch.pre_attention(x, layer, cos, sin)
-        return self.arch.post_attention(x, self.self_attn.attend(q, k, v, cache, start), layer)
+        # the halves are called so that no name holds q, k, v or the attention output through the MLP: in a
+        # long prefill chunk each is (T, hidden)-sized, and the MLP's own tensors are the peak
+        x = self.arch.attention_out(x, self.self_attn.attend(*self.arch.pre_attention(x, layer, cos, sin), cache,
+                                                              start), layer)
+        return self.arch.feed_forward(x, layer)
 
 
 class Backbone(nn.Module):

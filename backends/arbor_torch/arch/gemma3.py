@@ -14,8 +14,8 @@ from arbor_core.config import ArborConfig
 
 from .pieces import Layer, apply_rope, embed, final, heads_of, linear, mlp, projections, rms_norm, shapes
 
-__all__ = ["NORM_OFFSET", "QK_NORM", "SANDWICH", "decode_strategies", "embed", "final", "layer_of",
-           "post_attention", "pre_attention"]
+__all__ = ["NORM_OFFSET", "QK_NORM", "SANDWICH", "attention_out", "decode_strategies", "embed", "feed_forward",
+           "final", "layer_of", "post_attention", "pre_attention"]
 
 NORM_OFFSET = QK_NORM = SANDWICH = True
 
@@ -42,8 +42,16 @@ def pre_attention(x: torch.Tensor, layer: Layer, cos: torch.Tensor, sin: torch.T
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
+def attention_out(x: torch.Tensor, y: torch.Tensor, layer: Layer) -> torch.Tensor:
+    """The attention output projected and normed before its residual."""
+    return x + rms_norm(linear(y, layer.o), layer.attention_out_norm, layer.eps, True)
+
+
+def feed_forward(x: torch.Tensor, layer: Layer) -> torch.Tensor:
+    """The MLP between a norm of its input and one of its output."""
+    return x + rms_norm(mlp(rms_norm(x, layer.mlp_norm, layer.eps, True), layer), layer.mlp_out_norm, layer.eps, True)
+
+
 def post_attention(x: torch.Tensor, y: torch.Tensor, layer: Layer) -> torch.Tensor:
-    """The attention output normed before its residual; the MLP between a norm of its input and one of its output."""
-    x = x + rms_norm(linear(y, layer.o), layer.attention_out_norm, layer.eps, True)
-    out = mlp(rms_norm(x, layer.mlp_norm, layer.eps, True), layer)
-    return x + rms_norm(out, layer.mlp_out_norm, layer.eps, True)
+    """Everything after attention (the decode strategies' second half): attention_out, then feed_forward."""
+    return feed_forward(attention_out(x, y, layer), layer)

@@ -14,8 +14,8 @@ from arbor_core.config import ArborConfig
 
 from .pieces import Layer, apply_rope, embed, final, heads_of, linear, mlp, projections, rms_norm, shapes
 
-__all__ = ["NORM_OFFSET", "QK_NORM", "SANDWICH", "decode_strategies", "embed", "final", "layer_of",
-           "post_attention", "pre_attention"]
+__all__ = ["NORM_OFFSET", "QK_NORM", "SANDWICH", "attention_out", "decode_strategies", "embed", "feed_forward",
+           "final", "layer_of", "post_attention", "pre_attention"]
 
 # which modules model.py builds: norm weights stored as is (no offset), no q/k norms, one norm per half-block
 NORM_OFFSET = QK_NORM = SANDWICH = False
@@ -41,7 +41,16 @@ def pre_attention(x: torch.Tensor, layer: Layer, cos: torch.Tensor, sin: torch.T
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
-def post_attention(x: torch.Tensor, y: torch.Tensor, layer: Layer) -> torch.Tensor:
-    """The attention output y (..., T, heads * D) projected onto the residual, then the MLP's half-block."""
-    x = x + linear(y, layer.o)
+def attention_out(x: torch.Tensor, y: torch.Tensor, layer: Layer) -> torch.Tensor:
+    """The attention output y (..., T, heads * D) projected onto the residual."""
+    return x + linear(y, layer.o)
+
+
+def feed_forward(x: torch.Tensor, layer: Layer) -> torch.Tensor:
+    """The MLP's half-block: its input normed, its output added to the residual."""
     return x + mlp(rms_norm(x, layer.mlp_norm, layer.eps), layer)
+
+
+def post_attention(x: torch.Tensor, y: torch.Tensor, layer: Layer) -> torch.Tensor:
+    """Everything after attention (the decode strategies' second half): attention_out, then feed_forward."""
+    return feed_forward(attention_out(x, y, layer), layer)

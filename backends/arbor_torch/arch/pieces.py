@@ -84,8 +84,8 @@ def mlp(x: torch.Tensor, layer: Layer) -> torch.Tensor:
         gate, up = linear(x, layer.gate_up[0]).chunk(2, dim=-1)
     else:
         gate, up = (linear(x, p) for p in layer.gate_up)
-    act = F.gelu(gate, approximate="tanh") if layer.gelu else F.silu(gate)
-    return linear(act * up, layer.down)
+    # the activation stays a temporary: a long prefill chunk's (T, intermediate) tensors are the largest here
+    return linear((F.gelu(gate, approximate="tanh") if layer.gelu else F.silu(gate)) * up, layer.down)
 
 
 def embed(tokens: torch.Tensor, table: nn.Module, multiplier: float | torch.Tensor | None) -> torch.Tensor:
