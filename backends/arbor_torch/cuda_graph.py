@@ -54,10 +54,21 @@ def layer_halves(arch, quantized: bool):
     return compiled(pre), compiled(post)
 
 
+HALVES_RECOMPILE_LIMIT = 64  # compiled variants one process may keep of each half (see compiled)
+
+
 def compiled(fn):
-    """fn fused by torch.compile (ARBOR_COMPILE=0: eager, unfused)."""
+    """fn fused by torch.compile (ARBOR_COMPILE=0: eager, unfused).
+
+    Every family's halves share two code objects (layer_halves' pre and post), and each model shape, dtype,
+    family and cache kind is one more compiled variant of them. Dynamo's default of 8 variants a code object
+    is reached by a process that loads several models (the test suite, a bench over shapes), and fullgraph
+    turns that into an error, so the limit is raised for them."""
     if os.environ.get("ARBOR_COMPILE", "1") == "0":
         return fn
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), HALVES_RECOMPILE_LIMIT))
     return torch.compile(fn, dynamic=False, fullgraph=True)
 
 
