@@ -31,7 +31,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from arbor_core.errors import UsageError
+from arbor_core.errors import ScoringUnavailableError, UsageError
 
 from . import doc_cache
 from .chunking import document_token_offsets, split_into_chunks
@@ -118,17 +118,13 @@ class DocumentReader:
         """The text's prefill (from disk, or run and kept), then the rest of the prompt but its last token,
         the question's tokens scored: their log-probability after the text (all but the first, which
         follows the same "Question:" in every part)."""
-        from .engine import EngineError
-
         ids, shared, end = prompt_ids(self.model.tokenizer, text, question)
         session = self._document(ids[:shared], shared + QUESTION_ROOM + ANSWER_TOKENS)
         score = 0.0
         if self.ranked:
             try:
                 score = sum(self.model.score_prompt(ids[shared:-1], session)[:max(end - shared - 1, 0)])
-            except EngineError as e:
-                if "does not score" not in str(e):
-                    raise
+            except ScoringUnavailableError as e:
                 self.ranked = False
                 self.model.notify(f"{e}: every part answers, unranked")
         return Reading(score, session, messages(text, question))

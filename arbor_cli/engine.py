@@ -23,7 +23,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from arbor_core.errors import ArborError, ContextError, UsageError
+from arbor_core.errors import ArborError, ContextError, ScoringUnavailableError, UsageError
 from arbor_core.planner import ContextPlan, bucket_within
 
 from .answer_log import AnswerLog
@@ -215,7 +215,7 @@ class RemoteModel:
         except (KeyError, IndexError, TypeError):
             values = None
         if not isinstance(values, list) or len(values) < len(prompt):
-            raise EngineError(f"the engine at {self.url} does not score prompts (completions with echo and "
+            raise ScoringUnavailableError(f"the engine at {self.url} does not score prompts (completions with echo and "
                               "logprobs)")
         if session is not None:
             session.hold(prompt, start=0)

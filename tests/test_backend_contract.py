@@ -1,4 +1,4 @@
-"""The backend contract (arbor_cli/backend.py: LoadedModel), stated once and run on every installed backend.
+"""The backend contract (core/arbor_core/backend.py: LoadedModel), stated once and run on every installed backend.
 
 Each backend loads the same tiny random checkpoint through its own `load()` and must agree with its
 own full forward pass: chunked prefill and decode, cache truncate and reuse, the sliding-window ring,

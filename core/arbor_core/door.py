@@ -60,7 +60,8 @@ class Door(Protocol):
 
     def score_prompt(self, ids: list[int], session: Any = None) -> list[float]:
         """log p (nats) of each of ids[1:] given the ones before it; with `session`, `ids` follow what it
-        holds (and are added to it)."""
+        holds (and are added to it). ScoringUnavailableError where the door cannot score (an engine without
+        completions' echo + logprobs)."""
 
     def prefill(self, ids: list[int], session: Any) -> None:
         """`session` takes `ids` after what it holds, answering nothing (a document kept for questions)."""

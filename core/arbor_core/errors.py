@@ -51,3 +51,8 @@ class InputError(ArborError):
 
 class OutOfMemoryError(ArborError):
     """The device ran out of memory; callers may retry with a smaller context."""
+
+
+class ScoringUnavailableError(ArborError):
+    """The door cannot score a prompt's tokens (an engine that answers no completions with echo and
+    logprobs): a caller that only ranks with the scores goes on without them."""

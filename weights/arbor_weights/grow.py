@@ -1,4 +1,4 @@
-"""Function-preserving growth of a Llama-family checkpoint (`Model.grow`, `arbor grow SRC DST`).
+"""Function-preserving growth of a Llama-family checkpoint (`arbor grow SRC DST`, arbor_cli/cli/grow.py: grow_model).
 
 The grown model computes exactly what the original did, and can then be trained (train.py):
 
