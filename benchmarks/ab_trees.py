@@ -2,27 +2,26 @@
 chunker makes the same parts, and (--speed) the CPU default decodes and prefills as fast.
 
     python benchmarks/ab_trees.py BEFORE AFTER [--only RE] [--skip RE] [--timeout S] [--json OUT]
-        [--no-commands] [--no-chunks] [--speed [--rounds 5] [--tokens 128] [--tolerance 0.03]]
+        [--no-commands] [--no-chunks] [--speed [--rounds 5] [--tokens 256] [--tolerance 0.03]]
 
 Commands: every `$ ` line of BEFORE's README.md console blocks, in order (ask reads the bees.txt made
 before it), with bash from each tree's root, stdin empty, PYTHONPATH=TREE:TREE/core:TREE/weights:
-TREE/backends so the installed `arbor` and `python` run that tree. Stdout must match byte for byte once
-VOLATILE is masked; stderr (its one-line error) when a command fails. A command ending in `&` is a
-server: waited for until its port (a free one, not 8080) answers, stopped with SIGINT after the last
-command. Files written at the tree's top level (bees.txt, smol-hf/) are compared, then removed
-(unless --keep-outputs). Each tree has its own ARBOR_HOME under --work, its models/ a link to the
+TREE/backends so the installed `arbor` and `python` run that tree. Stdout must match byte for byte
+once VOLATILE and the tree's own path are masked; stderr (its one-line error) when a command fails. A
+command ending in `&` is a server: waited for until its port (a free one, not 8080) answers, stopped
+with SIGINT after the last command. Files written at the tree's top level (bees.txt, smol-hf/) are
+compared, then removed (unless --keep-outputs). Each tree has its own ARBOR_HOME under --work, its models/ a link to the
 shared home's ($ARBOR_HOME or the user cache): the same models, but the compiled decode step
 (ARBOR_COMPILE_DIR) and the document KV cache (emptied first) are each tree's own. Default --skip:
-`vllm serve` (another project's server; the README does not run it). The slowest kept, once per
-tree: the 34K-token float32 summary (142 s on 2 quiet cores) and `arbor ask bees.txt` (about 2.5 min).
+`vllm serve` (another project's server; the README does not run it).
 
 Chunks: the parts (character span, tokens, overlap) `arbor summarize --words 60` reads of
 tests/long_document.py's text at --context 4096 and of docs/examples/eddystone.txt at 384 and 512,
 and the chunker's own at fixed budgets: CHUNK_LISTS, run in each tree's interpreter.
 
---speed: `arbor bench` with a 512-token prompt in fresh processes, BEFORE, AFTER, BEFORE, ... for --rounds
-after one untimed round: the CPU default's (int4, compiled decode step) prefill and decode, medians and
-AFTER/BEFORE ratios; slower than 1 - --tolerance fails (run it on a quiet machine). Exit 1 on any difference.
+--speed: ab_speed_probe.py in fresh processes, BEFORE, AFTER, BEFORE, ... for --rounds after one untimed
+round: the CPU default's (int4, compiled decode step) best 512-token prefill and decode of each process,
+their medians and AFTER/BEFORE ratios; slower than 1 - --tolerance fails (run it on a quiet machine). Exit 1 on any difference.
 """
 
 from __future__ import annotations
@@ -129,7 +128,9 @@ def run_command(tree: Tree, command: str, timeout: float) -> dict:
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
         err += f"\nab_trees: killed after --timeout {timeout:g} s\n".encode()
-    return {"rc": proc.returncode, "stdout": out, "stderr": err, "seconds": time.perf_counter() - t0}
+    root = str(tree.root).encode()  # `arbor export` prints the directory it wrote, under its own tree
+    return {"rc": proc.returncode, "stdout": out.replace(root, b"<TREE>"), "stderr": err.replace(root, b"<TREE>"),
+            "seconds": time.perf_counter() - t0}
 
 
 def start_server(tree: Tree, command: str, port: int, timeout: float) -> dict:
@@ -263,16 +264,12 @@ def compare_chunks(trees: list[Tree], work: Path) -> dict:
 
 
 def bench_once(tree: Tree, tokens: int, timeout: float) -> dict:
-    command = ["arbor", "bench", "--contexts", str(PREFILL_TOKENS + 1 + tokens), "--tokens", str(tokens), "--json"]
-    done = subprocess.run(command, cwd=tree.root, env=tree.env, capture_output=True, text=True, timeout=timeout)
+    probe = Path(__file__).resolve().parent / "ab_speed_probe.py"  # run with the tree's PYTHONPATH
+    done = subprocess.run([sys.executable, str(probe), str(tokens)], cwd=tree.root, env=tree.env,
+                          capture_output=True, text=True, timeout=timeout)
     if done.returncode:
-        sys.exit(f"ab_trees: `{' '.join(command)}` failed in {tree.side}: {done.stderr.strip()[-2000:]}")
-    report = json.loads(done.stdout)
-    row = report["rows"][0]
-    if row.get("error") or row["prompt_tokens"] != PREFILL_TOKENS:
-        sys.exit(f"ab_trees: bench in {tree.side} did not run a {PREFILL_TOKENS}-token prompt: {row}")
-    return {"decode_tok_s": row["decode_tokens_per_s"], "prefill_tok_s": row["prefill_tokens_per_s"],
-            "weights": f"{report['dtype']}/{report['quantize']}"}
+        sys.exit(f"ab_trees: the speed probe failed in {tree.side}: {done.stderr.strip()[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def compare_speed(trees: list[Tree], args) -> dict:
@@ -313,7 +310,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--keep-outputs", action="store_true", help="leave the files the commands wrote in the trees")
     ap.add_argument("--speed", action="store_true", help="also A/B the CPU default's decode and prefill")
     ap.add_argument("--rounds", type=int, default=5, help="--speed: timed rounds (default 5)")
-    ap.add_argument("--tokens", type=int, default=128, help="--speed: decode steps per run (default 128)")
+    ap.add_argument("--tokens", type=int, default=256, help="--speed: decode steps per run (default 256)")
     ap.add_argument("--tolerance", type=float, default=0.03, help="--speed: slowest ratio allowed is 1 - this")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "arbor-ab",
                     help="the trees' homes and the long document (default $TMPDIR/arbor-ab)")
