@@ -216,3 +216,21 @@ def test_repl_ctrl_c_stops_the_reply_and_keeps_the_session(default_model, monkey
     assert session.turns[-1]["role"] == "assistant" and session.tokens_used() > 0
     reply = "".join(session.send("What is the capital of France?"))
     assert "Paris" in reply
+
+
+def test_models_available_lists_every_registry_model_with_its_size_licence_and_use(runner, tmp_path, monkeypatch):
+    import json
+
+    from arbor_weights.registry import DEFAULT_MODEL, KNOWN_MODELS
+
+    monkeypatch.setenv("ARBOR_HOME", str(tmp_path / "home"))
+    r = runner.invoke(app, ["models", "--available", "--json"])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.stdout)
+    assert [row["name"] for row in rows] == list(KNOWN_MODELS)
+    for row in rows:  # what a user needs to choose: how much it downloads, its terms, what it is for
+        assert row["download_bytes"] > 10_000_000 and row["licence"] and row["good_for"]
+        assert row["installed"] is False and row["default"] is (row["name"] == DEFAULT_MODEL)
+    table = runner.invoke(app, ["models", "--available"])
+    assert table.exit_code == 0
+    assert "qwen2.5-coder-1.5b-instruct" in table.stdout and "1,117 MB" in table.stdout

