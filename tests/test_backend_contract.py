@@ -12,6 +12,7 @@ import importlib.util
 
 import numpy as np
 import pytest
+from tiny_transformers import tiny_transformers_checkpoint
 
 from arbor_cli.backends import backend_module
 from arbor_core import planner
@@ -102,15 +103,7 @@ def make_checkpoint(backend, tiny_checkpoint, tmp_path):
     random model of `model_type` saved as a Hugging Face directory instead (tiny_transformers.py)."""
     def make(transformers: bool = False, **over):
         over = {**backend.checkpoint_overrides, **over}
-        if transformers:
-            from tiny_transformers import save_tiny_model
-
-            from arbor_weights.checkpoint import open_checkpoint
-
-            path = tmp_path / f"hf{len(list(tmp_path.iterdir()))}"
-            save_tiny_model(path, **over)
-            return open_checkpoint(path)
-        return tiny_checkpoint(**over)
+        return tiny_transformers_checkpoint(tmp_path, **over) if transformers else tiny_checkpoint(**over)
     return make
 
 

@@ -35,3 +35,12 @@ def save_tiny_model(path: Path, model_type: str, seed: int = 0, **config):
             weight.normal_(1.0 if name.endswith("norm.weight") else 0.0, 0.2)
     model.save_pretrained(path)
     return model.eval()
+
+
+def tiny_transformers_checkpoint(directory: Path, **config):
+    """save_tiny_model into a fresh folder of `directory`, opened as arbor opens a model directory."""
+    from arbor_weights.checkpoint import open_checkpoint
+
+    path = directory / f"hf{len(list(directory.iterdir()))}"
+    save_tiny_model(path, **config)
+    return open_checkpoint(path)
