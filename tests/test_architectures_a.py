@@ -221,6 +221,16 @@ def test_nope_layers_belong_to_smollm3_only():
         ArborConfig(**SMALL, model_type="smollm3", no_rope_layers=[1, 1, 0])
 
 
+@pytest.mark.parametrize("fields", [{"no_rope_layers": 5}, {"no_rope_layers": [1, 2, 1, 1]}, {"no_rope_layers": [1, 1]},
+                                    {"no_rope_layer_interval": 0},
+                                    {"no_rope_layers": "1110", "use_sliding_window": True, "sliding_window": 4}])
+def test_a_bad_nope_field_is_a_config_error(fields):
+    from arbor_core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="no_rope_layer"):
+        ArborConfig.from_dict({**SMALL, "model_type": "smollm3", **fields})
+
+
 @pytest.mark.parametrize("model_type, fields", [
     ("qwen3", {"max_window_layers": 2}),
     ("qwen2", {"max_window_layers": 3}),

@@ -179,8 +179,8 @@ class ArborConfig:
                 f"config field model_type {self.model_type!r} is not supported; arbor runs "
                 f"{', '.join(sorted(LLAMA_FAMILY))}")
         if self.no_rope_layers is not None and (
-                self.model_type != "smollm3" or len(self.no_rope_layers) != self.num_hidden_layers
-                or any(r not in (0, 1) for r in self.no_rope_layers)):
+                self.model_type != "smollm3" or not isinstance(self.no_rope_layers, list)
+                or len(self.no_rope_layers) != self.num_hidden_layers or any(r not in (0, 1) for r in self.no_rope_layers)):
             raise ConfigError(f"config field no_rope_layers must give 1 (RoPE) or 0 (none) for each of the "
                               f"{self.num_hidden_layers} layers of a smollm3 model")
         if self.rope_scaling:
@@ -262,12 +262,14 @@ def _implicit_family_fields(model_type: str, data: dict[str, Any]) -> None:
             data["no_rope_layers"] = [int((i + 1) % interval != 0) for i in range(layers)]
         elif isinstance(data["no_rope_layers"], list):  # "at least" one entry per layer: the first ones count
             data["no_rope_layers"] = data["no_rope_layers"][:layers]
+        else:
+            raise ConfigError(f"config field no_rope_layers must be a list, got {data['no_rope_layers']!r}")
     if model_type in USE_SLIDING_WINDOW:
         if not data.pop("use_sliding_window", False):
             data["sliding_window"] = None
         elif data.get("layer_types") is None and data.get("sliding_window") is not None:
             # the windowed layers: Qwen's from max_window_layers on, SmolLM3's NoPE layers
-            windowed = ([not rope for rope in data["no_rope_layers"]] if model_type == "smollm3"
+            windowed = ([rope == 0 for rope in data["no_rope_layers"]] if model_type == "smollm3"
                         else [i >= data.get("max_window_layers", 28) for i in range(layers)])
             data["layer_types"] = [LAYER_TYPES[int(w)] for w in windowed]
 
