@@ -12,6 +12,7 @@ import importlib.util
 
 import numpy as np
 import pytest
+from tiny_transformers import tiny_transformers_checkpoint
 
 from arbor_cli.backends import backend_module
 from arbor_core import planner
@@ -97,10 +98,12 @@ def backend(request) -> Backend:
 
 
 @pytest.fixture
-def make_checkpoint(backend, tiny_checkpoint):
-    """conftest.py's tiny_checkpoint, in the shape `backend` runs."""
-    def make(**over):
-        return tiny_checkpoint(**{**backend.checkpoint_overrides, **over})
+def make_checkpoint(backend, tiny_checkpoint, tmp_path):
+    """conftest.py's tiny_checkpoint, in the shape `backend` runs; with `transformers`, transformers' own
+    random model of `model_type` saved as a Hugging Face directory instead (tiny_transformers.py)."""
+    def make(transformers: bool = False, **over):
+        over = {**backend.checkpoint_overrides, **over}
+        return tiny_transformers_checkpoint(tmp_path, **over) if transformers else tiny_checkpoint(**over)
     return make
 
 
@@ -386,6 +389,10 @@ ARCHITECTURE_CHECKPOINTS = {
     # a sliding layer then a global one, a query scale and a local RoPE base unlike the defaults
     "gemma3_text": dict(model_type="gemma3_text", norms=0.0, sliding_window=WINDOW, rope_local_base_freq=100.0,
                         layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=24),
+    # built by transformers (its weight names are the reference): q/k norms and a head_dim not hidden / heads;
+    # NoPE on every second layer
+    "qwen3": dict(transformers=True, model_type="qwen3", head_dim=16),
+    "smollm3": dict(transformers=True, model_type="smollm3", no_rope_layer_interval=2),
 }
 
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from . import decode_step, model, quantize
-from .arch import gemma3, llama, pieces
+from .arch import FAMILIES, pieces
 from .decode_step import DecodeStep
 
 ENV = "ARBOR_COMPILE"
@@ -69,7 +69,7 @@ def _cpu_flags() -> str:
 def _sources() -> str:
     """The code the artifact was generated from: a change to it is a different artifact."""
     digest = hashlib.sha256()
-    for module in (decode_step, model, quantize, pieces, llama, gemma3):
+    for module in (decode_step, model, quantize, pieces, *sorted(set(FAMILIES.values()), key=lambda m: m.__name__)):
         digest.update(Path(module.__file__).read_bytes())
     return digest.hexdigest()
 

@@ -1,8 +1,8 @@
 """The transformer's modules in PyTorch, and its eager forward (prefill, eager decode, training, growth).
 
-Module and parameter names follow Hugging Face's LlamaForCausalLM (Gemma3ForCausalLM adds its norms), so
+Module and parameter names follow Hugging Face's LlamaForCausalLM (Gemma 3 and Qwen3 add their norms), so
 an Arbor checkpoint (config.json + safetensors with HF names) loads with `load_state_dict` and no
-renaming. The block's math is its family's (arch/llama.py, arch/gemma3.py, found by model_type); what
+renaming. The block's math is its family's (arch/llama.py, gemma3.py, ..., found by model_type); what
 is here is the eager strategy's attention (SDPA, the masks, the CUDA prefix kernels), the RoPE tables,
 and the one q/k/v fusion (fuse_layer).
 """
@@ -52,9 +52,10 @@ class Attention(nn.Module):
         self.qkv_weight: torch.Tensor | None = None
         self.qkv_bias: torch.Tensor | None = None
         self.qkv_proj: nn.Module | None = None  # q, k, v in one quantized matmul (quantize.py, load_quantized.py)
+        self.uses_rope = cfg.layer_rope(layer)  # False: a layer without position encoding (SmolLM3's NoPE)
         if family(cfg).QK_NORM:  # RMSNorm over each head's q and k, before RoPE
-            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, offset=True)
-            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, offset=True)
+            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, offset=family(cfg).NORM_OFFSET)
+            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, offset=family(cfg).NORM_OFFSET)
         else:
             self.q_norm = self.k_norm = None
 

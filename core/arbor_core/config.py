@@ -1,6 +1,6 @@
 """ArborConfig: the model's shape, a superset of Hugging Face's config.json for the Llama family.
 
-A HF directory's config.json loads as it is (Llama, Mistral, Qwen2, SmolLM), in both the
+A HF directory's config.json loads as it is (Llama, Mistral, Qwen2/3, SmolLM2/3, Gemma 3), in both the
 `rope_scaling` form and transformers 5's `rope_parameters` form; `to_dict()` writes a config.json
 that transformers loads back. GGUF metadata converts in arbor_weights (gguf_import.py).
 """
@@ -19,7 +19,10 @@ from .errors import ConfigError
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
 # Architectures whose math is the Llama block (RMSNorm, GQA + RoPE, SwiGLU), differing only in flags.
 LLAMA_FAMILY = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                "gemma3_text": "Gemma3ForCausalLM"}
+                "gemma3_text": "Gemma3ForCausalLM",
+                "qwen3": "Qwen3ForCausalLM", "smollm3": "SmolLM3ForCausalLM"}
+# transformers' switch for a configured window: off, these families attend to the whole context on every layer
+USE_SLIDING_WINDOW = ("qwen2", "qwen3", "smollm3")
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh")  # SwiGLU (Llama), GeGLU with tanh GELU (Gemma)
 LAYER_TYPES = ("full_attention", "sliding_attention")
 ROPE_KEYS = (
@@ -52,6 +55,7 @@ class ArborConfig:
     query_pre_attn_scalar: float | None = None  # attention scores are scaled by this ** -0.5 (default head_dim)
     layer_types: list[str] | None = None  # per layer, full_attention or sliding_attention (None: all alike)
     rope_local_base_freq: float | None = None  # the RoPE base of sliding layers, unscaled (Gemma 3)
+    no_rope_layers: list[int] | None = None  # SmolLM3: per layer 1 (RoPE) or 0 (no position encoding, "NoPE")
     extra: dict[str, Any] = field(default_factory=dict, repr=False)  # unknown keys, kept for export
 
     def __post_init__(self) -> None:
@@ -94,6 +98,9 @@ class ArborConfig:
     def layer_windows(self) -> list[int | None]:
         return [self.layer_window(i) for i in range(self.num_hidden_layers)]
 
+    def layer_rope(self, layer: int) -> bool:
+        """Whether `layer` rotates its q and k (SmolLM3's NoPE layers do not)."""
+        return self.no_rope_layers is None or bool(self.no_rope_layers[layer])
 
     @property
     def rope_type(self) -> str:
@@ -171,6 +178,11 @@ class ArborConfig:
             raise ConfigError(
                 f"config field model_type {self.model_type!r} is not supported; arbor runs "
                 f"{', '.join(sorted(LLAMA_FAMILY))}")
+        if self.no_rope_layers is not None and (
+                self.model_type != "smollm3" or not isinstance(self.no_rope_layers, list)
+                or len(self.no_rope_layers) != self.num_hidden_layers or any(r not in (0, 1) for r in self.no_rope_layers)):
+            raise ConfigError(f"config field no_rope_layers must give 1 (RoPE) or 0 (none) for each of the "
+                              f"{self.num_hidden_layers} layers of a smollm3 model")
         if self.rope_scaling:
             _validate_rope_scaling(self.rope_scaling)
 
@@ -192,12 +204,10 @@ class ArborConfig:
                 rope = params
         if "hidden_activation" in data:  # Gemma's name for it
             data.setdefault("hidden_act", data.pop("hidden_activation"))
-        if model_type == "qwen2":
-            data["attention_bias"] = True
-            data.setdefault("attention_out_bias", False)
-            if not data.pop("use_sliding_window", False):
-                data["sliding_window"] = None
+        _implicit_family_fields(model_type, data)
         known = {f.name for f in dataclasses.fields(cls)} - {"extra", "model_type", "rope_scaling"}
+        if model_type != "smollm3":  # transformers reads no_rope_layers for SmolLM3 only: elsewhere it is kept, unused
+            known.discard("no_rope_layers")
         kwargs = {k: data.pop(k) for k in list(data) if k in known}
         for required in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
             if required not in kwargs:
@@ -212,11 +222,11 @@ class ArborConfig:
             if f.name != "extra":
                 out[f.name] = getattr(self, f.name)
         out["architectures"] = [LLAMA_FAMILY[self.model_type]]
-        if self.model_type == "qwen2":
+        if self.model_type in USE_SLIDING_WINDOW:
             out["use_sliding_window"] = self.sliding_window is not None
         if self.gemma:
             out["hidden_activation"] = out.pop("hidden_act")
-        for name in ("query_pre_attn_scalar", "layer_types", "rope_local_base_freq"):
+        for name in ("query_pre_attn_scalar", "layer_types", "rope_local_base_freq", "no_rope_layers"):
             if out.get(name) is None:
                 out.pop(name)
         if self.rope_scaling is None:
@@ -235,6 +245,33 @@ class ArborConfig:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _implicit_family_fields(model_type: str, data: dict[str, Any]) -> None:
+    """Fill in, as transformers' config class of `model_type` does, what its config.json may leave implicit."""
+    if model_type == "qwen2":  # biases on q, k and v, none on o
+        data["attention_bias"] = True
+        data.setdefault("attention_out_bias", False)
+    layers = data.get("num_hidden_layers")
+    layers = layers if _positive(layers) else 0  # a bad count is validate's to report
+    if model_type == "smollm3":
+        if data.get("no_rope_layers") is None:  # every interval-th layer without RoPE, the last of each interval
+            interval = data.get("no_rope_layer_interval", 4)
+            if not _positive(interval):
+                raise ConfigError(f"config field no_rope_layer_interval must be a positive integer, got {interval!r}")
+            data["no_rope_layers"] = [int((i + 1) % interval != 0) for i in range(layers)]
+        elif isinstance(data["no_rope_layers"], list):  # "at least" one entry per layer: the first ones count
+            data["no_rope_layers"] = data["no_rope_layers"][:layers]
+        else:
+            raise ConfigError(f"config field no_rope_layers must be a list, got {data['no_rope_layers']!r}")
+    if model_type in USE_SLIDING_WINDOW:
+        if not data.pop("use_sliding_window", False):
+            data["sliding_window"] = None
+        elif data.get("layer_types") is None and data.get("sliding_window") is not None:
+            # the windowed layers: Qwen's from max_window_layers on, SmolLM3's NoPE layers
+            windowed = ([rope == 0 for rope in data["no_rope_layers"]] if model_type == "smollm3"
+                        else [i >= data.get("max_window_layers", 28) for i in range(layers)])
+            data["layer_types"] = [LAYER_TYPES[int(w)] for w in windowed]
 
 
 def _positive(value: Any) -> bool:

@@ -8,8 +8,8 @@ entry.
 Why Llama's Q/K rows are un-permuted: HF Llama applies RoPE by rotating the two *halves* of each head
 (`rotate_half`); llama.cpp rotates *adjacent pairs*. Its converter reorders each head's Q/K rows so
 pairs line up, and the same rows of our checkpoint must go back to the half-split order for the
-HF-style math in the backends. Qwen2 and Gemma 3 files are not permuted (llama.cpp runs them with the
-half-split "NEOX" RoPE).
+HF-style math in the backends (SmolLM3's too: its converter is Llama's). Qwen2, Qwen3 and Gemma 3 files are
+not permuted (llama.cpp runs them with the half-split "NEOX" RoPE).
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ LLAMA_LAYER_TENSORS = {
     "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
 }
+# Qwen3's block: Llama's with norms on each head's q and k (stored as they are, rows not permuted: NEOX RoPE)
+QWEN3_LAYER_TENSORS = {**LLAMA_LAYER_TENSORS, "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
 # Gemma 3's block: norms on q and k, and norms after attention and around the MLP; its ffn_norm is the norm
 # before the MLP (a Llama block's ffn_norm is HF's post_attention_layernorm, which in Gemma follows attention).
 GEMMA3_LAYER_TENSORS = {
@@ -51,6 +53,11 @@ GEMMA3_SLIDING_WINDOW_PATTERN = 6
 GEMMA3_ROPE_LOCAL_BASE_FREQ = 10_000.0
 GEMMA3_QUERY_PRE_ATTN_SCALAR_BY_HIDDEN = {5376: 168}
 
+# A smollm3 GGUF records no NoPE layers: llama.cpp's converter writes Llama's keys only (conversion/llama.py,
+# SmolLM3Model), and llama.cpp itself fixes them (src/models/smollm3.cpp: n_no_rope_layer_step = 4, RoPE
+# skipped where (layer + 1) % 4 == 0), as SmolLM3-3B's published config.json does (no_rope_layer_interval 4).
+SMOLLM3_NO_ROPE_LAYER_STEP = 4
+
 
 def unpermute_rotary(w: np.ndarray, n_head: int) -> np.ndarray:
     """Invert convert_hf_to_gguf.py's permute for Q/K weights and biases (rows = n_head * head_dim):
@@ -65,6 +72,11 @@ def gemma3_published_config(hidden: int, head_dim: int, layers: int) -> dict[str
                      for i in range(layers)],
         rope_local_base_freq=GEMMA3_ROPE_LOCAL_BASE_FREQ,
         query_pre_attn_scalar=GEMMA3_QUERY_PRE_ATTN_SCALAR_BY_HIDDEN.get(hidden, head_dim))
+
+
+def smollm3_published_config(hidden: int, head_dim: int, layers: int) -> dict[str, Any]:
+    """SmolLM3's NoPE layers, as llama.cpp runs a smollm3 GGUF (1: RoPE, 0: none)."""
+    return dict(no_rope_layers=[int((i + 1) % SMOLLM3_NO_ROPE_LAYER_STEP != 0) for i in range(layers)])
 
 
 @dataclass(frozen=True)
@@ -113,6 +125,9 @@ ARCHITECTURES = {arch.name: arch for arch in (
     GGUFArchitecture("qwen2", "qwen2", LLAMA_LAYER_TENSORS, attention_bias=True),
     GGUFArchitecture("gemma3", "gemma3_text", GEMMA3_LAYER_TENSORS, norms_plus_one=True,
                      published_config=gemma3_published_config),
+    GGUFArchitecture("qwen3", "qwen3", QWEN3_LAYER_TENSORS),
+    GGUFArchitecture("smollm3", "smollm3", LLAMA_LAYER_TENSORS, rotary_permuted=True,
+                     published_config=smollm3_published_config),
 )}
 
 

@@ -14,9 +14,10 @@ from arbor_core.config import ArborConfig
 
 from .pieces import Layer, apply_rope, embed, final, heads_of, linear, mlp, projections, rms_norm, shapes
 
-__all__ = ["NORM_OFFSET", "QK_NORM", "SANDWICH", "attention_out", "decode_strategies", "embed", "feed_forward",
-           "final", "layer_of", "post_attention", "pre_attention"]
+__all__ = ["MODEL_TYPES", "NORM_OFFSET", "QK_NORM", "SANDWICH", "attention_out", "decode_strategies", "embed",
+           "feed_forward", "final", "layer_of", "post_attention", "pre_attention"]
 
+MODEL_TYPES = ("gemma3_text",)
 NORM_OFFSET = QK_NORM = SANDWICH = True
 
 

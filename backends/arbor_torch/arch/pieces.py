@@ -21,7 +21,8 @@ Projection = Union[nn.Module, tuple[torch.Tensor, Union[torch.Tensor, None]]]
 
 class Layer(NamedTuple):
     """One block's weights and shapes, named by role. `qkv` is one fused projection (q, k and v side by
-    side) or three; `gate_up` one fused or two. The last four are Gemma's (None elsewhere)."""
+    side) or three; `gate_up` one fused or two. The q/k norms are Gemma's and Qwen3's, the two output norms
+    Gemma's (None elsewhere); `rope` is False on SmolLM3's layers without position encoding."""
     input_norm: torch.Tensor
     qkv: tuple
     o: Projection
@@ -35,6 +36,7 @@ class Layer(NamedTuple):
     k_norm: torch.Tensor | None = None
     attention_out_norm: torch.Tensor | None = None
     mlp_out_norm: torch.Tensor | None = None
+    rope: bool = True
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: bool = False) -> torch.Tensor:
