@@ -386,6 +386,11 @@ ARCHITECTURE_CHECKPOINTS = {
     # a sliding layer then a global one, a query scale and a local RoPE base unlike the defaults
     "gemma3_text": dict(model_type="gemma3_text", norms=0.0, sliding_window=WINDOW, rope_local_base_freq=100.0,
                         layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=24),
+    # alternating layers by default, soft caps small enough to bend every score and logit
+    "gemma2": dict(model_type="gemma2", norms=0.0, sliding_window=WINDOW, query_pre_attn_scalar=24,
+                   attn_logit_softcapping=2.0, final_logit_softcapping=3.0),
+    # RoPE on half of each head (Phi-4-mini rotates 3/4) and a window on every layer (Phi-3-mini-4k's 2047)
+    "phi3": dict(model_type="phi3", partial_rotary_factor=0.5, sliding_window=WINDOW),
 }
 
 

@@ -12,9 +12,10 @@ from types import ModuleType
 
 from arbor_core.config import ArborConfig
 
-from . import gemma3, llama
+from . import gemma2, gemma3, llama
 
-FAMILIES: dict[str, ModuleType] = {"llama": llama, "mistral": llama, "qwen2": llama, "gemma3_text": gemma3}
+FAMILIES: dict[str, ModuleType] = {"llama": llama, "mistral": llama, "qwen2": llama, "gemma3_text": gemma3,
+                                   "gemma2": gemma2, "phi3": llama}  # Phi-3: fused weights, split at load
 
 
 def family(config: ArborConfig) -> ModuleType:
