@@ -101,7 +101,11 @@ def test_a_phi3_gguf_from_llama_cpps_converter_imports_to_transformers_logits(ph
             np.testing.assert_allclose(config.rope_scaling[name], hf.rope_scaling[name], rtol=1e-7)
     for length in (20, 48):
         ids = prompt(length)
-        assert relative_error(arbor_logits(checkpoint, backend, ids), transformers_logits(hf_dir, ids)) <= TOLERANCE
+        ref = transformers_logits(hf_dir, ids)
+        assert relative_error(arbor_logits(checkpoint, backend, ids), ref) <= TOLERANCE
+        # the config.json the import wrote is one transformers reads the same: it runs the imported model alike (given
+        # a pad id inside the tiny vocabulary: Phi3Config's default is 32,000, and the import records none)
+        assert relative_error(transformers_logits(checkpoint, ids, pad_token_id=0), ref) <= TOLERANCE
 
 
 def test_longrope_frequencies_are_transformers():
@@ -134,6 +138,28 @@ def test_the_first_phi3_128k_config_form_reads_as_transformers_reads_it():
     assert again.rope_scaling == ours.rope_scaling and again.to_dict()["original_max_position_embeddings"] == 24
 
 
+def test_longrope_that_does_not_fit_the_heads_is_one_config_error():
+    from arbor_core.errors import ConfigError
+
+    raw = {**TINY_PHI3, "model_type": "phi3", "rope_scaling": {**longrope(8), "original_max_position_embeddings": 32}}
+    with pytest.raises(ConfigError, match="long_factor must list 4 positive numbers"):
+        ArborConfig.from_dict({**raw, "partial_rotary_factor": 0.5})  # half the head: 4 pairs rotate, not 8
+    with pytest.raises(ConfigError, match="partial_rotary_factor must rotate an even number"):
+        ArborConfig.from_dict({**raw, "rope_scaling": None, "partial_rotary_factor": 0.2})  # 3.2 dims of 16
+
+
+def test_a_gguf_with_long_factors_alone_is_one_config_error():
+    from types import SimpleNamespace
+
+    from arbor_core.errors import ConfigError
+    from arbor_weights.gguf_import import longrope_scaling
+
+    meta = {"general.architecture": "phi3", "phi3.rope.scaling.original_context_length": 4096}
+    factors = {"rope_factors_long.weight": SimpleNamespace(data=np.ones(48, dtype=np.float32))}
+    with pytest.raises(ConfigError, match="long factors without the short ones"):
+        longrope_scaling(meta, factors)
+
+
 def test_the_compiled_decode_step_runs_phi3_as_eager_does(phi3_dirs):
     """The compiled CPU step's function (decode_step.DecodeStep, before compiling) on the partial, LongRoPE model:
     its logits and the new token's K/V against the eager decode's."""
@@ -153,3 +179,41 @@ def test_the_compiled_decode_step_runs_phi3_as_eager_does(phi3_dirs):
     eager = lm.decode(7, cache)
     torch.testing.assert_close(logits, eager, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(k, cache.stacked_k[:, :, 40], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_the_compiled_decode_step_gives_phi3s_eager_tokens(tmp_path, monkeypatch):
+    """The step compiled (AOTInductor, ~30 s on 2 cores) for an int4 Phi-3 with LongRoPE over half of each head."""
+    import shutil
+
+    torch = pytest.importorskip("torch")
+    if not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+        pytest.skip("needs a C++ compiler")
+    from arbor_core.backend import SamplingParams
+    from arbor_core.rope import rope_frequencies
+    from arbor_torch.model import Transformer
+    from arbor_torch.runner import TorchModel
+
+    monkeypatch.setenv("ARBOR_COMPILE_DIR", str(tmp_path))
+    # int4-tileable shapes: every projection's rows a multiple of 64, its inputs of 32
+    config = ArborConfig(model_type="phi3", vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         partial_rotary_factor=0.5, rope_scaling={**longrope(4), "original_max_position_embeddings": 32})
+    runs = []
+    for compiled in ("1", "0"):
+        monkeypatch.setenv("ARBOR_COMPILE", compiled)
+        torch.manual_seed(0)
+        model = Transformer(config)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0, 0.2)
+        lm = TorchModel(model, "cpu", "float32", quantize="int4")
+        assert (lm.compiled is not None) == (compiled == "1")
+        cache, tokens = lm.new_cache(64, rope_frequencies(config, 64)), []
+        logits = lm.prefill(prompt(36, vocab=128), cache, 16)
+        for _ in range(12):
+            tokens.append(lm.sample(logits, SamplingParams(), None))
+            logits = lm.decode(tokens[-1], cache)
+        runs.append(tokens)
+        assert compiled == "0" or lm.compiled.run is not None  # it really ran compiled
+    assert runs[0] == runs[1]

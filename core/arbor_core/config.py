@@ -240,6 +240,8 @@ class ArborConfig:
         out["architectures"] = [LLAMA_FAMILY[self.model_type]]
         if self.model_type == "qwen2":
             out["use_sliding_window"] = self.sliding_window is not None
+        if self.model_type == "phi3" and self.rope_type == "longrope":  # Phi3Config reads it here first (4096 if absent)
+            out["original_max_position_embeddings"] = self.rope_scaling["original_max_position_embeddings"]
         if self.gemma:
             out["hidden_activation"] = out.pop("hidden_act")
         for name in ("query_pre_attn_scalar", "layer_types", "rope_local_base_freq", "partial_rotary_factor") + (
