@@ -88,10 +88,7 @@ def test_the_fused_weights_are_split_by_the_rows_the_config_implies(phi3_dirs, t
 @pytest.mark.parametrize("variant", ["plain", "longrope", "partial-longrope"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_phi3_gguf_from_llama_cpps_converter_imports_to_transformers_logits(phi3_dirs, tmp_path, backend, variant):
-    hf_dir = tmp_path / "hf"
-    hf_dir.mkdir()
-    for source in phi3_dirs[variant].iterdir():
-        (hf_dir / source.name).write_bytes(source.read_bytes())
+    hf_dir = phi3_dirs[variant]
     checkpoint = gguf_import_of(hf_dir, 97, tmp_path / "imported")
     config = ArborConfig.from_json_file(checkpoint / "config.json")
     hf = ArborConfig.from_json_file(hf_dir / "config.json")
@@ -106,6 +103,23 @@ def test_a_phi3_gguf_from_llama_cpps_converter_imports_to_transformers_logits(ph
         # the config.json the import wrote is one transformers reads the same: it runs the imported model alike (given
         # a pad id inside the tiny vocabulary: Phi3Config's default is 32,000, and the import records none)
         assert relative_error(transformers_logits(checkpoint, ids, pad_token_id=0), ref) <= TOLERANCE
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_q8_0_phi3_gguf_keeps_its_fused_blocks_and_splits_them_exactly(phi3_dirs, tmp_path, backend):
+    """llama.cpp's Q8_0 of the fused attn_qkv is kept as its blocks under HF's fused name; at load its rows become
+    q, k and v, each exactly gguf's own dequantization of those rows."""
+    import gguf
+    from safetensors.numpy import load_file
+
+    checkpoint = gguf_import_of(phi3_dirs["plain"], 97, tmp_path / "imported", outtype="q8_0")
+    assert "model.layers.0.self_attn.qkv_proj.qweight" in load_file(str(checkpoint / "model.safetensors"))
+    stored = next(t for t in gguf.GGUFReader(checkpoint.with_suffix(".gguf")).tensors if t.name == "blk.0.attn_qkv.weight")
+    qkv = gguf.quants.dequantize(stored.data, stored.tensor_type).reshape(128, 64)
+    attention = load_backend(checkpoint, backend).model.model.layers[0].self_attn
+    for name, rows in (("q_proj", slice(0, 64)), ("k_proj", slice(64, 96)), ("v_proj", slice(96, 128))):
+        weight = getattr(attention, name).weight
+        np.testing.assert_array_equal(weight.detach().numpy() if hasattr(weight, "detach") else np.array(weight), qkv[rows])
 
 
 def test_longrope_frequencies_are_transformers():

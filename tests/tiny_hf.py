@@ -109,14 +109,15 @@ def transformers_greedy(path: Path, ids: list[int], steps: int) -> list[int]:
     return out[0, len(ids):].tolist()
 
 
-def gguf_import_of(hf_dir: Path, vocab_size: int, dest: Path) -> Path:
-    """hf_dir converted by llama.cpp's convert_hf_to_gguf.py (given a trained SentencePiece tokenizer of
-    `vocab_size` pieces), then imported by arbor into `dest`: the Arbor checkpoint's path."""
+def gguf_import_of(hf_dir: Path, vocab_size: int, dest: Path, outtype: str = "f32") -> Path:
+    """hf_dir converted by llama.cpp's convert_hf_to_gguf.py to `outtype` (given a trained SentencePiece tokenizer
+    of `vocab_size` pieces, written once), then imported by arbor into `dest`: the Arbor checkpoint's path."""
     from llama_cpp_convert import convert_hf_to_gguf, write_sentencepiece_tokenizer
 
     from arbor_weights.gguf_import import import_gguf
 
-    write_sentencepiece_tokenizer(hf_dir, vocab_size)
-    gguf = convert_hf_to_gguf(hf_dir, dest.with_suffix(".gguf"))
+    if not (hf_dir / "tokenizer.model").is_file():
+        write_sentencepiece_tokenizer(hf_dir, vocab_size)
+    gguf = convert_hf_to_gguf(hf_dir, dest.with_suffix(".gguf"), outtype)
     import_gguf(gguf, dest, quiet=True)
     return dest
