@@ -24,7 +24,7 @@ from arbor_core.planner import (
     memory_budget,
     smaller_after_out_of_memory,
 )
-from arbor_core.rope import RopeTables, rope_frequencies, scaling_for_context
+from arbor_core.rope import CONTEXT_DEPENDENT, RopeTables, rope_frequencies, scaling_for_context
 
 from .generate import GenerationOptions, GenerationResult, GenerationStream, stream_generation
 from .log_probs import log_probs_of, logits_to_numpy, negative_log_likelihood  # noqa: F401 (the API's)
@@ -81,7 +81,7 @@ class Model:
         """The RoPE tables for running at `context` tokens with `rope` (default: the model's method),
         built once per distinct scaling, so a backend sees the same object and keeps its cos/sin."""
         cfg = self.config.with_rope_scaling(self.rope_scaling_for(context, rope))
-        key = (json.dumps(cfg.rope_scaling, sort_keys=True), context if cfg.rope_type == "dynamic" else 0)
+        key = (json.dumps(cfg.rope_scaling, sort_keys=True), context if cfg.rope_type in CONTEXT_DEPENDENT else 0)
         if key not in self._rope_tables:
             self._rope_tables[key] = rope_frequencies(cfg, context)
         return self._rope_tables[key]

@@ -92,9 +92,10 @@ def write_tiny_checkpoint(path, seed: int = 0, norms: float = 1.0, **over):
                            p + "self_attn.v_proj.bias": (kv,)})
         if cfg.attention_out_bias:
             shapes[p + "self_attn.o_proj.bias"] = (h,)
-        if cfg.gemma:  # its q/k norms and the norms around its MLP
-            shapes.update({p + "self_attn.q_norm.weight": (cfg.head_dim,), p + "self_attn.k_norm.weight": (cfg.head_dim,),
-                           p + "pre_feedforward_layernorm.weight": (h,), p + "post_feedforward_layernorm.weight": (h,)})
+        if cfg.gemma:  # the norms around its MLP, and Gemma 3's q/k norms
+            shapes.update({p + "pre_feedforward_layernorm.weight": (h,), p + "post_feedforward_layernorm.weight": (h,)})
+        if cfg.model_type == "gemma3_text":
+            shapes.update({p + "self_attn.q_norm.weight": (cfg.head_dim,), p + "self_attn.k_norm.weight": (cfg.head_dim,)})
     tensors = {name: rng.normal(0, 0.2, shape).astype(np.float32) for name, shape in shapes.items()}
     for name, t in tensors.items():
         if name.endswith("norm.weight"):

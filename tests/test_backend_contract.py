@@ -393,6 +393,11 @@ ARCHITECTURE_CHECKPOINTS = {
     # NoPE on every second layer
     "qwen3": dict(transformers=True, model_type="qwen3", head_dim=16),
     "smollm3": dict(transformers=True, model_type="smollm3", no_rope_layer_interval=2),
+    # alternating layers by default, soft caps small enough to bend every score and logit
+    "gemma2": dict(model_type="gemma2", norms=0.0, sliding_window=WINDOW, query_pre_attn_scalar=24,
+                   attn_logit_softcapping=2.0, final_logit_softcapping=3.0),
+    # RoPE on half of each head (Phi-4-mini rotates 3/4) and a window on every layer (Phi-3-mini-4k's 2047)
+    "phi3": dict(model_type="phi3", partial_rotary_factor=0.5, sliding_window=WINDOW),
 }
 
 

@@ -53,17 +53,26 @@ def as_numpy(row) -> np.ndarray:
     return np.array(row.tolist() if hasattr(row, "tolist") else row, dtype=np.float32).reshape(-1)
 
 
+# Gemma 3's configurations set no soft cap on the logits, but transformers applies one when set: so does arbor (a
+# cap this small changes the logits everywhere). Its attention reads no cap (test below).
+SOFT_CAPS = {"final_logit_softcapping": 3.0}
+
+
+@pytest.mark.parametrize("caps", [{}, SOFT_CAPS], ids=["plain", "soft-capped"])
 @pytest.mark.parametrize("backend", ["torch", "mlx"])
-def test_a_tiny_gemma_has_transformers_logits_beyond_its_window(tiny_gemma, backend):
+def test_a_tiny_gemma_has_transformers_logits_beyond_its_window(tiny_checkpoint, backend, caps):
     import torch
 
     from arbor_core.rope import rope_frequencies
 
+    checkpoint = tiny_checkpoint(norms=0.0, **TINY_GEMMA, **caps)
     ids = prompt(40)  # five windows long
     with torch.no_grad():
-        ref = transformers_model(tiny_gemma)(torch.tensor([ids])).logits[0].numpy()
-    ours = load_backend(tiny_gemma, backend).logits(ids, rope_frequencies(tiny_gemma.config))
+        ref = transformers_model(checkpoint)(torch.tensor([ids])).logits[0].numpy()
+    ours = load_backend(checkpoint, backend).logits(ids, rope_frequencies(checkpoint.config))
     assert np.abs(ours - ref).max() / np.abs(ref).max() <= 1e-4
+    if caps:
+        assert np.abs(ref).max() < SOFT_CAPS["final_logit_softcapping"]
 
 
 @pytest.mark.parametrize("backend", ["torch", "mlx"])
@@ -96,12 +105,15 @@ def test_gemma_configs_round_trip_and_name_their_layers():
     assert again.to_dict() == config.to_dict() and again.to_dict()["hidden_activation"] == "gelu_pytorch_tanh"
 
 
-def test_soft_capping_is_refused_not_ignored():
+def test_soft_capping_is_refused_where_transformers_would_ignore_it():
     from arbor_core.errors import ConfigError
 
-    data = ArborConfig(**TINY_GEMMA).to_dict() | {"final_logit_softcapping": 30.0}
-    with pytest.raises(ConfigError, match="soft-capping"):
-        ArborConfig.from_dict(data)
+    data = {k: v for k, v in TINY_GEMMA.items() if k not in ("query_pre_attn_scalar", "rope_local_base_freq")}
+    with pytest.raises(ConfigError, match="final_logit_softcapping is set, but llama runs no such soft-capping"):
+        ArborConfig.from_dict(data | {"model_type": "llama", "final_logit_softcapping": 30.0})
+    with pytest.raises(ConfigError, match="attn_logit_softcapping is set, but gemma3_text runs no such"):
+        ArborConfig.from_dict(ArborConfig(**TINY_GEMMA).to_dict() | {"attn_logit_softcapping": 50.0})
+    assert ArborConfig.from_dict(ArborConfig(**TINY_GEMMA).to_dict() | SOFT_CAPS).final_logit_softcapping == 3.0
 
 
 def test_the_planner_counts_only_the_window_for_sliding_layers():

@@ -206,8 +206,9 @@ def test_every_gguf_architecture_imports_to_a_model_type_the_backends_run():
     from arbor_core.config import LLAMA_FAMILY
 
     assert {arch.model_type for arch in architectures.ARCHITECTURES.values()} == set(LLAMA_FAMILY)
-    with pytest.raises(ConfigError, match="'phi3' is not supported; arbor runs gemma3, llama, mistral, qwen2"):
-        gguf_import.config_from_metadata({"general.architecture": "phi3"}, tie_word_embeddings=True)
+    with pytest.raises(ConfigError, match="'falcon' is not supported; arbor runs gemma2, gemma3, llama, mistral, phi3, "
+                                          "qwen2"):
+        gguf_import.config_from_metadata({"general.architecture": "falcon"}, tie_word_embeddings=True)
 
 # ---- damaged files ---------------------------------------------------------------------------
 

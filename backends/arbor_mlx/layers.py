@@ -36,7 +36,8 @@ class Rope:
 
     arbor hands every backend inverse frequencies; `mx.fast.rope` takes the reciprocal (a
     wavelength-like `freqs`, angle = position / freqs), which expresses linear, dynamic, yarn and
-    llama3 scaling alike. YaRN's attention factor multiplies cos and sin, i.e. the rotated vector.
+    llama3 scaling alike. YaRN's attention factor multiplies cos and sin, i.e. the rotated vector. With a
+    partial_rotary_factor < 1 only the first `dims` of a head rotate (and scale); the rest pass through.
     """
 
     def __init__(self, inv_freq: np.ndarray, attention_factor: float, positions: int):
@@ -48,7 +49,11 @@ class Rope:
     def __call__(self, x: mx.array, start: int) -> mx.array:
         # x: (B, heads, T, head_dim) at positions [start, start + T)
         x = mx.fast.rope(x, self.dims, traditional=False, base=None, scale=1.0, offset=start, freqs=self.freqs)
-        return x * self.attention_factor if self.attention_factor != 1.0 else x
+        if self.attention_factor == 1.0:
+            return x
+        if self.dims == x.shape[-1]:
+            return x * self.attention_factor
+        return mx.concatenate([x[..., :self.dims] * self.attention_factor, x[..., self.dims:]], axis=-1)
 
 
 class Attention(nn.Module):
@@ -60,6 +65,7 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.window = cfg.layer_window(layer)
         self.scale = cfg.attention_scale  # head_dim ** -0.5, or Gemma's query_pre_attn_scalar ** -0.5
+        self.softcap = cfg.attn_logit_softcapping  # Gemma 2: scores soft-capped before the softmax
         self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=cfg.attention_bias)
         self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=cfg.attention_bias)
@@ -84,7 +90,12 @@ class Attention(nn.Module):
             key_start = kv_layout.first_visible_key(start, self.window)  # older keys are outside every query's window
             k, v = k[:, :, key_start:], v[:, :, key_start:]
         mask = attention_mask(T, k.shape[2], key_start, start, self.window, key_pos)
-        y = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)  # GQA: k/v not tiled
+        if self.softcap is None:
+            y = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)  # GQA: k/v not tiled
+        else:
+            if isinstance(mask, str):  # "causal": the keys end with the queries
+                mask = kv_layout.visible(mx.arange(start, start + T), mx.arange(key_start, start + T), None)
+            y = capped_attention(q, k, v, mask, self.scale, self.softcap)
         return y.transpose(0, 2, 1, 3).reshape(B, T, self.n_heads * self.head_dim)
 
 
@@ -102,6 +113,21 @@ def attention_mask(q_len: int, kv_len: int, key_start: int, start: int, window: 
         return None if q_len == 1 else "causal"
     k_pos = mx.arange(key_start, end) if key_pos is None else key_pos
     return kv_layout.visible(mx.arange(start, start + q_len), k_pos, window)
+
+
+def capped_attention(q: mx.array, k: mx.array, v: mx.array, mask, scale: float, cap: float) -> mx.array:
+    """Attention with soft-capped scores, cap * tanh(q.k * scale / cap), written out as transformers' eager Gemma 2
+    attention is (mx.fast's kernel takes no cap). q (B, heads, T, D), k and v (B, kv_heads, L, D), `mask` a
+    boolean (T, L) or None (every key visible) -> (B, heads, T, D)."""
+    B, n_heads, T, D = q.shape
+    n_kv = k.shape[1]
+    q = q.reshape(B, n_kv, n_heads // n_kv, T, D)  # query heads j*g.. share kv head j
+    scores = (q @ k[:, :, None].swapaxes(-1, -2)) * scale
+    scores = mx.tanh(scores / cap) * cap
+    if mask is not None:
+        scores = mx.where(mask, scores, mx.array(-mx.inf, dtype=scores.dtype))
+    weights = mx.softmax(scores.astype(mx.float32), axis=-1).astype(q.dtype)
+    return (weights @ v[:, :, None]).reshape(B, n_heads, T, D)
 
 
 class MLP(nn.Module):

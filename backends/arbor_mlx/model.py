@@ -69,4 +69,6 @@ class Transformer(nn.Module):
         if last_only:
             x = x[:, -1:]
         x = self.model.norm(x)
-        return self.model.embed_tokens.as_linear(x) if self.config.tie_word_embeddings else self.lm_head(x)
+        logits = self.model.embed_tokens.as_linear(x) if self.config.tie_word_embeddings else self.lm_head(x)
+        cap = self.config.final_logit_softcapping  # Gemma's soft-capped logits
+        return logits if cap is None else mx.tanh(logits / cap) * cap

@@ -136,7 +136,7 @@ class GraphDecoder:
             kv.v.index_copy_(2, where, v)
             y = attention(q, kv.k, kv.v, self.length, k_scale=kv.k_scale, v_scale=kv.v_scale)
             x = self.post_attention(x, y, layer)
-        return final(x, m.model.norm, m.lm_head)[0].float()
+        return final(x, m.model.norm, m.lm_head, m.config.final_logit_softcapping)[0].float()
 
     def capture(self) -> None:
         stream = torch.cuda.Stream()

@@ -76,5 +76,5 @@ class DecodeStep(nn.Module):
             x = block.arch.post_attention(x, y.view(1, 1, n_heads * head_dim), layer)
             new_k.append(k)
             new_v.append(v)
-        logits = final(x, m.model.norm, m.lm_head).view(-1).float()
+        logits = final(x, m.model.norm, m.lm_head, cfg.final_logit_softcapping).view(-1).float()
         return logits, torch.stack(new_k), torch.stack(new_v)

@@ -1,10 +1,11 @@
 """The transformer's modules in PyTorch, and its eager forward (prefill, eager decode, training, growth).
 
-Module and parameter names follow Hugging Face's LlamaForCausalLM (Gemma 3 and Qwen3 add their norms), so
+Module and parameter names follow Hugging Face's LlamaForCausalLM (Gemma and Qwen3 add their norms), so
 an Arbor checkpoint (config.json + safetensors with HF names) loads with `load_state_dict` and no
-renaming. The block's math is its family's (arch/llama.py, gemma3.py, ..., found by model_type); what
-is here is the eager strategy's attention (SDPA, the masks, the CUDA prefix kernels), the RoPE tables,
-and the one q/k/v fusion (fuse_layer).
+renaming. The block's math is its family's (arch/: llama.py, gemma2.py, gemma3.py, qwen3.py, smollm3.py,
+found by model_type); what is here is the eager strategy's attention (SDPA, the masks, the CUDA prefix
+kernels, and the explicit soft-capped attention SDPA cannot do), the RoPE tables, and the one q/k/v fusion
+(fuse_layer).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from arbor_core.config import ArborConfig
 from arbor_core.rope import local_rope
 
 from .arch import family
-from .arch.pieces import embed, final, rms_norm
+from .arch.pieces import embed, final, rms_norm, soft_cap
 from .cache import KVCache
 from .prefix_attention import attention_after_prefix, choose_kernel
 
@@ -43,6 +44,7 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.window = cfg.layer_window(layer)
         self.scale = cfg.attention_scale  # head_dim ** -0.5, or Gemma's query_pre_attn_scalar ** -0.5
+        self.softcap = cfg.attn_logit_softcapping  # Gemma 2: scores soft-capped before the softmax
         self.prefix_kernel: str | None = None  # chosen on the first CUDA prefill chunk (prefix_attention.py)
         self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=cfg.attention_bias)
         self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=cfg.attention_bias)
@@ -67,7 +69,10 @@ class Attention(nn.Module):
         if cache is not None:
             k, v, key_pos = cache.update(start, k, v)  # key_pos: each key's position, once a ring cache wrapped
         key_start = start + T - k.shape[2]
-        if key_pos is None and self._after_prefix(T, k.shape[2], key_start, start, q):
+        if self.softcap is not None:
+            y = capped_attention(q, k, v, self._visible(T, k.shape[2], key_start, start, q.device, key_pos),
+                                 self.scale, self.softcap)
+        elif key_pos is None and self._after_prefix(T, k.shape[2], key_start, start, q):
             y = attention_after_prefix(q, k, v, self.prefix_kernel)  # a prefill chunk after cached keys, on CUDA
         else:
             mask = self._mask(T, k.shape[2], key_start, start, q.device, key_pos)
@@ -104,9 +109,25 @@ class Attention(nn.Module):
                 from torch.nn.attention.bias import causal_lower_right  # slow import: only when needed
 
                 return causal_lower_right(q_len, kv_len)
+        return self._visible(q_len, kv_len, key_start, start, device, key_pos)
+
+    def _visible(self, q_len: int, kv_len: int, key_start: int, start: int, device, key_pos=None) -> torch.Tensor:
+        """The boolean (q_len, kv_len) mask of which keys each query sees (causal, and within the window)."""
         q_pos = torch.arange(start, start + q_len, device=device)
         k_pos = torch.arange(key_start, key_start + kv_len, device=device) if key_pos is None else key_pos
         return kv_layout.visible(q_pos, k_pos, self.window)
+
+
+def capped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, scale: float,
+                     cap: float) -> torch.Tensor:
+    """Attention with soft-capped scores, cap * tanh(q.k * scale / cap), written out as transformers' eager Gemma 2
+    attention is (no fused kernel takes a cap). q (B, heads, T, D), k and v (B, kv_heads, L, D), `visible`
+    (T, L) -> (B, heads, T, D). It holds the (B, heads, T, L) scores: the planner counts them."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # kv head j serves query heads j*g..
+    scores = soft_cap(torch.matmul(q, k.transpose(-1, -2)) * scale, cap)
+    scores = scores.masked_fill_(~visible, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
 
 
 class MLP(nn.Module):
@@ -212,7 +233,7 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, caches[i] if caches is not None else None, start)
         if last_only:
             x = x[:, -1:]
-        return final(x, self.model.norm, self.lm_head)
+        return final(x, self.model.norm, self.lm_head, self.config.final_logit_softcapping)
 
     def hidden_states(self, tokens: torch.Tensor, checkpoint_blocks: bool = False) -> torch.Tensor:
         """(B, T) -> the final norm's output (B, T, hidden) at positions [0, T), no cache: training's

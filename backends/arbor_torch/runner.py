@@ -65,8 +65,10 @@ class TorchModel:
         self.torch_dtype = model.model.embed_tokens.weight.dtype
         self.parameter_count = parameter_count or sum(p.numel() for p in model.parameters())
         self.quantize = quantize
-        # the graph's split-KV kernel reads every cache layout: 16-bit or int8, whole or a sliding layer's ring
-        self.use_cuda_graphs = torch.device(device).type == "cuda" and os.environ.get("ARBOR_CUDA_GRAPHS", "1") != "0"
+        # the graph's split-KV kernel reads every cache layout: 16-bit or int8, whole or a sliding layer's ring; the
+        # family says whether its attention is one the kernel computes (arch/: decode_strategies)
+        self.use_cuda_graphs = (torch.device(device).type == "cuda" and os.environ.get("ARBOR_CUDA_GRAPHS", "1") != "0"
+                                and "cuda_graph" in family(model.config).decode_strategies(model.config))
         if quantize is not None and parameter_count is None:  # float layers -> weight-only int8 / int4 (quantize.py)
             with one_thread():  # memory-bound passes: 1 thread loses nothing and cannot stall on a busy CPU
                 quantize_model(model, quantize)  # fuses each block's projections (model.fuse_layer), then quantizes

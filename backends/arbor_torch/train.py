@@ -40,6 +40,7 @@ from torch import nn
 from arbor_core.errors import UsageError
 from arbor_core.rope import parse_scaling, rope_frequencies
 
+from .arch.pieces import soft_cap
 from .model import Transformer
 from .train_checkpoints import first_step, save_checkpoint
 from .train_data import Batches
@@ -149,8 +150,8 @@ def trainable(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 # ---- loss -----------------------------------------------------------------------------------------
-def _chunk_loss(hidden: torch.Tensor, targets: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
-    logits = (hidden @ head.t()).float()
+def _chunk_loss(hidden: torch.Tensor, targets: torch.Tensor, head: torch.Tensor, cap: float | None) -> torch.Tensor:
+    logits = soft_cap(hidden @ head.t(), cap).float()  # the logits as the model gives them (Gemma caps them)
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
 
 
@@ -164,7 +165,8 @@ def sequence_loss(model: Transformer, tokens: torch.Tensor, cfg: TrainConfig) ->
     total = hidden.new_zeros((), dtype=torch.float32)
     for begin in range(0, inputs.shape[1], cfg.loss_chunk):
         part = slice(begin, begin + cfg.loss_chunk)
-        total = total + checkpoint(_chunk_loss, hidden[:, part], targets[:, part], head, use_reentrant=False)
+        total = total + checkpoint(_chunk_loss, hidden[:, part], targets[:, part], head,
+                                   model.config.final_logit_softcapping, use_reentrant=False)
     return total / targets.numel()
 
 

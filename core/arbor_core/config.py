@@ -1,6 +1,6 @@
 """ArborConfig: the model's shape, a superset of Hugging Face's config.json for the Llama family.
 
-A HF directory's config.json loads as it is (Llama, Mistral, Qwen2/3, SmolLM2/3, Gemma 3), in both the
+A HF directory's config.json loads as it is (Llama, Mistral, Qwen2/3, SmolLM2/3, Gemma 2/3, Phi-3), in both the
 `rope_scaling` form and transformers 5's `rope_parameters` form; `to_dict()` writes a config.json
 that transformers loads back. GGUF metadata converts in arbor_weights (gguf_import.py).
 """
@@ -16,13 +16,17 @@ from typing import Any
 
 from .errors import ConfigError
 
-ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "longrope")
 # Architectures whose math is the Llama block (RMSNorm, GQA + RoPE, SwiGLU), differing only in flags.
 LLAMA_FAMILY = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                 "gemma3_text": "Gemma3ForCausalLM",
-                "qwen3": "Qwen3ForCausalLM", "smollm3": "SmolLM3ForCausalLM"}
+                "qwen3": "Qwen3ForCausalLM", "smollm3": "SmolLM3ForCausalLM",
+                "gemma2": "Gemma2ForCausalLM", "phi3": "Phi3ForCausalLM"}
 # transformers' switch for a configured window: off, these families attend to the whole context on every layer
 USE_SLIDING_WINDOW = ("qwen2", "qwen3", "smollm3")
+GEMMA_TYPES = ("gemma2", "gemma3_text")  # norms of 1 + w, embeddings scaled by sqrt(hidden), GeGLU
+# The soft caps transformers applies, by model type (its Gemma 3 attention reads no attn_logit_softcapping)
+SOFT_CAPS = {"gemma2": ("attn_logit_softcapping", "final_logit_softcapping"), "gemma3_text": ("final_logit_softcapping",)}
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh")  # SwiGLU (Llama), GeGLU with tanh GELU (Gemma)
 LAYER_TYPES = ("full_attention", "sliding_attention")
 ROPE_KEYS = (
@@ -56,6 +60,9 @@ class ArborConfig:
     layer_types: list[str] | None = None  # per layer, full_attention or sliding_attention (None: all alike)
     rope_local_base_freq: float | None = None  # the RoPE base of sliding layers, unscaled (Gemma 3)
     no_rope_layers: list[int] | None = None  # SmolLM3: per layer 1 (RoPE) or 0 (no position encoding, "NoPE")
+    attn_logit_softcapping: float | None = None  # Gemma: attention scores become cap * tanh(score / cap)
+    final_logit_softcapping: float | None = None  # Gemma: the logits become cap * tanh(logit / cap)
+    partial_rotary_factor: float | None = None  # the share of each head RoPE rotates (None: all of it)
     extra: dict[str, Any] = field(default_factory=dict, repr=False)  # unknown keys, kept for export
 
     def __post_init__(self) -> None:
@@ -67,6 +74,8 @@ class ArborConfig:
             self.attention_out_bias = self.attention_bias and self.model_type != "qwen2"
         if self.hidden_act is None:
             self.hidden_act = "gelu_pytorch_tanh" if self.gemma else "silu"
+        if self.model_type == "gemma2" and self.layer_types is None:  # transformers' Gemma2Config: even layers slide
+            self.layer_types = ["full_attention" if i % 2 else "sliding_attention" for i in range(self.num_hidden_layers)]
         if self.rope_scaling is not None:
             self.rope_scaling = _normalise_rope_scaling(self.rope_scaling, self.max_position_embeddings)
         self.validate()
@@ -74,9 +83,9 @@ class ArborConfig:
     # ---- derived quantities -------------------------------------------------------------
     @property
     def gemma(self) -> bool:
-        """Gemma 3's block: RMSNorm on q and k, norms before and after attention and the MLP, weights of
-        every RMSNorm stored as an offset from 1, embeddings scaled by sqrt(hidden_size)."""
-        return self.model_type == "gemma3_text"
+        """Gemma's block (2 and 3): norms before and after attention and the MLP, weights of every RMSNorm
+        stored as an offset from 1, embeddings scaled by sqrt(hidden_size); Gemma 3 adds RMSNorm on q and k."""
+        return self.model_type in GEMMA_TYPES
 
     @property
     def embedding_multiplier(self) -> float | None:
@@ -101,6 +110,11 @@ class ArborConfig:
     def layer_rope(self, layer: int) -> bool:
         """Whether `layer` rotates its q and k (SmolLM3's NoPE layers do not)."""
         return self.no_rope_layers is None or bool(self.no_rope_layers[layer])
+
+    @property
+    def rotary_dim(self) -> int:
+        """The dimensions of each head RoPE rotates (the first ones; the rest pass through)."""
+        return int(self.head_dim * (self.partial_rotary_factor or 1.0))
 
     @property
     def rope_type(self) -> str:
@@ -167,13 +181,18 @@ class ArborConfig:
                                              or any(t not in LAYER_TYPES for t in self.layer_types)):
             raise ConfigError(f"config field layer_types must give one of {', '.join(LAYER_TYPES)} for each of the "
                               f"{self.num_hidden_layers} layers")
-        for name in ("query_pre_attn_scalar", "rope_local_base_freq"):
+        for name in ("query_pre_attn_scalar", "rope_local_base_freq", "final_logit_softcapping",
+                     "attn_logit_softcapping", "partial_rotary_factor"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and value > 0):
                 raise ConfigError(f"config field {name} must be a positive number, got {value!r}")
-        for name in ("final_logit_softcapping", "attn_logit_softcapping"):
-            if self.extra.get(name) is not None:
-                raise ConfigError(f"config field {name} is set; arbor does not run logit soft-capping (Gemma 2)")
+        for name in ("attn_logit_softcapping", "final_logit_softcapping"):
+            if getattr(self, name) is not None and name not in SOFT_CAPS.get(self.model_type, ()):
+                raise ConfigError(f"config field {name} is set, but {self.model_type} runs no such soft-capping "
+                                  "in transformers, so arbor does not either")
+        if self.rotary_dim % 2 or not 0 < self.rotary_dim <= self.head_dim:
+            raise ConfigError(f"config field partial_rotary_factor must rotate an even number of head dims, "
+                              f"got {self.partial_rotary_factor!r}")
         if self.model_type not in LLAMA_FAMILY:
             raise ConfigError(
                 f"config field model_type {self.model_type!r} is not supported; arbor runs "
@@ -184,7 +203,7 @@ class ArborConfig:
             raise ConfigError(f"config field no_rope_layers must give 1 (RoPE) or 0 (none) for each of the "
                               f"{self.num_hidden_layers} layers of a smollm3 model")
         if self.rope_scaling:
-            _validate_rope_scaling(self.rope_scaling)
+            _validate_rope_scaling(self.rope_scaling, self.rotary_dim)
 
     # ---- config.json --------------------------------------------------------------------
     @classmethod
@@ -202,9 +221,14 @@ class ArborConfig:
                 data["rope_theta"] = params.pop("rope_theta")
             if rope is None and params.get("rope_type", params.get("type", "default")) != "default":
                 rope = params
+        for scaling in (rope, params):  # transformers 5 keeps it beside the RoPE parameters
+            if isinstance(scaling, dict) and "partial_rotary_factor" in scaling:
+                data.setdefault("partial_rotary_factor", scaling["partial_rotary_factor"])
         if "hidden_activation" in data:  # Gemma's name for it
             data.setdefault("hidden_act", data.pop("hidden_activation"))
         _implicit_family_fields(model_type, data)
+        if model_type == "phi3" and isinstance(rope, dict):
+            rope = _phi3_rope_scaling(rope, data.get("original_max_position_embeddings"))
         known = {f.name for f in dataclasses.fields(cls)} - {"extra", "model_type", "rope_scaling"}
         if model_type != "smollm3":  # transformers reads no_rope_layers for SmolLM3 only: elsewhere it is kept, unused
             known.discard("no_rope_layers")
@@ -224,10 +248,13 @@ class ArborConfig:
         out["architectures"] = [LLAMA_FAMILY[self.model_type]]
         if self.model_type in USE_SLIDING_WINDOW:
             out["use_sliding_window"] = self.sliding_window is not None
+        if self.model_type == "phi3" and self.rope_type == "longrope":  # Phi3Config reads it here first (4096 if absent)
+            out["original_max_position_embeddings"] = self.rope_scaling["original_max_position_embeddings"]
         if self.gemma:
             out["hidden_activation"] = out.pop("hidden_act")
-        for name in ("query_pre_attn_scalar", "layer_types", "rope_local_base_freq", "no_rope_layers"):
-            if out.get(name) is None:
+        for name in ("query_pre_attn_scalar", "layer_types", "rope_local_base_freq", "partial_rotary_factor", "no_rope_layers") + (
+                () if self.model_type == "gemma2" else ("attn_logit_softcapping", "final_logit_softcapping")):
+            if out.get(name) is None:  # Gemma 2's caps stay, even null: its transformers config defaults them to on
                 out.pop(name)
         if self.rope_scaling is None:
             out.pop("rope_scaling")
@@ -252,6 +279,10 @@ def _implicit_family_fields(model_type: str, data: dict[str, Any]) -> None:
     if model_type == "qwen2":  # biases on q, k and v, none on o
         data["attention_bias"] = True
         data.setdefault("attention_out_bias", False)
+    if model_type == "gemma2":  # transformers' Gemma2Config defaults, for a config.json that leaves them out
+        for name, value in (("attn_logit_softcapping", 50.0), ("final_logit_softcapping", 30.0),
+                            ("query_pre_attn_scalar", 256)):
+            data.setdefault(name, value)
     layers = data.get("num_hidden_layers")
     layers = layers if _positive(layers) else 0  # a bad count is validate's to report
     if model_type == "smollm3":
@@ -285,19 +316,37 @@ def _normalise_rope_scaling(rope: dict[str, Any], max_positions: int) -> dict[st
     kind = rope.pop("type", None)
     rope.setdefault("rope_type", kind or "default")
     rope.pop("rope_theta", None)
+    rope.pop("partial_rotary_factor", None)  # a config field of its own (transformers 5 keeps it here)
+    if rope["rope_type"] == "su":  # LongRoPE's first name (the early Phi-3 128K configs)
+        rope["rope_type"] = "longrope"
     if rope["rope_type"] == "default":
         return None
-    if rope["rope_type"] in ("yarn", "llama3"):
+    if rope["rope_type"] in ("yarn", "llama3", "longrope"):
         rope.setdefault("original_max_position_embeddings", max_positions)
     return rope
 
 
-def _validate_rope_scaling(rope: dict[str, Any]) -> None:
+def _phi3_rope_scaling(rope: dict[str, Any], original: Any) -> dict[str, Any]:
+    """Phi-3's rope_scaling as transformers' Phi3Config reads it: "su" and "yarn" name LongRoPE, and the
+    top-level original_max_position_embeddings wins over one inside."""
+    rope = dict(rope)
+    if rope.get("rope_type", rope.get("type")) in ("su", "yarn", "longrope"):
+        rope.pop("type", None)
+        rope["rope_type"] = "longrope"
+        if original is not None:
+            rope["original_max_position_embeddings"] = original
+    return rope
+
+
+def _validate_rope_scaling(rope: dict[str, Any], rotary_dim: int) -> None:
     kind = rope["rope_type"]
     if kind not in ROPE_TYPES:
         raise ConfigError(f"config field rope_scaling.rope_type {kind!r} is not one of {', '.join(ROPE_TYPES[1:])}")
     factor = rope.get("factor")
-    if not (isinstance(factor, (int, float)) and not isinstance(factor, bool) and math.isfinite(factor) and factor >= 1):
+    if kind == "longrope":  # its factor is optional: max_position_embeddings / original by default
+        _validate_longrope(rope, rotary_dim)
+    elif not (isinstance(factor, (int, float)) and not isinstance(factor, bool) and math.isfinite(factor)
+              and factor >= 1):
         raise ConfigError(f"config field rope_scaling.factor must be a number >= 1, got {factor!r}")
     if kind == "llama3":
         for name in ("low_freq_factor", "high_freq_factor"):
@@ -308,3 +357,15 @@ def _validate_rope_scaling(rope: dict[str, Any]) -> None:
     original = rope.get("original_max_position_embeddings")
     if original is not None and not _positive(original):
         raise ConfigError(f"config field rope_scaling.original_max_position_embeddings must be a positive integer, got {original!r}")
+
+
+def _validate_longrope(rope: dict[str, Any], rotary_dim: int) -> None:
+    """LongRoPE's two lists of per-frequency factors, one per rotated pair of dims."""
+    for name in ("long_factor", "short_factor"):
+        factors = rope.get(name)
+        if not (isinstance(factors, list) and len(factors) == rotary_dim // 2
+                and all(isinstance(f, (int, float)) and not isinstance(f, bool) and f > 0 for f in factors)):
+            raise ConfigError(f"config field rope_scaling.{name} must list {rotary_dim // 2} positive numbers "
+                              "for longrope scaling")
+    if rope.get("factor") is not None and not (isinstance(rope["factor"], (int, float)) and rope["factor"] > 0):
+        raise ConfigError(f"config field rope_scaling.factor must be a positive number, got {rope['factor']!r}")

@@ -72,7 +72,8 @@ def prefill_workspace_bytes(config: ArborConfig, context: int, chunk: int, act_e
     Attention runs blockwise (SDPA's flash / memory-efficient kernels, and on CPU its fused
     kernel): scores are never chunk x heads x context. What remains is the mask and per-block
     buffers, measured on CPU at ~7 bytes per (query, key) pair (237 MiB for 512 x 64K); 8 is
-    counted. The logits are only ever computed for the last position. A quantized cache
+    counted; Gemma's soft-capped attention, which no fused kernel runs, does hold chunk x heads x keys
+    scores. The logits are only ever computed for the last position. A quantized cache
     (kv_scale_bytes > 0) is dequantized one layer at a time: K and V of that layer in the compute
     dtype (MLX may hold the converted codes beside the scaled result: counted twice).
     """
@@ -81,6 +82,8 @@ def prefill_workspace_bytes(config: ArborConfig, context: int, chunk: int, act_e
     activations = chunk * (4 * config.hidden_size + 3 * config.intermediate_size) * act_element_bytes
     qkv = chunk * (config.num_attention_heads + 2 * config.num_key_value_heads) * config.head_dim * act_element_bytes
     attention = chunk * keys * 8
+    if config.attn_logit_softcapping is not None:  # soft-capped attention is written out: it holds float32 scores,
+        attention += 3 * chunk * keys * config.num_attention_heads * 4  # about three copies at its peak
     dequantized = 4 * keys * config.num_key_value_heads * config.head_dim * act_element_bytes if kv_scale_bytes else 0
     return activations + qkv + attention + dequantized + config.vocab_size * 4
 

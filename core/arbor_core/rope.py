@@ -9,6 +9,11 @@ checkpoint with `rope_scaling` behaves identically in arbor:
             length (bloc97 / emozilla); below the trained length it is the default RoPE
 - yarn:     NTK-by-parts interpolation plus an attention temperature (Peng et al. 2023)
 - llama3:   Llama 3.1's wavelength-banded interpolation
+- longrope: LongRoPE (Phi-3): a searched factor per frequency, the long list when the context passes
+            the original length, the short one within it, and the attention factor
+            sqrt(1 + ln(max / original) / ln(original))
+
+A partial_rotary_factor < 1 (Phi-4-mini) rotates only the first rotary_dim dims of each head.
 
 Backends turn (inv_freq, attention_factor) into cos/sin tables: angle = position * inv_freq in
 float32, cos/sin multiplied by attention_factor (as transformers does).
@@ -27,19 +32,19 @@ from .errors import UsageError
 
 @dataclass(frozen=True)
 class RopeTables:
-    inv_freq: np.ndarray  # float32 [head_dim // 2]
+    inv_freq: np.ndarray  # float32 [rotary_dim // 2]
     attention_factor: float
     rope_type: str
-    seq_len: int  # the sequence length the frequencies were computed for (matters for dynamic only)
+    seq_len: int  # the sequence length the frequencies were computed for (matters for dynamic and longrope)
 
 
 def rope_frequencies(config: ArborConfig, seq_len: int | None = None) -> RopeTables:
     """Inverse frequencies for `config`, for sequences up to `seq_len` tokens.
 
-    `seq_len` only changes the result for dynamic NTK scaling, whose base depends on the length
-    of the sequence being processed.
+    `seq_len` (default: max_position_embeddings) only changes the result for dynamic NTK scaling, whose
+    base depends on the length of the sequence being processed, and for LongRoPE, whose factors do.
     """
-    dim, base, rope = config.head_dim, float(config.rope_theta), config.rope_scaling or {}
+    dim, base, rope = config.rotary_dim, float(config.rope_theta), config.rope_scaling or {}
     kind = config.rope_type
     seq_len = int(seq_len or config.max_position_embeddings)
     attention_factor = 1.0
@@ -53,6 +58,8 @@ def rope_frequencies(config: ArborConfig, seq_len: int | None = None) -> RopeTab
         inv_freq, attention_factor = _yarn(base, dim, rope, config.max_position_embeddings)
     elif kind == "llama3":
         inv_freq = _llama3_inv_freq(base, dim, rope)
+    elif kind == "longrope":
+        inv_freq, attention_factor = _longrope(base, dim, rope, config.max_position_embeddings, seq_len)
     else:  # ArborConfig.validate rejects anything else
         raise ValueError(f"unknown rope type {kind!r}")
     return RopeTables(inv_freq.astype(np.float32), float(attention_factor), kind, seq_len)
@@ -118,6 +125,25 @@ def _llama3_inv_freq(base: float, dim: int, rope: dict) -> np.ndarray:
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
     return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def _longrope(base: float, dim: int, rope: dict, max_positions: int, seq_len: int) -> tuple[np.ndarray, float]:
+    """transformers' _compute_longrope_parameters: the factor defaults to max_positions / original (Phi-3 sets
+    no factor), and the whole sequence rotates with the long factors once it is longer than the original."""
+    original = int(rope["original_max_position_embeddings"])
+    factor = rope.get("factor")
+    if factor is None:
+        factor = max_positions / original
+    attention_factor = rope.get("attention_factor")
+    if attention_factor is None:
+        attention_factor = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
+    factors = np.asarray(rope["long_factor" if seq_len > original else "short_factor"], dtype=np.float32)
+    exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+    return np.float32(1.0) / (factors * np.power(np.float32(base), exponents)), float(attention_factor)
+
+
+# RoPE types whose tables depend on the context they run at (rope_frequencies' seq_len), not only on the config
+CONTEXT_DEPENDENT = ("dynamic", "longrope")
 
 
 METHODS = ("none", "linear", "dynamic", "yarn", "llama3")

@@ -8,8 +8,8 @@ entry.
 Why Llama's Q/K rows are un-permuted: HF Llama applies RoPE by rotating the two *halves* of each head
 (`rotate_half`); llama.cpp rotates *adjacent pairs*. Its converter reorders each head's Q/K rows so
 pairs line up, and the same rows of our checkpoint must go back to the half-split order for the
-HF-style math in the backends (SmolLM3's too: its converter is Llama's). Qwen2, Qwen3 and Gemma 3 files are
-not permuted (llama.cpp runs them with the half-split "NEOX" RoPE).
+HF-style math in the backends (SmolLM3's too: its converter is Llama's). Qwen2, Qwen3, Gemma 2/3 and Phi-3
+files are not permuted (llama.cpp runs them with the half-split "NEOX" RoPE).
 """
 
 from __future__ import annotations
@@ -38,12 +38,18 @@ LLAMA_LAYER_TENSORS = {
 }
 # Qwen3's block: Llama's with norms on each head's q and k (stored as they are, rows not permuted: NEOX RoPE)
 QWEN3_LAYER_TENSORS = {**LLAMA_LAYER_TENSORS, "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
-# Gemma 3's block: norms on q and k, and norms after attention and around the MLP; its ffn_norm is the norm
-# before the MLP (a Llama block's ffn_norm is HF's post_attention_layernorm, which in Gemma follows attention).
-GEMMA3_LAYER_TENSORS = {
-    **LLAMA_LAYER_TENSORS, "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
-    "post_attention_norm": "post_attention_layernorm", "ffn_norm": "pre_feedforward_layernorm",
+# Gemma's block: norms after attention and around the MLP; its ffn_norm is the norm before the MLP (a Llama
+# block's ffn_norm is HF's post_attention_layernorm, which in Gemma follows attention). Gemma 3 adds q/k norms.
+GEMMA2_LAYER_TENSORS = {
+    **LLAMA_LAYER_TENSORS, "post_attention_norm": "post_attention_layernorm", "ffn_norm": "pre_feedforward_layernorm",
     "post_ffw_norm": "post_feedforward_layernorm",
+}
+GEMMA3_LAYER_TENSORS = {**GEMMA2_LAYER_TENSORS, "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
+# Phi-3's q/k/v and gate/up projections are one tensor each, in the GGUF as in HF's checkpoint: they keep HF's
+# fused names (checkpoint.FUSED_PROJECTIONS splits them at load).
+PHI3_LAYER_TENSORS = {
+    **{k: v for k, v in LLAMA_LAYER_TENSORS.items() if k not in ("attn_q", "attn_k", "attn_v", "ffn_gate")},
+    "attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj",
 }
 # What a gemma3 GGUF does not record, from Gemma 3's published configurations (google/gemma-3-{270m,1b,4b,12b,
 # 27b}[-it] config.json on the Hugging Face Hub, and the Gemma 3 technical report, 2025, section 2.1): five
@@ -52,6 +58,10 @@ GEMMA3_LAYER_TENSORS = {
 GEMMA3_SLIDING_WINDOW_PATTERN = 6
 GEMMA3_ROPE_LOCAL_BASE_FREQ = 10_000.0
 GEMMA3_QUERY_PRE_ATTN_SCALAR_BY_HIDDEN = {5376: 168}
+# A gemma2 GGUF records its soft-caps and window but not the query scale: head_dim in Gemma 2's published 2B and 9B
+# configurations, hidden_size / heads = 144 in the 27B's (google/gemma-2-{2b,9b,27b} config.json; llama.cpp
+# hard-codes the same). Its alternating layers are transformers' Gemma2Config default (ArborConfig applies it).
+GEMMA2_QUERY_PRE_ATTN_SCALAR_BY_HIDDEN = {4608: 144}
 
 # A smollm3 GGUF records no NoPE layers: llama.cpp's converter writes Llama's keys only (conversion/llama.py,
 # SmolLM3Model), and llama.cpp itself fixes them (src/models/smollm3.cpp: n_no_rope_layer_step = 4, RoPE
@@ -79,6 +89,10 @@ def smollm3_published_config(hidden: int, head_dim: int, layers: int) -> dict[st
     return dict(no_rope_layers=[int((i + 1) % SMOLLM3_NO_ROPE_LAYER_STEP != 0) for i in range(layers)])
 
 
+def gemma2_published_config(hidden: int, head_dim: int, layers: int) -> dict[str, Any]:
+    return dict(query_pre_attn_scalar=GEMMA2_QUERY_PRE_ATTN_SCALAR_BY_HIDDEN.get(hidden, head_dim))
+
+
 @dataclass(frozen=True)
 class GGUFArchitecture:
     name: str  # llama.cpp's general.architecture
@@ -87,6 +101,8 @@ class GGUFArchitecture:
     rotary_permuted: bool = False  # Q/K rows reordered for llama.cpp's adjacent-pair RoPE: undone on import
     norms_plus_one: bool = False  # RMSNorm weights stored as 1 + w, the factor llama.cpp multiplies by
     attention_bias: bool = False  # q/k/v projections carry biases (the tensors have the last word)
+    # rope.dimension_count counts the rotated dims only (Phi-3's partial_rotary_factor); head_dim is hidden / heads
+    rope_dims_partial: bool = False
     # (hidden_size, head_dim, layers) -> config fields the file does not record
     published_config: Callable[[int, int, int], dict[str, Any]] | None = None
 
@@ -128,6 +144,9 @@ ARCHITECTURES = {arch.name: arch for arch in (
     GGUFArchitecture("qwen3", "qwen3", QWEN3_LAYER_TENSORS),
     GGUFArchitecture("smollm3", "smollm3", LLAMA_LAYER_TENSORS, rotary_permuted=True,
                      published_config=smollm3_published_config),
+    GGUFArchitecture("gemma2", "gemma2", GEMMA2_LAYER_TENSORS, norms_plus_one=True,
+                     published_config=gemma2_published_config),
+    GGUFArchitecture("phi3", "phi3", PHI3_LAYER_TENSORS, rope_dims_partial=True),
 )}
 
 

@@ -124,6 +124,10 @@ def read_provenance(directory: Path) -> dict[str, Any]:
 
 # ---- the tensors a checkpoint holds, against what its config implies (used by every backend) ----
 IGNORED_KEYS = ("rotary_emb.inv_freq",)  # derived, not learned: some exporters write them; safe to skip
+# Projections a checkpoint may store fused, as Phi-3's does (HF's names, kept by its GGUF import), and the separate
+# ones, in row order, that the backends run: split at load (the torch backend fuses them again, model.fuse_layer).
+FUSED_PROJECTIONS = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                     "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
 
 
 def check_tensors(state: dict[str, Any], expected: dict[str, tuple[int, ...]], where: Any,
@@ -132,7 +136,7 @@ def check_tensors(state: dict[str, Any], expected: dict[str, tuple[int, ...]], w
     IGNORED_KEYS dropped, a tied lm_head popped (the head is the embedding), and every name and shape
     checked against `expected` (name -> shape the config implies), else CorruptModelError. A weight
     kept quantized stands for `<base>.weight` and its entries' shapes must be the ones that implies."""
-    state = {k: v for k, v in state.items() if not k.endswith(IGNORED_KEYS)}
+    state = split_fused_projections({k: v for k, v in state.items() if not k.endswith(IGNORED_KEYS)}, expected, where)
     if tie_word_embeddings:
         for suffix in ("weight", *SUFFIXES):
             state.pop(f"lm_head.{suffix}", None)
@@ -158,6 +162,28 @@ def check_tensors(state: dict[str, Any], expected: dict[str, tuple[int, ...]], w
             raise CorruptModelError(f"{name} has shape {shape} in {where}, config.json "
                                     f"implies {tuple(expected[name])}; re-convert the model")
     return state
+
+
+def split_fused_projections(state: dict[str, Any], expected: dict[str, tuple[int, ...]], where: Any) -> dict[str, Any]:
+    """`state` with every fused projection (FUSED_PROJECTIONS) split into the separate ones `expected` names, by
+    their rows: every entry of a weight lists output rows first (a float weight or bias, a quantized weight's
+    codes and scales), so each part is a slice of rows, a view."""
+    out = {}
+    for name, tensor in state.items():
+        fused = next((f for f in FUSED_PROJECTIONS if f".{f}." in name), None)
+        if fused is None:
+            out[name] = tensor
+            continue
+        prefix, suffix = name.split(f".{fused}.")
+        start = 0
+        for part in FUSED_PROJECTIONS[fused]:
+            rows = expected.get(f"{prefix}.{part}.weight", (0,))[0]
+            out[f"{prefix}.{part}.{suffix}"] = tensor[start:start + rows]
+            start += rows
+        if start != tensor.shape[0]:
+            raise CorruptModelError(f"{name} has {tensor.shape[0]} rows in {where}, config.json implies {start} "
+                                    f"({' + '.join(FUSED_PROJECTIONS[fused])}); re-convert the model")
+    return out
 
 
 def _quantized_shape(base: str, entries: dict[str, Any], where: Any) -> tuple[int, int]:

@@ -150,7 +150,8 @@ def config_from_metadata(meta: dict[str, Any], *, tie_word_embeddings: bool,
     context = int(need("context_length"))
     rope = _rope_scaling(get)
     tokens = meta.get("tokenizer.ggml.tokens")
-    head_dim = int(get("attention.key_length") or get("rope.dimension_count") or hidden // heads)
+    rope_dims = get("rope.dimension_count")
+    head_dim = int(get("attention.key_length") or (None if arch.rope_dims_partial else rope_dims) or hidden // heads)
     layers = int(need("block_count"))
     return ArborConfig(
         vocab_size=int(vocab_size or get("vocab_size") or len(tokens or [])),
@@ -166,7 +167,10 @@ def config_from_metadata(meta: dict[str, Any], *, tie_word_embeddings: bool,
         max_position_embeddings=context,
         tie_word_embeddings=tie_word_embeddings,
         attention_bias=arch.attention_bias,
-        sliding_window=get("attention.sliding_window"),
+        sliding_window=get("attention.sliding_window") or None,  # Phi-3's converter writes 0 for none
+        attn_logit_softcapping=get("attn_logit_softcapping"),
+        final_logit_softcapping=get("final_logit_softcapping"),
+        partial_rotary_factor=int(rope_dims) / head_dim if rope_dims and int(rope_dims) != head_dim else None,
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
         eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
         model_type=arch.model_type,
@@ -198,7 +202,28 @@ def config_from_gguf(meta: dict[str, Any], tensors: dict[str, Any]) -> ArborConf
     if "rope_freqs.weight" in tensors and config.rope_scaling is None:
         factors = tensors["rope_freqs.weight"].data.astype(np.float32)
         config = config.with_rope_scaling(llama3_scaling_from_rope_freqs(factors, config))
+    if "rope_factors_long.weight" in tensors:
+        config = config.with_rope_scaling(longrope_scaling(meta, tensors))
     return config
+
+
+def longrope_scaling(meta: dict[str, Any], tensors: dict[str, Any]) -> dict[str, Any]:
+    """Phi-3's LongRoPE rope_scaling from what llama.cpp's converter stores instead: its long and short factor
+    lists as the tensors rope_factors_long / rope_factors_short, the original context and the attention factor
+    (which the converter computed from the context lengths) as metadata."""
+    def key(name: str) -> Any:
+        return meta.get(f"{meta['general.architecture']}.{name}")
+
+    if "rope_factors_short.weight" not in tensors or not key("rope.scaling.original_context_length"):
+        raise ConfigError("this GGUF stores RoPE long factors without the short ones or its original context; "
+                          "arbor cannot recover its LongRoPE scaling: use the original HF checkpoint")
+    scaling = {"rope_type": "longrope",
+               "original_max_position_embeddings": int(key("rope.scaling.original_context_length")),
+               **{f"{kind}_factor": tensors[f"rope_factors_{kind}.weight"].data.astype(np.float32).tolist()
+                  for kind in ("long", "short")}}
+    if key("rope.scaling.attn_factor") is not None:
+        scaling["attention_factor"] = float(key("rope.scaling.attn_factor"))
+    return scaling
 
 
 def llama3_scaling_from_rope_freqs(factors: np.ndarray, config: ArborConfig) -> dict[str, Any]:

@@ -18,9 +18,9 @@ from types import ModuleType
 from arbor_core.config import ArborConfig
 from arbor_core.errors import ConfigError
 
-from . import gemma3, llama, qwen3, smollm3
+from . import gemma2, gemma3, llama, qwen3, smollm3
 
-ARCHITECTURES: dict[str, ModuleType] = {model_type: module for module in (llama, gemma3, qwen3, smollm3)
+ARCHITECTURES: dict[str, ModuleType] = {model_type: module for module in (llama, gemma2, gemma3, qwen3, smollm3)
                                         for model_type in module.MODEL_TYPES}
 
 

@@ -1,7 +1,8 @@
 """Llama's block in MLX: pre-norm attention, then a pre-norm gated MLP (SwiGLU), each added to the residual.
 
-The family of Llama, SmolLM2, Mistral (a sliding window on every layer) and Qwen2 (biases on q, k and v):
-what differs among them is a config field the shared layers read (attention_bias, sliding_window).
+The family of Llama, SmolLM2, Mistral (a sliding window on every layer), Qwen2 (biases on q, k and v) and Phi-3
+(q/k/v and gate/up stored fused, split at load: checkpoint.FUSED_PROJECTIONS): what differs among them is a
+config field the shared layers read (attention_bias, sliding_window, rope_scaling, partial_rotary_factor).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from arbor_core.config import ArborConfig
 
 from ..layers import MLP, Attention, RMSNorm, Rope
 
-MODEL_TYPES = ("llama", "mistral", "qwen2")
+MODEL_TYPES = ("llama", "mistral", "qwen2", "phi3")  # Phi-3: fused weights split at load
 
 
 class Layer(nn.Module):

@@ -13,10 +13,10 @@ from types import ModuleType
 
 from arbor_core.config import ArborConfig
 
-from . import gemma3, llama, qwen3, smollm3
+from . import gemma2, gemma3, llama, qwen3, smollm3
 
 # each family module names the config model_types it runs (MODEL_TYPES), as the MLX backend's do
-FAMILIES: dict[str, ModuleType] = {model_type: module for module in (llama, gemma3, qwen3, smollm3)
+FAMILIES: dict[str, ModuleType] = {model_type: module for module in (llama, gemma2, gemma3, qwen3, smollm3)
                                    for model_type in module.MODEL_TYPES}
 
 

@@ -17,7 +17,7 @@ from .pieces import Layer, apply_rope, embed, final, heads_of, linear, mlp, proj
 __all__ = ["MODEL_TYPES", "NORM_OFFSET", "QK_NORM", "SANDWICH", "attention_out", "decode_strategies", "embed",
            "feed_forward", "final", "layer_of", "post_attention", "pre_attention"]
 
-MODEL_TYPES = ("llama", "mistral", "qwen2")
+MODEL_TYPES = ("llama", "mistral", "qwen2", "phi3")  # Phi-3: fused weights, split at load
 # which modules model.py builds: norm weights stored as is (no offset), no q/k norms, one norm per half-block
 NORM_OFFSET = QK_NORM = SANDWICH = False
 

@@ -55,8 +55,17 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: (..., heads, T, head_dim); cos/sin: (T, head_dim), HF's half-split layout
-    return x * cos + rotate_half(x) * sin
+    # x: (..., heads, T, head_dim); cos/sin: (T, rotary_dim), HF's half-split layout over the first rotary_dim dims
+    rotary = cos.shape[-1]
+    if rotary == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    x, rest = x[..., :rotary], x[..., rotary:]  # a partial_rotary_factor < 1: the rest passes through
+    return torch.cat((x * cos + rotate_half(x) * sin, rest), dim=-1)
+
+
+def soft_cap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """cap * tanh(x / cap) (Gemma's soft-capping of attention scores and logits); x itself when no cap is set."""
+    return x if cap is None else torch.tanh(x / cap) * cap
 
 
 def linear(x: torch.Tensor, projection: Projection) -> torch.Tensor:
@@ -101,9 +110,10 @@ def embed(tokens: torch.Tensor, table: nn.Module, multiplier: float | torch.Tens
     return x * multiplier
 
 
-def final(x: torch.Tensor, norm: nn.Module, head: nn.Module) -> torch.Tensor:
-    """The logits of the last block's output: its norm, then the output head."""
-    return head(norm(x))
+def final(x: torch.Tensor, norm: nn.Module, head: nn.Module, cap: float | None = None) -> torch.Tensor:
+    """The logits of the last block's output: its norm, the output head, then the soft cap (config's
+    final_logit_softcapping, Gemma) if one is set."""
+    return soft_cap(head(norm(x)), cap)
 
 
 def projections(block: nn.Module, tensors: bool) -> dict:
