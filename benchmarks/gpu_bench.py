@@ -29,6 +29,11 @@ SHAPES = {  # config.json fields of the real models, random weights
     "smollm2-1.7b": dict(vocab_size=49152, hidden_size=2048, intermediate_size=8192, num_hidden_layers=24,
                          num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=8192,
                          rope_theta=130000.0, tie_word_embeddings=True),
+    # Qwen2.5(-Coder)-1.5B-Instruct as arbor imports its Q4_K_M GGUF (the output head apart from the embedding)
+    "qwen2.5-1.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960,
+                         num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2, head_dim=128,
+                         max_position_embeddings=32768, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
+                         attention_bias=True, tie_word_embeddings=False),
     # what arbor's GGUF import makes of Gemma 3 270M (weights/arbor_weights/gguf_import.py)
     "gemma3-270m": dict(model_type="gemma3_text", vocab_size=262144, hidden_size=640, intermediate_size=2048,
                         num_hidden_layers=18, num_attention_heads=4, num_key_value_heads=1, head_dim=256,
@@ -52,7 +57,8 @@ def random_checkpoint(shape: str, directory: Path):
         model = Transformer(cfg).to(torch.bfloat16)
         for p in model.parameters():
             p.data.normal_(0, 0.02)
-    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    state = {k: v.contiguous() for k, v in model.state_dict().items()
+             if k != "lm_head.weight" or not cfg.tie_word_embeddings}
     save_file(state, str(directory / "model.safetensors"))
     cfg.save(directory / "config.json")
     del model, state

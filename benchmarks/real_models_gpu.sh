@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The real-models issue's GPU half: the Qwen2.5-Coder-1.5B Q4_K_M file's long-context quality (pass keys in real
+# prose through one attention pass and through `arbor ask`, 4K-32K), the CUDA tests of every architecture, and
+# decode / 32K prefill of the Qwen2.5-1.5B shape (random weights) beside llama.cpp's CUDA build on the same weights.
+#
+#   here, once:  bash benchmarks/passkey_run.sh prepare        (build/long-context: KJV prose)
+#                ARBOR_HOME=... bash ../shared/bench/llama_cpp_cuda.sh prep; then copy the 1.5B model's
+#                tokenizer*.json (arbor's import of it) into .peer/ (git-ignored)
+#                split -b 62914560 -d -a 2 qwen2.5-coder-1.5b-instruct.gguf .device-cache/q15/p   (18 pieces)
+#   on the GPU, consecutive calls on one warm machine (64 MiB a call): calls carrying .device-cache/q15/pNN
+#   one at a time (command: true), then the last with .whl, .peer, build/long-context:
+#                bash benchmarks/real_models_gpu.sh run
+set -uo pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+T0=$(date +%s); el() { echo $(( $(date +%s) - T0 )); }
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=$PWD:$PWD/core:$PWD/backends:$PWD/weights:$PWD/benchmarks:/tmp/site PYTHONUNBUFFERED=1 ARBOR_HOME=/tmp/arbor
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+Q=/tmp/q15.gguf; cat .device-cache/q15/p* > $Q
+sha256sum $Q | tee "$OUT/q15.sha256"   # the registry's: cc324af0...b046
+mkdir -p /tmp/lc && tar xzf .peer/llama.cpp.tgz -C /tmp/lc
+( cd /tmp/lc && cmake -S . -B build -G Ninja -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DGGML_NATIVE=OFF \
+    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF \
+    -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF > /tmp/cmake.log 2>&1 \
+  && cmake --build build -j 12 --target llama-bench llama-quantize > /tmp/build.log 2>&1; echo "llama.cpp build rc=$? at $(el)s" ) &
+BUILD=$!
+echo "== CUDA tests at $(el)s"
+timeout 420 python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda.py tests/test_backend_contract.py \
+  tests/test_architectures_a.py tests/test_gemma2.py tests/test_phi3.py -k "cuda" 2>&1 | tail -4 | tee "$OUT/cuda_tests.txt"
+echo "== pass keys, 1.5B, at $(el)s"
+P=(python3 -m arbor_cli eval passkey -m $Q --device cuda --prose build/long-context/kjv_pentateuch.txt --trials 8 --json)
+timeout 600 "${P[@]}" --lengths 4k,8k,16k,32k --rope auto > "$OUT/q15_passkey_prose.json" 2> "$OUT/q15_passkey_prose.log"
+tail -2 "$OUT/q15_passkey_prose.log"
+timeout 600 "${P[@]}" --lengths 16k,32k --via ask > "$OUT/q15_passkey_ask.json" 2> "$OUT/q15_passkey_ask.log"
+tail -2 "$OUT/q15_passkey_ask.log"
+echo "== the 1.5B shape beside llama.cpp at $(el)s"
+python3 -c "
+from pathlib import Path; import gpu_bench
+d = Path('/tmp/rq15'); d.mkdir(exist_ok=True); gpu_bench.random_checkpoint('qwen2.5-1.5b', d)"
+cp .peer/tokenizer*.json /tmp/rq15/
+(cd /tmp/lc && PYTHONPATH=gguf-py python3 convert_hf_to_gguf.py /tmp/rq15 --outtype f16 --outfile /tmp/rq15-f16.gguf \
+  > /tmp/convert.log 2>&1) || tail -5 /tmp/convert.log
+wait $BUILD; LB=/tmp/lc/build/bin/llama-bench
+if [ -x $LB ]; then
+  /tmp/lc/build/bin/llama-quantize /tmp/rq15-f16.gguf /tmp/rq15-q4km.gguf Q4_K_M > /dev/null 2>&1
+  timeout 150 $LB -m /tmp/rq15-f16.gguf,/tmp/rq15-q4km.gguf -ngl 99 -fa 1 -p 0 -n 128 -d 4096,32768 -r 2 -o md | tee "$OUT/lcpp_q15_tg.md"
+  timeout 100 $LB -m /tmp/rq15-f16.gguf,/tmp/rq15-q4km.gguf -ngl 99 -fa 1 -p 32768 -n 0 -b 4096 -ub 4096 -r 1 -o md | tee "$OUT/lcpp_q15_pp.md"
+fi
+timeout 200 python3 benchmarks/gpu_bench.py --model /tmp/rq15 --contexts 4k,32k --json "$OUT/arbor_q15.json" 2>&1 | tail -6
+echo "done at $(el)s"
