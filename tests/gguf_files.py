@@ -88,6 +88,8 @@ def gguf_name(hf_name: str) -> str:
 # gguf can dequantize K-quants but not produce them, so those tests store random blocks; only the
 # float16 super-block scales (at these byte offsets in each block) are pinned, to stay finite.
 K_QUANT_SCALE_OFFSETS = {Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,)}
+# types arbor refuses, written as random blocks the same way (their float16 d pinned) to see the refusal
+REFUSED_SCALE_OFFSETS = {Q.IQ4_NL: (0,), Q.IQ2_XXS: (0,), Q.TQ2_0: (64,)}
 
 
 def random_k_quant_blocks(kind, shape, seed) -> np.ndarray:
@@ -95,15 +97,16 @@ def random_k_quant_blocks(kind, shape, seed) -> np.ndarray:
     rows, blocks = shape[0], shape[1] // block
     data = np.random.default_rng(seed).integers(0, 256, (rows, blocks, size), dtype=np.uint8)
     scale = np.frombuffer(np.float16(0.01).tobytes(), dtype=np.uint8)
-    for offset in K_QUANT_SCALE_OFFSETS[kind]:
+    for offset in {**K_QUANT_SCALE_OFFSETS, **REFUSED_SCALE_OFFSETS}[kind]:
         data[:, :, offset:offset + 2] = scale
     return data.reshape(rows, blocks * size)
 
 
 def write_tiny_gguf(path: Path, *, qtype=Q.F32, arch="llama", tied=True, bias=False, extra=None, seed=0,
-                    chat_template: str | None = None):
+                    chat_template: str | None = None, kinds: dict | None = None):
     """A tiny GGUF written the way convert_hf_to_gguf.py writes one. Returns (HF weights, stored
-    GGUF arrays): matrices in `qtype` (norms and biases stay F32, as llama.cpp keeps them); with
+    GGUF arrays): matrices in `qtype` (norms and biases stay F32, as llama.cpp keeps them), or in
+    kinds[part] for a matrix whose HF name contains `part` (a mix, as Q4_K_M files are); with
     `chat_template`, the file carries it as tokenizer.chat_template."""
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_block_count(LAYERS)
@@ -125,8 +128,8 @@ def write_tiny_gguf(path: Path, *, qtype=Q.F32, arch="llama", tied=True, bias=Fa
             w = llama_cpp_permute(w, HEADS, HEADS)
         elif arch == "llama" and ".k_proj." in hf:
             w = llama_cpp_permute(w, HEADS, KV_HEADS)
-        kind = qtype if w.ndim == 2 else Q.F32
-        if kind in K_QUANT_SCALE_OFFSETS:
+        kind = next((k for part, k in (kinds or {}).items() if part in hf), qtype) if w.ndim == 2 else Q.F32
+        if kind in K_QUANT_SCALE_OFFSETS or kind in REFUSED_SCALE_OFFSETS:
             data = random_k_quant_blocks(kind, w.shape, seed=len(stored))
         else:
             data = gguf.quants.quantize(w, kind)
