@@ -6,13 +6,10 @@ tiny K-quant GGUFs (one type, and Q4_K_M's mix), and the one-line refusal of typ
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import gguf
 import numpy as np
 import pytest
-from gguf_files import Q, write_tiny_gguf
+from gguf_files import REAL_FILES, Q, random_kept_blocks, real_gguf, write_tiny_gguf
 from safetensors.numpy import load_file
 
 import arbor_weights
@@ -21,23 +18,10 @@ from arbor_weights import gguf_import, quantized
 from arbor_weights.safetensors_file import read_safetensors_header
 
 pytestmark = pytest.mark.usefixtures("arbor_home")
-# byte offsets of each kept type's float16 block constants (d, and dmin / m): random bytes elsewhere
-CONSTANTS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q8_0": (0,), "Q5_0": (0,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
 
 
 def bits(a: np.ndarray) -> np.ndarray:
     return a.view(np.uint32)
-
-
-def random_blocks(kind: str, rows: int, blocks: int, seed: int = 0) -> np.ndarray:
-    """Every code and sub-scale pattern, not only those a quantizer writes; the float16 constants finite
-    and of both signs (NaN bit patterns could differ without the values differing)."""
-    rng = np.random.default_rng(seed)
-    size = quantized.BLOCK_BYTES[kind][1]
-    data = rng.integers(0, 256, (rows, blocks, size), dtype=np.uint8)
-    for offset in CONSTANTS[kind]:
-        data[..., offset:offset + 2] = rng.uniform(-4, 4, (rows, blocks, 1)).astype(np.float16).view(np.uint8)
-    return data.reshape(rows, -1)
 
 
 def assert_dequantizes_as_gguf(data: np.ndarray, kind: str, shape: tuple[int, int]) -> None:
@@ -53,13 +37,13 @@ def assert_dequantizes_as_gguf(data: np.ndarray, kind: str, shape: tuple[int, in
 @pytest.mark.parametrize("rows, blocks", [(1, 1), (5, 3), (64, 2)])
 def test_every_kept_type_dequantizes_bit_for_bit_as_gguf(kind, rows, blocks):
     shape = (rows, blocks * quantized.BLOCK_BYTES[kind][0])
-    assert_dequantizes_as_gguf(random_blocks(kind, rows, blocks, seed=rows), kind, shape)
+    assert_dequantizes_as_gguf(random_kept_blocks(kind, rows, blocks, seed=rows), kind, shape)
 
 
 @pytest.mark.parametrize("kind", quantized.KINDS)
 def test_entries_have_the_documented_layout_and_read_back_their_kind(kind):
     shape = (4, 2 * quantized.BLOCK_BYTES[kind][0])
-    entries = quantized.from_gguf_blocks(random_blocks(kind, *shape[:1], 2), kind, shape)
+    entries = quantized.from_gguf_blocks(random_kept_blocks(kind, *shape[:1], 2), kind, shape)
     layout = quantized.entry_layout(kind, shape)
     assert {s: (a.shape, a.dtype.name) for s, a in entries.items()} == layout
     assert quantized.kind_of(entries) == quantized.STORED_AS.get(kind, kind)
@@ -67,7 +51,7 @@ def test_entries_have_the_documented_layout_and_read_back_their_kind(kind):
 
 def test_q5_0_is_q8_0s_layout_with_codes_q_minus_16():
     """Q5_0's w = d * (q - 16) is Q8_0's float32 product d * q on the codes q - 16: stored as Q8_0, exactly."""
-    data = random_blocks("Q5_0", 8, 4)
+    data = random_kept_blocks("Q5_0", 8, 4)
     entries = quantized.from_gguf_blocks(data, "Q5_0", (8, 128))
     assert entries["qweight"].min() >= -16 and entries["qweight"].max() <= 15
     assert entries["qweight"].min() == -16 and entries["qweight"].max() == 15  # all 5 bits are read
@@ -77,7 +61,7 @@ def test_q5_0_is_q8_0s_layout_with_codes_q_minus_16():
 
 @pytest.mark.parametrize("kind", ["Q4_K", "Q5_K"])
 def test_k_sub_scales_are_the_6_bit_pairs_gguf_unpacks(kind):
-    data = random_blocks(kind, 6, 3).reshape(6, 3, -1)
+    data = random_kept_blocks(kind, 6, 3).reshape(6, 3, -1)
     entries = quantized.from_gguf_blocks(data.reshape(6, -1), kind, (6, 768))
     sc, m = gguf.quants.Q4_K.get_scale_min(data[..., 4:16].reshape(-1, 12))
     assert np.array_equal(entries["sub_scales"][..., 0].reshape(-1, 8), sc)
@@ -86,7 +70,7 @@ def test_k_sub_scales_are_the_6_bit_pairs_gguf_unpacks(kind):
 
 
 def test_code_ranges_are_the_types_own():
-    q4k, q5k, q6k = (quantized.from_gguf_blocks(random_blocks(kind, 16, 4), kind, (16, 1024))["qweight"]
+    q4k, q5k, q6k = (quantized.from_gguf_blocks(random_kept_blocks(kind, 16, 4), kind, (16, 1024))["qweight"]
                      for kind in ("Q4_K", "Q5_K", "Q6_K"))
     assert np.array_equal(np.unique(quantized.unpack_nibbles(q4k)), np.arange(16))
     assert np.array_equal(np.unique(q5k), np.arange(32))
@@ -153,25 +137,6 @@ def test_a_type_arbor_does_not_read_leaves_nothing_installed(tmp_path):
 
 
 # ---- the real Qwen files (found, never downloaded: 1.6 GB) -------------------------------------
-
-GGUF_DIR_ENV = "ARBOR_GGUF_DIR"
-REAL_FILES = {"qwen2.5-coder-0.5b-instruct": 491_400_064, "qwen2.5-coder-1.5b-instruct": 1_117_320_768}
-
-
-def real_gguf(name: str) -> Path:
-    """The registry model's GGUF: in $ARBOR_GGUF_DIR (any .gguf of its exact size), or left in the
-    download directory by a pull; else the test is skipped."""
-    from arbor_weights.registry import KNOWN_MODELS
-
-    places = [arbor_weights.cache_dir() / "downloads" / KNOWN_MODELS[name].filename]
-    if os.environ.get(GGUF_DIR_ENV):
-        places += sorted(Path(os.environ[GGUF_DIR_ENV]).expanduser().glob("*.gguf"))
-    for path in places:
-        if path.is_file() and path.stat().st_size == REAL_FILES[name]:
-            return path
-    pytest.skip(f"{name}'s GGUF is not here (CI does not download 1.6 GB): set {GGUF_DIR_ENV} to a directory "
-                "holding it")
-
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", REAL_FILES)
