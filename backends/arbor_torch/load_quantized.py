@@ -36,7 +36,9 @@ from torch import nn
 from arbor_core.errors import CorruptModelError
 from arbor_weights import quantized
 
+from .memory import release_freed_heap
 from .quantize import (
+    ACT_DTYPE,
     HEAD_MODE,
     Int4Linear,
     Int8Embedding,
@@ -146,13 +148,20 @@ class BlockLoader:
         of rows at a time gives the same codes and scales."""
         if any(base not in self.groups for base in bases):
             return Int8Linear(torch.cat([self.float_weight(base) for base in bases]), bias)
-        blocks = []
-        for base in bases:
+        qweight = self.groups[bases[0]]["qweight"]
+        columns = qweight.shape[1] * (2 if qweight.dtype == np.uint8 else 1)  # 4-bit codes are two a byte
+        sizes = [self.groups[base]["qweight"].shape[0] for base in bases]
+        # filled in place, a block of rows at a time: never a second copy of a 151,936-row table
+        codes, scales = torch.empty(sum(sizes), columns, dtype=torch.int8), torch.empty(sum(sizes), dtype=ACT_DTYPE)
+        start = 0
+        for base, size in zip(bases, sizes):
             entries = self.groups[base]
-            for i in range(0, entries["qweight"].shape[0], INT8_ROWS):
+            for i in range(0, size, INT8_ROWS):
                 rows = quantized.dequantize({s: a[i:i + INT8_ROWS] for s, a in entries.items()})
-                blocks.append(quantize_int8(torch.from_numpy(rows).to(self.dtype)))
-        return int8_linear_from_codes(torch.cat([q for q, _ in blocks]), torch.cat([s for _, s in blocks]), bias)
+                q, scale = quantize_int8(torch.from_numpy(rows).to(self.dtype))
+                codes[start + i:start + i + q.shape[0]], scales[start + i:start + i + q.shape[0]] = q, scale
+            start += size
+        return int8_linear_from_codes(codes, scales, bias)
 
 
 def load_int4(model: nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtype, where) -> None:
@@ -166,6 +175,7 @@ def load_int4(model: nn.Module, state: dict[str, torch.Tensor], dtype: torch.dty
         del attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj
         attn.o_proj = loader.projection([f"{p}self_attn.o_proj"])
         mlp.down_proj = loader.projection([f"{p}mlp.down_proj"])
+        release_freed_heap()  # a layer's transients (int32 codes, row blocks) freed: not kept as the peak grows
     tied = model.config.tie_word_embeddings
     head = "model.embed_tokens" if tied else "lm_head"
     model.lm_head = loader.int8_linear([head], loader.bias(["lm_head"])) if HEAD_MODE["int4"] == "int8" else \
