@@ -31,12 +31,10 @@ from .store import sha256_of_file
 
 GGUF_MAGIC = b"GGUF"
 # Bumped when an import of the same GGUF would write a different checkpoint; resolve() re-imports an
-# installed one of an older version (1: every tensor float32; 2: Q4_0/Q4_1/Q8_0 kept as blocks;
-# 3: Q5_0 and the K-quants Q4_K/Q5_K/Q6_K kept too).
+# installed one of an older version (1: all float32; 2: Q4_0/Q4_1/Q8_0 kept; 3: Q5_0, Q4_K/Q5_K/Q6_K too).
 IMPORT_VERSION = 3
-# The GGUF types imported as float32 (gguf dequantizes them exactly; Q5_1, Q2_K and Q3_K are rare enough
-# not to be worth a layout of their own). With quantized.KINDS, every type arbor reads: the others
-# (IQ*, TQ*, MXFP4, …) are refused by name rather than run through a dequantizer we have not checked.
+# Types imported as float32 (Q5_1, Q2_K, Q3_K: too rare for a layout of their own); with quantized.KINDS every
+# type arbor reads. The others (IQ*, TQ*, MXFP4, …) are refused, not run through a dequantizer we have not checked.
 FLOAT_TYPES = ("F32", "F16", "BF16", "Q5_1", "Q2_K", "Q3_K")
 READ_TYPES = quantized.KINDS + FLOAT_TYPES
 
