@@ -7,12 +7,14 @@ matrices.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
 import gguf
 import numpy as np
-from arbor_weights import architectures, gguf_import
+import pytest
+from arbor_weights import architectures, gguf_import, quantized
 
 Q = gguf.GGMLQuantizationType
 HIDDEN, HEADS, KV_HEADS, FFN, LAYERS = 256, 4, 2, 256, 2  # 256 columns: whole K-quant blocks
@@ -88,23 +90,27 @@ def gguf_name(hf_name: str) -> str:
 # gguf can dequantize K-quants but not produce them, so those tests store random blocks; only the
 # float16 super-block scales (at these byte offsets in each block) are pinned, to stay finite.
 K_QUANT_SCALE_OFFSETS = {Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,)}
+# types arbor refuses, written as random blocks the same way (their float16 d pinned) to see the refusal
+REFUSED_SCALE_OFFSETS = {Q.IQ4_NL: (0,), Q.IQ2_XXS: (0,), Q.TQ2_0: (64,)}
 
 
-def random_k_quant_blocks(kind, shape, seed) -> np.ndarray:
+def random_k_quant_blocks(kind, shape, seed, d: float = 0.01) -> np.ndarray:
     block, size = gguf.GGML_QUANT_SIZES[kind]
     rows, blocks = shape[0], shape[1] // block
     data = np.random.default_rng(seed).integers(0, 256, (rows, blocks, size), dtype=np.uint8)
-    scale = np.frombuffer(np.float16(0.01).tobytes(), dtype=np.uint8)
-    for offset in K_QUANT_SCALE_OFFSETS[kind]:
+    scale = np.frombuffer(np.float16(d).tobytes(), dtype=np.uint8)
+    for offset in {**K_QUANT_SCALE_OFFSETS, **REFUSED_SCALE_OFFSETS}[kind]:
         data[:, :, offset:offset + 2] = scale
     return data.reshape(rows, blocks * size)
 
 
 def write_tiny_gguf(path: Path, *, qtype=Q.F32, arch="llama", tied=True, bias=False, extra=None, seed=0,
-                    chat_template: str | None = None):
+                    chat_template: str | None = None, kinds: dict | None = None, scale: float = 1.0):
     """A tiny GGUF written the way convert_hf_to_gguf.py writes one. Returns (HF weights, stored
-    GGUF arrays): matrices in `qtype` (norms and biases stay F32, as llama.cpp keeps them); with
-    `chat_template`, the file carries it as tokenizer.chat_template."""
+    GGUF arrays): matrices in `qtype` (norms and biases stay F32, as llama.cpp keeps them), or in
+    kinds[part] for a matrix whose HF name contains `part` (a mix, as Q4_K_M files are); with
+    `chat_template`, the file carries it as tokenizer.chat_template. `scale` multiplies the matrices (and a
+    K-quant's pinned d): 0.02 gives weights of a real model's size, whose logits do not blow up."""
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_block_count(LAYERS)
     writer.add_context_length(512)
@@ -118,16 +124,17 @@ def write_tiny_gguf(path: Path, *, qtype=Q.F32, arch="llama", tied=True, bias=Fa
     vocab = tiny_tokenizer_metadata(writer)
     if chat_template is not None:
         writer.add_chat_template(chat_template)
-    weights = hf_weights(vocab, tied=tied, bias=bias, seed=seed)
+    weights = {name: w * np.float32(scale) if w.ndim == 2 else w
+               for name, w in hf_weights(vocab, tied=tied, bias=bias, seed=seed).items()}
     stored = {}
     for hf, w in weights.items():
         if arch == "llama" and ".q_proj." in hf:
             w = llama_cpp_permute(w, HEADS, HEADS)
         elif arch == "llama" and ".k_proj." in hf:
             w = llama_cpp_permute(w, HEADS, KV_HEADS)
-        kind = qtype if w.ndim == 2 else Q.F32
-        if kind in K_QUANT_SCALE_OFFSETS:
-            data = random_k_quant_blocks(kind, w.shape, seed=len(stored))
+        kind = next((k for part, k in (kinds or {}).items() if part in hf), qtype) if w.ndim == 2 else Q.F32
+        if kind in K_QUANT_SCALE_OFFSETS or kind in REFUSED_SCALE_OFFSETS:
+            data = random_k_quant_blocks(kind, w.shape, seed=len(stored), d=0.01 * scale)
         else:
             data = gguf.quants.quantize(w, kind)
         writer.add_tensor(gguf_name(hf), data, raw_dtype=kind)
@@ -152,3 +159,41 @@ def count_conversions(monkeypatch) -> list:
 
     monkeypatch.setattr(gguf_import, "convert_gguf", counting)
     return calls
+
+
+# byte offsets of each kept type's float16 block constants (d, and dmin / m): random bytes elsewhere
+KEPT_CONSTANTS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q8_0": (0,), "Q5_0": (0,), "Q4_K": (0, 2), "Q5_K": (0, 2),
+                  "Q6_K": (208,)}
+
+
+def random_kept_blocks(kind: str, rows: int, blocks: int, seed: int = 0) -> np.ndarray:
+    """Raw blocks of a type arbor keeps as codes: every code and sub-scale pattern, not only those a quantizer
+    writes; the float16 constants finite and of both signs (NaN bit patterns could differ without the values
+    differing). uint8 [rows, blocks * bytes]."""
+    rng = np.random.default_rng(seed)
+    size = quantized.BLOCK_BYTES[kind][1]
+    data = rng.integers(0, 256, (rows, blocks, size), dtype=np.uint8)
+    for offset in KEPT_CONSTANTS[kind]:
+        data[..., offset:offset + 2] = rng.uniform(-4, 4, (rows, blocks, 1)).astype(np.float16).view(np.uint8)
+    return data.reshape(rows, -1)
+
+
+# The real Qwen GGUFs of the registry (issue 26), found on this machine, never downloaded by the tests
+GGUF_DIR_ENV = "ARBOR_GGUF_DIR"
+REAL_FILES = {"qwen2.5-coder-0.5b-instruct": 491_400_064, "qwen2.5-coder-1.5b-instruct": 1_117_320_768}
+
+
+def real_gguf(name: str) -> Path:
+    """The registry model's GGUF: in $ARBOR_GGUF_DIR (any .gguf of its exact size), or left in the
+    download directory by a pull; else the calling test is skipped."""
+    from arbor_weights import cache_dir
+    from arbor_weights.registry import KNOWN_MODELS
+
+    places = [cache_dir() / "downloads" / KNOWN_MODELS[name].filename]
+    if os.environ.get(GGUF_DIR_ENV):
+        places += sorted(Path(os.environ[GGUF_DIR_ENV]).expanduser().glob("*.gguf"))
+    for path in places:
+        if path.is_file() and path.stat().st_size == REAL_FILES[name]:
+            return path
+    pytest.skip(f"{name}'s GGUF is not here (CI does not download 1.6 GB): set {GGUF_DIR_ENV} to a directory "
+                "holding it")

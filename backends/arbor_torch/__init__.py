@@ -57,7 +57,7 @@ def load(checkpoint, device: str | None = None, dtype: str | None = None, kv_bit
          quantize: str | None = None) -> TorchModel:
     """The checkpoint on `device` (default_device()) in `dtype` (default_dtype(device)); kv_bits 8 or 16
     (arbor_cli.load validates it); quantize one of QUANTIZE_MODES, CPU only. With neither dtype nor
-    quantize given, default_quantize decides (4-bit checkpoints on a CPU run int4); an explicit dtype
+    quantize given, default_quantize decides (GGUF-block checkpoints on a CPU run int4 mode); an explicit dtype
     (`--dtype float32`) keeps the exact float path."""
     device = device or default_device()
     check_device(device)
@@ -71,15 +71,16 @@ def load(checkpoint, device: str | None = None, dtype: str | None = None, kv_bit
 
 
 def default_quantize(checkpoint, device: str) -> str | None:
-    """What runs when no dtype or quantize is asked for: on a CPU, a checkpoint stored with 4-bit layers
-    (a Q4_0 / Q4_1 GGUF's blocks) runs them as they are, int4 with the compiled decode step; that is the
-    file's own precision, so it costs nothing against the source (docs/performance.md, "CPU (2 cores)").
+    """What runs when no dtype or quantize is asked for: on a CPU, a checkpoint whose layers are stored as
+    GGUF blocks runs them as they are, int4 mode with the compiled decode step: 4-bit kinds (Q4_0, Q4_1,
+    Q4_K) on the int4 kernel from their codes, 8-bit kinds (Q8_0, Q5_0, Q5_K, Q6_K) as int8 rows
+    (load_quantized.py); that is near the file's own precision (docs/performance.md, "CPU (2 cores)").
     Float checkpoints, and every GPU, keep float weights."""
     if torch.device(device).type != "cpu":
         return None
     from arbor_weights import quantized
 
-    return "int4" if quantized.layer_bits(checkpoint) == 4 else None
+    return "int4" if quantized.layer_bits(checkpoint) is not None else None
 
 
 def check_quantize(quantize: str | None, device: str) -> None:

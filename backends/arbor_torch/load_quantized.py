@@ -1,11 +1,30 @@
 """A checkpoint that keeps GGUF blocks (arbor_weights/quantized.py) onto torch.
 
 Without --quantize every block-quantized tensor is dequantized exactly: the float32 the old float32
-import held, bit for bit. With --quantize int4 the 4-bit layers become Int4Linear straight from their
-codes. A Q4_1 block's w = d*q + m is the int4 kernel's (q - 8) * scale + zero with scale = d and
-zero = m + 8d (Q4_0: zero = 0), and those are the numbers quantize_int4 recovers from the float
-weights of a Q4_1 block, so the model equals quantize_model's on the float import while no layer is
-ever float. Everything else (fused shapes, the int8 head and embedding, fallbacks) is quantize_model's.
+import held, bit for bit. With --quantize int4 (the CPU default for such checkpoints) the model is built
+layer by layer from the blocks, never holding a float copy of it:
+
+- 4-bit kinds (Q4_0, Q4_1, Q4_K) become Int4Linear straight from their codes: the kernel computes
+  (q - 8) * scale + zero per 32 inputs, which is Q4_1's d * q + m with scale d, zero m + 8d (Q4_0: zero
+  0), and Q4_K's (d * sc) * q - dmin * m with scale d * sc, zero 8 * scale - dmin * m. For Q4_1 those
+  are the numbers quantize_int4 recovers from the float weights, so that model equals quantize_model's
+  on the float import; the only loss is the kernel's bfloat16 scale and zero.
+- 8-bit kinds (Q8_0, Q5_0, Q5_K, Q6_K) become Int8Linear: one scale per row, re-fitted at load from
+  the exact dequantized rows, a block of rows at a time. Why not their own group scales: PyTorch's CPU
+  int8 kernel takes one scale per row (a 1536x8960 matvec in 0.39 ms), where a compiled group-scaled
+  reduction took 1.6 ms and the int4 kernel refuses groups of 16 (Q6_K's). Why not int4, as these
+  layers were before (re-fitted from float, 16 levels a group of 32): against the exact dequantization,
+  teacher-forced over 384 tokens of README.md (prefill path, max |logit diff| / max |logit|, relative
+  norm, top-1 agreement), int8 rows are closer on both real Qwen files, for more bytes in those layers:
+      Qwen2.5-Coder-0.5B (Q5_0/Q8_0 layers)   int8 rows 0.026, 0.021, 96.4%  (612 MB of weights)
+                                              int4      0.152, 0.120, 84.6%  (497 MB)
+      Qwen2.5-Coder-1.5B Q4_K_M (Q6_K v/down)  int8 rows 0.042, 0.013, 96.6%  (1361 MB)
+                                              int4      0.063, 0.041, 94.8%  (1287 MB)
+- A fused projection (q/k/v, gate/up) whose parts come in different kinds is one module per run of
+  parts of the same format, joined by StackedLinear, so Q4_K_M's Q6_K v never forces its Q4_K q and k
+  through a lossy re-quantization; float parts are quantized as quantize_model does.
+
+The head and the embedding are int8 rows (HEAD_MODE), from the exact rows a block at a time.
 """
 
 from __future__ import annotations
@@ -17,11 +36,14 @@ from torch import nn
 from arbor_core.errors import CorruptModelError
 from arbor_weights import quantized
 
+from .memory import release_freed_heap
 from .quantize import (
+    ACT_DTYPE,
     HEAD_MODE,
     Int4Linear,
     Int8Embedding,
     Int8Linear,
+    StackedLinear,
     int4_linear_from_codes,
     int8_linear_from_codes,
     quantize_int8,
@@ -29,7 +51,11 @@ from .quantize import (
 )
 
 ENTRY_DTYPES = (torch.uint8, torch.int8, torch.float16)
-INT8_ROWS = 4096  # rows of the head / embedding dequantized at a time: 9 MB of float32, not 113 MB
+INT8_ROWS = 4096  # rows dequantized at a time for an int8 layer: 25 MB of float32 for a 1536-wide one
+INT4_KINDS = ("Q4_0", "Q4_1", "Q4_K")  # codes the int4 kernel runs as they are
+# how the other (8-bit) kinds run: "int8" rows; "float" is the alternative measured above (re-fitted from
+# the exact weights as quantize_model does: int4 groups, what these layers were before)
+EIGHT_BIT_FORMAT = "int8"
 
 
 def has_blocks(state: dict[str, torch.Tensor]) -> bool:
@@ -55,59 +81,110 @@ def dequantized_state(state: dict[str, torch.Tensor], where) -> dict[str, torch.
 
 
 def int4_parts(entries: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(codes [N, K] 0..15, scale, zero [N, K/32] float32) of a Q4_0 / Q4_1 tensor, for int4_linear_from_codes."""
+    """(codes [N, K] 0..15, scale, zero [N, K/32] float32) of a Q4_0 / Q4_1 / Q4_K tensor, for
+    int4_linear_from_codes: w = (q - 8) * scale + zero."""
     packed = torch.from_numpy(entries["qweight"])
-    codes = torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
+    rows = packed.shape[0]
+    codes = torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(rows, -1)
+    if "super_scales" in entries:  # Q4_K: each 32's scale d * sc and min dmin * m, as float32 products (as gguf)
+        supers = torch.from_numpy(entries["super_scales"]).float()  # [N, K/256, (d, dmin)]
+        subs = torch.from_numpy(entries["sub_scales"]).float().view(rows, supers.shape[1], -1, 2)
+        scale = (supers[..., 0:1] * subs[..., 0]).reshape(rows, -1)
+        return codes, scale, 8 * scale - (supers[..., 1:2] * subs[..., 1]).reshape(rows, -1)
     scale = torch.from_numpy(entries["scales"]).float()
     if "biases" not in entries:
         return codes, scale, torch.zeros_like(scale)
     return codes, scale, torch.from_numpy(entries["biases"]).float() + 8 * scale  # as quantize_int4: lo + 8 * scale
 
 
-def load_int4(model: nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtype, where) -> None:
-    """Fill the meta-device `model` as quantize_model(model, "int4") leaves a loaded float one."""
-    floats, groups = quantized.split_state(state)
-    numpy_groups = {base: numpy_entries(entries, where) for base, entries in groups.items()}
+class BlockLoader:
+    """Builds the int4-mode modules of a model from a checkpoint's state, one projection at a time."""
 
-    def float_weight(base: str) -> torch.Tensor:  # as the float model holds it: exact, then in `dtype`
-        if base in numpy_groups:
-            return torch.from_numpy(quantized.dequantize(numpy_groups[base])).to(dtype)
-        return floats[f"{base}.weight"].to(dtype)
+    def __init__(self, state: dict[str, torch.Tensor], dtype: torch.dtype, where):
+        self.floats, groups = quantized.split_state(state)
+        self.groups = {base: numpy_entries(entries, where) for base, entries in groups.items()}
+        self.kinds = {base: quantized.kind_of(entries, where) for base, entries in self.groups.items()}
+        self.dtype = dtype
 
-    def bias(bases: list[str]) -> nn.Parameter | None:
-        parts = [floats.get(f"{base}.bias") for base in bases]
-        return None if parts[0] is None else nn.Parameter(torch.cat(parts).to(dtype).clone(), requires_grad=False)
+    def float_weight(self, base: str) -> torch.Tensor:
+        """The weight as the float model holds it: exact, then in `dtype`."""
+        if base in self.groups:
+            return torch.from_numpy(quantized.dequantize(self.groups[base])).to(self.dtype)
+        return self.floats[f"{base}.weight"].to(self.dtype)
 
-    def linear(bases: list[str]) -> nn.Module:  # the rows of `bases` in one int4 Linear, as fused_quantized_linear
-        if all(base in numpy_groups and numpy_groups[base]["qweight"].dtype == np.uint8 for base in bases):
-            codes, scale, zero = (torch.cat(parts) for parts in zip(*(int4_parts(numpy_groups[b]) for b in bases)))
+    def bias(self, bases: list[str]) -> nn.Parameter | None:
+        parts = [self.floats.get(f"{base}.bias") for base in bases]
+        return None if parts[0] is None else nn.Parameter(torch.cat(parts).to(self.dtype).clone(), requires_grad=False)
+
+    def format_of(self, base: str) -> str:
+        """"int4" (the codes run as they are), "int8" (an 8-bit kind, rows re-fitted) or "float"."""
+        kind = self.kinds.get(base)
+        return "float" if kind is None else "int4" if kind in INT4_KINDS else EIGHT_BIT_FORMAT
+
+    def projection(self, bases: list[str]) -> nn.Module:
+        """The rows of `bases` (q, k, v; gate, up; or one) as one module, in that order: each run of
+        consecutive bases of one format is one Linear (fused rows), several runs a StackedLinear."""
+        runs: list[tuple[str, list[str]]] = []
+        for base in bases:
+            if runs and runs[-1][0] == self.format_of(base):
+                runs[-1][1].append(base)
+            else:
+                runs.append((self.format_of(base), [base]))
+        parts = [self.linear(form, run) for form, run in runs]
+        return parts[0] if len(parts) == 1 else StackedLinear(parts)
+
+    def linear(self, form: str, bases: list[str]) -> nn.Module:
+        if form == "int4":
+            codes, scale, zero = (torch.cat(parts) for parts in zip(*(int4_parts(self.groups[b]) for b in bases)))
             if Int4Linear.supports(codes):
-                return int4_linear_from_codes(codes, scale, zero, bias(bases))
-        return quantized_linear(torch.cat([float_weight(base) for base in bases]), bias(bases), "int4")
+                return int4_linear_from_codes(codes, scale, zero, self.bias(bases))
+            form = "int8"  # rows the int4 kernel cannot tile: int8 rows of the exact weights, as quantized_linear
+        if form == "int8":
+            return self.int8_linear(bases, self.bias(bases))
+        return quantized_linear(torch.cat([self.float_weight(base) for base in bases]), self.bias(bases), "int4")
 
+    def int8_linear(self, bases: list[str], bias: nn.Parameter | None = None) -> Int8Linear:
+        """Int8Linear(cat of the float weights) without them: rows are quantized independently, so a block
+        of rows at a time gives the same codes and scales."""
+        if any(base not in self.groups for base in bases):
+            return Int8Linear(torch.cat([self.float_weight(base) for base in bases]), bias)
+        qweight = self.groups[bases[0]]["qweight"]
+        columns = qweight.shape[1] * (2 if qweight.dtype == np.uint8 else 1)  # 4-bit codes are two a byte
+        sizes = [self.groups[base]["qweight"].shape[0] for base in bases]
+        # filled in place, a block of rows at a time: never a second copy of a 151,936-row table
+        codes, scales = torch.empty(sum(sizes), columns, dtype=torch.int8), torch.empty(sum(sizes), dtype=ACT_DTYPE)
+        start = 0
+        for base, size in zip(bases, sizes):
+            entries = self.groups[base]
+            for i in range(0, size, INT8_ROWS):
+                rows = quantized.dequantize({s: a[i:i + INT8_ROWS] for s, a in entries.items()})
+                q, scale = quantize_int8(torch.from_numpy(rows).to(self.dtype))
+                codes[start + i:start + i + q.shape[0]], scales[start + i:start + i + q.shape[0]] = q, scale
+            start += size
+        return int8_linear_from_codes(codes, scales, bias)
+
+
+def load_int4(model: nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtype, where) -> None:
+    """Fill the meta-device `model` as quantize_model(model, "int4") leaves a loaded float one, its
+    layers from the blocks as the module docstring says."""
+    loader = BlockLoader(state, dtype, where)
     for i, layer in enumerate(model.model.layers):  # fused in model.fuse_layer's order: q, k, v and gate, up
         attn, mlp, p = layer.self_attn, layer.mlp, f"model.layers.{i}."
-        attn.qkv_proj = linear([f"{p}self_attn.{x}_proj" for x in "qkv"])
-        mlp.gate_up_proj = linear([f"{p}mlp.gate_proj", f"{p}mlp.up_proj"])
+        attn.qkv_proj = loader.projection([f"{p}self_attn.{x}_proj" for x in "qkv"])
+        mlp.gate_up_proj = loader.projection([f"{p}mlp.gate_proj", f"{p}mlp.up_proj"])
         del attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj
-        attn.o_proj = linear([f"{p}self_attn.o_proj"])
-        mlp.down_proj = linear([f"{p}mlp.down_proj"])
-    def int8_linear(base: str, bias: nn.Parameter | None = None) -> Int8Linear:  # Int8Linear(float_weight(base))
-        if base not in numpy_groups:
-            return Int8Linear(float_weight(base), bias)
-        entries, rows = numpy_groups[base], numpy_groups[base]["qweight"].shape[0]
-        blocks = [quantize_int8(torch.from_numpy(quantized.dequantize({s: a[i:i + INT8_ROWS] for s, a in entries.items()}))
-                                .to(dtype)) for i in range(0, rows, INT8_ROWS)]
-        return int8_linear_from_codes(torch.cat([q for q, _ in blocks]), torch.cat([s for _, s in blocks]), bias)
-
+        attn.o_proj = loader.projection([f"{p}self_attn.o_proj"])
+        mlp.down_proj = loader.projection([f"{p}mlp.down_proj"])
+        release_freed_heap()  # a layer's transients (int32 codes, row blocks) freed: not kept as the peak grows
     tied = model.config.tie_word_embeddings
     head = "model.embed_tokens" if tied else "lm_head"
-    model.lm_head = int8_linear(head, bias(["lm_head"])) if HEAD_MODE["int4"] == "int8" else \
-        quantized_linear(float_weight(head), bias(["lm_head"]), HEAD_MODE["int4"])
-    codes = model.lm_head if tied and isinstance(model.lm_head, Int8Linear) else int8_linear("model.embed_tokens")
+    model.lm_head = loader.int8_linear([head], loader.bias(["lm_head"])) if HEAD_MODE["int4"] == "int8" else \
+        quantized_linear(loader.float_weight(head), loader.bias(["lm_head"]), HEAD_MODE["int4"])
+    codes = model.lm_head if tied and isinstance(model.lm_head, Int8Linear) else \
+        loader.int8_linear(["model.embed_tokens"])
     model.model.embed_tokens = Int8Embedding(codes, dtype)
     # the norms, copied out of the memory-mapped file (why: the end of quantize_model)
-    norms = {name: t.to(dtype).clone() for name, t in floats.items() if name.endswith("norm.weight")}
+    norms = {name: t.to(dtype).clone() for name, t in loader.floats.items() if name.endswith("norm.weight")}
     model.load_state_dict(norms, strict=False, assign=True)
     if any(t.is_meta for t in list(model.parameters()) + list(model.buffers())):
         raise CorruptModelError(f"weights in {where} leave part of the model unset; re-convert the model")

@@ -168,6 +168,22 @@ class Int4Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+class StackedLinear(nn.Module):
+    """Linears over the same input whose outputs, side by side, are one projection's: a fused q/k/v or
+    gate/up whose parts a GGUF stores in different formats (Q4_K_M: q, k Q4_K, v Q6_K) runs each part in
+    its own kernel instead of re-quantizing all of them to one. pieces.project splits the output as it
+    splits a fused Linear's; the concatenation costs a copy of the (small) outputs."""
+
+    def __init__(self, parts: list[nn.Module]):
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+        self.in_features = parts[0].in_features
+        self.out_features = sum(part.out_features for part in parts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([part(x) for part in self.parts], dim=-1)
+
+
 def quantized_linear(weight: torch.Tensor, bias: torch.Tensor | None, mode: str) -> nn.Module:
     if mode == "int8":
         return Int8Linear(weight, bias)

@@ -3,8 +3,8 @@
     config.json                    ArborConfig.save (a superset of HF's config.json)
     model.safetensors              HF tensor names (model.layers.{i}.self_attn.q_proj.weight, …);
       or model-0000i-of-0000n.safetensors + model.safetensors.index.json
-                                   a GGUF import keeps Q4_0/Q4_1/Q8_0 matrices as <base>.qweight,
-                                   .scales (and .biases) instead of <base>.weight (quantized.py)
+                                   a GGUF import keeps Q4_0/Q4_1/Q8_0/Q5_0 and K-quant matrices as
+                                   <base>.qweight and their scales instead of <base>.weight (quantized.py)
     tokenizer.json | tokenizer.model, tokenizer_config.json
     arbor.json                     provenance, written by arbor's own installs only
 
@@ -19,12 +19,12 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from arbor_core.config import ArborConfig
 from arbor_core.errors import CorruptModelError, ModelNotFoundError
 
-from .quantized import GROUP_SIZE, SUFFIXES
+from .quantized import SUFFIXES, stored_layout
 from .safetensors_file import read_safetensors_header
 
 FORMAT_VERSION = 1
@@ -188,32 +188,7 @@ def split_fused_projections(state: dict[str, Any], expected: dict[str, tuple[int
 
 def _quantized_shape(base: str, entries: dict[str, Any], where: Any) -> tuple[int, int]:
     """The [N, K] float shape a quantized weight's entries stand for, once their dtypes and shapes agree."""
-    def fail(detail: str) -> None:
+    def fail(detail: str) -> NoReturn:
         raise CorruptModelError(f"the quantized weight {base} in {where} {detail}; re-convert the model")
 
-    qweight = entries.get("qweight")
-    if qweight is None or "scales" not in entries or len(qweight.shape) != 2:
-        fail("lacks a 2-D qweight or its scales")
-    bits = {"uint8": 4, "int8": 8}.get(_dtype_name(qweight))
-    if bits is None:
-        fail(f"has a {_dtype_name(qweight)} qweight (uint8 or int8 expected)")
-    n, columns = qweight.shape
-    k = columns * 8 // bits
-    groups = (n, k // GROUP_SIZE)
-    wanted = {"qweight": (n, columns), "scales": groups}
-    if bits == 4 and "biases" in entries:
-        wanted["biases"] = groups
-    if entries.keys() != wanted.keys():
-        fail(f"holds {sorted(entries)}, a {bits}-bit weight {sorted(wanted)}")
-    for suffix, shape in wanted.items():
-        if suffix != "qweight" and (tuple(entries[suffix].shape) != shape or _dtype_name(entries[suffix]) != "float16"):
-            fail(f"has {suffix} {_dtype_name(entries[suffix])} {tuple(entries[suffix].shape)}, its qweight "
-                 f"implies float16 {shape}")
-    if k % GROUP_SIZE:
-        fail(f"has {k} columns, not a multiple of {GROUP_SIZE}")
-    return n, k
-
-
-def _dtype_name(tensor: Any) -> str:
-    """'uint8' for numpy's uint8, torch.uint8 and mlx.core.uint8 alike."""
-    return str(tensor.dtype).rsplit(".", 1)[-1]
+    return stored_layout(entries, fail)[1]

@@ -1,7 +1,8 @@
-"""GGUF -> Arbor checkpoint: rename every tensor to its HF name, keep Q4_0 / Q4_1 / Q8_0 matrices as
-their blocks' codes and scales (quantized.py: the checkpoint stores what the model runs, losslessly)
-and dequantize every other tensor to float32, with each architecture's fixes for how llama.cpp stored
-it (architectures.py: Llama's permuted Q/K rows, Gemma's norms stored as 1 + w).
+"""GGUF -> Arbor checkpoint: rename every tensor to its HF name, keep Q4_0 / Q4_1 / Q8_0 / Q5_0 and
+Q4_K / Q5_K / Q6_K matrices as their blocks' codes and scales (quantized.py: the checkpoint stores what
+the model runs, losslessly), dequantize the other types arbor reads (FLOAT_TYPES) to float32 and refuse
+the rest (IQ*, TQ*, …) with one line before anything is written; with each architecture's fixes for
+how llama.cpp stored a tensor (architectures.py: Llama's permuted Q/K rows, Gemma's norms stored as 1 + w).
 
 The config comes from the metadata (config_from_metadata), corrected by what the tensors show;
 the vocabulary is rebuilt by gguf_vocab.py.
@@ -30,8 +31,12 @@ from .store import sha256_of_file
 
 GGUF_MAGIC = b"GGUF"
 # Bumped when an import of the same GGUF would write a different checkpoint; resolve() re-imports an
-# installed one of an older version (1: every tensor float32; 2: Q4_0/Q4_1/Q8_0 kept as blocks).
-IMPORT_VERSION = 2
+# installed one of an older version (1: all float32; 2: Q4_0/Q4_1/Q8_0 kept; 3: Q5_0, Q4_K/Q5_K/Q6_K too).
+IMPORT_VERSION = 3
+# Types imported as float32 (Q5_1, Q2_K, Q3_K: too rare for a layout of their own); with quantized.KINDS every
+# type arbor reads. The others (IQ*, TQ*, MXFP4, …) are refused, not run through a dequantizer we have not checked.
+FLOAT_TYPES = ("F32", "F16", "BF16", "Q5_1", "Q2_K", "Q3_K")
+READ_TYPES = quantized.KINDS + FLOAT_TYPES
 
 
 ACCEPTED_MODELS = ("a .gguf model file, a Hugging Face model directory (config.json + safetensors), an Arbor "
@@ -114,6 +119,16 @@ def _blocks(tensor, path: Path) -> np.ndarray:
         raise _not_gguf(path, f"tensor {tensor.name} holds {data.size} bytes, not {rows}x{columns} of "
                               f"{tensor.tensor_type.name}")
     return data.reshape(rows, -1)
+
+
+def check_tensor_types(tensors, path: Path) -> None:
+    """ConfigError, one line, for the first tensor of a type arbor does not read (READ_TYPES)."""
+    for tensor in tensors:
+        if tensor.tensor_type.name not in READ_TYPES:
+            raise ConfigError(
+                f"{path.name}: tensor {tensor.name} is stored as {tensor.tensor_type.name}, which arbor does not "
+                f"read; arbor reads GGUF tensors of types {', '.join(READ_TYPES)}: use a file of one of those "
+                "quantisations (e.g. Q4_K_M or Q8_0)")
 
 
 def dequantized(tensor, path: Path) -> np.ndarray:
@@ -304,6 +319,7 @@ def convert_gguf(gguf_path: str | Path, dest_dir: str | Path, *, reporter: Repor
         reader = open_gguf(path)
         meta = _metadata(reader, path)
     tensors = {t.name: t for t in reader.tensors}
+    check_tensor_types(tensors.values(), path)
     if "token_embd.weight" not in tensors:
         raise CorruptModelError(f"{path} has no token_embd.weight tensor, so it is not a language model GGUF")
     config = config_from_gguf(meta, tensors)
