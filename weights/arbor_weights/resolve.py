@@ -98,8 +98,8 @@ def _outdated_noted(name: str, reporter: Reporter):
         if not outdated_import(path):
             return False
         if not noted:
-            reporter.note(f"importing {name} again, once: an older arbor stored it as float32, arbor now keeps "
-                          "its GGUF blocks")
+            reporter.note(f"importing {name} again, once: an older arbor stored some of its tensors as float32, "
+                          "arbor now keeps its GGUF blocks")
             noted.append(True)
         return True
     return outdated
