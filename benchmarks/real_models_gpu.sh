@@ -6,7 +6,7 @@
 #   here, once:  bash benchmarks/passkey_run.sh prepare        (build/long-context: KJV prose)
 #                ARBOR_HOME=... bash ../shared/bench/llama_cpp_cuda.sh prep; then copy the 1.5B model's
 #                tokenizer*.json (arbor's import of it) into .peer/ (git-ignored)
-#                split -b 62914560 -d -a 2 qwen2.5-coder-1.5b-instruct.gguf .device-cache/q15/p   (18 pieces)
+#                split -b 54525952 -d -a 2 qwen2.5-coder-1.5b-instruct.gguf .device-cache/q15/p   (21 pieces; the tree is ~10 MB)
 #   on the GPU, consecutive calls on one warm machine (64 MiB a call): calls carrying .device-cache/q15/pNN
 #   one at a time (command: true), then the last with .whl, .peer, build/long-context:
 #                bash benchmarks/real_models_gpu.sh run
