@@ -14,8 +14,8 @@ them (float32, in its order), so mx.dequantize of a layer equals quantized.dequa
   Q5_K   its codes 0..31 (5 bits, 4 if they fit)  scale d * sc   bias -(dmin * m)
   Q6_K   see _q6_k: two 6-bit matrices that sum to the weight
 The products are exact in float32 (d has 11 significant bits, sc 8, a code 8): scale * code + bias
-rounds once, as gguf's does. The scales are float32 for a float32 model (d * sc is not float16-exact);
-a 16-bit model keeps them in its own dtype, as mlx-lm does (rounding them, as its float path rounds weights).
+rounds once, as gguf's does. The scales and biases stay float32 in every model dtype (d * sc is not
+float16-exact; _Blocks says what bfloat16 ones cost).
 """
 
 from __future__ import annotations
@@ -126,14 +126,16 @@ def _q6_k(entries) -> AffineBlocks:
     matrices: the first holds each 32's first 16 codes (scale d * sc of that 16) and codes for 0 in its
     last 16, the second the other way round; their sum is the weight exactly (w + 0), and a layer runs
     them as one [2N, K] quantized_matmul whose two halves it adds. 16 bits a weight with float32 scales,
-    half float32's; the lossy one-matrix alternatives, measured on the Q6_K tensors of the two Qwen files
-    (12 of the 0.5B's, 29 of the 1.5B's, its 151,936-row head among them), were
-      - 8 bits, groups of 32 re-quantized min-max (10 bits a weight): max |error| / max |w| ~4e-3;
-      - 8 bits, scale d * max|sc| / 4, the larger-scale half exact: the other's error up to 1/8 of its own
-        step (~2e-3 of max |w|);
-      - 8 bits exact where the two 16s of a 32 share sc: only ~3% of the groups do;
-      - float weights: exact, 32 bits a weight (2x this) in float32.
-    Exactness is the contract here (the file's own values), so the pair."""
+    half of float32's. The one-matrix alternatives, measured on every Q6_K tensor of the two Qwen files
+    (12 ffn_down of the 0.5B; 28 ffn_down / attn_v and the 151,936-row head of the 1.5B), 0.5B / 1.5B:
+      - 8 bits, each 32 re-quantized min-max (10 bits a weight): max |error| / max |w| 3.8e-3 / 5.2e-3,
+        rms error / rms w 4.8e-3 / 4.8e-3; the 0.5B's logits on 100 tokens of text then differ from
+        torch's exact float32 ones by 3.5e-3 of max |logit| (with the pair: 2.1e-6, float rounding);
+      - 8 bits, scale d * sc / 4 of the larger-scale 16 (it exact, the other rounded to that step):
+        3.9e-3 / 4.0e-3, rms 4.0e-3 / 3.9e-3;
+      - 8 bits exact where the two 16s of a 32 share sc: 1.3% / 1.0% of the 32s do;
+      - float weights: exact, 32 bits a weight in float32.
+    The file's own values are the contract, so the pair."""
     supers = np.asarray(entries["super_scales"]).astype(np.float32)  # [N, K/256, 1]
     n = supers.shape[0]
     scale16 = (supers * np.asarray(entries["sub_scales"]).astype(np.float32).reshape(n, supers.shape[1], -1))
@@ -154,24 +156,28 @@ _CONVERTERS = {"Q4_0": _q4_0, "Q4_1": _q4_1, "Q8_0": _q8_0, "Q4_K": _q4_k, "Q5_K
 # ---- the layers that run them ---------------------------------------------------------------------
 
 class _Blocks(nn.Module):
-    """An AffineBlocks weight as MLX arrays; scales and biases in `dtype`."""
+    """An AffineBlocks weight as MLX arrays, its constants float32 whatever the model's dtype: in bfloat16
+    the bias of codes shifted by 128 (-128 d) would carry an error of d / 4, and the scale times a code
+    of 255 one of d / 2, so a bfloat16 model of random Q8_0 / Q4_1 blocks missed the float32 logits by
+    0.7-0.9 of max |logit| (its float bfloat16 path: 0.2). So MLX dequantizes in float32 (x promoted:
+    exact weights, float32 sums) and a 16-bit model gets its `dtype` back from each layer."""
 
     def __init__(self, blocks: AffineBlocks, dtype: mx.Dtype):
         super().__init__()
         self.weight = mx.array(blocks.weight)
-        self.scales = mx.array(blocks.scales).astype(dtype)
-        self.biases = mx.array(blocks.biases).astype(dtype)
-        self.bits, self.parts = blocks.bits, blocks.parts
+        self.scales, self.biases = mx.array(blocks.scales), mx.array(blocks.biases)
+        self.bits, self.parts, self.dtype = blocks.bits, blocks.parts, dtype
         self.rows = blocks.weight.shape[0] // blocks.parts  # N: the weight's output rows
 
     def num_weights(self) -> int:
         return self.rows * self.weight.shape[1] * 32 // self.bits
 
     def matmul(self, x: mx.array) -> mx.array:
-        """x @ w.T, the parts' products added."""
+        """x @ w.T in the model's dtype, the parts' products added."""
         y = mx.quantized_matmul(x, self.weight, self.scales, self.biases, transpose=True, group_size=GROUP,
                                 bits=self.bits)
-        return y if self.parts == 1 else y[..., :self.rows] + y[..., self.rows:]
+        y = y if self.parts == 1 else y[..., :self.rows] + y[..., self.rows:]
+        return y.astype(self.dtype)
 
 
 class BlockLinear(_Blocks):
@@ -195,7 +201,8 @@ class BlockEmbedding(_Blocks):
         return rows[0] if self.parts == 1 else rows[0] + rows[1]
 
     def _rows(self, ids: mx.array) -> mx.array:
-        return mx.dequantize(self.weight[ids], self.scales[ids], self.biases[ids], group_size=GROUP, bits=self.bits)
+        w = mx.dequantize(self.weight[ids], self.scales[ids], self.biases[ids], group_size=GROUP, bits=self.bits)
+        return w.astype(self.dtype)
 
     def as_linear(self, x: mx.array) -> mx.array:
         return self.matmul(x)
