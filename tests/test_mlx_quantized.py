@@ -136,7 +136,7 @@ def assert_same_model(quant, floats, checkpoint):
 
 
 def logits(lm, checkpoint, ids=IDS):
-    lm.set_rope(rope_frequencies(checkpoint.config), 64)
+    lm.set_rope(rope_frequencies(checkpoint.config), max(64, len(ids)))
     return np.array(lm.logits(ids))
 
 
@@ -240,7 +240,9 @@ def test_the_real_0_5b_runs_quantized_with_torchs_exact_float_logits(qwen05):
     reference = logits(arbor_torch.load(qwen05, "cpu", "float32"), qwen05, ids)
     quant = arbor_mlx.load(qwen05, "cpu")
     checkpoint_bytes = sum(f.stat().st_size for f in qwen05.weight_files)
-    assert quant.quantize == "gguf-blocks" and quant.weights_nbytes <= 1.01 * checkpoint_bytes  # not float32's 4x
+    # measured: 655,484,416 bytes for a 644,893,664-byte weights file (Q5_0 in 5 bits where the file stores 8,
+    # float32 constants where it stores float16); the float path holds 2,520,669,696
+    assert quant.quantize == "gguf-blocks" and quant.weights_nbytes <= 1.05 * checkpoint_bytes
     for lm in (quant, arbor_mlx.load(qwen05, "cpu", "float32")):
         ours = logits(lm, qwen05, ids)
         assert np.abs(ours - reference).max() <= 1e-5 * np.abs(reference).max()
