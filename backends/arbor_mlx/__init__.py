@@ -13,7 +13,8 @@ from .memory import memory_info, metal_available
 from .runner import MLXModel
 
 NAME = "mlx"
-QUANTIZE_MODES: tuple[str, ...] = ()  # no weight quantization on this backend
+# no --quantize: MLX re-quantizes no float weights; a checkpoint of GGUF blocks runs them as they are (load)
+QUANTIZE_MODES: tuple[str, ...] = ()
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 DEVICE_ALIASES = {"cpu": "cpu", "gpu": "gpu", "metal": "gpu", "mps": "gpu"}
 
@@ -46,14 +47,19 @@ def check_device(device: str) -> str:
 def load(checkpoint, device: str | None = None, dtype: str | None = None, kv_bits: int = 16,
          quantize: str | None = None) -> MLXModel:
     """The checkpoint on `device` (default_device()) in `dtype` (default_dtype(device)); kv_bits 8 or 16
-    (arbor_cli.load validates it). `quantize` must be None: this backend has no weight quantization."""
+    (arbor_cli.load validates it). `quantize` must be None: this backend re-quantizes no float weights.
+
+    With no dtype, a checkpoint of GGUF blocks (a GGUF import) runs them as MLX quantized layers, the
+    file's own values at its own size (blocks.py; the model's `quantize` reads "gguf-blocks"). An explicit
+    dtype asks for float weights instead, as on torch (`--dtype float32`: the exact float path)."""
     if quantize is not None:
         raise BackendUnavailableError(f"the mlx backend does not support quantize={quantize!r}")
     device = check_device(device or default_device())
+    blocks = dtype is None
     dtype = dtype or default_dtype(device)
     if dtype not in DTYPES:
         raise BackendUnavailableError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
-    return MLXModel.from_checkpoint(checkpoint, device, dtype, kv_bits=kv_bits)
+    return MLXModel.from_checkpoint(checkpoint, device, dtype, kv_bits=kv_bits, blocks=blocks)
 
 
 __all__ = ["NAME", "QUANTIZE_MODES", "MLXModel", "default_device", "default_dtype", "is_available", "load", "memory_info"]

@@ -20,6 +20,7 @@ from arbor_core.rope import RopeTables
 from arbor_weights import quantized
 from arbor_weights.checkpoint import check_tensors
 
+from .blocks import install_blocks, num_parameters
 from .cache import SCALE_DTYPE, STEP, ModelCache
 from .memory import memory_info, peak_memory, reset_peak_memory
 from .model import Transformer
@@ -52,7 +53,7 @@ def _on_device(fn):
 
 
 class MLXModel:
-    def __init__(self, model: Transformer, device: str, dtype: str, kv_bits: int = 16):
+    def __init__(self, model: Transformer, device: str, dtype: str, kv_bits: int = 16, quantize: str | None = None):
         from . import DTYPES
 
         self.model = model
@@ -70,15 +71,18 @@ class MLXModel:
         self.prefill_chunk = int(os.environ.get("ARBOR_PREFILL_CHUNK", "0")) or (
             GPU_PREFILL_CHUNK if device == "gpu" else CPU_PREFILL_CHUNK)
         # measured on the CPU (135M model, float32, 40 tokens as 40 rows vs 30 + 10 vs 39 + a decode step vs
-        # 30 + ten decode steps): bit for bit the same; Metal's kernels were not measured
+        # 30 + ten decode steps): bit for bit the same; so are its GGUF blocks run quantized, and the 0.5B
+        # Qwen's (Q5_0, Q8_0, Q4_K, Q6_K); Metal's kernels were not measured
         self.exact_across_row_counts = device == "cpu"
-        self.quantize = None  # no weight quantization on MLX (QUANTIZE_MODES is empty)
+        self.quantize = quantize  # "gguf-blocks": the checkpoint's blocks run quantized (blocks.py); None: floats
         self.active_rope: RopeTables | None = None  # the RopeTables the model's Rope was built from
         # the logits prefill/decode returned last, and their cache: sample() queues the next step for them
         self._latest: tuple[mx.array, ModelCache] | None = None
 
     @classmethod
-    def from_checkpoint(cls, checkpoint, device: str, dtype: str, kv_bits: int = 16) -> MLXModel:
+    def from_checkpoint(cls, checkpoint, device: str, dtype: str, kv_bits: int = 16, blocks: bool = False) -> MLXModel:
+        """`blocks`: a checkpoint's GGUF blocks run as MLX quantized layers (blocks.py); else, and for
+        blocks no Linear or Embedding holds, their exact float32 values in `dtype`."""
         from . import DTYPES
 
         cfg = checkpoint.config
@@ -91,15 +95,18 @@ class MLXModel:
                 raise CorruptModelError(f"{path} is unreadable ({str(e).splitlines()[0][:120]}); "
                                         "delete the model and pull it again") from None
         expected = {name: tuple(a.shape) for name, a in tree_flatten(model.parameters())}
-        state = check_tensors(state, expected, checkpoint.path, cfg.tie_word_embeddings)
-        if any(name.endswith(".qweight") for name in state):  # GGUF blocks: their exact float32 weights
-            state = {k: mx.array(v) if isinstance(v, np.ndarray) else v
-                     for k, v in quantized.dequantize_state(state, checkpoint.path).items()}
+        state, entries = quantized.split_state(check_tensors(state, expected, checkpoint.path, cfg.tie_word_embeddings))
         target = DTYPES[dtype]
         with mx.stream(mx.gpu if device == "gpu" else mx.cpu):
+            held = len(entries)
+            if blocks:
+                entries = install_blocks(model, entries, target)
+            held -= len(entries)
+            for name, value in quantized.dequantize_state(_flat(entries), checkpoint.path).items():
+                state[name] = mx.array(value)
             model.update(tree_unflatten([(k, v.astype(target)) for k, v in state.items()]))
             mx.eval(model.parameters())
-        return cls(model, device, dtype, kv_bits)
+        return cls(model, device, dtype, kv_bits, quantize=quantized.FORMAT if held else None)
 
     # ---- the backend protocol -----------------------------------------------------------
     def memory(self):
@@ -118,7 +125,7 @@ class MLXModel:
         return int(psutil.Process().memory_info().rss)
 
     def num_parameters(self) -> int:
-        return sum(a.size for _, a in tree_flatten(self.model.parameters()))
+        return num_parameters(self.model)
 
     def new_cache(self, capacity: int, rope: RopeTables | None = None, *, bits: int | None = None) -> ModelCache:
         c = self.config
@@ -253,6 +260,11 @@ class MLXModel:
     def decode_without_advancing(self, token: mx.array, cache: ModelCache) -> mx.array:
         """Logits of one token (1, 1) at position cache.length, written into the cache (length unchanged)."""
         return self.model(token, cache.length, cache.layers)[0, -1].astype(mx.float32)
+
+
+def _flat(entries: dict[str, dict[str, mx.array]]) -> dict[str, mx.array]:
+    """{base: {suffix: array}} back to a state's names, <base>.<suffix>."""
+    return {f"{base}.{suffix}": a for base, held in entries.items() for suffix, a in held.items()}
 
 
 def _to_host(a: mx.array) -> np.ndarray:
