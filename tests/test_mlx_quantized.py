@@ -14,7 +14,7 @@ mx = pytest.importorskip("mlx.core")
 from mlx.utils import tree_flatten  # noqa: E402
 
 from gguf_files import Q, write_tiny_gguf  # noqa: E402
-from test_gguf_kquants import random_blocks, real_gguf  # noqa: E402
+from gguf_files import random_kept_blocks as random_blocks, real_gguf  # noqa: E402
 
 import arbor_mlx  # noqa: E402
 import arbor_weights  # noqa: E402
