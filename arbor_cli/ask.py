@@ -37,6 +37,7 @@ from . import doc_cache
 from .chunking import document_token_offsets, split_into_chunks
 from .documents import Document
 from .evidence import DocumentWords, Finding, common_words, finding, finding_rank, focus
+from .question_terms import QuestionTerms, SentenceCounts
 from .progress import NoProgress
 
 ANSWER_TOKENS = 32  # an answer in the text's own words is a sentence; it also ends at a blank line
@@ -256,7 +257,7 @@ def ask(model, text: str, question: str, *, progress=None, keep: bool = True, pa
     result = Answer(NOT_FOUND, "parts", len(parts), len(offsets), answered, findings,
                     {"loaded": reader.loaded, "prefilled": reader.prefilled}, timings)
     findings.sort(key=finding_rank, reverse=True)  # the answer's own first
-    if findings and findings[0].anchored:  # a quote from a sentence unrelated to the question answers nothing
+    if findings and findings[0].answers:  # a quote that does not carry the question answers nothing
         best = findings[0]
         where = f"{name_of(best.start)}, " if name_of else ""
         result.text = (f"{best.answer} ({where}part {best.part} of {len(parts)}: "
@@ -289,20 +290,21 @@ def _answer_parts(model, reader: DocumentReader, text: str, starts: list[int], p
     the door runs several."""
     ranked = sorted(range(1, len(parts) + 1), key=_best_first(scores))
     document, common = DocumentWords(text), common_words(parts)
+    terms = QuestionTerms(question, SentenceCounts(text))
     findings, answered, replies = [], [], {}
     if not reader.ranked:
         replies = dict(zip(ranked, model.map(lambda i: reader.answer(held[i]).text, ranked)))
     for index in ranked if replies else ranked[:MAX_ANSWERED_PARTS]:
-        if len(answered) >= ANSWERED_PARTS and findings and not replies:
+        if len(answered) >= ANSWERED_PARTS and any(f.answers for f in findings) and not replies:
             break
         part, score = parts[index - 1], scores[index - 1]
         offset = text.index(part, starts[index - 1])
         reply = replies.get(index) or reader.answer(held.pop(index, None) or reader.read(part, question)).text
         record = {"part": index, "score": round(score, 3), "reply": reply.strip()}
-        found = finding(reply, part, offset, question, index, score, common, document)
-        if not answered and not replies and (found is None or not found.anchored):  # the best part: a second look
-            record["second_look"] = second_look(model, focus(part, question, common), question).text.strip()
-            looked = finding(record["second_look"], part, offset, question, index, score, common, document)
+        found = finding(reply, part, offset, question, index, score, common, document, terms)
+        if not answered and not replies and (found is None or not found.answers):  # the best part: a second look
+            record["second_look"] = second_look(model, focus(part, question, common, terms), question).text.strip()
+            looked = finding(record["second_look"], part, offset, question, index, score, common, document, terms)
             found = max([f for f in (found, looked) if f is not None], key=finding_rank, default=None)
         answered.append(record)
         if found is not None:
@@ -311,20 +313,33 @@ def _answer_parts(model, reader: DocumentReader, text: str, starts: list[int], p
 
 
 def _one_pass(model, text: str, question: str, tokens: int, keep: bool, started: float, name_of=None) -> Answer:
-    """The whole document in one prompt; the answer as it is, with its quote when it has one."""
+    """The whole document in one prompt; the answer as it is, with its quote when the quote answers, and
+    NOT_FOUND when the document contradicts it (`_contradicted`)."""
     body = text.strip()
     reader = DocumentReader(model, keep)
     reading = reader.read(body, question)
     reply = reader.answer(reading)
-    found = finding(reply.text, body, text.index(body), question, 1, reading.score)
+    terms = QuestionTerms(question, SentenceCounts(body))
+    found = finding(reply.text, body, text.index(body), question, 1, reading.score, terms=terms)
     shown = reply.text.strip()
-    if found is not None and found.anchored:  # the evidence, for the reader to check
+    if found is not None and found.answers:  # the evidence, for the reader to check
         where = f"{name_of(found.start)}: " if name_of else ""
         shown += f" ({where}\u201c{' '.join(found.quote.split())}\u201d)"
+    elif _contradicted(found, terms):
+        shown = NOT_FOUND
     return Answer(shown, "one pass", 1, tokens, [{"part": 1, "score": round(reading.score, 3),
                                                                 "reply": reply.text.strip()}], [found] if found else [],
                   {"loaded": reader.loaded, "prefilled": reader.prefilled},
                   {"total_s": round(time.perf_counter() - started, 3), **_prefill_timings(reply)})
+
+
+def _contradicted(found: Finding | None, terms: QuestionTerms) -> bool:
+    """Whether a one-pass reply without an answering quote is wrong by the document's own words: the
+    question names something (a key, a name) and no quote of the reply carries it (the document does not
+    say it, or the reply quotes another key's sentence), or the reply's quote is about the question but
+    gives another value."""
+    return bool(terms.required) and (found is None or not found.answers) or (
+        found is not None and found.anchored and not found.answers)
 
 
 def _prefill_timings(reply) -> dict:
