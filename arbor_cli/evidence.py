@@ -40,6 +40,7 @@ class Finding:
     answers: bool | None = None  # anchored, and the quote holds the answer's values (default: anchored)
     lacks: list[str] = field(default_factory=list)  # what the quote lacks to answer: "term:…", "value:…"
     coverage: float = 0.0  # the share of the question's terms (by weight) the quote carries
+    like: int | None = None  # found by its kind: the start of the model's quote it is like (ask_every_part.py)
 
     def __post_init__(self):
         if self.answers is None:

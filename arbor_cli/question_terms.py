@@ -170,10 +170,11 @@ class QuestionTerms:
     def support(self, sentence: str, answer: str = "") -> Support:
         words = words_of(sentence)
         carried = [t for t in self.terms if holds(words, t.words)]
-        lacks = [f"term:{t.text}" for t in self.required if t not in carried]
-        lacks += [f"value:{v.text}" for v in answer_values(answer, self.question_words) if not holds(words, v.words)]
         total = sum(self.weights.values())
         coverage = sum(self.weights[t.words] for t in carried) / total if total else 0.0  # no terms: ties nothing
+        missing = [t for t in self.terms if t not in carried and (t in self.required or coverage < COVERAGE)]
+        lacks = [f"term:{t.text}" for t in missing]
+        lacks += [f"value:{v.text}" for v in answer_values(answer, self.question_words) if not holds(words, v.words)]
         return Support(tuple(t.text for t in carried), tuple(lacks), round(coverage, 3))
 
 
