@@ -8,13 +8,16 @@ asks *about*:
 - **named terms**, by their form: a number ("1698"), a joined compound ("velvet-velvet", "v1.2", "qwen2.5"),
   a quoted word ('the "pass" statement'), a capitalised name past the question's first word ("Ilse Varga",
   "Boolean"). Each must be in the quote, unless the document uses it in more than COMMON_SHARE of its
-  sentences (then it tells no sentence from another: "Python" in Python's documentation);
+  sentences and at least COMMON_MIN (then it tells no sentence from another: "Python" in Python's
+  documentation). A named term the document never uses cannot be quoted: nothing answers;
 - **content terms**: the question's other words, less FUNCTION_WORDS and FRAME_WORDS (words about the
   asking, "mentioned", "text", "list", and about the kind of answer, "number", "name", "year"). The quote
-  must carry at least COVERAGE of their weight, a word's weight being its inverse sentence frequency in the
-  document: a word found in every other sentence ("statement" in Python's reference, any word of a 2-part
-  document the old part-count rule called common) weighs little, a rare one much. This scales with the
-  document's sentences, not with its number of parts.
+  must carry at least COVERAGE of the terms' weight, a term's weight being its inverse sentence frequency
+  in the document: a word found in every other sentence ("statement" in Python's reference, any word of a
+  2-part document the old part-count rule called common) weighs little, a rare one much. This scales with
+  the document's sentences, not with its number of parts. A content term the document never uses weighs
+  nothing (the question's own wording), unless most of them are so (then the question is off the
+  document's topic, and nothing answers).
 
 And the quote must hold the answer's own content: every number and compound of the answer that the
 question does not hold (`answer_values`), so "velvet-velvet is 3978290" is not evidenced by a sentence
@@ -41,9 +44,10 @@ FRAME_WORDS = frozenset("""mentioned mention mentions provided given give stated
 passage list every all each many much any some other one ones number numbers name names year years date dates
 value values kind sort type find found show shown""".split())
 PRONOUNS = frozenset("he she it they this these that his her its their there such".split())
-COMMON_SHARE = 0.1  # a named term in more than this share of the document's sentences distinguishes nothing
-COMMON_MIN = 3  # ... and in at least this many (a 2-sentence document has no common words)
-COVERAGE = 0.5  # the share of the content terms' weight a quote must carry
+COMMON_SHARE = 0.03  # a named term in more than this share of the document's sentences distinguishes nothing
+COMMON_MIN = 8  # ... and in at least this many (a key with four values, a name said twice, is no topic)
+COVERAGE = 0.5  # the share of the terms' weight a quote must carry
+ABSENT_SHARE = 0.5  # a question more of whose content terms than this the document never uses is off its topic
 
 
 def stem(word: str) -> str:
@@ -144,13 +148,9 @@ class Support:
     """How far a sentence carries a question's terms and an answer's content."""
 
     carried: tuple[str, ...]  # the terms it holds
-    lacks: tuple[str, ...]  # required named terms, or the answer's values, it does not hold
+    lacks: tuple[str, ...]  # "term:…" it would need, "value:…" of the answer it does not hold
     coverage: float  # the share of the terms' weight it carries (0 for a question without terms)
-
-    @property
-    def anchored(self) -> bool:
-        """The sentence is about what the question asks: every required named term, COVERAGE of the weight."""
-        return not any(item.startswith("term:") for item in self.lacks) and self.coverage >= COVERAGE
+    anchored: bool  # about what the question asks (QuestionTerms.support)
 
     @property
     def answers(self) -> bool:
@@ -158,13 +158,19 @@ class Support:
 
 
 class QuestionTerms:
-    """A question's terms, weighed by a document's sentences (uniform without one)."""
+    """A question's terms, weighed by a document's sentences (uniform without one). A content term the
+    document never uses weighs nothing (a question's own wording, "fast" for a table of tok/s), but a
+    question most of whose content terms the document never uses is about something else."""
 
     def __init__(self, question: str, counts: SentenceCounts | None = None, common: frozenset[str] = frozenset()):
         self.terms = question_terms(question, common)
-        self.counts = counts
         self.weights = {t.words: counts.weight(t) if counts else 1.0 for t in self.terms}
         self.required = [t for t in self.terms if t.named and not (counts and counts.common(t))]
+        content = [t for t in self.terms if not t.named]
+        self.unused = [t for t in content if counts and counts.count(t) == 0]
+        for t in self.unused:
+            self.weights[t.words] = 0.0
+        self.off_topic = len(self.unused) > ABSENT_SHARE * len(content)
         self.question_words = set(words_of(question))
 
     def support(self, sentence: str, answer: str = "") -> Support:
@@ -172,10 +178,12 @@ class QuestionTerms:
         carried = [t for t in self.terms if holds(words, t.words)]
         total = sum(self.weights.values())
         coverage = sum(self.weights[t.words] for t in carried) / total if total else 0.0  # no terms: ties nothing
-        missing = [t for t in self.terms if t not in carried and (t in self.required or coverage < COVERAGE)]
+        covered = coverage >= COVERAGE and not self.off_topic
+        missing = [t for t in self.terms if t not in carried and (t in self.required or not covered)]
+        anchored = covered and not any(t in self.required for t in missing)
         lacks = [f"term:{t.text}" for t in missing]
         lacks += [f"value:{v.text}" for v in answer_values(answer, self.question_words) if not holds(words, v.words)]
-        return Support(tuple(t.text for t in carried), tuple(lacks), round(coverage, 3))
+        return Support(tuple(t.text for t in carried), tuple(lacks), round(coverage, 3), anchored)
 
 
 def answer_values(answer: str, question_words: set[str]) -> list[Term]:

@@ -1,0 +1,103 @@
+"""Whole-document questions (arbor_cli/ask_every_part.py): which questions read every part, that every
+answering finding is kept (and the sentences of its kind), once per sentence across overlapping parts, and
+the answer lists them, a count first when asked. A word-level fake model; the real model's test is slow."""
+
+import re
+
+import pytest
+from ask_door import DocModel
+from conftest import document
+
+from arbor_cli.ask import NOT_FOUND, ask
+from arbor_cli.ask_every_part import alike, shape, whole_document_question
+
+
+@pytest.mark.parametrize("question, every", [
+    ("What are all the access codes for amber-falcon?", True),
+    ("List every locker number that woolen-saddle keeps.", True),
+    ("How many ledger entries are there?", True),
+    ("Which sections mention the pass key?", True),
+    ("Which serials does the register list for Ilse Varga?", True),
+    ("What is the access code for amber-falcon?", False),
+    ("Which access code does the text give for amber-falcon?", False),
+    ("Which process starts first?", False),  # "process" is no plural
+    ("What is the pass key?", False),
+])
+def test_questions_for_all_of_something_read_every_part(question, every):
+    assert whole_document_question(question) is every
+
+
+def test_records_of_one_kind_share_a_shape_and_prose_does_not():
+    a = shape("Ledger entry: Mara Quill paid 48 shillings.")
+    assert alike(a, shape("Ledger entry: Ivo Marsh paid 7 shillings.")) == 1.0
+    assert alike(a, shape("The grass is green and the sky is blue today.")) < 0.2
+
+
+def planted(lines: dict[int, str], paragraphs: int = 120) -> str:
+    parts = document(paragraphs).split("\n\n")
+    for at in sorted(lines, reverse=True):
+        parts.insert(at, lines[at])
+    return "\n\n".join(parts)
+
+
+def copies(pattern: str):
+    """A small model's habit: it copies the first sentence of the kind asked for, and invents one where its
+    part has none."""
+    def answer(prompt: str) -> str:
+        found = re.search(pattern, prompt)
+        return found.group() if found else "The access code for amber - falcon is 1111111 ."
+    return answer
+
+
+CODES = {10: "The access code for amber-falcon is 1234567.", 12: "The access code for amber-falcon is 2345678.",
+         50: "The access code for cobalt-heron is 7654321.", 100: "The access code for amber-falcon is 5555555."}
+
+
+def test_every_value_of_a_key_is_listed_and_no_other_keys():
+    result = ask(DocModel(answer=copies(r"The access code for [^.]*\.")), planted(CODES),
+                 "What are all the access codes for amber-falcon?", keep=False)
+    assert result.path == "every part" and len(result.answered) == result.parts > 1  # every part answered
+    assert result.text.startswith("3 found:")
+    for value in ("1234567", "2345678", "5555555"):  # two of them in one part: the second found by its kind
+        assert value in result.text
+    assert "7654321" not in result.text and "1111111" not in result.text
+    assert [f.answer for f in result.findings if f.answers] == ["1234567", "2345678", "5555555"]
+
+
+def test_how_many_counts_each_record_once_though_overlapping_parts_read_it_twice():
+    records = {i: f"Ledger entry: Payer{i} paid {i} shillings." for i in (5, 6, 40, 41, 42, 80, 117)}
+    text = planted(records)
+    result = ask(DocModel(answer=copies(r"Ledger entry : \w+ paid \d+ shillings .")), text,
+                 "How many ledger entries are there?", keep=False)
+    assert result.text.splitlines()[0] == "7."
+    assert len(result.text.splitlines()) == 8 and len({f.start for f in result.findings if f.answers}) == 7
+
+
+def test_all_forces_every_part_and_nothing_found_says_so():
+    text = planted({60: "The access code for cobalt-heron is 7654321."})
+    result = ask(DocModel(answer=copies(r"The access code for [^.]*\.")), text,
+                 "What is the access code for velvet-velvet?", keep=False, every_part=True)
+    assert result.path == "every part" and result.text == NOT_FOUND
+    assert result.findings and not any(f.answers for f in result.findings)  # the closest, marked as not answering
+    assert "term:velvet-velvet" in result.findings[0].lacks
+
+
+def test_a_whole_document_question_about_a_short_document_reads_it_as_one_part():
+    text = "The access code for amber-falcon is 1234567. The access code for amber-falcon is 7654321."
+    result = ask(DocModel(answer=copies(r"The access code for [^.]*\.")), text,
+                 "List every access code for amber-falcon.", keep=False)
+    assert result.path == "every part" and result.parts == 1
+    assert "1234567" in result.text and "7654321" in result.text
+
+
+@pytest.mark.slow
+def test_the_default_model_lists_every_value_of_a_key(default_model_here):
+    paragraphs = [f"In the {i}th year the people went up from the valley of stones to the hill country, and they "
+                  f"dwelt there {i} days, and the elders counted the flocks that were with them." for i in range(24)]
+    for at, line in sorted({3: "Note that amber-falcon keeps locker number 4417203.",
+                            9: "Note that cobalt-heron keeps locker number 8820931.",
+                            15: "Note that amber-falcon keeps locker number 6631458."}.items(), reverse=True):
+        paragraphs.insert(at, line)
+    result = ask(default_model_here, "\n\n".join(paragraphs), "List every locker number that amber-falcon keeps.")
+    assert result.path == "every part"
+    assert "4417203" in result.text and "6631458" in result.text and "8820931" not in result.text
