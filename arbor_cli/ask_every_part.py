@@ -17,14 +17,16 @@ import re
 from collections import Counter
 from dataclasses import replace
 
-from .evidence import DocumentWords, Finding, finding
-from .question_terms import TERM, QuestionTerms, SentenceCounts, sentences_of
+from .document_reader import second_look
+from .evidence import DocumentWords, Finding, finding, finding_rank, focus
+from .question_terms import TERM, QuestionTerms, SentenceCounts, sentences_of, starts_with_pronoun
 
 WHOLE_DOCUMENT = re.compile(r"^\s*how\s+(many|often)\b|\b(all|every|each)\b|^\s*(list|enumerate)\b"
                             r"|^\s*which\s+\w+[^\Ws]s\b|\bwhich\b.*\bmention", re.IGNORECASE)
 COUNT = re.compile(r"^\s*how\s+many\b", re.IGNORECASE)
 SAME_SHAPE = 0.7  # a sentence this alike in shape to an answering quote (multiset Jaccard) is of its kind
 SHAPE_CHARS = 400  # longer sentences are prose, not records: no sentence of a kind is this long
+CLOSEST = 3  # findings that do not answer, listed (--json) for the reader to check
 
 
 def whole_document_question(question: str) -> bool:
@@ -48,41 +50,76 @@ def alike(a: Counter, b: Counter) -> float:
 
 
 def read_every_part(model, reader, text: str, starts: list[int], parts: list[str], question: str, progress
-               ) -> tuple[list[dict], list[Finding], list[Finding]]:
-    """Every part read and answered (`reader`: ask's DocumentReader; as many at once as the door runs): the
-    parts' records (part, score, reply), the answering findings (document order, one per sentence, each
-    named by its particulars), and the closest findings that do not answer."""
+                    ) -> tuple[list[dict], list[Finding], list[Finding]]:
+    """Every part searched; each that has a sentence carrying the question's terms (`candidates`: no other
+    can hold an answering quote) read and answered by `reader` (ask's DocumentReader; as many at once as the
+    door runs), with a second look at its likeliest stretch when the reply does not answer. Returns the read
+    parts' records (part, score, reply, second_look), the answering findings (document order, one per
+    sentence, named by their particulars) and the closest findings that do not answer."""
     offsets = [text.index(part, start) for part, start in zip(parts, starts)]
+    terms, document = QuestionTerms(question, SentenceCounts(text)), DocumentWords(text)
+    asked = part_question(question)
 
-    def read_and_answer(index: int) -> tuple[int, str, float]:
-        reading = reader.read(parts[index - 1], question)
-        return index, reader.answer(reading).text, reading.score
+    def read_and_answer(index: int) -> tuple[dict, Finding | None]:
+        part, offset = parts[index - 1], offsets[index - 1]
+        reading = reader.read(part, asked)
+        record = {"part": index, "score": round(reading.score, 3), "reply": reader.answer(reading).text.strip()}
+        found = finding(record["reply"], part, offset, question, index, reading.score, document=document, terms=terms)
+        if found is None or not found.answers:
+            record["second_look"] = second_look(model, focus(part, question, terms=terms), asked).text.strip()
+            looked = finding(record["second_look"], part, offset, question, index, reading.score,
+                             document=document, terms=terms)
+            found = max([f for f in (found, looked) if f is not None], key=finding_rank, default=None)
+        return record, found
 
-    progress.begin(f"reading every part ({len(parts)})", len(parts))
-    first = read_and_answer(1)  # finds out once whether the door scores prompts
+    read = [i for i, part in enumerate(parts, 1) if candidates(part, terms)]
+    progress.begin(f"reading the {len(read)} of {len(parts)} parts that name what is asked", max(len(read), 1))
+    done = [read_and_answer(read[0])] if read else []  # the first alone: finds out whether the door scores
     progress.advance()
-    replies = [first, *model.map(read_and_answer, range(2, len(parts) + 1), progress.advance)]
-    terms = QuestionTerms(question, SentenceCounts(text))
-    kept, others = part_findings(replies, parts, offsets, question, terms, DocumentWords(text))
+    done += list(model.map(read_and_answer, read[1:], progress.advance))
+    kept = [f for _, f in done if f is not None and f.answers]
+    others = [f for _, f in done if f is not None and not f.answers]
 
     def part_of(offset: int) -> int:
         return max(i for i, at in enumerate(offsets, 1) if at <= offset)
 
     found = named_by_particulars(merged(kept + of_their_kind(text, kept, terms, part_of)))
-    records = [{"part": i, "score": round(score, 3), "reply": reply.strip()} for i, reply, score in replies]
-    return records, found, sorted(others, key=lambda f: (-f.coverage, -f.score))[:3]
+    closest = sorted(others, key=lambda f: (-f.coverage, -f.score))[:CLOSEST] or nearest(text, terms, part_of)
+    return [record for record, _ in done], found, closest
 
 
-def part_findings(replies: list[tuple[int, str, float]], parts: list[str], offsets: list[int], question: str,
-                  terms: QuestionTerms, document: DocumentWords) -> tuple[list[Finding], list[Finding]]:
-    """Each part's reply (part number, reply, score) as a finding: the answering ones, and the others."""
-    kept, others = [], []
-    for index, reply, score in replies:
-        found = finding(reply, parts[index - 1], offsets[index - 1], question, index, score,
-                        document=document, terms=terms)
-        if found is not None:
-            (kept if found.answers else others).append(found)
-    return kept, others
+def nearest(text: str, terms: QuestionTerms, part_of) -> list[Finding]:
+    """The CLOSEST sentences to the question (most of its terms by weight) as findings that do not answer,
+    where no part was read: what the reader may check."""
+    scored = []
+    for lo, hi in sentences_of(text):
+        while lo < hi and text[lo].isspace():
+            lo += 1
+        support = terms.support(text[lo:hi])
+        if support.coverage > 0 and len(text[lo:hi].strip()) <= SHAPE_CHARS:
+            scored.append((support.coverage, lo, text[lo:hi].strip(), support))
+    scored.sort(key=lambda row: (-row[0], row[1]))
+    return [Finding(part_of(lo), "", sentence, lo, 0.0, False, "", False, list(support.lacks), coverage)
+            for coverage, lo, sentence, support in scored[:CLOSEST]]
+
+
+def part_question(question: str) -> str:
+    """What each part is asked: a count is made of the things counted, so "How many ledger entries are
+    there?" asks a part "Which ledger entries are there?" (a small model answers "how many" with a number
+    of its own, which no part's text evidences)."""
+    return COUNT.sub("Which", question, count=1)
+
+
+def candidates(part: str, terms: QuestionTerms) -> bool:
+    """Whether a sentence of the part (or one starting with a pronoun, with the sentence before it) carries
+    the question's terms: only such a part can give an answering quote."""
+    spans = sentences_of(part)
+    for k, (lo, hi) in enumerate(spans):
+        if terms.support(part[lo:hi]).anchored:
+            return True
+        if k and starts_with_pronoun(part[lo:hi].strip()) and terms.support(part[spans[k - 1][0]:hi]).anchored:
+            return True
+    return False
 
 
 def of_their_kind(text: str, found: list[Finding], terms: QuestionTerms, part_of) -> list[Finding]:
