@@ -17,9 +17,9 @@ import re
 from collections import Counter
 from dataclasses import replace
 
-from .document_reader import second_look
-from .evidence import DocumentWords, Finding, finding, finding_rank, focus
-from .question_terms import TERM, QuestionTerms, SentenceCounts, sentences_of, starts_with_pronoun
+from .document_reader import QuoteJudge
+from .evidence import DocumentWords, Finding, finding
+from .question_terms import TERM, QuestionTerms, SentenceCounts, answer_values, sentences_of, starts_with_pronoun
 
 WHOLE_DOCUMENT = re.compile(r"^\s*how\s+(many|often)\b|\b(all|every|each)\b|^\s*(list|enumerate)\b"
                             r"|^\s*which\s+\w+[^\Ws]s\b|\bwhich\b.*\bmention", re.IGNORECASE)
@@ -27,6 +27,9 @@ COUNT = re.compile(r"^\s*how\s+many\b", re.IGNORECASE)
 SAME_SHAPE = 0.7  # a sentence this alike in shape to an answering quote (multiset Jaccard) is of its kind
 SHAPE_CHARS = 400  # longer sentences are prose, not records: no sentence of a kind is this long
 CLOSEST = 3  # findings that do not answer, listed (--json) for the reader to check
+LIFT_MIN = 2.5  # the model's judgement (QuoteJudge.lift) a sentence no reply pointed at needs: dev tasks, right
+# quotes +3.3..+5.3 nats a token, other keys' +0.9..+2.3 (docs/long-context.md)
+VALUE = re.compile(r"\d|\w[-_.]\w")  # a number or a joined code: what a reply's run must hold to point
 
 
 def whole_document_question(question: str) -> bool:
@@ -53,44 +56,72 @@ def read_every_part(model, reader, text: str, starts: list[int], parts: list[str
                     ) -> tuple[list[dict], list[Finding], list[Finding]]:
     """Every part searched; each that has a sentence carrying the question's terms (`candidates`: no other
     can hold an answering quote) read and answered by `reader` (ask's DocumentReader; as many at once as the
-    door runs), with a second look at its likeliest stretch when the reply does not answer. Returns the read
-    parts' records (part, score, reply, second_look), the answering findings (document order, one per
-    sentence, named by their particulars) and the closest findings that do not answer."""
+    door runs). Its reply gives a finding when it points at such a sentence (`pointed`); where it does not,
+    the model judges the part's candidate sentences itself (`judged`). Returns the read parts' records
+    (part, score, reply), the answering findings (document order, one per sentence, named by their
+    particulars) and the closest findings that do not answer."""
     offsets = [text.index(part, start) for part, start in zip(parts, starts)]
-    terms, document = QuestionTerms(question, SentenceCounts(text)), DocumentWords(text)
-    asked = part_question(question)
+    terms, document, judge = QuestionTerms(question, SentenceCounts(text)), DocumentWords(text), QuoteJudge(model, question)
 
-    def read_and_answer(index: int) -> tuple[dict, Finding | None]:
+    def read_and_answer(index: int) -> tuple[dict, Finding | None, list[Finding]]:
         part, offset = parts[index - 1], offsets[index - 1]
-        reading = reader.read(part, asked)
+        reading = reader.read(part, part_question(question))
         record = {"part": index, "score": round(reading.score, 3), "reply": reader.answer(reading).text.strip()}
         found = finding(record["reply"], part, offset, question, index, reading.score, document=document, terms=terms)
-        if found is None or not found.answers:
-            record["second_look"] = second_look(model, focus(part, question, terms=terms), asked).text.strip()
-            looked = finding(record["second_look"], part, offset, question, index, reading.score,
-                             document=document, terms=terms)
-            found = max([f for f in (found, looked) if f is not None], key=finding_rank, default=None)
-        return record, found
+        kept = [pointed(found)] if pointed(found) else judged(part, offset, index, terms, judge)
+        return record, found, kept
 
     read = [i for i, part in enumerate(parts, 1) if candidates(part, terms)]
     progress.begin(f"reading the {len(read)} of {len(parts)} parts that name what is asked", max(len(read), 1))
     done = [read_and_answer(read[0])] if read else []  # the first alone: finds out whether the door scores
     progress.advance()
     done += list(model.map(read_and_answer, read[1:], progress.advance))
-    kept = [f for _, f in done if f is not None and f.answers]
-    others = [f for _, f in done if f is not None and not f.answers]
+    kept = [f for _, _, fs in done for f in fs]
+    others = [f for _, f, fs in done if f is not None and not fs]
 
     def part_of(offset: int) -> int:
         return max(i for i, at in enumerate(offsets, 1) if at <= offset)
 
     found = named_by_particulars(merged(kept + of_their_kind(text, kept, terms, part_of)))
     closest = sorted(others, key=lambda f: (-f.coverage, -f.score))[:CLOSEST] or nearest(text, terms, part_of)
-    return [record for record, _ in done], found, closest
+    return [record for record, _, _ in done], found, closest
+
+
+def pointed(found: Finding | None) -> Finding | None:
+    """A reply's finding, as a whole-document question takes it: its quote carries the question's terms and
+    the reply's verbatim run holds a value of it ("Jonah Pike paid 9 shillings", from a reply that went on to
+    list numbers of its own). What the reply says beyond its quote is dropped: the run is the answer."""
+    if found is None or not found.anchored:
+        return None
+    if found.answers:
+        return found
+    if not any(item.startswith("term:") for item in found.lacks) and VALUE.search(found.match):
+        return replace(found, answer=found.match, answers=True, lacks=[])
+    return None
+
+
+def judged(part: str, offset: int, index: int, terms: QuestionTerms, judge: QuoteJudge) -> list[Finding]:
+    """Where a part's reply points at no answering sentence: the part's sentences that carry the question's
+    terms and a value the question lacks, each kept when the model's own judgement of it alone (the
+    question's lift after it, QuoteJudge) reaches LIFT_MIN."""
+    out = []
+    for lo, hi in sentences_of(part):
+        while lo < hi and part[lo].isspace():
+            lo += 1
+        sentence = part[lo:hi].strip()
+        values = answer_values(sentence, terms.question_words)
+        if not values or len(sentence) > SHAPE_CHARS or not (support := terms.support(sentence)).anchored:
+            continue
+        lift = judge.lift(sentence)
+        if lift is not None and lift >= LIFT_MIN:
+            out.append(Finding(index, " ".join(v.text for v in values), sentence, offset + lo, round(lift, 3), True,
+                               sentence, True, [], support.coverage))
+    return out
 
 
 def nearest(text: str, terms: QuestionTerms, part_of) -> list[Finding]:
     """The CLOSEST sentences to the question (most of its terms by weight) as findings that do not answer,
-    where no part was read: what the reader may check."""
+    where no reply gave one: what the reader may check."""
     scored = []
     for lo, hi in sentences_of(text):
         while lo < hi and text[lo].isspace():

@@ -134,3 +134,36 @@ def keep_the_cache(model, tokens: int, parts: int, keep: bool) -> bool:
                      f"{doc_cache.cap_bytes() / 1e9:.1f} GB kept (ARBOR_DOC_CACHE_MB): not kept")
         return False
     return True
+
+
+NEUTRAL_TEXT = "This sentence says nothing in particular."
+
+
+class QuoteJudge:
+    """The model's own judgement of quotes for one question: how much more expected the question is after a
+    quote alone than after NEUTRAL_TEXT (`lift`: mean nats a token over the question's tokens but the first,
+    in ask's prompt). A quote about what is asked makes the question's words expected; one about another
+    key much less (dev tasks, docs/long-context.md). None where the door cannot score prompts."""
+
+    def __init__(self, model, question: str):
+        self.model, self.question = model, question
+        self.baseline: float | None = None
+        self.able = True
+
+    def lift(self, quote: str) -> float | None:
+        if not self.able:
+            return None
+        try:
+            if self.baseline is None:
+                self.baseline = question_score(self.model, NEUTRAL_TEXT, self.question)
+            return question_score(self.model, quote, self.question) - self.baseline
+        except ScoringUnavailableError:
+            self.able = False
+            return None
+
+
+def question_score(model, text: str, question: str) -> float:
+    """Mean log p of the question's tokens (all but the first) after `text` alone."""
+    ids, shared, end = prompt_ids(model.tokenizer, text, question)
+    scored = model.score_prompt(ids[:end])[shared:end - 1]  # scored[i] is log p(ids[i + 1])
+    return sum(scored) / max(len(scored), 1)

@@ -42,12 +42,15 @@ class WordTokenizer:
 
 class DocModel:
     """The door ask uses, on words: a session holds ids; `score(prompt)` is the question's log-probability
-    after a part, `answer(prompt)` the reply. Records what it was asked."""
+    after a part, `answer(prompt)` the reply, `judge(prompt)` each token's log-probability in a prompt scored
+    alone (a quote judged by the model). Records what it was asked."""
 
-    def __init__(self, answer, score=lambda prompt: -1.0 * prompt.count("key"), trained: int = 4096):
+    def __init__(self, answer, score=lambda prompt: -1.0 * prompt.count("key"), trained: int = 4096,
+                 judge=lambda prompt: 0.0):
         self.tokenizer = WordTokenizer()
         self.config = SimpleNamespace(trained_context=trained)
         self.answer_for, self.score_for = answer, score
+        self.judge = judge
         self.prompts: list[str] = []  # what each answer was given
         self.notices: list[str] = []
         self.notify = self.notices.append
@@ -60,8 +63,11 @@ class DocModel:
     def prefill(self, ids, session):
         session.hold(session.ids + ids, start=0)
 
-    def score_prompt(self, ids, session) -> list[float]:
-        """The whole score on the question's second token (ask sums the question's tokens after the first)."""
+    def score_prompt(self, ids, session=None) -> list[float]:
+        """The whole score on the question's second token (ask sums the question's tokens after the first);
+        without a session, `judge(prompt)` on every token of the prompt alone (a quote's judgement)."""
+        if session is None:
+            return [self.judge(self.tokenizer.decode(ids))] * (len(ids) - 1)
         session.hold(session.ids + ids, start=0)
         return [0.0, self.score_for(self.tokenizer.decode(session.ids))] + [0.0] * (len(ids) - 3)
 

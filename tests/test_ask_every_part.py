@@ -93,6 +93,15 @@ def test_a_whole_document_question_about_a_short_document_reads_it_as_one_part()
     assert "1234567" in result.text and "7654321" in result.text
 
 
+def test_a_part_whose_reply_points_at_nothing_has_its_sentences_judged_by_the_model():
+    text = planted({30: "The access code for amber-falcon is 1234567.", 70: "The access code for amber-falcon is 2345678."})
+    confident = DocModel(answer=lambda p: "I cannot tell.", judge=lambda p: -3.0 if "nothing in particular" in p else 0.0)
+    result = ask(confident, text, "What are all the access codes for amber-falcon?", keep=False)
+    assert [f.answer for f in result.findings if f.answers] == ["1234567", "2345678"]
+    doubtful = DocModel(answer=lambda p: "I cannot tell.", judge=lambda p: 0.0)  # the quotes make the question no likelier
+    assert ask(doubtful, text, "What are all the access codes for amber-falcon?", keep=False).text == NOT_FOUND
+
+
 @pytest.mark.slow
 def test_the_default_model_lists_every_value_of_a_key(default_model_here):
     paragraphs = [f"In the {i}th year the people went up from the valley of stones to the hill country, and they "
