@@ -12,7 +12,14 @@ hidden in real prose 75% of the time at 2K tokens and never from 32K (docs/long-
   one (../shared/design/ask-probe.md), so an answer is kept only with *evidence*: a run of its words
   that occurs verbatim in that part's text and says more than the question does. When the best part's
   answer has none, that part is read once more with the question before its text (a second look,
-  uncached). The kept findings carry their part, quote and score, and the answer names where it came from.
+  uncached). The kept findings carry their part, quote and score, and the answer names where it came from;
+- a quote proves that words are in the document, not that they answer: a finding answers only when its
+  quote carries the question's distinguishing terms and the answer's own values (question_terms.py);
+  with none that answers, the answer is NOT_FOUND and the findings (--json) say what their quotes lack.
+  In one pass, the reply stands as it is unless the document contradicts it (`_contradicted`);
+- a question for all of something ("what are all", "list every", "how many", "which … mention", or
+  `--all`) does not fit "the best three parts answer": every part naming what is asked is read, and every
+  answering finding listed (ask_every_part.py).
 
 The prompt is the one that measured best on the default model (pass key in real prose, 8 trials per
 size, /tmp probes recorded in docs/long-context.md): the text, then "Question: …", then the instruction
@@ -22,7 +29,8 @@ question first reads even better (8/8, 7/8) but then no two questions share a pr
 the second look, where one part is read again.
 
 The document's part of each prompt (the whole document, or each part) is prefilled once and kept on
-disk (doc_cache.py): a later question loads it and prefills only itself, then scores and answers.
+disk (doc_cache.py): a later question loads it and prefills only itself, then scores and answers. The
+reading itself (prompts, the question scored after a part, the second look) is document_reader.py's.
 """
 
 from __future__ import annotations

@@ -21,9 +21,12 @@ from .document_reader import QuoteJudge
 from .evidence import DocumentWords, Finding, finding
 from .question_terms import TERM, QuestionTerms, SentenceCounts, answer_values, sentences_of, starts_with_pronoun
 
-WHOLE_DOCUMENT = re.compile(r"^\s*how\s+(many|often)\b|\b(all|every|each)\b|^\s*(list|enumerate)\b"
+# "how many days" asks for a quantity the text states, not for things to count
+UNITS = (r"(?:seconds?|minutes?|hours?|days?|weeks?|months?|years?|bytes?|[kmgt]i?b|tokens?|percent|"
+         r"metres?|meters?|miles?|kilometres?|kilometers?|degrees?|dollars?|euros?|pounds?)\b")
+COUNT = re.compile(rf"^\s*how\s+many\b(?!\s+{UNITS})", re.IGNORECASE)
+WHOLE_DOCUMENT = re.compile(rf"{COUNT.pattern}|\b(all|every)\b|^\s*(list|enumerate)\b"
                             r"|^\s*which\s+\w+[^\Ws]s\b|\bwhich\b.*\bmention", re.IGNORECASE)
-COUNT = re.compile(r"^\s*how\s+many\b", re.IGNORECASE)
 SAME_SHAPE = 0.7  # a sentence this alike in shape to an answering quote (multiset Jaccard) is of its kind
 SHAPE_CHARS = 400  # longer sentences are prose, not records: no sentence of a kind is this long
 CLOSEST = 3  # findings that do not answer, listed (--json) for the reader to check

@@ -24,6 +24,7 @@ COMMON_MIN_PARTS = 3  # ... and in at least this many: in a 2-part document ever
 # that the other part also uses would be "common" (docs/performance.md's figure was thrown away so)
 WORDS = re.compile(r"\w+")
 QUOTE_CHARS = 240  # a quote is the sentence holding the evidence, cut to this around it
+WIDE_QUOTE_CHARS = 600  # ... or, where only more of it answers, up to this (the whole sentence, or two)
 FOCUS_CHARS = 600  # what a second look reads of the best part: ~150 tokens around its likeliest sentence
 # (Python's language reference, 7 questions: 5 answered with 600, 4 with 1,200; docs/long-context.md)
 
@@ -102,19 +103,24 @@ def evidence(answer: str, part: str, question: str, common: frozenset[str] = fro
 
 
 def _quoted(part: str, found: tuple[int, int], terms: QuestionTerms, answer: str) -> Evidence:
-    """The run's sentence as its quote, with what it carries; a sentence that starts with a pronoun ("He built
-    the first tower in 1698.") and does not answer alone is quoted with the sentence before it."""
+    """The run's sentence as its quote, with what it carries. A quote that does not answer is widened when
+    that makes it answer: a long sentence cut to QUOTE_CHARS is quoted whole (up to WIDE_QUOTE_CHARS: the
+    GPL's "…is called an "aggregate" if…" names its subject 300 characters after the run), and one that
+    starts with a pronoun ("He built the first tower in 1698.") with the sentence before it."""
     lo, hi = sentence_around(part, *found)
-    quote = Evidence(found, (lo, hi), terms.support(part[lo:hi], answer))
-    if not quote.support.answers and starts_with_pronoun(part[lo:hi]):
+    quotes = [(lo, hi)]
+    whole = whole_sentence(part, *found)
+    if whole != (lo, hi) and whole[1] - whole[0] <= WIDE_QUOTE_CHARS:
+        quotes.append(whole)
+    if starts_with_pronoun(part[lo:hi]):
         before = [m.end() for m in SENTENCE_END.finditer(part, 0, max(lo - 1, 0))]
         wider = before[-1] if before else 0
         while wider < lo and part[wider].isspace():
             wider += 1
-        if wider < lo and hi - wider <= 2 * QUOTE_CHARS:
-            both = Evidence(found, (wider, hi), terms.support(part[wider:hi], answer))
-            quote = max(quote, both, key=lambda e: e.rank)
-    return quote
+        if wider < lo and hi - wider <= WIDE_QUOTE_CHARS:
+            quotes.append((wider, hi))
+    evidenced = [Evidence(found, span, terms.support(part[span[0]:span[1]], answer)) for span in quotes]
+    return evidenced[0] if evidenced[0].support.answers else max(evidenced, key=lambda e: e.rank)
 
 
 def _says_more(run: list[str], asked: set[str], rare) -> bool:
@@ -126,11 +132,19 @@ def _says_more(run: list[str], asked: set[str], rare) -> bool:
             or any(w not in asked and w not in FUNCTION_WORDS and rare(w) for w in run))
 
 
-def sentence_around(part: str, start: int, end: int) -> tuple[int, int]:
-    """The sentence(s) holding part[start:end], cut to QUOTE_CHARS around it (on spaces) when longer."""
+def whole_sentence(part: str, start: int, end: int) -> tuple[int, int]:
+    """The sentence(s) holding part[start:end], leading space aside."""
     before = [m.end() for m in SENTENCE_END.finditer(part, 0, start)]
     after = SENTENCE_END.search(part, end)
     lo, hi = before[-1] if before else 0, after.end() if after else len(part)
+    while lo < start and part[lo].isspace():
+        lo += 1
+    return lo, hi
+
+
+def sentence_around(part: str, start: int, end: int) -> tuple[int, int]:
+    """The sentence(s) holding part[start:end], cut to QUOTE_CHARS around it (on spaces) when longer."""
+    lo, hi = whole_sentence(part, start, end)
     spare = max(QUOTE_CHARS - (end - start), 0)
     if hi - lo > QUOTE_CHARS:
         lo = max(lo, start - spare // 2)

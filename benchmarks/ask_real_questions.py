@@ -71,7 +71,7 @@ def judged(answer, fact: str | None) -> str:
         return "right" if not_found else ("wrong with a quote" if answer.findings else "wrong")
     if not_found:
         return "not found"
-    quotes = [" ".join(f.quote.split()) for f in answer.findings if f.answers][:1]
+    quotes = [" ".join(f.quote.split()) for f in answer.findings if getattr(f, "answers", f.anchored)][:1]
     if not quotes:
         return "wrong"
     return "right" if " ".join(fact.split()) in quotes[0] else "wrong with a quote"
@@ -95,8 +95,9 @@ def main() -> int:
             row = {"document": name, "question": question, "fact": fact, "verdict": judged(answer, fact),
                    "answer": answer.text, "path": answer.path, "parts": answer.parts,
                    "seconds": round(time.perf_counter() - t0, 2),
-                   "findings": [{"part": f.part, "answer": f.answer, "quote": f.quote, "answers": f.answers,
-                                 "lacks": f.lacks, "coverage": f.coverage} for f in answer.findings][:6]}
+                   "findings": [{"part": f.part, "answer": f.answer, "quote": f.quote, "answers": getattr(f, "answers", f.anchored),
+                                 "lacks": getattr(f, "lacks", []), "coverage": getattr(f, "coverage", None)}
+                                for f in answer.findings][:6]}
             rows.append(row)
             print(f"{name}: {row['verdict']}: {question} -> {answer.text[:140]!r}", file=sys.stderr, flush=True)
     print("| document | right | wrong with a quote | wrong, no quote | not found |\n|---|---:|---:|---:|---:|")

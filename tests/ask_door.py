@@ -5,6 +5,8 @@ evidence rules and whole-document questions share it."""
 import re
 from types import SimpleNamespace
 
+from conftest import document
+
 from arbor_cli.generate import GenerationResult
 
 TOKEN = re.compile(r"\w+|[^\w\s]|\n")
@@ -84,3 +86,18 @@ class DocModel:
 
     def kv_bytes_per_token(self) -> int:
         return 1
+
+
+def planted(lines: dict[int, str], paragraphs: int = 120) -> str:
+    """conftest.document's paragraphs with `lines` put in at their paragraph numbers."""
+    parts = document(paragraphs).split("\n\n")
+    for at in sorted(lines, reverse=True):
+        parts.insert(at, lines[at])
+    return "\n\n".join(parts)
+
+
+def kjv_like(paragraphs: int) -> list[str]:
+    """Real-looking prose paragraphs (numbered, so none repeats), ~60 tokens each."""
+    return [f"In the {i}th year the people went up from the valley of stones to the hill country, and they "
+            f"dwelt there {i} days, and the elders counted the flocks and the herds that were with them."
+            for i in range(paragraphs)]

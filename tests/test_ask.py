@@ -6,7 +6,7 @@ issue 13's measurements (docs/long-context.md)."""
 from types import SimpleNamespace
 
 import pytest
-from ask_door import DocModel
+from ask_door import DocModel, kjv_like
 from conftest import document
 
 from arbor_cli import ask as ask_module
@@ -154,13 +154,6 @@ def test_arbor_ask_answers_a_short_file_in_one_pass_and_prints_only_the_answer(d
     missing = subprocess.run([sys.executable, "-m", "arbor_cli", "ask", str(tmp_path / "nope.txt"), "Why?"],
                              capture_output=True, text=True, timeout=300)
     assert missing.returncode == 1 and missing.stderr.count("\n") == 1 and "no such file" in missing.stderr
-
-
-def kjv_like(paragraphs: int) -> list[str]:
-    """Real-looking prose paragraphs (numbered, so none repeats), ~60 tokens each."""
-    return [f"In the {i}th year the people went up from the valley of stones to the hill country, and they "
-            f"dwelt there {i} days, and the elders counted the flocks and the herds that were with them."
-            for i in range(paragraphs)]
 
 
 def ship_document(name: str = "Endeavour") -> str:

@@ -5,8 +5,7 @@ the answer lists them, a count first when asked. A word-level fake model; the re
 import re
 
 import pytest
-from ask_door import DocModel
-from conftest import document
+from ask_door import DocModel, kjv_like, planted
 
 from arbor_cli.ask import NOT_FOUND, ask
 from arbor_cli.ask_every_part import alike, shape, whole_document_question
@@ -22,6 +21,9 @@ from arbor_cli.ask_every_part import alike, shape, whole_document_question
     ("Which access code does the text give for amber-falcon?", False),
     ("Which process starts first?", False),  # "process" is no plural
     ("What is the pass key?", False),
+    ("How many days after the notice may a violation be cured?", False),  # a quantity the text states
+    ("How many times did the keeper light the lamp?", True),
+    ("How is each licensee addressed?", False),  # each one alike: a fact
 ])
 def test_questions_for_all_of_something_read_every_part(question, every):
     assert whole_document_question(question) is every
@@ -31,13 +33,6 @@ def test_records_of_one_kind_share_a_shape_and_prose_does_not():
     a = shape("Ledger entry: Mara Quill paid 48 shillings.")
     assert alike(a, shape("Ledger entry: Ivo Marsh paid 7 shillings.")) == 1.0
     assert alike(a, shape("The grass is green and the sky is blue today.")) < 0.2
-
-
-def planted(lines: dict[int, str], paragraphs: int = 120) -> str:
-    parts = document(paragraphs).split("\n\n")
-    for at in sorted(lines, reverse=True):
-        parts.insert(at, lines[at])
-    return "\n\n".join(parts)
 
 
 def copies(pattern: str):
@@ -104,8 +99,7 @@ def test_a_part_whose_reply_points_at_nothing_has_its_sentences_judged_by_the_mo
 
 @pytest.mark.slow
 def test_the_default_model_lists_every_value_of_a_key(default_model_here):
-    paragraphs = [f"In the {i}th year the people went up from the valley of stones to the hill country, and they "
-                  f"dwelt there {i} days, and the elders counted the flocks that were with them." for i in range(24)]
+    paragraphs = kjv_like(24)  # ~1,400 tokens: 2 parts of the default model's 1,024
     for at, line in sorted({3: "Note that amber-falcon keeps locker number 4417203.",
                             9: "Note that cobalt-heron keeps locker number 8820931.",
                             15: "Note that amber-falcon keeps locker number 6631458."}.items(), reverse=True):

@@ -4,8 +4,7 @@ and the answer's values it must hold; pure text, then through ask on the word-le
 import re
 
 import pytest
-from ask_door import DocModel
-from conftest import document
+from ask_door import DocModel, kjv_like, planted
 
 from arbor_cli.ask import NOT_FOUND, ask
 from arbor_cli.evidence import common_words
@@ -92,13 +91,6 @@ KEYS = {20: "The access code for amber-falcon is 1234567.", 45: "The access code
         70: "The access code for jasper-thistle is 3978290.", 95: "The access code for orchid-willow is 1417320."}
 
 
-def with_lines(lines: dict[int, str], paragraphs: int = 120) -> str:
-    parts = document(paragraphs).split("\n\n")
-    for at in sorted(lines, reverse=True):
-        parts.insert(at, lines[at])
-    return "\n\n".join(parts)
-
-
 def quotes_the_part_about(key: str):
     """A small model's habit: it answers with the key asked for and whatever code its part holds."""
     def answer(prompt: str) -> str:
@@ -108,7 +100,7 @@ def quotes_the_part_about(key: str):
 
 
 def test_an_absent_key_answers_not_found_and_lists_the_distractors_as_not_answering():
-    text = with_lines(KEYS)
+    text = planted(KEYS)
     result = ask(DocModel(answer=quotes_the_part_about("velvet-velvet")), text,
                  "What is the access code for velvet-velvet?", keep=False)
     assert result.path == "parts" and result.text == NOT_FOUND
@@ -126,7 +118,7 @@ def test_a_distractor_only_quote_is_rejected_in_one_pass_too():
 
 
 def test_the_asked_key_is_answered_among_distractors():
-    text = with_lines(KEYS)
+    text = planted(KEYS)
     result = ask(DocModel(answer=quotes_the_part_about("jasper-thistle"),
                           score=lambda p: 0.0 if "jasper" in p else -9.0),  # the right part ranks first
                  text, "What is the access code for jasper-thistle?", keep=False)
@@ -147,3 +139,16 @@ def test_a_two_part_document_whose_answer_is_in_one_part_is_answered():
     assert result.path == "parts" and result.parts == 2
     assert common_words([text[:len(text) // 2], text[len(text) // 2:]]) == frozenset()  # 2 parts: nothing common
     assert result.text.startswith("arbor decodes 165.7 tokens per second") and answer_line in result.text
+
+
+@pytest.mark.slow
+def test_the_default_model_answers_a_present_key_and_not_found_for_an_absent_one(default_model_here):
+    paragraphs = kjv_like(30)  # ~1,800 tokens: 2 parts of the default model's 1,024
+    for at in sorted(KEYS, reverse=True):
+        paragraphs.insert(at * 30 // 120, KEYS[at])
+    text = "\n\n".join(paragraphs)
+    present = ask(default_model_here, text, "What is the access code for jasper-thistle?")
+    assert present.path == "parts" and "3978290" in present.text and present.findings[0].answers
+    absent = ask(default_model_here, text, "What is the access code for velvet-velvet?")
+    assert absent.text == NOT_FOUND
+    assert not any(code in absent.text for code in ("1234567", "7654321", "3978290", "1417320"))
