@@ -72,12 +72,14 @@ def evidence(answer: str, part: str, question: str, common: frozenset[str] = fro
     MIN_EVIDENCE_WORDS words, or a word with a digit, or a word found at most MAX_QUOTE_REPEATS times in
     the document, like "Endeavour"), and, given the document's words, occurs in it at most
     MAX_QUOTE_REPEATS times. Of the longest such run starting at each of the answer's words, the one whose
-    quote answers wins (`terms`: the question's terms, weighed by the document; uniform without), then the
+    quote answers (for the values of the answer's sentence that holds the run: "1.8. The pass key is 72077."
+    is evidenced by "The pass key is 72077.") wins (`terms`: the question's terms, weighed by the document; uniform without), then the
     one carrying most of the question, then the longest: "…a null operation that is passed to the primary
     object involved" is evidenced by "pass is a null operation" (its sentence is about "pass"), not by the
     longer "passed to the primary object involved"."""
     terms = terms or QuestionTerms(question, common=common)
-    words = WORDS.findall(answer.casefold())
+    answer_spans = [m.span() for m in WORDS.finditer(answer)]
+    words = [answer[a:b].casefold() for a, b in answer_spans]
     asked = set(WORDS.findall(question.casefold()))
     spans = [(m.start(), m.end()) for m in WORDS.finditer(part)]
     part_words = [part[a:b].casefold() for a, b in spans]
@@ -95,7 +97,8 @@ def evidence(answer: str, part: str, question: str, common: frozenset[str] = fro
             at = next(_runs(part_words, run), None)
             if at is None or (document is not None and document.count(run, MAX_QUOTE_REPEATS) > MAX_QUOTE_REPEATS):
                 continue
-            candidate = _quoted(part, (spans[at][0], spans[at + len(run) - 1][1]), terms, answer)
+            claim = whole_sentence(answer, answer_spans[i][0], answer_spans[j - 1][1])  # what the run evidences
+            candidate = _quoted(part, (spans[at][0], spans[at + len(run) - 1][1]), terms, answer[claim[0]:claim[1]])
             if best is None or candidate.rank > best.rank:
                 best = candidate
             break

@@ -38,11 +38,12 @@ SENTENCE_END = re.compile(r"[.!?](?=\s)|\n[ \t]*\n")  # a wrapped line goes on; 
 FUNCTION_WORDS = frozenset("""a an the is are was were be been being am do does did done have has had what which
 who whom whose when where why how of in on at to for by with from and or nor not no yes it its this that these those
 there here their they them he she his her him i you we our your my me us as about into onto than then so if but
-can could will would shall should may might must text document question answer say says said tell""".split())
+can could will would shall should may might must text document question answer say says said tell someone somebody
+something anyone anybody anything everyone everybody everything nobody nothing""".split())
 # words about the asking or about the kind of answer wanted: a quote need not repeat them
 FRAME_WORDS = frozenset("""mentioned mention mentions provided given give stated state states written according
 passage list every all each many much any some other one ones number numbers name names year years date dates
-value values kind sort type find found show shown""".split())
+value values kind sort type find found show shown time times""".split())
 PRONOUNS = frozenset("he she it they this these that his her its their there such".split())
 COMMON_SHARE = 0.03  # a named term in more than this share of the document's sentences distinguishes nothing
 COMMON_MIN = 8  # ... and in at least this many (a key with four values, a name said twice, is no topic)
@@ -58,6 +59,20 @@ def stem(word: str) -> str:
     return word[:-1] if len(word) > 3 and word.endswith("s") and not word.endswith("ss") else word
 
 
+def root(word: str) -> str:
+    """A content word's root (of its stem): "signed" and "signing" meet "sign", "created" "create". Named
+    terms keep their stem ("pass" the statement is not "passed")."""
+    for suffix in ("ing", "ed"):
+        if word.endswith(suffix) and len(word) - len(suffix) >= 3:
+            word = word[:-len(suffix)]
+            break
+    if len(word) > 3 and word.endswith("e"):
+        word = word[:-1]
+    if len(word) > 3 and word[-1] == word[-2] and word[-1] not in "aeiouls":  # "stopp" → "stop"; "pass" stays
+        word = word[:-1]
+    return word
+
+
 def words_of(text: str) -> list[str]:
     """The text's words, casefolded and stemmed: what terms are matched against."""
     return [stem(w) for w in WORDS.findall(text.casefold())]
@@ -66,12 +81,12 @@ def words_of(text: str) -> list[str]:
 @dataclass(frozen=True)
 class Term:
     text: str  # as the question writes it
-    words: tuple[str, ...]  # words_of(text): a term is found where these occur in a row
+    words: tuple[str, ...]  # words_of(text), for a content term their roots: found where these occur in a row
     named: bool  # a number, compound, quoted word or capitalised name
 
 
 def _term(text: str, named: bool) -> Term | None:
-    words = tuple(words_of(text))
+    words = tuple(w if named else root(w) for w in words_of(text))
     return Term(text, words, named) if words else None
 
 
@@ -123,17 +138,19 @@ class SentenceCounts:
 
     def __init__(self, text: str):
         self.sentences = [words_of(text[a:b]) for a, b in sentences_of(text)]
+        self.roots = [[root(w) for w in words] for words in self.sentences]
         self.df: dict[str, int] = {}
-        for words in self.sentences:
+        for words in (*self.sentences, *self.roots):  # stems and roots apart: "e"-less roots rarely meet stems
             for w in set(words):
                 self.df[w] = self.df.get(w, 0) + 1
 
     def count(self, term: Term) -> int:
         """The sentences holding the term (its words in a row)."""
+        sentences = self.sentences if term.named else self.roots
         if len(term.words) == 1:
-            return self.df.get(term.words[0], 0)
+            return sum(1 for s in sentences if term.words[0] in s) if term.words[0] in self.df else 0
         rarest = min(term.words, key=lambda w: self.df.get(w, 0))
-        return sum(1 for s in self.sentences if rarest in s and holds(s, term.words))
+        return sum(1 for s in sentences if rarest in s and holds(s, term.words))
 
     def weight(self, term: Term) -> float:
         return math.log(1 + len(self.sentences) / (self.count(term) + 0.5))
@@ -175,7 +192,8 @@ class QuestionTerms:
 
     def support(self, sentence: str, answer: str = "") -> Support:
         words = words_of(sentence)
-        carried = [t for t in self.terms if holds(words, t.words)]
+        roots = [root(w) for w in words]
+        carried = [t for t in self.terms if holds(words if t.named else roots, t.words)]
         total = sum(self.weights.values())
         coverage = sum(self.weights[t.words] for t in carried) / total if total else 0.0  # no terms: ties nothing
         covered = coverage >= COVERAGE and not self.off_topic

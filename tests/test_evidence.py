@@ -82,3 +82,11 @@ def test_a_sentence_starting_with_a_pronoun_is_quoted_with_the_one_before():
     assert found.support.answers
     assert part[found.sentence[0]:found.sentence[1]] == ("The lighthouse keeper was named Henry Winstanley. "
                                                          "He built the first tower in 1698.")
+
+
+def test_the_values_that_must_be_quoted_are_those_of_the_answers_sentence_with_the_run():
+    part = "See clause 1.8 of the licence. Grass grows. The pass key is 72077. Remember it."
+    found = evidence("Clause 1.8. The pass key is 72077.", part, QUESTION)
+    assert part[found.run[0]:found.run[1]] == "The pass key is 72077" and found.support.answers
+    wrong = evidence("The pass key is 72077, see 1.9.", part, QUESTION)  # a value of its own sentence, unquoted
+    assert not wrong.support.answers and wrong.support.lacks == ("value:1.9",)

@@ -21,11 +21,19 @@ RULER_QUESTION = "What is the special magic number for velvet-velvet mentioned i
     ("How fast does qwen2.5-coder decode?", ["qwen2.5-coder"], ["fast", "decode"]),
     ("What is the pass key?", [], ["pass", "key"]),
     ("What is this document about?", [], []),
+    ("How many times did anyone sign the guest book?", [], ["sign", "guest", "book"]),  # no "anyone", "times"
 ])
 def test_named_terms_are_known_by_their_form_and_generic_words_are_no_terms(question, named, content):
     terms = question_terms(question)
     assert [t.text for t in terms if t.named] == named
     assert [t.text for t in terms if not t.named] == content
+
+
+def test_content_words_meet_their_inflections_and_named_terms_do_not():
+    terms = QuestionTerms("How many times did anyone sign the guest book?")
+    assert terms.support("Guest book: Ada Quill signed on page 4.").anchored  # "signed" meets "sign"
+    named = QuestionTerms('What is the "pass" statement?')
+    assert "pass" not in named.support("Deletion is passed to the primary object.").carried
 
 
 def test_a_quote_naming_another_key_does_not_answer():
