@@ -81,26 +81,34 @@ def read_every_part(model, reader, text: str, starts: list[int], parts: list[str
     def part_of(offset: int) -> int:
         return max(i for i, at in enumerate(offsets, 1) if at <= offset)
 
-    kept = [p for _, f in done if (p := pointed(f)) is not None]
+    kept = [p for _, f in done if (p := pointed(f, terms)) is not None]
     if read and not kept:
         kept = judged(text, terms, QuoteJudge(model, question), part_of)
-    others = [f for _, f in done if f is not None and pointed(f) is None]
+    others = [f for _, f in done if f is not None and pointed(f, terms) is None]
     found = named_by_particulars(merged(kept + of_their_kind(text, kept, terms, part_of)))
     closest = sorted(others, key=lambda f: (-f.coverage, -f.score))[:CLOSEST] or nearest(text, terms, part_of)
     return [record for record, _ in done], found, closest
 
 
-def pointed(found: Finding | None) -> Finding | None:
+def pointed(found: Finding | None, terms: QuestionTerms) -> Finding | None:
     """A reply's finding, as a whole-document question takes it: its quote carries the question's terms and
     the reply's verbatim run holds a value of it ("Jonah Pike paid 9 shillings", from a reply that went on to
-    list numbers of its own). What the reply says beyond its quote is dropped: the run is the answer."""
+    list numbers of its own). What the reply says beyond its quote is dropped: the run is the answer. A quote
+    of several sentences narrows to the one that carries the question (a record, not the prose after it)."""
     if found is None or not found.anchored:
         return None
-    if found.answers:
-        return found
-    if not any(item.startswith("term:") for item in found.lacks) and VALUE.search(found.match):
-        return replace(found, answer=found.match, answers=True, lacks=[])
-    return None
+    if not found.answers:
+        if any(item.startswith("term:") for item in found.lacks) or not VALUE.search(found.match):
+            return None
+        found = replace(found, answer=found.match, answers=True, lacks=[])
+    spans = sentences_of(found.quote)
+    carrying = [(lo, hi) for lo, hi in spans if terms.support(found.quote[lo:hi]).anchored
+                and VALUE.search(found.quote[lo:hi])]
+    if len(spans) > 1 and len(carrying) == 1:
+        lo, hi = carrying[0]
+        lo += len(found.quote[lo:hi]) - len(found.quote[lo:hi].lstrip())
+        found = replace(found, quote=found.quote[lo:hi].strip(), start=found.start + lo)
+    return found
 
 
 def judged(text: str, terms: QuestionTerms, judge: QuoteJudge, part_of) -> list[Finding]:

@@ -40,10 +40,12 @@ who whom whose when where why how of in on at to for by with from and or nor not
 there here their they them he she his her him i you we our your my me us as about into onto than then so if but
 can could will would shall should may might must text document question answer say says said tell someone somebody
 something anyone anybody anything everyone everybody everything nobody nothing""".split())
-# words about the asking or about the kind of answer wanted: a quote need not repeat them
+# words about the asking, about what a document does ("does the text contain"), or about the kind of answer
+# wanted: a quote need not repeat them
 FRAME_WORDS = frozenset("""mentioned mention mentions provided given give stated state states written according
 passage list every all each many much any some other one ones number numbers name names year years date dates
-value values kind sort type find found show shown time times""".split())
+value values kind sort type find found show shown time times contain contains include includes hold holds
+describe describes cover covers""".split())
 PRONOUNS = frozenset("he she it they this these that his her its their there such".split())
 COMMON_SHARE = 0.03  # a named term in more than this share of the document's sentences distinguishes nothing
 COMMON_MIN = 8  # ... and in at least this many (a key with four values, a name said twice, is no topic)

@@ -69,6 +69,14 @@ def test_how_many_counts_each_record_once_though_overlapping_parts_read_it_twice
     assert len(result.text.splitlines()) == 8 and len({f.start for f in result.findings if f.answers}) == 7
 
 
+def test_a_reply_that_runs_on_past_a_record_is_narrowed_to_the_record():
+    records = {i: f"Ledger entry: Payer{i} paid {i} shillings." for i in (5, 40, 80)}
+    result = ask(DocModel(answer=copies(r"Ledger entry : \w+ paid \d+ shillings \.\s+p\d+s0w0 p\d+s0w1")), planted(records),
+                 "How many ledger entries are there?", keep=False)
+    assert result.text.splitlines()[0] == "3."
+    assert all(f.quote.startswith("Ledger entry:") and f.quote.endswith("shillings.") for f in result.findings if f.answers)
+
+
 def test_all_forces_every_part_and_nothing_found_says_so():
     text = planted({60: "The access code for cobalt-heron is 7654321."})
     result = ask(DocModel(answer=copies(r"The access code for [^.]*\.")), text,
