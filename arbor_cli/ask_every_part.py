@@ -82,10 +82,13 @@ def read_every_part(model, reader, text: str, starts: list[int], parts: list[str
         return max(i for i, at in enumerate(offsets, 1) if at <= offset)
 
     kept = [p for _, f in done if (p := pointed(f, terms)) is not None]
-    if read and not kept:
+    kin = of_their_kind(text, kept, terms, part_of)
+    if read and not kept:  # the model's pick stands only where the document repeats its kind (below)
         kept = judged(text, terms, QuoteJudge(model, question), part_of)
+        kin = of_their_kind(text, kept, terms, part_of)
+        kept, kin = (kept, kin) if len(merged(kept + kin)) > 1 else ([], [])
     others = [f for _, f in done if f is not None and pointed(f, terms) is None]
-    found = named_by_particulars(merged(kept + of_their_kind(text, kept, terms, part_of)))
+    found = named_by_particulars(merged(kept + kin))
     closest = sorted(others, key=lambda f: (-f.coverage, -f.score))[:CLOSEST] or nearest(text, terms, part_of)
     return [record for record, _ in done], found, closest
 
@@ -116,7 +119,10 @@ def judged(text: str, terms: QuestionTerms, judge: QuoteJudge, part_of) -> list[
     value it lacks (at most JUDGED of them, those carrying most of the question first), the one after which
     the model finds the question most expected (QuoteJudge.lift, above 0: likelier than after a neutral
     text). Its lift is no verdict on its own: dev records scored +0.4..+1.6 and were all right, real-document
-    sentences +0.6..+5.0 either way (docs/long-context.md); it picks, and the sentences of its kind follow."""
+    sentences +0.6..+5.0 either way (docs/long-context.md); it picks, and the pick stands only with sentences
+    of its kind beside it (records, a list: a question for all of something), which then follow it. Alone, it
+    answered "Which values are interpreted as false in Boolean operations?" with a sentence about Boolean
+    results in Python's reference."""
     found = []
     for lo, hi in sentences_of(text):
         while lo < hi and text[lo].isspace():

@@ -103,6 +103,8 @@ def test_a_part_whose_reply_points_at_nothing_has_its_sentences_judged_by_the_mo
     assert [f.answer for f in result.findings if f.answers] == ["1234567", "2345678"]
     doubtful = DocModel(answer=lambda p: "I cannot tell.", judge=lambda p: 0.0)  # the quotes make the question no likelier
     assert ask(doubtful, text, "What are all the access codes for amber-falcon?", keep=False).text == NOT_FOUND
+    alone = planted({30: "The access code for amber-falcon is 1234567."})  # the model's pick, with none of its kind
+    assert ask(confident, alone, "What are all the access codes for amber-falcon?", keep=False).text == NOT_FOUND
 
 
 @pytest.mark.slow
