@@ -12,7 +12,14 @@ hidden in real prose 75% of the time at 2K tokens and never from 32K (docs/long-
   one (../shared/design/ask-probe.md), so an answer is kept only with *evidence*: a run of its words
   that occurs verbatim in that part's text and says more than the question does. When the best part's
   answer has none, that part is read once more with the question before its text (a second look,
-  uncached). The kept findings carry their part, quote and score, and the answer names where it came from.
+  uncached). The kept findings carry their part, quote and score, and the answer names where it came from;
+- a quote proves that words are in the document, not that they answer: a finding answers only when its
+  quote carries the question's distinguishing terms and the answer's own values (question_terms.py);
+  with none that answers, the answer is NOT_FOUND and the findings (--json) say what their quotes lack.
+  In one pass, the reply stands as it is unless the document contradicts it (`_contradicted`);
+- a question for all of something ("what are all", "list every", "how many", "which … mention", or
+  `--all`) does not fit "the best three parts answer": every part naming what is asked is read, and every
+  answering finding listed (ask_every_part.py).
 
 The prompt is the one that measured best on the default model (pass key in real prose, 8 trials per
 size, /tmp probes recorded in docs/long-context.md): the text, then "Question: …", then the instruction
@@ -22,38 +29,35 @@ question first reads even better (8/8, 7/8) but then no two questions share a pr
 the second look, where one part is read again.
 
 The document's part of each prompt (the whole document, or each part) is prefilled once and kept on
-disk (doc_cache.py): a later question loads it and prefills only itself, then scores and answers.
+disk (doc_cache.py): a later question loads it and prefills only itself, then scores and answers. The
+reading itself (prompts, the question scored after a part, the second look) is document_reader.py's.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
 
-from arbor_core.errors import ScoringUnavailableError, UsageError
+from arbor_core.errors import UsageError
 
-from . import doc_cache
+from .ask_every_part import COUNT, listing, read_every_part, whole_document_question
 from .chunking import document_token_offsets, split_into_chunks
+from .document_reader import DocumentReader, keep_the_cache, second_look
 from .documents import Document
 from .evidence import DocumentWords, Finding, common_words, finding, finding_rank, focus
 from .progress import NoProgress
+from .question_terms import QuestionTerms, SentenceCounts
 
-ANSWER_TOKENS = 32  # an answer in the text's own words is a sentence; it also ends at a blank line
-QUESTION_ROOM = 256  # tokens a question (with the instruction after it) may take after a cached document
 PART_OVERLAP_TOKENS = 96  # a sentence cut by a part's edge is whole in the next part
 ANSWERED_PARTS = 3  # the best-ranked parts that answer; more only while none has given evidence
 MAX_ANSWERED_PARTS = 12  # "the document does not seem to say" after this many best-ranked parts
-INSTRUCTION = "Answer the question with the exact words of the text, copied from the text above."
-PROMPT = "Text:\n{text}\n\nQuestion: {question}\n" + INSTRUCTION
-SECOND_LOOK_PROMPT = "Question: {question}\n\nText:\n{text}\n\n" + INSTRUCTION + " Question: {question}"
 NOT_FOUND = "The document does not seem to say."
 
 
 @dataclass
 class Answer:
     text: str
-    path: str  # "one pass" or "parts"
+    path: str  # "one pass", "parts" (the best-ranked answer) or "every part" (a whole-document question)
     parts: int = 1
     tokens: int = 0  # the document's
     answered: list[dict] = field(default_factory=list)  # part, score, reply (second_look): best-ranked first
@@ -70,15 +74,6 @@ class Answer:
         return out
 
 
-@dataclass
-class Reading:
-    """One text read with the question after it: ready to answer from the prompt's last token."""
-
-    score: float
-    session: Any  # holds the prompt but its last token (on an engine, only its ids)
-    messages: list[dict]  # the whole prompt
-
-
 def reliable_tokens(model) -> int:
     """The longest text the model is asked about in one piece: measured for known models (the
     registry's reliable_tokens), else a quarter of the trained context within 1K..16K."""
@@ -91,113 +86,6 @@ def reliable_tokens(model) -> int:
                 return known.reliable_tokens
             break
     return min(max(model.config.trained_context // 4, 1024), 16384)
-
-
-def messages(text: str, question: str) -> list[dict]:
-    return [{"role": "user", "content": PROMPT.format(text=text, question=question)}]
-
-
-def second_look_messages(text: str, question: str) -> list[dict]:
-    return [{"role": "user", "content": SECOND_LOOK_PROMPT.format(text=text, question=question)}]
-
-
-class DocumentReader:
-    """Reads texts of one document with a question after them, on any door: each text's part of the prompt
-    is held by a Session (its prefill kept on disk when `keep`: doc_cache), the question scored after it
-    (query likelihood). Counts how many texts came from disk and how many were prefilled here. A door
-    that does not score prompts (an engine without echo + logprobs) leaves the parts unranked (`ranked`
-    False): then every part answers and the quotes decide."""
-
-    def __init__(self, model, keep: bool = True):
-        self.model, self.ranked = model, True
-        self.cached_here = model.kv_bytes_per_token() is not None  # an engine keeps its own caches
-        self.keep = keep and self.cached_here
-        self.loaded = self.prefilled = 0
-
-    def read(self, text: str, question: str) -> Reading:
-        """The text's prefill (from disk, or run and kept), then the rest of the prompt but its last token,
-        the question's tokens scored: their log-probability after the text (all but the first, which
-        follows the same "Question:" in every part)."""
-        ids, shared, end = prompt_ids(self.model.tokenizer, text, question)
-        session = self._document(ids[:shared], shared + QUESTION_ROOM + ANSWER_TOKENS)
-        score = 0.0
-        if self.ranked:
-            try:
-                score = sum(self.model.score_prompt(ids[shared:-1], session)[:max(end - shared - 1, 0)])
-            except ScoringUnavailableError as e:
-                self.ranked = False
-                self.model.notify(f"{e}: every part answers, unranked")
-        return Reading(score, session, messages(text, question))
-
-    def read_all(self, texts: list[str], question: str, on_done=lambda: None):
-        """Each text read, in order, as many at once as the door runs (one at a time here: a part's cache
-        is made only when the previous reading was taken)."""
-        first = self.read(texts[0], question)  # finds out once whether the door scores prompts
-        on_done()
-        yield first
-        yield from self.model.map(lambda text: self.read(text, question), texts[1:], on_done)
-
-    def _document(self, doc_ids: list[int], capacity: int):
-        model = self.model
-        session = model.session(capacity)
-        key = doc_cache.key_for(model, doc_ids, capacity, model.rope_method) if self.keep else None
-        cache = doc_cache.load(model, key, capacity) if self.keep else None
-        if cache is not None:
-            self.loaded += 1
-            session.adopt(cache, doc_ids)
-            return session
-        model.prefill(doc_ids, session)
-        self.prefilled += self.cached_here
-        if self.keep and not doc_cache.save(model, key, session.cache):
-            self.keep = False  # one warning said why; the other parts are not tried (a full disk stays full)
-        return session
-
-    def answer(self, reading: Reading):
-        """Greedy answer after a reading (its session then holds the answer too)."""
-        return self.model.chat(reading.messages, session=reading.session, continuing=True,
-                               max_new_tokens=ANSWER_TOKENS, temperature=0.0, stop="\n\n")
-
-
-def prompt_ids(tokenizer, text: str, question: str) -> tuple[list[int], int, int]:
-    """The prompt's ids; where the text's prefix (the same for every question) ends, and where the
-    question ends: the question's tokens are ids[shared:end]."""
-    ids = tokenizer.encode_chat(messages(text, question), add_generation_prompt=True)
-    without = tokenizer.encode_chat(messages(text, ""), add_generation_prompt=True)
-    shared = min(_common_prefix(ids, without), len(ids) - 2)  # the prompt's last token starts the answer
-    if len(ids) - shared > QUESTION_ROOM:
-        raise UsageError(f"the question is too long ({len(ids) - shared} tokens with the instruction; "
-                         f"at most {QUESTION_ROOM})")
-    end = len(ids) - _common_prefix(ids[::-1][:len(ids) - shared], without[::-1])
-    return ids, shared, end
-
-
-def second_look(model, text: str, question: str):
-    """The text read again with the question before it (no cache: the question starts the prompt)."""
-    look = second_look_messages(text, question)
-    room = len(model.tokenizer.encode_chat(look, add_generation_prompt=True)) + ANSWER_TOKENS
-    return model.chat(look, context=room, max_new_tokens=ANSWER_TOKENS, temperature=0.0, stop="\n\n")
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-def _keep_the_cache(model, tokens: int, parts: int, keep: bool) -> bool:
-    """Whether the document's prefill fits the disk cache's cap; says so when it does not."""
-    per_token = model.kv_bytes_per_token()
-    if not keep or per_token is None:  # None: an engine, which keeps its own caches
-        return False
-    need = (tokens + parts * 64) * per_token  # the prompt's own words: ~64 tokens a part
-    if need > doc_cache.cap_bytes():
-        model.notify(f"the document's cache would take {need / 1e9:.1f} GB, more than the "
-                     f"{doc_cache.cap_bytes() / 1e9:.1f} GB kept (ARBOR_DOC_CACHE_MB): not kept")
-        return False
-    return True
 
 
 DOCUMENT_HEADING = "Document: {name}"
@@ -227,13 +115,14 @@ def ask_documents(model, documents: list[Document], question: str, **options) ->
 
 
 def ask(model, text: str, question: str, *, progress=None, keep: bool = True, part_tokens: int | None = None,
-        name_of=None) -> Answer:
+        name_of=None, every_part: bool = False) -> Answer:
     """Answer `question` about `text` with `model` (a door: arbor_core.door.Door).
 
     `progress` (begin(phase, total), advance(): the summariser's progress protocol) follows reading the
     document and its parts; `keep` keeps each text's prefill on disk for the next question;
     `part_tokens` overrides reliable_tokens(model); `name_of(offset)` names the document at a character
-    offset of `text` (several documents, ask_documents), and the answer says it beside the quote."""
+    offset of `text` (several documents, ask_documents), and the answer says it beside the quote;
+    `every_part` (--all) reads every part for every answer, as a whole-document question does."""
     if not text.strip():
         raise UsageError("there is nothing to ask about: the document is empty")
     if not question.strip():
@@ -244,24 +133,41 @@ def ask(model, text: str, question: str, *, progress=None, keep: bool = True, pa
     started = time.perf_counter()
     tokenizer, progress = model.tokenizer, progress or NoProgress()
     offsets = document_token_offsets(tokenizer.encode_with_offsets, text, progress)
-    if len(offsets) <= limit:
+    every = every_part or whole_document_question(question)
+    if len(offsets) <= limit and not every:
         return _one_pass(model, text, question, len(offsets), keep, started, name_of)
-    chunks = split_into_chunks(text, offsets, lambda s: len(tokenizer.encode(s)), limit, overlap=PART_OVERLAP_TOKENS)
-    reader = DocumentReader(model, _keep_the_cache(model, len(offsets), len(chunks), keep))
-    parts = [chunk.text_of(text) for chunk in chunks]
+    if len(offsets) <= limit:  # a whole-document question about a short document: one part, the document
+        parts, starts = [text.strip()], [text.index(text.strip())]
+    else:
+        chunks = split_into_chunks(text, offsets, lambda s: len(tokenizer.encode(s)), limit, overlap=PART_OVERLAP_TOKENS)
+        parts, starts = [chunk.text_of(text) for chunk in chunks], [chunk.start for chunk in chunks]
+    reader = DocumentReader(model, keep_the_cache(model, len(offsets), len(parts), keep))
+    if every:
+        return _every_part(model, reader, text, starts, parts, question, progress, len(offsets), started, name_of)
     scores, held = _read_parts(reader, parts, question, progress)
     read_s = time.perf_counter() - started
-    answered, findings = _answer_parts(model, reader, text, [c.start for c in chunks], parts, question, scores, held)
+    answered, findings = _answer_parts(model, reader, text, starts, parts, question, scores, held)
     timings = {"total_s": round(time.perf_counter() - started, 3), "read_s": round(read_s, 3)}
     result = Answer(NOT_FOUND, "parts", len(parts), len(offsets), answered, findings,
                     {"loaded": reader.loaded, "prefilled": reader.prefilled}, timings)
     findings.sort(key=finding_rank, reverse=True)  # the answer's own first
-    if findings and findings[0].anchored:  # a quote from a sentence unrelated to the question answers nothing
+    if findings and findings[0].answers:  # a quote that does not carry the question answers nothing
         best = findings[0]
         where = f"{name_of(best.start)}, " if name_of else ""
         result.text = (f"{best.answer} ({where}part {best.part} of {len(parts)}: "
                        f"\u201c{' '.join(best.quote.split())}\u201d)")
     return result
+
+
+def _every_part(model, reader: DocumentReader, text: str, starts: list[int], parts: list[str], question: str,
+                progress, tokens: int, started: float, name_of) -> Answer:
+    """A whole-document question (ask_every_part.py): every part answers; every answering finding is listed,
+    a count first when one was asked; the closest that do not answer follow them in the findings."""
+    answered, found, others = read_every_part(model, reader, text, starts, parts, question, progress)
+    text_out = listing(found, len(parts), bool(COUNT.search(question)), name_of) if found else NOT_FOUND
+    return Answer(text_out, "every part", len(parts), tokens, answered, found + others,
+                  {"loaded": reader.loaded, "prefilled": reader.prefilled},
+                  {"total_s": round(time.perf_counter() - started, 3)})
 
 
 def _best_first(scores: list[float]):
@@ -289,20 +195,21 @@ def _answer_parts(model, reader: DocumentReader, text: str, starts: list[int], p
     the door runs several."""
     ranked = sorted(range(1, len(parts) + 1), key=_best_first(scores))
     document, common = DocumentWords(text), common_words(parts)
+    terms = QuestionTerms(question, SentenceCounts(text))
     findings, answered, replies = [], [], {}
     if not reader.ranked:
         replies = dict(zip(ranked, model.map(lambda i: reader.answer(held[i]).text, ranked)))
     for index in ranked if replies else ranked[:MAX_ANSWERED_PARTS]:
-        if len(answered) >= ANSWERED_PARTS and findings and not replies:
+        if len(answered) >= ANSWERED_PARTS and any(f.answers for f in findings) and not replies:
             break
         part, score = parts[index - 1], scores[index - 1]
         offset = text.index(part, starts[index - 1])
         reply = replies.get(index) or reader.answer(held.pop(index, None) or reader.read(part, question)).text
         record = {"part": index, "score": round(score, 3), "reply": reply.strip()}
-        found = finding(reply, part, offset, question, index, score, common, document)
-        if not answered and not replies and (found is None or not found.anchored):  # the best part: a second look
-            record["second_look"] = second_look(model, focus(part, question, common), question).text.strip()
-            looked = finding(record["second_look"], part, offset, question, index, score, common, document)
+        found = finding(reply, part, offset, question, index, score, common, document, terms)
+        if not answered and not replies and (found is None or not found.answers):  # the best part: a second look
+            record["second_look"] = second_look(model, focus(part, question, common, terms), question).text.strip()
+            looked = finding(record["second_look"], part, offset, question, index, score, common, document, terms)
             found = max([f for f in (found, looked) if f is not None], key=finding_rank, default=None)
         answered.append(record)
         if found is not None:
@@ -311,20 +218,33 @@ def _answer_parts(model, reader: DocumentReader, text: str, starts: list[int], p
 
 
 def _one_pass(model, text: str, question: str, tokens: int, keep: bool, started: float, name_of=None) -> Answer:
-    """The whole document in one prompt; the answer as it is, with its quote when it has one."""
+    """The whole document in one prompt; the answer as it is, with its quote when the quote answers, and
+    NOT_FOUND when the document contradicts it (`_contradicted`)."""
     body = text.strip()
     reader = DocumentReader(model, keep)
     reading = reader.read(body, question)
     reply = reader.answer(reading)
-    found = finding(reply.text, body, text.index(body), question, 1, reading.score)
+    terms = QuestionTerms(question, SentenceCounts(body))
+    found = finding(reply.text, body, text.index(body), question, 1, reading.score, terms=terms)
     shown = reply.text.strip()
-    if found is not None and found.anchored:  # the evidence, for the reader to check
+    if found is not None and found.answers:  # the evidence, for the reader to check
         where = f"{name_of(found.start)}: " if name_of else ""
         shown += f" ({where}\u201c{' '.join(found.quote.split())}\u201d)"
+    elif _contradicted(found, terms):
+        shown = NOT_FOUND
     return Answer(shown, "one pass", 1, tokens, [{"part": 1, "score": round(reading.score, 3),
                                                                 "reply": reply.text.strip()}], [found] if found else [],
                   {"loaded": reader.loaded, "prefilled": reader.prefilled},
                   {"total_s": round(time.perf_counter() - started, 3), **_prefill_timings(reply)})
+
+
+def _contradicted(found: Finding | None, terms: QuestionTerms) -> bool:
+    """Whether a one-pass reply without an answering quote is wrong by the document's own words: the
+    question names something (a key, a name) and no quote of the reply carries it (the document does not
+    say it, or the reply quotes another key's sentence), or the reply's quote is about the question but
+    gives another value."""
+    return bool(terms.required) and (found is None or not found.answers) or (
+        found is not None and found.anchored and not found.answers)
 
 
 def _prefill_timings(reply) -> dict:

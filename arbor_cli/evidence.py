@@ -2,31 +2,31 @@
 
 `arbor ask` keeps a small model's answer only when a run of its words occurs verbatim in the part it
 was read from and says more than the question does (`evidence`); the sentence holding that run is the
-quote, and it answers only when it shares a word with the question beyond FUNCTION_WORDS and the words
-common to most parts (`anchored`, `common_words`). A second look reads the stretch of a part around its
-likeliest sentence (`focus`). Why each rule is there: ask.py's docstring.
+quote. The quote answers only when it carries the question's distinguishing terms and the answer's own
+values (question_terms.py: "…for jasper-thistle is: 3978290" does not answer a question about
+velvet-velvet); otherwise the finding is listed, marked as not answering. A second look reads the stretch
+of a part around its likeliest sentence (`focus`). Why each rule is there: ask.py's docstring.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from .question_terms import FUNCTION_WORDS, SENTENCE_END, QuestionTerms, Support, sentences_of, starts_with_pronoun
 
 MIN_EVIDENCE_WORDS = 3  # a run of this many words (or one word with a digit, or a content word) is evidence
 # a run found more often in the document says nothing about where the answer is: a part that lacks the
 # answer may still quote itself ("The pass key is the phrase 'The grass is green.'" in repeated filler)
 MAX_QUOTE_REPEATS = 2
 COMMON_IN = 0.5  # a question word found in more than this share of the parts ties no quote to the question
+COMMON_MIN_PARTS = 3  # ... and in at least this many: in a 2-part document every word of the answer's part
+# that the other part also uses would be "common" (docs/performance.md's figure was thrown away so)
 WORDS = re.compile(r"\w+")
-SENTENCE_END = re.compile(r"[.!?](?=\s)|\n[ \t]*\n")  # a wrapped line goes on; a blank line ends
 QUOTE_CHARS = 240  # a quote is the sentence holding the evidence, cut to this around it
+WIDE_QUOTE_CHARS = 600  # ... or, where only more of it answers, up to this (the whole sentence, or two)
 FOCUS_CHARS = 600  # what a second look reads of the best part: ~150 tokens around its likeliest sentence
 # (Python's language reference, 7 questions: 5 answered with 600, 4 with 1,200; docs/long-context.md)
-# words that tie no sentence to a question: a quote whose sentence shares only these with it is not anchored
-FUNCTION_WORDS = frozenset("""a an the is are was were be been being am do does did done have has had what which
-who whom whose when where why how of in on at to for by with from and or nor not no yes it its this that these those
-there here their they them he she his her him i you we our your my me us as about into onto than then so if but
-can could will would shall should may might must text document question answer say says said tell""".split())
 
 
 @dataclass
@@ -36,8 +36,16 @@ class Finding:
     quote: str  # the evidence, as it is written in the document
     start: int  # the quote's character offset in the document
     score: float  # the part's rank score: log-probability of the question after it (nats)
-    anchored: bool  # the quote's sentence shares a word with the question (beyond FUNCTION_WORDS)
+    anchored: bool  # the quote carries the question's distinguishing terms (question_terms.py)
     match: str  # the answer's words the quote holds verbatim
+    answers: bool | None = None  # anchored, and the quote holds the answer's values (default: anchored)
+    lacks: list[str] = field(default_factory=list)  # what the quote lacks to answer: "term:…", "value:…"
+    coverage: float = 0.0  # the share of the question's terms (by weight) the quote carries
+    like: int | None = None  # found by its kind: the start of the model's quote it is like (ask_every_part.py)
+
+    def __post_init__(self):
+        if self.answers is None:
+            self.answers = self.anchored
 
 
 @dataclass(frozen=True)
@@ -45,25 +53,33 @@ class Evidence:
     """A run of an answer's words found verbatim in a part, and the sentence that holds it."""
 
     run: tuple[int, int]  # part[run[0]:run[1]]
-    sentence: tuple[int, int]  # part[sentence[0]:sentence[1]]: the run's sentence, at most QUOTE_CHARS
-    shared: int  # the question's words (see anchored) the sentence holds
+    sentence: tuple[int, int]  # part[sentence[0]:sentence[1]]: the quote, at most QUOTE_CHARS (or two sentences)
+    support: Support  # what the quote carries of the question and the answer
 
     @property
     def anchored(self) -> bool:
-        return self.shared > 0
+        return self.support.anchored
+
+    @property
+    def rank(self) -> tuple:
+        return self.support.answers, self.support.anchored, self.support.coverage, self.run[1] - self.run[0]
 
 
 def evidence(answer: str, part: str, question: str, common: frozenset[str] = frozenset(),
-             document: DocumentWords | None = None) -> Evidence | None:
+             document: DocumentWords | None = None, terms: QuestionTerms | None = None) -> Evidence | None:
     """The answer's best evidence in `part`: a run of its words that occurs verbatim there (case and
     spacing aside) and says more than the question (not only words the question holds; at least
     MIN_EVIDENCE_WORDS words, or a word with a digit, or a word found at most MAX_QUOTE_REPEATS times in
     the document, like "Endeavour"), and, given the document's words, occurs in it at most
-    MAX_QUOTE_REPEATS times. Of the longest such run starting at each of the answer's
-    words, the one whose sentence holds most of the question's words wins, then the longest: "…a null operation that is passed to
-    the primary object involved" is evidenced by "pass is a null operation" (its sentence is about
-    "pass"), not by the longer "passed to the primary object involved"."""
-    words = WORDS.findall(answer.casefold())
+    MAX_QUOTE_REPEATS times. Of the longest such run starting at each of the answer's words, the one whose
+    quote answers (for the values of the answer's sentence that holds the run: "1.8. The pass key is 72077."
+    is evidenced by "The pass key is 72077.") wins (`terms`: the question's terms, weighed by the document; uniform without), then the
+    one carrying most of the question, then the longest: "…a null operation that is passed to the primary
+    object involved" is evidenced by "pass is a null operation" (its sentence is about "pass"), not by the
+    longer "passed to the primary object involved"."""
+    terms = terms or QuestionTerms(question, common=common)
+    answer_spans = [m.span() for m in WORDS.finditer(answer)]
+    words = [answer[a:b].casefold() for a, b in answer_spans]
     asked = set(WORDS.findall(question.casefold()))
     spans = [(m.start(), m.end()) for m in WORDS.finditer(part)]
     part_words = [part[a:b].casefold() for a, b in spans]
@@ -72,7 +88,7 @@ def evidence(answer: str, part: str, question: str, common: frozenset[str] = fro
     def rare(word: str) -> bool:
         return counted.count([word], MAX_QUOTE_REPEATS) <= MAX_QUOTE_REPEATS
 
-    best, best_rank = None, None
+    best = None
     for i in range(len(words)):  # answers are a sentence: quadratic in its words is nothing
         for j in range(len(words), i, -1):
             run = words[i:j]
@@ -81,13 +97,33 @@ def evidence(answer: str, part: str, question: str, common: frozenset[str] = fro
             at = next(_runs(part_words, run), None)
             if at is None or (document is not None and document.count(run, MAX_QUOTE_REPEATS) > MAX_QUOTE_REPEATS):
                 continue
-            found = (spans[at][0], spans[at + len(run) - 1][1])
-            sentence = sentence_around(part, *found)
-            candidate = Evidence(found, sentence, question_words_in(part[sentence[0]:sentence[1]], question, common))
-            if best_rank is None or (candidate.shared, len(run)) > best_rank:
-                best, best_rank = candidate, (candidate.shared, len(run))
+            claim = whole_sentence(answer, answer_spans[i][0], answer_spans[j - 1][1])  # what the run evidences
+            candidate = _quoted(part, (spans[at][0], spans[at + len(run) - 1][1]), terms, answer[claim[0]:claim[1]])
+            if best is None or candidate.rank > best.rank:
+                best = candidate
             break
     return best
+
+
+def _quoted(part: str, found: tuple[int, int], terms: QuestionTerms, answer: str) -> Evidence:
+    """The run's sentence as its quote, with what it carries. A quote that does not answer is widened when
+    that makes it answer: a long sentence cut to QUOTE_CHARS is quoted whole (up to WIDE_QUOTE_CHARS: the
+    GPL's "…is called an "aggregate" if…" names its subject 300 characters after the run), and one that
+    starts with a pronoun ("He built the first tower in 1698.") with the sentence before it."""
+    lo, hi = sentence_around(part, *found)
+    quotes = [(lo, hi)]
+    whole = whole_sentence(part, *found)
+    if whole != (lo, hi) and whole[1] - whole[0] <= WIDE_QUOTE_CHARS:
+        quotes.append(whole)
+    if starts_with_pronoun(part[lo:hi]):
+        before = [m.end() for m in SENTENCE_END.finditer(part, 0, max(lo - 1, 0))]
+        wider = before[-1] if before else 0
+        while wider < lo and part[wider].isspace():
+            wider += 1
+        if wider < lo and hi - wider <= WIDE_QUOTE_CHARS:
+            quotes.append((wider, hi))
+    evidenced = [Evidence(found, span, terms.support(part[span[0]:span[1]], answer)) for span in quotes]
+    return evidenced[0] if evidenced[0].support.answers else max(evidenced, key=lambda e: e.rank)
 
 
 def _says_more(run: list[str], asked: set[str], rare) -> bool:
@@ -99,11 +135,19 @@ def _says_more(run: list[str], asked: set[str], rare) -> bool:
             or any(w not in asked and w not in FUNCTION_WORDS and rare(w) for w in run))
 
 
-def sentence_around(part: str, start: int, end: int) -> tuple[int, int]:
-    """The sentence(s) holding part[start:end], cut to QUOTE_CHARS around it (on spaces) when longer."""
+def whole_sentence(part: str, start: int, end: int) -> tuple[int, int]:
+    """The sentence(s) holding part[start:end], leading space aside."""
     before = [m.end() for m in SENTENCE_END.finditer(part, 0, start)]
     after = SENTENCE_END.search(part, end)
     lo, hi = before[-1] if before else 0, after.end() if after else len(part)
+    while lo < start and part[lo].isspace():
+        lo += 1
+    return lo, hi
+
+
+def sentence_around(part: str, start: int, end: int) -> tuple[int, int]:
+    """The sentence(s) holding part[start:end], cut to QUOTE_CHARS around it (on spaces) when longer."""
+    lo, hi = whole_sentence(part, start, end)
     spare = max(QUOTE_CHARS - (end - start), 0)
     if hi - lo > QUOTE_CHARS:
         lo = max(lo, start - spare // 2)
@@ -115,35 +159,22 @@ def sentence_around(part: str, start: int, end: int) -> tuple[int, int]:
     return lo, hi
 
 
-def stem(word: str) -> str:
-    """A word without a plural or third-person "s", so "continues" meets "continue" and "literals" "literal"
-    (and nothing more: "passed" is not "pass")."""
-    return word[:-1] if len(word) > 3 and word.endswith("s") and not word.endswith("ss") else word
-
-
-def question_words_in(sentence: str, question: str, common: frozenset[str] = frozenset()) -> int:
-    """How many of the question's words (stemmed; not FUNCTION_WORDS, not the document's `common`) the
-    sentence holds."""
-    asked = {stem(w) for w in WORDS.findall(question.casefold()) if w not in FUNCTION_WORDS and w not in common}
-    return len(asked & {stem(w) for w in WORDS.findall(sentence.casefold())})
-
-
 def anchored(sentence: str, question: str, common: frozenset[str] = frozenset()) -> bool:
-    """Whether `sentence` shares a word (stemmed) with the question beyond FUNCTION_WORDS and the
-    document's `common` words: "The pass key is 54635" answers "What is the pass key?" from its own
+    """Whether `sentence` carries the question's distinguishing terms (question_terms.py), words of the
+    document's `common` aside: "The pass key is 54635" answers "What is the pass key?" from its own
     sentence; "Aaron and his sons", copied by a part that missed the key, sits in a sentence that has
-    nothing to do with the question; in Python's documentation "statement" ties nothing to anything.
-    Only an anchored finding answers; the others are listed (--json) but the answer is NOT_FOUND."""
-    return question_words_in(sentence, question, common) > 0
+    nothing to do with the question; in Python's documentation "statement" ties nothing to anything."""
+    return QuestionTerms(question, common=common).support(sentence).anchored
 
 
 def common_words(parts: list[str]) -> frozenset[str]:
-    """The words (casefolded) found in more than COMMON_IN of the parts: too common to tie a quote to a question."""
+    """The words (casefolded) found in more than COMMON_IN of the parts, and in at least COMMON_MIN_PARTS:
+    too common to tie a quote to a question (a 2-part document has none)."""
     counts: dict[str, int] = {}
     for part in parts:
         for word in set(WORDS.findall(part.casefold())):
             counts[word] = counts.get(word, 0) + 1
-    return frozenset(w for w, n in counts.items() if n > COMMON_IN * len(parts))
+    return frozenset(w for w, n in counts.items() if n > COMMON_IN * len(parts) and n >= COMMON_MIN_PARTS)
 
 
 class DocumentWords:
@@ -166,15 +197,15 @@ class DocumentWords:
         return found
 
 
-def focus(part: str, question: str, common: frozenset[str] = frozenset()) -> str:
-    """The stretch of `part` a second look reads: the sentence sharing most words with the question
-    (as `anchored` counts them) and its neighbours, about FOCUS_CHARS in all; the whole part when no
-    sentence shares any. A tiny model reads a short text far better (a pass key in prose: 8/8 at 512
-    tokens, 5/8 at 2,048), and the part was already chosen by the model's own ranking."""
-    asked = {stem(w) for w in WORDS.findall(question.casefold()) if w not in FUNCTION_WORDS and w not in common}
-    bounds = [0, *(m.end() for m in SENTENCE_END.finditer(part)), len(part)]
-    sentences = [(a, b) for a, b in zip(bounds, bounds[1:]) if part[a:b].strip()]
-    shared = [len(asked & {stem(w) for w in WORDS.findall(part[a:b].casefold())}) for a, b in sentences]
+def focus(part: str, question: str, common: frozenset[str] = frozenset(), terms: QuestionTerms | None = None) -> str:
+    """The stretch of `part` a second look reads: the sentence carrying most of the question's terms
+    (`terms`, as the quotes are weighed; without, the question's words beyond `common`) and its neighbours,
+    about FOCUS_CHARS in all; the whole part when no sentence carries any. A tiny model reads a short text
+    far better (a pass key in prose: 8/8 at 512 tokens, 5/8 at 2,048), and the part was already chosen by
+    the model's own ranking."""
+    terms = terms or QuestionTerms(question, common=common)
+    sentences = sentences_of(part)
+    shared = [terms.support(part[a:b]).coverage for a, b in sentences]
     if not sentences or max(shared) == 0 or len(part) <= FOCUS_CHARS:
         return part
     lo = hi = shared.index(max(shared))
@@ -195,14 +226,16 @@ def _runs(haystack: list[str], run: list[str]):
 
 
 def finding(reply_text: str, part: str, offset: int, question: str, index: int, score: float,
-             common: frozenset[str] = frozenset(), document: DocumentWords | None = None) -> Finding | None:
-    found = evidence(reply_text, part, question, common, document)
+            common: frozenset[str] = frozenset(), document: DocumentWords | None = None,
+            terms: QuestionTerms | None = None) -> Finding | None:
+    found = evidence(reply_text, part, question, common, document, terms)
     if found is None:
         return None
-    (a, b), (lo, hi) = found.run, found.sentence
-    return Finding(index, reply_text.strip(), part[lo:hi], offset + lo, round(score, 3), found.anchored, part[a:b])
+    (a, b), (lo, hi), support = found.run, found.sentence, found.support
+    return Finding(index, reply_text.strip(), part[lo:hi], offset + lo, round(score, 3), support.anchored, part[a:b],
+                   support.answers, list(support.lacks), support.coverage)
 
 
 def finding_rank(finding: Finding) -> tuple:
-    """Anchored findings first, then by their part's score, then the longer match."""
-    return finding.anchored, finding.score, len(finding.match)
+    """Answering findings first, then anchored ones, then by their part's score, then the longer match."""
+    return finding.answers, finding.anchored, finding.score, len(finding.match)

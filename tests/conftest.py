@@ -158,6 +158,14 @@ def arbor_home(tmp_path, monkeypatch):
 
 
 @pytest.fixture
+def default_model_here(default_checkpoint, arbor_home):
+    """The default model, with a document cache of the test's own (ARBOR_HOME): the ask tests'."""
+    import arbor_cli
+
+    return arbor_cli.load(str(default_checkpoint.path), quiet=True)
+
+
+@pytest.fixture
 def tiny_gguf(tmp_path):
     from gguf_files import Q, write_tiny_gguf
 

@@ -3,92 +3,18 @@ answered, and that an answer is kept only with evidence from its part's own text
 (marked slow) answer real questions and keep the document's cache on disk; the retrieval figures are
 issue 13's measurements (docs/long-context.md)."""
 
-import re
 from types import SimpleNamespace
 
 import pytest
+from ask_door import DocModel, kjv_like
 from conftest import document
 
 from arbor_cli import ask as ask_module
 from arbor_cli.ask import ANSWERED_PARTS, NOT_FOUND, ask
-from arbor_cli.generate import GenerationResult
 from arbor_core.errors import UsageError
 
 KEY = "The pass key is 91644."
 QUESTION = "What is the pass key?"
-TOKEN = re.compile(r"\w+|[^\w\s]|\n")
-
-
-class WordTokenizer:
-    """One id per word, punctuation mark or line break; decode joins them back (spacing aside)."""
-
-    def __init__(self):
-        self.ids: dict[str, int] = {}
-        self.words: list[str] = []
-
-    def _id(self, word: str) -> int:
-        if word not in self.ids:
-            self.ids[word] = len(self.words)
-            self.words.append(word)
-        return self.ids[word]
-
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        return [self._id(w) for w in TOKEN.findall(text)]
-
-    def encode_with_offsets(self, text: str):
-        spans = [m.span() for m in TOKEN.finditer(text)]
-        return [self._id(text[a:b]) for a, b in spans], spans
-
-    def encode_chat(self, messages, add_generation_prompt: bool = True) -> list[int]:
-        ids = []
-        for m in messages:
-            ids += [self._id(f"<{m['role']}>")] + self.encode(m["content"]) + [self._id("<end>")]
-        return ids + ([self._id("<assistant>")] if add_generation_prompt else [])
-
-    def decode(self, ids: list[int]) -> str:
-        return " ".join(self.words[i] for i in ids)
-
-
-class DocModel:
-    """The door ask uses, on words: a session holds ids; `score(prompt)` is the question's log-probability
-    after a part, `answer(prompt)` the reply. Records what it was asked."""
-
-    def __init__(self, answer, score=lambda prompt: -1.0 * prompt.count("key"), trained: int = 4096):
-        self.tokenizer = WordTokenizer()
-        self.config = SimpleNamespace(trained_context=trained)
-        self.answer_for, self.score_for = answer, score
-        self.prompts: list[str] = []  # what each answer was given
-        self.notices: list[str] = []
-        self.notify = self.notices.append
-
-    def session(self, context=None, rope=None):
-        from arbor_cli.session import Session
-
-        return Session(self, context)
-
-    def prefill(self, ids, session):
-        session.hold(session.ids + ids, start=0)
-
-    def score_prompt(self, ids, session) -> list[float]:
-        """The whole score on the question's second token (ask sums the question's tokens after the first)."""
-        session.hold(session.ids + ids, start=0)
-        return [0.0, self.score_for(self.tokenizer.decode(session.ids))] + [0.0] * (len(ids) - 3)
-
-    def chat(self, messages, *, context=None, session=None, continuing=False, max_new_tokens=256, temperature=0.0,
-             stop=None):
-        prompt = self.tokenizer.decode(self.tokenizer.encode_chat(messages, add_generation_prompt=True))
-        self.prompts.append(prompt)
-        return GenerationResult(self.answer_for(prompt), [], "eos", {}, context or 0)
-
-    def map(self, work, items, on_done=None):
-        from arbor_cli.mapping import map_in_order
-
-        return map_in_order(work, items, on_done)
-
-    def kv_bytes_per_token(self) -> int:
-        return 1
-
-
 def needle_document(paragraphs: int, at: int) -> str:
     parts = document(paragraphs).split("\n\n")
     parts.insert(at, KEY)
@@ -230,26 +156,11 @@ def test_arbor_ask_answers_a_short_file_in_one_pass_and_prints_only_the_answer(d
     assert missing.returncode == 1 and missing.stderr.count("\n") == 1 and "no such file" in missing.stderr
 
 
-def kjv_like(paragraphs: int) -> list[str]:
-    """Real-looking prose paragraphs (numbered, so none repeats), ~60 tokens each."""
-    return [f"In the {i}th year the people went up from the valley of stones to the hill country, and they "
-            f"dwelt there {i} days, and the elders counted the flocks and the herds that were with them."
-            for i in range(paragraphs)]
-
-
 def ship_document(name: str = "Endeavour") -> str:
     paragraphs = kjv_like(40)  # ~2,000 tokens: 2-3 parts of the default model's 1,024
     paragraphs.insert(8, "The pass key is 71423. Remember it.")
     paragraphs.insert(30, f"The name of the ship is {name}.")
     return "\n\n".join(paragraphs)
-
-
-@pytest.fixture
-def default_model_here(default_checkpoint, arbor_home):
-    """The default model, with a document cache of the test's own (ARBOR_HOME)."""
-    import arbor_cli
-
-    return arbor_cli.load(str(default_checkpoint.path), quiet=True)
 
 
 @pytest.mark.slow

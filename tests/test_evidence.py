@@ -63,3 +63,30 @@ def test_a_long_sentence_is_quoted_around_the_evidence():
     lo, hi = where.sentence
     assert hi - lo <= QUOTE_CHARS and lo <= where.run[0] and where.run[1] <= hi
     assert not part[lo].isspace() and part[lo - 1] == " " and part[hi] == " "  # cut between words
+
+
+def test_a_cut_quote_is_widened_to_its_whole_sentence_when_only_that_answers():
+    part = ("A compilation of a covered work with other separate and independent works, which are not by their "
+            "nature extensions of the covered work, and which are not combined with it such as to form a larger "
+            "program, in or on a volume of a storage or distribution medium, is called an \"aggregate\" if the "
+            "compilation and its resulting copyright are not used to limit the access or legal rights. More.")
+    found = evidence("A compilation of a covered work with other separate and independent works", part,
+                     'When is a compilation called an "aggregate"?')
+    assert found.anchored and part[found.sentence[0]:found.sentence[1]].endswith("legal rights.")
+    assert found.sentence[1] - found.sentence[0] > QUOTE_CHARS
+
+
+def test_a_sentence_starting_with_a_pronoun_is_quoted_with_the_one_before():
+    part = "The lighthouse keeper was named Henry Winstanley. He built the first tower in 1698. The sea rose."
+    found = evidence("He built the first tower in 1698.", part, "When did Henry Winstanley build the tower?")
+    assert found.support.answers
+    assert part[found.sentence[0]:found.sentence[1]] == ("The lighthouse keeper was named Henry Winstanley. "
+                                                         "He built the first tower in 1698.")
+
+
+def test_the_values_that_must_be_quoted_are_those_of_the_answers_sentence_with_the_run():
+    part = "See clause 1.8 of the licence. Grass grows. The pass key is 72077. Remember it."
+    found = evidence("Clause 1.8. The pass key is 72077.", part, QUESTION)
+    assert part[found.run[0]:found.run[1]] == "The pass key is 72077" and found.support.answers
+    wrong = evidence("The pass key is 72077, see 1.9.", part, QUESTION)  # a value of its own sentence, unquoted
+    assert not wrong.support.answers and wrong.support.lacks == ("value:1.9",)

@@ -26,7 +26,8 @@ from .progress import progress_display
 def register(app: typer.Typer) -> None:
     app.command(help="Answer QUESTION about FILE ('-' reads stdin), or about several FILEs and DIRs (their text "
                      "files; the answer names the document its quote is from). A document longer than the model "
-                     "reads reliably is asked part by part; an answer is kept only with a quote from its part.")(ask)
+                     "reads reliably is asked part by part; an answer is kept only with a quote from its part that "
+                     "carries what the question names. Questions for all of something read every part.")(ask)
 
 
 @handle_errors
@@ -34,9 +35,14 @@ def register(app: typer.Typer) -> None:
 def ask(
     paths: Annotated[list[str], typer.Argument(help="The text file(s) or director(ies), then the question; '-' "
                                                "reads stdin.", show_default=False, metavar="FILE|DIR... QUESTION")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object: text, path (one pass or parts), "
-                                          "parts, tokens, answered (parts), findings (part, answer, quote, start, "
-                                          "score, anchored), cache (parts loaded / prefilled), timings.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object: text, path (one pass, parts: the "
+                                          "best-ranked parts answered, or every part), parts, tokens, answered "
+                                          "(parts), findings (part, answer, quote, start, score, anchored, answers, "
+                                          "lacks: what a quote that does not answer lacks), cache (parts loaded / "
+                                          "prefilled), timings.")] = False,
+    every_part: Annotated[bool, typer.Option("--all", help="Read every part and list every answer, as a question "
+                                             "for all of something ('what are all', 'list every', 'how many', "
+                                             "'which … mention') does anyway.")] = False,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Do not keep the document's prefill on disk "
                                            "(nor use a kept one).")] = False,
     part_tokens: Annotated[Optional[int], typer.Option("--part-tokens", metavar="N", help="Read documents longer "
@@ -52,5 +58,6 @@ def ask(
     documents, _ = read_documents(sources, max_input_bytes(max_input_mb))
     m = load_model(opts)
     with progress_display() as progress:
-        answer = ask_documents(m, documents, question, progress=progress, keep=not no_cache, part_tokens=part_tokens)
+        answer = ask_documents(m, documents, question, progress=progress, keep=not no_cache, part_tokens=part_tokens,
+                               every_part=every_part)
     write_answer(json.dumps(answer.to_json(), ensure_ascii=False) if as_json else answer.text)
