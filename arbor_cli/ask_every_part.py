@@ -118,8 +118,8 @@ def judged(text: str, terms: QuestionTerms, judge: QuoteJudge, part_of) -> list[
     """Where no reply points at an answering sentence: of the sentences carrying the question's terms and a
     value it lacks (at most JUDGED of them, those carrying most of the question first), the one after which
     the model finds the question most expected (QuoteJudge.lift, above 0: likelier than after a neutral
-    text). Its lift is no verdict on its own: dev records scored +0.4..+1.6 and were all right, real-document
-    sentences +0.6..+5.0 either way (docs/long-context.md); it picks, and the pick stands only with sentences
+    text). Its lift is no verdict on its own: dev record sentences scored +0.4..+0.8 and were all right,
+    real-document sentences +0.6..+5.0 either way (docs/long-context.md); it picks, and the pick stands only with sentences
     of its kind beside it (records, a list: a question for all of something), which then follow it. Alone, it
     answered "Which values are interpreted as false in Boolean operations?" with a sentence about Boolean
     results in Python's reference."""

@@ -142,8 +142,9 @@ NEUTRAL_TEXT = "This sentence says nothing in particular."
 class QuoteJudge:
     """The model's own judgement of quotes for one question: how much more expected the question is after a
     quote alone than after NEUTRAL_TEXT (`lift`: mean nats a token over the question's tokens but the first,
-    in ask's prompt). A quote about what is asked makes the question's words expected; one about another
-    key much less (dev tasks, docs/long-context.md). None where the door cannot score prompts."""
+    in ask's prompt). A quote about what is asked makes the question's words expected, one about another key
+    less; but the ranges overlap across questions (docs/long-context.md), so ask_every_part uses it to pick,
+    never as a verdict. None where the door cannot score prompts."""
 
     def __init__(self, model, question: str):
         self.model, self.question = model, question
