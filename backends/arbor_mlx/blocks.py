@@ -106,11 +106,8 @@ def _q8_0(entries) -> AffineBlocks:
 
 def _k_scales(entries) -> tuple[np.ndarray, np.ndarray]:
     """Q4_K / Q5_K's per-32 float32 (d * sc, -(dmin * m)), formed as gguf forms them: [N, K/32] each."""
-    supers = np.asarray(entries["super_scales"]).astype(np.float32)  # [N, K/256, (d, dmin)]
-    n = supers.shape[0]
-    subs = np.asarray(entries["sub_scales"]).astype(np.float32).reshape(n, supers.shape[1], -1, 2)
-    scale, low = supers[..., 0:1] * subs[..., 0], supers[..., 1:2] * subs[..., 1]
-    return scale.reshape(n, -1), -low.reshape(n, -1)
+    scale, low = quantized.k_block_constants(entries)
+    return scale, -low
 
 
 def _q4_k(entries) -> AffineBlocks:
@@ -141,9 +138,8 @@ def _q6_k(entries) -> AffineBlocks:
       - 8 bits exact where the two 16s of a 32 share sc: 1.3% / 1.0% of the 32s do;
       - float weights: exact, 32 bits a weight in float32.
     The file's own values are the contract, so the pair."""
-    supers = np.asarray(entries["super_scales"]).astype(np.float32)  # [N, K/256, 1]
-    n = supers.shape[0]
-    scale16 = (supers * np.asarray(entries["sub_scales"]).astype(np.float32).reshape(n, supers.shape[1], -1))
+    scale16, _ = quantized.k_block_constants(entries)
+    n = scale16.shape[0]
     scale16 = scale16.reshape(n, -1, 2)  # [N, K/32, (first 16, last 16)]
     codes, low, bits = _shifted(np.asarray(entries["qweight"]), zero=True)
     zero = np.uint8(-low)  # the shifted code of 0

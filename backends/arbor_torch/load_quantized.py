@@ -87,10 +87,8 @@ def int4_parts(entries: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tens
     rows = packed.shape[0]
     codes = torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(rows, -1)
     if "super_scales" in entries:  # Q4_K: each 32's scale d * sc and min dmin * m, as float32 products (as gguf)
-        supers = torch.from_numpy(entries["super_scales"]).float()  # [N, K/256, (d, dmin)]
-        subs = torch.from_numpy(entries["sub_scales"]).float().view(rows, supers.shape[1], -1, 2)
-        scale = (supers[..., 0:1] * subs[..., 0]).reshape(rows, -1)
-        return codes, scale, 8 * scale - (supers[..., 1:2] * subs[..., 1]).reshape(rows, -1)
+        scale, low = (torch.from_numpy(a) for a in quantized.k_block_constants(entries))
+        return codes, scale, 8 * scale - low
     scale = torch.from_numpy(entries["scales"]).float()
     if "biases" not in entries:
         return codes, scale, torch.zeros_like(scale)

@@ -245,22 +245,29 @@ def dequantize(entries: Mapping[str, np.ndarray]) -> np.ndarray:
     return values.reshape(n, -1)
 
 
+def k_block_constants(entries: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray | None]:
+    """A K-quant tensor's per-sub-block float32 (scale, min) as gguf forms them, d * sc (and dmin * m), each
+    product rounded to float32 first: [N, K/32] each for Q4_K / Q5_K, scale [N, K/16] and None for Q6_K.
+    The one place the backends (torch's int4 codes, MLX's affine blocks) and dequantize() read them from."""
+    supers = np.asarray(entries["super_scales"]).astype(np.float32)  # [N, K/256, 1 or 2]
+    n = supers.shape[0]
+    subs = np.asarray(entries["sub_scales"]).astype(np.float32)
+    if supers.shape[-1] == 1:  # Q6_K: one d, a scale per 16
+        return (supers * subs.reshape(n, supers.shape[1], -1)).reshape(n, -1), None
+    subs = subs.reshape(n, supers.shape[1], -1, 2)  # [N, K/256, 8, (sc, m)]
+    scale, low = supers[..., 0:1] * subs[..., 0], supers[..., 1:2] * subs[..., 1]
+    return scale.reshape(n, -1), low.reshape(n, -1)
+
+
 def _dequantize_k(entries: Mapping[str, np.ndarray], kind: str, codes: np.ndarray) -> np.ndarray:
     """gguf's order: each sub-block's scale d * sc (and min dmin * m) rounded to float32 first, then
     scale * q (- min)."""
     n = codes.shape[0]
-    supers = np.asarray(entries["super_scales"]).astype(np.float32)  # [N, K/256, 1 or 2]
-    subs = np.asarray(entries["sub_scales"]).astype(np.float32)
-    if kind == "Q6_K":
-        scale = supers * subs.reshape(n, supers.shape[1], -1)  # [N, K/256, 16]
-        values = codes.reshape(n, -1, 16)
-        values *= scale.reshape(n, -1, 1)
-        return values.reshape(n, -1)
-    subs = subs.reshape(n, supers.shape[1], -1, 2)  # [N, K/256, 8, (sc, m)]
-    scale, low = supers[..., 0:1] * subs[..., 0], supers[..., 1:2] * subs[..., 1]
-    values = codes.reshape(n, -1, GROUP_SIZE)
-    values *= scale.reshape(n, -1, 1)
-    values -= low.reshape(n, -1, 1)
+    scale, low = k_block_constants(entries)
+    values = codes.reshape(n, scale.shape[1], -1)
+    values *= scale[..., None]
+    if low is not None:
+        values -= low[..., None]
     return values.reshape(n, -1)
 
 
