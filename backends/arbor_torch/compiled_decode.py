@@ -229,7 +229,9 @@ class CompiledDecode:
         try:
             with _quiet_warnings():
                 loader = torch._inductor.aoti_load_package(str(path)).loader
-            os.utime(path)  # least recently used ages out first
+            # least recently used ages out first: the access time says when, the modification time
+            # stays the build's (a run that only reads the library leaves the cache as it was)
+            os.utime(path, ns=(time.time_ns(), path.stat().st_mtime_ns))
             return loader.boxed_run
         except Exception as e:  # noqa: BLE001 - a truncated zip, a foreign file, a library that will not load
             notice(f"the compiled decode step {path.name} is damaged ({_first_line(e)}); rebuilding it")
