@@ -31,13 +31,23 @@ def ranked_by_the_key(prompt: str) -> float:
 
 
 def test_a_short_document_is_asked_in_one_pass():
-    model = DocModel(answer=lambda prompt: "It says p1s2w3.")
-    result = ask(model, document(3), QUESTION, keep=False)
-    assert result.path == "one pass" and result.parts == 1 and result.text == "It says p1s2w3."
+    model = DocModel(answer=lambda prompt: "The pass key is 91644.")
+    result = ask(model, needle_document(3, 1), QUESTION, keep=False)
+    assert result.path == "one pass" and result.parts == 1
+    assert result.text == "The pass key is 91644. (\u201cThe pass key is 91644.\u201d)"  # shown with its quote
     [prompt] = model.prompts
     assert "p2s4w11" in prompt and prompt.index("p2s4w11") < prompt.index("Question : What is the pass key ?")
     assert prompt.rstrip(" <end><assistant>").endswith("copied from the text above .")
-    assert result.findings[0].match == "p1s2w3"  # the one-pass answer keeps its quote when it has one
+
+
+def test_a_one_pass_reply_without_an_answering_quote_is_no_answer():
+    """The parts' rule holds in one pass: words of the document that do not carry what the question names
+    (here: no "pass key") are kept as a finding marked as not answering, and the answer is NOT_FOUND."""
+    result = ask(DocModel(answer=lambda prompt: "It says p1s2w3."), document(3), QUESTION, keep=False)
+    assert result.path == "one pass" and result.text == NOT_FOUND
+    [found] = result.findings
+    assert found.match == "p1s2w3" and not found.answers
+    assert result.answered[0]["reply"] == "It says p1s2w3."  # what the model said stays in the record
     assert result.findings[0].quote.startswith("p1s2w0") and result.findings[0].quote.endswith("p1s2w11.")
 
 
