@@ -82,7 +82,7 @@ def test_an_int4_model_read_from_the_cache_computes_what_one_built_fresh_does(tm
     assert (cached.model.model.embed_tokens.codes is cached.model.lm_head) == CASES[case][2]
 
 
-@pytest.mark.parametrize("damage", ["truncated", "garbage", "another key"])
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "another key", "a tensor missing"])
 def test_a_damaged_cache_file_is_rebuilt_with_one_line(tmp_path, damage, monkeypatch, capfd):
     checkpoint = import_tiny(tmp_path)
     fresh = outputs(int4_lm(checkpoint))
@@ -92,6 +92,15 @@ def test_a_damaged_cache_file_is_rebuilt_with_one_line(tmp_path, damage, monkeyp
         path.write_bytes(whole[:len(whole) // 2])
     elif damage == "garbage":
         path.write_bytes(b"\x00" * 64 + whole[64:])
+    elif damage == "a tensor missing":  # well-formed, its record whole: found while filling the model
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata()
+            tensors = {k: f.get_tensor(k) for k in f.keys() if not k.startswith(layout_cache.PAD)}
+        del tensors["model.layers.1.mlp.down_proj.qweight"]
+        layout_cache.save_aligned(tensors, tmp_path / "damaged", metadata)  # not in place: the tensors map `path`
+        os.replace(tmp_path / "damaged", path)
     else:  # a well-formed file that says it was built for something else, under this key's name
         other = import_tiny(tmp_path / "other", Q.Q4_0, None)
         outputs(int4_lm(other))

@@ -104,15 +104,16 @@ def int4_model(model: nn.Module, checkpoint, dtype: torch.dtype, read_state: Cal
         return _build(model, read_state(), dtype, checkpoint)
     key = layout_key(checkpoint, dtype)
     path = cache_directory() / f"layout-{key_digest(key)}.safetensors"
-    fresh = _meta_copy(model)
     if _restore(model, path, key):
         return model
     from arbor_weights.store import held_lock
 
     with held_lock(path.stem):  # two processes: one builds, the other then reads it
-        if path.exists() and _restore(fresh, path, key):
-            return fresh
-        built = _build(fresh, read_state(), dtype, checkpoint)
+        if path.exists():  # written meanwhile by another process
+            model = _meta_copy(model)  # (a damaged file may have filled part of the first one)
+            if _restore(model, path, key):
+                return model
+        built = _build(_meta_copy(model), read_state(), dtype, checkpoint)
         if built is not None:
             _store(built, _meta_copy(model), path, key)
     return built

@@ -52,15 +52,14 @@ def _translate_oom(fn):
     return wrapper
 
 
-def read_state(checkpoint, model: Transformer) -> dict[str, torch.Tensor]:
-    """The checkpoint's tensors (memory-mapped), checked against the model's names and shapes."""
+def read_state(checkpoint, expected: dict[str, tuple]) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors (memory-mapped), checked against the model's names and shapes (`expected`)."""
     state = {}
     for path in checkpoint.weight_files:
         try:
             state.update(load_file(str(path), device="cpu"))
         except (SafetensorError, OSError) as e:
             raise CorruptModelError(f"{path} is unreadable ({e}); delete the model and pull it again") from None
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     return check_tensors(state, expected, checkpoint.path, checkpoint.config.tie_word_embeddings)
 
 
@@ -119,16 +118,17 @@ class TorchModel:
         with torch.device("meta"):
             model = Transformer(cfg)
         target = DTYPES[dtype]
+        expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
         if quantize == "int4":
             # GGUF 4-bit blocks are the int4 kernel's codes already: built from them, no float copy of the model,
             # once per machine (layout_cache.py); later processes map the built tensors from the cache
             parameter_count = sum(p.numel() for p in model.parameters())
-            built = layout_cache.int4_model(model, checkpoint, target, lambda: read_state(checkpoint, model))
+            built = layout_cache.int4_model(model, checkpoint, target, lambda: read_state(checkpoint, expected))
             if built is not None:
                 lm = cls(built, device, dtype, kv_bits, quantize, parameter_count=parameter_count)
                 release_freed_heap()
                 return lm
-        state = read_state(checkpoint, model)
+        state = read_state(checkpoint, expected)
         state = load_quantized.dequantized_state(state, checkpoint.path)  # exact float32 for GGUF blocks
         state = {k: v.to(device=device, dtype=target) for k, v in state.items()}
         model.load_state_dict(state, strict=False, assign=True)
