@@ -134,3 +134,14 @@ def test_a_checkpoint_without_blocks_writes_nothing(tmp_path):
     arbor_weights.import_gguf(tmp_path / "m.gguf", tmp_path / "out", quiet=True)
     int4_lm(arbor_weights.open_checkpoint(tmp_path / "out"))  # float layers quantized at load, as before
     assert layouts() == []
+
+
+def test_a_cache_that_cannot_be_written_costs_one_line_not_the_load(tmp_path, monkeypatch, capfd):
+    checkpoint = import_tiny(tmp_path)
+    fresh = outputs(int4_lm(checkpoint))
+    (tmp_path / "a file").write_text("not a directory")
+    monkeypatch.setenv(layout_cache.DIR_ENV, str(tmp_path / "a file" / "layouts"))
+    capfd.readouterr()
+    assert torch.equal(outputs(int4_lm(checkpoint)), fresh)
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not keeping the model's CPU layout" in err[0]
