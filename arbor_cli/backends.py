@@ -30,7 +30,13 @@ def backend_module(name: str):
 
 
 def select_backend(name: str | None = None):
-    """The backend module for `name` ('torch', 'mlx', or None/'auto').
+    """The backend module for `name` ('torch', 'mlx', or None/'auto'): backend_module(choose_backend(name))."""
+    return backend_module(choose_backend(name))
+
+
+def choose_backend(name: str | None = None) -> str:
+    """The backend `name` ('torch', 'mlx', or None/'auto') means here, checked without importing it (importing
+    torch is most of a start: a caller may do other work first).
 
     auto: MLX on Apple Silicon; torch where a CUDA device exists; else torch on CPU; else MLX.
     """
@@ -39,12 +45,12 @@ def select_backend(name: str | None = None):
             raise UsageError(f"unknown backend {name!r}; choose one of: auto, {', '.join(BACKEND_PACKAGES)}")
         if not installed(name):
             raise BackendUnavailableError(f"backend {name!r} is not installed here; {INSTALL_HINT[name]}")
-        return backend_module(name)
+        return name
     order = ["mlx", "torch"] if is_apple_silicon() else ["torch", "mlx"]
     available = [n for n in order if installed(n)]
     if not available:
         raise BackendUnavailableError(f"no backend is installed; {INSTALL_HINT['torch']}")
-    return backend_module(available[0])
+    return available[0]
 
 
 def transformers_peer():

@@ -66,6 +66,12 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
+def machine_key() -> dict:
+    """This torch and this CPU, as far as generated code or a kernel's packed layout may depend on them."""
+    return {"torch": torch.__version__, "machine": platform.machine(), "cpu": torch.backends.cpu.get_cpu_capability(),
+            "cpu_flags": hashlib.sha256(_cpu_flags().encode()).hexdigest()[:16]}
+
+
 def _sources() -> str:
     """The code the artifact was generated from: a change to it is a different artifact."""
     digest = hashlib.sha256()
@@ -78,9 +84,7 @@ def artifact_key(step: DecodeStep, weights: dict[str, torch.Tensor]) -> dict:
     """What the generated code depends on (the file's name is its hash)."""
     cfg = step.model.config
     return {
-        "torch": torch.__version__, "machine": platform.machine(),
-        "cpu": torch.backends.cpu.get_cpu_capability(),
-        "cpu_flags": hashlib.sha256(_cpu_flags().encode()).hexdigest()[:16],
+        **machine_key(),
         "sources": _sources(),
         "config": json.dumps(cfg.to_dict() if hasattr(cfg, "to_dict") else repr(cfg), sort_keys=True, default=str),
         "weights": [[name, list(t.shape), str(t.dtype)] for name, t in weights.items()],

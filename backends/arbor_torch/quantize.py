@@ -283,13 +283,21 @@ def int4_linear_from_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch
     """An Int4Linear from 0..15 codes [N, K] and per-group scale and zero [N, K/g] (float32) given
     directly, not found by quantize_int4: weights that already are such codes (a GGUF Q4 block is
     scale d, zero m + 8d) load without a float round trip, and with the buffers Int4Linear(weight) builds."""
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 2)
+    scale_zero = torch.stack([scale, zero], dim=-1).transpose(0, 1)  # [K/g, N, 2]: the kernel's layout
+    return int4_linear_from_packed(packed, scale_zero.contiguous().to(ACT_DTYPE), codes.shape[1], bias)
+
+
+def int4_linear_from_packed(qweight: torch.Tensor, scale_zero: torch.Tensor, in_features: int,
+                            bias: torch.Tensor | None = None) -> Int4Linear:
+    """An Int4Linear around buffers already in the kernel's layout (packed codes, bf16 [K/g, N, 2] scale and
+    zero), e.g. read back from layout_cache.py: nothing is computed, the tensors are held as they are."""
     linear = Int4Linear.__new__(Int4Linear)
     nn.Module.__init__(linear)
-    linear.out_features, linear.in_features = codes.shape
-    linear.group_size = group_size
-    linear.register_buffer("qweight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 2))
-    scale_zero = torch.stack([scale, zero], dim=-1).transpose(0, 1)  # [K/g, N, 2]: the kernel's layout
-    linear.register_buffer("scale_zero", scale_zero.contiguous().to(ACT_DTYPE))
+    linear.out_features, linear.in_features = scale_zero.shape[1], in_features
+    linear.group_size = in_features // scale_zero.shape[0]
+    linear.register_buffer("qweight", qweight)
+    linear.register_buffer("scale_zero", scale_zero)
     linear.bias = bias
     return linear
 

@@ -52,6 +52,17 @@ def _translate_oom(fn):
     return wrapper
 
 
+def read_state(checkpoint, expected: dict[str, tuple]) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors (memory-mapped), checked against the model's names and shapes (`expected`)."""
+    state = {}
+    for path in checkpoint.weight_files:
+        try:
+            state.update(load_file(str(path), device="cpu"))
+        except (SafetensorError, OSError) as e:
+            raise CorruptModelError(f"{path} is unreadable ({e}); delete the model and pull it again") from None
+    return check_tensors(state, expected, checkpoint.path, checkpoint.config.tie_word_embeddings)
+
+
 class TorchModel:
     def __init__(self, model: Transformer, device: str, dtype: str, kv_bits: int = 16, quantize: str | None = None,
                  *, parameter_count: int | None = None):
@@ -101,28 +112,23 @@ class TorchModel:
     @classmethod
     def from_checkpoint(cls, checkpoint, device: str, dtype: str, kv_bits: int = 16,
                         quantize: str | None = None) -> "TorchModel":
-        from . import DTYPES, load_quantized
+        from . import DTYPES, layout_cache, load_quantized
 
         cfg = checkpoint.config
         with torch.device("meta"):
             model = Transformer(cfg)
-        state = {}
-        for path in checkpoint.weight_files:
-            try:
-                state.update(load_file(str(path), device="cpu"))
-            except (SafetensorError, OSError) as e:
-                raise CorruptModelError(f"{path} is unreadable ({e}); delete the model and pull it again") from None
-        expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-        state = check_tensors(state, expected, checkpoint.path, cfg.tie_word_embeddings)
         target = DTYPES[dtype]
-        if quantize == "int4" and load_quantized.has_blocks(state):
-            # GGUF 4-bit blocks are the int4 kernel's codes already: built from them, no float copy of the model
+        expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+        if quantize == "int4":
+            # GGUF 4-bit blocks are the int4 kernel's codes already: built from them, no float copy of the model,
+            # once per machine (layout_cache.py); later processes map the built tensors from the cache
             parameter_count = sum(p.numel() for p in model.parameters())
-            with one_thread():
-                load_quantized.load_int4(model, state, target, checkpoint.path)
-            lm = cls(model, device, dtype, kv_bits, quantize, parameter_count=parameter_count)
-            release_freed_heap()
-            return lm
+            built = layout_cache.int4_model(model, checkpoint, target, lambda: read_state(checkpoint, expected))
+            if built is not None:
+                lm = cls(built, device, dtype, kv_bits, quantize, parameter_count=parameter_count)
+                release_freed_heap()
+                return lm
+        state = read_state(checkpoint, expected)
         state = load_quantized.dequantized_state(state, checkpoint.path)  # exact float32 for GGUF blocks
         state = {k: v.to(device=device, dtype=target) for k, v in state.items()}
         model.load_state_dict(state, strict=False, assign=True)
