@@ -56,6 +56,10 @@ INT4_KINDS = ("Q4_0", "Q4_1", "Q4_K")  # codes the int4 kernel runs as they are
 # how the other (8-bit) kinds run: "int8" rows; "float" is the alternative measured above (re-fitted from
 # the exact weights as quantize_model does: int4 groups, what these layers were before)
 EIGHT_BIT_FORMAT = "int8"
+# how the 4-bit kinds run: "int4" (their codes); "int8" rows re-fitted from the exact weights is the measured
+# alternative for prefill (docs/performance.md, "Prefill without the per-call dequantization"): no int4 ->
+# bf16 pass per layer and call, at +0.42 GB on the 1.5B (int8 rows hold a byte a weight, int4 0.625)
+FOUR_BIT_FORMAT = "int4"
 
 
 def has_blocks(state: dict[str, torch.Tensor]) -> bool:
@@ -117,7 +121,7 @@ class BlockLoader:
     def format_of(self, base: str) -> str:
         """"int4" (the codes run as they are), "int8" (an 8-bit kind, rows re-fitted) or "float"."""
         kind = self.kinds.get(base)
-        return "float" if kind is None else "int4" if kind in INT4_KINDS else EIGHT_BIT_FORMAT
+        return "float" if kind is None else FOUR_BIT_FORMAT if kind in INT4_KINDS else EIGHT_BIT_FORMAT
 
     def projection(self, bases: list[str]) -> nn.Module:
         """The rows of `bases` (q, k, v; gate, up; or one) as one module, in that order: each run of
