@@ -85,7 +85,8 @@ def layout_key(checkpoint, dtype: torch.dtype) -> dict:
     for path in checkpoint.weight_files:
         st = path.stat()
         files.append([str(path.resolve()), st.st_size, st.st_mtime_ns])
-    choices = {"eight_bit": load_quantized.EIGHT_BIT_FORMAT, "head": quantize.HEAD_MODE["int4"],
+    choices = {"four_bit": load_quantized.FOUR_BIT_FORMAT, "eight_bit": load_quantized.EIGHT_BIT_FORMAT,
+               "head": quantize.HEAD_MODE["int4"],
                "int4_group": quantize.INT4_GROUP}  # the formats load_int4 picks (settings, not only source)
     return {**machine_key(), "sources": _sources(), "choices": choices, "dtype": str(dtype), "weights": files,
             "config": _file_digest(checkpoint.path / "config.json"),
