@@ -81,8 +81,9 @@ def needs_extra(what: str) -> InputError:
 
 
 def too_large(name: str, limit: int, what: str = "its text is") -> InputError:
-    return InputError(f"{name}: {what} larger than the {limit >> 20:,} MB input limit; raise it with "
-                      "--max-input-mb or ARBOR_MAX_INPUT_MB")
+    size = f"{limit >> 20:,} MB" if limit >= 1 << 20 else f"{limit:,}-byte"
+    return InputError(f"{name}: {what} larger than the {size} input limit; raise it with --max-input-mb or "
+                      "ARBOR_MAX_INPUT_MB")
 
 
 def heading_label(title: str) -> str:

@@ -23,6 +23,7 @@ PROGRESS_PAGES = 50  # a PDF with at least this many pages shows its reading on 
 EOF_WINDOW = 2048  # the end-of-file marker must be this near the end (writers add a newline or a little junk)
 HYPHENATED = re.compile(r"[\x02\ufffe][ \t]*\r?\n[ \t]*")  # PDFium's mark of a word broken at a line's end
 CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
+LINE_END_SPACE = re.compile(r"[ \t]+\n")
 
 
 def pdf_text(data: bytes, name: str, limit: int, warn: Callable[[str], None], progress: Progress) -> Extracted:
@@ -81,7 +82,7 @@ def _page_text(pdf, index: int) -> str:
     finally:
         page.close()
     text = HYPHENATED.sub("", text.replace("\r\n", "\n").replace("\r", "\n"))
-    return CONTROL.sub("", text)
+    return LINE_END_SPACE.sub("\n", CONTROL.sub("", text))
 
 
 def _reason(error: Exception) -> str:
