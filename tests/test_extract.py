@@ -22,6 +22,8 @@ pytest.importorskip("docx")
 pytest.importorskip("lxml")
 reportlab = pytest.importorskip("reportlab")
 
+from doc_files import prose, reportlab_pdf, textless_pdf
+
 from arbor_cli.documents import read_document
 from arbor_cli.extract import extract, label_at, sniff
 from arbor_core.errors import InputError
@@ -46,38 +48,6 @@ def located(extracted, paragraph: str) -> str | None:
 
 def read(data: bytes, name: str = "doc", limit: int = LIMIT, warned: list | None = None):
     return extract(data, name, limit, (warned if warned is not None else []).append)
-
-
-# ---- writers ---------------------------------------------------------------------------------------------
-def reportlab_pdf(pages: list[list[str]], encrypt: str | None = None) -> bytes:
-    """A PDF of `pages`, each a list of paragraphs laid out (wrapped) by reportlab's platypus."""
-    from reportlab.lib.pagesizes import A4
-    from reportlab.lib.styles import getSampleStyleSheet
-    from reportlab.platypus import PageBreak, Paragraph, SimpleDocTemplate
-
-    style, out = getSampleStyleSheet()["BodyText"], io.BytesIO()
-    story = []
-    for i, page in enumerate(pages):
-        story += [Paragraph(p, style) for p in page] + ([PageBreak()] if i < len(pages) - 1 else [])
-    SimpleDocTemplate(out, pagesize=A4, encrypt=encrypt).build(story)
-    return out.getvalue()
-
-
-def textless_pdf() -> bytes:
-    """A page with drawing only, as a scan's page has an image and no text layer."""
-    from reportlab.pdfgen import canvas
-
-    out = io.BytesIO()
-    page = canvas.Canvas(out)
-    page.rect(100, 100, 300, 400, fill=1)
-    page.showPage()
-    page.save()
-    return out.getvalue()
-
-
-def prose(page: int, paragraph: int) -> str:
-    return (f"On page {page} the surveyors wrote paragraph {paragraph} about the quay, the tides and the piles "
-            f"that hold the old harbour wall in place against the winter storms.")
 
 
 # ---- PDF ---------------------------------------------------------------------------------------------------
