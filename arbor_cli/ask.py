@@ -46,6 +46,7 @@ from .chunking import document_token_offsets, split_into_chunks
 from .document_reader import DocumentReader, keep_the_cache, second_look
 from .documents import Document
 from .evidence import DocumentWords, Finding, common_words, finding, finding_rank, focus
+from .extract import label_at
 from .progress import NoProgress
 from .question_terms import QuestionTerms, SentenceCounts
 
@@ -67,11 +68,17 @@ class Answer:
     timings: dict = field(default_factory=dict)
     document: str | None = None  # several documents: the one the answer's quote comes from
     documents: list[dict] = field(default_factory=list)  # several documents: name, start (in the joined text)
+    location: dict | None = None  # the answer's quote: document, location (label), start, end (in its own text)
+    places: list[dict] | None = None  # each finding's, as `location`; None: a text asked alone (ask())
 
     def to_json(self) -> dict:
         out = asdict(self)
         if not self.documents:
             del out["document"], out["documents"]
+        for found, place in zip(out["findings"], out.pop("places") or []):
+            found.update(place)
+        if self.places is None:  # a text without a location map, asked alone: the JSON it always had
+            del out["location"]
         return out
 
 
@@ -93,26 +100,56 @@ DOCUMENT_HEADING = "Document: {name}"
 
 
 def ask_documents(model, documents: list[Document], question: str, **options) -> Answer:
-    """ask() over several (name, text) documents: read as one text, each under a heading with its name, and
-    the answer names the document its quote comes from (and the part, when it was read in parts)."""
+    """ask() over documents (Document, or (name, text) pairs): several are read as one text, each under a
+    heading with its name. The answer names where its quote comes from: the document when there are
+    several, and the page, heading or chapter when the document has a location map ("report.pdf, p. 12");
+    --json gives each finding's document, location and span in that document's own text."""
+    documents = [d if isinstance(d, Document) else Document(*d) for d in documents]
+    if len(documents) == 1 and not documents[0].locations:
+        return ask(model, documents[0].text, question, **options)
     if len(documents) == 1:
-        return ask(model, documents[0][1], question, **options)
-    pieces, starts, at = [], [], 0
-    for name, text in documents:
-        piece = DOCUMENT_HEADING.format(name=name) + "\n\n" + text.strip()
-        starts.append(at)
-        pieces.append(piece)
-        at += len(piece) + 2
-    names = [name for name, _ in documents]
-
-    def name_of(offset: int) -> str:
-        return names[max(i for i, start in enumerate(starts) if start <= offset)]
-
-    answer = ask(model, "\n\n".join(pieces), question, name_of=name_of, **options)
-    answer.documents = [{"name": name, "start": start} for name, start in zip(names, starts)]
+        text, places = documents[0].text, Places(documents, [0], [0])
+    else:
+        pieces, starts, shifts, at = [], [], [], 0
+        for document in documents:
+            heading = DOCUMENT_HEADING.format(name=document.name) + "\n\n"
+            body = document.text.strip()
+            starts.append(at)
+            shifts.append(at + len(heading) - document.text.index(body))  # joined offset - own offset
+            pieces.append(heading + body)
+            at += len(heading) + len(body) + 2
+        text, places = "\n\n".join(pieces), Places(documents, starts, shifts)
+    answer = ask(model, text, question, name_of=places.name_of, **options)
+    if len(documents) > 1:
+        answer.documents = [{"name": d.name, "start": start} for d, start in zip(documents, places.starts)]
+    answer.places = [places.of(f.start, len(f.quote)) for f in answer.findings]
     if answer.findings and not answer.text.startswith(NOT_FOUND):
-        answer.document = name_of(answer.findings[0].start)
+        answer.location = answer.places[0]
+        if len(documents) > 1:
+            answer.document = answer.location["document"]
     return answer
+
+
+class Places:
+    """Offsets of the text ask() read (one document, or several joined under their headings) as places:
+    the document, its location label (a page, heading or chapter), and the offset in its own text."""
+
+    def __init__(self, documents: list[Document], starts: list[int], shifts: list[int]):
+        self.documents, self.starts, self.shifts = documents, starts, shifts
+
+    def _index(self, offset: int) -> int:
+        return max(i for i, start in enumerate(self.starts) if start <= offset)
+
+    def name_of(self, offset: int) -> str:
+        """"report.pdf, p. 12", or the name alone where the document has no location there."""
+        place = self.of(offset, 0)
+        return f"{place['document']}, {place['location']}" if place["location"] else place["document"]
+
+    def of(self, offset: int, length: int) -> dict:
+        i = self._index(offset)
+        document, own = self.documents[i], max(offset - self.shifts[i], 0)
+        return {"document": document.name, "location": label_at(document.locations, own), "start": own,
+                "end": own + length}
 
 
 def ask(model, text: str, question: str, *, progress=None, keep: bool = True, part_tokens: int | None = None,

@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from .extract import EXTRACTOR_VERSION
+
 FORMAT_VERSION = 1
 SUFFIX = ".safetensors"
 TEMP_PREFIX = ".tmp-"
@@ -97,10 +99,13 @@ def _identity(model) -> dict[str, Any]:
 
 
 def key_for(model, doc_ids: list[int], context: int, rope_method: str) -> dict[str, Any]:
-    """Everything the document's cache depends on (JSON values); equal keys mean an interchangeable cache."""
+    """Everything the document's cache depends on (JSON values); equal keys mean an interchangeable cache.
+    The extractor's version is in it too: the ids are of the text a PDF, Word or HTML file gave, and a
+    reader that gives better text must never meet a cache of the old text (extract.EXTRACTOR_VERSION)."""
     identity = _identity(model)
     return {
         "format": FORMAT_VERSION,
+        "extractor": EXTRACTOR_VERSION,
         **{k: identity[k] for k in ("model", "model_sha256", "config_sha256", "tokenizer_sha256")},
         "document_sha256": document_sha256(doc_ids),
         "tokens": len(doc_ids),

@@ -1,6 +1,7 @@
 """The documents a command reads: one FILE or stdin, or several FILEs and DIRs, as (name, text) pairs.
 
-The policy for several: a directory gives its text files, recursively, in sorted order, hidden entries
+Each is read by its content, not its name (extract/: PDF, Word, HTML, EPUB, or text), into its text and
+its location map (pages, headings, chapters). The policy for several: a directory gives its files, recursively, in sorted order, hidden entries
 left out and links to directories not followed; a file found under a directory is named by its path
 below it; among several sources a file that cannot be a document is skipped (and said so), and only
 when nothing could be read is that an error. One FILE (or stdin) is strict: anything wrong with it is
@@ -14,33 +15,44 @@ import errno
 import os
 import stat
 import sys
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import Callable
 
 from arbor_core.errors import InputError
 
-BINARY_SNIFF_BYTES = 8192
+from .extract import Locations, extract
+from .progress import Progress
+
 READ_BLOCK_BYTES = 1 << 20
 
 
-class Document(NamedTuple):
-    """One document as summarize_documents and ask_documents take it (a pair: `name, text = document`)."""
+@dataclass(frozen=True)
+class Document:
+    """One document as summarize_documents and ask_documents take it. It unpacks as the (name, text) pair it
+    always was (`name, text = document`); the location map rides along for those that name places."""
 
     name: str  # as the model and --json see it
     text: str
+    locations: Locations = ()  # (offset in text, label): where each page, heading or chapter begins
+
+    def __iter__(self):
+        return iter((self.name, self.text))
 
 
 def stdin_is_piped() -> bool:
     return not sys.stdin.isatty()
 
 
-def read_document(source: str | None, max_bytes: int, warn: Callable[[str], None]) -> Document:
-    """A FILE, or stdin for '-' (or no FILE with piped stdin).
+def read_document(source: str | None, max_bytes: int, warn: Callable[[str], None],
+                  progress: Progress | None = None) -> Document:
+    """A FILE, or stdin for '-' (or no FILE with piped stdin), read by its content (extract.extract).
 
     Rejects what cannot be a document with one clear line: missing file, a directory, a device
     (/dev/zero never ends), an input larger than `max_bytes` (read in blocks, so an endless pipe stops
-    at the limit), an empty input, a binary file. Invalid UTF-8 is decoded with replacement characters
-    and warned about once.
+    at the limit; the extracted text and a zip's decompressed members are held to it too), an empty
+    input, a binary file of no format read here, and what extract refuses. Invalid UTF-8 in a text is
+    decoded with replacement characters and warned about once. A long PDF's pages go to `progress`.
     """
     if source in (None, "-"):
         if source is None and not stdin_is_piped():
@@ -62,21 +74,15 @@ def read_document(source: str | None, max_bytes: int, warn: Callable[[str], None
             raise InputError(f"{source}: cannot read ({e.strerror})") from None
     if not data.strip():
         raise InputError(f"{name} is empty")
-    if b"\x00" in data[:BINARY_SNIFF_BYTES]:
-        raise InputError(f"{name} looks like a binary file, not text")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        warn(f"{name} is not valid UTF-8 (first bad byte at offset {e.start}); undecodable bytes were replaced")
-        text = data.decode("utf-8", errors="replace")
-    return Document(name, text.lstrip("\ufeff"))
+    text, locations, _ = extract(data, name, max_bytes, warn, progress)
+    return Document(name, text, locations)
 
 
-def read_documents(sources: list[str], max_bytes: int, warn: Callable[[str], None]
-                   ) -> tuple[list[Document], list[tuple[str, str]]]:
+def read_documents(sources: list[str], max_bytes: int, warn: Callable[[str], None],
+                   progress: Progress | None = None) -> tuple[list[Document], list[tuple[str, str]]]:
     """(documents, [(name, why skipped)]) of FILEs, DIRs and '-' (see the module's docstring)."""
     if len(sources) <= 1 and not (sources and Path(sources[0]).is_dir()):
-        return [read_document(sources[0] if sources else None, max_bytes, warn)], []
+        return [read_document(sources[0] if sources else None, max_bytes, warn, progress)], []
     documents, skipped = [], []
     for source in sources:
         if source != "-" and not Path(source).exists() and not Path(source).is_symlink():
@@ -84,14 +90,14 @@ def read_documents(sources: list[str], max_bytes: int, warn: Callable[[str], Non
         for path in ([source] if source == "-" or not Path(source).is_dir() else _text_files_under(Path(source),
                                                                                                      skipped, warn)):
             try:
-                name, text = read_document(str(path), max_bytes, warn)
+                document = read_document(str(path), max_bytes, warn, progress)
             except InputError as e:
                 skipped.append((str(path), str(e)))
                 warn(f"skipped: {e}")
                 continue
             if path != source:  # found under a directory: named by its path below it
-                name = _name_under(Path(source), Path(path), several=len(sources) > 1)
-            documents.append(Document(name, text))
+                document = replace(document, name=_name_under(Path(source), Path(path), several=len(sources) > 1))
+            documents.append(document)
     if not documents:
         what = f" ({len(skipped)} skipped)" if skipped else " (no files in it)"
         raise InputError(f"no document could be read from {', '.join(sources)}{what}")

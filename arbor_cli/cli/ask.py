@@ -24,8 +24,8 @@ from .progress import progress_display
 
 
 def register(app: typer.Typer) -> None:
-    app.command(help="Answer QUESTION about FILE ('-' reads stdin), or about several FILEs and DIRs (their text "
-                     "files; the answer names the document its quote is from). A document longer than the model "
+    app.command(help="Answer QUESTION about FILE ('-' reads stdin), or about several FILEs and DIRs (text, Markdown, "
+                     "PDF, Word, HTML, EPUB; the answer names the document, page or heading its quote is from). A document longer than the model "
                      "reads reliably is asked part by part; an answer is kept only with a quote from its part that "
                      "carries what the question names. Questions for all of something read every part.")(ask)
 
@@ -38,8 +38,10 @@ def ask(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object: text, path (one pass, parts: the "
                                           "best-ranked parts answered, or every part), parts, tokens, answered "
                                           "(parts), findings (part, answer, quote, start, score, anchored, answers, "
-                                          "lacks: what a quote that does not answer lacks), cache (parts loaded / "
-                                          "prefilled), timings.")] = False,
+                                          "lacks: what a quote that does not answer lacks; for a document with "
+                                          "pages or headings, or several, also document, location and the quote's "
+                                          "start/end in that document's text), location (the answer's), cache "
+                                          "(parts loaded / prefilled), timings.")] = False,
     every_part: Annotated[bool, typer.Option("--all", help="Read every part and list every answer, as a question "
                                              "for all of something ('what are all', 'list every', 'how many', "
                                              "'which … mention') does anyway.")] = False,
@@ -55,7 +57,8 @@ def ask(
     if len(paths) < 2:
         raise UsageError("give a FILE (or DIR, or '-') and then the QUESTION")
     *sources, question = paths
-    documents, _ = read_documents(sources, max_input_bytes(max_input_mb))
+    with progress_display() as progress:
+        documents, _ = read_documents(sources, max_input_bytes(max_input_mb), progress)
     m = load_model(opts)
     with progress_display() as progress:
         answer = ask_documents(m, documents, question, progress=progress, keep=not no_cache, part_tokens=part_tokens,

@@ -20,6 +20,7 @@ from .common import (
     load_model,
     max_input_bytes,
     model_options,
+    read_document,
     read_text_input,
     stdin_is_piped,
     write_answer,
@@ -76,16 +77,17 @@ def chat(
 
 def chat_about(doc: str, opts: GlobalOptions) -> None:
     """`chat --doc FILE`: each message (piped stdin: the one message) is a question about FILE."""
-    from ..ask import ask
+    from ..ask import ask_documents
     from .summarize import progress_display
 
-    text, _ = read_text_input(doc, max_input_bytes())
+    with progress_display() as progress:
+        document = read_document(doc, max_input_bytes(), progress)
     question = read_text_input("-")[0].strip() if stdin_is_piped() else None
     m = load_model(opts)
 
     def answer(q: str) -> str:
         with progress_display() as progress:
-            return ask(m, text, q, progress=progress).text
+            return ask_documents(m, [document], q, progress=progress).text
 
     if question is not None:
         write_answer(answer(question))

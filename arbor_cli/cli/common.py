@@ -169,18 +169,24 @@ def max_input_bytes(megabytes: int | None = None) -> int:
     return int(raw) << 20
 
 
+def read_document(source: str | None, max_bytes: int | None = None, progress=None) -> documents.Document:
+    """A FILE, or stdin for '-' (or no FILE with piped stdin): documents.read_document, at most `max_bytes`
+    (default: max_input_bytes()), its warnings on stderr, a long PDF's pages on `progress`."""
+    return documents.read_document(source, max_input_bytes() if max_bytes is None else max_bytes, warn, progress)
+
+
 def read_text_input(source: str | None, max_bytes: int | None = None) -> tuple[str, str]:
-    """(text, name) from a FILE, or stdin for '-' (or no FILE with piped stdin): documents.read_document,
-    at most `max_bytes` (default: max_input_bytes()), its warnings on stderr."""
-    document = documents.read_document(source, max_input_bytes() if max_bytes is None else max_bytes, warn)
+    """(text, name) of read_document."""
+    document = read_document(source, max_bytes)
     return document.text, document.name
 
 
-def read_documents(sources: list[str], max_bytes: int | None = None
+def read_documents(sources: list[str], max_bytes: int | None = None, progress=None
                    ) -> tuple[list[documents.Document], list[tuple[str, str]]]:
     """(documents, [(name, why skipped)]) of FILEs, DIRs and '-': documents.read_documents, at most
-    `max_bytes` each (default: max_input_bytes()), each skipped file said on stderr."""
-    return documents.read_documents(sources, max_input_bytes() if max_bytes is None else max_bytes, warn)
+    `max_bytes` each (default: max_input_bytes()), each skipped file said on stderr, a long PDF's pages on
+    `progress` (the command's progress_display)."""
+    return documents.read_documents(sources, max_input_bytes() if max_bytes is None else max_bytes, warn, progress)
 
 
 def write_answer(text: str, end: str = "\n") -> None:

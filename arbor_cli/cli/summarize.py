@@ -45,7 +45,8 @@ def summarize(
     *, opts: GlobalOptions,
 ) -> None:
     options = SummaryOptions.build(parse_words(words), style, focus)  # bad values fail before the model loads
-    documents, skipped = read_documents(files or [], max_input_bytes(max_input_mb))
+    with progress_display() as progress:
+        documents, skipped = read_documents(files or [], max_input_bytes(max_input_mb), progress)
     m = load_model(opts)
     with progress_display() as progress:
         summary = summarize_documents(m, documents, options, progress=progress, notify=notice)
