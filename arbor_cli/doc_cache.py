@@ -141,11 +141,13 @@ def _warn(message: str) -> None:
         pass
 
 
-def save(model, key: dict[str, Any], cache) -> bool:
+def save(model, key: dict[str, Any], cache, in_use: frozenset[str] | set[str] = frozenset()) -> bool:
     """Keep `cache` (the document's prefill) under `key`; False, with one warning line, when it cannot be.
 
     Written to a temporary file in the same directory and renamed into place, so an interrupted
-    write (Ctrl-C included: it is re-raised) leaves no entry; then older entries are evicted.
+    write (Ctrl-C included: it is re-raised) leaves no entry; then older entries are evicted, never this
+    one nor those named in `in_use` (the other parts of the document being read: evicting its first part
+    to keep its last would make every question about a document near the cap prefill it all again).
     `cache` must hold exactly the key's document (ValueError otherwise: a caller's mistake, not the disk's).
     """
     from safetensors import SafetensorError
@@ -173,7 +175,7 @@ def save(model, key: dict[str, Any], cache) -> bool:
     finally:
         if temp is not None:
             _unlink(temp)
-    evict(keep=name)
+    evict(keep={name, *in_use})
     return True
 
 
@@ -238,9 +240,10 @@ def _files() -> list[Path]:
         return []
 
 
-def evict(keep: str | None = None, cap: int | None = None) -> list[str]:
-    """Delete least recently used entries (never `keep`) until the directory is within `cap` bytes
-    (default: cap_bytes()); also temp files a killed process left. The names deleted."""
+def evict(keep: str | set[str] | frozenset[str] | None = None, cap: int | None = None) -> list[str]:
+    """Delete least recently used entries (never those named in `keep`) until the directory is within `cap`
+    bytes (default: cap_bytes()); also temp files a killed process left. The names deleted."""
+    keep = {keep} if isinstance(keep, str) else set(keep or ())
     cap = cap_bytes() if cap is None else cap
     now, held = time.time(), []
     for path in _files():
@@ -258,7 +261,7 @@ def evict(keep: str | None = None, cap: int | None = None) -> list[str]:
     for _, size, path in sorted(held, key=lambda row: row[0]):
         if total <= cap:
             break
-        if path.stem == keep:
+        if path.stem in keep:
             continue
         if _unlink(path):
             deleted.append(path.stem)

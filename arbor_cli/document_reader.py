@@ -49,6 +49,7 @@ class DocumentReader:
         self.cached_here = model.kv_bytes_per_token() is not None  # an engine keeps its own caches
         self.keep = keep and self.cached_here
         self.loaded = self.prefilled = 0
+        self.entries: set[str] = set()  # the doc-cache entries of this document: kept while it is read
 
     def read(self, text: str, question: str) -> Reading:
         """The text's prefill (from disk, or run and kept), then the rest of the prompt but its last token,
@@ -78,13 +79,15 @@ class DocumentReader:
         session = model.session(capacity)
         key = doc_cache.key_for(model, doc_ids, capacity, model.rope_method) if self.keep else None
         cache = doc_cache.load(model, key, capacity) if self.keep else None
+        if key is not None:
+            self.entries.add(doc_cache.entry_name(key))
         if cache is not None:
             self.loaded += 1
             session.adopt(cache, doc_ids)
             return session
         model.prefill(doc_ids, session)
         self.prefilled += self.cached_here
-        if self.keep and not doc_cache.save(model, key, session.cache):
+        if self.keep and not doc_cache.save(model, key, session.cache, in_use=self.entries):
             self.keep = False  # one warning said why; the other parts are not tried (a full disk stays full)
         return session
 

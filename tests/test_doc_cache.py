@@ -271,6 +271,22 @@ def test_eviction_keeps_the_most_recently_used_under_the_cap(store, torch_model,
     assert [e["name"] for e in doc_cache.entries()] == [names[3]]
 
 
+def test_eviction_spares_the_entries_of_the_document_being_read(store, torch_model, monkeypatch):
+    """A document whose parts fit the cap only just: keeping its last part evicts another document's entry,
+    never its own first part (LRU alone would, and every later question would prefill the document again)."""
+    docs = [ids(20, seed=s) for s in range(3)]
+    keys = [doc_cache.key_for(torch_model, d, CAPACITY, "auto") for d in docs]
+    names = [doc_cache.entry_name(k) for k in keys]
+    assert doc_cache.save(torch_model, keys[0], prefilled(torch_model, docs[0])[0])  # another document, older
+    assert doc_cache.save(torch_model, keys[1], prefilled(torch_model, docs[1])[0])  # this document's part 1
+    size = (store / f"{names[0]}.safetensors").stat().st_size
+    old = os.stat(store / f"{names[0]}.safetensors").st_mtime
+    os.utime(store / f"{names[1]}.safetensors", (old - 100, old - 100))  # part 1 is now the least recently used
+    monkeypatch.setenv("ARBOR_DOC_CACHE_MB", str(2.5 * size / 1e6))  # room for two entries
+    assert doc_cache.save(torch_model, keys[2], prefilled(torch_model, docs[2])[0], in_use={names[1]})
+    assert sorted(e["name"] for e in doc_cache.entries()) == sorted([names[1], names[2]])
+
+
 def test_entries_remove_and_clear(store, torch_model):
     doc = ids(20)
     key = doc_cache.key_for(torch_model, doc, CAPACITY, "auto")
