@@ -72,7 +72,9 @@ def test_an_invented_answer_is_no_finding_and_nothing_found_says_so():
     assert result.path == "parts" and result.findings == [] and result.text == NOT_FOUND
     assert result.parts > len(result.answered) == ask_module.MAX_ANSWERED_PARTS  # it looked further, then gave up
     second_looks = [p for p in model.prompts if p.startswith("<user> Question :")]
-    assert len(second_looks) == 1  # the best-ranked part was read again, question first
+    # no second look: the document nowhere says "pass key", so no quote of it could answer (a second look is
+    # the best part prefilled again, uncached: minutes on a CPU for a real model's part)
+    assert second_looks == []
 
 
 def test_the_best_part_without_evidence_gets_a_second_look_with_the_question_first():
