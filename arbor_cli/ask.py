@@ -12,7 +12,7 @@ hidden in real prose 75% of the time at 2K tokens and never from 32K (docs/long-
   one (../shared/design/ask-probe.md), so an answer is kept only with *evidence*: a run of its words
   that occurs verbatim in that part's text and says more than the question does. When the best part's
   answer has none, that part is read once more with the question before its text (a second look,
-  uncached). The kept findings carry their part, quote and score, and the answer names where it came from;
+  uncached; skipped when the document nowhere carries what the question names: then no quote can answer). The kept findings carry their part, quote and score, and the answer names where it came from;
 - a quote proves that words are in the document, not that they answer: a finding answers only when its
   quote carries the question's distinguishing terms and the answer's own values (question_terms.py);
   with none that answers, the answer is NOT_FOUND and the findings (--json) say what their quotes lack.
