@@ -22,11 +22,8 @@ moves the artifacts elsewhere.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
-import platform
-import sys
 import time
 from pathlib import Path
 
@@ -35,6 +32,7 @@ import torch
 from . import decode_step, model, quantize
 from .arch import FAMILIES, pieces
 from .decode_step import DecodeStep
+from .machine_cache import key_digest, machine_key, mark_used, notice, prune, sources_digest
 
 ENV = "ARBOR_COMPILE"
 DIR_ENV = "ARBOR_COMPILE_DIR"
@@ -51,33 +49,10 @@ def enabled() -> bool:
     return os.environ.get(ENV, "1") != "0"
 
 
-def notice(message: str) -> None:
-    print(f"arbor: {message}", file=sys.stderr, flush=True)
-
-
-def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
-def machine_key() -> dict:
-    """This torch and this CPU, as far as generated code or a kernel's packed layout may depend on them."""
-    return {"torch": torch.__version__, "machine": platform.machine(), "cpu": torch.backends.cpu.get_cpu_capability(),
-            "cpu_flags": hashlib.sha256(_cpu_flags().encode()).hexdigest()[:16]}
-
-
 def _sources() -> str:
     """The code the artifact was generated from: a change to it is a different artifact."""
-    digest = hashlib.sha256()
-    for module in (decode_step, model, quantize, pieces, *sorted(set(FAMILIES.values()), key=lambda m: m.__name__)):
-        digest.update(Path(module.__file__).read_bytes())
-    return digest.hexdigest()
+    return sources_digest((decode_step, model, quantize, pieces,
+                           *sorted(set(FAMILIES.values()), key=lambda m: m.__name__)))
 
 
 def artifact_key(step: DecodeStep, weights: dict[str, torch.Tensor]) -> dict:
@@ -90,10 +65,6 @@ def artifact_key(step: DecodeStep, weights: dict[str, torch.Tensor]) -> dict:
         "weights": [[name, list(t.shape), str(t.dtype)] for name, t in weights.items()],
         "activations": str(step.model.model.norm.weight.dtype),
     }
-
-
-def key_digest(key: dict) -> str:
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
 
 
 def cache_directory() -> Path:
@@ -156,14 +127,6 @@ def _quiet_warnings():
         log.setLevel(level)
 
 
-def _prune(directory: Path, keep: Path) -> None:
-    artifacts = sorted(directory.glob("*.pt2"), key=lambda p: p.stat().st_atime, reverse=True)
-    for old in [p for p in artifacts if p != keep][KEEP - 1:]:
-        for path in (old, old.with_suffix(".json")):
-            with contextlib.suppress(OSError):
-                path.unlink()
-
-
 class CompiledDecode:
     """The compiled step for one loaded model; `step(token, cache)` -> logits, or None to run eager.
 
@@ -224,7 +187,7 @@ class CompiledDecode:
                     run = self._build(path, key, failed, inputs)
         if run is None:
             return None
-        _prune(directory, path)
+        prune(directory, "*.pt2", path, KEEP, companions=(".json",))
         return run if self._agrees(run, inputs, path) else None
 
     def _load(self, path: Path):
@@ -233,9 +196,7 @@ class CompiledDecode:
         try:
             with _quiet_warnings():
                 loader = torch._inductor.aoti_load_package(str(path)).loader
-            # least recently used ages out first: the access time says when, the modification time
-            # stays the build's (a run that only reads the library leaves the cache as it was)
-            os.utime(path, ns=(time.time_ns(), path.stat().st_mtime_ns))
+            mark_used(path)
             return loader.boxed_run
         except Exception as e:  # noqa: BLE001 - a truncated zip, a foreign file, a library that will not load
             notice(f"the compiled decode step {path.name} is damaged ({_first_line(e)}); rebuilding it")

@@ -24,7 +24,7 @@ import hashlib
 import json
 import os
 import struct
-import time
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,7 +35,7 @@ from torch import nn
 from arbor_weights import quantized
 
 from . import load_quantized, quantize
-from .compiled_decode import machine_key, notice
+from .machine_cache import key_digest, machine_key, mark_used, notice, prune, sources_digest
 from .quantize import Int4Linear, Int8Embedding, Int8Linear, StackedLinear
 
 ENV = "ARBOR_LAYOUT_CACHE"
@@ -67,11 +67,7 @@ def cache_directory() -> Path:
 
 def _sources() -> str:
     """The code that decides the layout: a change to it is a different file."""
-    digest = hashlib.sha256()
-    for module in (load_quantized, quantize, quantized):
-        digest.update(Path(module.__file__).read_bytes())
-    digest.update(Path(__file__).read_bytes())
-    return digest.hexdigest()
+    return sources_digest((load_quantized, quantize, quantized, sys.modules[__name__]))
 
 
 def _file_digest(path: Path) -> str | None:
@@ -91,10 +87,6 @@ def layout_key(checkpoint, dtype: torch.dtype) -> dict:
     return {**machine_key(), "sources": _sources(), "choices": choices, "dtype": str(dtype), "weights": files,
             "config": _file_digest(checkpoint.path / "config.json"),
             "provenance": _file_digest(checkpoint.path / "arbor.json")}
-
-
-def key_digest(key: dict) -> str:
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
 
 
 def int4_model(model: nn.Module, checkpoint, dtype: torch.dtype, read_state: Callable[[], dict]) -> nn.Module | None:
@@ -196,7 +188,7 @@ def _store(model: nn.Module, unfilled: nn.Module, path: Path, key: dict) -> None
     finally:
         with contextlib.suppress(FileNotFoundError):
             partial.unlink()
-    _prune(path.parent, path)
+    prune(path.parent, "layout-*.safetensors", path, KEEP)
 
 
 def save_aligned(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
@@ -245,9 +237,7 @@ def _restore(model: nn.Module, path: Path, key: dict) -> bool:
         with contextlib.suppress(OSError):
             path.unlink()
         return False
-    # least recently used ages out first: the access time says when, the modification time stays the build's
-    with contextlib.suppress(OSError):
-        os.utime(path, ns=(time.time_ns(), path.stat().st_mtime_ns))
+    mark_used(path)
     return True
 
 
@@ -290,10 +280,3 @@ def _rebuild(spec: dict, prefix: str, tensors: dict[str, torch.Tensor], built: d
 def _expect(t: torch.Tensor, shape: tuple, dtype: torch.dtype, where: str) -> None:
     if tuple(t.shape) != shape or t.dtype != dtype:
         raise ValueError(f"{where} holds {t.dtype} {tuple(t.shape)}, not {dtype} {shape}")
-
-
-def _prune(directory: Path, keep: Path) -> None:
-    layouts = sorted(directory.glob("layout-*.safetensors"), key=lambda p: p.stat().st_atime, reverse=True)
-    for old in [p for p in layouts if p != keep][KEEP - 1:]:
-        with contextlib.suppress(OSError):
-            old.unlink()
