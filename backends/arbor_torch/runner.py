@@ -119,16 +119,20 @@ class TorchModel:
             model = Transformer(cfg)
         target = DTYPES[dtype]
         expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+        # read at most once: by the layout cache when it finds no blocks to build from, then here for the float path
+        read = functools.cache(lambda: read_state(checkpoint, expected))
         if quantize == "int4":
             # GGUF 4-bit blocks are the int4 kernel's codes already: built from them, no float copy of the model,
             # once per machine (layout_cache.py); later processes map the built tensors from the cache
             parameter_count = sum(p.numel() for p in model.parameters())
-            built = layout_cache.int4_model(model, checkpoint, target, lambda: read_state(checkpoint, expected))
+            built = layout_cache.int4_model(model, checkpoint, target, read)
             if built is not None:
+                read.cache_clear()  # the blocks it was built from (if read) are not held while the model runs
                 lm = cls(built, device, dtype, kv_bits, quantize, parameter_count=parameter_count)
                 release_freed_heap()
                 return lm
-        state = read_state(checkpoint, expected)
+        state = read()
+        read.cache_clear()  # from here `state` is the only reference: `del state` below must free it
         state = load_quantized.dequantized_state(state, checkpoint.path)  # exact float32 for GGUF blocks
         state = {k: v.to(device=device, dtype=target) for k, v in state.items()}
         model.load_state_dict(state, strict=False, assign=True)
