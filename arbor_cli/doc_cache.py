@@ -240,10 +240,9 @@ def _files() -> list[Path]:
         return []
 
 
-def evict(keep: str | set[str] | frozenset[str] | None = None, cap: int | None = None) -> list[str]:
+def evict(keep: set[str] | frozenset[str] = frozenset(), cap: int | None = None) -> list[str]:
     """Delete least recently used entries (never those named in `keep`) until the directory is within `cap`
     bytes (default: cap_bytes()); also temp files a killed process left. The names deleted."""
-    keep = {keep} if isinstance(keep, str) else set(keep or ())
     cap = cap_bytes() if cap is None else cap
     now, held = time.time(), []
     for path in _files():
