@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass, field
 
 from arbor_core.errors import UsageError
 
-from .ask_every_part import COUNT, listing, read_every_part, whole_document_question
+from .ask_every_part import COUNT, candidates, listing, read_every_part, whole_document_question
 from .chunking import document_token_offsets, split_into_chunks
 from .document_reader import DocumentReader, keep_the_cache, second_look
 from .documents import Document
@@ -231,9 +231,14 @@ def _answer_parts(model, reader: DocumentReader, text: str, starts: list[int], p
     """The best-ranked parts answer, until ANSWERED_PARTS have and one gave evidence; the best part without
     evidence gets a second look. Unranked (the door does not score), every part answers, at once where
     the door runs several."""
-    ranked = sorted(range(1, len(parts) + 1), key=_best_first(scores))
     document, common = DocumentWords(text), common_words(parts)
     terms = QuestionTerms(question, SentenceCounts(text))
+    ranked = sorted(range(1, len(parts) + 1), key=_best_first(scores))
+    # A part none of whose sentences carries what the question names holds no quote that answers (a finding
+    # answers only with such a quote): the parts that can answer are asked first, best-scored first among them,
+    # so a ranking that favours a part without them does not spend the answering budget there.
+    can = {i for i in ranked if candidates(parts[i - 1], terms)}
+    ranked = [i for i in ranked if i in can] + [i for i in ranked if i not in can]
     # a document that nowhere carries what the question names (an absent key) holds no quote that answers: a
     # second look (the best part read again, uncached: minutes for an 8K part on a 1.5B model on a CPU) could
     # only add a candidate that does not answer

@@ -28,16 +28,16 @@ else
   sha256sum $Q | grep -q ^cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046 || { echo "q15 not whole"; exit 1; }
   python3 -m arbor_cli pull $Q 2>&1 | tail -1; M=$(ls /tmp/arbor/models | grep ^q15)
 fi
-LIMIT=${LIMIT:-540}; T0=$(date +%s)
+LIMIT=${LIMIT:-540}; T0=$(date +%s); mkdir -p "$OUT/json"
 for length in 16k 32k 128k; do
   for task in one-key absent multi-value count passkey; do
     timeout $LIMIT python3 benchmarks/ruler_run.py --set held-out --trials 8 --model $M --device cuda \
       --lengths $length --tasks $task --json "$OUT/${stage}_${length}_${task}.json" --rows "$OUT/${stage}_rows.jsonl" \
-      > /dev/null 2> /tmp/${length}_${task}.log &
+      > /dev/null 2> "$OUT/json/${length}_${task}.log" &
   done
 done
 wait; echo "all done at $(( $(date +%s) - T0 ))s"
-mkdir -p "$OUT/json" && mv "$OUT"/${stage}_*k_*.json "$OUT/json/" 2>/dev/null
+mv "$OUT"/${stage}_*k_*.json "$OUT/json/" 2>/dev/null
 (cd "$OUT/json" && tar czf "$OUT/${stage}_tables.tgz" . ) && rm -rf "$OUT/json"
 python3 - "$OUT/${stage}_rows.jsonl" <<'PY'
 import collections, json, statistics, sys

@@ -77,6 +77,17 @@ def test_an_invented_answer_is_no_finding_and_nothing_found_says_so():
     assert second_looks == []
 
 
+def test_the_parts_that_can_answer_are_asked_first_however_the_model_ranks_them():
+    """Only a part with a sentence carrying what the question names can give an answering quote: the key's part,
+    ranked last by the model's score, is asked first."""
+    text = needle_document(120, at=70)
+    model = DocModel(answer=answers_from_the_part, score=lambda p: -10.0 if "91644" in p else 0.0)
+    result = ask(model, text, QUESTION, keep=False)
+    assert "91644" in model.prompts[0]
+    assert result.text.startswith(KEY) and [f.match for f in result.findings] == ["The pass key is 91644"]
+    assert result.answered[0]["part"] == result.findings[0].part
+
+
 def test_the_best_part_without_evidence_gets_a_second_look_with_the_question_first():
     text = needle_document(120, at=70)
 
