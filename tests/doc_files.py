@@ -50,15 +50,20 @@ REPORT_FACTS = {
     41: ("The permit number for the east dock is 7718.", "What is the permit number for the east dock?", "7718"),
 }
 REPORT_PARAGRAPHS_PER_PAGE = 4
+REPORT_BLOCK_PAGES = 50
 
 
 def report_pages(pages: int = 50, facts: dict = REPORT_FACTS) -> list[list[str]]:
-    """`pages` pages of prose paragraphs (no two alike), each planted fact after the second sentence of its
-    page's second paragraph."""
+    """`pages` pages of prose paragraphs, each planted fact after the second sentence of its page's second
+    paragraph. Every 50 pages are one long_document of their own seed (no sentence twice in them: its
+    templates run out of new sentences a few hundred paragraphs a subject)."""
     from long_document import long_document
 
-    need = pages * REPORT_PARAGRAPHS_PER_PAGE
-    paragraphs = [p for p in long_document(-(-need // 3)).split("\n\n") if len(p.split()) > 3]  # not the titles
+    per_block = -(-REPORT_BLOCK_PAGES * REPORT_PARAGRAPHS_PER_PAGE // 3)  # paragraphs a subject
+    paragraphs = []
+    for block in range(-(-pages // REPORT_BLOCK_PAGES)):
+        text = long_document(per_block, seed=7 + block)
+        paragraphs += [p for p in text.split("\n\n") if len(p.split()) > 3]  # not the titles
     out = []
     for page in range(pages):
         content = paragraphs[page * REPORT_PARAGRAPHS_PER_PAGE:(page + 1) * REPORT_PARAGRAPHS_PER_PAGE]
