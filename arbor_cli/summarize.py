@@ -15,6 +15,13 @@ document under its name; otherwise each document is summarised on its own (as ab
 summaries, each under its document's name, are combined. With --style bullets and several documents
 the answer is one group of bullets per document, then one for the whole set. A --focus instruction
 goes into every prompt: the parts' notes, each document's summary and the combination.
+
+A document with a location map (a PDF's pages, headings, chapters: extract/) that is read by parts says
+which pages each part covered: --json's `part_locations` gives each part's span of the text and its
+location ("pp. 3-7"), and with --style bullets the answer is one group of bullets per part, named by its
+pages (its notes), then one for the whole document. A part's span is all the text it read, the overlap
+with the part before included, so neighbouring parts can share a page. The paragraph style's prose is
+unchanged.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from arbor_core.errors import ContextError, OutOfMemoryError, UsageError
 
 from .chunking import Chunk, cutting_progress, default_overlap, document_token_offsets, split_into_chunks
 from .documents import Document
+from .extract import Locations, span_label
 from .progress import NoProgress, Progress
 from .summary_prompts import (
     COMBINE_PROMPT,
@@ -48,6 +56,7 @@ REDUCE_FANOUT = 3          # notes merged by one call; more and a small model dr
 REPEAT_PENALTY = 1.1       # Ollama's and llama.cpp's default: keeps a small model's notes from looping
 
 WHOLE_SET_HEADING = "All documents"
+WHOLE_DOCUMENT_HEADING = "Whole document"
 
 
 # ---- results ----------------------------------------------------------------------------
@@ -60,10 +69,15 @@ class Summary:
     timings: dict[str, float] = field(default_factory=dict)
     reduce_rounds: int = 0
     documents: list[dict] = field(default_factory=list)  # several documents: each one's name, tokens and parts
+    part_locations: list[dict] = field(default_factory=list)  # read by parts, with a location map: see located_parts
+    part_spans: list[tuple[int, int]] = field(default_factory=list, repr=False)  # each part's (start, end) in the text
+    part_notes: list[str] = field(default_factory=list, repr=False)  # each part's notes, as the map phase wrote them
 
     def to_json(self) -> dict:
         out = {"text": self.text, "chunks": self.chunks, "context": self.context,
                "rope_scaling": self.rope_scaling, "timings": self.timings}
+        if self.part_locations:
+            out["part_locations"] = self.part_locations
         return {**out, "documents": self.documents} if self.documents else out
 
 
@@ -135,7 +149,29 @@ def _run(model, text: str, token_offsets: list[tuple[int, int]], context: int, o
         summary_text, chunks = run.map_reduce(text, token_offsets)
     timings = {"split_s": round(run.split_s, 3), "map_s": round(run.map_s, 3), "reduce_s": round(run.reduce_s, 3),
                **run.usage.as_timings()}
-    return Summary(summary_text, chunks, context, model.rope_scaling_for(context), timings, run.reduce_rounds)
+    return Summary(summary_text, chunks, context, model.rope_scaling_for(context), timings, run.reduce_rounds,
+                   part_spans=run.part_spans, part_notes=run.part_notes)
+
+
+def located_parts(summary: Summary, locations: Locations) -> list[dict]:
+    """Each part of a summary read by parts, with where it lies: part (from 1), start and end (its span of
+    the document's text) and location ("pp. 3-7", "§ Methods"; None where the map names no place there).
+    Empty for a one-pass summary or a document without a location map."""
+    if not locations or len(summary.part_spans) < 2:
+        return []
+    return [{"part": i, "start": start, "end": end, "location": span_label(locations, start, end)}
+            for i, (start, end) in enumerate(summary.part_spans, 1)]
+
+
+def bullets_by_part(summary: Summary, parts: list[dict]) -> str:
+    """--style bullets for a document read by parts: each part's notes as bullets under its location (or
+    "part i of n"), then the whole document's summary; a part whose notes came back empty is left out."""
+    groups = []
+    for part, notes in zip(parts, summary.part_notes):
+        if notes.strip():
+            heading = part["location"] or f"part {part['part']} of {len(parts)}"
+            groups.append(f"{heading}:\n{shape_summary(notes, 'bullets')}")
+    return "\n\n".join([*groups, f"{WHOLE_DOCUMENT_HEADING}:\n{summary.text}"])
 
 
 def summarize_documents(model, documents: list[Document], options: SummaryOptions | None = None,
@@ -147,6 +183,9 @@ def summarize_documents(model, documents: list[Document], options: SummaryOption
         name, text = documents[0]
         summary = summarize(model, text, options, progress, notify)
         summary.documents = [{"name": name, "tokens": count_tokens_of(model, text), "parts": summary.chunks}]
+        summary.part_locations = located_parts(summary, _locations_of(documents[0]))
+        if summary.part_locations and options.style == "bullets":
+            summary.text = bullets_by_part(summary, summary.part_locations)
         return summary
     started = time.perf_counter()
     progress = progress or NoProgress()
@@ -155,7 +194,8 @@ def summarize_documents(model, documents: list[Document], options: SummaryOption
         raise UsageError("there is nothing to summarize: the documents are empty")
     one_pass = prompt_tokens(model, documents_messages(documents, options)) + options.answer_tokens
     plan = model.plan(one_pass)
-    if options.style == "paragraph" and one_pass <= plan.context:  # the whole set in one pass, names and all
+    one_pass_whole = options.style == "paragraph" and one_pass <= plan.context
+    if one_pass_whole:  # the whole set in one pass, names and all
         run = SummaryRun(model, plan.context, options, progress)
         progress.begin("summarizing", 1)
         text = shape_summary(run.generate(documents_messages(documents, options), options.answer_tokens), "paragraph")
@@ -179,8 +219,17 @@ def summarize_documents(model, documents: list[Document], options: SummaryOption
         summary = Summary(whole, sum(parts), plan.context, model.rope_scaling_for(plan.context), timings,
                           run.reduce_rounds)
     summary.documents = [{"name": name, "tokens": n, "parts": p} for (name, _), n, p in zip(documents, tokens, parts)]
+    if not one_pass_whole:
+        for entry, document, alone in zip(summary.documents, documents, each):
+            located = located_parts(alone, _locations_of(document))
+            if located:
+                entry["part_locations"] = located
     summary.timings["total_s"] = round(time.perf_counter() - started, 3)
     return summary
+
+
+def _locations_of(document) -> Locations:
+    return getattr(document, "locations", ())  # a (name, text) pair has none
 
 
 class SummaryRun:
@@ -199,6 +248,8 @@ class SummaryRun:
         self.usage = GenerationTotals()
         self.split_s = self.map_s = self.reduce_s = 0.0
         self.reduce_rounds = 0
+        self.part_spans: list[tuple[int, int]] = []  # read by parts: each part's span of the text, and its notes
+        self.part_notes: list[str] = []
 
     def generate(self, messages: list[dict], max_new_tokens: int) -> str:
         result = self.model.chat(messages, context=self.generation_context, max_new_tokens=max_new_tokens,
@@ -225,6 +276,7 @@ class SummaryRun:
                                     enumerate(chunks, 1), on_done=self.progress.advance))
         t2 = time.perf_counter()
         self.map_s = t2 - t1
+        self.part_spans, self.part_notes = [_stripped_span(text, chunk) for chunk in chunks], notes
         answer = self.reduce([n for n in notes if n])
         self.reduce_s = time.perf_counter() - t2
         return shape_summary(answer, self.options.style), len(chunks)
@@ -307,6 +359,12 @@ class SummaryRun:
 
     def _notes_tokens(self, notes: list[str]) -> int:
         return count_tokens_of(self.model, join_notes(notes)) if notes else 0
+
+
+def _stripped_span(text: str, chunk: Chunk) -> tuple[int, int]:
+    """The chunk's span without the whitespace at its edges (the part's text as the model read it)."""
+    piece = text[chunk.start:chunk.end]
+    return chunk.start + len(piece) - len(piece.lstrip()), chunk.end - len(piece) + len(piece.rstrip())
 
 
 def join_notes(notes: list[str]) -> str:

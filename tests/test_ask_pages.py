@@ -1,7 +1,8 @@
 """`arbor ask` about a PDF names the page of its quote ("report.pdf, p. 17: “…”"), and --json gives the page
 and the quote's span in the document's extracted text. The PDF is written by reportlab; the model is
 ask_door's word-level fake, which quotes the planted sentence from a part that holds it (and invents an
-answer from any other part), so what is tested is the page arbor names for a quote, not the model."""
+answer from any other part), so what is tested is the page arbor names for a quote, not the model. The
+slow test asks the real default model, through the CLI, about a 50-page PDF of varied prose."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ pytest.importorskip("pypdfium2")
 pytest.importorskip("reportlab")
 
 from ask_door import DocModel, kjv_like
-from doc_files import reportlab_pdf
+from doc_files import REPORT_FACTS, report_pdf, reportlab_pdf
 
 from arbor_cli.ask import ask_documents
 from arbor_cli.documents import read_document
@@ -89,3 +90,34 @@ def test_among_several_documents_the_quote_names_the_document_and_its_heading(tm
     assert answer.document == documents[1].name
     place = answer.location
     assert documents[1].text[place["start"]:place["end"]] == answer.findings[0].quote
+
+
+@pytest.fixture(scope="module")
+def report_and_home(tmp_path_factory):
+    """The 50-page report (doc_files.report_pdf) and an ARBOR_HOME for its document cache, shared by the
+    questions: the first prefills the parts, the others load them."""
+    folder = tmp_path_factory.mktemp("report")
+    (folder / "report.pdf").write_bytes(report_pdf(50))
+    return folder / "report.pdf", folder / "arbor-home"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("page", sorted(REPORT_FACTS))
+def test_arbor_ask_on_the_default_model_names_the_page_and_the_value_of_a_fact_in_a_50_page_pdf(
+        default_checkpoint, report_and_home, monkeypatch, page):
+    from typer.testing import CliRunner
+
+    from arbor_cli.cli import app
+
+    pdf, home = report_and_home
+    monkeypatch.setenv("ARBOR_HOME", str(home))
+    fact, question, value = REPORT_FACTS[page]
+    result = CliRunner().invoke(app, ["ask", str(pdf), question, "--model", str(default_checkpoint.path)])
+    assert result.exit_code == 0, result.output
+    answer = result.stdout.strip()
+    where = re.fullmatch(r"(.+) \((.+?), p\. (\d+), part \d+ of (\d+): \u201c(.+)\u201d\)", answer)
+    assert where, answer
+    reply, name, named_page, parts, quote = where.groups()
+    assert name == str(pdf) and int(parts) > 10, answer
+    assert int(named_page) == page, answer
+    assert value in reply and value in quote and fact.rstrip(".") in quote, answer

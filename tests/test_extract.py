@@ -25,7 +25,7 @@ reportlab = pytest.importorskip("reportlab")
 from doc_files import prose, reportlab_pdf, textless_pdf
 
 from arbor_cli.documents import read_document
-from arbor_cli.extract import extract, label_at, sniff
+from arbor_cli.extract import extract, label_at, sniff, span_label
 from arbor_core.errors import InputError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "docs"
@@ -215,6 +215,22 @@ def test_markdown_and_rst_stay_text_with_their_headings_as_locations():
     rst = "=====\nTitle\n=====\n\nFirst.\n\nSection\n-------\n\nSecond.\n\nA line\n---\n"  # underline too short
     labels = read(rst.encode(), "doc.rst").locations
     assert [label for _, label in labels] == ["§ Title", "§ Section"] and labels[0][0] == 0
+
+
+@pytest.mark.parametrize("start, end, label", [
+    (0, 99, "p. 1"), (100, 150, "p. 2"), (50, 100, "p. 1"),  # the end is exclusive: up to where p. 2 begins
+    (50, 101, "pp. 1-2"), (0, 400, "pp. 1-3"), (120, 120, "p. 2"),
+])
+def test_a_span_of_pages_is_named_p_or_pp(start, end, label):
+    assert span_label(((0, "p. 1"), (100, "p. 2"), (200, "p. 3")), start, end) == label
+
+
+def test_a_span_of_headings_names_the_first_and_the_last_and_a_preamble_counts_as_the_first():
+    headings = ((40, "§ Methods"), (90, "§ Results"))
+    assert span_label(headings, 50, 80) == "§ Methods"
+    assert span_label(headings, 50, 120) == "§ Methods – § Results"
+    assert span_label(headings, 0, 60) == "§ Methods"  # the text above the first heading
+    assert span_label(headings, 0, 40) is None and span_label((), 0, 10) is None
 
 
 def test_documents_are_read_by_their_content_not_their_names(tmp_path):

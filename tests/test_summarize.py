@@ -1,4 +1,5 @@
-"""Summarize: options, the one-pass / map-reduce decision, recursive reduce, OOM retry, JSON shape.
+"""Summarize: options, the one-pass / map-reduce decision, recursive reduce, OOM retry, JSON shape, and the
+pages each part of a paged document covered.
 
 conftest's fake tokenizer (one token per word or punctuation mark) and fake model, which records
 its prompts, keep these fast; chunking is tested in test_chunking.py, cleaning the answer in
@@ -12,7 +13,8 @@ import re
 import pytest
 from conftest import FakeModel, document
 
-from arbor_cli.summarize import Summary, SummaryOptions, summarize
+from arbor_cli.documents import Document
+from arbor_cli.summarize import WHOLE_DOCUMENT_HEADING, Summary, SummaryOptions, summarize, summarize_documents
 from arbor_cli.summary_prompts import tokens_for_words
 from arbor_core.errors import ContextError, OutOfMemoryError, UsageError
 
@@ -189,3 +191,74 @@ def test_greedy_and_short_notes_in_the_map_phase():
     assert max(model.max_new[:-1]) < model.max_new[-1] == tokens_for_words(300)
 
 
+
+
+# ---- the pages each part covered ----------------------------------------------------------
+def paged_document(pages: int = 40, name: str = "report.pdf") -> Document:
+    """A PDF's text as extract/ gives it: pages one after another, a blank line apart, each a location
+    ("p. 7") where its text begins; every word names its page (pg7w12), so a part's text says which pages
+    it holds."""
+    text, locations = "", []
+    for page in range(1, pages + 1):
+        body = "\n".join(" ".join(f"pg{page}w{s * 12 + w}" for w in range(12)) + "." for s in range(25))
+        at = len(text) + 2 if text else 0
+        locations.append((at, f"p. {page}"))
+        text = f"{text}\n\n{body}" if text else body
+    return Document(name, text, tuple(locations))
+
+
+def pages_seen(prompt: str) -> str:
+    """The fake model's notes on a part: the pages whose words its prompt held; the summary of the notes."""
+    pages = sorted({int(n) for n in re.findall(r"\bpg(\d+)w", prompt)})
+    return f"Pages {pages[0]} to {pages[-1]} were read." if pages else "The whole report was read."
+
+
+def page_range(first: int, last: int) -> str:
+    return f"p. {first}" if first == last else f"pp. {first}-{last}"
+
+
+def test_bullets_by_parts_name_the_pages_each_part_read():
+    model, doc = FakeModel(largest=4096, answer=pages_seen), paged_document()
+    summary = summarize_documents(model, [doc], SummaryOptions.build(100, "bullets"))
+    assert summary.chunks >= 3
+    groups = summary.text.split("\n\n")
+    assert len(groups) == summary.chunks + 1 and groups[-1] == f"{WHOLE_DOCUMENT_HEADING}:\n- The whole report was read."
+    headings = []
+    for group in groups[:-1]:
+        heading, notes = group.split("\n", 1)
+        first, last = map(int, re.fullmatch(r"- Pages (\d+) to (\d+) were read\.", notes).groups())
+        assert heading == page_range(first, last) + ":"  # the heading names the pages the part's text holds
+        headings.append((first, last))
+    assert headings[0][0] == 1 and headings[-1][1] == 40
+    assert all(b[0] in (a[1], a[1] + 1) for a, b in zip(headings, headings[1:]))  # every page read, in order
+
+
+def test_json_gives_each_parts_span_and_pages_and_the_paragraph_is_unchanged():
+    doc = paged_document()
+    summary = summarize_documents(FakeModel(largest=4096, answer=pages_seen), [doc], SummaryOptions.build(100))
+    plain = summarize_documents(FakeModel(largest=4096, answer=pages_seen), [(doc.name, doc.text)],
+                                SummaryOptions.build(100))
+    assert summary.text == plain.text == "The whole report was read."  # the paragraph's prose as without pages
+    parts = summary.to_json()["part_locations"]
+    assert "part_locations" not in plain.to_json()
+    assert [p["part"] for p in parts] == list(range(1, summary.chunks + 1))
+    for part in parts:
+        read = sorted({int(n) for n in re.findall(r"\bpg(\d+)w", doc.text[part["start"]:part["end"]])})
+        assert part["location"] == page_range(read[0], read[-1])
+        assert doc.text[part["start"]:part["end"]] == doc.text[part["start"]:part["end"]].strip()
+    assert parts[0]["start"] == 0 and parts[-1]["end"] == len(doc.text)
+
+
+def test_a_paged_document_read_in_one_pass_has_no_parts_to_name():
+    doc = paged_document(pages=3)
+    summary = summarize_documents(FakeModel(largest=4096, answer=pages_seen), [doc], SummaryOptions.build(100, "bullets"))
+    assert summary.chunks == 1 and summary.text == "- Pages 1 to 3 were read."
+    assert "part_locations" not in summary.to_json()
+
+
+def test_among_several_documents_each_paged_one_gives_its_parts_pages():
+    docs = [paged_document(name="a.pdf"), Document("b.txt", document(20))]
+    summary = summarize_documents(FakeModel(largest=4096, answer=pages_seen), docs, SummaryOptions.build(100))
+    first, second = summary.to_json()["documents"]
+    assert len(first["part_locations"]) == first["parts"] > 1 and first["part_locations"][0]["location"].startswith("pp. 1-")
+    assert "part_locations" not in second

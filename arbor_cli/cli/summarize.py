@@ -37,7 +37,8 @@ def summarize(
                                        help=f"Longest summary, in words (1..{MAX_WORDS}).")] = str(DEFAULT_WORDS),
     style: Annotated[str, typer.Option("--style", help="paragraph or bullets.")] = "paragraph",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object: text, chunks, context, "
-                                          "rope_scaling, timings.")] = False,
+                                          "rope_scaling, timings (and part_locations: the pages each part of a "
+                                          "paged document covered).")] = False,
     focus: Annotated[Optional[str], typer.Option("--focus", metavar="INSTRUCTION", help="Your own instruction "
                                                  "(\"Summarize the key findings\"): it steers every part's notes and "
                                                  "the combination.")] = None,

@@ -129,3 +129,25 @@ def label_at(locations: Locations, offset: int) -> str | None:
     """The label of the location an offset of the text lies in; None before the first."""
     i = bisect_right([at for at, _ in locations], offset) - 1
     return locations[i][1] if i >= 0 else None
+
+
+PAGE_LABEL = re.compile(r"p\. (\d+)")
+
+
+def span_label(locations: Locations, start: int, end: int) -> str | None:
+    """Where text[start:end] lies, as a person names it: "p. 3", "pp. 3-7", "§ Methods", "§ Methods – § Results"
+    (from the location it starts in to the one it ends in); None where no location reaches it. Text before the
+    first location (a preamble above the first heading) counts as the first location's. `end` is exclusive: a
+    span that ends just where a page begins does not reach that page."""
+    ats = [at for at, _ in locations]
+    first = bisect_right(ats, start) - 1
+    last = bisect_right(ats, max(start, end - 1)) - 1
+    if last < 0:
+        return None
+    first_label, last_label = locations[max(first, 0)][1], locations[last][1]
+    if first_label == last_label:
+        return first_label
+    pages = PAGE_LABEL.fullmatch(first_label), PAGE_LABEL.fullmatch(last_label)
+    if all(pages):
+        return f"pp. {pages[0].group(1)}-{pages[1].group(1)}"
+    return f"{first_label} – {last_label}"
