@@ -101,10 +101,9 @@ def report_and_home(tmp_path_factory):
     return folder / "report.pdf", folder / "arbor-home"
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("page", sorted(REPORT_FACTS))
-def test_arbor_ask_on_the_default_model_names_the_page_and_the_value_of_a_fact_in_a_50_page_pdf(
-        default_checkpoint, report_and_home, monkeypatch, page):
+def ask_the_report(model: str, report_and_home, monkeypatch, page: int) -> tuple[str, int]:
+    """`arbor ask report.pdf QUESTION --model MODEL` through the CLI: the reply checked for the planted page,
+    value and quote; the number of parts it read is returned."""
     from typer.testing import CliRunner
 
     from arbor_cli.cli import app
@@ -112,12 +111,34 @@ def test_arbor_ask_on_the_default_model_names_the_page_and_the_value_of_a_fact_i
     pdf, home = report_and_home
     monkeypatch.setenv("ARBOR_HOME", str(home))
     fact, question, value = REPORT_FACTS[page]
-    result = CliRunner().invoke(app, ["ask", str(pdf), question, "--model", str(default_checkpoint.path)])
+    result = CliRunner().invoke(app, ["ask", str(pdf), question, "--model", model])
     assert result.exit_code == 0, result.output
     answer = result.stdout.strip()
     where = re.fullmatch(r"(.+) \((.+?), p\. (\d+), part \d+ of (\d+): \u201c(.+)\u201d\)", answer)
     assert where, answer
     reply, name, named_page, parts, quote = where.groups()
-    assert name == str(pdf) and int(parts) > 10, answer
+    assert name == str(pdf), answer
     assert int(named_page) == page, answer
     assert value in reply and value in quote and fact.rstrip(".") in quote, answer
+    return answer, int(parts)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("page", sorted(REPORT_FACTS))
+def test_arbor_ask_on_the_default_model_names_the_page_and_the_value_of_a_fact_in_a_50_page_pdf(
+        default_checkpoint, report_and_home, monkeypatch, page):
+    answer, parts = ask_the_report(str(default_checkpoint.path), report_and_home, monkeypatch, page)
+    assert parts > 10, answer  # the default model's 1K parts: the page is found among many
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("page", sorted(REPORT_FACTS))
+def test_arbor_ask_on_the_1_5b_model_names_the_page_and_the_value_of_a_fact_in_a_50_page_pdf(
+        report_and_home, monkeypatch, page):
+    """The real Qwen2.5-Coder-1.5B Q4_K_M file (issue 26), opened by path: skipped where it is not on the machine
+    (CI does not download 1.1 GB; set ARBOR_GGUF_DIR). Its 8K parts: the report's ~18K tokens are 3 parts.
+    About 6 minutes on 2 cores for the three questions (the first prefills the parts, the others load them)."""
+    from gguf_files import real_gguf
+
+    answer, parts = ask_the_report(str(real_gguf("qwen2.5-coder-1.5b-instruct")), report_and_home, monkeypatch, page)
+    assert parts >= 2, answer
