@@ -137,7 +137,8 @@ def test_arbor_ask_on_the_1_5b_model_names_the_page_and_the_value_of_a_fact_in_a
         report_and_home, monkeypatch, page):
     """The real Qwen2.5-Coder-1.5B Q4_K_M file (issue 26), opened by path: skipped where it is not on the machine
     (CI does not download 1.1 GB; set ARBOR_GGUF_DIR). Its 8K parts: the report's ~18K tokens are 3 parts.
-    About 6 minutes on 2 cores for the three questions (the first prefills the parts, the others load them)."""
+    14 minutes on 2 shared cores (load ~3.5) for the three questions (the first prefills the parts, the others
+    load them)."""
     from gguf_files import real_gguf
 
     answer, parts = ask_the_report(str(real_gguf("qwen2.5-coder-1.5b-instruct")), report_and_home, monkeypatch, page)
