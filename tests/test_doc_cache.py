@@ -173,6 +173,51 @@ def test_a_truncated_file_is_a_notice_and_is_deleted(store, torch_model, capsys)
     assert not path.exists()
 
 
+def test_a_damaged_cache_never_condemns_the_compiled_decode_step(tmp_path, monkeypatch, capfd):
+    """Issue 31: NaNs from a damaged cache made the compiled step's first check fail and its file deleted. A
+    check whose eager reference is not finite judges nothing: that step runs eager, the file stays, and the
+    library is checked (and used) at the first step with finite inputs. No compiler needed: the library here
+    is the eager step itself."""
+    torch = pytest.importorskip("torch")
+    from arbor_core.config import ArborConfig
+    from arbor_core.rope import rope_frequencies
+    from arbor_torch.model import Transformer
+    from arbor_torch.runner import TorchModel
+
+    monkeypatch.setenv("ARBOR_COMPILE", "1")
+    cfg = ArborConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rope_theta=1000.0)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    lm = TorchModel(model, "cpu", "float32", quantize="int4")
+    lm.set_rope(rope_frequencies(cfg), 256)
+    compiled = lm.compiled
+    assert compiled is not None
+    library = tmp_path / "decode-test.pt2"
+    library.write_bytes(b"the compiled step")
+    calls = []
+
+    def run(inputs):
+        calls.append(1)
+        return compiled.step_module(*inputs[len(compiled.weight_list):])
+
+    monkeypatch.setattr(compiled, "_prepare", lambda inputs: (run, library))
+    damaged = lm.new_cache(64)
+    lm.prefill([3, 17, 42, 5], damaged, 512)
+    damaged.stacked_k[:, :, 1:3] = float("nan")  # what 0xFF bytes read as
+    capfd.readouterr()
+    lm.decode(7, damaged)
+    assert library.exists() and not compiled.off and compiled.run is None and not calls
+    assert "failed its check" not in capfd.readouterr().err
+    good = lm.new_cache(64)
+    lm.prefill([3, 17, 42, 5], good, 512)
+    lm.decode(7, good)
+    assert compiled.run is run and library.exists() and calls  # checked on finite inputs, then used
+
+
 def test_a_file_with_a_foreign_key_is_a_notice_and_is_deleted(store, torch_model, capsys):
     doc, other = ids(20), ids(20, seed=5)
     key, foreign = (doc_cache.key_for(torch_model, d, CAPACITY, "auto") for d in (doc, other))
