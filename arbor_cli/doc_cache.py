@@ -1,24 +1,35 @@
 """A document's KV cache kept on disk, so a second question about it prefills only the question.
 
 One entry is one safetensors file under `<arbor cache dir>/doc-cache/`: the arrays of
-`LoadedModel.export_cache` and, as metadata, the key it was made for (every field as a JSON string).
-The key names everything the cached keys and values depend on — model weights and config, tokenizer,
-the document's token ids, context, the RoPE actually used, kv_bits, backend, device, dtype and weight
-quantization — and `load` checks it field by field, so a stale, foreign or damaged file is rebuilt
-with a notice, never trusted. Files are written to a temporary name and renamed (an interrupted write
-leaves no entry); the directory is kept under ARBOR_DOC_CACHE_MB by evicting the least recently used.
-Keeping a cache is an optimisation: a failure to write one is a warning, never an error.
+`LoadedModel.export_cache` in their kept form (`kept`: a float32 cache's keys and values in 16 bits,
+float16; 16-bit and int8 caches as they are) and, as metadata, the key it was made for (every field as a
+JSON string) and a checksum of the arrays. The key names everything the cached keys and values depend
+on — model weights and config, tokenizer, the document's token ids, context, the RoPE actually used,
+kv_bits, backend, device, dtype and weight quantization — and `load` checks it field by field, then the
+checksum over the file's memory-mapped bytes, so a stale, foreign, older-format or damaged file is
+deleted and rebuilt with a notice, never trusted. The arrays are read mapped, not copied: the backend
+converts them into the new cache as it fills it.
+
+A document read here is always held in the kept form (`as_kept`), kept on disk or not: the first
+question, every later one and --no-cache answer from the same numbers (16 bits move a greedy reply of
+the CPU default where two tokens tie; docs/long-context.md, "The document's KV on disk in 16 bits").
+
+Files are written to a temporary name and renamed (an interrupted write leaves no entry); the directory
+is kept under ARBOR_DOC_CACHE_MB by evicting the least recently used. Keeping a cache is an
+optimisation: a failure to write one is a warning, never an error.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import sys
 import time
 import uuid
 import weakref
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +37,14 @@ import numpy as np
 
 from .extract import EXTRACTOR_VERSION
 
-FORMAT_VERSION = 1
+# 2: keys and values of a float32 cache kept in float16, and a checksum of the arrays (1: float32, none)
+FORMAT_VERSION = 2
+# entry names hash the key with this format, whatever FORMAT_VERSION is: a newer arbor finds an older entry of
+# the same document under its name, and says it rebuilds it, instead of leaving it to age out unseen
+NAME_FORMAT = 1
+# against damage (a disk, a cut copy, a stray write), not a signature (the key is checked before it): zlib's CRC-32
+# reads a mapped entry at 4.1 GB/s here, sha256 at 1.8 (with SHA-NI), blake2b 0.9 (benchmarks/doc_cache_read.py)
+CHECKSUM = "crc32"
 SUFFIX = ".safetensors"
 TEMP_PREFIX = ".tmp-"
 DEFAULT_CAP_MB = 2048
@@ -117,11 +135,12 @@ def key_for(model, doc_ids: list[int], context: int, rope_method: str) -> dict[s
 
 
 def entry_name(key: dict[str, Any]) -> str:
-    return _sha256(json.dumps(key, sort_keys=True).encode())[:16]
+    return _sha256(json.dumps({**key, "format": NAME_FORMAT}, sort_keys=True).encode())[:16]
 
 
-def _metadata(key: dict[str, Any]) -> dict[str, str]:
-    return {"format_version": str(FORMAT_VERSION), **{k: json.dumps(v, sort_keys=True) for k, v in key.items()}}
+def _metadata(key: dict[str, Any], arrays: dict[str, np.ndarray]) -> dict[str, str]:
+    return {"format_version": str(FORMAT_VERSION), "checksum": checksum(arrays),
+            **{k: json.dumps(v, sort_keys=True) for k, v in key.items()}}
 
 
 def _key_of(metadata: dict[str, str] | None) -> dict[str, Any] | None:
@@ -129,9 +148,57 @@ def _key_of(metadata: dict[str, str] | None) -> dict[str, Any] | None:
     if not metadata or metadata.get("format_version") != str(FORMAT_VERSION):
         return None
     try:
-        return {k: json.loads(v) for k, v in metadata.items() if k != "format_version"}
+        return {k: json.loads(v) for k, v in metadata.items() if k not in ("format_version", "checksum")}
     except ValueError:
         return None
+
+
+def checksum(arrays: dict[str, np.ndarray]) -> str:
+    """CHECKSUM over the arrays' names, dtypes, shapes and bytes, in name order (read where they lie: a
+    mapped file's pages are read once, by the checksum, and not copied)."""
+    crc = 0
+    for name in sorted(arrays):
+        a = arrays[name]
+        crc = zlib.crc32(f"{name}\0{a.dtype.str}\0{a.shape}\0".encode(), crc)
+        crc = zlib.crc32(memoryview(np.ascontiguousarray(a)).cast("B"), crc)
+    return f"{CHECKSUM}:{crc:08x}"
+
+
+def kept(model, cache) -> tuple[dict[str, np.ndarray], bool]:
+    """export_cache's arrays of `cache` as an entry keeps them, and whether that narrowed them: a float32
+    cache's keys and values in KEPT_FLOAT (float16; left float32 where a value is beyond its range), the
+    rest as exported (16-bit and int8 caches are compact already). NotImplementedError for a ring cache."""
+    from arbor_core.backend import KEPT_FLOAT
+
+    arrays, narrowed = model.export_cache(cache), False
+    for name in ("k", "v"):
+        a = arrays[name]
+        if a.dtype == np.float32:
+            with np.errstate(over="ignore"):
+                narrow = a.astype(KEPT_FLOAT)
+            if not np.isinf(narrow).any():  # beyond float16's 65504: kept as it is (never met on the models here)
+                arrays[name], narrowed = narrow, True
+    return arrays, narrowed
+
+
+def kept_bytes_per_token(model) -> int | None:
+    """Bytes one position takes in an entry (what the cap is checked against): the cache's own, but a float32
+    cache's keys and values in 16 bits. None for a door that keeps no cache here (an engine)."""
+    per_token = model.kv_bytes_per_token()
+    if per_token is not None and getattr(getattr(model, "lm", None), "kv_element_bytes", None) == 4:
+        return model.config.kv_bytes_per_token(2)
+    return per_token
+
+
+def as_kept(model, cache, rope: str | None = None):
+    """(the cache to read a document from, its kept arrays): where keeping narrows `cache` (float32), a new
+    cache holding the kept arrays, so the first question reads the numbers every later one loads; else
+    `cache` itself. (cache, None) for a ring cache, which is not kept."""
+    try:
+        arrays, narrowed = kept(model, cache)
+    except NotImplementedError:
+        return cache, None
+    return (model.import_cache(arrays, cache.capacity, rope) if narrowed else cache), arrays
 
 
 def _warn(message: str) -> None:
@@ -141,8 +208,10 @@ def _warn(message: str) -> None:
         pass
 
 
-def save(model, key: dict[str, Any], cache, in_use: frozenset[str] | set[str] = frozenset()) -> bool:
+def save(model, key: dict[str, Any], cache, in_use: frozenset[str] | set[str] = frozenset(),
+         arrays: dict[str, np.ndarray] | None = None) -> bool:
     """Keep `cache` (the document's prefill) under `key`; False, with one warning line, when it cannot be.
+    `arrays`: its kept form where the caller has it already (as_kept), else made here (`kept`).
 
     Written to a temporary file in the same directory and renamed into place, so an interrupted
     write (Ctrl-C included: it is re-raised) leaves no entry; then older entries are evicted, never this
@@ -159,11 +228,11 @@ def save(model, key: dict[str, Any], cache, in_use: frozenset[str] | set[str] = 
     name = entry_name(key)
     temp = None
     try:
-        arrays = model.export_cache(cache)
+        arrays = kept(model, cache)[0] if arrays is None else arrays
         folder = directory()
         folder.mkdir(parents=True, exist_ok=True)
         temp = folder / f"{TEMP_PREFIX}{name}-{uuid.uuid4().hex[:8]}{SUFFIX}"
-        save_file(arrays, str(temp), metadata=_metadata(key))
+        save_file(arrays, str(temp), metadata=_metadata(key, arrays))
         os.replace(temp, folder / f"{name}{SUFFIX}")
         temp = None
     except NotImplementedError as e:  # a ring cache (sliding-window model)
@@ -181,30 +250,75 @@ def save(model, key: dict[str, Any], cache, in_use: frozenset[str] | set[str] = 
 
 def load(model, key: dict[str, Any], capacity: int, rope: str | None = None):
     """The cache kept under `key`, as a new cache of `capacity` tokens (`rope`: the RoPE method, as for
-    Model.new_cache); None when there is none. A file made for another key, or one that cannot be read,
-    is deleted with a one-line notice (the caller prefills again)."""
-    from safetensors import SafetensorError, safe_open
-
+    Model.new_cache); None when there is none. A file made for another key or by another format, one whose
+    checksum does not match its arrays, or one that cannot be read is deleted with a one-line notice (the
+    caller prefills again). The arrays are read memory-mapped: checksummed and copied into the cache from the
+    file's pages, never read into memory of their own."""
     path = directory() / f"{entry_name(key)}{SUFFIX}"
     if not path.is_file():
         return None
     try:
-        with safe_open(str(path), framework="np") as f:
-            found = _key_of(f.metadata())
-            if found != key:
-                _warn(f"the kept document cache {path.name} was made for another model/document; rebuilding")
-                _unlink(path)
-                return None
-            arrays = {k: f.get_tensor(k) for k in f.keys()}
+        metadata, arrays = read_mapped(path)
+        problem = _problem(metadata, arrays, key)
+        if problem:
+            _warn(f"the kept document cache {path.name} {problem}; rebuilding")
+            _unlink(path)
+            return None
         cache = model.import_cache(arrays, capacity, rope)
     except NotImplementedError:
         return None
-    except (SafetensorError, OSError, ValueError) as e:
+    except (OSError, ValueError) as e:
         _warn(f"the kept document cache {path.name} is unreadable ({_describe(e)}); rebuilding")
         _unlink(path)
         return None
     _touch(path)
     return cache
+
+
+def _problem(metadata: dict[str, str], arrays: dict[str, np.ndarray], key: dict[str, Any]) -> str | None:
+    """Why an entry's file must not be used for `key`, in words; None when it may."""
+    version = metadata.get("format_version")
+    if version != str(FORMAT_VERSION):
+        return f"was written by another version of arbor (format {version}, this one reads {FORMAT_VERSION})"
+    if _key_of(metadata) != key:
+        return "was made for another model/document"
+    if metadata.get("checksum") != checksum(arrays):
+        return "is damaged (its checksum does not match)"
+    return None
+
+
+# safetensors' dtype names -> numpy, for the arrays an entry holds
+DTYPES = {"F32": np.float32, "F16": np.float16, "U16": np.uint16, "I8": np.int8, "I64": np.int64}
+
+
+def read_mapped(path: Path) -> tuple[dict[str, str], dict[str, np.ndarray]]:
+    """A safetensors file's metadata and its arrays as read-only views of the file mapped into memory
+    (safetensors' numpy reader copies every tensor). The format is safetensors' own (8 bytes of header
+    length, the JSON header, the data); anything else in it is ValueError."""
+    with open(path, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # ValueError for an empty file
+    size = int.from_bytes(mapped[:8], "little")
+    if len(mapped) < 8 or not 2 <= size <= min(len(mapped) - 8, 100_000_000):
+        raise ValueError("not a safetensors file (its header length is wrong)")
+    header = json.loads(mapped[8:8 + size])  # bytes that are no JSON: ValueError
+    if not isinstance(header, dict):
+        raise ValueError("not a safetensors file (its header is no object)")
+    metadata = header.pop("__metadata__", None) or {}
+    base, arrays = 8 + size, {}
+    for name, info in header.items():
+        try:
+            dtype = np.dtype(DTYPES[info["dtype"]])
+            shape = tuple(int(n) for n in info["shape"])
+            begin, end = (int(n) for n in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"the tensor {name!r} is not described as this cache's arrays are") from None
+        count = int(np.prod(shape, dtype=np.int64))
+        if begin < 0 or end - begin != count * dtype.itemsize or base + end > len(mapped):
+            raise ValueError(f"the tensor {name!r} lies outside the file")
+        arrays[name] = np.frombuffer(mapped, dtype=dtype, count=count, offset=base + begin).reshape(shape)
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ValueError("not a safetensors file (its metadata are not strings)")
+    return metadata, arrays
 
 
 def _describe(e: BaseException) -> str:
@@ -271,8 +385,6 @@ def evict(keep: set[str] | frozenset[str] = frozenset(), cap: int | None = None)
 def entries() -> list[dict[str, Any]]:
     """The kept caches, most recently used first: name, document (sha256 prefix), model, tokens,
     context, kv_bits, backend, bytes, last_used (UTC)."""
-    from safetensors import SafetensorError, safe_open
-
     rows = []
     for path in _files():
         if path.name.startswith(TEMP_PREFIX):
@@ -282,9 +394,8 @@ def entries() -> list[dict[str, Any]]:
         except OSError:
             continue
         try:
-            with safe_open(str(path), framework="np") as f:
-                key = _key_of(f.metadata()) or {}
-        except (SafetensorError, OSError, ValueError):  # listed as "?": load() will find it unreadable
+            key = _key_of(read_mapped(path)[0]) or {}  # the header alone is read
+        except (OSError, ValueError):  # listed as "?": load() will find it unreadable
             key = {}
         rows.append({
             "name": path.stem, "document": str(key.get("document_sha256") or "?")[:12],

@@ -87,7 +87,13 @@ class DocumentReader:
             return session
         model.prefill(doc_ids, session)
         self.prefilled += self.cached_here
-        if self.keep and not doc_cache.save(model, key, session.cache, in_use=self.entries):
+        if session.cache is None:  # a door that holds no cache here
+            return session
+        # the document as it is kept (16 bits), kept on disk or not: this question reads what later ones load
+        cache, arrays = doc_cache.as_kept(model, session.cache, session.rope)
+        if cache is not session.cache:
+            session.adopt(cache, doc_ids)
+        if self.keep and not doc_cache.save(model, key, cache, in_use=self.entries, arrays=arrays):
             self.keep = False  # one warning said why; the other parts are not tried (a full disk stays full)
         return session
 
@@ -128,7 +134,7 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 def keep_the_cache(model, tokens: int, parts: int, keep: bool) -> bool:
     """Whether the document's prefill fits the disk cache's cap; says so when it does not."""
-    per_token = model.kv_bytes_per_token()
+    per_token = doc_cache.kept_bytes_per_token(model)
     if not keep or per_token is None:  # None: an engine, which keeps its own caches
         return False
     need = (tokens + parts * 64) * per_token  # the prompt's own words: ~64 tokens a part

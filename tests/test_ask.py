@@ -201,6 +201,53 @@ def test_a_second_question_loads_every_part_and_answers_as_without_the_cache(def
 
 
 @pytest.mark.slow
+def test_a_damaged_cache_is_rebuilt_with_a_notice_and_never_condemns_the_compiled_step(default_checkpoint, tmp_path):
+    """Issue 31 item 1, as a user meets it: ask, overwrite the middle third of every entry's tensor bytes with
+    0xFF, ask again. Today's answer was `<|endoftext|>` and the valid compiled decode step deleted."""
+    import hashlib
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    compiled = tmp_path / "compiled"  # a copy of the compiled steps: a failure here must not cost other tests one
+    shutil.copytree(os.environ["ARBOR_COMPILE_DIR"], compiled)
+    env = {**os.environ, "ARBOR_HOME": str(tmp_path / "home"), "ARBOR_COMPILE_DIR": str(compiled), "NO_COLOR": "1"}
+    doc = tmp_path / "ship.txt"
+    doc.write_text(ship_document())
+
+    def ask_cli():
+        done = subprocess.run([sys.executable, "-m", "arbor_cli", "ask", str(doc), "What is the name of the ship?",
+                               "--model", str(default_checkpoint.path)], capture_output=True, text=True,
+                              timeout=600, env=env)
+        assert done.returncode == 0, done.stderr
+        return done
+
+    def steps():
+        return {p.name: (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+                for p in compiled.glob("*.pt2")}
+
+    first = ask_cli()
+    assert "Endeavour" in first.stdout
+    entries = sorted((tmp_path / "home" / "doc-cache").glob("*.safetensors"))
+    built = steps()
+    assert entries and built  # the first question compiled or found the step
+    for path in entries:
+        data = bytearray(path.read_bytes())
+        begin = 8 + int.from_bytes(data[:8], "little")
+        third = (len(data) - begin) // 3
+        data[begin + third:begin + 2 * third] = b"\xff" * third
+        path.write_bytes(bytes(data))
+    again = ask_cli()
+    assert again.stdout == first.stdout  # the right answer, the document read again
+    notices = [line for line in again.stderr.splitlines() if "is damaged" in line]
+    assert len(notices) == len(entries) and all(line.endswith("rebuilding") for line in notices)
+    assert "Traceback" not in again.stderr and "failed its check" not in again.stderr
+    assert steps() == built  # the compiled step untouched
+    assert ask_cli().stderr.count("is damaged") == 0  # rebuilt
+
+
+@pytest.mark.slow
 def test_a_changed_document_gets_a_fresh_cache_for_what_changed_not_the_old_answer(default_model_here):
     model = default_model_here
     ask(model, ship_document("Endeavour"), "What is the name of the ship?")

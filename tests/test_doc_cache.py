@@ -119,21 +119,91 @@ def prefilled(model: Model, doc: list[int], context: int = CAPACITY):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("kv_bits", [16, 8])
-def test_save_then_load_gives_the_same_continuation(store, tiny_checkpoint, backend, kv_bits):
-    model = make_model(tiny_checkpoint, backend, kv_bits)
+@pytest.mark.parametrize("kv_bits,dtype", [(16, "float32"), (8, "float32"), (16, "bfloat16")])
+def test_save_then_load_gives_the_continuation_of_the_document_as_kept(store, tiny_checkpoint, backend, kv_bits,
+                                                                        dtype):
+    """The first question reads the document as it is kept (as_kept), so a later one, loading it, continues
+    exactly as the first did; in 16 bits, close to the float32 prefill."""
+    model = make_model(tiny_checkpoint, backend, kv_bits, dtype)
     doc, question = ids(30), ids(4, seed=9)
     key = doc_cache.key_for(model, doc, CAPACITY, "auto")
     assert doc_cache.load(model, key, CAPACITY) is None
     cache, _ = prefilled(model, doc)
-    assert doc_cache.save(model, key, cache)
+    held, arrays = doc_cache.as_kept(model, cache)
+    assert doc_cache.save(model, key, held, arrays=arrays)
     assert (store / f"{doc_cache.entry_name(key)}.safetensors").is_file()
     loaded = doc_cache.load(model, key, CAPACITY)
     assert loaded is not None and loaded.length == 30
-    expected = greedy(model.lm, model.lm.prefill(question, cache, 8), cache, 4)
+    expected = greedy(model.lm, model.lm.prefill(question, held, 8), held, 4)
     got = greedy(model.lm, model.lm.prefill(question, loaded, 8), loaded, 4)
     assert got[0] == expected[0]
     np.testing.assert_array_equal(np.stack(got[1]), np.stack(expected[1]))
+    fresh, _ = prefilled(model, doc)  # `cache` is `held` where keeping did not narrow it, and ran on
+    original = greedy(model.lm, model.lm.prefill(question, fresh, 8), fresh, 4)
+    assert got[0] == original[0]
+    np.testing.assert_allclose(np.stack(got[1]), np.stack(original[1]), atol=2e-2 if dtype == "float32" else 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kv_bits,dtype,kept", [(16, "float32", np.float16), (8, "float32", np.int8),
+                                                (16, "bfloat16", np.uint16)])
+def test_keys_and_values_are_kept_in_16_bits_or_as_compact_as_exported(store, tiny_checkpoint, backend, kv_bits,
+                                                                        dtype, kept):
+    model = make_model(tiny_checkpoint, backend, kv_bits, dtype)
+    doc = ids(30)
+    cache, _ = prefilled(model, doc)
+    exported = model.export_cache(cache)
+    held, arrays = doc_cache.as_kept(model, cache)
+    assert arrays["k"].dtype == arrays["v"].dtype == kept
+    assert (held is not cache) == (kept == np.float16)  # a new cache only where keeping narrowed it
+    if kept == np.float16:
+        np.testing.assert_array_equal(arrays["k"], exported["k"].astype(np.float16))
+        assert model.export_cache(held)["k"].dtype == np.float32  # the cache is float32 still, holding 16-bit values
+        np.testing.assert_array_equal(model.export_cache(held)["k"], arrays["k"].astype(np.float32))
+    else:
+        for name in exported:
+            np.testing.assert_array_equal(arrays[name], exported[name])
+    key = doc_cache.key_for(model, doc, CAPACITY, "auto")
+    assert doc_cache.save(model, key, cache)  # without arrays: kept the same way
+    path = store / f"{doc_cache.entry_name(key)}.safetensors"
+    metadata, on_disk = doc_cache.read_mapped(path)
+    assert on_disk["k"].dtype == kept and metadata["checksum"] == doc_cache.checksum(arrays)
+    tensor_bytes = sum(a.nbytes for a in on_disk.values())
+    assert tensor_bytes == sum(a.nbytes for a in arrays.values())
+    assert tensor_bytes - 8 == doc_cache.kept_bytes_per_token(model) * len(doc)  # what the cap is checked against
+    if kept == np.float16:
+        assert tensor_bytes < 0.51 * sum(a.nbytes for a in exported.values())
+
+
+def test_a_value_beyond_float16_keeps_its_array_in_float32(torch_model, monkeypatch):
+    cache, _ = prefilled(torch_model, ids(20))
+    real = torch_model.export_cache
+
+    def huge(c):
+        arrays = real(c)
+        arrays["k"][0, 0, 0, 0] = 1e6
+        return arrays
+
+    monkeypatch.setattr(torch_model, "export_cache", huge)
+    arrays, narrowed = doc_cache.kept(torch_model, cache)
+    assert arrays["k"].dtype == np.float32 and arrays["k"][0, 0, 0, 0] == 1e6
+    assert arrays["v"].dtype == np.float16 and narrowed
+
+
+def test_an_entry_is_read_memory_mapped(store, torch_model):
+    doc = ids(20)
+    key = doc_cache.key_for(torch_model, doc, CAPACITY, "auto")
+    assert doc_cache.save(torch_model, key, prefilled(torch_model, doc)[0])
+    metadata, arrays = doc_cache.read_mapped(store / f"{doc_cache.entry_name(key)}.safetensors")
+    import mmap
+
+    for a in arrays.values():
+        assert not a.flags.writeable and not a.flags.owndata
+        base = a
+        while isinstance(base, np.ndarray):
+            base = base.base
+        assert isinstance(getattr(base, "obj", base), mmap.mmap)  # a view of the file's pages, not a copy
+    assert metadata["format_version"] == str(doc_cache.FORMAT_VERSION)
 
 
 def test_another_document_model_or_context_is_another_entry(store, tiny_checkpoint, torch_model):
@@ -171,6 +241,109 @@ def test_a_truncated_file_is_a_notice_and_is_deleted(store, torch_model, capsys)
     path.write_bytes(b"not a safetensors file")
     assert doc_cache.load(torch_model, key, CAPACITY) is None
     assert not path.exists()
+
+
+def tensor_bytes(path) -> tuple[int, int]:
+    """Where an entry's tensor bytes begin and end in its file (after safetensors' 8-byte length and header)."""
+    data = path.read_bytes()
+    return 8 + int.from_bytes(data[:8], "little"), len(data)
+
+
+@pytest.mark.parametrize("damage", ["middle third 0xFF", "one bit", "a float16 value changed"])
+def test_a_damaged_entry_is_a_notice_deleted_and_rebuilt(store, torch_model, capsys, damage):
+    """Issue 31: a damaged entry whose header still reads was trusted (its NaNs answered `<|endoftext|>`)."""
+    doc = ids(20)
+    key = doc_cache.key_for(torch_model, doc, CAPACITY, "auto")
+    assert doc_cache.save(torch_model, key, prefilled(torch_model, doc)[0])
+    path = store / f"{doc_cache.entry_name(key)}.safetensors"
+    begin, end = tensor_bytes(path)
+    data = bytearray(path.read_bytes())
+    third = (end - begin) // 3
+    if damage == "middle third 0xFF":
+        data[begin + third:begin + 2 * third] = b"\xff" * third
+    elif damage == "one bit":
+        data[begin + (end - begin) // 2] ^= 0x01
+    else:  # a finite value, so no NaN check could see it
+        metadata, arrays = doc_cache.read_mapped(path)
+        k = np.array(arrays["k"])
+        k[0, 0, 5, 3] = np.float16(k[0, 0, 5, 3] + 1)
+        at = path.read_bytes().index(arrays["k"].tobytes())
+        data[at:at + k.nbytes] = k.tobytes()
+    path.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert doc_cache.load(torch_model, key, CAPACITY) is None
+    err = capsys.readouterr().err
+    assert "is damaged (its checksum does not match); rebuilding" in err and len(err.strip().splitlines()) == 1
+    assert not path.exists()
+    assert doc_cache.save(torch_model, key, prefilled(torch_model, doc)[0])  # the next question keeps it again
+    assert doc_cache.load(torch_model, key, CAPACITY) is not None
+
+
+def test_an_entry_of_the_float32_format_is_rebuilt_with_a_notice(store, torch_model, capsys):
+    """Format 1 kept float32 arrays and no checksum, under the name of its key: found, named, never read."""
+    import hashlib
+
+    from safetensors.numpy import save_file
+
+    doc = ids(20)
+    key = doc_cache.key_for(torch_model, doc, CAPACITY, "auto")
+    old_key = {**key, "format": 1}
+    old_name = hashlib.sha256(json.dumps(old_key, sort_keys=True).encode()).hexdigest()[:16]  # format 1's entry_name
+    assert doc_cache.entry_name(key) == old_name
+    store.mkdir(parents=True)
+    path = store / f"{old_name}.safetensors"
+    save_file(torch_model.export_cache(prefilled(torch_model, doc)[0]), str(path),
+              metadata={"format_version": "1", **{k: json.dumps(v, sort_keys=True) for k, v in old_key.items()}})
+    capsys.readouterr()
+    assert doc_cache.load(torch_model, key, CAPACITY) is None
+    err = capsys.readouterr().err
+    assert "was written by another version of arbor (format 1, this one reads 2); rebuilding" in err
+    assert len(err.strip().splitlines()) == 1 and not path.exists()
+
+
+def test_a_damaged_cache_never_condemns_the_compiled_decode_step(tmp_path, monkeypatch, capfd):
+    """Issue 31: NaNs from a damaged cache made the compiled step's first check fail and its file deleted. A
+    check whose eager reference is not finite judges nothing: that step runs eager, the file stays, and the
+    library is checked (and used) at the first step with finite inputs. No compiler needed: the library here
+    is the eager step itself."""
+    torch = pytest.importorskip("torch")
+    from arbor_core.config import ArborConfig
+    from arbor_core.rope import rope_frequencies
+    from arbor_torch.model import Transformer
+    from arbor_torch.runner import TorchModel
+
+    monkeypatch.setenv("ARBOR_COMPILE", "1")
+    cfg = ArborConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rope_theta=1000.0)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    lm = TorchModel(model, "cpu", "float32", quantize="int4")
+    lm.set_rope(rope_frequencies(cfg), 256)
+    compiled = lm.compiled
+    assert compiled is not None
+    library = tmp_path / "decode-test.pt2"
+    library.write_bytes(b"the compiled step")
+    calls = []
+
+    def run(inputs):
+        calls.append(1)
+        return compiled.step_module(*inputs[len(compiled.weight_list):])
+
+    monkeypatch.setattr(compiled, "_prepare", lambda inputs: (run, library))
+    damaged = lm.new_cache(64)
+    lm.prefill([3, 17, 42, 5], damaged, 512)
+    damaged.stacked_k[:, :, 1:3] = float("nan")  # what 0xFF bytes read as
+    capfd.readouterr()
+    lm.decode(7, damaged)
+    assert library.exists() and not compiled.off and compiled.run is None and not calls
+    assert "failed its check" not in capfd.readouterr().err
+    good = lm.new_cache(64)
+    lm.prefill([3, 17, 42, 5], good, 512)
+    lm.decode(7, good)
+    assert compiled.run is run and library.exists() and calls  # checked on finite inputs, then used
 
 
 def test_a_file_with_a_foreign_key_is_a_notice_and_is_deleted(store, torch_model, capsys):

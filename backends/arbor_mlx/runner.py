@@ -273,5 +273,9 @@ def _to_host(a: mx.array) -> np.ndarray:
 
 
 def _from_host(a: np.ndarray, dtype: mx.Dtype) -> mx.array:
-    """export_cache's array as `dtype` (uint16 bits back to bfloat16)."""
-    return mx.array(a).view(mx.bfloat16) if dtype == mx.bfloat16 else mx.array(a)
+    """export_cache's array as `dtype` (uint16 bits back to bfloat16; a float16 array for a float32 cache
+    converted). `a` may be read-only (a memory-mapped file): mx.array copies it."""
+    if dtype == mx.bfloat16 and a.dtype == np.uint16:
+        return mx.array(a).view(mx.bfloat16)
+    x = mx.array(a)
+    return x if x.dtype == dtype else x.astype(dtype)

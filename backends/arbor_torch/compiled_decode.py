@@ -14,7 +14,9 @@ artifact is never loaded; it ages out (the least recently used beyond KEEP are d
 
 Nothing here may cost a user a crash: no compiler, a failing compile, a damaged file, or a library
 whose output disagrees with the eager step each falls back to the eager path with one line on
-stderr. A failed compile is remembered (a .failed file beside where the artifact would be) so later
+stderr. Only a library can fail the check, never its inputs: where the eager step's own output is not
+finite (a cache holding NaN or infinity, say from a damaged document cache), the check says nothing
+about the library, so that step runs eager and the check waits for the next. A failed compile is remembered (a .failed file beside where the artifact would be) so later
 runs do not pay for it again; ARBOR_COMPILE=0 turns the whole thing off, and ARBOR_COMPILE_DIR
 moves the artifacts elsewhere.
 """
@@ -140,7 +142,8 @@ class CompiledDecode:
         named.update(dict(self.step_module.named_buffers()))
         self.weights = named
         self.weight_list = list(named.values())
-        self.run = None  # the loaded library's entry point, once ready
+        self.run = None  # the loaded library's entry point, once it passed its check
+        self.unchecked = None  # (entry point, file) loaded, waiting for inputs the check can judge by
         self.off = False
         self.positions = torch.zeros(0, dtype=torch.long)  # `past` input: only its length is read
 
@@ -154,17 +157,26 @@ class CompiledDecode:
         m = self.step_module.model
         inputs = [tok, cache.stacked_k, cache.stacked_v, m.rope_cos, m.rope_sin, self.positions[:length]]
         if self.run is None:
-            self.run = self._prepare(inputs)
-            if self.run is None:
+            if self.unchecked is None:
+                self.unchecked = self._prepare(inputs)
+                if self.unchecked is None:
+                    self.off = True
+                    return None
+            verdict = self._agrees(*self.unchecked, inputs)
+            if verdict is None:  # inputs the eager step itself cannot judge by: eager now, check at the next step
+                return None
+            run, self.unchecked = self.unchecked[0], None
+            if not verdict:
                 self.off = True
                 return None
+            self.run = run
         logits, k, v = self.run(self.weight_list + inputs)
         cache.stacked_k[:, :, length] = k
         cache.stacked_v[:, :, length] = v
         return logits
 
     def _prepare(self, inputs: list):
-        """Load (or first build) the library and check it against the eager step on these inputs."""
+        """Load (or first build) the library: (its entry point, its file), or None to run eager."""
         try:
             key = artifact_key(self.step_module, self.weights)
         except Exception as e:  # noqa: BLE001 - an odd config or module: just run eager
@@ -188,7 +200,7 @@ class CompiledDecode:
         if run is None:
             return None
         prune(directory, "*.pt2", path, KEEP, companions=(".json",))
-        return run if self._agrees(run, inputs, path) else None
+        return run, path
 
     def _load(self, path: Path):
         if not path.exists():
@@ -219,11 +231,14 @@ class CompiledDecode:
         notice(f"compiled in {time.perf_counter() - start:.0f} s (kept in {path.parent})")
         return self._load(path)
 
-    def _agrees(self, run, inputs: list, path: Path) -> bool:
-        """The library's first step against the eager DecodeStep on the same inputs (neither writes the cache)."""
+    def _agrees(self, run, path: Path, inputs: list) -> bool | None:
+        """The library's first step against the eager DecodeStep on the same inputs (neither writes the cache);
+        None when the eager step's output is not finite: such inputs judge nothing, and the file is kept."""
         try:
             with torch.no_grad():
                 want = self.step_module(*inputs)
+            if not all(bool(torch.isfinite(w).all()) for w in want):
+                return None
             got = run(self.weight_list + inputs)
             ok = len(got) == len(want) and all(
                 g.shape == w.shape and bool(torch.linalg.norm(g - w) <= CHECK_REL * torch.linalg.norm(w))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 
 import numpy as np
 import psutil
@@ -250,6 +251,10 @@ class TorchModel:
         names = ("k", "v", "k_scale", "v_scale") if self.kv_bits == 8 else ("k", "v")
         for name in names:
             stacked = _from_host(arrays[name], getattr(cache.layers[0], name).dtype, self.device)
+            whole = getattr(cache, f"stacked_{name}", None)  # the layers' one buffer (16-bit): one copy
+            if whole is not None:
+                whole[:, :, :n] = stacked
+                continue
             for i, layer in enumerate(cache.layers):
                 getattr(layer, name)[:, :, :n] = stacked[i:i + 1]
         cache.length = n
@@ -276,7 +281,13 @@ def _to_host(t: torch.Tensor) -> np.ndarray:
 
 
 def _from_host(a: np.ndarray, dtype: torch.dtype, device) -> torch.Tensor:
-    """export_cache's array as a tensor of `dtype` on `device` (uint16 bits back to bfloat16)."""
-    if dtype == torch.bfloat16:
-        return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16).to(device)
-    return torch.from_numpy(np.ascontiguousarray(a)).to(device)
+    """export_cache's array as a tensor on `device`, to be copied into a cache of `dtype` (uint16 bits back to
+    bfloat16; a float16 array for a float32 cache is converted by that copy). `a` may be read-only (a
+    memory-mapped file): it is only read, so torch's warning about writing to it does not apply."""
+    a = np.ascontiguousarray(a)
+    if dtype == torch.bfloat16 and a.dtype == np.uint16:
+        a = a.view(np.int16)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        t = torch.from_numpy(a)
+    return (t.view(torch.bfloat16) if a.dtype == np.int16 and dtype == torch.bfloat16 else t).to(device)

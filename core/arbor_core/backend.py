@@ -87,7 +87,9 @@ class LoadedModel(Protocol):
         (slots < capacity): NotImplementedError."""
     def import_cache(self, arrays: dict[str, np.ndarray], capacity: int, rope: RopeTables | None = None) -> Any:
         """A new cache as new_cache(capacity, rope) makes it, holding the positions export_cache gave
-        (cache.length set). ValueError for arrays of another model, dtype or kv_bits;
+        (cache.length set), converted to the cache's dtype on the way in: a float32 cache's keys and
+        values may come as float16 (`KEPT_FLOAT`, as doc_cache keeps them). The arrays may be read-only
+        (memory-mapped) and are only read. ValueError for arrays of another model, dtype or kv_bits;
         NotImplementedError when the cache would be a ring (slots < capacity)."""
 
 
@@ -114,6 +116,18 @@ def check_room(cache: Any, n: int, rope_len: int) -> None:
         raise ContextError(f"position {cache.length + n} is beyond the RoPE table; make the cache for that context (Model.new_cache)")
 
 
+# A float32 cache's keys and values may be kept (and handed to import_cache) in this dtype: 16 bits a value
+# halve a kept document (arbor_cli/doc_cache.py; its accuracy against float32 in docs/long-context.md)
+KEPT_FLOAT = np.dtype(np.float16)
+
+
+def kept_forms(store: np.dtype, bits: int) -> tuple[np.dtype, ...]:
+    """The dtypes import_cache takes for "k" / "v" of a cache stored as `store`: the store itself, and
+    KEPT_FLOAT for a float32 store (16-bit and int8 stores are compact already)."""
+    store = np.dtype(store)
+    return (store, KEPT_FLOAT) if bits == 16 and store == np.float32 else (store,)
+
+
 def cache_array_layout(layers: int, kv_heads: int, length: int, head_dim: int, store: np.dtype,
                        bits: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """The arrays export_cache returns, name -> (shape, dtype), the same on every backend.
@@ -132,8 +146,9 @@ def cache_array_layout(layers: int, kv_heads: int, length: int, head_dim: int, s
 
 def check_cache_arrays(arrays: dict[str, np.ndarray], capacity: int, slots: int, layers: int, kv_heads: int,
                        head_dim: int, store: np.dtype, bits: int) -> int:
-    """The length `arrays` hold, after checking they are export_cache's layout for this cache
-    (ValueError) and fit it; a ring (slots < capacity) is not supported yet (NotImplementedError)."""
+    """The length `arrays` hold, after checking they are export_cache's layout for this cache (ValueError;
+    "k" / "v" may be any of `kept_forms`) and fit it; a ring (slots < capacity) is not supported yet
+    (NotImplementedError)."""
     if slots < capacity:
         raise NotImplementedError("a sliding-window (ring) cache cannot be exported or imported yet")
     length_array = arrays.get("length")
@@ -146,7 +161,8 @@ def check_cache_arrays(arrays: dict[str, np.ndarray], capacity: int, slots: int,
     if set(arrays) != set(layout):
         raise ValueError(f"the cache arrays are {sorted(arrays)}, expected {sorted(layout)}")
     for name, (shape, dtype) in layout.items():
-        a = arrays[name]
-        if tuple(a.shape) != shape or a.dtype != dtype:
-            raise ValueError(f"cache array {name!r} is {a.dtype} {tuple(a.shape)}, expected {dtype} {shape}")
+        a, allowed = arrays[name], kept_forms(dtype, bits) if name in ("k", "v") else (dtype,)
+        if tuple(a.shape) != shape or a.dtype not in allowed:
+            raise ValueError(f"cache array {name!r} is {a.dtype} {tuple(a.shape)}, expected "
+                             f"{' or '.join(map(str, allowed))} {shape}")
     return length
