@@ -26,15 +26,7 @@ import numpy as np
 
 import arbor_cli
 from arbor_cli import doc_cache
-
-
-def drop_from_page_cache(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
+from ask_second_question import drop_from_page_cache  # benchmarks/ is the script's own folder
 
 
 def timed_load(model, key, capacity, path: Path, cold: bool) -> dict:

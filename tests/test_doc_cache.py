@@ -306,22 +306,11 @@ def test_a_damaged_cache_never_condemns_the_compiled_decode_step(tmp_path, monke
     check whose eager reference is not finite judges nothing: that step runs eager, the file stays, and the
     library is checked (and used) at the first step with finite inputs. No compiler needed: the library here
     is the eager step itself."""
-    torch = pytest.importorskip("torch")
-    from arbor_core.config import ArborConfig
-    from arbor_core.rope import rope_frequencies
-    from arbor_torch.model import Transformer
-    from arbor_torch.runner import TorchModel
+    pytest.importorskip("torch")
+    from test_compiled_decode import quantized_tiny
 
     monkeypatch.setenv("ARBOR_COMPILE", "1")
-    cfg = ArborConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rope_theta=1000.0)
-    torch.manual_seed(0)
-    model = Transformer(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.2)
-    lm = TorchModel(model, "cpu", "float32", quantize="int4")
-    lm.set_rope(rope_frequencies(cfg), 256)
+    lm = quantized_tiny()
     compiled = lm.compiled
     assert compiled is not None
     library = tmp_path / "decode-test.pt2"
