@@ -67,6 +67,39 @@ def _one_line(message: str) -> str:
     return " ".join(message.split())
 
 
+def response_format(schema: str) -> dict:
+    """OpenAI's `response_format` for a schema's canonical text (what an engine behind --engine is sent)."""
+    if schema == ANY_JSON_OBJECT:
+        return {"type": "json_object"}
+    return {"type": "json_schema", "json_schema": {"name": "answer", "schema": json.loads(schema), "strict": True}}
+
+
+def schema_from_response_format(value: Any) -> str | None:
+    """The schema text for an OpenAI `response_format` ({"type": "text"}, "json_object" or "json_schema" with
+    {"name", "schema", "strict"}); None for text. SchemaError naming the field otherwise."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not isinstance(value.get("type"), str):
+        raise SchemaError("response_format must be an object with a 'type'")
+    kind = value["type"]
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return ANY_JSON_OBJECT
+    if kind != "json_schema":
+        raise SchemaError(f"response_format.type {kind!r} is not supported (text, json_object or json_schema)")
+    spec = value.get("json_schema")
+    if not isinstance(spec, dict):
+        raise SchemaError("response_format.json_schema must be an object with 'name' and 'schema'")
+    name = spec.get("name")
+    if not isinstance(name, str) or not name or len(name) > 64 or not all(c.isalnum() or c in "_-" for c in name):
+        raise SchemaError("response_format.json_schema.name must be 1-64 letters, digits, '_' or '-'")
+    if "strict" in spec and not isinstance(spec["strict"], (bool, type(None))):
+        raise SchemaError("response_format.json_schema.strict must be a boolean")
+    # strict or not, the answer is held to the schema: arbor never returns an unconstrained answer for one
+    return schema_text(spec.get("schema", {"type": "object"}))
+
+
 _TOKENIZERS: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()
 
 
