@@ -170,6 +170,18 @@ def test_every_answer_parses_and_validates(default_model, name):
 
 
 @pytest.mark.slow
+def test_the_mlx_backend_answers_every_schema_too(default_checkpoint):
+    pytest.importorskip("mlx.core")
+    import arbor_cli
+
+    model = arbor_cli.load(str(default_checkpoint.path), backend="mlx", quiet=True)
+    for name, schema in SCHEMAS.items():
+        for r in _answers(model, schema, temperature=1.0, seed=11):
+            assert r.finish_reason == "eos", r.text
+            assert violations(json.loads(r.text), schema) == [], (name, r.text)
+
+
+@pytest.mark.slow
 def test_json_object_is_any_object(default_model_here):
     """json_object on the CPU default (int4): the float32 model rambles on in keys here, as unconstrained."""
     r = default_model_here.chat([{"role": "user", "content": "What is the capital of France? Answer as a JSON object "
