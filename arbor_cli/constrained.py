@@ -103,8 +103,9 @@ def schema_from_response_format(value: Any) -> str | None:
 _TOKENIZERS: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()
 
 
-def _ll_tokenizer(tokenizer) -> Any:
-    """llguidance's view of an arbor Tokenizer, built once per tokenizer object."""
+def prepare_tokenizer(tokenizer) -> Any:
+    """llguidance's view of an arbor Tokenizer, built once per tokenizer object; SchemaError for a model
+    whose tokenizer it cannot read (a server checks this before queueing a request)."""
     built = _TOKENIZERS.get(tokenizer)
     if built is None:
         source = tokenizer.tokenizer_json()
@@ -122,7 +123,7 @@ class TokenConstraint:
 
     def __init__(self, tokenizer, schema: str):
         llg = _llguidance()
-        self._tokenizer = _ll_tokenizer(tokenizer)
+        self._tokenizer = prepare_tokenizer(tokenizer)
         self._matcher = llg.LLMatcher(self._tokenizer, grammar(schema), log_level=0)
         self._check()
         self.vocab_size = self._tokenizer.vocab_size

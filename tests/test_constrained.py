@@ -121,6 +121,16 @@ def test_the_cli_refuses_a_bad_schema_in_one_line_before_loading_a_model(tmp_pat
     assert r.stderr.strip().count("\n") == 0 and "Invalid type: objekt" in r.stderr
 
 
+def test_a_tokenizer_without_tokenizer_json_is_one_line():
+    from types import SimpleNamespace
+
+    from arbor_cli.constrained import TokenConstraint
+
+    sentencepiece = SimpleNamespace(tokenizer_json=lambda: None, name="tiny-sp", vocab_size=10, eos_ids=[2])
+    with pytest.raises(SchemaError, match="tiny-sp has a sentencepiece tokenizer"):
+        TokenConstraint(sentencepiece, ANY_JSON_OBJECT)
+
+
 # ---- the mask in both backends' samplers --------------------------------------------------------------
 def _allowed(vocab: int, ids) -> np.ndarray:
     mask = np.zeros(vocab, dtype=bool)
