@@ -122,11 +122,15 @@ def test_the_cli_refuses_a_bad_schema_in_one_line_before_loading_a_model(tmp_pat
 
 
 def test_a_tokenizer_without_tokenizer_json_is_one_line():
-    from types import SimpleNamespace
-
     from arbor_cli.constrained import TokenConstraint
 
-    sentencepiece = SimpleNamespace(tokenizer_json=lambda: None, name="tiny-sp", vocab_size=10, eos_ids=[2])
+    class SentencePieceTokenizer:
+        name, vocab_size, eos_ids = "tiny-sp", 10, [2]
+
+        def tokenizer_json(self):
+            return None
+
+    sentencepiece = SentencePieceTokenizer()
     with pytest.raises(SchemaError, match="tiny-sp has a sentencepiece tokenizer"):
         TokenConstraint(sentencepiece, ANY_JSON_OBJECT)
 
