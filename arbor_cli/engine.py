@@ -27,6 +27,7 @@ from arbor_core.errors import ArborError, ContextError, ScoringUnavailableError,
 from arbor_core.planner import ContextPlan, bucket_within
 
 from .answer_log import AnswerLog
+from .constrained import response_format
 from .generate import GenerationOptions, GenerationResult, GenerationStream
 from .mapping import map_in_order
 from .session import Session
@@ -112,7 +113,7 @@ class RemoteModel:
     def chat(self, messages: list[dict], stream: bool = False, *, context: int | None = None, rope: str | None = None,
              session: Session | None = None, continuing: bool = False, max_new_tokens: int = 256,
              temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, stop=None,
-             repetition_penalty: float = 1.0, **_) -> GenerationResult:
+             repetition_penalty: float = 1.0, schema=None, **_) -> GenerationResult:
         """One chat completion (greedy answers come from the answer log when this request was answered
         before); `session` then holds the conversation's ids."""
         body = {"model": self.served, "messages": messages, "max_tokens": max_new_tokens, "temperature": temperature,
@@ -123,6 +124,8 @@ class RemoteModel:
             body["stop"] = [stop] if isinstance(stop, str) else list(stop)
         if repetition_penalty != 1.0:
             body["repetition_penalty"] = repetition_penalty  # vLLM's and arbor serve's name for it
+        if schema is not None:
+            body["response_format"] = response_format(GenerationOptions.build(schema=schema).schema)
         kept = self._log.get(body) if self._log is not None and temperature == 0 else None
         if kept is not None:
             self._hold(session, messages, kept["text"])
@@ -156,15 +159,18 @@ class RemoteModel:
             body["seed"] = options.seed
         if options.stop:
             body["stop"] = list(options.stop)
+        if options.schema is not None:
+            body["response_format"] = response_format(options.schema)  # the server holds the answer to it
         return GenerationStream(self._pieces("/chat/completions" if chat else "/completions", body, session), [])
 
     def generate(self, prompt: str | list[int], max_new_tokens: int = 256, temperature: float = 0.0,
                  top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop=None, ignore_eos: bool = False,
                  stream: bool = False, add_special_tokens: bool = True, repetition_penalty: float = 1.0, *,
-                 context: int | None = None, rope: str | None = None) -> GenerationResult | GenerationStream:
+                 context: int | None = None, rope: str | None = None, schema=None
+                 ) -> GenerationResult | GenerationStream:
         """Complete `prompt` (text, encoded here; or token ids) with a completion request."""
         opts = GenerationOptions.build(max_new_tokens, temperature, top_p, top_k, seed, stop, ignore_eos,
-                                       repetition_penalty)
+                                       repetition_penalty, schema)
         ids = list(prompt) if isinstance(prompt, list) else \
             self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
         pieces = self.stream(ids, opts)

@@ -16,6 +16,8 @@ from typing import Any, Generator, Iterator
 from arbor_core.backend import REPEAT_WINDOW, LoadedModel, SamplingParams
 from arbor_core.errors import UsageError
 
+from .constrained import ANY_JSON_OBJECT, TokenConstraint, schema_text
+
 MAX_NEW_TOKENS_LIMIT = 1 << 20
 
 
@@ -29,12 +31,14 @@ class GenerationOptions:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     repetition_penalty: float = 1.0
+    schema: str | None = None  # a JSON schema's canonical text: every step's tokens masked to it (constrained.py)
 
     @classmethod
     def build(cls, max_new_tokens=256, temperature=0.0, top_p=1.0, top_k=0, seed=None, stop=None,
-              ignore_eos=False, repetition_penalty=1.0) -> "GenerationOptions":
+              ignore_eos=False, repetition_penalty=1.0, schema=None) -> "GenerationOptions":
         """Validate user-supplied values; every bad one is a UsageError naming the CLI option (and the
-        API's parameter where its name differs)."""
+        API's parameter where its name differs). `schema`: a JSON schema (dict or JSON text) the answer
+        must match, "json_object" for any JSON object; checked to compile here (constrained.SchemaError)."""
         if not isinstance(max_new_tokens, int) or not 0 < max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
             raise UsageError(f"--max-tokens (max_new_tokens) must be an integer in 1..{MAX_NEW_TOKENS_LIMIT}, got {max_new_tokens!r}")
         if not _finite(temperature) or not 0 <= temperature <= 100:
@@ -50,8 +54,10 @@ class GenerationOptions:
         stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
         if any(not isinstance(s, str) or not s for s in stops):
             raise UsageError("--stop strings must be non-empty text")
+        if schema is not None:
+            schema = ANY_JSON_OBJECT if schema == "json_object" else schema_text(schema)
         return cls(max_new_tokens, float(temperature), float(top_p), top_k, seed, stops, bool(ignore_eos),
-                   float(repetition_penalty))
+                   float(repetition_penalty), schema)
 
     @property
     def sampling(self) -> SamplingParams:
@@ -137,15 +143,24 @@ def stream_generation(lm: LoadedModel, tokenizer, cache, prompt_ids: list[int], 
     finish = "length"
     penalised = opts.repetition_penalty != 1.0
     recent = deque(prompt_ids[-REPEAT_WINDOW:] if penalised else (), maxlen=REPEAT_WINDOW)
+    constraint = TokenConstraint(tokenizer, opts.schema) if opts.schema is not None else None
+
+    def pick(logits) -> int:
+        if constraint is None:
+            return lm.sample(logits, opts.sampling, rng, list(recent))
+        return lm.sample(logits, opts.sampling, rng, list(recent), allowed=constraint.allowed())
+
     t0 = time.perf_counter()
     logits = lm.prefill(prompt_ids, cache, chunk_size) if prompt_ids else None
-    token = lm.sample(logits, opts.sampling, rng, list(recent)) if logits is not None else None
+    token = pick(logits) if logits is not None else None
     t1 = time.perf_counter()
     while token is not None and budget > 0:
-        if token in eos:
+        if token in eos or (constraint is not None and constraint.accepting and token in constraint.eos_ids):
             finish = "eos"
             break
         tokens.append(token)
+        if constraint is not None:
+            constraint.consume(token)
         piece = stops.push(detok.push(token))
         if piece:
             text.append(piece)
@@ -153,11 +168,14 @@ def stream_generation(lm: LoadedModel, tokenizer, cache, prompt_ids: list[int], 
         if stops.stopped:
             finish = "stop"
             break
+        if constraint is not None and constraint.finished:
+            finish = "eos"
+            break
         if len(tokens) >= budget:
             break
         if penalised:
             recent.append(token)
-        token = lm.sample(lm.decode(token, cache), opts.sampling, rng, list(recent))
+        token = pick(lm.decode(token, cache))
     if finish != "stop":
         tail = stops.push(detok.flush()) + stops.flush()
         if tail:

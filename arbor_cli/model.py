@@ -167,11 +167,12 @@ class Model:
     def generate(self, prompt: str | list[int], max_new_tokens: int = 256, temperature: float = 0.0,
                  top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop: str | Iterable[str] | None = None,
                  ignore_eos: bool = False, stream: bool = False, add_special_tokens: bool = True,
-                 repetition_penalty: float = 1.0, *, context: int | None = None, rope: str | None = None
-                 ) -> GenerationResult | GenerationStream:
-        """Complete `prompt` (text, or token ids used as they are). temperature 0 is greedy."""
+                 repetition_penalty: float = 1.0, *, context: int | None = None, rope: str | None = None,
+                 schema: Any = None) -> GenerationResult | GenerationStream:
+        """Complete `prompt` (text, or token ids used as they are). temperature 0 is greedy. `schema`: a JSON
+        schema (dict or JSON text) or "json_object" the answer is held to, token by token."""
         opts = GenerationOptions.build(max_new_tokens, temperature, top_p, top_k, seed, stop, ignore_eos,
-                                       repetition_penalty)
+                                       repetition_penalty, schema)
         ids = self._check_ids(prompt) if isinstance(prompt, list) else \
             self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
         return _finished(self.stream(ids, opts, context=context, rope=rope), stream)

@@ -26,6 +26,7 @@ class Script:
         self.delay, self.fail, self.status, self.scores = delay, set(fail), status, scores
         self.answer = answer or (lambda prompt: "Notes: " + " ".join(prompt.split()[:6]))
         self.requests, self.running, self.most = 0, 0, 0
+        self.bodies = []
         self.lock = threading.Lock()
 
 
@@ -50,6 +51,7 @@ def serve(script: Script):
         def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             with script.lock:
+                script.bodies.append(body)
                 script.requests += 1
                 number = script.requests
                 script.running += 1
@@ -169,6 +171,18 @@ def test_ask_ranks_parts_with_the_engines_prompt_scores_or_answers_every_part_wi
     unranked = ask(model, text, "What is the pass key?")
     assert unranked.text.startswith(key) and len(unranked.answered) == unranked.parts  # every part answered
     assert any("does not score" in h for h in heard)
+
+
+def test_a_schema_goes_to_the_engine_as_response_format(scripted, tmp_path):
+    pytest.importorskip("llguidance")
+    script, url = scripted(answer=lambda prompt: '{"a": 1}')
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    model = remote(url, tmp_path)
+    assert model.chat([{"role": "user", "content": "Hi"}], schema=schema).text == '{"a": 1}'
+    model.chat([{"role": "user", "content": "Hi again"}], schema="json_object")
+    assert [b["response_format"] for b in script.bodies] == [
+        {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}},
+        {"type": "json_object"}]
 
 
 def test_parallel_without_an_engine_is_a_usage_error(tmp_path):

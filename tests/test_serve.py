@@ -96,6 +96,33 @@ def test_chat_with_the_openai_client_is_arbor_chats_reply(client, default_checkp
     assert text.strip() == local.stdout.strip() and "Paris" in text
 
 
+CITY = {"type": "object", "additionalProperties": False, "required": ["city", "country", "population"],
+        "properties": {"city": {"type": "string", "maxLength": 30}, "country": {"enum": ["France", "Spain", "Italy"]},
+                       "population": {"type": "integer", "minimum": 0, "maximum": 50000000}}}
+
+
+def test_response_format_json_schema_through_the_openai_client(client):
+    pytest.importorskip("llguidance")
+    for temperature in (0, 1.0):
+        reply = client.chat.completions.create(
+            model="smollm2-135m-instruct", temperature=temperature, seed=3, max_tokens=80,
+            messages=[{"role": "user", "content": "Tell me about the capital of France."}],
+            response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": CITY, "strict": True}})
+        value = json.loads(reply.choices[0].message.content)
+        assert reply.choices[0].finish_reason == "stop"
+        assert set(value) == {"city", "country", "population"} and value["country"] in CITY["properties"]["country"][
+            "enum"] and isinstance(value["population"], int) and 0 <= value["population"] <= 50000000
+
+
+def test_an_unsupported_response_format_is_a_400_naming_it(server):
+    pytest.importorskip("llguidance")
+    for response_format in ({"type": "xml"}, {"type": "json_schema", "json_schema": {
+            "name": "x", "schema": {"type": "string", "format": "shoe-size"}}}):
+        r = httpx.post(f"{server}/v1/chat/completions", timeout=30, json={
+            "messages": [{"role": "user", "content": "Hi"}], "response_format": response_format})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "response_format", r.text
+
+
 def test_streamed_chat_gives_the_same_text_piece_by_piece(client):
     plain = client.chat.completions.create(model="smollm2-135m-instruct", temperature=0, max_tokens=24,
                                            messages=[{"role": "user", "content": "Name three colours."}])

@@ -66,6 +66,14 @@ HI = [{"role": "user", "content": "Hi"}]
     ({"messages": HI, "temperature": 500}, True, 400, None, None, "--temperature must be between 0 and 100"),
     ({"messages": HI, "stop": [""]}, True, 400, None, None, "--stop strings must be non-empty"),
     ({"messages": HI, "seed": -1}, True, 400, None, None, "--seed must be a non-negative integer"),
+    ({"messages": HI, "response_format": {"type": "xml"}}, True, 400, "response_format", None, "'xml' is not"),
+    ({"messages": HI, "response_format": "json"}, True, 400, "response_format", None, "must be an object"),
+    ({"messages": HI, "response_format": {"type": "json_schema", "json_schema": {"name": "p",
+                                                                                 "schema": {"type": "objekt"}}}},
+     True, 400, "response_format", None, "Invalid type: objekt"),
+    ({"messages": HI, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "p", "schema": {"type": "string", "format": "shoe-size"}, "strict": True}}},
+     True, 400, "response_format", None, "Unknown format: shoe-size"),
     ({}, False, 400, "prompt", None, "'prompt' is required"),
     ({"prompt": ""}, False, 400, "prompt", None, "'prompt' is required"),
     ({"prompt": ["a", "b"]}, False, 400, "prompt", None, "'prompt' is required"),
@@ -98,6 +106,16 @@ def test_a_bad_body_is_the_openai_error_a_client_hears(body, chat, status, param
 def test_a_good_body_gives_its_ids_options_and_context(body, chat, ids, max_new_tokens, context):
     assert request(body, chat) == (ids, GenerationOptions.build(max_new_tokens=max_new_tokens, temperature=1.0),
                                    context)
+
+
+def test_response_format_becomes_the_schema_option():
+    pytest.importorskip("llguidance")
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    for response_format, expected in [({"type": "json_object"}, "json_object"), ({"type": "text"}, None),
+                                      ({"type": "json_schema", "json_schema": {"name": "a", "schema": schema,
+                                                                               "strict": True}}, schema)]:
+        _, options, _ = request({"messages": HI, "max_tokens": 3, "response_format": response_format})
+        assert options == GenerationOptions.build(max_new_tokens=3, temperature=1.0, schema=expected)
 
 
 def test_sampling_parameters_become_the_generation_options():

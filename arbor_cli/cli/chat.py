@@ -8,11 +8,13 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape
 
-from arbor_core.errors import ArborError
+from arbor_core.errors import ArborError, UsageError
 
 from ..chat import ChatSession, new_session
 from ..generate import GenerationOptions
+from .generate import incomplete_json
 from .common import (
+    SCHEMA_HELP,
     GlobalOptions,
     console,
     describe_error,
@@ -21,6 +23,7 @@ from .common import (
     max_input_bytes,
     model_options,
     read_document,
+    read_schema,
     read_text_input,
     stdin_is_piped,
     write_answer,
@@ -55,9 +58,13 @@ def chat(
                                                   "tokens (1 = off).")] = 1.1,
     doc: Annotated[Optional[str], typer.Option("--doc", metavar="FILE", help="Every message is a question about "
                                                "FILE, answered as `arbor ask` does (its cache kept on disk).")] = None,
+    schema: Annotated[Optional[str], typer.Option("--schema", metavar="FILE|JSON", help=SCHEMA_HELP)] = None,
     *, opts: GlobalOptions,
 ) -> None:
-    options = GenerationOptions.build(max_tokens, temperature, top_p, top_k, seed, repetition_penalty=repeat_penalty)
+    options = GenerationOptions.build(max_tokens, temperature, top_p, top_k, seed, repetition_penalty=repeat_penalty,
+                                      schema=read_schema(schema))
+    if doc is not None and schema is not None:
+        raise UsageError("--schema does not apply to --doc yet (arbor ask answers with quotes)")
     if doc is not None:
         chat_about(doc, opts)
         return
@@ -67,6 +74,7 @@ def chat(
         session = new_session(m, system=system, options=options)
         reply = "".join(session.send(text.strip()))
         write_answer(reply.strip())
+        incomplete_json(schema, session.last_result)
         return
     m = load_model(opts)
     session = new_session(m, system=system, options=options)

@@ -14,6 +14,7 @@ import inspect
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -187,6 +188,20 @@ def read_documents(sources: list[str], max_bytes: int | None = None, progress=No
     `max_bytes` each (default: max_input_bytes()), each skipped file said on stderr, a long PDF's pages on
     `progress` (the command's progress_display)."""
     return documents.read_documents(sources, max_input_bytes() if max_bytes is None else max_bytes, warn, progress)
+
+
+def read_schema(value: str | None) -> str | None:
+    """--schema FILE|JSON: JSON text as it is, "json_object" for any JSON object, else a file's text."""
+    if value is None or value == "json_object" or value.lstrip().startswith("{"):
+        return value
+    try:
+        return Path(value).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"--schema {value}: cannot read the schema file ({e.strerror or e})") from None
+
+
+SCHEMA_HELP = ("Hold the answer to a JSON schema, token by token: a file, JSON text, or 'json_object' "
+               "for any JSON object.")
 
 
 def write_answer(text: str, end: str = "\n") -> None:

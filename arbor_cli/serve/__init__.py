@@ -26,6 +26,9 @@ from __future__ import annotations
 
 import time
 
+from arbor_core.errors import ArborError
+
+from ..constrained import prepare_tokenizer
 from . import openai
 from .openai import RequestError, served_name
 from .worker import DEFAULT_QUEUE, Job, Worker
@@ -63,8 +66,15 @@ class Server:
         return openai.completion_ids(body, self.model.tokenizer, self.model.config.vocab_size)
 
     def options(self, body: dict, prompt_tokens: int):
-        """The sampling options and the context planned for prompt + answer (400 when they cannot fit)."""
-        return openai.generation_options(body, prompt_tokens, self.max_context, self.plan_context)
+        """The sampling options and the context planned for prompt + answer (400 when they cannot fit, or
+        when a response_format's schema cannot be held on this model's tokenizer)."""
+        options, context = openai.generation_options(body, prompt_tokens, self.max_context, self.plan_context)
+        if options.schema is not None:
+            try:
+                prepare_tokenizer(self.model.tokenizer)
+            except ArborError as e:
+                raise RequestError(400, str(e), param="response_format") from None
+        return options, context
 
     def plan_context(self, tokens: int) -> int:
         """The context this machine runs for `tokens` tokens (the CLI's plan)."""

@@ -16,6 +16,7 @@ from pathlib import PurePath
 
 from arbor_core.errors import ArborError
 
+from ..constrained import schema_from_response_format
 from ..generate import GenerationOptions
 
 DEFAULT_MAX_TOKENS = 1024  # when a request gives none: OpenAI's own default is "the room left"
@@ -107,10 +108,15 @@ def generation_options(body: dict, prompt_tokens: int, max_context: int,
         raise RequestError(400, "only n=1 is supported", param="n")
     wanted = _answer_tokens(body, prompt_tokens, max_context)
     try:
+        schema = schema_from_response_format(body.get("response_format"))
+    except ArborError as e:  # an unsupported schema is refused, never answered unconstrained
+        raise RequestError(400, str(e), param="response_format") from None
+    try:
         options = GenerationOptions.build(
             max_new_tokens=wanted, temperature=_number(body, "temperature", 1.0), top_p=_number(body, "top_p", 1.0),
             top_k=int(_number(body, "top_k", 0)), seed=body.get("seed"), stop=body.get("stop"),
-            repetition_penalty=_number(body, "repetition_penalty", 1.0), ignore_eos=bool(body.get("ignore_eos")))
+            repetition_penalty=_number(body, "repetition_penalty", 1.0), ignore_eos=bool(body.get("ignore_eos")),
+            schema=schema)
     except ArborError as e:
         raise RequestError(400, str(e)) from None
     try:

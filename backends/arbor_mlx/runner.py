@@ -217,7 +217,8 @@ class MLXModel:
         return RandomKey(seed)
 
     @_on_device
-    def sample(self, logits, params: SamplingParams, rng: RandomKey, recent: list[int] = ()) -> int:
+    def sample(self, logits, params: SamplingParams, rng: RandomKey, recent: list[int] = (),
+               allowed: np.ndarray | None = None) -> int:
         """The next token, and, for the logits prefill/decode just returned, the next decode step queued.
 
         MLX evaluates lazily, so the token is first a lazy scalar on the device. When `logits` are the
@@ -231,7 +232,7 @@ class MLXModel:
         latest, self._latest = self._latest, None
         if not isinstance(logits, mx.array):
             logits = mx.array(np.asarray(logits, dtype=np.float32))
-        token = sample_lazy(logits, params, rng, recent)
+        token = sample_lazy(logits, params, rng, recent, allowed)
         cache = latest[1] if latest is not None and latest[0] is logits else None
         if cache is not None:
             self._use_rope(cache.rope, cache.capacity)

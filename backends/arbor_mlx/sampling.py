@@ -9,6 +9,7 @@ from __future__ import annotations
 import secrets
 
 import mlx.core as mx
+import numpy as np
 
 from arbor_core.backend import SamplingParams
 
@@ -32,8 +33,19 @@ def penalise_repeats(logits: mx.array, recent, penalty: float) -> mx.array:
     return mx.where(hit, mx.where(logits > 0, logits / penalty, logits * penalty), logits)
 
 
-def sample_lazy(logits: mx.array, params: SamplingParams, rng: RandomKey | None, recent=()) -> mx.array:
-    """The next token from (vocab,) logits, as a lazy scalar."""
+def keep_allowed(logits: mx.array, allowed: np.ndarray) -> mx.array:
+    """`logits` with every token outside `allowed` (bool [n]; ids >= n are outside) at -inf."""
+    keep = np.zeros(logits.shape[-1], dtype=bool)
+    n = min(len(allowed), logits.shape[-1])
+    keep[:n] = allowed[:n]
+    return mx.where(mx.array(keep), logits, -mx.inf)
+
+
+def sample_lazy(logits: mx.array, params: SamplingParams, rng: RandomKey | None, recent=(),
+                allowed: np.ndarray | None = None) -> mx.array:
+    """The next token from (vocab,) logits, as a lazy scalar; with `allowed`, one of those tokens."""
+    if allowed is not None:
+        logits = keep_allowed(logits, allowed)
     if params.repetition_penalty != 1.0 and len(recent):
         logits = penalise_repeats(logits, recent, params.repetition_penalty)
     if params.greedy:

@@ -263,8 +263,9 @@ class TorchModel:
     def new_rng(self, seed: int | None) -> torch.Generator:
         return sampling.new_rng(self.device, seed)
 
-    def sample(self, logits: torch.Tensor, params: SamplingParams, rng: torch.Generator, recent: list[int] = ()) -> int:
-        return sampling.sample(logits, params, rng, recent)
+    def sample(self, logits: torch.Tensor, params: SamplingParams, rng: torch.Generator, recent: list[int] = (),
+               allowed: np.ndarray | None = None) -> int:
+        return sampling.sample(logits, params, rng, recent, allowed)
 
     @torch.inference_mode()
     def logits(self, ids: list[int], rope: RopeTables | None = None) -> np.ndarray:

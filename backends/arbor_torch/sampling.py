@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from arbor_core.backend import SamplingParams
@@ -27,9 +28,20 @@ def penalise_repeats(logits: torch.Tensor, recent, penalty: float) -> torch.Tens
     return logits
 
 
+def keep_allowed(logits: torch.Tensor, allowed: np.ndarray) -> torch.Tensor:
+    """`logits` with every token outside `allowed` (bool [n]; ids >= n are outside) at -inf."""
+    keep = torch.zeros(logits.shape[-1], dtype=torch.bool)
+    n = min(len(allowed), logits.shape[-1])
+    keep[:n] = torch.from_numpy(np.ascontiguousarray(allowed[:n]))
+    return logits.masked_fill(~keep.to(logits.device, non_blocking=True), float("-inf"))
+
+
 @torch.inference_mode()
-def sample(logits: torch.Tensor, params: SamplingParams, rng: torch.Generator | None, recent=()) -> int:
-    """The next token from (vocab,) logits."""
+def sample(logits: torch.Tensor, params: SamplingParams, rng: torch.Generator | None, recent=(),
+           allowed: np.ndarray | None = None) -> int:
+    """The next token from (vocab,) logits; with `allowed`, one of those tokens (a schema's mask)."""
+    if allowed is not None:
+        logits = keep_allowed(logits, allowed)
     if params.repetition_penalty != 1.0 and len(recent):
         logits = penalise_repeats(logits, recent, params.repetition_penalty)
     if params.greedy:

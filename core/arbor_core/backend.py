@@ -75,8 +75,11 @@ class LoadedModel(Protocol):
         logits ([vocab]); with `every`, every position's ([len(ids), vocab]: a short continuation's, to score it)."""
     def decode(self, token: int, cache: Any) -> Any:
         """Run one token at position cache.length, append it, return its logits."""
-    def sample(self, logits: Any, params: SamplingParams, rng: Any, recent: list[int] = ()) -> int:
-        """Pick the next token on the device; `recent` are the ids the repetition penalty applies to."""
+    def sample(self, logits: Any, params: SamplingParams, rng: Any, recent: list[int] = (),
+               allowed: np.ndarray | None = None) -> int:
+        """Pick the next token on the device; `recent` are the ids the repetition penalty applies to;
+        `allowed` (bool [n], a JSON schema's mask for this step) limits the pick to its True ids (ids >= n
+        are not allowed), for greedy and sampled picks alike."""
     def new_rng(self, seed: int | None) -> Any: ...
     def logits(self, ids: list[int], rope: RopeTables | None = None) -> np.ndarray:
         """Full forward without a cache: float32 [len(ids), vocab]; with `rope` for len(ids) positions

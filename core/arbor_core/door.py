@@ -48,7 +48,9 @@ class Door(Protocol):
                context: int | None = None, rope: str | None = None) -> Any:
         """The one generation entry point: a GenerationStream of text pieces. With `session`, the prompt is
         the whole conversation and what the session holds of it is reused by its rule (Session); with
-        `continuing`, the prompt goes on from everything the session holds (one request read in steps)."""
+        `continuing`, the prompt goes on from everything the session holds (one request read in steps).
+        `options.schema` (a JSON schema's text) holds the answer to it: a model here masks every step's
+        tokens, an engine is sent it as OpenAI's `response_format`; never silently dropped."""
 
     def generate(self, prompt: str | list[int], max_new_tokens: int = 256, *args: Any, context: int | None = None,
                  rope: str | None = None, **options: Any) -> Any:

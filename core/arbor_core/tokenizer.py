@@ -60,6 +60,10 @@ class Tokenizer:
     def is_special(self, token_id: int) -> bool:
         return token_id in self._special_ids
 
+    def tokenizer_json(self) -> str | None:
+        """The HF tokenizer.json text this tokenizer runs (for a token-mask library), None for sentencepiece."""
+        return self._backend.tokenizer_json()
+
     def token_id(self, token: str) -> int | None:
         """The id of a vocabulary entry spelled exactly `token`, if there is one."""
         return self._backend.token_to_id(token)

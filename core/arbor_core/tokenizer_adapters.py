@@ -65,6 +65,9 @@ class HFTokenizersAdapter:
     def id_to_token(self, token_id: int) -> str | None:
         return self._tok.id_to_token(token_id)
 
+    def tokenizer_json(self) -> str:
+        return self._tok.to_str()
+
     def adds_bos(self, bos_id: int) -> bool:
         """Whether tokenizer.json's post-processor puts BOS first (its way of saying add_bos_token)."""
         return self._encode("a", specials_as_ids=self._specials_as_ids, add_special_tokens=True).ids[:1] == [bos_id]
@@ -132,6 +135,9 @@ class SentencePieceAdapter:
 
     def id_to_token(self, token_id: int) -> str | None:
         return self._sp.IdToPiece(token_id)
+
+    def tokenizer_json(self) -> None:
+        return None  # a sentencepiece model has no tokenizer.json
 
     def adds_bos(self, bos_id: int) -> bool:
         return True  # what LlamaTokenizer does when tokenizer_config.json does not say
