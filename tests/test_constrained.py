@@ -184,12 +184,15 @@ def test_every_answer_parses_and_validates(default_model, name):
 
 
 @pytest.mark.slow
-def test_the_mlx_backend_answers_every_schema_too(default_checkpoint):
+def test_the_mlx_backend_answers_schemas_too(default_checkpoint):
+    """MLX applies the mask in its own sampler; the schemas' coverage is the torch test's. Two of the five (the
+    nested and the bounded array: 68 s on 2 cores for all five, float32 MLX) keep CI's time."""
     pytest.importorskip("mlx.core")
     import arbor_cli
 
     model = arbor_cli.load(str(default_checkpoint.path), backend="mlx", quiet=True)
-    for name, schema in SCHEMAS.items():
+    for name in ("nested object", "array with min/max items"):
+        schema = SCHEMAS[name]
         for r in _answers(model, schema, temperature=1.0, seed=11):
             assert r.finish_reason == "eos", r.text
             assert violations(json.loads(r.text), schema) == [], (name, r.text)
