@@ -7,7 +7,8 @@ is held token by token to {"items": [ITEM, ...]} where ITEM is the user's schema
 the door's GenerationOptions.schema), so it always parses. An item is kept only when it is grounded: each
 string field (or the schema's "quote" field alone, where it has one) occurs verbatim in the part (runs of
 whitespace match any whitespace; case-sensitive first, then case-insensitive), and each number occurs as
-written. Kept items carry `_source` (document, location label, start/end in that document's own text);
+written, all within one paragraph of the part (a name in one paragraph and a role in another is not a
+record the text states). Kept items carry `_source` (document, location label, start/end in that document's own text);
 the others are dropped and counted. Items with the same field values in one document (the overlap of two
 parts reads the same sentence twice) are merged into one, the first place kept.
 
@@ -34,6 +35,7 @@ from .progress import NoProgress
 DEFAULT_INSTRUCTION = "Extract the records described by the fields."
 QUOTE_FIELD = "quote"  # a schema with this field is grounded by it alone
 MAX_ITEM_TOKENS = 1024
+PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")
 
 
 def items_schema(schema: Any) -> tuple[str, dict]:
@@ -132,7 +134,7 @@ def _leaves(value: Any) -> list[Any]:
 
 def ground(item: Any, part: str, quote_field: bool) -> tuple[int, int] | None:
     """The span of `part` an item is grounded in (from its first located value to its last), or None where
-    a value it must show is not in the part. The anchor is the "quote" field where the schema has one
+    a value it must show is not in the part, or its values lie in different paragraphs. The anchor is the "quote" field where the schema has one
     (then the only string checked), else the longest string; the other values are found nearest to it."""
     if not isinstance(item, dict):
         return None
@@ -153,7 +155,10 @@ def ground(item: Any, part: str, quote_field: bool) -> tuple[int, int] | None:
             return None
         spans.append(span)
         near = spans[0][0]
-    return min(s for s, _ in spans), max(e for _, e in spans)
+    start, end = min(s for s, _ in spans), max(e for _, e in spans)
+    if PARAGRAPH_BREAK.search(part, start, end):
+        return None  # its values are in the part, but not together: one record is told in one paragraph
+    return start, end
 
 
 # ---- the run ------------------------------------------------------------------------------------------------

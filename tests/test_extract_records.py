@@ -125,9 +125,10 @@ def test_locations_are_pdf_pages(tmp_path):
     ({"name": "Alice Moreno", "role": "engineer", "year": 201}, False),   # nor a piece of one
     ({"name": "Alice More", "role": "engineer"}, False),  # a word cut short is not the word
     ({"name": "", "role": ""}, False),                    # nothing to ground it by
+    ({"name": "Alice Moreno", "role": "pilot"}, False),   # both in the part, but paragraphs apart
 ])
 def test_grounding_rules(item, grounded):
-    part = "In 2019 the team grew.\nName: Alice   Moreno, role: engineer."
+    part = "In 2019 the team grew.\nName: Alice   Moreno, role: engineer.\n\nThe pilot flew home."
     assert (ground(item, part, quote_field=False) is not None) == grounded
 
 
