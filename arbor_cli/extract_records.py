@@ -98,25 +98,26 @@ def _pattern(value: str) -> re.Pattern | None:
     return re.compile(left + body + right)
 
 
-def find_string(part: str, value: str, near: int | None = None) -> tuple[int, int] | None:
-    """Where `value` occurs verbatim in `part` (whitespace runs alike; case-sensitive first, then not): the
-    occurrence nearest `near`, else the first; None where it does not occur."""
+def string_spans(part: str, value: str) -> list[tuple[int, int]]:
+    """Where `value` occurs verbatim in `part` (runs of whitespace alike): the case-sensitive occurrences, or
+    where there are none the case-insensitive ones."""
     pattern = _pattern(value)
     if pattern is None:
-        return None
+        return []
     for flags in (0, re.IGNORECASE):
         spans = [m.span() for m in re.compile(pattern.pattern, flags).finditer(part)]
         if spans:
-            return spans[0] if near is None else min(spans, key=lambda s: abs(s[0] - near))
-    return None
+            return spans
+    return []
 
 
-def find_number(part: str, value: int | float, near: int | None = None) -> tuple[int, int] | None:
+def number_spans(part: str, value: int | float) -> list[tuple[int, int]]:
     written = json.dumps(value)
-    spans = [m.span() for m in re.finditer(rf"(?<![\w.]){re.escape(written)}(?![\w]|\.\d)", part)]
-    if not spans:
-        return None
-    return spans[0] if near is None else min(spans, key=lambda s: abs(s[0] - near))
+    return [m.span() for m in re.finditer(rf"(?<![\w.]){re.escape(written)}(?![\w]|\.\d)", part)]
+
+
+def _spans(part: str, value) -> list[tuple[int, int]]:
+    return string_spans(part, value) if isinstance(value, str) else number_spans(part, value)
 
 
 def _leaves(value: Any) -> list[Any]:
@@ -133,9 +134,11 @@ def _leaves(value: Any) -> list[Any]:
 
 
 def ground(item: Any, part: str, quote_field: bool) -> tuple[int, int] | None:
-    """The span of `part` an item is grounded in (from its first located value to its last), or None where
-    a value it must show is not in the part, or its values lie in different paragraphs. The anchor is the "quote" field where the schema has one
-    (then the only string checked), else the longest string; the other values are found nearest to it."""
+    """The span of `part` an item is grounded in (from its first located value to its last), or None where a
+    value it must show is not in the part, or its values lie in different paragraphs. The anchor is the
+    "quote" field where the schema has one (then the only string checked), else the longest string; at each
+    place the anchor occurs the other values are found nearest to it, and the first place that holds them
+    all within one paragraph is the item's."""
     if not isinstance(item, dict):
         return None
     if quote_field:
@@ -148,17 +151,15 @@ def ground(item: Any, part: str, quote_field: bool) -> tuple[int, int] | None:
         numbers = [v for v in leaves if not isinstance(v, str)]
     if not strings and not numbers:
         return None  # nothing to ground it by
-    spans, near = [], None
-    for value in strings + numbers:
-        span = find_string(part, value, near) if isinstance(value, str) else find_number(part, value, near)
-        if span is None:
-            return None
-        spans.append(span)
-        near = spans[0][0]
-    start, end = min(s for s, _ in spans), max(e for _, e in spans)
-    if PARAGRAPH_BREAK.search(part, start, end):
-        return None  # its values are in the part, but not together: one record is told in one paragraph
-    return start, end
+    found = [_spans(part, value) for value in strings + numbers]
+    if not all(found):
+        return None
+    for anchor in found[0]:  # each place the anchor occurs, until one holds the whole record in a paragraph
+        spans = [anchor] + [min(others, key=lambda s: abs(s[0] - anchor[0])) for others in found[1:]]
+        start, end = min(s for s, _ in spans), max(e for _, e in spans)
+        if not PARAGRAPH_BREAK.search(part, start, end):
+            return start, end
+    return None  # its values are in the part, but not together: one record is told in one paragraph
 
 
 # ---- the run ------------------------------------------------------------------------------------------------

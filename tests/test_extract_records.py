@@ -132,6 +132,12 @@ def test_grounding_rules(item, grounded):
     assert (ground(item, part, quote_field=False) is not None) == grounded
 
 
+def test_the_record_is_found_where_its_values_stand_together_not_where_one_first_occurs():
+    part = "The accountant came early.\n\nName: Chen Wei, role: accountant."
+    start, end = ground({"name": "Chen Wei", "role": "accountant"}, part, quote_field=False)
+    assert part[start:end] == "Chen Wei, role: accountant"
+
+
 def test_a_quote_field_alone_grounds_the_item():
     part = "Name: Alice Moreno, role: engineer."
     assert ground({"quote": "Alice Moreno, role: engineer", "summary": "an engineer named Alice"}, part, True)
