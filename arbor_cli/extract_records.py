@@ -30,6 +30,7 @@ from .chunking import document_token_offsets, split_into_chunks
 from .constrained import SchemaError, schema_text
 from .documents import Document
 from .extract import label_at
+from .generate import GenerationResult
 from .progress import NoProgress
 
 DEFAULT_INSTRUCTION = "Extract the records described by the fields."
@@ -85,6 +86,23 @@ def answered_items(text: str) -> list[Any]:
         except json.JSONDecodeError:
             return items
         items.append(value)
+
+
+def answer_text(reply) -> str:
+    """The text of a reply: a door that streams (a local Model) is read until its answer ends, or until an
+    item repeats one listed before in the same answer (a small model, held to the schema, may go on listing
+    the same item until --max-tokens; what follows a repeat is dropped). A door that answers whole (an
+    engine) is taken as it is."""
+    if isinstance(reply, GenerationResult):
+        return reply.text
+    text = ""
+    for piece in reply:
+        text += piece
+        if "}" in piece:
+            items = [json.dumps(item, sort_keys=True) for item in answered_items(text)]
+            if len(set(items)) < len(items):
+                break
+    return text
 
 
 # ---- grounding ----------------------------------------------------------------------------------------------
@@ -223,15 +241,15 @@ def extract_records(model, documents: list[Document], schema: Any, *, instructio
         raise UsageError("there is nothing to extract from: the documents are empty")
     quote_field = QUOTE_FIELD in item_schema["properties"]
 
-    def read(piece):
+    def read(piece) -> str:
         _, _, part = piece
-        return model.chat(extraction_prompt(part, item_schema, instruction), max_new_tokens=max_new_tokens,
-                          temperature=0.0, schema=wrapped)
+        return answer_text(model.chat(extraction_prompt(part, item_schema, instruction), stream=True,
+                                      max_new_tokens=max_new_tokens, temperature=0.0, schema=wrapped))
 
     result, seen = Extraction(parts=len(work)), set()
     progress.begin("extracting", len(work))
     for (document, start, part), answer in zip(work, model.map(read, work, progress.advance)):
-        for item in answered_items(answer.text):
+        for item in answered_items(answer):
             span = ground(item, part, quote_field)
             if span is None:
                 result.dropped += 1

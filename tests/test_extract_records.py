@@ -144,6 +144,22 @@ def test_a_quote_field_alone_grounds_the_item():
     assert ground({"quote": "Alice Moreno is great", "summary": "Alice"}, part, True) is None
 
 
+def test_a_streamed_answer_stops_at_the_first_repeated_item():
+    from arbor_cli.extract_records import answer_text
+
+    taken = []
+
+    def pieces():
+        for piece in ['{"items": [', '{"name": "A", "role": "b"}', ", ", '{"name": "C", "role": "d"}'] + \
+                     [", ", '{"name": "A", "role": "b"}'] * 500 + ["]}"]:
+            taken.append(piece)
+            yield piece
+    text = answer_text(pieces())
+    assert len(taken) == 6  # the first repeat ends it
+    assert answered_items(text) == [{"name": "A", "role": "b"}, {"name": "C", "role": "d"}, {"name": "A", "role": "b"}]
+    assert answer_text(GenerationResult('{"items": []}', [], "eos", {}, 0)) == '{"items": []}'
+
+
 def test_an_answer_cut_short_keeps_its_complete_items():
     assert answered_items('{"items": [{"name": "A", "role": "b"}, {"name": "C", "ro') == [{"name": "A", "role": "b"}]
     assert answered_items('{"items": []}') == []
