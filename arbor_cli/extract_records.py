@@ -232,11 +232,9 @@ def extract_records(model, documents: list[Document], schema: Any, *, instructio
     if limit < 128:
         raise UsageError(f"--part-tokens must be at least 128, got {limit}")
     progress = progress or NoProgress()
-    progress.begin("splitting", len(documents))
-    work = []
+    work = []  # a long document's tokenizing shows as its own phase ("reading the document")
     for document in documents:
         work += [(document, start, part) for start, part in document_parts(model, document, limit, progress)]
-        progress.advance()
     if not work:
         raise UsageError("there is nothing to extract from: the documents are empty")
     quote_field = QUOTE_FIELD in item_schema["properties"]

@@ -93,6 +93,15 @@ def test_items_read_twice_in_overlapping_parts_are_merged_once():
         assert text[item["_source"]["start"]:].startswith(item["name"])
 
 
+def test_the_same_record_in_two_documents_is_kept_in_each():
+    text = people_text(["Alice Moreno"], paragraphs=4)
+    result = extract_records(ExtractModel(reads_people), [Document("a.txt", text), Document("b.txt", "\n\n" + text)],
+                             PERSON)
+    assert [(i["_source"]["document"], i["_source"]["start"] - text.index("Alice")) for i in result.items] == [
+        ("a.txt", 0), ("b.txt", 2)]  # each in its own document's text
+    assert result.merged == 0 and result.parts == 2
+
+
 def test_locations_are_markdown_headings(tmp_path):
     path = tmp_path / "team.md"
     path.write_text("# Staff\n\nThe team met in March.\n\nName: Alice Moreno, role: engineer.\n\n# Partners\n\n"
