@@ -15,7 +15,7 @@ guard_closed_std_streams()  # before the consoles below are made: a closed stdou
 from .common import silence_stdout, describe_error  # noqa: E402
 
 # one module per command, each with register(app); `arbor --help` lists them in this order
-COMMAND_MODULES = ("chat", "summarize", "ask", "generate", "serve", "export", "grow", "train", "models", "cache",
+COMMAND_MODULES = ("chat", "summarize", "ask", "extract", "generate", "serve", "export", "grow", "train", "models", "cache",
                    "info", "bench", "eval", "plot")
 
 app = typer.Typer(
