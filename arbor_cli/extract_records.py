@@ -43,14 +43,7 @@ def items_schema(schema: Any) -> tuple[str, dict]:
     """(the canonical text of {"items": [ITEM...]}, the item schema as a dict) for a user's item schema
     (dict or JSON text); SchemaError (one line) for a schema that is not JSON, not an object type, or that
     the matcher cannot enforce."""
-    if isinstance(schema, str):
-        try:
-            schema = json.loads(schema)
-        except json.JSONDecodeError as e:
-            raise SchemaError(f"the schema is not JSON ({e})") from None
-    if not isinstance(schema, dict):
-        raise SchemaError(f"a JSON schema must be an object, got {type(schema).__name__}")
-    item = json.loads(schema_text(schema))  # compiled alone first: its own errors name its own fields
+    item = json.loads(schema_text(schema))  # parsed and compiled alone first: its own errors name its own fields
     if item.get("type") != "object" or not isinstance(item.get("properties"), dict) or not item["properties"]:
         raise SchemaError('arbor extract needs an item schema of "type": "object" with "properties" (the fields '
                           'each record has)')
