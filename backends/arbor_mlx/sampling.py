@@ -11,7 +11,7 @@ import secrets
 import mlx.core as mx
 import numpy as np
 
-from arbor_core.backend import SamplingParams
+from arbor_core.backend import SamplingParams, allowed_over
 
 
 class RandomKey:
@@ -35,10 +35,7 @@ def penalise_repeats(logits: mx.array, recent, penalty: float) -> mx.array:
 
 def keep_allowed(logits: mx.array, allowed: np.ndarray) -> mx.array:
     """`logits` with every token outside `allowed` (bool [n]; ids >= n are outside) at -inf."""
-    keep = np.zeros(logits.shape[-1], dtype=bool)
-    n = min(len(allowed), logits.shape[-1])
-    keep[:n] = allowed[:n]
-    return mx.where(mx.array(keep), logits, -mx.inf)
+    return mx.where(mx.array(allowed_over(allowed, logits.shape[-1])), logits, -mx.inf)
 
 
 def sample_lazy(logits: mx.array, params: SamplingParams, rng: RandomKey | None, recent=(),

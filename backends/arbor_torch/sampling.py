@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from arbor_core.backend import SamplingParams
+from arbor_core.backend import SamplingParams, allowed_over
 
 
 def new_rng(device: str, seed: int | None) -> torch.Generator:
@@ -30,9 +30,7 @@ def penalise_repeats(logits: torch.Tensor, recent, penalty: float) -> torch.Tens
 
 def keep_allowed(logits: torch.Tensor, allowed: np.ndarray) -> torch.Tensor:
     """`logits` with every token outside `allowed` (bool [n]; ids >= n are outside) at -inf."""
-    keep = torch.zeros(logits.shape[-1], dtype=torch.bool)
-    n = min(len(allowed), logits.shape[-1])
-    keep[:n] = torch.from_numpy(np.ascontiguousarray(allowed[:n]))
+    keep = torch.from_numpy(allowed_over(allowed, logits.shape[-1]))
     return logits.masked_fill(~keep.to(logits.device, non_blocking=True), float("-inf"))
 
 

@@ -119,6 +119,15 @@ def check_room(cache: Any, n: int, rope_len: int) -> None:
         raise ContextError(f"position {cache.length + n} is beyond the RoPE table; make the cache for that context (Model.new_cache)")
 
 
+def allowed_over(allowed: np.ndarray, vocab: int) -> np.ndarray:
+    """`sample`'s `allowed` (bool [n]) as a bool mask over a [vocab] logits row: ids >= n are not allowed,
+    and a mask longer than the row is cut to it (what every backend's sampler applies)."""
+    keep = np.zeros(vocab, dtype=bool)
+    n = min(len(allowed), vocab)
+    keep[:n] = allowed[:n]
+    return keep
+
+
 # A float32 cache's keys and values may be kept (and handed to import_cache) in this dtype: 16 bits a value
 # halve a kept document (arbor_cli/doc_cache.py; its accuracy against float32 in docs/long-context.md)
 KEPT_FLOAT = np.dtype(np.float16)
