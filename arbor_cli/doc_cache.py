@@ -181,11 +181,16 @@ def kept(model, cache) -> tuple[dict[str, np.ndarray], bool]:
     return arrays, narrowed
 
 
+def narrows(model) -> bool:
+    """Whether keeping changes what `model`'s caches hold: a float32 cache's keys and values go to 16 bits."""
+    return getattr(getattr(model, "lm", None), "kv_element_bytes", None) == 4
+
+
 def kept_bytes_per_token(model) -> int | None:
     """Bytes one position takes in an entry (what the cap is checked against): the cache's own, but a float32
     cache's keys and values in 16 bits. None for a door that keeps no cache here (an engine)."""
     per_token = model.kv_bytes_per_token()
-    if per_token is not None and getattr(getattr(model, "lm", None), "kv_element_bytes", None) == 4:
+    if per_token is not None and narrows(model):
         return model.config.kv_bytes_per_token(2)
     return per_token
 

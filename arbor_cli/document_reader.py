@@ -89,8 +89,10 @@ class DocumentReader:
         self.prefilled += self.cached_here
         if session.cache is None:  # a door that holds no cache here
             return session
-        # the document as it is kept (16 bits), kept on disk or not: this question reads what later ones load
-        cache, arrays = doc_cache.as_kept(model, session.cache, session.rope)
+        # the document as it is kept (16 bits), kept on disk or not: this question reads what later ones load.
+        # Neither kept nor narrowed (a 16-bit or int8 cache read with --no-cache): nothing to export.
+        cache, arrays = doc_cache.as_kept(model, session.cache, session.rope) \
+            if self.keep or doc_cache.narrows(model) else (session.cache, None)
         if cache is not session.cache:
             session.adopt(cache, doc_ids)
         if self.keep and not doc_cache.save(model, key, cache, in_use=self.entries, arrays=arrays):
