@@ -174,11 +174,8 @@ def ask(model, text: str, question: str, *, progress=None, keep: bool = True, pa
     every = every_part or whole_document_question(question)
     if len(offsets) <= limit and not every:
         return _one_pass(model, text, question, len(offsets), keep, started, name_of)
-    if len(offsets) <= limit:  # a whole-document question about a short document: one part, the document
-        parts, starts = [text.strip()], [text.index(text.strip())]
-    else:
-        chunks = split_into_chunks(text, offsets, lambda s: len(tokenizer.encode(s)), limit, overlap=PART_OVERLAP_TOKENS)
-        parts, starts = [chunk.text_of(text) for chunk in chunks], [chunk.start for chunk in chunks]
+    # a whole-document question about a short document reads it as one part
+    starts, parts = (list(column) for column in zip(*cut_into_parts(tokenizer, text, offsets, limit)))
     reader = DocumentReader(model, keep_the_cache(model, len(offsets), len(parts), keep))
     if every:
         return _every_part(model, reader, text, starts, parts, question, progress, len(offsets), started, name_of)
@@ -195,6 +192,20 @@ def ask(model, text: str, question: str, *, progress=None, keep: bool = True, pa
         result.text = (f"{best.answer} ({where}part {best.part} of {len(parts)}: "
                        f"\u201c{' '.join(best.quote.split())}\u201d)")
     return result
+
+
+def cut_into_parts(tokenizer, text: str, offsets: list[tuple[int, int]], limit: int) -> list[tuple[int, str]]:
+    """(where in `text` it starts, its text) of each part `text` is read in: the whole text (stripped) when its
+    `offsets` (its tokens) are within `limit`, else chunks of `limit` tokens overlapping by PART_OVERLAP_TOKENS,
+    each stripped. `text` must hold something besides whitespace."""
+    if len(offsets) <= limit:
+        body = text.strip()
+        return [(text.index(body), body)]
+    parts = []
+    for chunk in split_into_chunks(text, offsets, lambda s: len(tokenizer.encode(s)), limit, overlap=PART_OVERLAP_TOKENS):
+        body = chunk.text_of(text)
+        parts.append((chunk.start + text[chunk.start:chunk.end].index(body), body))
+    return parts
 
 
 def _every_part(model, reader: DocumentReader, text: str, starts: list[int], parts: list[str], question: str,

@@ -25,8 +25,8 @@ from typing import Any
 
 from arbor_core.errors import UsageError
 
-from .ask import PART_OVERLAP_TOKENS, reliable_tokens
-from .chunking import document_token_offsets, split_into_chunks
+from .ask import cut_into_parts, reliable_tokens
+from .chunking import document_token_offsets
 from .constrained import SchemaError, schema_text
 from .documents import Document
 from .extract import label_at
@@ -99,14 +99,15 @@ def answer_text(reply) -> str:
 
 
 # ---- grounding ----------------------------------------------------------------------------------------------
-def _pattern(value: str) -> re.Pattern | None:
+def _pattern(value: str) -> str | None:
+    """The regular expression `value` occurs as: its words, any whitespace between, whole words at its ends."""
     words = value.split()
     if not words:
         return None
     body = r"\s+".join(re.escape(w) for w in words)
     left = r"(?<!\w)" if re.match(r"\w", words[0]) else ""
     right = r"(?!\w)" if re.search(r"\w$", words[-1]) else ""
-    return re.compile(left + body + right)
+    return left + body + right
 
 
 def string_spans(part: str, value: str) -> list[tuple[int, int]]:
@@ -116,7 +117,7 @@ def string_spans(part: str, value: str) -> list[tuple[int, int]]:
     if pattern is None:
         return []
     for flags in (0, re.IGNORECASE):
-        spans = [m.span() for m in re.compile(pattern.pattern, flags).finditer(part)]
+        spans = [m.span() for m in re.finditer(pattern, part, flags)]
         if spans:
             return spans
     return []
@@ -190,16 +191,7 @@ def document_parts(model, document: Document, limit: int, progress) -> list[tupl
     text, tokenizer = document.text, model.tokenizer
     if not text.strip():
         return []
-    offsets = document_token_offsets(tokenizer.encode_with_offsets, text, progress)
-    if len(offsets) <= limit:
-        body = text.strip()
-        return [(text.index(body), body)]
-    chunks = split_into_chunks(text, offsets, lambda s: len(tokenizer.encode(s)), limit, overlap=PART_OVERLAP_TOKENS)
-    out = []
-    for chunk in chunks:
-        body = chunk.text_of(text)
-        out.append((chunk.start + text[chunk.start:chunk.end].index(body), body))
-    return out
+    return cut_into_parts(tokenizer, text, document_token_offsets(tokenizer.encode_with_offsets, text, progress), limit)
 
 
 def _key(document: str, item: dict) -> str:
