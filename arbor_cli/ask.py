@@ -4,9 +4,11 @@ Plain attention stops retrieving long before the context ends: the default model
 hidden in real prose 75% of the time at 2K tokens and never from 32K (docs/long-context.md). So:
 
 - a document within `reliable_tokens(model)` is asked in one pass: the document, then the question;
-- a longer one is cut into parts of that size, as the summariser cuts it (chunking.py). Every part is
-  read with the question after it, and the model's own log-probability of the question after the part
-  ranks the parts (query likelihood: a part that holds the answer makes the question expected; on the
+- a longer one is cut into parts of that size, as the summariser cuts it (chunking.py). Only a part with a
+  sentence carrying what the question names can give a quote that answers (below), so only those parts
+  are read (none: NOT_FOUND at once, the nearest sentences listed; a 16K-token document's parts all read
+  took ~100 s on a 2-core CPU for that same answer). Each is read with the question after it, and the
+  model's own log-probability of the question after the part ranks them (query likelihood: a part that holds the answer makes the question expected; on the
   default model the part holding a pass key in prose scored -69 nats against -88 for the best other,
   8 of 8). The best-ranked parts answer. A small model asked about a part without the answer invents
   one (../shared/design/ask-probe.md), so an answer is kept only with *evidence*: a run of its words
@@ -41,7 +43,7 @@ from dataclasses import asdict, dataclass, field
 
 from arbor_core.errors import UsageError
 
-from .ask_every_part import COUNT, candidates, listing, read_every_part, whole_document_question
+from .ask_every_part import COUNT, candidates, listing, nearest, read_every_part, whole_document_question
 from .chunking import document_token_offsets, split_into_chunks
 from .document_reader import DocumentReader, keep_the_cache, second_look
 from .documents import Document
@@ -70,6 +72,7 @@ class Answer:
     documents: list[dict] = field(default_factory=list)  # several documents: name, start (in the joined text)
     location: dict | None = None  # the answer's quote: document, location (label), start, end (in its own text)
     places: list[dict] | None = None  # each finding's, as `location`; None: a text asked alone (ask())
+    read: int | None = None  # "parts": how many were read (those naming what is asked)
 
     def to_json(self) -> dict:
         out = asdict(self)
@@ -79,6 +82,8 @@ class Answer:
             found.update(place)
         if self.places is None:  # a text without a location map, asked alone: the JSON it always had
             del out["location"]
+        if self.read is None:
+            del out["read"]
         return out
 
 
@@ -176,21 +181,47 @@ def ask(model, text: str, question: str, *, progress=None, keep: bool = True, pa
         return _one_pass(model, text, question, len(offsets), keep, started, name_of)
     # a whole-document question about a short document reads it as one part
     starts, parts = (list(column) for column in zip(*cut_into_parts(tokenizer, text, offsets, limit)))
-    reader = DocumentReader(model, keep_the_cache(model, len(offsets), len(parts), keep))
+    terms = QuestionTerms(question, SentenceCounts(text))
+    can = [i for i, part in enumerate(parts, 1) if candidates(part, terms)]
+    if not every and not can:
+        return _nothing_names(text, starts, parts, question, terms, len(offsets), started, progress)
+    # only the parts naming what is asked are read (ask_every_part.py too): about that share of it is kept
+    reader = DocumentReader(model, keep_the_cache(model, len(offsets) * len(can) // len(parts), len(can), keep))
     if every:
         return _every_part(model, reader, text, starts, parts, question, progress, len(offsets), started, name_of)
-    scores, held = _read_parts(reader, parts, question, progress)
+    scores, held = _read_parts(reader, parts, can, question, progress)
     read_s = time.perf_counter() - started
-    answered, findings = _answer_parts(model, reader, text, starts, parts, question, scores, held)
+    answered, findings = _answer_parts(model, reader, text, starts, parts, question, scores, held, terms)
     timings = {"total_s": round(time.perf_counter() - started, 3), "read_s": round(read_s, 3)}
     result = Answer(NOT_FOUND, "parts", len(parts), len(offsets), answered, findings,
                     {"loaded": reader.loaded, "prefilled": reader.prefilled}, timings)
+    result.read = len(can)
     findings.sort(key=finding_rank, reverse=True)  # the answer's own first
     if findings and findings[0].answers:  # a quote that does not carry the question answers nothing
         best = findings[0]
         where = f"{name_of(best.start)}, " if name_of else ""
         result.text = (f"{best.answer} ({where}part {best.part} of {len(parts)}: "
                        f"\u201c{' '.join(best.quote.split())}\u201d)")
+    return result
+
+
+def _nothing_names(text: str, starts: list[int], parts: list[str], question: str, terms: QuestionTerms,
+                   tokens: int, started: float, progress) -> Answer:
+    """No sentence of any part carries what the question names (an absent key, a question about something
+    else, or one that names nothing: "What is this document about?"), so no part can give a quote that
+    answers and none is read: NOT_FOUND at once, with the sentences nearest the question as the findings
+    that do not answer (what the reader may check). Reading every part here took a 16K-token document ~100 s
+    on a 2-core CPU (the default model) for the same answer."""
+    offsets = [text.index(part, start) for part, start in zip(parts, starts)]
+    progress.begin(f"no part of {len(parts)} names what is asked", 1)
+    progress.advance()
+
+    def part_of(offset: int) -> int:
+        return max(i for i, at in enumerate(offsets, 1) if at <= offset)
+
+    result = Answer(NOT_FOUND, "parts", len(parts), tokens, [], nearest(text, terms, part_of),
+                    {"loaded": 0, "prefilled": 0}, {"total_s": round(time.perf_counter() - started, 3), "read_s": 0.0})
+    result.read = 0
     return result
 
 
@@ -219,18 +250,20 @@ def _every_part(model, reader: DocumentReader, text: str, starts: list[int], par
                   {"total_s": round(time.perf_counter() - started, 3)})
 
 
-def _best_first(scores: list[float]):
-    return lambda i: (-scores[i - 1], i)  # ties in document order
+def _best_first(scores: dict[int, float]):
+    return lambda i: (-scores[i], i)  # ties in document order
 
 
-def _read_parts(reader: DocumentReader, parts: list[str], question: str, progress) -> tuple[list[float], dict]:
-    """Every part read with the question after it: the parts' scores, and the best-scored readings so far,
-    ready to answer (a model's sessions are large: ANSWERED_PARTS of them are kept; an engine's hold ids)."""
-    scores, held = [], {}
+def _read_parts(reader: DocumentReader, parts: list[str], read: list[int], question: str, progress
+                ) -> tuple[dict[int, float], dict]:
+    """The parts numbered `read` (those naming what is asked: no other can give a quote that answers) read
+    with the question after it: their scores, and the best-scored readings so far, ready to answer (a model's
+    sessions are large: ANSWERED_PARTS of them are kept; an engine's hold ids)."""
+    scores, held = {}, {}
     rank = _best_first(scores)
-    progress.begin(f"reading {len(parts)} parts", len(parts))
-    for index, reading in enumerate(reader.read_all(parts, question, progress.advance), 1):
-        scores.append(reading.score)
+    progress.begin(f"reading the {len(read)} of {len(parts)} parts that name what is asked", len(read))
+    for index, reading in zip(read, reader.read_all([parts[i - 1] for i in read], question, progress.advance)):
+        scores[index] = reading.score
         held[index] = reading
         if len(held) > ANSWERED_PARTS and reading.session.cache is not None:
             del held[max(held, key=rank)]
@@ -238,21 +271,15 @@ def _read_parts(reader: DocumentReader, parts: list[str], question: str, progres
 
 
 def _answer_parts(model, reader: DocumentReader, text: str, starts: list[int], parts: list[str], question: str,
-                  scores: list[float], held: dict) -> tuple[list[dict], list[Finding]]:
-    """The best-ranked parts answer, until ANSWERED_PARTS have and one gave evidence; the best part without
-    evidence gets a second look. Unranked (the door does not score), every part answers, at once where
-    the door runs several."""
+                  scores: dict[int, float], held: dict, terms: QuestionTerms) -> tuple[list[dict], list[Finding]]:
+    """The best-ranked of the parts read (`scores`: those naming what is asked) answer, until ANSWERED_PARTS
+    have and one gave evidence; the best part without evidence gets a second look. Unranked (the door does not
+    score), every part read answers, at once where the door runs several."""
     document, common = DocumentWords(text), common_words(parts)
-    terms = QuestionTerms(question, SentenceCounts(text))
-    ranked = sorted(range(1, len(parts) + 1), key=_best_first(scores))
-    # A part none of whose sentences carries what the question names holds no quote that answers (a finding
-    # answers only with such a quote): the parts that can answer are asked first, best-scored first among them,
-    # so a ranking that favours a part without them does not spend the answering budget there.
-    can = {i for i in ranked if candidates(parts[i - 1], terms)}
-    ranked = [i for i in ranked if i in can] + [i for i in ranked if i not in can]
-    # a document that nowhere carries what the question names (an absent key) holds no quote that answers: a
-    # second look (the best part read again, uncached: minutes for an 8K part on a 1.5B model on a CPU) could
-    # only add a candidate that does not answer
+    ranked = sorted(scores, key=_best_first(scores))
+    # a document that nowhere carries what the question names as one sentence does (an absent key) holds no
+    # quote that answers: a second look (the best part read again, uncached: minutes for an 8K part on a 1.5B
+    # model on a CPU) could only add a candidate that does not answer
     answerable = terms.support(text).anchored
     findings, answered, replies = [], [], {}
     if not reader.ranked:
@@ -260,7 +287,7 @@ def _answer_parts(model, reader: DocumentReader, text: str, starts: list[int], p
     for index in ranked if replies else ranked[:MAX_ANSWERED_PARTS]:
         if len(answered) >= ANSWERED_PARTS and any(f.answers for f in findings) and not replies:
             break
-        part, score = parts[index - 1], scores[index - 1]
+        part, score = parts[index - 1], scores[index]
         offset = text.index(part, starts[index - 1])
         reply = replies.get(index) or reader.answer(held.pop(index, None) or reader.read(part, question)).text
         record = {"part": index, "score": round(score, 3), "reply": reply.strip()}

@@ -156,6 +156,8 @@ def test_ask_ranks_parts_with_the_engines_prompt_scores_or_answers_every_part_wi
     key = "The pass key is 91644."
     parts = document(120).split("\n\n")
     parts.insert(70, key)
+    for at in (110, 95, 40, 20, 5):  # parts that name the pass key without it: read too
+        parts.insert(at, "Nobody wrote the pass key down here.")
     text = "\n\n".join(parts)
 
     def answer(prompt):
@@ -163,13 +165,13 @@ def test_ask_ranks_parts_with_the_engines_prompt_scores_or_answers_every_part_wi
 
     _, url = scripted(answer=answer)  # scores every token alike: the parts tie and rank in document order
     ranked = ask(remote(url, tmp_path, parallel=3), text, "What is the pass key?")
-    assert ranked.text.startswith(key) and len(ranked.answered) < ranked.parts  # it stopped at the key
+    assert ranked.text.startswith(key) and len(ranked.answered) < ranked.read  # it stopped at the key
     _, url2 = scripted(answer=answer, scores=False)
     model = remote(url2, tmp_path / "u", parallel=3)
     heard = []
     model.notify = heard.append
     unranked = ask(model, text, "What is the pass key?")
-    assert unranked.text.startswith(key) and len(unranked.answered) == unranked.parts  # every part answered
+    assert unranked.text.startswith(key) and len(unranked.answered) == unranked.read >= 5  # every part read answered
     assert any("does not score" in h for h in heard)
 
 

@@ -36,13 +36,14 @@ def ask(
     paths: Annotated[list[str], typer.Argument(help="The text file(s) or director(ies), then the question; '-' "
                                                "reads stdin.", show_default=False, metavar="FILE|DIR... QUESTION")],
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object: text, path (one pass, parts: the "
-                                          "best-ranked parts answered, or every part), parts, tokens, answered "
+                                          "best-ranked parts answered, or every part), parts, read (the parts "
+                                          "read: those naming what is asked), tokens, answered "
                                           "(parts), findings (part, answer, quote, start, score, anchored, answers, "
                                           "lacks: what a quote that does not answer lacks; for a document with "
                                           "pages or headings, or several, also document, location and the quote's "
                                           "start/end in that document's text), location (the answer's), cache "
                                           "(parts loaded / prefilled), timings.")] = False,
-    every_part: Annotated[bool, typer.Option("--all", help="Read every part and list every answer, as a question "
+    every_part: Annotated[bool, typer.Option("--all", help="Read every part naming what is asked and list every answer, as a question "
                                              "for all of something ('what are all', 'list every', 'how many', "
                                              "'which … mention') does anyway.")] = False,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Do not keep the document's prefill on disk "
