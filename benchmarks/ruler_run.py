@@ -36,7 +36,7 @@ def run_task(model, generator: Generator, kind: str, trials: int, on_row) -> lis
         row = {"task": kind, "set": task.set, "tokens": generator.tokens, "trial": trial, "depth": task.depth,
                "question": task.question, "expected": task.expected, "others": task.others, "key": task.key,
                "answer": answer.text, "path": answer.path,
-               "parts": answer.parts, "seconds": round(time.perf_counter() - t0, 2),
+               "parts": answer.parts, "read": answer.read, "seconds": round(time.perf_counter() - t0, 2),
                "findings": [{"part": f.part, "answer": f.answer, "quote": f.quote, "answers": f.answers,
                              "lacks": f.lacks} for f in answer.findings][:8],
                **score(task, answer.text)}
