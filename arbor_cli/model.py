@@ -147,6 +147,7 @@ class Model:
             "backend": self.backend, "device": self.device, "dtype": self.dtype,
             "memory_total_bytes": mem.total_bytes, "memory_free_bytes": mem.free_bytes,
             "model": self.checkpoint.name, "parameters": self.num_parameters(), "weights_bytes": lm.weights_nbytes,
+            "output_head_parameters": 0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size,
             "trained_context": config.trained_context, "max_context": largest_fitting(rows),
             "rope_method": self.rope_method, "kv_bits": lm.kv_bits, "quantize": lm.quantize,
             "kv_bytes_per_token": self.kv_bytes_per_token(), "sliding_window": config.sliding_window,

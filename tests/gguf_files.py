@@ -105,13 +105,19 @@ def random_k_quant_blocks(kind, shape, seed, d: float = 0.01) -> np.ndarray:
 
 
 def write_tiny_gguf(path: Path, *, qtype=Q.F32, arch="llama", tied=True, bias=False, extra=None, seed=0,
-                    chat_template: str | None = None, kinds: dict | None = None, scale: float = 1.0):
+                    chat_template: str | None = None, kinds: dict | None = None, scale: float = 1.0,
+                    name: str | None = None, file_type: int | None = None):
     """A tiny GGUF written the way convert_hf_to_gguf.py writes one. Returns (HF weights, stored
     GGUF arrays): matrices in `qtype` (norms and biases stay F32, as llama.cpp keeps them), or in
     kinds[part] for a matrix whose HF name contains `part` (a mix, as Q4_K_M files are); with
     `chat_template`, the file carries it as tokenizer.chat_template. `scale` multiplies the matrices (and a
-    K-quant's pinned d): 0.02 gives weights of a real model's size, whose logits do not blow up."""
+    K-quant's pinned d): 0.02 gives weights of a real model's size, whose logits do not blow up. `name` and
+    `file_type`: general.name and general.file_type, as a published file carries them."""
     writer = gguf.GGUFWriter(str(path), arch)
+    if name is not None:
+        writer.add_name(name)
+    if file_type is not None:
+        writer.add_file_type(file_type)
     writer.add_block_count(LAYERS)
     writer.add_context_length(512)
     writer.add_embedding_length(HIDDEN)

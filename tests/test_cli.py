@@ -234,3 +234,15 @@ def test_models_available_lists_every_registry_model_with_its_size_licence_and_u
     table = runner.invoke(app, ["models", "--available"])
     assert table.exit_code == 0
     assert "qwen2.5-coder-1.5b-instruct" in table.stdout and "1,117 MB" in table.stdout
+
+
+def test_info_says_what_the_weights_are_and_why_a_count_differs_from_a_model_card():
+    """Issue 32: `torch on cpu (float32)` stood above `(int4)` weights, and a separate output head made the
+    count differ from the model card's without a word."""
+    from arbor_cli.cli.info import _parameters
+
+    tied = {"parameters": 134_515_008, "output_head_parameters": 0}
+    assert _parameters(tied) == "134.5M parameters"
+    untied = {"parameters": 1_777_088_000, "output_head_parameters": 151_936 * 1536}
+    assert _parameters(untied) == ("1,777.1M parameters (233.4M of them an output head kept apart from the "
+                                   "embedding; 1,543.7M without it)")

@@ -53,12 +53,27 @@ def test_gguf_is_reused_by_content_hash_from_another_path(tiny_gguf, tmp_path, m
     assert first.name == first.path.name and first.name.startswith("tiny-llama-")
 
 
+def test_a_gguf_opened_by_path_is_named_from_its_metadata(tmp_path):
+    """Issue 32: a GGUF opened by path was named from its file ('tm.gguf' -> 'tm-cc324af0') where its metadata
+    says what it is; the file's name stays the fallback."""
+    from gguf_files import Q, write_tiny_gguf
+
+    named = tmp_path / "tm.gguf"
+    write_tiny_gguf(named, qtype=Q.Q8_0, name="Tiny Llama 1M Instruct GGUF", file_type=7)  # 7: MOSTLY_Q8_0
+    checkpoint = arbor_weights.resolve(str(named), quiet=True)
+    assert checkpoint.name.startswith("tiny-llama-1m-instruct.q8_0-") and len(checkpoint.name.rsplit("-", 1)[1]) == 8
+    plain = tmp_path / "SmolThing-9M.Q8_0.gguf"
+    write_tiny_gguf(plain, qtype=Q.Q8_0, seed=1)
+    assert arbor_weights.resolve(str(plain), quiet=True).name.startswith("smolthing-9m.q8_0-")
+
+
 def test_resolving_a_truncated_gguf_installs_nothing(tmp_path, tiny_gguf):
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(tiny_gguf.read_bytes()[:-1000])
     with pytest.raises(CorruptModelError):
         arbor_weights.resolve(str(cut), quiet=True)
-    assert list((Path(arbor_weights.cache_dir()) / "models").iterdir()) == []
+    models = Path(arbor_weights.cache_dir()) / "models"
+    assert not models.exists() or list(models.iterdir()) == []
 
 
 def test_an_old_import_found_by_hash_is_imported_again_with_its_own_source(tiny_gguf, tmp_path, monkeypatch):

@@ -27,11 +27,11 @@ def info(as_json: Annotated[bool, typer.Option("--json", help="Print JSON for sc
     gib = 1 << 30
     summary = Table.grid(padding=(0, 2))
     for key, value in [
-        ("backend", f"{report['backend']} on {report['device']} ({report['dtype']})"),
+        ("backend", f"{report['backend']} on {report['device']}"),
+        ("precision", f"weights {report['quantize'] or report['dtype']} · activations {report['dtype']}"),
         ("memory", f"{report['memory_free_bytes'] / gib:.1f} GiB free of {report['memory_total_bytes'] / gib:.1f} GiB"),
-        ("model", f"{escape(report['model'])} · {report['parameters'] / 1e6:.1f}M parameters · "
-                  f"{report['weights_bytes'] / gib:.2f} GiB of weights"
-                  + (f" ({report['quantize']})" if report["quantize"] else "")),
+        ("model", f"{escape(report['model'])} · {_parameters(report)} · "
+                  f"{report['weights_bytes'] / gib:.2f} GiB of weights"),
         ("trained context", f"{report['trained_context']:,} tokens"),
         ("KV cache", _kv_line(report)),
         ("largest context now", f"{report['max_context']:,} tokens"),
@@ -45,6 +45,15 @@ def info(as_json: Annotated[bool, typer.Option("--json", help="Print JSON for sc
                       f"{rope['rope_type']} ×{rope['factor']:g}" if rope else "native")
     answer_console.print(summary)
     answer_console.print(table)
+
+
+def _parameters(report: dict) -> str:
+    """The count, and why it may differ from a model card's: an output head stored apart from the embedding."""
+    count, head = report["parameters"], report.get("output_head_parameters") or 0
+    line = f"{count / 1e6:,.1f}M parameters"
+    if head:
+        line += f" ({head / 1e6:,.1f}M of them an output head kept apart from the embedding; {(count - head) / 1e6:,.1f}M without it)"
+    return line
 
 
 def _kv_line(report: dict) -> str:

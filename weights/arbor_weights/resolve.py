@@ -173,7 +173,8 @@ def _from_gguf(path: Path, reporter: Reporter, force: bool) -> Checkpoint:
     if name is None:
         with reporter.stage(f"hashing {path.name}", total=stat.st_size, unit="bytes") as advance:
             sha = sha256_of_file(path, advance)
-        name = (None if force else find_installed(lambda r: r.get("sha256") == sha)) or gguf_install_name(path, sha)
+        name = (None if force else find_installed(lambda r: r.get("sha256") == sha)) \
+            or gguf_install_name(path, sha, gguf_import.read_gguf_metadata(path))
     # The same weights may be installed from elsewhere (a registry model, found by its hash): imported again,
     # they keep that record's source, so the name still says where it came from.
     installed = installed_path(name)
@@ -188,7 +189,29 @@ def _unchanged(record: dict, stat: os.stat_result) -> bool:
     return record.get("source_size") == stat.st_size and record.get("source_mtime_ns") == stat.st_mtime_ns
 
 
-def gguf_install_name(path: Path, sha256: str) -> str:
-    """'SmolLM2-135M.Q4_1.gguf' -> 'smollm2-135m.q4_1-b179c952': readable, and unique per content."""
-    stem = re.sub(r"[^a-z0-9._-]+", "-", path.stem.lower()).strip("-._") or "model"
+def gguf_install_name(path: Path, sha256: str, metadata: dict | None = None) -> str:
+    """The name a GGUF opened by path is installed under: readable, and unique per content. From the file's own
+    metadata when it has a name ("Qwen2.5 Coder 1.5B Instruct GGUF", file type 15 ->
+    'qwen2.5-coder-1.5b-instruct.q4_k_m-cc324af0'), else from the file's name ('SmolLM2-135M.Q4_1.gguf' ->
+    'smollm2-135m.q4_1-b179c952')."""
+    metadata = metadata or {}
+    named = re.sub(r"[\s_]+(gguf|awq|gptq)$", "", str(metadata.get("general.name") or "").strip(), flags=re.I)
+    stem = _slug(named) or _slug(path.stem) or "model"
+    kind = _file_type(metadata.get("general.file_type")) if named else None
+    if kind and kind not in stem:
+        stem = f"{stem}.{kind}"
     return f"{stem}-{sha256[:8]}"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9._-]+", "-", text.lower()).strip("-._")
+
+
+def _file_type(code) -> str | None:
+    """'q4_k_m' for general.file_type 15 (gguf's LlamaFileType names); None when unknown."""
+    import gguf
+
+    try:
+        return gguf.LlamaFileType(int(code)).name.removeprefix("MOSTLY_").lower()
+    except (TypeError, ValueError):
+        return None
