@@ -190,6 +190,7 @@ def ask(model, text: str, question: str, *, progress=None, keep: bool = True, pa
     if every:
         return _every_part(model, reader, text, starts, parts, question, progress, len(offsets), started, name_of)
     scores, held = _read_parts(reader, parts, can, question, progress)
+    reader.say_what_was_kept()
     read_s = time.perf_counter() - started
     answered, findings = _answer_parts(model, reader, text, starts, parts, question, scores, held, terms)
     timings = {"total_s": round(time.perf_counter() - started, 3), "read_s": round(read_s, 3)}
@@ -244,6 +245,7 @@ def _every_part(model, reader: DocumentReader, text: str, starts: list[int], par
     """A whole-document question (ask_every_part.py): every part answers; every answering finding is listed,
     a count first when one was asked; the closest that do not answer follow them in the findings."""
     answered, found, others = read_every_part(model, reader, text, starts, parts, question, progress)
+    reader.say_what_was_kept()
     text_out = listing(found, len(parts), bool(COUNT.search(question)), name_of) if found else NOT_FOUND
     return Answer(text_out, "every part", len(parts), tokens, answered, found + others,
                   {"loaded": reader.loaded, "prefilled": reader.prefilled},
@@ -308,6 +310,7 @@ def _one_pass(model, text: str, question: str, tokens: int, keep: bool, started:
     body = text.strip()
     reader = DocumentReader(model, keep)
     reading = reader.read(body, question)
+    reader.say_what_was_kept()
     reply = reader.answer(reading)
     terms = QuestionTerms(question, SentenceCounts(body))
     found = finding(reply.text, body, text.index(body), question, 1, reading.score, terms=terms)

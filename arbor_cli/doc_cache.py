@@ -253,6 +253,14 @@ def save(model, key: dict[str, Any], cache, in_use: frozenset[str] | set[str] = 
     return True
 
 
+def entry_bytes(key: dict[str, Any]) -> int:
+    """The size on disk of the entry kept under `key` (0 when there is none)."""
+    try:
+        return (directory() / f"{entry_name(key)}{SUFFIX}").stat().st_size
+    except OSError:
+        return 0
+
+
 def load(model, key: dict[str, Any], capacity: int, rope: str | None = None):
     """The cache kept under `key`, as a new cache of `capacity` tokens (`rope`: the RoPE method, as for
     Model.new_cache); None when there is none. A file made for another key or by another format, one whose

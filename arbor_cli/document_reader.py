@@ -49,6 +49,7 @@ class DocumentReader:
         self.cached_here = model.kv_bytes_per_token() is not None  # an engine keeps its own caches
         self.keep = keep and self.cached_here
         self.loaded = self.prefilled = 0
+        self.kept_bytes = 0  # written to the disk cache by this reader
         self.entries: set[str] = set()  # the doc-cache entries of this document: kept while it is read
 
     def read(self, text: str, question: str) -> Reading:
@@ -97,7 +98,15 @@ class DocumentReader:
             session.adopt(cache, doc_ids)
         if self.keep and not doc_cache.save(model, key, cache, in_use=self.entries, arrays=arrays):
             self.keep = False  # one warning said why; the other parts are not tried (a full disk stays full)
+        elif self.keep:
+            self.kept_bytes += doc_cache.entry_bytes(key)
         return session
+
+    def say_what_was_kept(self) -> None:
+        """One line on stderr when this reading wrote to the disk cache: how much, and what manages it."""
+        if self.kept_bytes:
+            self.model.notify(f"kept {_size(self.kept_bytes)} of this document's reading on disk for later "
+                              f"questions (`arbor cache ls` lists it, `arbor cache clear` frees it)")
 
     def answer(self, reading: Reading):
         """Greedy answer after a reading (its session then holds the answer too)."""
@@ -123,6 +132,10 @@ def second_look(model, text: str, question: str):
     look = second_look_messages(text, question)
     room = len(model.tokenizer.encode_chat(look, add_generation_prompt=True)) + ANSWER_TOKENS
     return model.chat(look, context=room, max_new_tokens=ANSWER_TOKENS, temperature=0.0, stop="\n\n")
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB" if n >= 1e6 else f"{n / 1e3:.0f} kB"
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

@@ -211,15 +211,21 @@ def ship_document(name: str = "Endeavour") -> str:
 
 
 @pytest.mark.slow
-def test_a_second_question_loads_the_parts_it_reads_and_answers_as_without_the_cache(default_model_here):
+def test_a_second_question_loads_the_parts_it_reads_and_answers_as_without_the_cache(default_model_here, monkeypatch):
     from arbor_cli import doc_cache
 
-    model, text = default_model_here, ship_document()
+    model, text, notices = default_model_here, ship_document(), []
+    monkeypatch.setattr(model, "notify", notices.append)
     first = ask(model, text, "What is the pass key?")
     assert first.path == "parts" and first.cache == {"loaded": 0, "prefilled": first.read} and first.read < first.parts
     assert "71423" in first.text and len(doc_cache.entries()) == first.read  # only the part naming it was read
+    # what it wrote to disk is said (issue 32: 1.6 GB went without a word), and only when written
+    size = sum(e["bytes"] for e in doc_cache.entries())
+    assert notices == [f"kept {size / 1e6:.0f} MB of this document's reading on disk for later questions "
+                       "(`arbor cache ls` lists it, `arbor cache clear` frees it)"]
+    notices.clear()
     again = ask(model, text, "Which pass key is given?")
-    assert again.cache == {"loaded": first.read, "prefilled": 0}  # only the question ran
+    assert again.cache == {"loaded": first.read, "prefilled": 0} and notices == []  # only the question ran
     assert "71423" in again.text
     ship = ask(model, text, "What is the name of the ship?")
     assert sum(ship.cache.values()) == ship.read and "Endeavour" in ship.findings[0].quote
@@ -376,3 +382,4 @@ def test_chat_doc_answers_each_message_about_the_document(default_checkpoint, tm
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() and "arbor:" not in done.stdout
     assert list((tmp_path / "home" / "doc-cache").glob("*.safetensors"))  # kept for the next question
+
