@@ -14,7 +14,8 @@ hidden in real prose 75% of the time at 2K tokens and never from 32K (docs/long-
   one (../shared/design/ask-probe.md), so an answer is kept only with *evidence*: a run of its words
   that occurs verbatim in that part's text and says more than the question does. When the best part's
   answer has none, that part is read once more with the question before its text (a second look,
-  uncached; skipped when the document nowhere carries what the question names: then no quote can answer). The kept findings carry their part, quote and score, and the answer names where it came from;
+  uncached; skipped when the document nowhere carries what the question names: then no quote can answer),
+  and when that has none either, once more with only the part's sentences naming what is asked (a last look). The kept findings carry their part, quote and score, and the answer names where it came from;
 - a quote proves that words are in the document, not that they answer: a finding answers only when its
   quote carries the question's distinguishing terms and the answer's own values (question_terms.py);
   with none that answers, the answer is NOT_FOUND and the findings (--json) say what their quotes lack.
@@ -47,7 +48,7 @@ from .ask_every_part import COUNT, candidates, listing, nearest, read_every_part
 from .chunking import document_token_offsets, split_into_chunks
 from .document_reader import DocumentReader, keep_the_cache, second_look
 from .documents import Document
-from .evidence import DocumentWords, Finding, common_words, finding, finding_rank, focus
+from .evidence import DocumentWords, Finding, common_words, finding, finding_rank, focus, named_sentences
 from .extract import label_at
 from .progress import NoProgress
 from .question_terms import QuestionTerms, SentenceCounts
@@ -298,6 +299,10 @@ def _answer_parts(model, reader: DocumentReader, text: str, starts: list[int], p
             record["second_look"] = second_look(model, focus(part, question, common, terms), question).text.strip()
             looked = finding(record["second_look"], part, offset, question, index, score, common, document, terms)
             found = max([f for f in (found, looked) if f is not None], key=finding_rank, default=None)
+            if (found is None or not found.answers) and (named := named_sentences(part, terms)):  # a last look
+                record["last_look"] = second_look(model, named, question).text.strip()
+                looked = finding(record["last_look"], part, offset, question, index, score, common, document, terms)
+                found = max([f for f in (found, looked) if f is not None], key=finding_rank, default=None)
         answered.append(record)
         if found is not None:
             findings.append(found)

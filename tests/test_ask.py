@@ -98,7 +98,8 @@ def test_an_invented_answer_is_no_finding_and_nothing_found_says_so():
     assert [f for f in result.findings if f.answers] == []
     assert result.read > len(result.answered) == ask_module.MAX_ANSWERED_PARTS  # it looked further, then gave up
     second_looks = [p for p in model.prompts if p.startswith("<user> Question :")]
-    assert len(second_looks) == 1  # the document names the pass key: the best part had a second look
+    assert len(second_looks) == 2  # the document names the pass key: the best part had a second and a last look
+    assert "p" not in second_looks[1].replace("pass", "").split("Text :")[1].split("Answer")[0]  # mentions alone
 
 
 def test_the_parts_that_can_answer_are_asked_first_however_the_model_ranks_them():
@@ -124,6 +125,21 @@ def test_the_best_part_without_evidence_gets_a_second_look_with_the_question_fir
     result = ask(model, text, QUESTION, keep=False)
     assert [f.match for f in result.findings] == ["The pass key is 91644"]
     assert result.text.startswith(KEY)
+
+
+def test_a_last_look_reads_only_the_sentences_naming_what_is_asked():
+    """A tiny model that misses the key in its part and in the stretch around it copies it from the sentence
+    alone (the held-out one-key task at 16K, trial 2, on the default model)."""
+    import re
+
+    def from_one_sentence(prompt: str) -> str:
+        alone = "91644" in prompt and not re.search(r"p\d+s\d+w", prompt)
+        return KEY if alone else "The pass key is a small wooden box."
+
+    model = DocModel(answer=from_one_sentence, score=ranked_by_the_key)
+    result = ask(model, needle_document(120, at=70), QUESTION, keep=False)
+    assert result.text.startswith(KEY) and result.answered[0]["last_look"] == KEY
+    assert [f.match for f in result.findings if f.answers] == ["The pass key is 91644"]
 
 
 def test_a_part_quoting_text_found_all_over_the_document_is_not_a_finding():
