@@ -179,7 +179,7 @@ def ask(model, text: str, question: str, *, progress=None, keep: bool = True, pa
     offsets = document_token_offsets(tokenizer.encode_with_offsets, text, progress)
     every = every_part or whole_document_question(question)
     if len(offsets) <= limit and not every:
-        return _one_pass(model, text, question, len(offsets), keep, started, name_of)
+        return _one_pass(model, text, question, len(offsets), keep, started, name_of, progress)
     # a whole-document question about a short document reads it as one part
     starts, parts = (list(column) for column in zip(*cut_into_parts(tokenizer, text, offsets, limit)))
     terms = QuestionTerms(question, SentenceCounts(text))
@@ -193,7 +193,9 @@ def ask(model, text: str, question: str, *, progress=None, keep: bool = True, pa
     scores, held = _read_parts(reader, parts, can, question, progress)
     reader.say_what_was_kept()
     read_s = time.perf_counter() - started
+    progress.begin(f"answering from the best of the {len(scores)} parts read", 1)
     answered, findings = _answer_parts(model, reader, text, starts, parts, question, scores, held, terms)
+    progress.advance()
     timings = {"total_s": round(time.perf_counter() - started, 3), "read_s": round(read_s, 3)}
     result = Answer(NOT_FOUND, "parts", len(parts), len(offsets), answered, findings,
                     {"loaded": reader.loaded, "prefilled": reader.prefilled}, timings)
@@ -309,14 +311,19 @@ def _answer_parts(model, reader: DocumentReader, text: str, starts: list[int], p
     return answered, findings
 
 
-def _one_pass(model, text: str, question: str, tokens: int, keep: bool, started: float, name_of=None) -> Answer:
+def _one_pass(model, text: str, question: str, tokens: int, keep: bool, started: float, name_of=None,
+              progress=None) -> Answer:
     """The whole document in one prompt; the answer with its quote when the quote answers, else NOT_FOUND
     (the reply stays in the parts' record, its quote among the findings marked as not answering)."""
     body = text.strip()
-    reader = DocumentReader(model, keep)
+    reader, progress = DocumentReader(model, keep), progress or NoProgress()
+    progress.begin("reading the document with the question", 1)
     reading = reader.read(body, question)
+    progress.advance()
     reader.say_what_was_kept()
+    progress.begin("answering", 1)
     reply = reader.answer(reading)
+    progress.advance()
     terms = QuestionTerms(question, SentenceCounts(body))
     found = finding(reply.text, body, text.index(body), question, 1, reading.score, terms=terms)
     shown = reply.text.strip()

@@ -124,15 +124,16 @@ class GenerationStream:
 
 
 def stream_generation(lm: LoadedModel, tokenizer, cache, prompt_ids: list[int], opts: GenerationOptions,
-                      *, chunk_size: int = 512, on_done=None, generated: list[int] | None = None
-                      ) -> Generator[str, None, GenerationResult]:
+                      *, chunk_size: int = 512, on_done=None, generated: list[int] | None = None,
+                      prefill=None) -> Generator[str, None, GenerationResult]:
     """Prefill `prompt_ids` after what `cache` already holds, then decode; yields text pieces and
     returns the GenerationResult when the loop ends (normally or by a stop).
 
     `on_done(result)`, when given, receives that result too.
     `generated`, when given, receives each token as it is produced, so a caller interrupted mid-way
     (Ctrl-C) still knows what the cache holds. Room in the cache bounds max_new_tokens:
-    generation ends with finish_reason "length" there.
+    generation ends with finish_reason "length" there. `prefill(ids, cache, chunk_size)`: the prompt's prefill
+    (default: the backend's own; Model passes one that reports the tokens read).
     """
     eos = set() if opts.ignore_eos else set(tokenizer.eos_ids)
     rng = lm.new_rng(opts.seed)
@@ -151,7 +152,7 @@ def stream_generation(lm: LoadedModel, tokenizer, cache, prompt_ids: list[int], 
         return lm.sample(logits, opts.sampling, rng, list(recent), allowed=constraint.allowed())
 
     t0 = time.perf_counter()
-    logits = lm.prefill(prompt_ids, cache, chunk_size) if prompt_ids else None
+    logits = (prefill or lm.prefill)(prompt_ids, cache, chunk_size) if prompt_ids else None
     token = pick(logits) if logits is not None else None
     t1 = time.perf_counter()
     while token is not None and budget > 0:

@@ -60,6 +60,8 @@ class Model:
         self._scratch_cache = None
         self._announced: set[tuple] = set()
         self.notify: Callable[[str], None] = lambda message: None  # the CLI routes these to stderr
+        # (done, total) after each chunk of a prefill longer than one chunk: the CLI's progress shows the tokens read
+        self.on_prefill: Callable[[int, int], None] | None = None
 
     @property
     def device(self) -> str:
@@ -217,8 +219,22 @@ class Model:
         """`session` takes `ids` after what it holds, answering nothing: a document kept for later questions."""
         if ids:
             held = session.ids
-            self.lm.prefill(self._check_ids(ids), self._cache_of(session), self.prefill_chunk)
+            self._prefill(self._check_ids(ids), self._cache_of(session), self.prefill_chunk)
             session.hold(held + list(ids), start=len(held))
+
+    def _prefill(self, ids: list[int], cache, chunk_size: int):
+        """The backend's prefill, said chunk by chunk to `on_prefill` when one is set and `ids` take more than one
+        chunk: the backend is called once per chunk, each starting where the backend's own chunks would (at
+        multiples of the rows one step takes), so the cache and the logits are the same as one call's."""
+        rows = min(chunk_size, getattr(cache, "max_chunk", chunk_size))
+        hook = self.on_prefill
+        if hook is None or len(ids) <= rows:
+            return self.lm.prefill(ids, cache, chunk_size)
+        logits = None
+        for begin in range(0, len(ids), rows):
+            logits = self.lm.prefill(ids[begin:begin + rows], cache, chunk_size)
+            hook(min(begin + rows, len(ids)), len(ids))
+        return logits
 
     def score_prompt(self, ids: list[int], session: Session | None = None) -> list[float]:
         """The log-probability (nats) the model gives each of ids[1:], given the ids before it and what
@@ -271,7 +287,8 @@ class Model:
             start = session.reuse(ids, continuing)
             session.hold(ids, start=start, generated=tokens)
             return GenerationStream(stream_generation(self.lm, self.tokenizer, cache, ids[start:], options,
-                                                      chunk_size=self.prefill_chunk, generated=tokens), tokens)
+                                                      chunk_size=self.prefill_chunk, generated=tokens,
+                                                      prefill=self._prefill), tokens)
         capacity = self.plan(len(ids) + options.max_new_tokens, requested=context, rope=rope).context
         if len(ids) >= capacity:
             raise ContextError(f"the prompt has {len(ids)} tokens but the context holds {capacity}; "
@@ -303,7 +320,7 @@ class Model:
     def _one_shot(self, ids, options, capacity, rope, tokens):
         cache = self._reusable_cache(capacity, rope)
         return stream_generation(self.lm, self.tokenizer, cache, ids, options, chunk_size=self.prefill_chunk,
-                                 generated=tokens)
+                                 generated=tokens, prefill=self._prefill)
 
     def score(self, ids: list[int], window: int, *, rope: str | None = None) -> float:
         """Mean negative log-likelihood (nats) of ids[-window:], each given all the ids before it, at a

@@ -1,5 +1,6 @@
 """How a long run (summarize, ask) tells a display where it is: a phase begins with its number of
-steps, then each step advances it. The CLI draws it (cli/progress.py); a library caller may pass
+steps, then each step advances it; within a step, a long prefill says how many of its tokens are read
+(`tokens`, through Model.on_prefill). The CLI draws it (cli/progress.py); a library caller may pass
 nothing and get NoProgress."""
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ class Progress(Protocol):
 
     def begin(self, phase: str, total: int) -> None: ...
     def advance(self) -> None: ...
+    def tokens(self, done: int, total: int) -> None: ...
 
 
 class NoProgress:
@@ -21,4 +23,7 @@ class NoProgress:
         pass
 
     def advance(self) -> None:
+        pass
+
+    def tokens(self, done: int, total: int) -> None:
         pass

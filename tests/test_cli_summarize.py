@@ -15,6 +15,7 @@ import typer
 from typer.testing import CliRunner
 
 from arbor_cli.cli import progress as progress_cli
+from arbor_cli.cli import common as common_cli
 from arbor_cli.cli import summarize as summarize_cli
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -223,7 +224,7 @@ def test_a_30k_token_document_is_summarised_by_map_reduce_naming_its_subjects(de
 
 # ---- progress off a terminal ---------------------------------------------------------------------
 def test_in_a_pipe_progress_is_plain_lines_and_no_blank_line(fake_model, tmp_path, monkeypatch):
-    monkeypatch.setattr(progress_cli, "PLAIN_PROGRESS_SECONDS", 0.0)  # every step shows: the rate is tested below
+    monkeypatch.setattr(common_cli, "PLAIN_PROGRESS_SECONDS", 0.0)  # every step shows: the rate is tested below
     path = tmp_path / "doc.txt"
     path.write_text(document(150))  # ~9K words: several parts at 4K
     r = run([str(path)])
@@ -253,7 +254,7 @@ def test_plain_progress_shows_a_phase_at_most_every_few_seconds(monkeypatch):
 def test_a_document_of_many_tokenizing_blocks_shows_reading_it_as_a_phase(fake_model, tmp_path, monkeypatch):
     import arbor_cli.chunking as chunking
 
-    monkeypatch.setattr(progress_cli, "PLAIN_PROGRESS_SECONDS", 0.0)
+    monkeypatch.setattr(common_cli, "PLAIN_PROGRESS_SECONDS", 0.0)
     monkeypatch.setattr(chunking, "TOKENIZE_BLOCK_CHARS", 10_000)
     path = tmp_path / "doc.txt"
     path.write_text(document(150))
@@ -279,3 +280,59 @@ def test_a_long_line_without_whitespace_is_summarized_in_parts(default_checkpoin
     r = run([str(path), "--json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["chunks"] > 10 and len(model.prompts) > 10
+
+
+def test_a_long_prefill_says_its_tokens_read_and_the_same_logits_come_out(tiny_model):
+    """Issue 32: 38 s of a 4,733-token prefill behind `summarizing 0/1` with nothing else on stderr. Model's
+    prefill says each chunk read to on_prefill, and calling the backend chunk by chunk changes nothing."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from arbor_cli.model import Model
+
+    lm = tiny_model()
+    model = Model(SimpleNamespace(config=lm.model.config), lm, None, "torch", prefill_chunk=16)
+    ids = [(7 * i + 3) % 97 for i in range(50)]
+    whole, cache = lm.prefill(ids, lm.new_cache(128), 16), lm.new_cache(128)
+    said = []
+    model.on_prefill = lambda done, total: said.append((done, total))
+    sliced = model._prefill(ids, cache, 16)
+    assert said == [(16, 50), (32, 50), (48, 50), (50, 50)]
+    assert torch.equal(whole, sliced)
+    again = lm.new_cache(128)
+    lm.prefill(ids, again, 16)
+    assert torch.equal(lm.decode(5, again), lm.decode(5, cache))  # the cache holds the same
+    model.on_prefill, said[:] = None, []
+    model._prefill(ids, lm.new_cache(128), 16)
+    assert said == []
+
+
+def test_off_a_terminal_a_quiet_step_still_says_it_is_working(monkeypatch):
+    """Issue 32: a one-pass `arbor ask` in a pipe printed nothing for 276 s. A line comes about every `every`
+    seconds whatever the command is doing; a prefill's tokens read are in it."""
+    import time
+
+    shown = []
+    monkeypatch.setattr(progress_cli, "notice", shown.append)
+    with progress_cli.PlainProgress(every=0.2) as progress:
+        progress.begin("reading the document", 1)
+        progress.tokens(512, 4733)
+        time.sleep(0.75)  # one long step: nothing advances
+        beats = list(shown)
+        progress.advance()
+    assert beats[0] == "reading the document: 0/1"
+    assert len(beats) >= 3 and all("512/4,733 tokens read" in line for line in beats[1:])
+    assert shown[-1].startswith("reading the document: 1/1 · ")
+    time.sleep(0.3)
+    assert len(shown) == len(beats) + 1  # the heartbeat stopped with the display
+
+
+def test_loading_in_a_pipe_says_it_is_still_loading(monkeypatch):
+    import time
+
+    shown = []
+    monkeypatch.setattr(common_cli, "notice", shown.append)
+    with common_cli.Heartbeat("loading model…", every=0.2):
+        time.sleep(0.5)
+    assert shown and all(line.startswith("loading model · ") and line.endswith("s elapsed") for line in shown)

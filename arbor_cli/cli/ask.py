@@ -20,7 +20,7 @@ from .common import (
     read_documents,
     write_answer,
 )
-from .progress import progress_display
+from .progress import progress_display, showing_progress
 
 
 def register(app: typer.Typer) -> None:
@@ -61,7 +61,7 @@ def ask(
     with progress_display() as progress:
         documents, _ = read_documents(sources, max_input_bytes(max_input_mb), progress)
     m = load_model(opts)
-    with progress_display() as progress:
+    with showing_progress(m) as progress:
         answer = ask_documents(m, documents, question, progress=progress, keep=not no_cache, part_tokens=part_tokens,
                                every_part=every_part)
     write_answer(json.dumps(answer.to_json(), ensure_ascii=False) if as_json else answer.text)

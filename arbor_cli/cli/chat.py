@@ -86,7 +86,7 @@ def chat(
 def chat_about(doc: str, opts: GlobalOptions) -> None:
     """`chat --doc FILE`: each message (piped stdin: the one message) is a question about FILE."""
     from ..ask import ask_documents
-    from .summarize import progress_display
+    from .progress import progress_display, showing_progress
 
     with progress_display() as progress:
         document = read_document(doc, max_input_bytes(), progress)
@@ -94,7 +94,7 @@ def chat_about(doc: str, opts: GlobalOptions) -> None:
     m = load_model(opts)
 
     def answer(q: str) -> str:
-        with progress_display() as progress:
+        with showing_progress(m) as progress:
             return ask_documents(m, [document], q, progress=progress).text
 
     if question is not None:

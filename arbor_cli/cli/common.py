@@ -13,6 +13,8 @@ import functools
 import inspect
 import os
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Optional
@@ -150,9 +152,45 @@ def warn(message: str) -> None:
     console.print(f"[yellow]arbor: warning:[/yellow] {escape(message)}", markup=True, highlight=False)
 
 
+PLAIN_PROGRESS_SECONDS = 10.0  # off a terminal, a progress line about this often while a command works
+
+
+def plain_progress_seconds() -> float:
+    """PLAIN_PROGRESS_SECONDS, or ARBOR_PROGRESS_SECONDS where set (a positive number)."""
+    value = os.environ.get("ARBOR_PROGRESS_SECONDS")
+    with contextlib.suppress(ValueError):
+        if value and float(value) > 0:
+            return float(value)
+    return PLAIN_PROGRESS_SECONDS
+
+
 def status(message: str):
-    """A spinner on stderr while something slow runs, on a terminal only."""
-    return console.status(message, spinner="dots") if console.is_terminal else contextlib.nullcontext()
+    """A spinner on stderr while something slow runs on a terminal; off one, a line every
+    plain_progress_seconds() while it runs (a pipe or a log never goes quiet for minutes)."""
+    return console.status(message, spinner="dots") if console.is_terminal else Heartbeat(message)
+
+
+class Heartbeat:
+    """Off a terminal: `message` with the time elapsed on stderr every `every` seconds until the block ends."""
+
+    def __init__(self, message: str, every: float | None = None):
+        self.message, self.every = message.rstrip("…. "), plain_progress_seconds() if every is None else every
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._beat, daemon=True, name="arbor-heartbeat")
+
+    def __enter__(self) -> "Heartbeat":
+        self.started = time.monotonic()
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.stop.set()
+        self.thread.join()
+        return False
+
+    def _beat(self) -> None:
+        while not self.stop.wait(self.every):
+            notice(f"{self.message} · {time.monotonic() - self.started:.0f}s elapsed")
 
 
 def max_input_bytes(megabytes: int | None = None) -> int:

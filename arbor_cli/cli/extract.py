@@ -20,7 +20,7 @@ from .common import (
     read_schema,
     write_answer,
 )
-from .progress import progress_display
+from .progress import progress_display, showing_progress
 
 
 def register(app: typer.Typer) -> None:
@@ -55,7 +55,7 @@ def extract(
     with progress_display() as progress:
         documents, _ = read_documents(paths, max_input_bytes(max_input_mb), progress)
     m = load_model(opts)
-    with progress_display() as progress:
+    with showing_progress(m) as progress:
         result = extract_records(m, documents, text, instruction=instruction, progress=progress,
                                  part_tokens=part_tokens, max_new_tokens=max_tokens)
     if jsonl:

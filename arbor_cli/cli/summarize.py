@@ -20,7 +20,7 @@ from .common import (
     read_documents,
     write_answer,
 )
-from .progress import progress_display
+from .progress import progress_display, showing_progress
 
 
 def register(app: typer.Typer) -> None:
@@ -49,7 +49,7 @@ def summarize(
     with progress_display() as progress:
         documents, skipped = read_documents(files or [], max_input_bytes(max_input_mb), progress)
     m = load_model(opts)
-    with progress_display() as progress:
+    with showing_progress(m) as progress:
         summary = summarize_documents(m, documents, options, progress=progress, notify=notice)
     result = summary.to_json()
     if len(documents) > 1 or skipped:
