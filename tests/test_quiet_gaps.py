@@ -1,10 +1,10 @@
 """Issue 32: a command in a pipe never goes quiet on stderr. Before, a one-pass `arbor summarize README.md`
 sat 38 s behind `summarizing 0/1` (its prefill) and a one-pass `arbor ask` in a pipe printed nothing for
 276 s. Here each stderr line's arrival is timed while the real CLI runs the default model in a pipe, with
-ARBOR_PROGRESS_SECONDS=1 (the heartbeat, 10 s by default) so that the run is short: no gap may exceed
-5 s (the heartbeat and slack for a loaded 2-core box: a heartbeat thread waits for a core like any other),
-and the first line comes within the 10 s the issue allows. Without the heartbeat the prefill alone is
-silent for tens of seconds."""
+ARBOR_PROGRESS_SECONDS=1 (the heartbeat, 10 s by default) so that lines come often: no gap may exceed the
+10 s the issue allows (a heartbeat thread waits for a core and for the GIL like any other: at load 6-7 on
+this 2-core box a gap of 6.9 s was seen while the compiled decode step loaded), the first line included,
+and the prefill must have said its tokens read."""
 
 from __future__ import annotations
 
@@ -53,5 +53,5 @@ def test_a_one_pass_command_in_a_pipe_is_never_quiet(command, default_checkpoint
     assert code == 0 and out.strip(), lines
     assert lines[0][0] <= 10.0, lines  # imports and the model's load, then a line
     worst = max(gaps(lines[:-1]))  # to the last line: then the answer is out and the interpreter exits
-    assert worst[0] <= 5.0, f"{worst[0]:.1f} s of silence before {worst[1]!r}: {lines}"
+    assert worst[0] <= 10.0, f"{worst[0]:.1f} s of silence before {worst[1]!r}: {lines}"
     assert any("tokens read" in line for _, line in lines), lines  # it said what it was doing
