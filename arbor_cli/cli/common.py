@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from arbor_core.errors import UsageError
+from arbor_core.number_input import SWITCH_ON, check_environment, env_number
 
 from .. import documents
 from ..documents import stdin_is_piped as stdin_is_piped  # the commands read it from here
@@ -162,12 +163,7 @@ def max_input_bytes(megabytes: int | None = None) -> int:
         if megabytes < 1:
             raise UsageError(f"--max-input-mb must be at least 1, got {megabytes}")
         return megabytes << 20
-    raw = os.environ.get("ARBOR_MAX_INPUT_MB", "").strip()
-    if not raw:
-        return DEFAULT_MAX_INPUT_MB << 20
-    if not raw.isdigit() or int(raw) < 1:
-        raise UsageError(f"ARBOR_MAX_INPUT_MB must be a whole number of megabytes, at least 1; got {raw!r}")
-    return int(raw) << 20
+    return env_number("ARBOR_MAX_INPUT_MB", DEFAULT_MAX_INPUT_MB) << 20
 
 
 def read_document(source: str | None, max_bytes: int | None = None, progress=None) -> documents.Document:
@@ -222,8 +218,9 @@ def handle_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        debug = bool(kwargs.get("debug")) or os.environ.get("ARBOR_DEBUG") == "1"
+        debug = bool(kwargs.get("debug")) or os.environ.get("ARBOR_DEBUG", "").strip().lower() in SWITCH_ON
         try:
+            check_environment()  # ARBOR_* numbers and switches: a bad one is exit 2 before any work
             return fn(*args, **kwargs)
         except typer.Exit:
             raise
