@@ -61,6 +61,10 @@ EngineModelOpt = Annotated[Optional[str], typer.Option("--engine-model", metavar
                                                        "(default: the first it lists).")]
 EngineKeyOpt = Annotated[Optional[str], typer.Option("--engine-api-key", metavar="KEY", envvar="ARBOR_ENGINE_API_KEY",
                                                      show_default=False, help="The engine's API key (Bearer).")]
+EngineTimeoutOpt = Annotated[float, typer.Option("--engine-timeout", metavar="SECONDS", envvar="ARBOR_ENGINE_TIMEOUT",
+                                                 help="With --engine: give up on a try when connecting, the answer's "
+                                                 "start, a whole answer or a streamed line takes longer than this; "
+                                                 "a request's tries take at most twice this in all.")]
 ParallelOpt = Annotated[int, typer.Option("--parallel", metavar="N", help="With --engine: how many requests run at "
                                           "once (the parts of a long document).")]
 MaxInputOpt = Annotated[Optional[int], typer.Option("--max-input-mb", metavar="MB", show_default=False,
@@ -85,6 +89,7 @@ class GlobalOptions:
     engine_model: str | None = None
     engine_api_key: str | None = None
     parallel: int = 1
+    engine_timeout: float = 120.0
 
 
 # each shared option once: its name in GlobalOptions and on the command's signature, and its declaration
@@ -93,7 +98,7 @@ SHARED_OPTIONS = {"model": ModelOpt, "backend": BackendOpt, "device": DeviceOpt,
                   "rope": RopeOpt, "kv_bits": KvBitsOpt, "quantize": QuantizeOpt, "dtype": DtypeOpt,
                   "debug": DebugOpt}
 ENGINE_OPTIONS = {"engine": EngineOpt, "engine_model": EngineModelOpt, "engine_api_key": EngineKeyOpt,
-                  "parallel": ParallelOpt}
+                  "parallel": ParallelOpt, "engine_timeout": EngineTimeoutOpt}
 
 
 def model_options(fn=None, *, without: tuple[str, ...] = (), engine: bool = False):
@@ -130,8 +135,8 @@ def load_model(opts: GlobalOptions):
 
         with status("connecting to the engine…"):
             model = connect(opts.engine, opts.model, served=opts.engine_model, api_key=opts.engine_api_key,
-                            parallel=opts.parallel, context=opts.context)
-        model.notify = notice
+                            parallel=opts.parallel, context=opts.context, timeout=opts.engine_timeout,
+                            notify=notice)
         return model
     if opts.parallel != 1:
         raise UsageError("--parallel needs --engine: a model loaded here answers one request at a time")
