@@ -165,3 +165,22 @@ def test_plot_of_a_result_with_garbage_values_is_one_line_exit_1(runner, tmp_pat
     assert r.exit_code == 1 and r.stdout == "" and not (tmp_path / "r.png").exists()
     line = one_error_line(r.stderr)
     assert says in line and line.endswith("the result is damaged"), line
+
+
+# ---- a --context that cannot fit is refused before the long-context model is installed ---------------------
+@pytest.mark.slow
+def test_a_context_that_cannot_fit_is_refused_before_installing_the_long_model(runner, default_checkpoint,
+                                                                                monkeypatch):
+    import arbor_weights
+    from arbor_weights import store
+
+    from arbor_cli.model import Model
+
+    longer = arbor_weights.LONG_VARIANTS[arbor_weights.DEFAULT_MODEL]
+    real_installed, real_resolve, resolved = store.installed_path, arbor_weights.resolve, []
+    monkeypatch.setattr(store, "installed_path", lambda name: None if name == longer else real_installed(name))
+    monkeypatch.setattr(arbor_weights, "resolve", lambda name, **kw: resolved.append(name) or real_resolve(name, **kw))
+    monkeypatch.setattr(Model, "_budget", lambda self, mem=None: 4 << 30)  # a 4 GiB machine, whatever this one is
+    r = runner.invoke(app, ["generate", "Hi", "--context", "1048576"])
+    assert r.exit_code == 1 and r.stdout == "" and longer not in resolved
+    assert one_error_line(r.stderr).startswith("arbor: error: --context 1048576 needs ")
