@@ -7,11 +7,12 @@ generations, leaving clients, Ctrl-C and slow connections, in seconds and withou
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from types import SimpleNamespace
 
-STEP_S = 0.02  # one token every 20 ms: 2,000 tokens take 40 s
+STEP_S = float(os.environ.get("SCRIPTED_STEP_S", "0.02"))  # one token every 20 ms: 2,000 tokens take 40 s
 
 
 class LetterTokenizer:
@@ -88,7 +89,6 @@ class LetterModel:
 def main(argv: list[str]) -> None:
     import importlib
     import importlib.util
-    import os
 
     from arbor_cli.cli import app
 

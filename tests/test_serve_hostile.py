@@ -211,3 +211,65 @@ def test_a_bind_that_fails_is_one_line_exit_1_and_nothing_announced(host, says, 
     assert r.returncode == 1 and r.stdout == "" and "Traceback" not in r.stderr
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith(f"arbor: error: cannot listen on {host}:{port}: {says}"), r.stderr
+
+
+# ---- a fuzz run over the OpenAI request shapes ------------------------------------------------------------
+def fuzz_strategies():
+    from hypothesis import strategies as st
+
+    junk = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=True)
+                        | st.text(max_size=8), lambda inner: st.lists(inner, max_size=3)
+                        | st.dictionaries(st.text(max_size=5), inner, max_size=3), max_leaves=6)
+    text = st.text(max_size=12)
+    part = st.fixed_dictionaries({"type": st.sampled_from(["text", "image_url", 5]), "text": text | junk})
+    message = st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant", "tool", None]),
+                                     "content": text | st.lists(part | junk, max_size=3) | junk})
+    small = st.integers(-3, 40)
+    params = {
+        "model": st.sampled_from(["scripted", "gpt-9"]) | junk, "max_tokens": small | junk,
+        "max_completion_tokens": small | junk, "temperature": st.floats(-1, 3) | junk, "top_p": st.floats(0, 1.5) | junk,
+        "top_k": small | junk, "seed": st.integers(-5, 2**80) | junk, "stop": text | st.lists(text, max_size=3) | junk,
+        "stream": st.booleans() | junk, "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}) | junk,
+        "ignore_eos": st.booleans() | junk, "n": st.integers(0, 3) | junk, "repetition_penalty": st.floats(0, 3) | junk,
+        "response_format": st.sampled_from([{"type": "text"}, {"type": "json_object"}, {"type": "xml"}]) | junk,
+        "logprobs": st.integers(-1, 3) | st.booleans() | junk, "echo": st.booleans() | junk,
+    }
+    optional = st.fixed_dictionaries({}, optional=params)
+    chat = st.tuples(st.just("/v1/chat/completions"), st.builds(
+        lambda messages, rest: {"messages": messages, **rest}, st.lists(message, max_size=3) | junk, optional))
+    completion = st.tuples(st.just("/v1/completions"), st.builds(
+        lambda prompt, rest: {"prompt": prompt, **rest},
+        text | st.lists(st.integers(-3, 300), max_size=5) | st.lists(text | st.lists(small), max_size=2) | junk,
+        optional))
+    tokens = st.tuples(st.sampled_from(["/tokenize", "/detokenize"]), st.fixed_dictionaries(
+        {}, optional={"content": text | junk, "tokens": st.lists(st.integers(-2**40, 2**40), max_size=4) | junk}))
+    return st.one_of(chat, completion, tokens, st.tuples(st.sampled_from(["/v1/chat/completions", "/tokenize"]),
+                                                         junk))
+
+
+@pytest.mark.slow
+def test_fuzzed_request_bodies_never_get_a_500_nor_a_traceback(running):
+    pytest.importorskip("hypothesis")
+    from hypothesis import HealthCheck, given, settings
+
+    server = running("--queue-size", "4", SCRIPTED_STEP_S="0")
+    seen = {}
+
+    @settings(max_examples=300, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(fuzz_strategies())
+    def post(case):
+        path, body = case
+        r = httpx.post(server.url + path, content=json.dumps(body, allow_nan=True), timeout=10)
+        seen[r.status_code] = seen.get(r.status_code, 0) + 1
+        assert r.status_code in (200, 400, 404), (path, body, r.status_code, r.text[:300])
+        if r.status_code != 200 or not r.headers["content-type"].startswith("text/event-stream"):
+            assert isinstance(r.json(), dict)  # an OpenAI-style body, never plain text
+        if r.status_code != 200:
+            assert r.json()["error"]["message"]
+
+    post()
+    plain = httpx.post(f"{server.url}/v1/chat/completions", json={"messages": HI, "max_tokens": 3}, timeout=10)
+    assert plain.status_code == 200 and plain.json()["choices"][0]["message"]["content"] == "abc"
+    code, out, err, _ = server.stop(signal.SIGINT)
+    assert code == 130 and "Traceback" not in err and "ERROR" not in err, err
+    assert seen.get(200, 0) > 10 and seen.get(400, 0) > 50, seen  # the run reached both sides
