@@ -96,6 +96,8 @@ def main(argv: list[str]) -> None:
         listen = importlib.import_module("arbor_cli.serve.listen")
         listen.BoundedH11Protocol.head_timeout_s = float(os.environ.get("SCRIPTED_HEAD_TIMEOUT_S",
                                                                         listen.HEAD_TIMEOUT_S))
+        http = importlib.import_module("arbor_cli.serve.app")
+        http.BODY_TIMEOUT_S = float(os.environ.get("SCRIPTED_BODY_TIMEOUT_S", http.BODY_TIMEOUT_S))
     importlib.import_module("arbor_cli.cli.serve").load_model = lambda opts: LetterModel()  # the command as it is, over the scripted model
     app(["serve", *argv], prog_name="arbor")
 

@@ -180,7 +180,7 @@ HEAD_TIMEOUT_S = 2.0  # the scripted server's, for this test (arbor serve's is l
 def test_slow_headers_are_closed_and_open_connections_are_capped(running):
     import arbor_cli.serve.listen as listen
 
-    server = running(SCRIPTED_HEAD_TIMEOUT_S=str(HEAD_TIMEOUT_S))
+    server = running(SCRIPTED_HEAD_TIMEOUT_S=str(HEAD_TIMEOUT_S), SCRIPTED_BODY_TIMEOUT_S=str(HEAD_TIMEOUT_S))
     trickling = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(3)]
     for s in trickling:
         s.sendall(b"G")  # a request line that never ends
@@ -189,6 +189,14 @@ def test_slow_headers_are_closed_and_open_connections_are_capped(running):
         s.settimeout(HEAD_TIMEOUT_S + 5)
         assert s.recv(1) == b""  # closed by the server
     assert HEAD_TIMEOUT_S - 0.5 < time.time() - t0 < HEAD_TIMEOUT_S + 2
+    slow_body = socket.create_connection(("127.0.0.1", server.port))
+    slow_body.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+    slow_body.settimeout(HEAD_TIMEOUT_S + 5)
+    t0 = time.time()
+    answer = slow_body.recv(4096).decode()
+    assert answer.startswith("HTTP/1.1 408") and '"code":"request_timeout"' in answer.replace(" ", ""), answer
+    assert time.time() - t0 < HEAD_TIMEOUT_S + 2
+    slow_body.close()
     held = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(listen.DEFAULT_MAX_CONNECTIONS)]
     extra = socket.create_connection(("127.0.0.1", server.port))
     extra.settimeout(5)
