@@ -12,6 +12,12 @@ from pathlib import Path
 ANSWER_LOG_MAX_BYTES = 64 << 20  # the kept answers of one served model; beyond it, the older half goes
 
 
+def valid_answer(answer) -> bool:
+    """What the log keeps: {"text": str, "finish_reason": str}; anything else is never kept nor given back."""
+    return (isinstance(answer, dict) and isinstance(answer.get("text"), str)
+            and isinstance(answer.get("finish_reason"), str))
+
+
 class AnswerLog:
     """Greedy answers an engine gave, one JSON line each, keyed by the request: a rerun after a failure
     asks only what was not answered yet. Appends are one write of one line (safe across threads here)."""
@@ -33,7 +39,8 @@ class AnswerLog:
                     for line in f:
                         try:
                             row = json.loads(line)
-                            self._answers[row["key"]] = row["answer"]
+                            if valid_answer(row["answer"]):  # else kept by an older arbor: asked again
+                                self._answers[row["key"]] = row["answer"]
                         except (ValueError, KeyError, TypeError):
                             continue  # a line cut by a crash: that answer is asked again
             except OSError:
@@ -45,6 +52,8 @@ class AnswerLog:
             return self._load().get(self.key(body))
 
     def put(self, body: dict, answer: dict) -> None:
+        if not valid_answer(answer):
+            raise ValueError(f"not an answer to keep: {answer!r:.80}")  # the caller validates what it keeps
         with self._lock:
             self._load()[self.key(body)] = answer
             try:

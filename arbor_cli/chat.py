@@ -115,6 +115,9 @@ class ChatSession:
             for m in messages)
         if not valid or data.get("format") != SESSION_FORMAT:
             raise InputError(f"{path} is not a saved arbor chat (expected {SESSION_FORMAT} JSON)")
+        if data.get("system") is not None and not isinstance(data["system"], str):  # the whole file, not only turns
+            raise InputError(f"{path} is not a saved arbor chat: its system prompt is a "
+                             f"{type(data['system']).__name__}, not text")
         self.system = data.get("system") or None
         self.turns = [dict(role=m["role"], content=m["content"]) for m in messages]
         self.session.clear()

@@ -35,6 +35,8 @@ from typing import Any
 
 import numpy as np
 
+from arbor_core.number_input import env_number
+
 from .extract import EXTRACTOR_VERSION
 
 # 2: keys and values of a float32 cache kept in float16, and a checksum of the arrays (1: float32, none)
@@ -62,12 +64,8 @@ def directory() -> Path:
 
 
 def cap_bytes() -> int:
-    """ARBOR_DOC_CACHE_MB (default 2048) in bytes; an unreadable value is the default."""
-    try:
-        mb = float(os.environ.get("ARBOR_DOC_CACHE_MB", DEFAULT_CAP_MB))
-    except ValueError:
-        mb = DEFAULT_CAP_MB
-    return int(max(mb, 0) * 1e6)
+    """ARBOR_DOC_CACHE_MB (default 2048; 0 keeps nothing) in bytes; any other value is a UsageError."""
+    return int(env_number("ARBOR_DOC_CACHE_MB", DEFAULT_CAP_MB) * 1e6)
 
 
 def _sha256(data: bytes) -> str:

@@ -127,8 +127,29 @@ def _text_files_under(folder: Path, skipped: list[tuple[str, str]], warn: Callab
                 dirs.remove(d)
                 skipped.append((str(Path(root) / d), f"{Path(root) / d} is a link to a directory, not followed"))
                 warn(f"skipped: {Path(root) / d} is a link to a directory, not followed")
-        found += [Path(root) / f for f in files if not f.startswith(".")]
+        for f in files:
+            if f.startswith("."):
+                continue
+            kind = _special_kind(Path(root) / f)
+            if kind:  # never opened: a FIFO would wait for a writer forever
+                skipped.append((str(Path(root) / f), f"{Path(root) / f} is a {kind}, not a file"))
+                warn(f"skipped: {Path(root) / f} is a {kind}, not a file")
+            else:
+                found.append(Path(root) / f)
     return sorted(found, key=lambda path: path.relative_to(folder).parts)  # as `find | sort` lists them
+
+
+def _special_kind(path: Path) -> str | None:
+    """What a path found in a directory is when it is neither a file nor a link to one (None for a file, or
+    for a path that cannot be looked at: reading it says why)."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return None
+    if stat.S_ISREG(mode):
+        return None
+    return ("FIFO (named pipe)" if stat.S_ISFIFO(mode) else "socket" if stat.S_ISSOCK(mode)
+            else "device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "special file")
 
 
 def _open_document(path: Path):

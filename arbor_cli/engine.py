@@ -9,14 +9,23 @@ arbor serve and vLLM answer) for ask's ranking. A Session here holds only token 
 its own cache. `map` runs `parallel` requests at once (the summariser's map phase, ask's reading of
 parts). The server's errors become one-line EngineErrors; refused connections, timeouts, 429 and 5xx
 are retried with backoff (Retry-After honoured). Greedy chat answers are kept in an AnswerLog
-(answer_log.py), so a run the engine broke off resumes where it stopped.
+(answer_log.py), so a run the engine broke off resumes where it stopped; only an answer that passed
+validation is kept (a malformed one is an EngineError, and asked again next time).
+
+Waiting is bounded (`--engine-timeout T`, default TIMEOUT_S): connecting, the answer's head, a whole
+non-streamed body and each streamed line must each come within T seconds; the tries of one request until its
+answer starts take at most TOTAL_TRIES_OF_TIMEOUT x T in all. A server that hangs or trickles (a byte
+every few seconds keeps a socket's own timeout happy) is caught by these clocks. While a request waits, a
+notice every PROGRESS_S says so on stderr.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -24,6 +33,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from arbor_core.errors import ArborError, ContextError, ScoringUnavailableError, UsageError
+from arbor_core.number_input import check_number
 from arbor_core.planner import ContextPlan, bucket_within
 
 from .answer_log import AnswerLog
@@ -34,7 +44,10 @@ from .session import Session
 
 RETRIES = 3  # attempts after the first, for transient failures
 BACKOFF_S = 0.5  # doubled each retry
-TIMEOUT_S = 600.0
+TIMEOUT_S = 120.0  # connect, the answer's head, a whole body, each streamed event (--engine-timeout)
+TOTAL_TRIES_OF_TIMEOUT = 2  # one request, all tries together, at most this many timeouts long
+PROGRESS_S = 10.0  # a notice this often while a request waits
+READ_BYTES = 1 << 16
 TRANSIENT_STATUS = (408, 409, 429, 500, 502, 503, 504)
 
 
@@ -49,9 +62,11 @@ class RemoteModel:
 
     def __init__(self, url: str, checkpoint, tokenizer, *, served: str | None = None, api_key: str | None = None,
                  parallel: int = 1, context: int | None = None, timeout: float = TIMEOUT_S,
-                 answer_log: Path | None = None, opener: Callable | None = None):
+                 answer_log: Path | None = None, opener: Callable | None = None,
+                 notify: Callable[[str], None] | None = None):
         if parallel < 1:
             raise UsageError(f"--parallel must be at least 1, got {parallel}")
+        check_number(timeout, "--engine-timeout", above=0)
         self.url = url.rstrip("/")
         if not self.url.endswith("/v1"):
             self.url += "/v1"
@@ -60,8 +75,9 @@ class RemoteModel:
         self.context = context  # the user's --context: every generation is planned at it
         self.rope_method = "auto"
         self.backend, self.device, self.dtype = "engine", self.url, "remote"
-        self.notify: Callable[[str], None] = lambda message: None
+        self.notify: Callable[[str], None] = notify or (lambda message: None)
         self._open = opener or urllib.request.urlopen
+        self._said_waiting = 0.0  # when the last "waiting" notice was given (one for all parallel requests)
         self.served, self.max_context = self._describe(served)
         self._log = AnswerLog(answer_log) if answer_log is not None else None
 
@@ -132,12 +148,7 @@ class RemoteModel:
             return GenerationResult(kept["text"], [], kept["finish_reason"], {"from_log": 1.0}, context or 0)
         t0 = time.perf_counter()
         reply = self.request("POST", "/chat/completions", body)
-        try:
-            choice = reply["choices"][0]
-            text, finish = choice["message"]["content"] or "", choice.get("finish_reason") or "stop"
-        except (KeyError, IndexError, TypeError):
-            raise EngineError(f"the engine at {self.url} answered a chat completion without a message") from None
-        used = reply.get("usage") or {}
+        text, finish, used = self._chat_answer(reply)
         result = GenerationResult(text, [], "length" if finish == "length" else "stop",
                                   {"prompt_tokens": used.get("prompt_tokens", 0),
                                    "generated_tokens": used.get("completion_tokens", 0),
@@ -146,6 +157,26 @@ class RemoteModel:
             self._log.put(body, {"text": text, "finish_reason": result.finish_reason})
         self._hold(session, messages, text)
         return result
+
+    def _chat_answer(self, reply: Any) -> tuple[str, str, dict]:
+        """(text, finish_reason, usage) of a chat completion, each checked to be what OpenAI's API says it is;
+        an EngineError otherwise (and nothing of it is kept)."""
+        try:
+            choice = reply["choices"][0]
+            message = choice["message"]
+        except (KeyError, IndexError, TypeError):
+            raise EngineError(f"the engine at {self.url} answered a chat completion without a message") from None
+        text, finish = message.get("content") if isinstance(message, dict) else None, choice.get("finish_reason")
+        if not isinstance(message, dict) or not isinstance(text, (str, type(None))):
+            raise EngineError(f"the engine at {self.url} answered a chat completion whose message content is "
+                              f"not text ({json.dumps(text if isinstance(message, dict) else message)[:60]})")
+        if not isinstance(finish, (str, type(None))):
+            raise EngineError(f"the engine at {self.url} answered a finish_reason that is not text "
+                              f"({json.dumps(finish)[:60]})")
+        used = reply.get("usage")
+        used = {k: v for k, v in used.items() if isinstance(v, int) and not isinstance(v, bool)} \
+            if isinstance(used, dict) else {}
+        return text or "", finish or "stop", used
 
     def stream(self, prompt: list[int] | list[dict], options: GenerationOptions, *, session: Session | None = None,
                continuing: bool = False, context: int | None = None, rope: str | None = None) -> GenerationStream:
@@ -184,12 +215,21 @@ class RemoteModel:
         text, finish = [], "stop"
         try:
             for event in self.events(path, body):
-                for choice in event.get("choices") or ():
-                    piece = (choice.get("delta") or {}).get("content") or choice.get("text")
+                choices = event.get("choices") or ()
+                if not isinstance(choices, list) or not all(isinstance(c, dict) for c in choices):
+                    raise EngineError(f"the engine at {self.url} streamed an event whose choices are not a list "
+                                      "of objects")
+                for choice in choices:
+                    delta = choice.get("delta") or {}
+                    piece = (delta.get("content") if isinstance(delta, dict) else None) or choice.get("text")
+                    if piece is not None and not isinstance(piece, str):
+                        raise EngineError(f"the engine at {self.url} streamed a piece that is not text "
+                                          f"({json.dumps(piece)[:60]})")
                     if piece:
                         text.append(piece)
                         yield piece
-                    finish = choice.get("finish_reason") or finish
+                    reason = choice.get("finish_reason")
+                    finish = reason if isinstance(reason, str) else finish
         finally:
             self._hold(session, body.get("messages") or body["prompt"], "".join(text))
         return GenerationResult("".join(text), [], "length" if finish == "length" else "stop", {}, 0)
@@ -230,16 +270,73 @@ class RemoteModel:
     # ---- HTTP --------------------------------------------------------------------------------
     def request(self, method: str, path: str, body: dict | None = None) -> Any:
         """One JSON request, retried when the failure is transient; EngineError when it fails for good."""
-        with self._attempts(method, path, body) as response:
+        clock = _Clock(self.timeout)
+        with self._waiting(path, clock), self._attempts(method, path, body, clock) as response:
+            raw = b"".join(self._chunks(response, path, clock))
             try:
-                return json.loads(response.read() or b"null")
+                return json.loads(raw or b"null")
             except ValueError:
                 raise EngineError(f"the engine at {self.url} answered {path} with something that is not JSON") from None
 
+    def _chunks(self, response, path: str, clock: "_Clock") -> Iterator[bytes]:
+        """The body as it comes, within the timeout from the clock's last restart (the head; for a stream,
+        the last whole line)."""
+        clock.restart()
+        while True:
+            try:
+                chunk = response.read1(READ_BYTES)
+            except (socket.timeout, TimeoutError):
+                raise EngineError(self._too_slow(path)) from None
+            if not chunk:
+                return
+            if clock.since_restart() > self.timeout:
+                raise EngineError(self._too_slow(path))
+            yield chunk
+
+    def _lines(self, response, path: str, clock: "_Clock") -> Iterator[bytes]:
+        """The body's lines, each within the timeout (a server that trickles bytes without ending a line
+        is caught: the clock runs from the last whole line)."""
+        pending = b""
+        clock.restart()
+        for chunk in self._chunks(response, path, clock):
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            if lines:
+                clock.restart()
+            yield from lines
+        if pending:
+            yield pending
+
+    def _too_slow(self, path: str) -> str:
+        return (f"the engine at {self.url} stopped answering {path}: its answer did not come whole within "
+                f"{self.timeout:g} s (--engine-timeout)")
+
+    @contextlib.contextmanager
+    def _waiting(self, path: str, clock: "_Clock"):
+        """While the block runs, a notice whenever the engine has been silent for PROGRESS_S (the clock's
+        last restart: a flowing stream says nothing), at most one every PROGRESS_S for all parallel requests."""
+        done = threading.Event()
+
+        def tell():
+            while not done.wait(PROGRESS_S / 5):
+                now = time.monotonic()
+                if clock.since_restart() >= PROGRESS_S and now - self._said_waiting >= PROGRESS_S:
+                    self._said_waiting = now
+                    self.notify(f"waiting for the engine at {self.url} ({path}): {clock.elapsed():.0f} s so far; "
+                                f"gives up after {self.timeout:g} s without an answer, {clock.total:g} s in all")
+
+        teller = threading.Thread(target=tell, daemon=True)
+        teller.start()
+        try:
+            yield
+        finally:
+            done.set()
+
     def events(self, path: str, body: dict) -> Iterator[dict]:
         """The server-sent events of a streamed request, as JSON objects, until [DONE]."""
-        with self._attempts("POST", path, body) as response:
-            for raw in response:
+        clock = _Clock(self.timeout)
+        with self._waiting(path, clock), self._attempts("POST", path, body, clock) as response:
+            for raw in self._lines(response, path, clock):
                 line = raw.decode("utf-8", "replace").strip()
                 if not line.startswith("data:"):
                     continue
@@ -255,7 +352,8 @@ class RemoteModel:
                 if isinstance(event, dict):
                     yield event
 
-    def _attempts(self, method: str, path: str, body: dict | None):
+    def _attempts(self, method: str, path: str, body: dict | None, clock: "_Clock | None" = None):
+        clock = clock or _Clock(self.timeout)
         headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
@@ -263,23 +361,53 @@ class RemoteModel:
         delay = BACKOFF_S
         for attempt in range(RETRIES + 1):
             request = urllib.request.Request(self.url + path, data=data, headers=headers, method=method)
+            clock.restart()
             try:
-                return self._open(request, timeout=self.timeout)
+                return self._open(request, timeout=max(0.1, clock.left()))
             except urllib.error.HTTPError as e:
                 detail = _error_text(e)
-                if e.code not in TRANSIENT_STATUS or attempt == RETRIES:
+                if e.code not in TRANSIENT_STATUS or attempt == RETRIES or clock.total_left() <= 0:
                     raise EngineError(f"the engine at {self.url} answered {e.code} to {path}: {detail}") from None
                 wait = _retry_after(e) or delay
             except (urllib.error.URLError, socket.timeout, ConnectionError, TimeoutError) as e:
                 reason = getattr(e, "reason", e)
-                if attempt == RETRIES:
-                    raise EngineError(f"cannot reach the engine at {self.url} ({reason}) after {RETRIES + 1} "
-                                      "tries") from None
+                if isinstance(reason, (socket.timeout, TimeoutError)):
+                    reason = f"no answer within {self.timeout:g} s"
+                if attempt == RETRIES or clock.total_left() <= 0:
+                    tries = f"{attempt + 1} {'try' if attempt == 0 else 'tries'}"
+                    raise EngineError(f"cannot reach the engine at {self.url} ({reason}) after {tries} in "
+                                      f"{clock.elapsed():.0f} s (--engine-timeout {self.timeout:g})") from None
                 wait = delay
+            wait = min(wait, max(0.0, clock.total_left()))
             self.notify(f"the engine at {self.url} failed ({path}); retrying in {wait:g} s")
             time.sleep(wait)
             delay *= 2
         raise AssertionError("unreachable")
+
+
+class _Clock:
+    """One request's clocks: the timeout runs from the last restart (a try, the head, a streamed line); the
+    total bound, over the tries until an answer starts, from the start."""
+
+    def __init__(self, timeout: float):
+        self.timeout, self.total = timeout, TOTAL_TRIES_OF_TIMEOUT * timeout
+        self.start = self.mark = time.monotonic()
+
+    def restart(self) -> None:
+        self.mark = time.monotonic()
+
+    def since_restart(self) -> float:
+        return time.monotonic() - self.mark
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def total_left(self) -> float:
+        return self.total - self.elapsed()
+
+    def left(self) -> float:
+        """What the current try may still wait: its timeout, within the total bound."""
+        return min(self.total_left(), self.timeout - self.since_restart())
 
 
 def _error_text(e: urllib.error.HTTPError) -> str:
@@ -303,7 +431,8 @@ def _retry_after(e: urllib.error.HTTPError) -> float | None:
 
 
 def connect(url: str, model: str | None = None, *, served: str | None = None, api_key: str | None = None,
-            parallel: int = 1, context: int | None = None, quiet: bool = True) -> RemoteModel:
+            parallel: int = 1, context: int | None = None, quiet: bool = True, timeout: float = TIMEOUT_S,
+            notify: Callable[[str], None] | None = None) -> RemoteModel:
     """A RemoteModel for the engine at `url`, counting tokens with the local tokenizer of `model`
     (default: arbor's default model)."""
     import arbor_weights
@@ -314,4 +443,4 @@ def connect(url: str, model: str | None = None, *, served: str | None = None, ap
     checkpoint = arbor_weights.resolve(model or arbor_weights.DEFAULT_MODEL, quiet=quiet)
     log = arbor_weights.cache_dir() / "engine" / f"{hashlib.sha256(url.encode()).hexdigest()[:12]}.jsonl"
     return RemoteModel(url, checkpoint, load_tokenizer(checkpoint.path), served=served, api_key=api_key,
-                       parallel=parallel, context=context, answer_log=log)
+                       parallel=parallel, context=context, answer_log=log, timeout=timeout, notify=notify)

@@ -25,7 +25,6 @@ def load(model: str | None = None, backend: str | None = None, device: str | Non
     dtype="float32" asks for the exact float path instead.
     """
     import arbor_weights
-    from arbor_core.tokenizer import load_tokenizer
 
     if context is not None and (not isinstance(context, int) or not 16 <= context <= MAX_CONTEXT):
         raise UsageError(f"--context must be an integer in 16..{MAX_CONTEXT}, got {context!r}")
@@ -46,17 +45,30 @@ def load(model: str | None = None, backend: str | None = None, device: str | Non
         # --rope auto beyond the trained context: the model's long-context adapter, where arbor ships one
         from arbor_weights.progress import Reporter
 
+        from arbor_weights.store import installed_path
+
+        if installed_path(longer) is None:
+            # installing the long variant writes its whole checkpoint (517 MB for the default model): a --context
+            # that cannot fit is refused first, planned on the model it is built from (the same shapes and dtypes)
+            _open(checkpoint, backend, device, dtype, kv_bits, quantize, context, rope).plan(context)
         Reporter(quiet=quiet).note(f"context {context:,} is beyond {checkpoint.name}'s trained "
                                    f"{checkpoint.config.trained_context:,} tokens: using {longer} (its long-context "
                                    "adapter; --rope yarn keeps the plain model)")
         checkpoint = arbor_weights.resolve(longer, quiet=quiet)
+    m = _open(checkpoint, backend, device, dtype, kv_bits, quantize, context, rope)
+    if context is not None:
+        m.plan(context)  # refuse at load time a --context that cannot fit
+    return m
+
+
+def _open(checkpoint, backend: str, device, dtype, kv_bits: int, quantize, context, rope: str) -> Model:
+    """The checkpoint loaded on the backend, with its tokenizer, as a Model."""
+    from arbor_core.tokenizer import load_tokenizer
+
     # The tokenizer is parsed on a second thread while the backend imports (tokenizers releases the GIL):
     # parsing a 151K-token tokenizer.json took 0.35 s of a start, importing torch 1.4 s
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="arbor-tokenizer") as pool:
         tokenizer = pool.submit(load_tokenizer, checkpoint.path)
         module = backend_module(backend)
         lm = module.load(checkpoint, device=device, dtype=dtype, kv_bits=kv_bits, quantize=quantize)
-        m = Model(checkpoint, lm, tokenizer.result(), module.NAME, context=context, rope_method=rope)
-    if context is not None:
-        m.plan(context)  # refuse at load time a --context that cannot fit
-    return m
+        return Model(checkpoint, lm, tokenizer.result(), module.NAME, context=context, rope_method=rope)

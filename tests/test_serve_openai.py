@@ -63,9 +63,9 @@ HI = [{"role": "user", "content": "Hi"}]
     ({"messages": HI, "max_tokens": 9000}, True, 400, "max_tokens", "context_length_exceeded", "ask for fewer"),
     ({"messages": HI, "temperature": "hot"}, True, 400, "temperature", None, "'temperature' must be a number"),
     ({"messages": HI, "top_p": True}, True, 400, "top_p", None, "'top_p' must be a number"),
-    ({"messages": HI, "temperature": 500}, True, 400, None, None, "--temperature must be between 0 and 100"),
-    ({"messages": HI, "stop": [""]}, True, 400, None, None, "--stop strings must be non-empty"),
-    ({"messages": HI, "seed": -1}, True, 400, None, None, "--seed must be a non-negative integer"),
+    ({"messages": HI, "temperature": 500}, True, 400, "temperature", None, "--temperature must be between 0 and 100"),
+    ({"messages": HI, "stop": [""]}, True, 400, "stop", None, "--stop strings must be non-empty"),
+    ({"messages": HI, "seed": -1}, True, 400, "seed", None, "--seed must be a non-negative integer"),
     ({"messages": HI, "response_format": {"type": "xml"}}, True, 400, "response_format", None, "'xml' is not"),
     ({"messages": HI, "response_format": "json"}, True, 400, "response_format", None, "must be an object"),
     ({"messages": HI, "response_format": {"type": "json_schema", "json_schema": {"name": "p",
@@ -194,10 +194,12 @@ def test_scoring_is_not_streamed_and_must_fit(body, prompt_tokens, message):
     ({"content": 1}, openai.tokenize_content, "'content' must be a string"),
     ({"tokens": "1 2"}, openai.detokenize_tokens, "'tokens' must be a list of token ids"),
     ({"tokens": [1, "2"]}, openai.detokenize_tokens, "'tokens' must be a list of token ids"),
+    ({"tokens": [-1]}, openai.detokenize_tokens, "token id -1 is outside the vocabulary (0..999)"),
+    ({"tokens": [1000]}, openai.detokenize_tokens, "token id 1000 is outside the vocabulary (0..999)"),
 ])
 def test_tokenize_and_detokenize_check_their_field(body, function, message):
     with pytest.raises(RequestError) as caught:
-        function(body)
+        function(body) if function is openai.tokenize_content else function(body, 1000)
     assert (caught.value.status, caught.value.message) == (400, message)
 
 

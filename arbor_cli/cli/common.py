@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from arbor_core.errors import UsageError
+from arbor_core.number_input import SWITCH_ON, check_environment, env_number
 
 from .. import documents
 from ..documents import stdin_is_piped as stdin_is_piped  # the commands read it from here
@@ -62,6 +63,10 @@ EngineModelOpt = Annotated[Optional[str], typer.Option("--engine-model", metavar
                                                        "(default: the first it lists).")]
 EngineKeyOpt = Annotated[Optional[str], typer.Option("--engine-api-key", metavar="KEY", envvar="ARBOR_ENGINE_API_KEY",
                                                      show_default=False, help="The engine's API key (Bearer).")]
+EngineTimeoutOpt = Annotated[float, typer.Option("--engine-timeout", metavar="SECONDS", envvar="ARBOR_ENGINE_TIMEOUT",
+                                                 help="With --engine: give up on a try when connecting, the answer's "
+                                                 "start, a whole answer or a streamed line takes longer than this; "
+                                                 "a request's tries take at most twice this in all.")]
 ParallelOpt = Annotated[int, typer.Option("--parallel", metavar="N", help="With --engine: how many requests run at "
                                           "once (the parts of a long document).")]
 MaxInputOpt = Annotated[Optional[int], typer.Option("--max-input-mb", metavar="MB", show_default=False,
@@ -86,6 +91,7 @@ class GlobalOptions:
     engine_model: str | None = None
     engine_api_key: str | None = None
     parallel: int = 1
+    engine_timeout: float = 120.0
 
 
 # each shared option once: its name in GlobalOptions and on the command's signature, and its declaration
@@ -94,7 +100,7 @@ SHARED_OPTIONS = {"model": ModelOpt, "backend": BackendOpt, "device": DeviceOpt,
                   "rope": RopeOpt, "kv_bits": KvBitsOpt, "quantize": QuantizeOpt, "dtype": DtypeOpt,
                   "debug": DebugOpt}
 ENGINE_OPTIONS = {"engine": EngineOpt, "engine_model": EngineModelOpt, "engine_api_key": EngineKeyOpt,
-                  "parallel": ParallelOpt}
+                  "parallel": ParallelOpt, "engine_timeout": EngineTimeoutOpt}
 
 
 def model_options(fn=None, *, without: tuple[str, ...] = (), engine: bool = False):
@@ -131,8 +137,8 @@ def load_model(opts: GlobalOptions):
 
         with status("connecting to the engine…"):
             model = connect(opts.engine, opts.model, served=opts.engine_model, api_key=opts.engine_api_key,
-                            parallel=opts.parallel, context=opts.context)
-        model.notify = notice
+                            parallel=opts.parallel, context=opts.context, timeout=opts.engine_timeout,
+                            notify=notice)
         return model
     if opts.parallel != 1:
         raise UsageError("--parallel needs --engine: a model loaded here answers one request at a time")
@@ -200,12 +206,7 @@ def max_input_bytes(megabytes: int | None = None) -> int:
         if megabytes < 1:
             raise UsageError(f"--max-input-mb must be at least 1, got {megabytes}")
         return megabytes << 20
-    raw = os.environ.get("ARBOR_MAX_INPUT_MB", "").strip()
-    if not raw:
-        return DEFAULT_MAX_INPUT_MB << 20
-    if not raw.isdigit() or int(raw) < 1:
-        raise UsageError(f"ARBOR_MAX_INPUT_MB must be a whole number of megabytes, at least 1; got {raw!r}")
-    return int(raw) << 20
+    return env_number("ARBOR_MAX_INPUT_MB", DEFAULT_MAX_INPUT_MB) << 20
 
 
 def read_document(source: str | None, max_bytes: int | None = None, progress=None) -> documents.Document:
@@ -260,8 +261,9 @@ def handle_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        debug = bool(kwargs.get("debug")) or os.environ.get("ARBOR_DEBUG") == "1"
+        debug = bool(kwargs.get("debug")) or os.environ.get("ARBOR_DEBUG", "").strip().lower() in SWITCH_ON
         try:
+            check_environment()  # ARBOR_* numbers and switches: a bad one is exit 2 before any work
             return fn(*args, **kwargs)
         except typer.Exit:
             raise

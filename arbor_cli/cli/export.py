@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from arbor_core.errors import UsageError
+from arbor_core.number_input import check_number
 
 from .common import handle_errors, notice, status, write_answer
 
@@ -40,6 +41,8 @@ def export(
         resolve_method(rope)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    if context is not None:
+        check_number(context, "--context", int, minimum=1)
     checkpoint = arbor_weights.resolve(source)
     trained = checkpoint.config.trained_context
     scaling = scaling_for_context(checkpoint.config, context, rope) if context else None

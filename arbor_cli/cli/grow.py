@@ -8,6 +8,8 @@ from typing import Annotated
 
 import typer
 
+from arbor_core.number_input import check_number
+
 from .common import handle_errors, notice, status, write_answer
 
 
@@ -29,6 +31,8 @@ def grow(
     import arbor_weights
     from arbor_weights.grow import grow_checkpoint
 
+    check_number(depth, "--depth", minimum=1)
+    check_number(width, "--width", minimum=1)
     checkpoint = arbor_weights.resolve(source)
     with status("growing…"):
         path, before, after = grow_checkpoint(checkpoint, destination, depth, width, seed)

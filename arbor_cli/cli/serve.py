@@ -45,13 +45,17 @@ def serve(
         raise UsageError(f"--queue-size must be 0 or more, got {queue_size}")
     if host not in LOOPBACK and not api_key:
         warn(f"serving on {host} without --api-key: anyone who can reach this machine can use the model")
-    import uvicorn
+    from ..serve import listen  # uvicorn's and Starlette's: only once they are known to be installed
+    from ..serve.app import create_app
 
-    from ..serve.app import create_app  # Starlette's: only once it is known to be installed
-
-    model = load_model(opts)
-    server = Server(model, queue_size=queue_size, api_key=api_key, name=served_name)
-    shown = f"[{host}]" if ":" in host else host
-    notice(f"serving {server.name} at http://{shown}:{port}/v1 (context up to {server.max_context:,} tokens, "
-           f"{queue_size} may wait); Ctrl-C stops")
-    uvicorn.run(create_app(server), host=host, port=port, log_level="warning", access_log=False)
+    sock = listen.bind(host, port)  # a port in use is one line before the model loads or anything is announced
+    try:
+        model = load_model(opts)
+        server = Server(model, queue_size=queue_size, api_key=api_key, name=served_name)
+        shown = f"[{host}]" if ":" in host else host
+        notice(f"serving {server.name} at http://{shown}:{port}/v1 (context up to {server.max_context:,} tokens, "
+               f"{queue_size} may wait); Ctrl-C stops")
+        listen.serve(create_app(server), sock, server.worker.stop,
+                     max_connections=max(listen.DEFAULT_MAX_CONNECTIONS, 2 * (queue_size + 1)))
+    finally:
+        sock.close()

@@ -71,6 +71,7 @@ def train(
                                    save_every=save_every, seed=seed)
     cfg.check()
     checkpoint = arbor_weights.resolve(opts.model or arbor_weights.DEFAULT_MODEL)
+    cfg.check(checkpoint.config)  # --lora within the model's attention projections
     parse_scaling(rope, checkpoint.config.trained_context)  # a bad --rope fails before the data is read
     texts = (read_text_input(path, max_input_bytes())[0] for path in data)  # each read when it is tokenized
     rows, tokens = train_module.training_rows(checkpoint, texts, seq_len)

@@ -16,10 +16,15 @@ The context is planned per request as the CLI plans it
 (prompt + max_tokens); a prompt that does not fit is a 400 error, never silently truncated.
 No tensors here: only Model's door.
 
+Every parameter a request names is checked for its type before anything runs (a 400 naming it); a client
+that leaves is noticed within half a second whether it streams or not; with --api-key, /health tells a
+caller without the key only {"status": "ok"}.
+
 Split as llama.cpp splits its server: `openai` (request bodies in, response bodies and events out; pure),
 `worker` (the queue and the one thread that generates), `app` (the HTTP routes; imports Starlette, so it
-is imported only once `arbor serve` knows Starlette is installed), and here `Server`, which binds the
-model and this server's limits to them.
+is imported only once `arbor serve` knows Starlette is installed), `listen` (the socket, bound before the
+model loads; bounds on slow and too many connections; one Ctrl-C stops it all), and here `Server`, which
+binds the model and this server's limits to them.
 """
 
 from __future__ import annotations

@@ -19,6 +19,9 @@ from . import Server, openai
 from .openai import RequestError, Reply
 from .worker import Job
 
+DISCONNECT_POLL_S = 0.5  # how often a waiting request looks whether its client is still there
+BODY_TIMEOUT_S = 30.0  # a request's body must arrive whole within this (its head is bounded by serve/listen.py)
+
 
 def create_app(server: Server) -> Starlette:
     """The Starlette application over `server`; its worker starts with the application."""
@@ -56,6 +59,11 @@ async def models(server: Server, request: Request):
 
 
 async def health(server: Server, request: Request):
+    """The queue and what it did; with --api-key, a caller without the key hears only that the server is up."""
+    try:
+        server.check_key(request.headers.get("authorization"))
+    except RequestError:
+        return JSONResponse({"status": "ok"})
     return JSONResponse(server.health())
 
 
@@ -69,7 +77,7 @@ async def tokenize(server: Server, request: Request):
 
 async def detokenize(server: Server, request: Request):
     try:
-        tokens = openai.detokenize_tokens(await parse(server, request))
+        tokens = openai.detokenize_tokens(await parse(server, request), server.model.config.vocab_size)
     except RequestError as e:
         return error_response(e)
     return JSONResponse({"content": server.model.tokenizer.decode(tokens)})
@@ -99,7 +107,12 @@ async def guarded(coroutine):
 async def parse(server: Server, request: Request) -> dict:
     """The request's body, once its key and the model it names pass."""
     server.check_key(request.headers.get("authorization"))
-    body = openai.parse_body(await request.body())
+    try:  # a client that trickles its body is not waited on without bound
+        raw = await asyncio.wait_for(request.body(), BODY_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        raise RequestError(408, f"the request body did not arrive within {BODY_TIMEOUT_S:g} s",
+                           code="request_timeout") from None
+    body = openai.parse_body(raw)
     server.check_model(body)
     return body
 
@@ -109,6 +122,7 @@ async def generate(server: Server, request: Request, chat: bool):
     """A chat or text completion: queued for the worker, answered whole or streamed."""
     try:
         body = await parse(server, request)
+        openai.check_parameters(body)
         ids = server.chat_ids(body) if chat else server.completion_ids(body)
         if not chat and body.get("echo") and body.get("logprobs") is not None:
             return await score(server, request, body, ids)
@@ -119,7 +133,7 @@ async def generate(server: Server, request: Request, chat: bool):
         return error_response(e)
     reply = Reply.start(server.name, chat)
     if body.get("stream"):
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))  # checked to be an object
         return StreamingResponse(stream_events(job, request, reply, len(ids), include_usage),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     return await whole_answer(job, request, reply, len(ids))
@@ -171,15 +185,21 @@ async def score(server: Server, request: Request, body: dict, ids: list[int]):
 
 
 async def wait_for(job: Job, request: Request):
-    """The job's events until done; the job is cancelled when the client goes away first."""
+    """The job's events until done; the job is cancelled when the client goes away first. The client is looked
+    at every DISCONNECT_POLL_S whether events flow or not: a non-streaming client that leaves while its answer
+    is being generated (events flowing to nobody) stops it as a streaming one does."""
+    loop = asyncio.get_running_loop()
+    looked = loop.time()
     try:
         while True:
-            try:
-                kind, value = await asyncio.wait_for(job.events.get(), timeout=0.5)
-            except asyncio.TimeoutError:
+            if loop.time() - looked >= DISCONNECT_POLL_S:
+                looked = loop.time()
                 if await request.is_disconnected():
                     job.cancelled.set()
                     return
+            try:
+                kind, value = await asyncio.wait_for(job.events.get(), timeout=DISCONNECT_POLL_S)
+            except asyncio.TimeoutError:
                 continue
             if kind == "error":
                 raise value

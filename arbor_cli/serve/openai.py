@@ -8,6 +8,7 @@ Every refusal is a RequestError carrying the HTTP status and the OpenAI-style er
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 from collections.abc import Callable
@@ -62,6 +63,66 @@ def check_model(body: dict, name: str, checkpoint_name: str) -> None:
                            param="model", code="model_not_found")
 
 
+NUMBERS = ("temperature", "top_p", "repetition_penalty", "frequency_penalty", "presence_penalty")
+WHOLE_NUMBERS = {"top_k": 0, "seed": 0, "n": 1, "max_tokens": 1, "max_completion_tokens": 1}  # -> the least allowed
+SWITCHES = ("stream", "ignore_eos", "echo")
+# GenerationOptions names each refusal by the CLI option and, where it differs, the API's name in parentheses
+OPTION_PARAMS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "repetition_penalty", "stop")
+
+
+def check_parameters(body: dict) -> None:
+    """Every parameter this server reads, checked for its type (and the whole numbers for their least value)
+    before anything runs: a 400 naming the parameter, never a 500 from deeper down (`"stop": 123`,
+    `"top_k": Infinity`, `"stream_options": "yes"`)."""
+    for name in NUMBERS:
+        value = body.get(name)
+        if value is not None and not (_is_number(value) and math.isfinite(value)):
+            raise RequestError(400, f"'{name}' must be a finite number", param=name)
+    for name, least in WHOLE_NUMBERS.items():
+        value = body.get(name)
+        if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= least):
+            raise RequestError(400, f"'{name}' must be an integer of at least {least}", param=name)
+    for name in SWITCHES:
+        if body.get(name) is not None and not isinstance(body[name], bool):
+            raise RequestError(400, f"'{name}' must be true or false", param=name)
+    stop = body.get("stop")
+    stops = [stop] if isinstance(stop, str) else stop
+    if stop is not None and not (isinstance(stops, list) and all(isinstance(s, str) and s for s in stops)):
+        raise RequestError(400, "'stop' must be a non-empty string or a list of them", param="stop")
+    options = body.get("stream_options")
+    if options is not None and not (isinstance(options, dict) and isinstance(options.get("include_usage", False),
+                                                                                   bool)):
+        raise RequestError(400, "'stream_options' must be an object such as {\"include_usage\": true}",
+                           param="stream_options")
+    logprobs = body.get("logprobs")
+    if logprobs is not None and not (isinstance(logprobs, bool) or (isinstance(logprobs, int) and logprobs >= 0)):
+        raise RequestError(400, "'logprobs' must be true, false or a count of at least 0", param="logprobs")
+    if body.get("response_format") is not None and not isinstance(body["response_format"], dict):
+        raise RequestError(400, "'response_format' must be an object", param="response_format")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _message_text(content) -> str:
+    """A message's content as text: a string, or its list of parts' text parts joined (others are left out)."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise RequestError(400, "each message needs a text content", param="messages")
+    texts = []
+    for part in content:
+        if not isinstance(part, dict):
+            raise RequestError(400, "each content part must be an object with a 'type'", param="messages")
+        if part.get("type") != "text":
+            continue
+        if not isinstance(part.get("text"), str):
+            raise RequestError(400, "a text content part's 'text' must be a string", param="messages")
+        texts.append(part["text"])
+    return "".join(texts)
+
+
 def chat_ids(body: dict, tokenizer) -> list[int]:
     """The chat prompt's token ids: the messages through the chat template, ready for the answer."""
     messages = body.get("messages")
@@ -71,12 +132,7 @@ def chat_ids(body: dict, tokenizer) -> list[int]:
     for m in messages:
         if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
             raise RequestError(400, "each message needs a role of system, user or assistant", param="messages")
-        content = m.get("content")
-        if isinstance(content, list):  # content parts: text ones only
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
-        if not isinstance(content, str):
-            raise RequestError(400, "each message needs a text content", param="messages")
-        clean.append({"role": m["role"], "content": content})
+        clean.append({"role": m["role"], "content": _message_text(m.get("content"))})
     try:
         return tokenizer.encode_chat(clean, add_generation_prompt=True)
     except ArborError as e:
@@ -118,7 +174,10 @@ def generation_options(body: dict, prompt_tokens: int, max_context: int,
             repetition_penalty=_number(body, "repetition_penalty", 1.0), ignore_eos=bool(body.get("ignore_eos")),
             schema=schema)
     except ArborError as e:
-        raise RequestError(400, str(e)) from None
+        said = str(e)
+        param = next((n for n in OPTION_PARAMS if f"({n})" in said or said.startswith(f"--{n.replace('_', '-')} ")),
+                     None)
+        raise RequestError(400, said, param=param) from None
     try:
         context = plan_context(prompt_tokens + wanted)
     except ArborError as e:
@@ -163,10 +222,13 @@ def tokenize_content(body: dict) -> str:
     return content
 
 
-def detokenize_tokens(body: dict) -> list[int]:
+def detokenize_tokens(body: dict, vocab_size: int) -> list[int]:
     tokens = body.get("tokens")
-    if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
+    if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
         raise RequestError(400, "'tokens' must be a list of token ids", param="tokens")
+    bad = [t for t in tokens if not 0 <= t < vocab_size]
+    if bad:
+        raise RequestError(400, f"token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})", param="tokens")
     return tokens
 
 

@@ -48,6 +48,8 @@ class Worker(threading.Thread):
         self.jobs: queue.Queue[Job] = queue.Queue(maxsize=queue_size)
         self.session = None  # the last request's, kept for the next one's common prefix
         self.busy = False
+        self.current: Job | None = None  # the job running now
+        self.stopping = False  # set by stop(): every job from now on is cancelled
         self.counts = {"served": 0, "cancelled": 0, "refused": 0, "failed": 0, "reused_tokens": 0}
 
     def submit(self, job: Job) -> None:
@@ -58,9 +60,21 @@ class Worker(threading.Thread):
             raise RequestError(503, f"the server is busy: {self.jobs.maxsize} requests are already waiting; "
                                "retry later", "server_overloaded", code="queue_full") from None
 
+    def stop(self) -> None:
+        """Cancel the running job and every waiting one (the server is shutting down): each stops between two
+        tokens and its client hears the end at once. Safe from a signal handler: it only sets flags."""
+        self.stopping = True
+        current = self.current
+        if current is not None:
+            current.cancelled.set()
+        for job in list(self.jobs.queue):
+            job.cancelled.set()
+
     def run(self) -> None:
         while True:
             job = self.jobs.get()
+            if self.stopping:
+                job.cancelled.set()
             if job.cancelled.is_set():  # its client left while it waited
                 self.counts["cancelled"] += 1
                 job.emit("done", None)
@@ -69,7 +83,7 @@ class Worker(threading.Thread):
 
     def _run(self, job: Job) -> None:
         """One job, its failure told to its client as an error event (the server stays up)."""
-        self.busy = True
+        self.busy, self.current = True, job
         try:
             if job.kind == "score":
                 job.emit("scored", self._score(job))
@@ -83,7 +97,7 @@ class Worker(threading.Thread):
             self.counts["failed"] += 1
             job.emit("error", RequestError(500, f"internal error: {type(e).__name__}: {e}", "server_error"))
         finally:
-            self.busy = False
+            self.busy, self.current = False, None
 
     def _generate(self, job: Job) -> None:
         session = self._session_for(job.context)

@@ -6,7 +6,6 @@ Decode is pipelined, as mlx-lm's generate_step is: MLXModel.sample says how.
 from __future__ import annotations
 
 import functools
-import os
 
 import mlx.core as mx
 import numpy as np
@@ -15,6 +14,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from arbor_core.backend import SamplingParams, check_cache_arrays, check_room
 from arbor_core.errors import CorruptModelError, OutOfMemoryError
+from arbor_core.number_input import env_number
 from arbor_core.planner import layer_cache_tokens
 from arbor_core.rope import RopeTables
 from arbor_weights import quantized
@@ -68,7 +68,7 @@ class MLXModel:
         self.kv_bits = kv_bits
         self.kv_element_bytes = 1 if kv_bits == 8 else self.mx_dtype.size
         self.kv_scale_bytes = SCALE_DTYPE.size if kv_bits == 8 else 0
-        self.prefill_chunk = int(os.environ.get("ARBOR_PREFILL_CHUNK", "0")) or (
+        self.prefill_chunk = env_number("ARBOR_PREFILL_CHUNK", 0) or (
             GPU_PREFILL_CHUNK if device == "gpu" else CPU_PREFILL_CHUNK)
         # measured on the CPU (135M model, float32, 40 tokens as 40 rows vs 30 + 10 vs 39 + a decode step vs
         # 30 + ten decode steps): bit for bit the same; so are its GGUF blocks run quantized, and the 0.5B

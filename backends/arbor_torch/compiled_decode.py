@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from arbor_core.number_input import env_switch
+
 from . import decode_step, model, quantize
 from .arch import FAMILIES, pieces
 from .decode_step import DecodeStep
@@ -48,7 +50,7 @@ CHECK_REL = 0.05
 
 
 def enabled() -> bool:
-    return os.environ.get(ENV, "1") != "0"
+    return env_switch(ENV, True)
 
 
 def _sources() -> str:

@@ -16,11 +16,11 @@ layer's slots are its whole context or a ring, the new token going to slot posit
 
 from __future__ import annotations
 
-import os
 
 import torch
 
 from arbor_core import kv_layout
+from arbor_core.number_input import env_switch
 
 from .arch import family
 from .arch.pieces import embed, final
@@ -64,7 +64,7 @@ def compiled(fn):
     family and cache kind is one more compiled variant of them. Dynamo's default of 8 variants a code object
     is reached by a process that loads several models (the test suite, a bench over shapes), and fullgraph
     turns that into an error, so the limit is raised for them."""
-    if os.environ.get("ARBOR_COMPILE", "1") == "0":
+    if not env_switch("ARBOR_COMPILE", True):
         return fn
     config = torch._dynamo.config
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"

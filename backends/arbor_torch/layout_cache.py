@@ -32,6 +32,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from arbor_core.number_input import env_switch
+
 from arbor_weights import quantized
 
 from . import load_quantized, quantize
@@ -53,7 +55,7 @@ SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float1
 
 
 def enabled() -> bool:
-    return os.environ.get(ENV, "1") != "0"
+    return env_switch(ENV, True)
 
 
 def cache_directory() -> Path:

@@ -21,6 +21,8 @@ import os
 
 import torch
 
+from arbor_core.errors import UsageError
+
 KERNELS = ("cudnn", "flash", "efficient")
 
 
@@ -37,7 +39,7 @@ def choose_kernel(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> 
     requested = os.environ.get("ARBOR_PREFILL_ATTENTION", "").strip().lower()
     if requested:
         if requested not in KERNELS:
-            raise ValueError(f"ARBOR_PREFILL_ATTENTION must be one of {', '.join(KERNELS)}, got {requested!r}")
+            raise UsageError(f"ARBOR_PREFILL_ATTENTION must be one of {', '.join(KERNELS)}, got {requested!r}")
         return requested
     if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
         return "efficient"

