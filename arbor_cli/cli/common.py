@@ -7,7 +7,6 @@ to stderr through rich, which drops colour under NO_COLOR and ANSI codes when no
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import inspect
@@ -162,12 +161,10 @@ PLAIN_PROGRESS_SECONDS = 10.0  # off a terminal, a progress line about this ofte
 
 
 def plain_progress_seconds() -> float:
-    """PLAIN_PROGRESS_SECONDS, or ARBOR_PROGRESS_SECONDS where set (a positive number)."""
-    value = os.environ.get("ARBOR_PROGRESS_SECONDS")
-    with contextlib.suppress(ValueError):
-        if value and float(value) > 0:
-            return float(value)
-    return PLAIN_PROGRESS_SECONDS
+    """PLAIN_PROGRESS_SECONDS, or ARBOR_PROGRESS_SECONDS where set (a number above 0)."""
+    from arbor_core.number_input import env_number
+
+    return env_number("ARBOR_PROGRESS_SECONDS", PLAIN_PROGRESS_SECONDS)
 
 
 def status(message: str):

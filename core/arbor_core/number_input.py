@@ -62,6 +62,7 @@ NUMBERS = {
     "ARBOR_DOC_CACHE_MB": (float, {"minimum": 0}),  # megabytes of document caches kept; 0 keeps none
     "ARBOR_MAX_INPUT_MB": (int, {"minimum": 1}),  # the largest document read
     "ARBOR_PREFILL_CHUNK": (int, {"minimum": 0}),  # tokens per prefill chunk; 0: the backend's choice
+    "ARBOR_PROGRESS_SECONDS": (float, {"above": 0}),  # off a terminal, a progress line about this often
 }
 SWITCHES = ("ARBOR_COMPILE", "ARBOR_CUDA_GRAPHS", "ARBOR_LAYOUT_CACHE", "ARBOR_DEBUG")
 
