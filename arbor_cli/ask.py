@@ -185,6 +185,9 @@ def ask(model, text: str, question: str, *, progress=None, keep: bool = True, pa
     terms = QuestionTerms(question, SentenceCounts(text))
     can = [i for i, part in enumerate(parts, 1) if candidates(part, terms)]
     if not every and not can:
+        if not terms.terms or terms.off_topic:  # "What is this document about?": nothing to look for
+            model.notify("the question names nothing the document's sentences carry; for what the whole "
+                         "document says, `arbor summarize` it")
         return _nothing_names(text, starts, parts, question, terms, len(offsets), started, progress)
     # only the parts naming what is asked are read (ask_every_part.py too): about that share of it is kept
     reader = DocumentReader(model, keep_the_cache(model, len(offsets) * len(can) // len(parts), len(can), keep))
@@ -252,7 +255,7 @@ def _every_part(model, reader: DocumentReader, text: str, starts: list[int], par
     text_out = listing(found, len(parts), bool(COUNT.search(question)), name_of) if found else NOT_FOUND
     return Answer(text_out, "every part", len(parts), tokens, answered, found + others,
                   {"loaded": reader.loaded, "prefilled": reader.prefilled},
-                  {"total_s": round(time.perf_counter() - started, 3)})
+                  {"total_s": round(time.perf_counter() - started, 3)}, read=len(answered))
 
 
 def _best_first(scores: dict[int, float]):

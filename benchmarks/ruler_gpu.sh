@@ -26,7 +26,7 @@ if [ "$stage" = smol ]; then
 else
   Q=/tmp/q15.gguf; cat /tmp/pieces/q15/p* > $Q
   sha256sum $Q | grep -q ^cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046 || { echo "q15 not whole"; exit 1; }
-  python3 -m arbor_cli pull $Q 2>&1 | tail -1; M=$(ls /tmp/arbor/models | grep ^q15)
+  python3 -m arbor_cli pull $Q 2>&1 | tail -1; M=$(ls /tmp/arbor/models | grep cc324af0)
 fi
 LIMIT=${LIMIT:-540}; T0=$(date +%s); mkdir -p "$OUT/json"
 for length in 16k 32k 128k; do

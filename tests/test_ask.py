@@ -88,6 +88,9 @@ def test_a_document_that_nowhere_names_what_is_asked_reads_nothing_and_says_so()
     result = ask(model, document(200), QUESTION, keep=False)
     assert result.path == "parts" and result.text == NOT_FOUND and result.read == 0
     assert model.prompts == [] and result.answered == [] and result.cache == {"loaded": 0, "prefilled": 0}
+    assert model.notices == []  # it names something (the pass key), the document does not say it
+    general = ask(model, document(200), "What is this document about?", keep=False)
+    assert general.text == NOT_FOUND and model.prompts == [] and "arbor summarize" in model.notices[0]
 
 
 def test_an_invented_answer_is_no_finding_and_nothing_found_says_so():
