@@ -185,8 +185,8 @@ def ask(model, text: str, question: str, *, progress=None, keep: bool = True, pa
     terms = QuestionTerms(question, SentenceCounts(text))
     can = [i for i, part in enumerate(parts, 1) if candidates(part, terms)]
     if not every and not can:
-        if not terms.terms or terms.off_topic:  # "What is this document about?": nothing to look for
-            model.notify("the question names nothing the document's sentences carry; for what the whole "
+        if not terms.terms:  # "What is this document about?": nothing to look for
+            model.notify("the question names nothing to look for in the document; for what the whole "
                          "document says, `arbor summarize` it")
         return _nothing_names(text, starts, parts, question, terms, len(offsets), started, progress)
     # only the parts naming what is asked are read (ask_every_part.py too): about that share of it is kept
