@@ -111,11 +111,16 @@ def test_a_server_that_trickles_its_answer_is_cut_off(server, tmp_path):
     assert time.monotonic() - t0 < 2.5
 
 
+def event_stream(handler) -> None:
+    """The head of a server-sent-events answer."""
+    handler.send_response(200)
+    handler.send_header("Content-Type", "text/event-stream")
+    handler.end_headers()
+
+
 def test_a_stream_that_trickles_without_ending_a_line_is_cut_off(server, tmp_path):
     def trickle(handler, body):
-        handler.send_response(200)
-        handler.send_header("Content-Type", "text/event-stream")
-        handler.end_headers()
+        event_stream(handler)
         handler.wfile.write(b'data: {"choices": [{"text": "a"}]}\n\n')
         handler.wfile.flush()
         while not server.stop.wait(0.1):
@@ -161,9 +166,7 @@ def test_an_answer_log_holding_a_malformed_answer_asks_again(server, tmp_path):
 
 def test_a_streamed_piece_that_is_not_text_is_one_line(server, tmp_path):
     def stream(handler, body):
-        handler.send_response(200)
-        handler.send_header("Content-Type", "text/event-stream")
-        handler.end_headers()
+        event_stream(handler)
         handler.wfile.write(b'data: {"choices": [{"text": 12}]}\n\ndata: [DONE]\n\n')
 
     url = server(stream)
