@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import queue
 import socket
 import threading
 import time
@@ -363,7 +364,7 @@ class RemoteModel:
             request = urllib.request.Request(self.url + path, data=data, headers=headers, method=method)
             clock.restart()
             try:
-                return self._open(request, timeout=max(0.1, clock.left()))
+                return self._head_within(request, clock)
             except urllib.error.HTTPError as e:
                 detail = _error_text(e)
                 if e.code not in TRANSIENT_STATUS or attempt == RETRIES or clock.total_left() <= 0:
@@ -383,6 +384,35 @@ class RemoteModel:
             time.sleep(wait)
             delay *= 2
         raise AssertionError("unreachable")
+
+
+    def _head_within(self, request, clock: "_Clock"):
+        """The answer's head (status and headers), within what the try may still wait. The socket's own
+        timeout restarts with every byte, so a server trickling its head a byte at a time would never be cut
+        off: the opening runs in a thread that is left behind (and its connection closed when it returns)
+        if the head is not whole by then."""
+        done: queue.Queue = queue.Queue(maxsize=1)
+        left, gave_up = max(0.1, clock.left()), threading.Event()
+
+        def open_it() -> None:
+            try:
+                response = self._open(request, timeout=left)
+            except BaseException as e:  # noqa: BLE001 - handed to the waiting caller
+                done.put((False, e))
+                return
+            if gave_up.is_set():
+                response.close()
+            done.put((True, response))
+
+        threading.Thread(target=open_it, daemon=True, name="arbor-engine-head").start()
+        try:
+            ok, value = done.get(timeout=left + 0.5)
+        except queue.Empty:
+            gave_up.set()
+            raise TimeoutError(f"the answer's head did not come whole within {left:g} s") from None
+        if not ok:
+            raise value
+        return value
 
 
 class _Clock:

@@ -93,6 +93,22 @@ def test_a_server_that_hangs_is_given_up_within_the_total_bound_with_progress_sa
     assert not (tmp_path / "answers.jsonl").exists()
 
 
+def test_a_server_that_trickles_its_head_is_cut_off_within_the_total_bound(server, tmp_path):
+    """The status line and headers a byte every 0.1 s: the socket's own timeout restarts with each byte."""
+    def trickle_head(handler, body):
+        for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 10_000:
+            if server.stop.wait(0.1):
+                return
+            handler.wfile.write(bytes([byte]))
+            handler.wfile.flush()
+
+    url = server(trickle_head)
+    t0 = time.monotonic()
+    with pytest.raises(EngineError, match=r"no answer within 0.8 s\) after 2 tries"):
+        remote(url, tmp_path, timeout=0.8).chat(HI)
+    assert time.monotonic() - t0 < 4.0
+
+
 def test_a_server_that_trickles_its_answer_is_cut_off(server, tmp_path):
     def trickle(handler, body):
         handler.send_response(200)
