@@ -116,3 +116,57 @@ def test_mlx_picks_only_allowed_tokens(params):
     rng = RandomKey(1)
     picks = {int(sample_lazy(logits, params, rng, (), _allowed(90, [3, 17, 42])).item()) for _ in range(50)}
     assert picks <= {3, 17, 42}
+
+
+# ---- one compile per schema ---------------------------------------------------------------------------
+class CountingLLGuidance:
+    """llguidance with its two compiles counted: checking a schema's grammar, and building a matcher over the
+    vocabulary (what TokenConstraint starts from)."""
+
+    def __init__(self, real, counts):
+        self.real, self.counts, self.LLTokenizer = real, counts, real.LLTokenizer
+        outer = self
+
+        class LLMatcher:
+            grammar_from_json_schema = staticmethod(real.LLMatcher.grammar_from_json_schema)
+
+            @staticmethod
+            def validate_grammar_with_warnings(grammar):
+                outer.counts["check"] += 1
+                return real.LLMatcher.validate_grammar_with_warnings(grammar)
+
+            def __new__(cls, *args, **kwargs):
+                outer.counts["build"] += 1
+                return real.LLMatcher(*args, **kwargs)
+
+        self.LLMatcher = LLMatcher
+
+
+@pytest.mark.slow
+def test_a_served_schema_is_compiled_once_and_a_repeated_one_not_again(default_checkpoint, monkeypatch):
+    """A request's schema was compiled three times (response_format read, the options built, the matcher made);
+    now its grammar is checked once per schema text and its matcher built once per tokenizer and text, then
+    copied: a second request with the same schema compiles nothing."""
+    import uuid
+    from collections import Counter
+
+    import llguidance
+
+    from arbor_cli import constrained
+    from arbor_cli.serve import openai as serve_openai
+    from arbor_core.tokenizer import load_tokenizer
+
+    counts = Counter()
+    monkeypatch.setattr(constrained, "_llguidance", lambda: CountingLLGuidance(llguidance, counts))
+    tokenizer = load_tokenizer(default_checkpoint.path)
+    schema = {**PERSON, "title": uuid.uuid4().hex}  # a schema text no earlier test compiled
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 20, "temperature": 0,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": schema, "strict": True}}}
+    masks = []
+    for request in range(2):
+        options, _ = serve_openai.generation_options(body, 5, 4096, lambda tokens: 4096)
+        constraint = constrained.TokenConstraint(tokenizer, options.schema)
+        masks.append(constraint.allowed())
+        constraint.consume(int(np.flatnonzero(masks[-1])[0]))  # the copy moves; the kept matcher must not
+        assert counts == {"check": 1, "build": 1}, (request, counts)
+    assert np.array_equal(masks[0], masks[1])
