@@ -12,8 +12,11 @@ record the text states). Kept items carry `_source` (document, location label, s
 the others are dropped and counted. Items with the same field values in one document (the overlap of two
 parts reads the same sentence twice) are merged into one, the first place kept.
 
-Not here yet: --engine/--parallel (door.map runs the parts one at a time) and the disk cache of `ask`'s
-part prefills (each part is prefilled afresh).
+On an engine (`--engine URL`, engine.RemoteModel) the same door sends each part as a chat completion whose
+`response_format` is the wrapped schema (json_schema, strict), `--parallel N` parts at once (door.map); the
+server holds the answer to the schema.
+
+Not here yet: the disk cache of `ask`'s part prefills (each part is prefilled afresh).
 """
 
 from __future__ import annotations

@@ -28,11 +28,12 @@ def register(app: typer.Typer) -> None:
                      "text, Markdown, PDF, Word, HTML, EPUB), part by part. An item is kept only when its text "
                      "fields (or its \"quote\" field) and numbers occur verbatim in the part it came from; each "
                      "kept item carries _source (document, page or heading, start/end). Prints {\"items\", "
-                     "\"dropped\", \"parts\", \"merged\"}, or one item a line with --jsonl.")(extract)
+                     "\"dropped\", \"parts\", \"merged\"}, or one item a line with --jsonl. With --engine URL the parts "
+                     "go to that server, --parallel N at once, each held to the schema by its response_format.")(extract)
 
 
 @handle_errors
-@model_options
+@model_options(engine=True)
 def extract(
     paths: Annotated[list[str], typer.Argument(help="The file(s) or director(ies); '-' reads stdin.",
                                                show_default=False, metavar="FILE|DIR...")],
