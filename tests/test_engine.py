@@ -212,9 +212,9 @@ def test_extract_sends_every_part_with_the_items_schema_as_response_format_paral
 
     names = ["Alice Moreno", "Bashir Khan", "Chen Wei", "Dana Scott"]
     documents = [Document("people.txt", people_document(names))]
-    script1, url1 = scripted(delay=0.1, answer=extracting_engine)
+    script1, url1 = scripted(delay=0.2, answer=extracting_engine)
     one = extract_records(remote(url1, tmp_path / "a", parallel=1), documents, PERSON, part_tokens=1000)
-    script4, url4 = scripted(delay=0.1, answer=extracting_engine)
+    script4, url4 = scripted(delay=0.2, answer=extracting_engine)
     four = extract_records(remote(url4, tmp_path / "b", parallel=4), documents, PERSON, part_tokens=1000)
     assert script1.most == 1 and script4.most >= 2 and four.to_json() == one.to_json()
     assert one.parts >= 4 and sorted(i["name"] for i in one.items) == names and one.dropped == one.parts
