@@ -13,8 +13,9 @@ import pytest
 from ask_door import WordTokenizer, kjv_like
 
 from arbor_cli.constrained import SchemaError
+from arbor_core.errors import UsageError
 from arbor_cli.documents import Document, read_document
-from arbor_cli.extract_records import answered_items, extract_records, ground, items_schema
+from arbor_cli.extract_records import answered_items, extract_records, ground, items_schema, prompt_ids
 from arbor_cli.generate import GenerationResult
 
 PERSON = {"type": "object", "properties": {"name": {"type": "string"}, "role": {"type": "string"}},
@@ -43,6 +44,9 @@ class ExtractModel:
         from arbor_cli.mapping import map_in_order
 
         return map_in_order(work, items, on_done)
+
+    def kv_bytes_per_token(self):
+        return None  # keeps no cache here, as an engine: every part is sent whole
 
 
 def reads_people(part: str) -> list[dict]:
@@ -241,3 +245,42 @@ def test_the_default_model_extracts_planted_people_and_every_item_is_grounded(de
         assert " ".join(item["name"].split()).lower() in squeeze and item["role"].lower() in squeeze, item
         span = text[item["_source"]["start"]:item["_source"]["end"]].lower()
         assert item["name"].lower().split()[0] in span, item
+
+
+def test_a_parts_cached_prefix_is_the_same_whatever_the_instruction_or_schema():
+    tokenizer, part = WordTokenizer(), "Name: Alice Moreno, role: engineer.\n\nMore text here."
+    other = {"type": "object", "properties": {"title": {"type": "string"}}}
+    prefixes = set()
+    for item, instruction in ((PERSON, "Extract every person."), (other, "Find the titles, all of them.")):
+        ids, shared = prompt_ids(tokenizer, part, item, instruction)
+        prefixes.add(tuple(ids[:shared]))
+        assert tokenizer.decode(ids[shared:]).startswith(instruction.split()[0])  # what follows "---" is not cached
+        assert tokenizer.decode(ids[:shared]).endswith("More text here . \n \n - - - \n")
+    assert len(prefixes) == 1
+
+
+def test_an_instruction_too_long_for_the_room_after_a_part_is_refused():
+    with pytest.raises(UsageError, match="the instruction is too long"):
+        prompt_ids(WordTokenizer(), "Some part.", PERSON, "word " * 300)
+
+
+@pytest.mark.slow
+def test_a_second_extraction_loads_every_parts_prefix_from_the_disk_cache(default_model_here, tmp_path):
+    from arbor_cli import doc_cache
+
+    people = {"Alice Moreno": "engineer", "Bashir Khan": "designer", "Chen Wei": "accountant"}
+    prose = kjv_like(12)
+    for i, (name, role) in enumerate(people.items()):
+        prose.insert(1 + 4 * i, f"Name: {name}, role: {role}.")
+    documents = [Document("people.txt", "\n\n".join(prose))]
+
+    def run(**kw):
+        return extract_records(default_model_here, documents, PERSON, part_tokens=256, max_new_tokens=48, **kw)
+    first = run()
+    assert first.parts >= 3 and first.cache == {"loaded": 0, "prefilled": first.parts}
+    assert len(doc_cache.entries()) == first.parts
+    second = run()
+    assert second.cache == {"loaded": second.parts, "prefilled": 0}  # only each part's instruction ran
+    assert second.to_json()["items"] == first.to_json()["items"]
+    unkept = run(keep=False)
+    assert unkept.cache == {"loaded": 0, "prefilled": unkept.parts} and unkept.items == first.items
