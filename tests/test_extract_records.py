@@ -35,7 +35,7 @@ class ExtractModel:
         self.schemas: list[str] = []
 
     def chat(self, messages, *, max_new_tokens=256, temperature=0.0, schema=None, **_):
-        part = messages[-1]["content"].split("\n\n---\n")[0]
+        part, _, self.instruction = messages[-1]["content"].partition("\n\n---\n")
         self.parts.append(part)
         self.schemas.append(schema)
         return GenerationResult(json.dumps({"items": self.answer_for(part)}), [], "eos", {}, 0)
@@ -284,3 +284,38 @@ def test_a_second_extraction_loads_every_parts_prefix_from_the_disk_cache(defaul
     assert second.to_json()["items"] == first.to_json()["items"]
     unkept = run(keep=False)
     assert unkept.cache == {"loaded": 0, "prefilled": unkept.parts} and unkept.items == first.items
+
+
+def _chat_doc(monkeypatch, args, load_model, message):
+    from typer.testing import CliRunner
+
+    import arbor_cli.cli.chat as command
+    from arbor_cli.cli import app
+
+    monkeypatch.setattr(command, "load_model", load_model)
+    return CliRunner().invoke(app, ["chat", *args], input=message)
+
+
+def test_chat_doc_with_a_schema_answers_a_message_with_the_documents_grounded_records(tmp_path, monkeypatch):
+    path = tmp_path / "d.txt"
+    path.write_text(people_text(["Alice Moreno", "Bashir Khan"], paragraphs=6))
+    model = ExtractModel(reads_and_invents)
+    r = _chat_doc(monkeypatch, ["--doc", str(path), "--schema", json.dumps(PERSON)], lambda opts: model,
+                  "Every clerk.\n")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert [i["name"] for i in out["items"]] == ["Alice Moreno", "Bashir Khan"] and out["dropped"] == 1
+    assert json.loads(model.schemas[0]) == json.loads(items_schema(PERSON)[0])
+    assert model.instruction.startswith("Every clerk.")
+
+
+@pytest.mark.parametrize("schema, message", [('{"type": "string"}', "needs an item schema"),
+                                             ("json_object", "not json_object")])
+def test_chat_doc_refuses_a_schema_that_is_not_a_record_in_one_line(tmp_path, monkeypatch, schema, message):
+    path = tmp_path / "d.txt"
+    path.write_text("Name: Alice Moreno, role: engineer.")
+
+    def no_model(opts):
+        raise AssertionError("the model was loaded")
+    r = _chat_doc(monkeypatch, ["--doc", str(path), "--schema", schema], no_model, "Hi\n")
+    assert r.exit_code == 2 and r.stdout == "" and message in r.stderr and r.stderr.strip().count("\n") == 0
