@@ -7,13 +7,18 @@ schema or a feature llguidance does not support is a SchemaError there, before a
 (a bool array over the vocabulary, handed to the backend's `sample`), `consume(token)` advances it, and
 `finished` says the answer is complete (only end-of-sequence may follow). The matcher is llguidance's,
 the library llama.cpp and vLLM use; it needs the model's tokenizer.json (a sentencepiece-only model is
-a SchemaError) and builds its token trie once per tokenizer (~0.2 s for 49K tokens).
+a SchemaError) and builds its token trie once per tokenizer (~0.2 s for 49K tokens). A schema's grammar is
+checked once per schema text (`grammar`, kept for the last 64) and its matcher built once per tokenizer and
+text, then copied for each generation: a served request with a new schema compiles it once to check it and
+once against the vocabulary, not three times; one with a schema seen before compiles nothing (~27 µs).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import weakref
+from collections import OrderedDict
 from typing import Any
 
 import numpy as np
@@ -50,8 +55,10 @@ def schema_text(schema: Any) -> str:
     return text
 
 
+@functools.lru_cache(maxsize=64)
 def grammar(text: str) -> str:
-    """llguidance's grammar for a schema's JSON text; SchemaError with llguidance's own message."""
+    """llguidance's grammar for a schema's JSON text, checked once per text (a request's options, its matcher
+    and a repeated schema all find it here); SchemaError with llguidance's own message."""
     llg = _llguidance()
     try:
         compiled = llg.LLMatcher.grammar_from_json_schema(text)
@@ -118,13 +125,32 @@ def prepare_tokenizer(tokenizer) -> Any:
     return built
 
 
+_MATCHERS: "weakref.WeakKeyDictionary[Any, OrderedDict]" = weakref.WeakKeyDictionary()
+MATCHERS_KEPT = 64  # schemas per tokenizer whose compiled matcher is kept to copy (as grammar() keeps 64)
+
+
+def _fresh_matcher(tokenizer, llg_tokenizer, schema: str):
+    """A matcher at the start of `schema`'s grammar: a copy of one built once per tokenizer and schema text
+    (building compiles the grammar against the vocabulary, ~1 ms; a copy, ~1 µs)."""
+    kept = _MATCHERS.setdefault(tokenizer, OrderedDict())
+    template = kept.get(schema)
+    if template is None:
+        template = _llguidance().LLMatcher(llg_tokenizer, grammar(schema), log_level=0)
+        if template.is_error():  # kept out of the cache: every use reports it
+            return template
+        kept[schema] = template
+        while len(kept) > MATCHERS_KEPT:
+            kept.popitem(last=False)
+    kept.move_to_end(schema)
+    return template.deep_copy()
+
+
 class TokenConstraint:
     """One generation's position in a schema's grammar."""
 
     def __init__(self, tokenizer, schema: str):
-        llg = _llguidance()
         self._tokenizer = prepare_tokenizer(tokenizer)
-        self._matcher = llg.LLMatcher(self._tokenizer, grammar(schema), log_level=0)
+        self._matcher = _fresh_matcher(tokenizer, self._tokenizer, schema)
         self._check()
         self.vocab_size = self._tokenizer.vocab_size
         self.eos_ids = frozenset(self._tokenizer.eos_tokens)

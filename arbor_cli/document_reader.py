@@ -57,7 +57,7 @@ class DocumentReader:
         the question's tokens scored: their log-probability after the text (all but the first, which
         follows the same "Question:" in every part)."""
         ids, shared, end = prompt_ids(self.model.tokenizer, text, question)
-        session = self._document(ids[:shared], shared + QUESTION_ROOM + ANSWER_TOKENS)
+        session = self.session_for(ids[:shared], shared + QUESTION_ROOM + ANSWER_TOKENS)
         score = 0.0
         if self.ranked:
             try:
@@ -75,7 +75,9 @@ class DocumentReader:
         yield first
         yield from self.model.map(lambda text: self.read(text, question), texts[1:], on_done)
 
-    def _document(self, doc_ids: list[int], capacity: int):
+    def session_for(self, doc_ids: list[int], capacity: int):
+        """A Session of `capacity` holding `doc_ids` (a text's part of a prompt): loaded from disk, or prefilled
+        and kept (ask's parts, and extract's: extract_records.py)."""
         model = self.model
         session = model.session(capacity)
         key = doc_cache.key_for(model, doc_ids, capacity, model.rope_method) if self.keep else None

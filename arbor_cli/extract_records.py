@@ -12,8 +12,16 @@ record the text states). Kept items carry `_source` (document, location label, s
 the others are dropped and counted. Items with the same field values in one document (the overlap of two
 parts reads the same sentence twice) are merged into one, the first place kept.
 
-Not here yet: --engine/--parallel (door.map runs the parts one at a time) and the disk cache of `ask`'s
-part prefills (each part is prefilled afresh).
+On an engine (`--engine URL`, engine.RemoteModel) the same door sends each part as a chat completion whose
+`response_format` is the wrapped schema (json_schema, strict), `--parallel N` parts at once (door.map); the
+server holds the answer to the schema.
+
+A model loaded here reads each part's prompt prefix (the chat template's head and the part, everything before
+the instruction) through ask's DocumentReader: loaded from the disk cache of `arbor ask` (doc_cache.py) when an
+earlier run kept it, else prefilled and kept, so a second extraction from the same file (another schema or
+instruction too) prefills only each part's instruction. Entries are extract's own: ask's prompt puts other words
+around a part and leaves less room after it, so the two commands never find each other's (the key names the
+tokens and the room). `Extraction.cache` counts the parts loaded and prefilled.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from arbor_core.errors import UsageError
 from .ask import cut_into_parts, reliable_tokens
 from .chunking import document_token_offsets
 from .constrained import SchemaError, schema_text
+from .document_reader import DocumentReader, keep_the_cache
 from .documents import Document
 from .extract import label_at
 from .generate import GenerationResult
@@ -36,6 +45,7 @@ from .progress import NoProgress
 DEFAULT_INSTRUCTION = "Extract the records described by the fields."
 QUOTE_FIELD = "quote"  # a schema with this field is grounded by it alone
 MAX_ITEM_TOKENS = 1024
+INSTRUCTION_ROOM = 256  # tokens the prompt may take after a part's cached prefix (the instruction and fields)
 PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")
 
 
@@ -54,10 +64,26 @@ def items_schema(schema: Any) -> tuple[str, dict]:
 
 def extraction_prompt(part: str, item: dict, instruction: str) -> list[dict]:
     fields = ", ".join(f'"{name}"' for name in item["properties"])
-    return [{"role": "user", "content": (
-        f"{part}\n\n---\n{instruction.strip()}\nList every item in the text above as JSON "
-        f'{{"items": [...]}}, each item with the fields {fields}. Copy each value exactly as the text writes it; '
-        f"list nothing that the text does not say.")}]
+    return _prompt(part, f"{instruction.strip()}\nList every item in the text above as JSON "
+                   f'{{"items": [...]}}, each item with the fields {fields}. Copy each value exactly as the text writes '
+                   f"it; list nothing that the text does not say.")
+
+
+def _prompt(part: str, after: str) -> list[dict]:
+    return [{"role": "user", "content": f"{part}\n\n---\n{after}"}]
+
+
+def prompt_ids(tokenizer, part: str, item: dict, instruction: str) -> tuple[list[int], int]:
+    """The extraction prompt's ids, and where its part's prefix ends (the same whatever the instruction or
+    schema: the ids it shares with the prompt with nothing after the part, short of the prompt's last two)."""
+    ids = tokenizer.encode_chat(extraction_prompt(part, item, instruction), add_generation_prompt=True)
+    bare = tokenizer.encode_chat(_prompt(part, ""), add_generation_prompt=True)
+    shared = next((i for i, (a, b) in enumerate(zip(ids, bare)) if a != b), min(len(ids), len(bare)))
+    shared = min(shared, len(ids) - 2)
+    if len(ids) - shared > INSTRUCTION_ROOM:
+        raise UsageError(f"the instruction is too long ({len(ids) - shared} tokens with the fields; at most "
+                         f"{INSTRUCTION_ROOM})")
+    return ids, shared
 
 
 def answered_items(text: str) -> list[Any]:
@@ -181,17 +207,21 @@ class Extraction:
     dropped: int = 0
     parts: int = 0
     merged: int = 0
+    cache: dict = field(default_factory=lambda: {"loaded": 0, "prefilled": 0})  # parts' prefixes: from disk / run
 
     def to_json(self) -> dict:
-        return {"items": self.items, "dropped": self.dropped, "parts": self.parts, "merged": self.merged}
+        return {"items": self.items, "dropped": self.dropped, "parts": self.parts, "merged": self.merged,
+                "cache": self.cache}
 
 
-def document_parts(model, document: Document, limit: int, progress) -> list[tuple[int, str]]:
-    """(start in the document's text, the part's text) for each part, as `arbor ask` cuts them."""
+def document_parts(model, document: Document, limit: int, progress) -> tuple[list[tuple[int, str]], int]:
+    """((start in the document's text, the part's text) for each part, as `arbor ask` cuts them; the document's
+    tokens)."""
     text, tokenizer = document.text, model.tokenizer
     if not text.strip():
-        return []
-    return cut_into_parts(tokenizer, text, document_token_offsets(tokenizer.encode_with_offsets, text, progress), limit)
+        return [], 0
+    offsets = document_token_offsets(tokenizer.encode_with_offsets, text, progress)
+    return cut_into_parts(tokenizer, text, offsets, limit), len(offsets)
 
 
 def _key(document: str, item: dict) -> str:
@@ -207,27 +237,37 @@ def _key(document: str, item: dict) -> str:
 
 
 def extract_records(model, documents: list[Document], schema: Any, *, instruction: str | None = None,
-                    progress=None, part_tokens: int | None = None, max_new_tokens: int = MAX_ITEM_TOKENS
-                    ) -> Extraction:
+                    progress=None, part_tokens: int | None = None, max_new_tokens: int = MAX_ITEM_TOKENS,
+                    keep: bool = True) -> Extraction:
     """Every grounded record of `schema` (the item type) in `documents`, read part by part with `model` (a
-    door); see the module's docstring."""
+    door); see the module's docstring. `keep`: keep each part's prefill on disk (and use a kept one)."""
     wrapped, item_schema = items_schema(schema)
     instruction = DEFAULT_INSTRUCTION if instruction is None or not instruction.strip() else instruction
     limit = reliable_tokens(model) if part_tokens is None else part_tokens
     if limit < 128:
         raise UsageError(f"--part-tokens must be at least 128, got {limit}")
     progress = progress or NoProgress()
-    work = []  # a long document's tokenizing shows as its own phase ("reading the document")
+    work, tokens = [], 0  # a long document's tokenizing shows as its own phase ("reading the document")
     for document in documents:
-        work += [(document, start, part) for start, part in document_parts(model, document, limit, progress)]
+        parts, count = document_parts(model, document, limit, progress)
+        work += [(document, start, part) for start, part in parts]
+        tokens += count
     if not work:
         raise UsageError("there is nothing to extract from: the documents are empty")
     quote_field = QUOTE_FIELD in item_schema["properties"]
+    reader = None
+    if model.kv_bytes_per_token() is not None:  # a model here: each part's prefix from disk, or prefilled and kept
+        reader = DocumentReader(model, keep_the_cache(model, tokens, len(work), keep))
 
     def read(piece) -> str:
         _, _, part = piece
-        return answer_text(model.chat(extraction_prompt(part, item_schema, instruction), stream=True,
-                                      max_new_tokens=max_new_tokens, temperature=0.0, schema=wrapped))
+        messages = extraction_prompt(part, item_schema, instruction)
+        options = {"max_new_tokens": max_new_tokens, "temperature": 0.0, "schema": wrapped}
+        if reader is None:  # an engine keeps its own caches
+            return answer_text(model.chat(messages, stream=True, **options))
+        ids, shared = prompt_ids(model.tokenizer, part, item_schema, instruction)
+        session = reader.session_for(ids[:shared], shared + INSTRUCTION_ROOM + max_new_tokens)
+        return answer_text(model.chat(messages, stream=True, session=session, continuing=True, **options))
 
     result, seen = Extraction(parts=len(work)), set()
     progress.begin("extracting", len(work))
@@ -246,4 +286,6 @@ def extract_records(model, documents: list[Document], schema: Any, *, instructio
             result.items.append({**item, "_source": {"document": document.name,
                                                      "location": label_at(document.locations, at),
                                                      "start": at, "end": end}})
+    if reader is not None:
+        result.cache = {"loaded": reader.loaded, "prefilled": reader.prefilled}
     return result

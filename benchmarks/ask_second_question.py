@@ -53,14 +53,14 @@ def document(sentences: list[str], tokens: int, tokenizer) -> str:
 
 
 class DocumentClock:
-    """Seconds spent on the document's parts: each part's reading (DocumentReader._document) split into
+    """Seconds spent on the document's parts: each part's reading (DocumentReader.session_for) split into
     loading from disk (doc_cache.load), holding it as kept (doc_cache.as_kept, where the code has it),
     saving (doc_cache.save) and the rest (prefilling it)."""
 
     def __init__(self):
         self.seconds = {"load_s": 0.0, "kept_s": 0.0, "save_s": 0.0, "part_s": 0.0}
         timed = [("load_s", doc_cache, "load"), ("kept_s", doc_cache, "as_kept"), ("save_s", doc_cache, "save"),
-                 ("part_s", DocumentReader, "_document")]
+                 ("part_s", DocumentReader, "session_for")]
         for name, owner, attr in timed:
             if hasattr(owner, attr):
                 setattr(owner, attr, self._timed(name, getattr(owner, attr)))

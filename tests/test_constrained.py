@@ -1,6 +1,6 @@
 """Structured output (arbor_cli/constrained.py): schemas compiled or refused in one line, OpenAI's
-response_format read, the token mask honoured by both backends' samplers, and the default model's answers
-parsing and validating against each schema (while the same prompts without the mask do not)."""
+response_format read, and the token mask honoured by both backends' samplers. The default model's answers under
+54 schemas and json_object, on both backends and through serve, with the control: tests/test_schema_validity.py."""
 
 import json
 import os
@@ -19,56 +19,6 @@ from arbor_core.backend import SamplingParams  # noqa: E402
 PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age"],
           "properties": {"name": {"type": "string", "pattern": "^[A-Z][a-z]+$"},
                          "age": {"type": "integer", "minimum": 18, "maximum": 99}}}
-SCHEMAS = {
-    "nested object": {"type": "object", "additionalProperties": False, "required": ["person", "city"],
-                      "properties": {"person": PERSON, "city": {"type": "string", "maxLength": 20}}},
-    "array with min/max items": {"type": "object", "additionalProperties": False, "required": ["colours"],
-                                 "properties": {"colours": {"type": "array", "minItems": 2, "maxItems": 3,
-                                                            "items": {"type": "string", "maxLength": 12}}}},
-    "enum": {"type": "object", "additionalProperties": False, "required": ["mood"],
-             "properties": {"mood": {"enum": ["happy", "sad", "angry"]}}},
-    "integer bounds": {"type": "object", "additionalProperties": False, "required": ["year"],
-                       "properties": {"year": {"type": "integer", "minimum": 1900, "maximum": 1999}}},
-    "string pattern": {"type": "object", "additionalProperties": False, "required": ["code"],
-                       "properties": {"code": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{4}$"}}},
-}
-PROMPTS = ["Describe the weather today.", "Tell me about a person you know."]
-
-
-def violations(value, schema, at="$") -> list[str]:
-    """Where `value` breaks `schema`, for the features SCHEMAS use (jsonschema is not a dependency)."""
-    if "enum" in schema:
-        return [] if value in schema["enum"] else [f"{at}: {value!r} not in enum"]
-    kind = schema.get("type")
-    if kind == "object":
-        if not isinstance(value, dict):
-            return [f"{at}: not an object"]
-        found = [f"{at}: missing {k}" for k in schema.get("required", []) if k not in value]
-        if schema.get("additionalProperties") is False:
-            found += [f"{at}: extra {k}" for k in value if k not in schema["properties"]]
-        return found + [v for k, sub in schema.get("properties", {}).items() if k in value
-                        for v in violations(value[k], sub, f"{at}.{k}")]
-    if kind == "array":
-        if not isinstance(value, list):
-            return [f"{at}: not an array"]
-        found = [] if schema.get("minItems", 0) <= len(value) <= schema.get("maxItems", 1 << 30) else \
-            [f"{at}: {len(value)} items"]
-        return found + [v for i, item in enumerate(value) for v in violations(item, schema["items"], f"{at}[{i}]")]
-    if kind == "integer":
-        ok = isinstance(value, int) and not isinstance(value, bool) and \
-            schema.get("minimum", -1 << 60) <= value <= schema.get("maximum", 1 << 60)
-        return [] if ok else [f"{at}: {value!r} not an integer in bounds"]
-    if kind == "string":
-        ok = isinstance(value, str) and len(value) <= schema.get("maxLength", 1 << 30) and \
-            re.search(schema.get("pattern", ""), value) is not None
-        return [] if ok else [f"{at}: {value!r} breaks the string rules"]
-    raise AssertionError(f"the test validator does not know {schema}")
-
-
-def test_the_validator_rejects_what_it_should():
-    assert violations({"person": {"name": "ann", "age": 12}, "city": "x", "extra": 1}, SCHEMAS["nested object"])
-    assert violations({"colours": ["red"]}, SCHEMAS["array with min/max items"])
-    assert not violations({"code": "ABC-1234"}, SCHEMAS["string pattern"])
 
 
 # ---- schemas and response_format, no model -----------------------------------------------------------
@@ -168,54 +118,55 @@ def test_mlx_picks_only_allowed_tokens(params):
     assert picks <= {3, 17, 42}
 
 
-# ---- the default model --------------------------------------------------------------------------------
-def _answers(model, schema, **options):
-    return [model.chat([{"role": "user", "content": f"{p} Answer in JSON."}], max_new_tokens=120, schema=schema,
-                       **options) for p in PROMPTS]
+# ---- one compile per schema ---------------------------------------------------------------------------
+class CountingLLGuidance:
+    """llguidance with its two compiles counted: checking a schema's grammar, and building a matcher over the
+    vocabulary (what TokenConstraint starts from)."""
+
+    def __init__(self, real, counts):
+        self.real, self.counts, self.LLTokenizer = real, counts, real.LLTokenizer
+        outer = self
+
+        class LLMatcher:
+            grammar_from_json_schema = staticmethod(real.LLMatcher.grammar_from_json_schema)
+
+            @staticmethod
+            def validate_grammar_with_warnings(grammar):
+                outer.counts["check"] += 1
+                return real.LLMatcher.validate_grammar_with_warnings(grammar)
+
+            def __new__(cls, *args, **kwargs):
+                outer.counts["build"] += 1
+                return real.LLMatcher(*args, **kwargs)
+
+        self.LLMatcher = LLMatcher
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", SCHEMAS)
-def test_every_answer_parses_and_validates(default_model, name):
-    for options in ({}, {"temperature": 1.0, "seed": 7}):
-        for r in _answers(default_model, SCHEMAS[name], **options):
-            assert r.finish_reason == "eos", r.text
-            assert violations(json.loads(r.text), SCHEMAS[name]) == [], r.text
+def test_a_served_schema_is_compiled_once_and_a_repeated_one_not_again(default_checkpoint, monkeypatch):
+    """A request's schema was compiled three times (response_format read, the options built, the matcher made);
+    now its grammar is checked once per schema text and its matcher built once per tokenizer and text, then
+    copied: a second request with the same schema compiles nothing."""
+    import uuid
+    from collections import Counter
 
+    import llguidance
 
-@pytest.mark.slow
-def test_the_mlx_backend_answers_schemas_too(default_checkpoint):
-    """MLX applies the mask in its own sampler; the schemas' coverage is the torch test's. Two of the five (the
-    nested and the bounded array: 68 s on 2 cores for all five, float32 MLX) keep CI's time."""
-    pytest.importorskip("mlx.core")
-    import arbor_cli
+    from arbor_cli import constrained
+    from arbor_cli.serve import openai as serve_openai
+    from arbor_core.tokenizer import load_tokenizer
 
-    model = arbor_cli.load(str(default_checkpoint.path), backend="mlx", quiet=True)
-    for name in ("nested object", "array with min/max items"):
-        schema = SCHEMAS[name]
-        for r in _answers(model, schema, temperature=1.0, seed=11):
-            assert r.finish_reason == "eos", r.text
-            assert violations(json.loads(r.text), schema) == [], (name, r.text)
-
-
-@pytest.mark.slow
-def test_json_object_is_any_object(default_model_here):
-    """json_object on the CPU default (int4): the float32 model rambles on in keys here, as unconstrained."""
-    r = default_model_here.chat([{"role": "user", "content": "What is the capital of France? Answer as a JSON object "
-                                                        "with one key, answer."}], max_new_tokens=100,
-                           schema="json_object")
-    assert r.finish_reason == "eos" and isinstance(json.loads(r.text), dict), r.text
-
-
-@pytest.mark.slow
-def test_without_the_mask_the_same_prompts_fail(default_model):
-    """The control: the test above can fail. Unconstrained, the model's answers do not meet the schemas."""
-    failed = 0
-    answers = _answers(default_model, None)  # the prompts do not name the schema: one set of answers
-    for schema in SCHEMAS.values():
-        for r in answers:
-            try:
-                failed += bool(violations(json.loads(r.text), schema))
-            except (json.JSONDecodeError, TypeError, AttributeError):
-                failed += 1
-    assert failed >= len(SCHEMAS) * len(PROMPTS) // 2
+    counts = Counter()
+    monkeypatch.setattr(constrained, "_llguidance", lambda: CountingLLGuidance(llguidance, counts))
+    tokenizer = load_tokenizer(default_checkpoint.path)
+    schema = {**PERSON, "title": uuid.uuid4().hex}  # a schema text no earlier test compiled
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 20, "temperature": 0,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": schema, "strict": True}}}
+    masks = []
+    for request in range(2):
+        options, _ = serve_openai.generation_options(body, 5, 4096, lambda tokens: 4096)
+        constraint = constrained.TokenConstraint(tokenizer, options.schema)
+        masks.append(constraint.allowed())
+        constraint.consume(int(np.flatnonzero(masks[-1])[0]))  # the copy moves; the kept matcher must not
+        assert counts == {"check": 1, "build": 1}, (request, counts)
+    assert np.array_equal(masks[0], masks[1])

@@ -187,6 +187,67 @@ def test_a_schema_goes_to_the_engine_as_response_format(scripted, tmp_path):
         {"type": "json_object"}]
 
 
+PERSON = {"type": "object", "properties": {"name": {"type": "string"}, "role": {"type": "string"}},
+          "required": ["name", "role"], "additionalProperties": False}
+
+
+def people_document(names: list[str]) -> str:
+    paragraphs = document(60).split("\n\n")
+    for i, name in enumerate(names):
+        paragraphs.insert(1 + i * 60 // len(names), f"Name: {name}, role: clerk{i}.")
+    return "\n\n".join(paragraphs)
+
+
+def extracting_engine(prompt: str) -> str:
+    """An engine that reads the part in an extraction prompt: its planted people, and one it invents."""
+    import re
+
+    part = prompt.split("\n\n---\n")[0]
+    items = [{"name": n, "role": r} for n, r in re.findall(r"Name: (\w+ \w+), role: (\w+)", part)]
+    return json.dumps({"items": items + [{"name": "Zed Invented", "role": "wizard"}]})
+
+
+def test_extract_sends_every_part_with_the_items_schema_as_response_format_parallel_n_at_once(scripted, tmp_path):
+    pytest.importorskip("llguidance")
+    from arbor_cli.documents import Document
+    from arbor_cli.extract_records import extract_records, items_schema
+
+    names = ["Alice Moreno", "Bashir Khan", "Chen Wei", "Dana Scott"]
+    documents = [Document("people.txt", people_document(names))]
+    script1, url1 = scripted(delay=0.2, answer=extracting_engine)
+    one = extract_records(remote(url1, tmp_path / "a", parallel=1), documents, PERSON, part_tokens=1000)
+    script4, url4 = scripted(delay=0.2, answer=extracting_engine)
+    four = extract_records(remote(url4, tmp_path / "b", parallel=4), documents, PERSON, part_tokens=1000)
+    assert script1.most == 1 and script4.most >= 2 and four.to_json() == one.to_json()
+    assert one.parts >= 4 and sorted(i["name"] for i in one.items) == names and one.dropped == one.parts
+    wrapped = json.loads(items_schema(PERSON)[0])
+    assert len(script4.bodies) == one.parts and all(b["response_format"] == {
+        "type": "json_schema", "json_schema": {"name": "answer", "schema": wrapped, "strict": True}}
+        for b in script4.bodies)
+
+
+def test_arbor_extract_takes_engine_and_parallel(scripted, tmp_path, monkeypatch):
+    pytest.importorskip("llguidance")
+    from typer.testing import CliRunner
+
+    from arbor_cli.cli import app
+
+    script, url = scripted(delay=0.05, answer=extracting_engine)
+    connected = []
+
+    def connect(url, model=None, *, parallel=1, **_):
+        connected.append(parallel)
+        return remote(url, tmp_path, parallel=parallel)
+    monkeypatch.setattr(engine, "connect", connect)
+    path = tmp_path / "people.txt"
+    path.write_text(people_document(["Alice Moreno", "Bashir Khan"]))
+    r = CliRunner().invoke(app, ["extract", str(path), "--schema", json.dumps(PERSON), "--engine", url, "--parallel",
+                                 "3", "--part-tokens", "1000", "--jsonl"])
+    assert r.exit_code == 0, r.output
+    assert connected == [3] and script.most >= 2
+    assert [json.loads(line)["name"] for line in r.stdout.splitlines()] == ["Alice Moreno", "Bashir Khan"]
+
+
 def test_parallel_without_an_engine_is_a_usage_error(tmp_path):
     done = subprocess.run([sys.executable, "-m", "arbor_cli", "summarize", "-", "--parallel", "4"], input="Some text.",
                           capture_output=True, text=True, timeout=120)

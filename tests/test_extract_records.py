@@ -13,8 +13,9 @@ import pytest
 from ask_door import WordTokenizer, kjv_like
 
 from arbor_cli.constrained import SchemaError
+from arbor_core.errors import UsageError
 from arbor_cli.documents import Document, read_document
-from arbor_cli.extract_records import answered_items, extract_records, ground, items_schema
+from arbor_cli.extract_records import answered_items, extract_records, ground, items_schema, prompt_ids
 from arbor_cli.generate import GenerationResult
 
 PERSON = {"type": "object", "properties": {"name": {"type": "string"}, "role": {"type": "string"}},
@@ -34,7 +35,7 @@ class ExtractModel:
         self.schemas: list[str] = []
 
     def chat(self, messages, *, max_new_tokens=256, temperature=0.0, schema=None, **_):
-        part = messages[-1]["content"].split("\n\n---\n")[0]
+        part, _, self.instruction = messages[-1]["content"].partition("\n\n---\n")
         self.parts.append(part)
         self.schemas.append(schema)
         return GenerationResult(json.dumps({"items": self.answer_for(part)}), [], "eos", {}, 0)
@@ -43,6 +44,9 @@ class ExtractModel:
         from arbor_cli.mapping import map_in_order
 
         return map_in_order(work, items, on_done)
+
+    def kv_bytes_per_token(self):
+        return None  # keeps no cache here, as an engine: every part is sent whole
 
 
 def reads_people(part: str) -> list[dict]:
@@ -241,3 +245,77 @@ def test_the_default_model_extracts_planted_people_and_every_item_is_grounded(de
         assert " ".join(item["name"].split()).lower() in squeeze and item["role"].lower() in squeeze, item
         span = text[item["_source"]["start"]:item["_source"]["end"]].lower()
         assert item["name"].lower().split()[0] in span, item
+
+
+def test_a_parts_cached_prefix_is_the_same_whatever_the_instruction_or_schema():
+    tokenizer, part = WordTokenizer(), "Name: Alice Moreno, role: engineer.\n\nMore text here."
+    other = {"type": "object", "properties": {"title": {"type": "string"}}}
+    prefixes = set()
+    for item, instruction in ((PERSON, "Extract every person."), (other, "Find the titles, all of them.")):
+        ids, shared = prompt_ids(tokenizer, part, item, instruction)
+        prefixes.add(tuple(ids[:shared]))
+        assert tokenizer.decode(ids[shared:]).startswith(instruction.split()[0])  # what follows "---" is not cached
+        assert tokenizer.decode(ids[:shared]).endswith("More text here . \n \n - - - \n")
+    assert len(prefixes) == 1
+
+
+def test_an_instruction_too_long_for_the_room_after_a_part_is_refused():
+    with pytest.raises(UsageError, match="the instruction is too long"):
+        prompt_ids(WordTokenizer(), "Some part.", PERSON, "word " * 300)
+
+
+@pytest.mark.slow
+def test_a_second_extraction_loads_every_parts_prefix_from_the_disk_cache(default_model_here, tmp_path):
+    from arbor_cli import doc_cache
+
+    people = {"Alice Moreno": "engineer", "Bashir Khan": "designer", "Chen Wei": "accountant"}
+    prose = kjv_like(12)
+    for i, (name, role) in enumerate(people.items()):
+        prose.insert(1 + 4 * i, f"Name: {name}, role: {role}.")
+    documents = [Document("people.txt", "\n\n".join(prose))]
+
+    def run(**kw):
+        return extract_records(default_model_here, documents, PERSON, part_tokens=256, max_new_tokens=48, **kw)
+    first = run()
+    assert first.parts >= 3 and first.cache == {"loaded": 0, "prefilled": first.parts}
+    assert len(doc_cache.entries()) == first.parts
+    second = run()
+    assert second.cache == {"loaded": second.parts, "prefilled": 0}  # only each part's instruction ran
+    assert second.to_json()["items"] == first.to_json()["items"]
+    unkept = run(keep=False)
+    assert unkept.cache == {"loaded": 0, "prefilled": unkept.parts} and unkept.items == first.items
+
+
+def _chat_doc(monkeypatch, args, load_model, message):
+    from typer.testing import CliRunner
+
+    import arbor_cli.cli.chat as command
+    from arbor_cli.cli import app
+
+    monkeypatch.setattr(command, "load_model", load_model)
+    return CliRunner().invoke(app, ["chat", *args], input=message)
+
+
+def test_chat_doc_with_a_schema_answers_a_message_with_the_documents_grounded_records(tmp_path, monkeypatch):
+    path = tmp_path / "d.txt"
+    path.write_text(people_text(["Alice Moreno", "Bashir Khan"], paragraphs=6))
+    model = ExtractModel(reads_and_invents)
+    r = _chat_doc(monkeypatch, ["--doc", str(path), "--schema", json.dumps(PERSON)], lambda opts: model,
+                  "Every clerk.\n")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert [i["name"] for i in out["items"]] == ["Alice Moreno", "Bashir Khan"] and out["dropped"] == 1
+    assert json.loads(model.schemas[0]) == json.loads(items_schema(PERSON)[0])
+    assert model.instruction.startswith("Every clerk.")
+
+
+@pytest.mark.parametrize("schema, message", [('{"type": "string"}', "needs an item schema"),
+                                             ("json_object", "not json_object")])
+def test_chat_doc_refuses_a_schema_that_is_not_a_record_in_one_line(tmp_path, monkeypatch, schema, message):
+    path = tmp_path / "d.txt"
+    path.write_text("Name: Alice Moreno, role: engineer.")
+
+    def no_model(opts):
+        raise AssertionError("the model was loaded")
+    r = _chat_doc(monkeypatch, ["--doc", str(path), "--schema", schema], no_model, "Hi\n")
+    assert r.exit_code == 2 and r.stdout == "" and message in r.stderr and r.stderr.strip().count("\n") == 0

@@ -114,6 +114,24 @@ def test_response_format_json_schema_through_the_openai_client(client):
             "enum"] and isinstance(value["population"], int) and 0 <= value["population"] <= 50000000
 
 
+def test_every_case_of_the_validity_suite_through_the_openai_clients_response_format(client):
+    """The 54 cases of tests/schema_cases.py (strict json_schema, and json_object), each answer judged by
+    jsonschema: all parse and validate (the same suite on the backends: tests/test_schema_validity.py)."""
+    pytest.importorskip("llguidance")
+    pytest.importorskip("jsonschema")
+    from schema_cases import MAX_TOKENS, cases, judge
+
+    failed = []
+    for c in cases():
+        reply = client.chat.completions.create(
+            model="smollm2-135m-instruct", messages=[{"role": "user", "content": c.prompt}],
+            temperature=c.temperature, seed=c.seed, max_tokens=MAX_TOKENS, response_format=c.response_format)
+        text, finish = reply.choices[0].message.content, reply.choices[0].finish_reason
+        if finish != "stop" or judge(text, c.schema) != "valid":
+            failed.append((c.name, finish, text))
+    assert failed == []
+
+
 def test_an_unsupported_response_format_is_a_400_naming_it(server):
     pytest.importorskip("llguidance")
     for response_format in ({"type": "xml"}, {"type": "json_schema", "json_schema": {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from typing import Annotated, Optional
 
@@ -58,15 +59,16 @@ def chat(
                                                   "tokens (1 = off).")] = 1.1,
     doc: Annotated[Optional[str], typer.Option("--doc", metavar="FILE", help="Every message is a question about "
                                                "FILE, answered as `arbor ask` does (its cache kept on disk).")] = None,
-    schema: Annotated[Optional[str], typer.Option("--schema", metavar="FILE|JSON", help=SCHEMA_HELP)] = None,
+    schema: Annotated[Optional[str], typer.Option("--schema", metavar="FILE|JSON", help=SCHEMA_HELP + " With --doc: "
+                                                  "the type of one record; each message says what to extract, and "
+                                                  "the answer is the document's grounded records, as arbor extract "
+                                                  "prints them.")] = None,
     *, opts: GlobalOptions,
 ) -> None:
     options = GenerationOptions.build(max_tokens, temperature, top_p, top_k, seed, repetition_penalty=repeat_penalty,
-                                      schema=read_schema(schema))
-    if doc is not None and schema is not None:
-        raise UsageError("--schema does not apply to --doc yet (arbor ask answers with quotes)")
+                                      schema=None if doc is not None else read_schema(schema))
     if doc is not None:
-        chat_about(doc, opts)
+        chat_about(doc, opts, read_schema(schema))
         return
     if stdin_is_piped():
         text, _ = read_text_input("-")
@@ -83,11 +85,18 @@ def chat(
     repl(session)
 
 
-def chat_about(doc: str, opts: GlobalOptions) -> None:
-    """`chat --doc FILE`: each message (piped stdin: the one message) is a question about FILE."""
+def chat_about(doc: str, opts: GlobalOptions, schema: str | None = None) -> None:
+    """`chat --doc FILE`: each message (piped stdin: the one message) is a question about FILE; with a schema,
+    an instruction saying what to extract, answered with FILE's grounded records of that type (arbor extract's
+    JSON; the parts' prefill is cached on disk, so every message after the first prefills only itself)."""
     from ..ask import ask_documents
+    from ..extract_records import extract_records, items_schema
     from .progress import progress_display, showing_progress
 
+    if schema is not None:
+        if schema == "json_object":
+            raise UsageError("--doc needs a record's schema (an object with properties), not json_object")
+        items_schema(schema)  # a bad schema is one line before the document is read or the model loaded
     with progress_display() as progress:
         document = read_document(doc, max_input_bytes(), progress)
     question = read_text_input("-")[0].strip() if stdin_is_piped() else None
@@ -95,6 +104,9 @@ def chat_about(doc: str, opts: GlobalOptions) -> None:
 
     def answer(q: str) -> str:
         with showing_progress(m) as progress:
+            if schema is not None:
+                found = extract_records(m, [document], schema, instruction=q, progress=progress)
+                return json.dumps(found.to_json(), ensure_ascii=False)
             return ask_documents(m, [document], q, progress=progress).text
 
     if question is not None:

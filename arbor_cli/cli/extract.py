@@ -28,11 +28,12 @@ def register(app: typer.Typer) -> None:
                      "text, Markdown, PDF, Word, HTML, EPUB), part by part. An item is kept only when its text "
                      "fields (or its \"quote\" field) and numbers occur verbatim in the part it came from; each "
                      "kept item carries _source (document, page or heading, start/end). Prints {\"items\", "
-                     "\"dropped\", \"parts\", \"merged\"}, or one item a line with --jsonl.")(extract)
+                     "\"dropped\", \"parts\", \"merged\", \"cache\"}, or one item a line with --jsonl. With --engine URL the parts "
+                     "go to that server, --parallel N at once, each held to the schema by its response_format.")(extract)
 
 
 @handle_errors
-@model_options
+@model_options(engine=True)
 def extract(
     paths: Annotated[list[str], typer.Argument(help="The file(s) or director(ies); '-' reads stdin.",
                                                show_default=False, metavar="FILE|DIR...")],
@@ -47,6 +48,8 @@ def extract(
                                                        "to read reliably, as arbor ask).")] = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="Tokens of answer per part at most.")
                           ] = MAX_ITEM_TOKENS,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Do not keep the parts' prefill on disk (nor use a "
+                                           "kept one), as arbor ask.")] = False,
     max_input_mb: MaxInputOpt = None,
     *, opts: GlobalOptions,
 ) -> None:
@@ -57,7 +60,7 @@ def extract(
     m = load_model(opts)
     with showing_progress(m) as progress:
         result = extract_records(m, documents, text, instruction=instruction, progress=progress,
-                                 part_tokens=part_tokens, max_new_tokens=max_tokens)
+                                 part_tokens=part_tokens, max_new_tokens=max_tokens, keep=not no_cache)
     if jsonl:
         for item in result.items:
             write_answer(json.dumps(item, ensure_ascii=False))
