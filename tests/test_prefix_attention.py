@@ -7,6 +7,8 @@ a lower-right causal mask over all keys. The CUDA kernels are compared in tests/
 from __future__ import annotations
 
 import pytest
+
+from arbor_core.errors import UsageError
 import torch
 import torch.nn.functional as F
 
@@ -46,7 +48,7 @@ def test_kernel_choice_honours_the_override_and_refuses_unknown_names(monkeypatc
     monkeypatch.setenv("ARBOR_PREFILL_ATTENTION", "flash")
     assert choose_kernel(torch.device("cpu")) == "flash"
     monkeypatch.setenv("ARBOR_PREFILL_ATTENTION", "fastest")
-    with pytest.raises(ValueError, match="ARBOR_PREFILL_ATTENTION"):
+    with pytest.raises(UsageError, match="ARBOR_PREFILL_ATTENTION must be one of"):  # one line, exit 2
         choose_kernel(torch.device("cpu"))
     monkeypatch.delenv("ARBOR_PREFILL_ATTENTION")
     assert choose_kernel(torch.device("cpu")) == "efficient"
