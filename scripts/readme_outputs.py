@@ -149,7 +149,7 @@ def run_step(command: str, options: set[str], cwd: str, env: dict[str, str], tim
         tail = result.stderr.strip().splitlines()[-3:]
         raise RuntimeError(f"`{command}` exited {result.returncode}" + (f": {' / '.join(tail)}" if tail else ""))
     text = result.stdout + (result.stderr if "stderr" in options else "")
-    return text.rstrip("\n").splitlines(), seconds
+    return [line.rstrip() for line in text.rstrip("\n").splitlines()], seconds  # rich pads tables with spaces
 
 
 def selected(blocks: list[Block], quick: bool, only: str | None) -> list[Block]:
