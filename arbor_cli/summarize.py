@@ -6,8 +6,8 @@ sentence, then word boundaries into token-budgeted chunks that overlap a little 
 from the one tokenization of the document); each chunk becomes short notes ("map"), and the notes
 are combined into one summary ("reduce"), in groups and again over the groups' results while they
 do not fit one context. The prompts and the options that fill them are summary_prompts.py's; every
-answer is cleaned by summary_text.py, and the summary is held to --words N (at most N×1.25 words, whole
-sentences: summary_text.fit_words). Out of memory, the whole run is retried once at the next
+answer is cleaned by summary_text.py, and the summary is held to --words N (at most N×1.25 words: whole
+sentences, then leading clauses; summary_text.fit_words). Out of memory, the whole run is retried once at the next
 smaller context bucket (Model.smaller_context decides). Progress is reported through progress.py's
 Progress; nothing here prints.
 

@@ -17,8 +17,12 @@ BULLET = re.compile(r"^\s*(?:[-*•·+]|\d+[.)])\s+")
 SENTENCE_END = re.compile(r"(?<=[.!?])[\"'”’)\]]*\s+")
 # --words N: a summary has at most N * (1 + WORDS_TOLERANCE) words. The model is asked for at most N and
 # given about 1.5 tokens a word to finish its sentence; a small model overshoots (issue 32: --words 60 gave
-# 76), so the answer keeps its whole sentences while they fit the limit.
+# 76), so the answer keeps its whole sentences while they fit the limit, then as many of the next sentence's
+# leading clauses as fit (at least MIN_CLAUSE_WORDS words, ending in an ellipsis): a last sentence that names a
+# subject is not dropped whole for a trailing participle.
 WORDS_TOLERANCE = 0.25
+MIN_CLAUSE_WORDS = 6
+CLAUSE_END = re.compile(r"[,;:](?=\s)|\s[—–]\s")
 
 
 def clean_summary(text: str, truncated: bool = False) -> str:
@@ -88,29 +92,42 @@ def count_words(text: str) -> int:
 
 def fit_words(text: str, words: int) -> str:
     """At most word_limit(words) words: the summary's sentences (each list item's, in order) kept while the
-    total fits; a list item loses only the sentences that do not. A first sentence longer than the limit
-    alone is cut after `words` words and ends with an ellipsis."""
+    total fits, then the leading clauses of the next one that fit, cut with an ellipsis; a sentence with no
+    clause that fits is dropped (a first one is cut after `words` words)."""
     limit = word_limit(words)
     if count_words(text) <= limit:
         return text
-    kept_lines, used = [], 0
+    kept_lines, used, cut = [], 0, False
     for line in text.splitlines():
         marker, body = _list_marker(line)
-        sentences = [s.strip() for s in SENTENCE_END.split(body) if s.strip()]
         kept = []
-        for sentence in sentences:
-            if used + len(sentence.split()) > limit:
-                break
-            kept.append(sentence)
-            used += len(sentence.split())
+        for sentence in (s.strip() for s in SENTENCE_END.split(body) if s.strip()):
+            n = len(sentence.split())
+            if used + n <= limit:
+                kept.append(sentence)
+                used += n
+                continue
+            head = _leading_clauses(sentence, limit - used)
+            if head:
+                kept.append(head)
+            cut = True
+            break
         if kept:
             kept_lines.append(marker + " ".join(kept))
-        if len(kept) < len(sentences):
+        if cut:
             break
-    if not kept_lines:  # one sentence longer than the limit: its first `words` words
+    if not kept_lines:  # one sentence longer than the limit, no clause of it short enough: its first words
         marker, body = _list_marker(text.splitlines()[0])
         return marker + " ".join(body.split()[:words]).rstrip(",;:") + "…"
     return "\n".join(kept_lines)
+
+
+def _leading_clauses(sentence: str, room: int) -> str | None:
+    """The longest run of the sentence's leading clauses (cut at , ; : or a dash) of MIN_CLAUSE_WORDS..room
+    words, with an ellipsis; None if there is none."""
+    heads = [sentence[:m.start()].rstrip() for m in CLAUSE_END.finditer(sentence)]
+    fitting = [h for h in heads if MIN_CLAUSE_WORDS <= len(h.split()) <= room]
+    return fitting[-1] + "…" if fitting else None
 
 
 def _list_marker(line: str) -> tuple[str, str]:

@@ -74,3 +74,19 @@ def test_one_sentence_longer_than_the_limit_is_cut_after_n_words():
 
 def test_list_markers_are_not_counted_as_words():
     assert count_words("- Bees make honey.\n- Lava flows.") == 5
+
+
+def test_the_sentence_that_overflows_keeps_its_leading_clauses_that_fit():
+    """Issue 32's long-document summary: its last sentence named chess, then ran over
+    the limit in a trailing participle."""
+    last = "Chess trains memory and planning over long games, which the volcano section also mentions."  # 14
+    fitted = fit_words(" ".join(sentences(6, 10)) + " " + last, 60)  # 60 + 14 = 74 fits whole
+    assert fitted.endswith("also mentions.")
+    fitted = fit_words(" ".join(sentences(6, 11)) + " " + last, 60)  # 66 + 14 = 80: its first clause (8) fits
+    assert fitted == " ".join(sentences(6, 11)) + " Chess trains memory and planning over long games…"
+    assert count_words(fitted) == 74
+
+
+def test_a_leading_clause_too_short_to_say_anything_is_not_kept():
+    fitted = fit_words(" ".join(sentences(6, 11)) + " Chess, which trains memory and planning over long games and seas.", 60)
+    assert fitted == " ".join(sentences(6, 11))
