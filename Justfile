@@ -22,7 +22,12 @@ figures:
     arbor plot bench docs/bench/h100/bench_135m.json -o docs/figures/bench_135m_h100.png --machine "NVIDIA H100 80GB HBM3"
 
 lint:
-    ruff check core arbor_cli backends weights tests
+    ruff check core arbor_cli backends weights tests scripts
+
+# README.md's example outputs rewritten from the real commands (--quick: skip the blocks that take minutes;
+# --check: say which blocks differ, write nothing; --only TEXT: the blocks whose commands contain TEXT)
+readme *ARGS:
+    python scripts/readme_outputs.py {{ARGS}}
 
 # what arbor does, on the default model
 demo:

@@ -6,7 +6,8 @@ sentence, then word boundaries into token-budgeted chunks that overlap a little 
 from the one tokenization of the document); each chunk becomes short notes ("map"), and the notes
 are combined into one summary ("reduce"), in groups and again over the groups' results while they
 do not fit one context. The prompts and the options that fill them are summary_prompts.py's; every
-answer is cleaned by summary_text.py. Out of memory, the whole run is retried once at the next
+answer is cleaned by summary_text.py, and the summary is held to --words N (at most N×1.25 words: whole
+sentences, then leading clauses; summary_text.fit_words). Out of memory, the whole run is retried once at the next
 smaller context bucket (Model.smaller_context decides). Progress is reported through progress.py's
 Progress; nothing here prints.
 
@@ -49,7 +50,7 @@ from .summary_prompts import (
     reduce_messages,
     reduce_prompt_tokens,
 )
-from .summary_text import clean_summary, shape_summary
+from .summary_text import clean_summary, fit_words, shape_summary
 
 MIN_CHUNK_TOKENS = 64
 REDUCE_FANOUT = 3          # notes merged by one call; more and a small model drops the early ones
@@ -198,7 +199,8 @@ def summarize_documents(model, documents: list[Document], options: SummaryOption
     if one_pass_whole:  # the whole set in one pass, names and all
         run = SummaryRun(model, plan.context, options, progress)
         progress.begin("summarizing", 1)
-        text = shape_summary(run.generate(documents_messages(documents, options), options.answer_tokens), "paragraph")
+        text = fit_words(shape_summary(run.generate(documents_messages(documents, options), options.answer_tokens),
+                                        "paragraph"), options.words)
         progress.advance()
         parts = [1] * len(documents)
         summary = Summary(text, 1, plan.context, model.rope_scaling_for(plan.context), run.usage.as_timings())
@@ -210,7 +212,7 @@ def summarize_documents(model, documents: list[Document], options: SummaryOption
         run = SummaryRun(model, plan.context, options, progress, reduce_prompt=COMBINE_PROMPT)
         run.check_room_to_combine()
         notes = [f"{name}: {s.text}" for (name, _), s in zip(documents, each)]
-        whole = shape_summary(run.reduce(notes), options.style)
+        whole = fit_words(shape_summary(run.reduce(notes), options.style), options.words)
         if options.style == "bullets":
             groups = [f"{name}:\n{s.text}" for (name, _), s in zip(documents, each)]
             whole = "\n\n".join([*groups, f"{WHOLE_SET_HEADING}:\n{whole}"])
@@ -263,7 +265,7 @@ class SummaryRun:
         answer = self.generate(one_pass_messages(text.strip(), self.options), self.options.answer_tokens)
         self.progress.advance()
         self.reduce_s = time.perf_counter() - t0
-        return shape_summary(answer, self.options.style)
+        return fit_words(shape_summary(answer, self.options.style), self.options.words)
 
     def map_reduce(self, text: str, token_offsets: list[tuple[int, int]]) -> tuple[str, int]:
         t0 = time.perf_counter()
@@ -279,7 +281,7 @@ class SummaryRun:
         self.part_spans, self.part_notes = [_stripped_span(text, chunk) for chunk in chunks], notes
         answer = self.reduce([n for n in notes if n])
         self.reduce_s = time.perf_counter() - t2
-        return shape_summary(answer, self.options.style), len(chunks)
+        return fit_words(shape_summary(answer, self.options.style), self.options.words), len(chunks)
 
     def split(self, text: str, token_offsets: list[tuple[int, int]]) -> list[Chunk]:
         """Chunks sized so prompt + chunk + notes fit the context; the prompt names "part i of n"."""

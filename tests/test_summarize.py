@@ -16,6 +16,7 @@ from conftest import FakeModel, document
 from arbor_cli.documents import Document
 from arbor_cli.summarize import WHOLE_DOCUMENT_HEADING, Summary, SummaryOptions, summarize, summarize_documents
 from arbor_cli.summary_prompts import tokens_for_words
+from arbor_cli.summary_text import count_words, word_limit
 from arbor_core.errors import ContextError, OutOfMemoryError, UsageError
 
 
@@ -30,6 +31,17 @@ def test_bad_words_or_style_are_usage_errors(words, style):
 def test_answer_length_follows_words_and_stays_bounded():
     assert tokens_for_words(10) < tokens_for_words(100) < tokens_for_words(1000)
     assert tokens_for_words(100) <= 200
+
+
+@pytest.mark.parametrize("style", ["paragraph", "bullets"])
+@pytest.mark.parametrize("paragraphs", [10, 150])  # one pass, and by parts (the combination's answer)
+def test_a_summary_longer_than_words_is_held_within_the_tolerance(style, paragraphs):
+    """Issue 32: --words 60 gave 76 words. An answer of 200 words comes back with at most 75, in whole sentences."""
+    long_answer = " ".join(f"Point {i} is about bees and honey and lava and chess and kings." for i in range(17))
+    model = FakeModel(largest=4096, answer=lambda prompt: long_answer)
+    summary = summarize(model, document(paragraphs), SummaryOptions.build(60, style))
+    assert word_limit(60) - 12 < count_words(summary.text) <= word_limit(60)
+    assert summary.text.rstrip().endswith("kings.")
 
 
 # ---- one pass or map-reduce ---------------------------------------------------------------

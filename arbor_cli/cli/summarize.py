@@ -34,7 +34,8 @@ def summarize(
     files: Annotated[Optional[list[str]], typer.Argument(help="Text files and directories (their text files, "
                                                           "recursively); '-' reads stdin.", show_default=False)] = None,
     words: Annotated[str, typer.Option("--words", "-w", metavar="N",
-                                       help=f"Longest summary, in words (1..{MAX_WORDS}).")] = str(DEFAULT_WORDS),
+                                       help=f"Summary length in words (1..{MAX_WORDS}); the summary has at most "
+                                            "N×1.25 words, in whole sentences or leading clauses.")] = str(DEFAULT_WORDS),
     style: Annotated[str, typer.Option("--style", help="paragraph or bullets.")] = "paragraph",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object: text, chunks, context, "
                                           "rope_scaling, timings (and part_locations: the pages each part of a "
