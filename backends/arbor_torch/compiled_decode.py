@@ -3,7 +3,8 @@
 A quantized decode step on a laptop CPU spends more time dispatching ~40 small ops a layer from
 Python than in its matmul kernels (docs/performance.md, "CPU decode"). torch.export traces
 decode_step.DecodeStep once with the cache length symbolic, AOTInductor compiles the graph into one
-shared library, and every later process loads that library in milliseconds and calls it once a token.
+shared library, and every later process loads that library in milliseconds (its C++ loader alone:
+load_library) and calls it once a token.
 
 The artifact holds code only: the weights are inputs (the model's own tensors, shared, never
 copied), so it is a few MB whatever the model's size, and one artifact serves every model of the
@@ -111,6 +112,24 @@ def compile_step(step: DecodeStep, weights: dict[str, torch.Tensor], example: tu
             partial.unlink()
 
 
+def load_library(path: Path):
+    """The package's C++ loader, made directly: `torch._inductor.aoti_load_package` makes the same loader but
+    first imports torch._inductor, which cost every new process 2-4.5 s on 2 cores (measured: the loader itself
+    takes 0.01 s), more than the compiled step saves over a short reply. Older torch builds whose loader takes
+    other arguments go through aoti_load_package."""
+    try:
+        loader_class = torch._C._aoti.AOTIModelPackageLoader
+    except AttributeError:
+        loader_class = None
+    if loader_class is not None:
+        try:  # (file, model name, run single-threaded, runners, device index) as aoti_load_package passes them
+            return loader_class(str(path), "model", False, 1, -1)
+        except TypeError:
+            pass
+    with _quiet_warnings():
+        return torch._inductor.aoti_load_package(str(path)).loader
+
+
 @contextlib.contextmanager
 def _quiet_warnings():
     """torch's own warnings and log lines about packages (e.g. "Loading outdated pt2 file" for a damaged
@@ -206,8 +225,7 @@ class CompiledDecode:
         if not path.exists():
             return None
         try:
-            with _quiet_warnings():
-                loader = torch._inductor.aoti_load_package(str(path)).loader
+            loader = load_library(path)
             mark_used(path)
             return loader.boxed_run
         except Exception as e:  # noqa: BLE001 - a truncated zip, a foreign file, a library that will not load
