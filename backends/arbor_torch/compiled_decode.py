@@ -13,6 +13,14 @@ on: torch's version, this CPU's instruction set, the source of the modules trace
 config and the shapes and dtypes of its weights. Anything else is a different file, so a stale
 artifact is never loaded; it ages out (the least recently used beyond KEEP are deleted).
 
+No command waits for the compile (~1-2 minutes on 2 cores): where no library exists yet, the step runs eager and
+a detached, low-priority process (background_compile.py, started through `source`) builds it for next time from the model's checkpoint,
+under the artifact's lock, so two commands never build it twice; a process that keeps decoding looks for the
+file now and then and switches to it once it is there. A library is loaded through its C++ loader alone, without
+importing torch._inductor (2-4.5 s of every process on 2 cores, more than a short reply's whole decode).
+ARBOR_COMPILE=sync builds it in the process, as before (the tests that compile use it), and a model with no
+checkpoint to rebuild it from (one made in memory) is compiled only then.
+
 Nothing here may cost a user a crash: no compiler, a failing compile, a damaged file, or a library
 whose output disagrees with the eager step each falls back to the eager path with one line on
 stderr. Only a library can fail the check, never its inputs: where the eager step's own output is not
@@ -48,8 +56,19 @@ MIN_PAST = 2
 CHECK_REL = 0.05
 
 
+LOOK_AGAIN_S = 2.0  # while a library is being built elsewhere: how often a decoding process looks for it
+
+
+def mode() -> str:
+    """"off" (ARBOR_COMPILE=0), "sync" (ARBOR_COMPILE=sync: a missing library is built in this process) or
+    "background" (the default: built by a detached process for next time, never waited for)."""
+    value = os.environ.get(ENV, "1").strip().lower()
+    return "off" if value == "0" else "sync" if value == "sync" else "background"
+
+
 def enabled() -> bool:
-    return os.environ.get(ENV, "1") != "0"
+    return mode() != "off"
+
 
 
 def _sources() -> str:
@@ -151,11 +170,17 @@ def _quiet_warnings():
 class CompiledDecode:
     """The compiled step for one loaded model; `step(token, cache)` -> logits, or None to run eager.
 
-    Built lazily on the first decode (a one-token `generate` never pays for it). After any failure
-    it stays off for the life of the model, having said why once.
+    Looked for on the first decode (a one-token `generate` never pays for it); while it is being built elsewhere
+    the step runs eager and looks again every LOOK_AGAIN_S. After any failure it stays off for the life of the
+    model, having said why once. `source` (set by TorchModel.from_checkpoint: a background_compile.BuildSource)
+    starts the background build.
     """
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, source=None):
+        self.source = source
+        self.key = self.path = None  # the artifact's key and file, once computed
+        self.look_again = 0.0  # monotonic time before which a library being built elsewhere is not looked for
+        self.building = False  # this process started a background build
         self.step_module = DecodeStep(model).eval()
         named = dict(self.step_module.named_parameters())
         named.update(dict(self.step_module.named_buffers()))
@@ -170,17 +195,19 @@ class CompiledDecode:
         length = cache.length
         if self.off or length < MIN_PAST:
             return None
-        if self.positions.shape[0] < length:
-            self.positions = torch.zeros(max(length, 2 * self.positions.shape[0], 1024), dtype=torch.long)
-        tok = torch.tensor([token], dtype=torch.long)
-        m = self.step_module.model
-        inputs = [tok, cache.stacked_k, cache.stacked_v, m.rope_cos, m.rope_sin, self.positions[:length]]
+        if self.run is None and self.unchecked is None and time.monotonic() < self.look_again:
+            return None  # the library is being built elsewhere: eager until the next look
+        inputs = self.inputs(cache, token)
         if self.run is None:
             if self.unchecked is None:
-                self.unchecked = self._prepare(inputs)
-                if self.unchecked is None:
+                prepared = self._prepare(inputs)
+                if prepared is WAIT:
+                    self.look_again = time.monotonic() + LOOK_AGAIN_S
+                    return None
+                if prepared is None:
                     self.off = True
                     return None
+                self.unchecked = prepared
             verdict = self._agrees(*self.unchecked, inputs)
             if verdict is None:  # inputs the eager step itself cannot judge by: eager now, check at the next step
                 return None
@@ -195,31 +222,48 @@ class CompiledDecode:
         return logits
 
     def _prepare(self, inputs: list):
-        """Load (or first build) the library: (its entry point, its file), or None to run eager."""
-        try:
-            key = artifact_key(self.step_module, self.weights)
-        except Exception as e:  # noqa: BLE001 - an odd config or module: just run eager
-            notice(f"decoding uncompiled ({type(e).__name__}: {_first_line(e)})")
-            return None
-        directory = cache_directory()
-        path = directory / f"decode-{key_digest(key)}.pt2"
-        failed = path.with_suffix(".failed")
+        """Load the library: (its entry point, its file); WAIT while it is being built elsewhere (eager meanwhile);
+        None to run eager for good. Built here only under ARBOR_COMPILE=sync."""
+        if self.path is None:
+            try:
+                self.key = artifact_key(self.step_module, self.weights)
+            except Exception as e:  # noqa: BLE001 - an odd config or module: just run eager
+                notice(f"decoding uncompiled ({type(e).__name__}: {_first_line(e)})")
+                return None
+            self.path = cache_directory() / f"decode-{key_digest(self.key)}.pt2"
+        path, failed = self.path, self.path.with_suffix(".failed")
         if failed.exists():
-            notice(f"decoding uncompiled: compiling failed before ({failed.read_text(errors='replace').strip()[:160]}; "
-                   f"delete {failed} to try again)")
+            if self.building:
+                notice(f"compiling the decode step in the background failed ({_failure(failed)}; log: "
+                       f"{path.with_suffix('.log')}); decoding stays uncompiled")
+            else:
+                notice(f"decoding uncompiled: compiling failed before ({_failure(failed)}; delete {failed} to try again)")
             return None
         run = self._load(path)
         if run is None:
+            if mode() != "sync":
+                return self._build_elsewhere(path)
             from arbor_weights.store import held_lock
 
             with held_lock(f"compile-{path.stem}"):  # two processes: one compiles, the other then loads
                 run = self._load(path) if path.exists() else None
                 if run is None:
-                    run = self._build(path, key, failed, inputs)
+                    run = self._build(path, self.key, failed, inputs)
         if run is None:
             return None
-        prune(directory, "*.pt2", path, KEEP, companions=(".json",))
+        prune(path.parent, "*.pt2", path, KEEP, companions=COMPANIONS)
         return run, path
+
+    def _build_elsewhere(self, path: Path):
+        """WAIT for the library a background process builds (started here unless one holds its lock), or None
+        (no checkpoint to build it from, or the build could not start: this model decodes eager)."""
+        if self.source is None:
+            return None
+        if not self.building:
+            self.building = True  # one try per model: a build that fails leaves its .failed file
+            if not self.source.start(path):
+                return None
+        return WAIT
 
     def _load(self, path: Path):
         if not path.exists():
@@ -237,17 +281,32 @@ class CompiledDecode:
     def _build(self, path: Path, key: dict, failed: Path, inputs: list):
         notice("compiling the decode step for this CPU, once per model format and torch version "
                "(about a minute on 2 cores; it makes decoding ~2x faster; ARBOR_COMPILE=0 skips it)")
+        return self._load(path) if self.build(path, key, inputs) else None
+
+    def build(self, path: Path, key: dict, inputs: list) -> bool:
+        """Compile the library into `path` with its key beside it, saying how long it took; on failure leave the
+        .failed file that stops later processes from trying again."""
         start = time.perf_counter()
+        failed = path.with_suffix(".failed")
         try:
             compile_step(self.step_module, self.weights, _example(inputs), path)
         except Exception as e:  # noqa: BLE001 - no compiler, an inductor bug: remember it, run eager
             failed.write_text(f"{type(e).__name__}: {_first_line(e)}\n", encoding="utf-8")
             notice(f"could not compile the decode step ({type(e).__name__}: {_first_line(e)}); decoding runs "
                    f"uncompiled, about half as fast (details kept in {failed})")
-            return None
+            return False
         path.with_suffix(".json").write_text(json.dumps(key, indent=1) + "\n", encoding="utf-8")
         notice(f"compiled in {time.perf_counter() - start:.0f} s (kept in {path.parent})")
-        return self._load(path)
+        return True
+
+    def inputs(self, cache, token: int) -> list:
+        """The step's inputs for `token` after `cache` (its first `cache.length` positions are the past)."""
+        length = cache.length
+        if self.positions.shape[0] < length:
+            self.positions = torch.zeros(max(length, 2 * self.positions.shape[0], 1024), dtype=torch.long)
+        m = self.step_module.model
+        return [torch.tensor([token], dtype=torch.long), cache.stacked_k, cache.stacked_v, m.rope_cos, m.rope_sin,
+                self.positions[:length]]
 
     def _agrees(self, run, path: Path, inputs: list) -> bool | None:
         """The library's first step against the eager DecodeStep on the same inputs (neither writes the cache);
@@ -281,6 +340,14 @@ def _example(inputs: list) -> tuple:
     layers, kv, _, dim = cache_k.shape
     return (token, cache_k.new_zeros(layers, kv, 24, dim), cache_v.new_zeros(layers, kv, 24, dim),
             cos.new_zeros(40, cos.shape[1]), sin.new_zeros(40, sin.shape[1]), past.new_zeros(7))
+
+
+WAIT = object()  # _prepare: the library is being built elsewhere
+COMPANIONS = (".json", ".log")  # files beside an artifact, pruned with it
+
+
+def _failure(failed: Path) -> str:
+    return failed.read_text(errors="replace").strip()[:160]
 
 
 def _first_line(e: BaseException) -> str:
