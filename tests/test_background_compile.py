@@ -37,7 +37,7 @@ def load(checkpoint):
     return arbor_torch.load(checkpoint, "cpu", "float32", quantize="int4")
 
 
-def greedy(lm, n=12):
+def greedy(lm, n=20):  # past EAGER_FIRST (16): the steps where the library, if any, is used
     from arbor_core.backend import SamplingParams
     from arbor_core.rope import rope_frequencies
 
@@ -118,13 +118,50 @@ def test_a_decoding_process_switches_to_the_library_once_it_is_built(background,
     monkeypatch.setattr(compiled_decode, "load_library", lambda path: type("Loader", (), {"boxed_run": library}))
     cache = lm.new_cache(64, rope_frequencies(lm.config))
     tokens = [lm.sample(lm.prefill([3, 17, 42, 5, 99], cache, 512), SamplingParams(), None)]
-    for i in range(12):
+    for i in range(20):
         if i == 5:  # the background build finishes
             assert launched and compiled.run is None and not calls
             compiled.path.write_bytes(b"the library")
         tokens.append(lm.sample(lm.decode(tokens[-1], cache), SamplingParams(), None))
     assert tokens == want
-    assert compiled.run is library and len(calls) >= 6  # its check, then every step after
+    assert compiled.run is library and len(calls) == 20 - compiled_decode.EAGER_FIRST  # its check, then each step
+
+
+@pytest.mark.parametrize("compile_mode", ["1", "sync"])
+def test_a_short_reply_never_loads_the_library_a_long_one_uses_it(tmp_path, tiny_checkpoint, monkeypatch,
+                                                                  compile_mode):
+    """The first EAGER_FIRST steps of a process run eager (ARBOR_COMPILE=sync: none): a reply that ends within them
+    neither loads nor checks the library; the next step loads, checks and uses it."""
+    from arbor_core.backend import SamplingParams
+    from arbor_core.rope import rope_frequencies
+    from arbor_torch import compiled_decode
+
+    monkeypatch.setenv("ARBOR_COMPILE_DIR", str(tmp_path / "compiled"))
+    checkpoint = tiny_checkpoint(**TINY)
+    want = eager_tokens(checkpoint, monkeypatch)
+    monkeypatch.setenv("ARBOR_COMPILE", compile_mode)
+    lm = load(checkpoint)
+    compiled, loads, calls = lm.compiled, [], []
+
+    def library(inputs):
+        calls.append(1)
+        return compiled.step_module(*inputs[len(compiled.weight_list):])
+
+    def load_library(path):
+        loads.append(path)
+        return type("Loader", (), {"boxed_run": library})
+
+    monkeypatch.setattr(compiled_decode, "load_library", load_library)
+    key = compiled_decode.artifact_key(compiled.step_module, compiled.weights)
+    (compiled_decode.cache_directory() / f"decode-{compiled_decode.key_digest(key)}.pt2").write_bytes(b"a library")
+    cache = lm.new_cache(64, rope_frequencies(lm.config))
+    tokens = [lm.sample(lm.prefill([3, 17, 42, 5, 99], cache, 512), SamplingParams(), None)]
+    assert compiled_decode.EAGER_FIRST >= 8  # the README's chat reply, one sentence, is 8 tokens
+    first = 0 if compile_mode == "sync" else compiled_decode.EAGER_FIRST
+    for step in range(1, 21):
+        tokens.append(lm.sample(lm.decode(tokens[-1], cache), SamplingParams(), None))
+        assert (len(loads), len(calls)) == ((0, 0) if step <= first else (1, step - first)), step  # one call a step
+    assert tokens == want and compiled.run is library
 
 
 def test_a_model_made_in_memory_is_compiled_only_when_asked(background, monkeypatch):
@@ -217,7 +254,7 @@ lm = arbor_torch.load(open_checkpoint({str(checkpoint.path)!r}), "cpu", "float32
 cache = lm.new_cache(64, rope_frequencies(lm.config))
 token = lm.sample(lm.prefill([3, 17, 42, 5, 99], cache, 512), SamplingParams(), None)
 tokens = [token]
-for _ in range(12):
+for _ in range(20):
     tokens.append(token := lm.sample(lm.decode(token, cache), SamplingParams(), None))
 print(lm.compiled.run is not None, "torch._inductor" in sys.modules, tokens)
 """

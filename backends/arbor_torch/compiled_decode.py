@@ -56,6 +56,11 @@ MIN_PAST = 2
 CHECK_REL = 0.05
 
 
+# The first steps of a process run eager: a reply that ends within them (a one-sentence chat answer: the README's
+# is 8 tokens) never pays for loading and checking the library (its check is one eager step more), and a long one
+# loses at most these steps' difference (docs/performance.md, "When the compiled step pays"). ARBOR_COMPILE=sync
+# uses it from the first step.
+EAGER_FIRST = 16
 LOOK_AGAIN_S = 2.0  # while a library is being built elsewhere: how often a decoding process looks for it
 
 
@@ -181,6 +186,7 @@ class CompiledDecode:
         self.key = self.path = None  # the artifact's key and file, once computed
         self.look_again = 0.0  # monotonic time before which a library being built elsewhere is not looked for
         self.building = False  # this process started a background build
+        self.steps = 0  # decode steps asked of it
         self.step_module = DecodeStep(model).eval()
         named = dict(self.step_module.named_parameters())
         named.update(dict(self.step_module.named_buffers()))
@@ -193,10 +199,16 @@ class CompiledDecode:
 
     def step(self, token: int, cache) -> torch.Tensor | None:
         length = cache.length
+        self.steps += 1
         if self.off or length < MIN_PAST:
             return None
-        if self.run is None and self.unchecked is None and time.monotonic() < self.look_again:
-            return None  # the library is being built elsewhere: eager until the next look
+        if self.run is None and self.unchecked is None:
+            if self.steps <= EAGER_FIRST and mode() != "sync":
+                if self.path is None:  # a missing library starts being built now, for when it pays
+                    self._build_if_missing()
+                return None
+            if time.monotonic() < self.look_again:
+                return None  # the library is being built elsewhere: eager until the next look
         inputs = self.inputs(cache, token)
         if self.run is None:
             if self.unchecked is None:
@@ -208,7 +220,7 @@ class CompiledDecode:
                     self.off = True
                     return None
                 self.unchecked = prepared
-            verdict = self._agrees(*self.unchecked, inputs)
+            verdict, outputs = self._agrees(*self.unchecked, inputs)
             if verdict is None:  # inputs the eager step itself cannot judge by: eager now, check at the next step
                 return None
             run, self.unchecked = self.unchecked[0], None
@@ -216,7 +228,9 @@ class CompiledDecode:
                 self.off = True
                 return None
             self.run = run
-        logits, k, v = self.run(self.weight_list + inputs)
+        else:
+            outputs = self.run(self.weight_list + inputs)
+        logits, k, v = outputs
         cache.stacked_k[:, :, length] = k
         cache.stacked_v[:, :, length] = v
         return logits
@@ -224,13 +238,8 @@ class CompiledDecode:
     def _prepare(self, inputs: list):
         """Load the library: (its entry point, its file); WAIT while it is being built elsewhere (eager meanwhile);
         None to run eager for good. Built here only under ARBOR_COMPILE=sync."""
-        if self.path is None:
-            try:
-                self.key = artifact_key(self.step_module, self.weights)
-            except Exception as e:  # noqa: BLE001 - an odd config or module: just run eager
-                notice(f"decoding uncompiled ({type(e).__name__}: {_first_line(e)})")
-                return None
-            self.path = cache_directory() / f"decode-{key_digest(self.key)}.pt2"
+        if not self._name():
+            return None
         path, failed = self.path, self.path.with_suffix(".failed")
         if failed.exists():
             if self.building:
@@ -254,6 +263,23 @@ class CompiledDecode:
         prune(path.parent, "*.pt2", path, KEEP, companions=COMPANIONS)
         return run, path
 
+    def _name(self) -> bool:
+        """Find the library's key and file (False, having said why, where the step has none)."""
+        if self.path is None:
+            try:
+                self.key = artifact_key(self.step_module, self.weights)
+            except Exception as e:  # noqa: BLE001 - an odd config or module: just run eager
+                notice(f"decoding uncompiled ({type(e).__name__}: {_first_line(e)})")
+                self.off = True
+                return False
+            self.path = cache_directory() / f"decode-{key_digest(self.key)}.pt2"
+        return True
+
+    def _build_if_missing(self) -> None:
+        """In the first eager steps: start the background build of a library that is neither there nor failed."""
+        if self._name() and not self.path.exists() and not self.path.with_suffix(".failed").exists():
+            self._build_elsewhere(self.path)
+
     def _build_elsewhere(self, path: Path):
         """WAIT for the library a background process builds (started here unless one holds its lock), or None
         (no checkpoint to build it from, or the build could not start: this model decodes eager)."""
@@ -262,6 +288,7 @@ class CompiledDecode:
         if not self.building:
             self.building = True  # one try per model: a build that fails leaves its .failed file
             if not self.source.start(path):
+                self.off = True
                 return None
         return WAIT
 
@@ -308,14 +335,16 @@ class CompiledDecode:
         return [torch.tensor([token], dtype=torch.long), cache.stacked_k, cache.stacked_v, m.rope_cos, m.rope_sin,
                 self.positions[:length]]
 
-    def _agrees(self, run, path: Path, inputs: list) -> bool | None:
-        """The library's first step against the eager DecodeStep on the same inputs (neither writes the cache);
-        None when the eager step's output is not finite: such inputs judge nothing, and the file is kept."""
+    def _agrees(self, run, path: Path, inputs: list) -> tuple[bool | None, list | None]:
+        """The library's first step against the eager DecodeStep on the same inputs (neither writes the cache):
+        (whether it agrees, its outputs, which are this step's); None when the eager step's output is not finite:
+        such inputs judge nothing, and the file is kept."""
+        got = None
         try:
             with torch.no_grad():
                 want = self.step_module(*inputs)
             if not all(bool(torch.isfinite(w).all()) for w in want):
-                return None
+                return None, None
             got = run(self.weight_list + inputs)
             ok = len(got) == len(want) and all(
                 g.shape == w.shape and bool(torch.linalg.norm(g - w) <= CHECK_REL * torch.linalg.norm(w))
@@ -329,7 +358,7 @@ class CompiledDecode:
                    "and the file is deleted")
             with contextlib.suppress(OSError):
                 path.unlink()
-        return ok
+        return ok, got
 
 
 def _example(inputs: list) -> tuple:
