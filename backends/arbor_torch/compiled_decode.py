@@ -13,13 +13,14 @@ on: torch's version, this CPU's instruction set, the source of the modules trace
 config and the shapes and dtypes of its weights. Anything else is a different file, so a stale
 artifact is never loaded; it ages out (the least recently used beyond KEEP are deleted).
 
-No command waits for the compile (~1-2 minutes on 2 cores): where no library exists yet, the step runs eager and
-a detached, low-priority process (background_compile.py, started through `source`) builds it for next time from the model's checkpoint,
-under the artifact's lock, so two commands never build it twice; a process that keeps decoding looks for the
-file now and then and switches to it once it is there. A library is loaded through its C++ loader alone, without
-importing torch._inductor (2-4.5 s of every process on 2 cores, more than a short reply's whole decode).
-ARBOR_COMPILE=sync builds it in the process, as before (the tests that compile use it), and a model with no
-checkpoint to rebuild it from (one made in memory) is compiled only then.
+No command waits for the compile (~1-2 minutes on 2 cores): where no library exists yet, the step runs eager
+and a detached, low-priority process (background_compile.py, started through `source`) builds it for next time
+from the model's checkpoint, under the artifact's lock, so two commands never build it twice; a process that
+keeps decoding looks for the file now and then and switches to it once it is there. A library is loaded through
+its C++ loader alone, without importing torch._inductor (2-4.5 s of every process on 2 cores, more than a short
+reply's whole decode), and only from a process's EAGER_FIRST+1th decode step: a short reply never pays even for
+the check. ARBOR_COMPILE=sync builds it in the process and uses it from the first step, as before (the tests
+that compile use it); a model with no checkpoint to rebuild it from (one made in memory) is compiled only then.
 
 Nothing here may cost a user a crash: no compiler, a failing compile, a damaged file, or a library
 whose output disagrees with the eager step each falls back to the eager path with one line on
