@@ -58,9 +58,10 @@ CHECK_REL = 0.05
 
 
 # The first steps of a process run eager: a reply that ends within them (a one-sentence chat answer: the README's
-# is 8 tokens) never pays for loading and checking the library (its check is one eager step more), and a long one
-# loses at most these steps' difference (docs/performance.md, "When the compiled step pays"). ARBOR_COMPILE=sync
-# uses it from the first step.
+# is 8 tokens) neither loads nor checks the library (~2 eager steps' cost, repaid after ~2 tokens on a quiet CPU)
+# and runs exactly as with ARBOR_COMPILE=0, never at the mercy of the library's speed on a crowded CPU; a long
+# one gives up at most 16 steps' difference (~0.13 s on 2 cores). docs/performance.md, "The compiled decode step
+# pays for itself". ARBOR_COMPILE=sync uses it from the first step.
 EAGER_FIRST = 16
 LOOK_AGAIN_S = 2.0  # while a library is being built elsewhere: how often a decoding process looks for it
 
