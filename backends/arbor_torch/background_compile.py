@@ -130,12 +130,13 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint, dtype, quantize, artifact = argv if argv is not None else sys.argv[1:]
     lower_priority()
     path = Path(artifact)
-    print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} pid {os.getpid()}: building {path.name} from {checkpoint} "
-          f"({dtype}, {quantize})", flush=True)
+    print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} pid {os.getpid()}: {path.name} from {checkpoint} ({dtype}, "
+          f"{quantize})", flush=True)
     with held_lock(lock_name(path)):
         if path.exists() or path.with_suffix(".failed").exists():
-            print("built (or failed) by another process meanwhile: nothing to do", flush=True)
+            print(f"pid {os.getpid()}: built (or failed) by another process meanwhile: nothing to do", flush=True)
             return 0
+        print(f"pid {os.getpid()}: building", flush=True)
         ok = build(BuildSource(checkpoint, dtype, quantize), path)
     print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {'done' if ok else 'failed'}", flush=True)
     return 0 if ok else 1
