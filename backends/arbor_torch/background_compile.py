@@ -13,7 +13,8 @@ CPU, sources, config, weight shapes), and compiles it under the artifact's lock,
 
 One build at a time: `start` launches nothing while another process holds the lock (that process's build is the
 one waited for), and a build that finds the library, or its .failed file, already there when it gets the lock
-does nothing.
+does nothing. (Two commands started within the second or two before a job takes the lock each launch one: one
+builds, the other waits on the lock and logs that it had nothing to do.)
 """
 
 from __future__ import annotations
