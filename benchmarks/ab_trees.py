@@ -90,7 +90,10 @@ def make_tree(side: str, root: str, work: Path, shared_home: Path) -> Tree:
         (shared_home / "models").mkdir(parents=True, exist_ok=True)
         (home / "models").symlink_to(shared_home / "models")
     shutil.rmtree(home / "doc-cache", ignore_errors=True)  # a first question prefills, in both trees
-    env = dict(os.environ, ARBOR_HOME=str(home), ARBOR_COMPILE_DIR=str(home / "compiled"),
+    # ARBOR_COMPILE=sync: each tree's first decode compiles its step in the command (as before background builds),
+    # so no detached build runs beside the commands and timings that follow it (a tree that predates it reads "on")
+    compile_mode = "0" if os.environ.get("ARBOR_COMPILE") == "0" else "sync"
+    env = dict(os.environ, ARBOR_HOME=str(home), ARBOR_COMPILE_DIR=str(home / "compiled"), ARBOR_COMPILE=compile_mode,
                PYTHONPATH=":".join(str(tree_root / d) for d in ("", "core", "weights", "backends")))
     tree = Tree(side, tree_root, env)
     where = python_in(tree, "import arbor_cli, arbor_weights; print(arbor_cli.__file__, arbor_weights.__file__)")

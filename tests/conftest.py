@@ -19,6 +19,17 @@ def _compiled_steps_once_per_session():
 _compiled_steps_once_per_session()
 
 
+def _compile_in_the_foreground():
+    """A missing compiled decode step is built in the process that needs it (ARBOR_COMPILE=sync), as before
+    background builds: the suite starts no detached compile that would outlive it or race its timings (the
+    tests of background builds ask for them). ARBOR_COMPILE=0 set for the run is kept."""
+    if os.environ.get("ARBOR_COMPILE", "1") != "0":
+        os.environ["ARBOR_COMPILE"] = "sync"
+
+
+_compile_in_the_foreground()
+
+
 @pytest.fixture(scope="session")
 def default_gguf(default_checkpoint):
     """The default model's GGUF file, downloaded once into the real user cache (or $ARBOR_HOME).

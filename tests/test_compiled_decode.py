@@ -53,7 +53,7 @@ def greedy(lm, prompt=(3, 17, 42, 5, 99), n=24):
 @pytest.fixture
 def compile_dir(tmp_path, monkeypatch):
     path = tmp_path / "compiled"
-    monkeypatch.setenv("ARBOR_COMPILE", "1")
+    monkeypatch.setenv("ARBOR_COMPILE", "sync")
     monkeypatch.setenv("ARBOR_COMPILE_DIR", str(path))
     return path
 
@@ -79,7 +79,7 @@ def test_compiled_step_gives_the_eager_tokens_and_is_reused(compile_dir, capfd, 
     assert tokens == eager_tokens
     torch.testing.assert_close(logits, eager_logits, atol=1e-4, rtol=1e-4)
 
-    monkeypatch.setenv("ARBOR_COMPILE", "1")
+    monkeypatch.setenv("ARBOR_COMPILE", "sync")
     again = quantized_tiny()
     assert greedy(again)[0] == tokens
     assert again.compiled.run is not None
@@ -146,7 +146,7 @@ def test_a_failing_compiler_falls_back_once_and_is_remembered(compile_dir, capfd
     monkeypatch.setattr(compiled_decode, "compile_step", no_compiler)
     monkeypatch.setenv("ARBOR_COMPILE", "0")
     eager_tokens = greedy(quantized_tiny())[0]
-    monkeypatch.setenv("ARBOR_COMPILE", "1")
+    monkeypatch.setenv("ARBOR_COMPILE", "sync")
     lm = quantized_tiny()
     assert greedy(lm)[0] == eager_tokens
     err = capfd.readouterr().err

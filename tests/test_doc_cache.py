@@ -309,7 +309,7 @@ def test_a_damaged_cache_never_condemns_the_compiled_decode_step(tmp_path, monke
     pytest.importorskip("torch")
     from test_compiled_decode import quantized_tiny
 
-    monkeypatch.setenv("ARBOR_COMPILE", "1")
+    monkeypatch.setenv("ARBOR_COMPILE", "sync")  # checked at the first step
     lm = quantized_tiny()
     compiled = lm.compiled
     assert compiled is not None

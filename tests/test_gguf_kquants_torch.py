@@ -189,7 +189,7 @@ def test_gguf_block_checkpoints_default_to_int4_mode_on_the_cpu(tmp_path, qtype,
 def test_the_compiled_step_runs_a_mixed_k_quant_model(tmp_path, monkeypatch, capfd):
     from arbor_core.backend import SamplingParams
 
-    monkeypatch.setenv("ARBOR_COMPILE", "1")
+    monkeypatch.setenv("ARBOR_COMPILE", "sync")
     monkeypatch.setenv("ARBOR_COMPILE_DIR", str(tmp_path / "compiled"))
     checkpoint = import_tiny(tmp_path, kinds=MIX)
 

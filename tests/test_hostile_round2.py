@@ -81,7 +81,7 @@ def test_reading_a_directory_with_a_fifo_gives_its_files_and_names_the_fifo(tmp_
     ("ARBOR_DOC_CACHE_MB", "abc", "ARBOR_DOC_CACHE_MB must be a number of at least 0, got 'abc'"),
     ("ARBOR_PREFILL_CHUNK", "abc", "ARBOR_PREFILL_CHUNK must be a whole number of at least 0, got 'abc'"),
     ("ARBOR_PREFILL_CHUNK", "-5", "ARBOR_PREFILL_CHUNK must be a whole number of at least 0, got '-5'"),
-    ("ARBOR_COMPILE", "maybe", "ARBOR_COMPILE must be 1 or 0 (on or off), got 'maybe'"),
+    ("ARBOR_COMPILE", "maybe", "ARBOR_COMPILE must be 1 or 0 (on or off) or sync, got 'maybe'"),
     ("ARBOR_CUDA_GRAPHS", "2", "ARBOR_CUDA_GRAPHS must be 1 or 0 (on or off), got '2'"),
 ])
 def test_a_garbage_number_in_the_environment_is_a_usage_error_naming_it(runner, tmp_path, variable, value, words):

@@ -139,3 +139,17 @@ def test_held_lock_excludes_while_holders_delete_the_file():
     errors = run_in_threads(worker, 4)
     assert errors == [] and overlaps == [] and len(done) == 800
     assert not (arbor_weights.cache_dir() / "locks").exists()
+
+
+def test_lock_if_free_takes_a_free_lock_and_never_waits_for_a_held_one():
+    lock_file = arbor_weights.cache_dir() / "locks" / "building.lock"
+    with store.lock_if_free("building") as free:
+        assert free and lock_file.is_file()
+        with store.lock_if_free("building") as again:  # held (here by another descriptor, as by another process)
+            assert not again
+        assert lock_file.is_file()  # the refused try leaves the holder's file alone
+    assert not lock_file.exists()
+    with store.held_lock("building"), store.lock_if_free("building") as free:
+        assert not free
+    with store.lock_if_free("building") as free:
+        assert free

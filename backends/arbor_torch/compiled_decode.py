@@ -3,7 +3,8 @@
 A quantized decode step on a laptop CPU spends more time dispatching ~40 small ops a layer from
 Python than in its matmul kernels (docs/performance.md, "CPU decode"). torch.export traces
 decode_step.DecodeStep once with the cache length symbolic, AOTInductor compiles the graph into one
-shared library, and every later process loads that library in milliseconds and calls it once a token.
+shared library, and every later process loads that library in milliseconds (its C++ loader alone:
+load_library) and calls it once a token.
 
 The artifact holds code only: the weights are inputs (the model's own tensors, shared, never
 copied), so it is a few MB whatever the model's size, and one artifact serves every model of the
@@ -11,6 +12,15 @@ same architecture and weight format. Its name is a hash of everything the genera
 on: torch's version, this CPU's instruction set, the source of the modules traced, the model's
 config and the shapes and dtypes of its weights. Anything else is a different file, so a stale
 artifact is never loaded; it ages out (the least recently used beyond KEEP are deleted).
+
+No command waits for the compile (~1-2 minutes on 2 cores): where no library exists yet, the step runs eager
+and a detached, low-priority process (background_compile.py, started through `source`) builds it for next time
+from the model's checkpoint, under the artifact's lock, so two commands never build it twice; a process that
+keeps decoding looks for the file now and then and switches to it once it is there. A library is loaded through
+its C++ loader alone, without importing torch._inductor (2-4.5 s of every process on 2 cores, more than a short
+reply's whole decode), and only from a process's EAGER_FIRST+1th decode step: a short reply never pays even for
+the check. ARBOR_COMPILE=sync builds it in the process and uses it from the first step, as before (the tests
+that compile use it); a model with no checkpoint to rebuild it from (one made in memory) is compiled only then.
 
 Nothing here may cost a user a crash: no compiler, a failing compile, a damaged file, or a library
 whose output disagrees with the eager step each falls back to the eager path with one line on
@@ -49,8 +59,26 @@ MIN_PAST = 2
 CHECK_REL = 0.05
 
 
+# The first steps of a process run eager: a reply that ends within them (a one-sentence chat answer: the README's
+# is 8 tokens) neither loads nor checks the library (~2 eager steps' cost, repaid after ~2 tokens on a quiet CPU)
+# and runs exactly as with ARBOR_COMPILE=0, never at the mercy of the library's speed on a crowded CPU; a long
+# one gives up at most 16 steps' difference (~0.13 s on 2 cores). docs/performance.md, "The compiled decode step
+# pays for itself". ARBOR_COMPILE=sync uses it from the first step.
+EAGER_FIRST = 16
+LOOK_AGAIN_S = 2.0  # while a library is being built elsewhere: how often a decoding process looks for it
+
+
+def mode() -> str:
+    """"off" (ARBOR_COMPILE=0), "sync" (ARBOR_COMPILE=sync: a missing library is built in this process) or
+    "background" (the default: built by a detached process for next time, never waited for). Read by the one
+    parser of switches (number_input): any other value is a usage error naming ARBOR_COMPILE."""
+    if os.environ.get(ENV, "").strip().lower() == "sync":
+        return "sync"
+    return "background" if env_switch(ENV, True) else "off"
+
+
 def enabled() -> bool:
-    return env_switch(ENV, True)
+    return mode() != "off"
 
 
 def _sources() -> str:
@@ -113,6 +141,24 @@ def compile_step(step: DecodeStep, weights: dict[str, torch.Tensor], example: tu
             partial.unlink()
 
 
+def load_library(path: Path):
+    """The package's C++ loader, made directly: `torch._inductor.aoti_load_package` makes the same loader but
+    first imports torch._inductor, which cost every new process 2-4.5 s on 2 cores (measured: the loader itself
+    takes 0.01 s), more than the compiled step saves over a short reply. Older torch builds whose loader takes
+    other arguments go through aoti_load_package."""
+    try:
+        loader_class = torch._C._aoti.AOTIModelPackageLoader
+    except AttributeError:
+        loader_class = None
+    if loader_class is not None:
+        try:  # (file, model name, run single-threaded, runners, device index) as aoti_load_package passes them
+            return loader_class(str(path), "model", False, 1, -1)
+        except TypeError:
+            pass
+    with _quiet_warnings():
+        return torch._inductor.aoti_load_package(str(path)).loader
+
+
 @contextlib.contextmanager
 def _quiet_warnings():
     """torch's own warnings and log lines about packages (e.g. "Loading outdated pt2 file" for a damaged
@@ -134,11 +180,18 @@ def _quiet_warnings():
 class CompiledDecode:
     """The compiled step for one loaded model; `step(token, cache)` -> logits, or None to run eager.
 
-    Built lazily on the first decode (a one-token `generate` never pays for it). After any failure
-    it stays off for the life of the model, having said why once.
+    Looked for on the first decode (a one-token `generate` never pays for it); while it is being built elsewhere
+    the step runs eager and looks again every LOOK_AGAIN_S. After any failure it stays off for the life of the
+    model, having said why once. `source` (set by TorchModel.from_checkpoint: a background_compile.BuildSource)
+    starts the background build.
     """
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, source=None):
+        self.source = source
+        self.key = self.path = None  # the artifact's key and file, once computed
+        self.look_again = 0.0  # monotonic time before which a library being built elsewhere is not looked for
+        self.building = False  # this process started a background build
+        self.steps = 0  # decode steps asked of it
         self.step_module = DecodeStep(model).eval()
         named = dict(self.step_module.named_parameters())
         named.update(dict(self.step_module.named_buffers()))
@@ -151,20 +204,28 @@ class CompiledDecode:
 
     def step(self, token: int, cache) -> torch.Tensor | None:
         length = cache.length
+        self.steps += 1
         if self.off or length < MIN_PAST:
             return None
-        if self.positions.shape[0] < length:
-            self.positions = torch.zeros(max(length, 2 * self.positions.shape[0], 1024), dtype=torch.long)
-        tok = torch.tensor([token], dtype=torch.long)
-        m = self.step_module.model
-        inputs = [tok, cache.stacked_k, cache.stacked_v, m.rope_cos, m.rope_sin, self.positions[:length]]
+        if self.run is None and self.unchecked is None:
+            if self.steps <= EAGER_FIRST and mode() != "sync":
+                if self.path is None:  # a missing library starts being built now, for when it pays
+                    self._build_if_missing()
+                return None
+            if time.monotonic() < self.look_again:
+                return None  # the library is being built elsewhere: eager until the next look
+        inputs = self.inputs(cache, token)
         if self.run is None:
             if self.unchecked is None:
-                self.unchecked = self._prepare(inputs)
-                if self.unchecked is None:
+                prepared = self._prepare(inputs)
+                if prepared is WAIT:
+                    self.look_again = time.monotonic() + LOOK_AGAIN_S
+                    return None
+                if prepared is None:
                     self.off = True
                     return None
-            verdict = self._agrees(*self.unchecked, inputs)
+                self.unchecked = prepared
+            verdict, outputs = self._agrees(*self.unchecked, inputs)
             if verdict is None:  # inputs the eager step itself cannot judge by: eager now, check at the next step
                 return None
             run, self.unchecked = self.unchecked[0], None
@@ -172,44 +233,75 @@ class CompiledDecode:
                 self.off = True
                 return None
             self.run = run
-        logits, k, v = self.run(self.weight_list + inputs)
+        else:
+            outputs = self.run(self.weight_list + inputs)
+        logits, k, v = outputs
         cache.stacked_k[:, :, length] = k
         cache.stacked_v[:, :, length] = v
         return logits
 
     def _prepare(self, inputs: list):
-        """Load (or first build) the library: (its entry point, its file), or None to run eager."""
-        try:
-            key = artifact_key(self.step_module, self.weights)
-        except Exception as e:  # noqa: BLE001 - an odd config or module: just run eager
-            notice(f"decoding uncompiled ({type(e).__name__}: {_first_line(e)})")
+        """Load the library: (its entry point, its file); WAIT while it is being built elsewhere (eager meanwhile);
+        None to run eager for good. Built here only under ARBOR_COMPILE=sync."""
+        if not self._name():
             return None
-        directory = cache_directory()
-        path = directory / f"decode-{key_digest(key)}.pt2"
-        failed = path.with_suffix(".failed")
+        path, failed = self.path, self.path.with_suffix(".failed")
         if failed.exists():
-            notice(f"decoding uncompiled: compiling failed before ({failed.read_text(errors='replace').strip()[:160]}; "
-                   f"delete {failed} to try again)")
+            if self.building:
+                notice(f"compiling the decode step in the background failed ({_failure(failed)}; log: "
+                       f"{path.with_suffix('.log')}); decoding stays uncompiled")
+            else:
+                notice(f"decoding uncompiled: compiling failed before ({_failure(failed)}; delete {failed} to try again)")
             return None
         run = self._load(path)
         if run is None:
+            if mode() != "sync":
+                return self._build_elsewhere(path)
             from arbor_weights.store import held_lock
 
             with held_lock(f"compile-{path.stem}"):  # two processes: one compiles, the other then loads
                 run = self._load(path) if path.exists() else None
                 if run is None:
-                    run = self._build(path, key, failed, inputs)
+                    run = self._build(path, self.key, failed, inputs)
         if run is None:
             return None
-        prune(directory, "*.pt2", path, KEEP, companions=(".json",))
+        prune(path.parent, "*.pt2", path, KEEP, companions=COMPANIONS)
         return run, path
+
+    def _name(self) -> bool:
+        """Find the library's key and file (False, having said why, where the step has none)."""
+        if self.path is None:
+            try:
+                self.key = artifact_key(self.step_module, self.weights)
+            except Exception as e:  # noqa: BLE001 - an odd config or module: just run eager
+                notice(f"decoding uncompiled ({type(e).__name__}: {_first_line(e)})")
+                self.off = True
+                return False
+            self.path = cache_directory() / f"decode-{key_digest(self.key)}.pt2"
+        return True
+
+    def _build_if_missing(self) -> None:
+        """In the first eager steps: start the background build of a library that is neither there nor failed."""
+        if self._name() and not self.path.exists() and not self.path.with_suffix(".failed").exists():
+            self._build_elsewhere(self.path)
+
+    def _build_elsewhere(self, path: Path):
+        """WAIT for the library a background process builds (started here unless one holds its lock), or None
+        (no checkpoint to build it from, or the build could not start: this model decodes eager)."""
+        if self.source is None:
+            return None
+        if not self.building:
+            self.building = True  # one try per model: a build that fails leaves its .failed file
+            if not self.source.start(path):
+                self.off = True
+                return None
+        return WAIT
 
     def _load(self, path: Path):
         if not path.exists():
             return None
         try:
-            with _quiet_warnings():
-                loader = torch._inductor.aoti_load_package(str(path)).loader
+            loader = load_library(path)
             mark_used(path)
             return loader.boxed_run
         except Exception as e:  # noqa: BLE001 - a truncated zip, a foreign file, a library that will not load
@@ -221,26 +313,43 @@ class CompiledDecode:
     def _build(self, path: Path, key: dict, failed: Path, inputs: list):
         notice("compiling the decode step for this CPU, once per model format and torch version "
                "(about a minute on 2 cores; it makes decoding ~2x faster; ARBOR_COMPILE=0 skips it)")
+        return self._load(path) if self.build(path, key, inputs) else None
+
+    def build(self, path: Path, key: dict, inputs: list) -> bool:
+        """Compile the library into `path` with its key beside it, saying how long it took; on failure leave the
+        .failed file that stops later processes from trying again."""
         start = time.perf_counter()
+        failed = path.with_suffix(".failed")
         try:
             compile_step(self.step_module, self.weights, _example(inputs), path)
         except Exception as e:  # noqa: BLE001 - no compiler, an inductor bug: remember it, run eager
             failed.write_text(f"{type(e).__name__}: {_first_line(e)}\n", encoding="utf-8")
             notice(f"could not compile the decode step ({type(e).__name__}: {_first_line(e)}); decoding runs "
                    f"uncompiled, about half as fast (details kept in {failed})")
-            return None
+            return False
         path.with_suffix(".json").write_text(json.dumps(key, indent=1) + "\n", encoding="utf-8")
         notice(f"compiled in {time.perf_counter() - start:.0f} s (kept in {path.parent})")
-        return self._load(path)
+        return True
 
-    def _agrees(self, run, path: Path, inputs: list) -> bool | None:
-        """The library's first step against the eager DecodeStep on the same inputs (neither writes the cache);
-        None when the eager step's output is not finite: such inputs judge nothing, and the file is kept."""
+    def inputs(self, cache, token: int) -> list:
+        """The step's inputs for `token` after `cache` (its first `cache.length` positions are the past)."""
+        length = cache.length
+        if self.positions.shape[0] < length:
+            self.positions = torch.zeros(max(length, 2 * self.positions.shape[0], 1024), dtype=torch.long)
+        m = self.step_module.model
+        return [torch.tensor([token], dtype=torch.long), cache.stacked_k, cache.stacked_v, m.rope_cos, m.rope_sin,
+                self.positions[:length]]
+
+    def _agrees(self, run, path: Path, inputs: list) -> tuple[bool | None, list | None]:
+        """The library's first step against the eager DecodeStep on the same inputs (neither writes the cache):
+        (whether it agrees, its outputs, which are this step's); None when the eager step's output is not finite:
+        such inputs judge nothing, and the file is kept."""
+        got = None
         try:
             with torch.no_grad():
                 want = self.step_module(*inputs)
             if not all(bool(torch.isfinite(w).all()) for w in want):
-                return None
+                return None, None
             got = run(self.weight_list + inputs)
             ok = len(got) == len(want) and all(
                 g.shape == w.shape and bool(torch.linalg.norm(g - w) <= CHECK_REL * torch.linalg.norm(w))
@@ -254,7 +363,7 @@ class CompiledDecode:
                    "and the file is deleted")
             with contextlib.suppress(OSError):
                 path.unlink()
-        return ok
+        return ok, got
 
 
 def _example(inputs: list) -> tuple:
@@ -265,6 +374,14 @@ def _example(inputs: list) -> tuple:
     layers, kv, _, dim = cache_k.shape
     return (token, cache_k.new_zeros(layers, kv, 24, dim), cache_v.new_zeros(layers, kv, 24, dim),
             cos.new_zeros(40, cos.shape[1]), sin.new_zeros(40, sin.shape[1]), past.new_zeros(7))
+
+
+WAIT = object()  # _prepare: the library is being built elsewhere
+COMPANIONS = (".json", ".log")  # files beside an artifact, pruned with it
+
+
+def _failure(failed: Path) -> str:
+    return failed.read_text(errors="replace").strip()[:160]
 
 
 def _first_line(e: BaseException) -> str:

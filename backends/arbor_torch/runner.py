@@ -131,7 +131,7 @@ class TorchModel:
                 read.cache_clear()  # the blocks it was built from (if read) are not held while the model runs
                 lm = cls(built, device, dtype, kv_bits, quantize, parameter_count=parameter_count)
                 release_freed_heap()
-                return lm
+                return lm._from(checkpoint)
         state = read()
         read.cache_clear()  # from here `state` is the only reference: `del state` below must free it
         state = load_quantized.dequantized_state(state, checkpoint.path)  # exact float32 for GGUF blocks
@@ -143,7 +143,16 @@ class TorchModel:
         lm = cls(model, device, dtype, kv_bits, quantize)
         if torch.device(device).type == "cpu":
             release_freed_heap()
-        return lm
+        return lm._from(checkpoint)
+
+    def _from(self, checkpoint) -> "TorchModel":
+        """Record where the model came from: a background build of its compiled decode step loads it from there."""
+        if self.compiled is not None:
+            # imported here, not with the package: `python -m arbor_torch.background_compile` must find it unimported
+            from .background_compile import BuildSource
+
+            self.compiled.source = BuildSource(str(checkpoint.path), self.dtype, self.quantize)
+        return self
 
     # ---- the backend protocol -----------------------------------------------------------
     def memory(self):

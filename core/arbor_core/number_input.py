@@ -15,6 +15,7 @@ import os
 from .errors import UsageError
 
 SWITCH_ON, SWITCH_OFF = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+SWITCH_MODES = {"ARBOR_COMPILE": ("sync",)}  # words a switch also takes, each a way of being on
 
 
 def _wanted(kind: type, minimum: float | None, above: float | None, maximum: float | None) -> str:
@@ -84,7 +85,10 @@ def env_switch(variable: str, default: bool) -> bool:
         return default
     if raw in SWITCH_ON or raw in SWITCH_OFF:
         return raw in SWITCH_ON
-    raise UsageError(f"{variable} must be 1 or 0 (on or off), got {os.environ[variable]!r}")
+    if raw in SWITCH_MODES.get(variable, ()):
+        return True
+    modes = "".join(f" or {word}" for word in SWITCH_MODES.get(variable, ()))
+    raise UsageError(f"{variable} must be 1 or 0 (on or off){modes}, got {os.environ[variable]!r}")
 
 
 def check_environment() -> None:

@@ -83,14 +83,30 @@ def held_lock(name: str, reporter: Reporter | None = None) -> Iterator[None]:
 
     The lock file exists only while someone holds the lock (see _flock_file), so a failed or
     finished install leaves nothing in locks/."""
+    with _lock(name, reporter, wait=True):
+        yield
+
+
+@contextmanager
+def lock_if_free(name: str) -> Iterator[bool]:
+    """held_lock without the wait: yields True holding the lock, or False at once where another process holds it."""
+    with _lock(name, None, wait=False) as held:
+        yield held
+
+
+@contextmanager
+def _lock(name: str, reporter: Reporter | None, wait: bool) -> Iterator[bool]:
     path = cache_dir() / "locks" / f"{name}.lock"
     if fcntl is None:  # Windows: filelock's msvcrt lock, which deletes its file on release
-        with _portable_lock(path, name, reporter):
-            yield
+        with _portable_lock(path, name, reporter, wait) as held:
+            yield held
         return
-    fd = _flock_file(path, name, reporter)
+    fd = _flock_file(path, name, reporter, wait)
+    if fd is None:
+        yield False
+        return
     try:
-        yield
+        yield True
     finally:
         # Unlink before unlocking: a waiter that then gets the lock sees its file gone and retries.
         path.unlink(missing_ok=True)
@@ -99,8 +115,9 @@ def held_lock(name: str, reporter: Reporter | None = None) -> Iterator[None]:
             path.parent.rmdir()
 
 
-def _flock_file(path: Path, name: str, reporter: Reporter | None) -> int:
-    """An open descriptor of `path`, flock()ed exclusively, and still the file at `path`.
+def _flock_file(path: Path, name: str, reporter: Reporter | None, wait: bool = True) -> int | None:
+    """An open descriptor of `path`, flock()ed exclusively, and still the file at `path` (None: another process
+    holds it, and not `wait`).
 
     Holders delete the file before unlocking, so a process that waited on a descriptor of a file
     since deleted (or replaced) has locked nothing anyone else sees: it drops it and tries again."""
@@ -115,6 +132,9 @@ def _flock_file(path: Path, name: str, reporter: Reporter | None) -> int:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
+                if not wait:
+                    os.close(fd)
+                    return None
                 if reporter and not noted:
                     reporter.note(f"waiting for another arbor process that is installing {name}")
                     noted = True
@@ -133,17 +153,20 @@ def _flock_file(path: Path, name: str, reporter: Reporter | None) -> int:
 
 
 @contextmanager
-def _portable_lock(path: Path, name: str, reporter: Reporter | None) -> Iterator[None]:
+def _portable_lock(path: Path, name: str, reporter: Reporter | None, wait: bool = True) -> Iterator[bool]:
     path.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(path))
     try:
-        lock.acquire(timeout=0.5)
+        lock.acquire(timeout=0.5 if wait else 0)
     except Timeout:
+        if not wait:
+            yield False
+            return
         if reporter:
             reporter.note(f"waiting for another arbor process that is installing {name}")
         lock.acquire()
     try:
-        yield
+        yield True
     finally:
         lock.release()
 
