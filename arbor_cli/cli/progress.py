@@ -89,9 +89,12 @@ class PlainProgress:
             self._say(now)
 
     def tokens(self, done: int, total: int) -> None:
+        """A prefill's tokens read: said at once for its first chunk (the prefill is announced), then with the
+        phase's rate."""
         with self.lock:
+            first = self.reading is None
             self.reading = (done, total) if done < total else None
-            if self.reading is not None and self.clock() - self.shown >= self.every:
+            if self.reading is not None and (first or self.clock() - self.shown >= self.every):
                 self._say(self.clock())
 
     def _say(self, now: float) -> None:
