@@ -188,7 +188,7 @@ def ask(model, text: str, question: str, *, progress=None, keep: bool = True, pa
         if not terms.terms:  # "What is this document about?": nothing to look for
             model.notify("the question names nothing to look for in the document; for what the whole "
                          "document says, `arbor summarize` it")
-        return _nothing_names(text, starts, parts, question, terms, len(offsets), started, progress)
+        return _nothing_names(text, starts, parts, terms, len(offsets), started, progress)
     # only the parts naming what is asked are read (ask_every_part.py too): about that share of it is kept
     reader = DocumentReader(model, keep_the_cache(model, len(offsets) * len(can) // len(parts), len(can), keep))
     if every:
@@ -201,8 +201,7 @@ def ask(model, text: str, question: str, *, progress=None, keep: bool = True, pa
     progress.advance()
     timings = {"total_s": round(time.perf_counter() - started, 3), "read_s": round(read_s, 3)}
     result = Answer(NOT_FOUND, "parts", len(parts), len(offsets), answered, findings,
-                    {"loaded": reader.loaded, "prefilled": reader.prefilled}, timings)
-    result.read = len(can)
+                    {"loaded": reader.loaded, "prefilled": reader.prefilled}, timings, read=len(can))
     findings.sort(key=finding_rank, reverse=True)  # the answer's own first
     if findings and findings[0].answers:  # a quote that does not carry the question answers nothing
         best = findings[0]
@@ -212,8 +211,8 @@ def ask(model, text: str, question: str, *, progress=None, keep: bool = True, pa
     return result
 
 
-def _nothing_names(text: str, starts: list[int], parts: list[str], question: str, terms: QuestionTerms,
-                   tokens: int, started: float, progress) -> Answer:
+def _nothing_names(text: str, starts: list[int], parts: list[str], terms: QuestionTerms, tokens: int,
+                   started: float, progress) -> Answer:
     """No sentence of any part carries what the question names (an absent key, a question about something
     else, or one that names nothing: "What is this document about?"), so no part can give a quote that
     answers and none is read: NOT_FOUND at once, with the sentences nearest the question as the findings
@@ -226,10 +225,9 @@ def _nothing_names(text: str, starts: list[int], parts: list[str], question: str
     def part_of(offset: int) -> int:
         return max(i for i, at in enumerate(offsets, 1) if at <= offset)
 
-    result = Answer(NOT_FOUND, "parts", len(parts), tokens, [], nearest(text, terms, part_of),
-                    {"loaded": 0, "prefilled": 0}, {"total_s": round(time.perf_counter() - started, 3), "read_s": 0.0})
-    result.read = 0
-    return result
+    return Answer(NOT_FOUND, "parts", len(parts), tokens, [], nearest(text, terms, part_of),
+                  {"loaded": 0, "prefilled": 0}, {"total_s": round(time.perf_counter() - started, 3), "read_s": 0.0},
+                  read=0)
 
 
 def cut_into_parts(tokenizer, text: str, offsets: list[tuple[int, int]], limit: int) -> list[tuple[int, str]]:
