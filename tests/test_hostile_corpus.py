@@ -88,13 +88,16 @@ def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("corpus")
     home = root / "arbor-home"
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("ARBOR_")},  # none of the shell's settings
-           "ARBOR_HOME": str(home), "ARBOR_MAX_INPUT_MB": "1", "NO_COLOR": "1"}
+           "ARBOR_HOME": str(home), "ARBOR_MAX_INPUT_MB": "1", "NO_COLOR": "1",
+           # the suite's compile policy (conftest: built in the command, never by a detached process)
+           "ARBOR_COMPILE": os.environ.get("ARBOR_COMPILE", "sync")}
     paths = models(root)
     done = subprocess.run([*ARBOR, "pull", str(paths["good"])], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     installed = next(p for p in (home / "models").iterdir() if p.is_dir())
     # the good model answers before any case (and its BUILDS are made here, not in whichever case comes first)
-    warm = subprocess.run([*ARBOR, "generate", "hi", "--model", installed.name, "--max-tokens", "8"], env=env,
+    # 24 tokens: past the eager first steps (compiled_decode.EAGER_FIRST), so the compiled step is built here
+    warm = subprocess.run([*ARBOR, "generate", "hi", "--model", installed.name, "--max-tokens", "24"], env=env,
                           capture_output=True, text=True, timeout=300)
     assert warm.returncode == 0, warm.stderr
     hanging = root / "hanging-template"  # a model directory (installed before templates were checked) whose
