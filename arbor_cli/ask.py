@@ -44,7 +44,7 @@ from dataclasses import asdict, dataclass, field
 
 from arbor_core.errors import UsageError
 
-from .ask_every_part import COUNT, candidates, listing, nearest, read_every_part, whole_document_question
+from .ask_every_part import COUNT, candidates, listing, nearest, part_places, read_every_part, whole_document_question
 from .chunking import document_token_offsets, split_into_chunks
 from .document_reader import DocumentReader, keep_the_cache, second_look
 from .documents import Document
@@ -192,7 +192,8 @@ def ask(model, text: str, question: str, *, progress=None, keep: bool = True, pa
     # only the parts naming what is asked are read (ask_every_part.py too): about that share of it is kept
     reader = DocumentReader(model, keep_the_cache(model, len(offsets) * len(can) // len(parts), len(can), keep))
     if every:
-        return _every_part(model, reader, text, starts, parts, question, progress, len(offsets), started, name_of)
+        return _every_part(model, reader, text, starts, parts, question, progress, len(offsets), started, name_of,
+                           terms, can)
     scores, held = _read_parts(reader, parts, can, question, progress)
     reader.say_what_was_kept()
     read_s = time.perf_counter() - started
@@ -218,13 +219,9 @@ def _nothing_names(text: str, starts: list[int], parts: list[str], terms: Questi
     answers and none is read: NOT_FOUND at once, with the sentences nearest the question as the findings
     that do not answer (what the reader may check). Reading every part here took a 16K-token document ~100 s
     on a 2-core CPU (the default model) for the same answer."""
-    offsets = [text.index(part, start) for part, start in zip(parts, starts)]
+    _, part_of = part_places(text, starts, parts)
     progress.begin(f"no part of {len(parts)} names what is asked", 1)
     progress.advance()
-
-    def part_of(offset: int) -> int:
-        return max(i for i, at in enumerate(offsets, 1) if at <= offset)
-
     return Answer(NOT_FOUND, "parts", len(parts), tokens, [], nearest(text, terms, part_of),
                   {"loaded": 0, "prefilled": 0}, {"total_s": round(time.perf_counter() - started, 3), "read_s": 0.0},
                   read=0)
@@ -245,10 +242,10 @@ def cut_into_parts(tokenizer, text: str, offsets: list[tuple[int, int]], limit: 
 
 
 def _every_part(model, reader: DocumentReader, text: str, starts: list[int], parts: list[str], question: str,
-                progress, tokens: int, started: float, name_of) -> Answer:
+                progress, tokens: int, started: float, name_of, terms: QuestionTerms, read: list[int]) -> Answer:
     """A whole-document question (ask_every_part.py): every part answers; every answering finding is listed,
     a count first when one was asked; the closest that do not answer follow them in the findings."""
-    answered, found, others = read_every_part(model, reader, text, starts, parts, question, progress)
+    answered, found, others = read_every_part(model, reader, text, starts, parts, question, progress, terms, read)
     reader.say_what_was_kept()
     text_out = listing(found, len(parts), bool(COUNT.search(question)), name_of) if found else NOT_FOUND
     return Answer(text_out, "every part", len(parts), tokens, answered, found + others,

@@ -19,7 +19,7 @@ from dataclasses import replace
 
 from .document_reader import QuoteJudge
 from .evidence import DocumentWords, Finding, finding
-from .question_terms import TERM, QuestionTerms, SentenceCounts, answer_values, sentences_of, starts_with_pronoun
+from .question_terms import TERM, QuestionTerms, answer_values, sentences_of, starts_with_pronoun
 
 # "how many days" asks for a quantity the text states, not for things to count
 UNITS = (r"(?:seconds?|minutes?|hours?|days?|weeks?|months?|years?|bytes?|[kmgt]i?b|tokens?|percent|"
@@ -54,16 +54,27 @@ def alike(a: Counter, b: Counter) -> float:
     return sum((a & b).values()) / union if union else 0.0
 
 
-def read_every_part(model, reader, text: str, starts: list[int], parts: list[str], question: str, progress
-                    ) -> tuple[list[dict], list[Finding], list[Finding]]:
-    """Every part searched; each that has a sentence carrying the question's terms (`candidates`: no other
-    can hold an answering quote) read and answered by `reader` (ask's DocumentReader; as many at once as the
-    door runs). A reply gives a finding when it points at such a sentence (`pointed`); where no reply does,
+def part_places(text: str, starts: list[int], parts: list[str]):
+    """(where each part starts in `text`, part_of(offset): the number of the last part starting at or before
+    an offset: the part a sentence is read in)."""
+    offsets = [text.index(part, start) for part, start in zip(parts, starts)]
+
+    def part_of(offset: int) -> int:
+        return max(i for i, at in enumerate(offsets, 1) if at <= offset)
+
+    return offsets, part_of
+
+
+def read_every_part(model, reader, text: str, starts: list[int], parts: list[str], question: str, progress,
+                    terms: QuestionTerms, read: list[int]) -> tuple[list[dict], list[Finding], list[Finding]]:
+    """Every part searched (`terms`: the question's, weighed by `text`'s sentences); those numbered `read`, each
+    with a sentence carrying the question's terms (`candidates`: no other can hold an answering quote), read and
+    answered by `reader` (ask's DocumentReader; as many at once as the door runs). A reply gives a finding when it points at such a sentence (`pointed`); where no reply does,
     the model's own judgement picks one (`judged`). The sentences of their kind follow. Returns the read
     parts' records (part, score, reply), the answering findings (document order, one per sentence, named by
     their particulars) and the closest findings that do not answer."""
-    offsets = [text.index(part, start) for part, start in zip(parts, starts)]
-    terms, document = QuestionTerms(question, SentenceCounts(text)), DocumentWords(text)
+    offsets, part_of = part_places(text, starts, parts)
+    document = DocumentWords(text)
 
     def read_and_answer(index: int) -> tuple[dict, Finding | None]:
         part, offset = parts[index - 1], offsets[index - 1]
@@ -72,15 +83,10 @@ def read_every_part(model, reader, text: str, starts: list[int], parts: list[str
         return record, finding(record["reply"], part, offset, question, index, reading.score, document=document,
                                terms=terms)
 
-    read = [i for i, part in enumerate(parts, 1) if candidates(part, terms)]
     progress.begin(f"reading the {len(read)} of {len(parts)} parts that name what is asked", max(len(read), 1))
     done = [read_and_answer(read[0])] if read else []  # the first alone: finds out whether the door scores
     progress.advance()
     done += list(model.map(read_and_answer, read[1:], progress.advance))
-
-    def part_of(offset: int) -> int:
-        return max(i for i, at in enumerate(offsets, 1) if at <= offset)
-
     kept = [p for _, f in done if (p := pointed(f, terms)) is not None]
     kin = of_their_kind(text, kept, terms, part_of)
     if read and not kept:  # the model's pick stands only where the document repeats its kind (below)
