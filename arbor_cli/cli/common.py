@@ -162,8 +162,6 @@ PLAIN_PROGRESS_SECONDS = 10.0  # off a terminal, a progress line about this ofte
 
 def plain_progress_seconds() -> float:
     """PLAIN_PROGRESS_SECONDS, or ARBOR_PROGRESS_SECONDS where set (a number above 0)."""
-    from arbor_core.number_input import env_number
-
     return env_number("ARBOR_PROGRESS_SECONDS", PLAIN_PROGRESS_SECONDS)
 
 

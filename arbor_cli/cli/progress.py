@@ -24,7 +24,7 @@ class ProgressBar:
         self.progress = Progress(TextColumn("[dim]arbor:[/dim] {task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console,
                                  transient=True)
-        self.task = None
+        self.task, self.phase = None, ""
 
     def __enter__(self) -> "ProgressBar":
         self.progress.start()
@@ -37,16 +37,15 @@ class ProgressBar:
     def begin(self, phase: str, total: int) -> None:
         if self.task is not None:
             self.progress.update(self.task, visible=False)
-        self.task = self.progress.add_task(phase, total=total)
+        self.task, self.phase = self.progress.add_task(phase, total=total), phase
 
     def advance(self) -> None:
         self.progress.advance(self.task)
 
     def tokens(self, done: int, total: int) -> None:
         if self.task is not None:
-            phase = self.progress.tasks[-1].description.split(" · ")[0]
-            self.progress.update(self.task, description=f"{phase} · {done:,}/{total:,} tokens read"
-                                 if done < total else phase)
+            self.progress.update(self.task, description=f"{self.phase} · {done:,}/{total:,} tokens read"
+                                 if done < total else self.phase)
 
 
 class PlainProgress:
