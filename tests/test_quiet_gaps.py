@@ -46,8 +46,21 @@ def gaps(lines: list[tuple[float, str]]) -> list[tuple[float, str]]:
 
 @pytest.mark.parametrize("command", ["summarize", "ask"])
 def test_a_one_pass_command_in_a_pipe_is_never_quiet(command, default_checkpoint, tmp_path):
+    from arbor_cli.ask import reliable_tokens
+    from arbor_core.tokenizer import load_tokenizer
+    from arbor_torch.runner import CPU_PREFILL_CHUNK
+
+    # one pass (within the model's reliable_tokens, whatever the README's length) and at least two prefill
+    # chunks: the README's head cut at whole lines to at most 7/8 of the one-pass limit
+    limit = reliable_tokens(type("M", (), {"checkpoint": default_checkpoint, "config": None})())
+    tokenizer, head = load_tokenizer(default_checkpoint.path), ""
+    for line in README.read_text(encoding="utf-8").splitlines(keepends=True):
+        if len(tokenizer.encode(head + line)) > limit * 7 // 8:
+            break
+        head += line
+    assert len(tokenizer.encode(head)) > CPU_PREFILL_CHUNK, "the document must take two prefill chunks"
     doc = tmp_path / "readme.txt"
-    doc.write_text(README.read_text(encoding="utf-8")[:3500])  # ~1K tokens: one pass, two prefill chunks
+    doc.write_text(head)
     args = [command, str(doc)] + (["What does arbor keep on disk for later questions?"] if command == "ask" else [])
     lines, out, code = timed_stderr(args + ["--model", str(default_checkpoint.path)])
     assert code == 0 and out.strip(), lines
