@@ -1,6 +1,6 @@
 """Questions about a document of any length (`arbor ask`), answered in one pass or part by part.
 
-Plain attention stops retrieving long before the context ends: the default model finds a pass key
+Plain attention stops retrieving long before the context ends: the 135M model finds a pass key
 hidden in real prose 75% of the time at 2K tokens and never from 32K (docs/long-context.md). So:
 
 - a document within `reliable_tokens(model)` is asked in one pass: the document, then the question;
@@ -9,7 +9,7 @@ hidden in real prose 75% of the time at 2K tokens and never from 32K (docs/long-
   are read (none: NOT_FOUND at once, the nearest sentences listed; a 16K-token document's parts all read
   took ~100 s on a 2-core CPU for that same answer). Each is read with the question after it, and the
   model's own log-probability of the question after the part ranks them (query likelihood: a part that holds the answer makes the question expected; on the
-  default model the part holding a pass key in prose scored -69 nats against -88 for the best other,
+  135M model the part holding a pass key in prose scored -69 nats against -88 for the best other,
   8 of 8). The best-ranked parts answer. A small model asked about a part without the answer invents
   one (../shared/design/ask-probe.md), so an answer is kept only with *evidence*: a run of its words
   that occurs verbatim in that part's text and says more than the question does. When the best part's
@@ -25,7 +25,7 @@ hidden in real prose 75% of the time at 2K tokens and never from 32K (docs/long-
   `--all`) does not fit "the best three parts answer": every part naming what is asked is read, and every
   answering finding listed (ask_every_part.py).
 
-The prompt is the one that measured best on the default model (pass key in real prose, 8 trials per
+The prompt is the one that measured best on the 135M model (pass key in real prose, 8 trials per
 size, /tmp probes recorded in docs/long-context.md): the text, then "Question: …", then the instruction
 to answer with the text's exact words (8/8 at 1,024 tokens, 5/8 at 2,048; with the question alone
 0/8, with the passkey eval's "There is an important piece of information hidden…" 0/8). Putting the
@@ -218,7 +218,7 @@ def _nothing_names(text: str, starts: list[int], parts: list[str], terms: Questi
     else, or one that names nothing: "What is this document about?"), so no part can give a quote that
     answers and none is read: NOT_FOUND at once, with the sentences nearest the question as the findings
     that do not answer (what the reader may check). Reading every part here took a 16K-token document ~100 s
-    on a 2-core CPU (the default model) for the same answer."""
+    on a 2-core CPU (the 135M model) for the same answer."""
     _, part_of = part_places(text, starts, parts)
     progress.begin(f"no part of {len(parts)} names what is asked", 1)
     progress.advance()

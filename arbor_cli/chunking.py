@@ -69,7 +69,7 @@ class TokenPositions:
     def alone(self, start: int, end: int) -> int:
         """Tokens of text[start:end].strip() tokenized by itself. For tokenizers that cut text at spaces
         first (byte-level BPE, sentencepiece), that differs from in_document only in its first word,
-        which alone lacks the space before it (for the default model " Chess" is one token, "Chess"
+        which alone lacks the space before it (for the 135M model " Chess" is one token, "Chess"
         two); so that word is counted alone, once per distinct word."""
         start, end = _stripped(self.text, start, end)
         if start == end or (start > 0 and not self.text[start - 1].isspace()):  # inside a word: no space lost
@@ -99,7 +99,7 @@ def tokenize_in_blocks(encode_with_offsets: Callable[[str], tuple[list[int], lis
     a long document reports progress (`on_block(blocks done, blocks)`, first with 0 done) and a slow tokenizer's cost
     stays linear. Blocks end just before a paragraph break (else before any whitespace, else
     anywhere): a tokenizer splits words at whitespace first, so the tokens are those of the whole
-    text tokenized at once (tests/test_chunking.py checks it on the default model's tokenizer)."""
+    text tokenized at once (tests/test_chunking.py checks it on the 135M model's tokenizer)."""
     cuts = block_cuts(text, block_chars or TOKENIZE_BLOCK_CHARS)
     offsets: list[tuple[int, int]] = []
     on_block(0, len(cuts) + 1)

@@ -470,7 +470,7 @@ def connect(url: str, model: str | None = None, *, served: str | None = None, ap
 
     if not url.startswith(("http://", "https://")):
         raise UsageError(f"--engine must be an http:// or https:// URL, got {url!r}")
-    checkpoint = arbor_weights.resolve(model or arbor_weights.DEFAULT_MODEL, quiet=quiet)
+    checkpoint = arbor_weights.resolve(model or arbor_weights.default_model(), quiet=quiet)
     log = arbor_weights.cache_dir() / "engine" / f"{hashlib.sha256(url.encode()).hexdigest()[:12]}.jsonl"
     return RemoteModel(url, checkpoint, load_tokenizer(checkpoint.path), served=served, api_key=api_key,
                        parallel=parallel, context=context, answer_log=log, timeout=timeout, notify=notify)

@@ -39,7 +39,7 @@ def load(model: str | None = None, backend: str | None = None, device: str | Non
     except ValueError as e:
         raise UsageError(str(e)) from None
     backend = choose_backend(backend)  # a bad --backend fails before any model is fetched
-    checkpoint = arbor_weights.resolve(model or arbor_weights.DEFAULT_MODEL, quiet=quiet)
+    checkpoint = arbor_weights.resolve(model or arbor_weights.default_model(), quiet=quiet)
     longer = arbor_weights.LONG_VARIANTS.get(checkpoint.name)
     if longer and rope == "auto" and context is not None and context > checkpoint.config.trained_context:
         # --rope auto beyond the trained context: the model's long-context adapter, where arbor ships one
@@ -48,7 +48,7 @@ def load(model: str | None = None, backend: str | None = None, device: str | Non
         from arbor_weights.store import installed_path
 
         if installed_path(longer) is None:
-            # installing the long variant writes its whole checkpoint (517 MB for the default model): a --context
+            # installing the long variant writes its whole checkpoint (517 MB for the 135M model): a --context
             # that cannot fit is refused first, planned on the model it is built from (the same shapes and dtypes)
             _open(checkpoint, backend, device, dtype, kv_bits, quantize, context, rope).plan(context)
         Reporter(quiet=quiet).note(f"context {context:,} is beyond {checkpoint.name}'s trained "

@@ -30,22 +30,36 @@ def _compile_in_the_foreground():
 _compile_in_the_foreground()
 
 
+def _the_suite_runs_the_smallest_model():
+    """A command, or arbor_cli.load(), that names no model runs $ARBOR_MODEL: the suite sets it to the 98 MB
+    SmolLM2-135M (arbor_weights.SMALLEST_MODEL), not the default Qwen2.5-Coder-0.5B, so the tests of behaviour
+    stay within CI's time (the default's own first command: tests/test_first_command.py). A run may set it."""
+    import arbor_weights
+
+    os.environ.setdefault("ARBOR_MODEL", arbor_weights.SMALLEST_MODEL)
+
+
+_the_suite_runs_the_smallest_model()
+
+
 @pytest.fixture(scope="session")
 def default_gguf(default_checkpoint):
-    """The default model's GGUF file, downloaded once into the real user cache (or $ARBOR_HOME).
+    """The suite's model's GGUF file ($ARBOR_MODEL, a registry name), downloaded once into the real user cache
+    (or $ARBOR_HOME).
 
     After the checkpoint: importing the default model deletes its download, so it must not happen later."""
     import arbor_weights
 
-    return arbor_weights.default_gguf_path(quiet=True)
+    return arbor_weights.default_gguf_path(default_checkpoint.name, quiet=True)
 
 
 @pytest.fixture(scope="session")
 def default_checkpoint():
-    """The default model pulled and converted once, in the real user cache, so CI downloads it once."""
+    """The suite's model ($ARBOR_MODEL: the 135M unless a run sets it) pulled and converted once, in the real
+    user cache, so CI downloads it once."""
     import arbor_weights
 
-    checkpoint = arbor_weights.resolve(arbor_weights.DEFAULT_MODEL, quiet=True)
+    checkpoint = arbor_weights.resolve(arbor_weights.default_model(), quiet=True)
     _warm_compiled_step(checkpoint)
     return checkpoint
 

@@ -176,7 +176,7 @@ def test_a_context_that_cannot_fit_is_refused_before_installing_the_long_model(r
 
     from arbor_cli.model import Model
 
-    longer = arbor_weights.LONG_VARIANTS[arbor_weights.DEFAULT_MODEL]
+    longer = arbor_weights.LONG_VARIANTS[arbor_weights.SMALLEST_MODEL]
     real_installed, real_resolve, resolved = store.installed_path, arbor_weights.resolve, []
     monkeypatch.setattr(store, "installed_path", lambda name: None if name == longer else real_installed(name))
     monkeypatch.setattr(arbor_weights, "resolve", lambda name, **kw: resolved.append(name) or real_resolve(name, **kw))

@@ -336,7 +336,7 @@ def test_a_downloaded_gguf_is_deleted_once_imported_and_fetched_again_when_asked
     download = arbor_weights.cache_dir() / "downloads" / model.filename
     checkpoint = arbor_weights.resolve(model.name, quiet=True)
     assert not download.exists() and checkpoint.quantization is not None
-    assert arbor_weights.default_gguf_path(quiet=True) == download and download.is_file() and len(fetched) == 2
+    assert arbor_weights.default_gguf_path(model.name, quiet=True) == download and download.is_file() and len(fetched) == 2
     calls = count_conversions(monkeypatch)
     assert arbor_weights.resolve(model.name, quiet=True).path == checkpoint.path  # installed: no re-pull
     assert calls == [] and len(fetched) == 2 and download.is_file()

