@@ -44,8 +44,9 @@ from dataclasses import asdict, dataclass, field
 
 from arbor_core.errors import UsageError
 
-from .ask_every_part import COUNT, candidates, listing, nearest, part_places, read_every_part, whole_document_question
-from .chunking import document_token_offsets, split_into_chunks
+from .ask_every_part import COUNT, listing, nearest, part_places, read_every_part, whole_document_question
+from .chunking import split_into_chunks
+from .document_index import index_for
 from .document_reader import DocumentReader, keep_the_cache, second_look
 from .documents import Document
 from .evidence import DocumentWords, Finding, common_words, finding, finding_rank, focus, named_sentences
@@ -175,24 +176,24 @@ def ask(model, text: str, question: str, *, progress=None, keep: bool = True, pa
     if limit < 128:
         raise UsageError(f"--part-tokens must be at least 128, got {limit}")
     started = time.perf_counter()
-    tokenizer, progress = model.tokenizer, progress or NoProgress()
-    offsets = document_token_offsets(tokenizer.encode_with_offsets, text, progress)
+    progress = progress or NoProgress()
+    index = index_for(model, text, limit, progress, keep)  # tokens, parts, sentence counts: kept with the cache
     every = every_part or whole_document_question(question)
-    if len(offsets) <= limit and not every:
-        return _one_pass(model, text, question, len(offsets), keep, started, name_of, progress)
+    if index.tokens <= limit and not every:
+        return _one_pass(model, text, question, index.tokens, keep, started, name_of, progress)
     # a whole-document question about a short document reads it as one part
-    starts, parts = (list(column) for column in zip(*cut_into_parts(tokenizer, text, offsets, limit)))
-    terms = QuestionTerms(question, SentenceCounts(text))
-    can = [i for i, part in enumerate(parts, 1) if candidates(part, terms)]
+    starts, parts = [a for a, _ in index.parts], index.texts(text)
+    terms = QuestionTerms(question, index.counts)
+    can = index.naming(text, terms)
     if not every and not can:
         if not terms.terms:  # "What is this document about?": nothing to look for
             model.notify("the question names nothing to look for in the document; for what the whole "
                          "document says, `arbor summarize` it")
-        return _nothing_names(text, starts, parts, terms, len(offsets), started, progress)
+        return _nothing_names(text, starts, parts, terms, index.tokens, started, progress)
     # only the parts naming what is asked are read (ask_every_part.py too): about that share of it is kept
-    reader = DocumentReader(model, keep_the_cache(model, len(offsets) * len(can) // len(parts), len(can), keep))
+    reader = DocumentReader(model, keep_the_cache(model, index.tokens * len(can) // len(parts), len(can), keep))
     if every:
-        return _every_part(model, reader, text, starts, parts, question, progress, len(offsets), started, name_of,
+        return _every_part(model, reader, text, starts, parts, question, progress, index.tokens, started, name_of,
                            terms, can)
     scores, held = _read_parts(reader, parts, can, question, progress)
     reader.say_what_was_kept()
@@ -201,7 +202,7 @@ def ask(model, text: str, question: str, *, progress=None, keep: bool = True, pa
     answered, findings = _answer_parts(model, reader, text, starts, parts, question, scores, held, terms)
     progress.advance()
     timings = {"total_s": round(time.perf_counter() - started, 3), "read_s": round(read_s, 3)}
-    result = Answer(NOT_FOUND, "parts", len(parts), len(offsets), answered, findings,
+    result = Answer(NOT_FOUND, "parts", len(parts), index.tokens, answered, findings,
                     {"loaded": reader.loaded, "prefilled": reader.prefilled}, timings, read=len(can))
     findings.sort(key=finding_rank, reverse=True)  # the answer's own first
     if findings and findings[0].answers:  # a quote that does not carry the question answers nothing

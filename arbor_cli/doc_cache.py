@@ -79,11 +79,13 @@ def _model_sha256(checkpoint) -> str | None:
 
 
 def _tokenizer_identity(model) -> str:
-    """A hash of the checkpoint's tokenizer files, or (none there) of a few encodes by the tokenizer."""
+    """A hash of the checkpoint's tokenizer files, or (none there, or no checkpoint) of a few encodes by the
+    tokenizer."""
     h = hashlib.sha256()
     found = False
-    for name in TOKENIZER_FILES:
-        path = Path(model.checkpoint.path) / name
+    checkpoint = getattr(model, "checkpoint", None)
+    for name in TOKENIZER_FILES if checkpoint is not None else ():
+        path = Path(checkpoint.path) / name
         if path.is_file():
             h.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
             found = True

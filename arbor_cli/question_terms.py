@@ -136,30 +136,62 @@ def sentences_of(text: str) -> list[tuple[int, int]]:
 
 
 class SentenceCounts:
-    """In how many of a document's sentences each word occurs: the weight of a question's terms."""
+    """In which of a document's sentences each word occurs (stemmed, and apart from that its root): the
+    weight of a question's terms, and where to look for them. Kept as postings (word -> the ids of the
+    sentences holding it, ascending), so a question's terms are counted and found without reading every
+    sentence again, and a document's counts can be kept with its cache (document_index.py)."""
 
-    def __init__(self, text: str):
-        self.sentences = [words_of(text[a:b]) for a, b in sentences_of(text)]
-        self.roots = [[root(w) for w in words] for words in self.sentences]
-        self.df: dict[str, int] = {}
-        for words in (*self.sentences, *self.roots):  # stems and roots apart: "e"-less roots rarely meet stems
-            for w in set(words):
-                self.df[w] = self.df.get(w, 0) + 1
+    def __init__(self, text: str, postings: tuple[dict[str, list[int]], dict[str, list[int]]] | None = None):
+        self.text = text
+        self.spans = sentences_of(text)
+        if postings is None:
+            postings = self._postings(text, self.spans)
+        self.stems, self.roots = postings
+
+    @staticmethod
+    def _postings(text: str, spans: list[tuple[int, int]]) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
+        stems: dict[str, list[int]] = {}
+        roots: dict[str, list[int]] = {}
+        root_of: dict[str, str] = {}
+        for i, (a, b) in enumerate(spans):
+            words = set(words_of(text[a:b]))
+            for w in words:
+                stems.setdefault(w, []).append(i)
+            for r in {root_of.get(w) or root_of.setdefault(w, root(w)) for w in words}:
+                roots.setdefault(r, []).append(i)
+        return stems, roots
+
+    def __len__(self) -> int:
+        return len(self.spans)
+
+    def _words(self, i: int, named: bool) -> list[str]:
+        a, b = self.spans[i]
+        words = words_of(self.text[a:b])
+        return words if named else [root(w) for w in words]
+
+    def holding(self, term: Term) -> list[int]:
+        """The ids of the sentences holding the term (its words in a row), ascending."""
+        postings = self.stems if term.named else self.roots
+        if len(term.words) == 1:
+            return postings.get(term.words[0], [])
+        rarest = min(term.words, key=lambda w: len(postings.get(w, ())))
+        return [i for i in postings.get(rarest, []) if holds(self._words(i, term.named), term.words)]
+
+    def with_a_word_of(self, term: Term) -> list[int]:
+        """The ids of the sentences holding the term's first word: every sentence that can hold the term,
+        and every one that holds its start where a sentence is cut."""
+        return (self.stems if term.named else self.roots).get(term.words[0], [])
 
     def count(self, term: Term) -> int:
         """The sentences holding the term (its words in a row)."""
-        sentences = self.sentences if term.named else self.roots
-        if len(term.words) == 1:
-            return sum(1 for s in sentences if term.words[0] in s) if term.words[0] in self.df else 0
-        rarest = min(term.words, key=lambda w: self.df.get(w, 0))
-        return sum(1 for s in sentences if rarest in s and holds(s, term.words))
+        return len(self.holding(term))
 
     def weight(self, term: Term) -> float:
-        return math.log(1 + len(self.sentences) / (self.count(term) + 0.5))
+        return math.log(1 + len(self.spans) / (self.count(term) + 0.5))
 
     def common(self, term: Term) -> bool:
         n = self.count(term)
-        return n >= COMMON_MIN and n > COMMON_SHARE * len(self.sentences)
+        return n >= COMMON_MIN and n > COMMON_SHARE * len(self.spans)
 
 
 @dataclass(frozen=True)

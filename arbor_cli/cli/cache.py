@@ -55,9 +55,10 @@ def rm(name: Annotated[str, typer.Argument(help="Entry name, as `arbor cache ls`
 @cache_app.command(name="clear", help="Remove every kept document cache.")
 @handle_errors
 def clear(debug: DebugOpt = False) -> None:
-    from .. import doc_cache
+    from .. import doc_cache, document_index
 
     removed = doc_cache.clear()
+    document_index.clear()  # what ask worked out about each document's text (its tokens, parts, word counts)
     console.print(f"removed {removed} document cache{'s' if removed != 1 else ''}", highlight=False, markup=False)
 
 
