@@ -10,8 +10,10 @@
 #                 cp -r /usr/share/common-licenses .device-cache/licenses   (the held-out haystack: the same bytes there)
 #   calls on one warm machine, each carrying some pieces:  bash benchmarks/ruler_gpu.sh put
 #   then:         bash benchmarks/ruler_gpu.sh smol|q15     (carry .whl: gguf and platformdirs wheels)
+#   or:           bash benchmarks/ruler_gpu.sh second      (carry .whl, build/long-context: the default model's second
+#                 question at 16K and 128K, benchmarks/ask_second_question.py --cold, the 135M from the smol pieces)
 set -uo pipefail
-stage=${1:?put, smol or q15}
+stage=${1:?put, smol, q15 or second}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /tmp/pieces/smol /tmp/pieces/q15
 for d in smol q15; do [ -d .device-cache/$d ] && cp .device-cache/$d/* /tmp/pieces/$d/ 2>/dev/null; done
 [ -d .device-cache/licenses ] && rm -rf /tmp/pieces/licenses && cp -r .device-cache/licenses /tmp/pieces/licenses
@@ -20,13 +22,21 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=$PWD:$PWD/core:$PWD/backends:$PWD/weights:$PWD/benchmarks:/tmp/site PYTHONUNBUFFERED=1 ARBOR_HOME=/tmp/arbor
 rm -rf /usr/share/common-licenses && cp -r /tmp/pieces/licenses /usr/share/common-licenses
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-if [ "$stage" = smol ]; then
+if [ "$stage" = smol ] || [ "$stage" = second ]; then
   M=smollm2-135m-instruct; dir=/tmp/arbor/models/$M; mkdir -p $dir
   cp /tmp/pieces/smol/*.json $dir/ && cat /tmp/pieces/smol/st* > $dir/model.safetensors
 else
   Q=/tmp/q15.gguf; cat /tmp/pieces/q15/p* > $Q
   sha256sum $Q | grep -q ^cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046 || { echo "q15 not whole"; exit 1; }
   python3 -m arbor_cli pull $Q 2>&1 | tail -1; M=$(ls /tmp/arbor/models | grep cc324af0)
+fi
+if [ "$stage" = second ]; then
+  for tokens in 16384 131072; do
+    python3 benchmarks/ask_second_question.py --prose build/long-context/kjv_pentateuch.txt --tokens $tokens \
+      --model $M --device cuda --cold > "$OUT/second_question_${tokens}_h100_index.json" 2> "$OUT/second_$tokens.log"
+    tail -c 600 "$OUT/second_question_${tokens}_h100_index.json"; echo
+  done
+  exit 0
 fi
 LIMIT=${LIMIT:-540}; T0=$(date +%s); mkdir -p "$OUT/json"
 for length in 16k 32k 128k; do
