@@ -12,14 +12,6 @@ record the text states). Kept items carry `_source` (document, location label, s
 the others are dropped and counted. Items with the same field values in one document (the overlap of two
 parts reads the same sentence twice) are merged into one, the first place kept.
 
-A grounded item is then checked (unless `check=False`, --no-check): the model is shown the sentences its
-values lie in, the instruction and the item, and asked, held to "yes" or "no", whether the text states that
-item as the instruction asks. Grounding proves the values are in the text, not that the text says what the
-instruction wants of them: on 64K tokens with 30 people appointed to roles, the 1.5B model's kept items
-included "In 1966, Orrin Novak applied to be warden of the Harbour Board, but the post went to another" and
-"Abel Pike was born in 1927" (role "born"), 7 of 24 (docs/performance.md). Items the model does not confirm
-are counted as `unconfirmed` and not kept.
-
 On an engine (`--engine URL`, engine.RemoteModel) the same door sends each part as a chat completion whose
 `response_format` is the wrapped schema (json_schema, strict), `--parallel N` parts at once (door.map); the
 server holds the answer to the schema.
@@ -49,12 +41,10 @@ from .documents import Document
 from .extract import label_at
 from .generate import GenerationResult
 from .progress import NoProgress
-from .question_terms import sentences_of
 
 DEFAULT_INSTRUCTION = "Extract the records described by the fields."
 QUOTE_FIELD = "quote"  # a schema with this field is grounded by it alone
 MAX_ITEM_TOKENS = 1024
-CHECK_SCHEMA = '{"enum": ["yes", "no"]}'  # the check's answer
 INSTRUCTION_ROOM = 256  # tokens the prompt may take after a part's cached prefix (the instruction and fields)
 PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")
 
@@ -217,12 +207,11 @@ class Extraction:
     dropped: int = 0
     parts: int = 0
     merged: int = 0
-    unconfirmed: int = 0  # grounded, but the model did not confirm the text states them (the check)
     cache: dict = field(default_factory=lambda: {"loaded": 0, "prefilled": 0})  # parts' prefixes: from disk / run
 
     def to_json(self) -> dict:
-        return {"items": self.items, "dropped": self.dropped, "unconfirmed": self.unconfirmed, "parts": self.parts,
-                "merged": self.merged, "cache": self.cache}
+        return {"items": self.items, "dropped": self.dropped, "parts": self.parts, "merged": self.merged,
+                "cache": self.cache}
 
 
 def document_parts(model, document: Document, limit: int, progress) -> tuple[list[tuple[int, str]], int]:
@@ -249,10 +238,9 @@ def _key(document: str, item: dict) -> str:
 
 def extract_records(model, documents: list[Document], schema: Any, *, instruction: str | None = None,
                     progress=None, part_tokens: int | None = None, max_new_tokens: int = MAX_ITEM_TOKENS,
-                    keep: bool = True, check: bool = True) -> Extraction:
+                    keep: bool = True) -> Extraction:
     """Every grounded record of `schema` (the item type) in `documents`, read part by part with `model` (a
-    door); see the module's docstring. `keep`: keep each part's prefill on disk (and use a kept one); `check`:
-    keep only the items the model confirms its sentences state."""
+    door); see the module's docstring. `keep`: keep each part's prefill on disk (and use a kept one)."""
     wrapped, item_schema = items_schema(schema)
     instruction = DEFAULT_INSTRUCTION if instruction is None or not instruction.strip() else instruction
     limit = reliable_tokens(model) if part_tokens is None else part_tokens
@@ -281,7 +269,7 @@ def extract_records(model, documents: list[Document], schema: Any, *, instructio
         session = reader.session_for(ids[:shared], shared + INSTRUCTION_ROOM + max_new_tokens)
         return answer_text(model.chat(messages, stream=True, session=session, continuing=True, **options))
 
-    result, seen, grounded = Extraction(parts=len(work)), set(), []
+    result, seen = Extraction(parts=len(work)), set()
     progress.begin("extracting", len(work))
     for (document, start, part), answer in zip(work, model.map(read, work, progress.advance)):
         for item in answered_items(answer):
@@ -294,44 +282,10 @@ def extract_records(model, documents: list[Document], schema: Any, *, instructio
                 result.merged += 1
                 continue
             seen.add(key)
-            grounded.append((document, start, part, item, span))
-    if check and grounded:
-        progress.begin("checking each item against its sentences", len(grounded))
-        confirmed = list(model.map(lambda g: confirms(model, evidence(g[2], g[4]), g[3], instruction), grounded,
-                                   progress.advance))
-    else:
-        confirmed = [True] * len(grounded)
-    for (document, start, _, item, span), ok in zip(grounded, confirmed):
-        if not ok:
-            result.unconfirmed += 1
-            continue
-        at, end = start + span[0], start + span[1]
-        result.items.append({**item, "_source": {"document": document.name,
-                                                 "location": label_at(document.locations, at),
-                                                 "start": at, "end": end}})
+            at, end = start + span[0], start + span[1]
+            result.items.append({**item, "_source": {"document": document.name,
+                                                     "location": label_at(document.locations, at),
+                                                     "start": at, "end": end}})
     if reader is not None:
         result.cache = {"loaded": reader.loaded, "prefilled": reader.prefilled}
     return result
-
-
-# ---- the check ----------------------------------------------------------------------------------------------
-def evidence(part: str, span: tuple[int, int]) -> str:
-    """The sentences of `part` an item's span lies in, whitespace folded."""
-    sentences = [(a, b) for a, b in sentences_of(part) if a < span[1] and b > span[0]] or [span]
-    return " ".join(part[sentences[0][0]:sentences[-1][1]].split())
-
-
-def check_prompt(sentences: str, item: dict, instruction: str) -> list[dict]:
-    return [{"role": "user", "content": f"Text: \u201c{sentences}\u201d\n\nTask: {instruction.strip()}\n"
-             f"Candidate: {json.dumps(item, ensure_ascii=False)}\n\nDoes the text itself state this candidate as "
-             "the task asks? Answer yes or no."}]
-
-
-def confirms(model, sentences: str, item: dict, instruction: str) -> bool:
-    """Whether the model, shown `sentences`, the instruction and the item, answers "yes" (held to yes or no)."""
-    reply = model.chat(check_prompt(sentences, item, instruction), max_new_tokens=4, temperature=0.0,
-                       schema=CHECK_SCHEMA)
-    try:
-        return json.loads(reply.text) == "yes"
-    except (json.JSONDecodeError, AttributeError):
-        return False

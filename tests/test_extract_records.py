@@ -15,7 +15,7 @@ from ask_door import WordTokenizer, kjv_like
 from arbor_cli.constrained import SchemaError
 from arbor_core.errors import UsageError
 from arbor_cli.documents import Document, read_document
-from arbor_cli.extract_records import CHECK_SCHEMA, answered_items, extract_records, ground, items_schema, prompt_ids
+from arbor_cli.extract_records import answered_items, extract_records, ground, items_schema, prompt_ids
 from arbor_cli.generate import GenerationResult
 
 PERSON = {"type": "object", "properties": {"name": {"type": "string"}, "role": {"type": "string"}},
@@ -27,22 +27,14 @@ class ExtractModel:
     """The door extract uses, on words: `answer(part)` is the reply's items for the part the prompt holds.
     Records each part it was given and the schema each answer was held to."""
 
-    def __init__(self, answer, trained: int = 4096, check=lambda sentences, item: True):
+    def __init__(self, answer, trained: int = 4096):
         self.tokenizer = WordTokenizer()
         self.config = SimpleNamespace(trained_context=trained)
         self.answer_for = answer
-        self.check_for = check  # the check's verdict: (the sentences shown, the item) -> yes?
         self.parts: list[str] = []
         self.schemas: list[str] = []
-        self.checked: list[tuple[str, str, dict]] = []  # (sentences, task, item) of each check
 
     def chat(self, messages, *, max_new_tokens=256, temperature=0.0, schema=None, **_):
-        if schema == CHECK_SCHEMA:
-            m = re.fullmatch(r"Text: \u201c(.*)\u201d\n\nTask: (.*)\nCandidate: (.*)\n\nDoes .*", messages[-1]["content"],
-                             re.DOTALL)
-            sentences, task, item = m[1], m[2], json.loads(m[3])
-            self.checked.append((sentences, task, item))
-            return GenerationResult(json.dumps("yes" if self.check_for(sentences, item) else "no"), [], "eos", {}, 0)
         part, _, self.instruction = messages[-1]["content"].partition("\n\n---\n")
         self.parts.append(part)
         self.schemas.append(schema)
@@ -327,20 +319,3 @@ def test_chat_doc_refuses_a_schema_that_is_not_a_record_in_one_line(tmp_path, mo
         raise AssertionError("the model was loaded")
     r = _chat_doc(monkeypatch, ["--doc", str(path), "--schema", schema], no_model, "Hi\n")
     assert r.exit_code == 2 and r.stdout == "" and message in r.stderr and r.stderr.strip().count("\n") == 0
-
-
-def test_a_grounded_item_the_model_does_not_confirm_is_counted_and_not_kept():
-    """Grounding proves the values are in the text, not that it says what was asked: the check shows the model
-    the item's own sentences, the instruction and the item, and keeps only what it confirms."""
-    text = people_text(["Alice Moreno", "Bashir Khan", "Chen Wei"], paragraphs=6)
-    model = ExtractModel(reads_people, check=lambda sentences, item: item["name"] != "Bashir Khan")
-    result = extract_records(model, [Document("d.txt", text)], PERSON, instruction="Everyone with a role.")
-    assert [i["name"] for i in result.items] == ["Alice Moreno", "Chen Wei"]
-    assert result.unconfirmed == 1 and result.to_json()["unconfirmed"] == 1 and result.dropped == 0
-    assert [item["name"] for _, _, item in model.checked] == ["Alice Moreno", "Bashir Khan", "Chen Wei"]
-    for sentences, task, item in model.checked:  # its own sentence, not the part
-        assert task == "Everyone with a role." and f"Name: {item['name']}" in sentences
-        assert len(sentences) < 200 and sentences in " ".join(text.split())
-    unchecked = ExtractModel(reads_people, check=lambda sentences, item: False)
-    kept = extract_records(unchecked, [Document("d.txt", text)], PERSON, check=False)
-    assert len(kept.items) == 3 and kept.unconfirmed == 0 and unchecked.checked == []

@@ -27,9 +27,8 @@ def register(app: typer.Typer) -> None:
     app.command(help="Pull every record of a JSON schema (the item type) out of FILEs and DIRs ('-' reads stdin; "
                      "text, Markdown, PDF, Word, HTML, EPUB), part by part. An item is kept only when its text "
                      "fields (or its \"quote\" field) and numbers occur verbatim in the part it came from; each "
-                     "kept item carries _source (document, page or heading, start/end), and only when the model, shown "
-                     "its sentences, confirms they state it as asked (--no-check skips that). Prints {\"items\", "
-                     "\"dropped\", \"unconfirmed\", \"parts\", \"merged\", \"cache\"}, or one item a line with --jsonl. With --engine URL the parts "
+                     "kept item carries _source (document, page or heading, start/end). Prints {\"items\", "
+                     "\"dropped\", \"parts\", \"merged\", \"cache\"}, or one item a line with --jsonl. With --engine URL the parts "
                      "go to that server, --parallel N at once, each held to the schema by its response_format.")(extract)
 
 
@@ -51,8 +50,6 @@ def extract(
                           ] = MAX_ITEM_TOKENS,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Do not keep the parts' prefill on disk (nor use a "
                                            "kept one), as arbor ask.")] = False,
-    no_check: Annotated[bool, typer.Option("--no-check", help="Keep every grounded item without asking the model "
-                                           "whether its sentences state it as the instruction asks.")] = False,
     max_input_mb: MaxInputOpt = None,
     *, opts: GlobalOptions,
 ) -> None:
@@ -63,8 +60,7 @@ def extract(
     m = load_model(opts)
     with showing_progress(m) as progress:
         result = extract_records(m, documents, text, instruction=instruction, progress=progress,
-                                 part_tokens=part_tokens, max_new_tokens=max_tokens, keep=not no_cache,
-                                 check=not no_check)
+                                 part_tokens=part_tokens, max_new_tokens=max_tokens, keep=not no_cache)
     if jsonl:
         for item in result.items:
             write_answer(json.dumps(item, ensure_ascii=False))
