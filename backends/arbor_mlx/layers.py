@@ -56,6 +56,42 @@ class Rope:
         return mx.concatenate([x[..., :self.dims] * self.attention_factor, x[..., self.dims:]], axis=-1)
 
 
+class Rows:
+    """Several sequences packed into one forward's T positions (B = 1): sequence i's tokens are the packed
+    positions [offsets[i], offsets[i + 1]), running at [starts[i], starts[i] + counts[i]) of its own cache
+    (a ModelCache). Projections and MLP see one (1, T, hidden) array; RoPE and attention run per sequence."""
+
+    def __init__(self, caches: list, counts: list[int]):
+        self.caches, self.counts = caches, counts
+        self.starts = [c.length for c in caches]
+        self.offsets = [0]
+        for n in counts:
+            self.offsets.append(self.offsets[-1] + n)
+        self.spans = list(zip(self.offsets, self.offsets[1:]))
+
+    def layer(self, i: int) -> "LayerRows":
+        return LayerRows([(span, c.layers[i], s) for span, c, s in zip(self.spans, self.caches, self.starts)])
+
+    def rope(self, rope: "Rope") -> "RowsRope":
+        return RowsRope(rope, self)
+
+
+class LayerRows(list):
+    """One layer's view of Rows: ((begin, end) in the packed positions, the sequence's KVCache, its start)."""
+
+
+class RowsRope:
+    """A Rope over packed rows: each sequence's slice rotated from its own start (the `start` given is unused),
+    so an architecture's pre_attention runs packed rows unchanged."""
+
+    def __init__(self, rope: "Rope", rows: Rows):
+        self.inner, self.rows = rope, rows
+
+    def __call__(self, x: mx.array, start: int) -> mx.array:
+        return mx.concatenate([self.inner(x[:, :, a:b], s) for (a, b), s in zip(self.rows.spans, self.rows.starts)],
+                              axis=2)
+
+
 class Attention(nn.Module):
     """The q/k/v/o projections of one layer and attention over its KV cache; what comes before and after
     (norms, RoPE) is the architecture's."""
@@ -79,8 +115,12 @@ class Attention(nn.Module):
         v = self.v_proj(x).reshape(B, T, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
         return q, k, v
 
-    def attend(self, q: mx.array, k: mx.array, v: mx.array, cache: KVCache | None, start: int) -> mx.array:
-        """Queries at [start, start + T) over the cached keys and these: (B, T, n_heads * head_dim), before o_proj."""
+    def attend(self, q: mx.array, k: mx.array, v: mx.array, cache: KVCache | LayerRows | None, start: int) -> mx.array:
+        """Queries at [start, start + T) over the cached keys and these: (B, T, n_heads * head_dim), before o_proj.
+        With `cache` a LayerRows (sequences packed into T), each sequence attends over its own cache."""
+        if isinstance(cache, LayerRows):
+            return mx.concatenate([self.attend(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], layer, row_start)
+                                   for (a, b), layer, row_start in cache], axis=1)
         B, _, T, _ = q.shape
         key_pos = None  # None: the keys are positions [0, start + T) in order
         if cache is not None:

@@ -61,9 +61,13 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def attend(self, q, k, v, cache: KVCache | None, start: int) -> torch.Tensor:
+    def attend(self, q, k, v, cache: KVCache | LayerRows | None, start: int) -> torch.Tensor:
         """q (B, heads, T, D) and the new k, v (B, kv_heads, T, D) at positions [start, start + T), stored
-        in `cache` and attended with the cached keys -> (B, T, heads * D)."""
+        in `cache` and attended with the cached keys -> (B, T, heads * D). With `cache` a LayerRows (several
+        sequences packed into T, B = 1), each sequence attends over its own cache, as it would alone."""
+        if isinstance(cache, LayerRows):
+            return torch.cat([self.attend(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], layer, row_start)
+                              for (a, b), layer, row_start in cache], dim=1)
         B, _, T, _ = q.shape
         key_pos = None  # None: the keys are positions [key_start, start + T) in order
         if cache is not None:
@@ -116,6 +120,30 @@ class Attention(nn.Module):
         q_pos = torch.arange(start, start + q_len, device=device)
         k_pos = torch.arange(key_start, key_start + kv_len, device=device) if key_pos is None else key_pos
         return kv_layout.visible(q_pos, k_pos, self.window)
+
+
+class Rows:
+    """Several sequences packed into one forward's T positions (B = 1): sequence i's tokens are the packed
+    positions [offsets[i], offsets[i + 1]), running at positions [starts[i], starts[i] + counts[i]) of its own
+    cache `caches[i]` (a ModelCache). The projections and the MLP see one (1, T, hidden) tensor, so B decode
+    steps cost one matmul of B rows; attention runs per sequence (Attention.attend with a LayerRows)."""
+
+    def __init__(self, caches: list, counts: list[int], device):
+        self.caches, self.counts = caches, counts
+        self.starts = [c.length for c in caches]
+        self.offsets = [0]
+        for n in counts:
+            self.offsets.append(self.offsets[-1] + n)
+        self.positions = torch.cat([torch.arange(s, s + n) for s, n in zip(self.starts, counts)]).to(device)
+        self.last = torch.tensor(self.offsets[1:], device=device) - 1  # each sequence's last packed position
+
+    def layer(self, i: int) -> "LayerRows":
+        return LayerRows([((a, b), c.layers[i], s) for a, b, c, s in
+                          zip(self.offsets, self.offsets[1:], self.caches, self.starts)])
+
+
+class LayerRows(list):
+    """One layer's view of Rows: ((begin, end) in the packed positions, the sequence's KVCache, its start)."""
 
 
 def capped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, scale: float,
@@ -216,10 +244,14 @@ class Transformer(nn.Module):
 
     def _rope_for_layers(self, start: int, T: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(cos, sin) of positions [start, start + T) for each layer: Gemma's sliding layers read the local tables."""
-        full = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
+        return self._rope_at(slice(start, start + T))
+
+    def _rope_at(self, positions: slice | torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(cos, sin) of `positions` (a range, or each packed token's position) for each layer."""
+        full = (self.rope_cos[positions], self.rope_sin[positions])
         if self.local_cos is None:
             return [full] * len(self.model.layers)
-        local = (self.local_cos[start:start + T], self.local_sin[start:start + T])
+        local = (self.local_cos[positions], self.local_sin[positions])
         return [local if layer.self_attn.window is not None else full for layer in self.model.layers]
 
     def forward(self, tokens: torch.Tensor, start: int = 0, caches: list[KVCache] | None = None,
@@ -234,6 +266,19 @@ class Transformer(nn.Module):
         if last_only:
             x = x[:, -1:]
         return final(x, self.model.norm, self.lm_head, self.config.final_logit_softcapping)
+
+    def forward_rows(self, tokens: torch.Tensor, rows: Rows, every: bool = False) -> torch.Tensor:
+        """Several sequences in one forward: tokens (1, T) packed as `rows` says, each appended to its own
+        cache -> each sequence's last logits (B, vocab), or every position's (T, vocab) with `every`."""
+        end = max(s + n for s, n in zip(rows.starts, rows.counts))
+        if self.rope_cos is None or end > self.rope_cos.shape[0]:
+            raise ValueError(f"positions up to {end} exceed the RoPE table ({self._rope_len()})")
+        x = embed(tokens, self.model.embed_tokens, self.config.embedding_multiplier)
+        for i, (layer, (cos, sin)) in enumerate(zip(self.model.layers, self._rope_at(rows.positions))):
+            x = layer(x, cos, sin, rows.layer(i), 0)
+        if not every:
+            x = x[:, rows.last]  # (1, B, hidden): the head runs on each sequence's last position only
+        return final(x, self.model.norm, self.lm_head, self.config.final_logit_softcapping)[0]
 
     def hidden_states(self, tokens: torch.Tensor, checkpoint_blocks: bool = False) -> torch.Tensor:
         """(B, T) -> the final norm's output (B, T, hidden) at positions [0, T), no cache: training's
