@@ -97,6 +97,9 @@ class Batch:
         session.hold(ids, start=start, generated=run.tokens, rows=1)
         sequence = Sequence(key, ids, session, run, ids[start:])
         self.running.append(sequence)
+        # in slot order: a step's decode rows then lie in their caches' order (torch attends a pool's rows at once)
+        order = {id(s): i for i, s in enumerate(self.sessions)}
+        self.running.sort(key=lambda s: order[id(s.session)])
         return sequence
 
     def cancel(self, sequence: Sequence) -> None:

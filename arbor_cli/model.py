@@ -219,9 +219,10 @@ class Model:
         """A new, empty Session of `context` tokens (default: session_context()); its cache is made on first use."""
         return Session(self, context or self.session_context(), rope)
 
-    def _cache_of(self, session: Session):
+    def _cache_of(self, session: Session, cache=None):
+        """The session's cache, made on first use (or `cache`, one of new_caches' made for a batch)."""
         if session.cache is None:
-            session.cache = self.new_cache(session.context, session.rope)
+            session.cache = cache if cache is not None else self.new_cache(session.context, session.rope)
             # a ring bounds the rows of one prefill step (the backend cuts its chunks to it)
             rows = min(self.prefill_chunk, getattr(session.cache, "max_chunk", self.prefill_chunk))
             session.grain = 1 if self.lm.exact_across_row_counts else rows
@@ -273,7 +274,11 @@ class Model:
     def batch(self, slots: int, context: int | None = None, rope: str | None = None) -> Batch:
         """`slots` Sessions of `context` tokens (default: session_context()) whose generations decode together,
         each joining at the next step and leaving when it ends (batch.py): continuous batching."""
-        return Batch(self, slots, context or self.session_context(), rope)
+        batch = Batch(self, slots, context or self.session_context(), rope)
+        for session, cache in zip(batch.sessions, self.lm.new_caches(slots, batch.context,
+                                                                      self.rope_tables(batch.context, rope))):
+            self._cache_of(session, cache)
+        return batch
 
     def stream_many(self, prompts: list, options: GenerationOptions | list[GenerationOptions], *,
                     context: int | None = None, rope: str | None = None, parallel: int | None = None

@@ -293,13 +293,14 @@ def each_alone(backend: Backend, lm, prompt: list[int], follow: list[int]) -> li
 def test_rows_of_one_step_equal_each_sequence_alone(backend, make_checkpoint, window, kv_bits):
     """Ragged prompts prefilled in one step, decoded together; one leaves early, one joins mid-way into a
     freed cache (a slot reused), prefilling beside the others' decode rows: every row's logits are the ones
-    its sequence gets alone (bit for bit where the backend says row counts change nothing)."""
+    its sequence gets alone (bit for bit where the backend says row counts change nothing). The caches are
+    new_caches' (torch: rows of one pool, attended at once, the freed row a hole while it prefills)."""
     lm = backend.load(make_checkpoint(sliding_window=window), kv_bits=kv_bits, prefill_chunk=CHUNK)
     prompts = [random_ids(7, 1), random_ids(2, 2), random_ids(5, 3)]
     follow = random_ids(8, 4)
     late = random_ids(6, 5)
     alone = [each_alone(backend, lm, p, follow) for p in prompts] + [each_alone(backend, lm, late, follow[3:])]
-    caches = [lm.new_cache(64) for _ in prompts]
+    caches = lm.new_caches(len(prompts), 64)
     got: list[list[np.ndarray]] = [[] for _ in range(4)]
     running = [0, 1, 2]
     logits = backend.numpy(lm.step_rows(prompts, caches))

@@ -134,6 +134,10 @@ class MLXModel:
                           bits=bits or self.kv_bits, window=c.layer_windows,
                           slots=layer_cache_tokens(c, capacity, self.prefill_chunk), rope=rope)
 
+    def new_caches(self, n: int, capacity: int, rope: RopeTables | None = None) -> list[ModelCache]:
+        """`n` caches for sequences decoded together (step_rows): each its own (MLX attends row by row)."""
+        return [self.new_cache(capacity, rope) for _ in range(n)]
+
     def set_rope(self, rope: RopeTables, positions: int) -> None:
         self.model.set_rope(rope.inv_freq, rope.attention_factor, positions)
         self.active_rope = rope

@@ -20,7 +20,7 @@ from arbor_weights.checkpoint import check_tensors
 
 from . import compiled_decode, sampling
 from .arch import family
-from .cache import SCALE_DTYPE, ModelCache
+from .cache import SCALE_DTYPE, CachePool, ModelCache
 from .memory import memory_info, release_freed_heap
 from .model import Rows, Transformer
 from .quantize import module_nbytes, one_thread, quantize_model
@@ -178,6 +178,17 @@ class TorchModel:
         return ModelCache(capacity, c.num_hidden_layers, c.num_key_value_heads, c.head_dim, self.torch_dtype, self.device,
                           bits=self.kv_bits, window=c.layer_windows,
                           slots=layer_cache_tokens(c, capacity, self.prefill_chunk), rope=rope)
+
+    @_translate_oom
+    def new_caches(self, n: int, capacity: int, rope: RopeTables | None = None) -> list[ModelCache]:
+        """`n` caches as new_cache makes them, for sequences decoded together (step_rows): 16-bit caches without
+        a ring are the rows of one CachePool, whose one-token rows a step attends in one call."""
+        c = self.config
+        if self.kv_bits == 16 and all(s >= capacity for s in layer_cache_tokens(c, capacity, self.prefill_chunk)) \
+                and all(w is None for w in c.layer_windows):
+            return CachePool(n, capacity, c.num_hidden_layers, c.num_key_value_heads, c.head_dim, self.torch_dtype,
+                             self.device, rope).caches
+        return [self.new_cache(capacity, rope) for _ in range(n)]
 
     def set_rope(self, rope: RopeTables, positions: int) -> None:
         self.model.set_rope(torch.from_numpy(rope.inv_freq), rope.attention_factor, positions)
