@@ -163,8 +163,8 @@ class Model:
             "trained_context": config.trained_context, "max_context": largest_fitting(rows),
             "rope_method": self.rope_method, "kv_bits": lm.kv_bits, "quantize": lm.quantize,
             "kv_bytes_per_token": self.kv_bytes_per_token(),
-            # sequences of the trained context's bucket one batched step runs (serve --parallel's default)
-            "batch": self.batch_size(self.session_context()), "sliding_window": config.sliding_window,
+            # sequences of the session context one batched step runs (serve --parallel's default), and that context
+            "batch": self.batch_size(self.session_context()), "batch_context": self.session_context(), "sliding_window": config.sliding_window,
             "kv_cached_tokens_max": kv_cache_tokens(config, BUCKETS[-1], self.prefill_chunk),
             # layers that keep the whole context (the rest keep their window): Gemma 3's global layers
             "full_context_layers": sum(w is None for w in config.layer_windows), "layers": config.num_hidden_layers,
