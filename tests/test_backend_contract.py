@@ -480,3 +480,17 @@ def test_every_architecture_prefills_and_decodes_as_its_full_forward(backend, ma
     tokens = random_ids(50)
     np.testing.assert_allclose(cached_logits(backend, lm, tokens, 64, CHUNK, 35), lm.logits(tokens),
                                rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("model_type", ARCHITECTURE_CHECKPOINTS)
+def test_every_architecture_runs_rows_of_one_step_as_each_sequence_alone(backend, make_checkpoint, model_type):
+    """Each family's block over packed rows (its RoPE per token, local tables, NoPE layers, soft caps, windows):
+    two ragged prompts in one step, then decode steps of both, equal to each sequence alone."""
+    lm = backend.load(make_checkpoint(**ARCHITECTURE_CHECKPOINTS[model_type]), prefill_chunk=CHUNK)
+    prompts, follow = [random_ids(7, 6), random_ids(3, 7)], random_ids(12, 8)
+    alone = [each_alone(backend, lm, p, follow) for p in prompts]
+    caches = lm.new_caches(2, 64)
+    got = [backend.numpy(lm.step_rows(prompts, caches))]
+    got += [backend.numpy(lm.step_rows([[t], [t]], caches)) for t in follow]
+    for i in range(2):
+        np.testing.assert_allclose(np.stack([g[i] for g in got]), np.stack(alone[i]), rtol=1e-4, atol=1e-4)
