@@ -21,7 +21,7 @@ from arbor_weights import quantized
 from arbor_weights.checkpoint import check_tensors
 
 from .blocks import install_blocks, num_parameters
-from .cache import SCALE_DTYPE, STEP, ModelCache
+from .cache import SCALE_DTYPE, STEP, CachePool, ModelCache
 from .memory import memory_info, peak_memory, reset_peak_memory
 from .layers import Rows
 from .model import Transformer
@@ -135,7 +135,13 @@ class MLXModel:
                           slots=layer_cache_tokens(c, capacity, self.prefill_chunk), rope=rope)
 
     def new_caches(self, n: int, capacity: int, rope: RopeTables | None = None) -> list[ModelCache]:
-        """`n` caches for sequences decoded together (step_rows): each its own (MLX attends row by row)."""
+        """`n` caches as new_cache makes them, for sequences decoded together (step_rows): 16-bit caches without a
+        ring are rows of one CachePool, whose decode rows a step attends in one call."""
+        c = self.config
+        if self.kv_bits == 16 and all(s >= capacity for s in layer_cache_tokens(c, capacity, self.prefill_chunk)) \
+                and all(w is None for w in c.layer_windows):
+            return CachePool(n, capacity, c.num_hidden_layers, c.num_key_value_heads, c.head_dim, self.mx_dtype,
+                             rope).caches
         return [self.new_cache(capacity, rope) for _ in range(n)]
 
     def set_rope(self, rope: RopeTables, positions: int) -> None:
