@@ -136,7 +136,21 @@ def test_a_client_that_leaves_frees_its_slot_for_a_waiting_request_at_once(serve
     assert "r" not in stays  # ... and had not ended when the short one was answered
     assert waited < 10
     staying.join()
+    assert not health(url)["busy"]
     assert stays["r"].status_code == 200 and stays["r"].json()["usage"]["completion_tokens"] == 3500
+
+
+def test_the_last_request_leaving_leaves_the_server_idle(serve):
+    url = serve(parallel=2)
+    body = {"prompt": [5, 6, 7], "max_tokens": 3500, "temperature": 0, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ") and running(url, 1) == 1
+    deadline = time.time() + 10
+    while health(url)["busy"] and time.time() < deadline:
+        time.sleep(0.02)
+    h = health(url)
+    assert not h["busy"] and h["running"] == 0 and h["cancelled"] == 1
 
 
 def test_beyond_the_slots_the_queue_then_503(serve):

@@ -158,9 +158,9 @@ class BatchWorker(Worker):
         while True:
             self._take(block=not self.batch.running)
             self._drop_cancelled()
-            if not self.batch.running:
+            self.busy = bool(self.batch.running)  # a batch whose last sequence just left is idle now
+            if not self.busy:
                 continue
-            self.busy = True
             try:
                 events = self.batch.step()
             except Exception as e:  # noqa: BLE001  the server stays up; every running client hears what broke
