@@ -177,3 +177,13 @@ def test_a_request_longer_than_a_slot_is_refused_up_front(serve):
     url = serve(parallel=2)
     too_long = complete(url, list(range(1, 60)) * 80, 5)  # 4,720 tokens: more than a 4,096-token slot
     assert too_long.status_code == 400
+
+
+def test_the_default_parallel_is_the_planners_batch_and_a_named_one_shrinks_the_slots_to_fit(model):
+    from arbor_core.planner import MAX_BATCH
+
+    default = Server(model, parallel=None)
+    assert default.parallel == model.batch_size(default.max_context) and 1 <= default.parallel <= MAX_BATCH
+    assert default.max_context == 4096  # the model's --context, every slot's
+    named = Server(model, parallel=3)
+    assert named.parallel == 3 and named.worker.batch.slots == 3 and named.health()["parallel"] == 3
