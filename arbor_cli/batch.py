@@ -64,7 +64,7 @@ class Batch:
             raise UsageError(f"a batch needs at least one slot, got {slots}")
         self.model, self.context = model, context
         self.sessions = [Session(model, context, rope) for _ in range(slots)]
-        self.running: list[Sequence] = []  # in the order they joined
+        self.running: list[Sequence] = []  # in slot order (add keeps it so)
 
     @property
     def slots(self) -> int:
