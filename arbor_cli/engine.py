@@ -40,7 +40,7 @@ from arbor_core.planner import ContextPlan, bucket_within
 from .answer_log import AnswerLog
 from .constrained import response_format
 from .generate import GenerationOptions, GenerationResult, GenerationStream
-from .mapping import map_in_order
+from .mapping import BatchEvent, map_in_order, stream_each
 from .session import Session
 
 RETRIES = 3  # attempts after the first, for transient failures
@@ -127,6 +127,12 @@ class RemoteModel:
         return map_in_order(work, items, on_done, self.parallel)
 
     # ---- generations -------------------------------------------------------------------------
+    def stream_many(self, prompts: list, options: GenerationOptions | list[GenerationOptions], *,
+                    context: int | None = None, rope: str | None = None, parallel: int | None = None
+                    ) -> Iterator[BatchEvent]:
+        """Each prompt as its own request, `--parallel` at once (the server batches them if it can)."""
+        return stream_each(self, prompts, options, context=context, rope=rope)
+
     def chat(self, messages: list[dict], stream: bool = False, *, context: int | None = None, rope: str | None = None,
              session: Session | None = None, continuing: bool = False, max_new_tokens: int = 256,
              temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, stop=None,

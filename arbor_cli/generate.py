@@ -123,6 +123,85 @@ class GenerationStream:
         return self._pieces
 
 
+class Decoding:
+    """One generation's state between its steps: the sampler's rng and recent tokens, the schema's constraint,
+    the streaming detokenizer, the stop filter and the token budget. stream_generation runs one to its end;
+    arbor_cli.batch runs several, a step of all of them at a time, so both read the same rules.
+
+    pick(logits) -> the next token; accept(token) -> (text to emit, whether the generation ended); close()
+    -> the held-back tail once it ends. `finish` is "eos", "stop" or "length" (the default until it ends)."""
+
+    def __init__(self, lm: LoadedModel, tokenizer, prompt_ids: list[int], opts: GenerationOptions, room: int,
+                 generated: list[int] | None = None):
+        self.lm, self.opts = lm, opts
+        self.eos = set() if opts.ignore_eos else set(tokenizer.eos_ids)
+        self.rng = lm.new_rng(opts.seed)
+        self.detok, self.stops = tokenizer.stream_decoder(), StopFilter(opts.stop)
+        self.budget = min(opts.max_new_tokens, room)  # room: positions left in the cache after the prompt
+        self.tokens: list[int] = generated if generated is not None else []
+        self.text: list[str] = []
+        self.finish = "length"
+        self.penalised = opts.repetition_penalty != 1.0
+        self.recent = deque(prompt_ids[-REPEAT_WINDOW:] if self.penalised else (), maxlen=REPEAT_WINDOW)
+        self.constraint = TokenConstraint(tokenizer, opts.schema) if opts.schema is not None else None
+
+    def pick(self, logits) -> int:
+        if self.constraint is None:
+            return self.lm.sample(logits, self.opts.sampling, self.rng, list(self.recent))
+        return self.lm.sample(logits, self.opts.sampling, self.rng, list(self.recent),
+                              allowed=self.constraint.allowed())
+
+    def accept(self, token: int) -> tuple[str, bool]:
+        """Take the sampled `token`: the text it releases, and True when the generation ends with it (then
+        nothing more is decoded; `finish` says why)."""
+        c = self.constraint
+        if self.budget <= 0:
+            return "", True
+        if token in self.eos or (c is not None and c.accepting and token in c.eos_ids):
+            self.finish = "eos"
+            return "", True
+        self.tokens.append(token)
+        if c is not None:
+            c.consume(token)
+        piece = self.stops.push(self.detok.push(token))
+        if piece:
+            self.text.append(piece)
+        if self.stops.stopped:
+            self.finish = "stop"
+            return piece, True
+        if c is not None and c.finished:
+            self.finish = "eos"
+            return piece, True
+        if len(self.tokens) >= self.budget:
+            return piece, True
+        if self.penalised:
+            self.recent.append(token)
+        return piece, False
+
+    def close(self) -> str:
+        """The text held back (a possible stop string's start, an incomplete character) once the generation
+        ended, unless a stop string ended it."""
+        if self.finish == "stop":
+            return ""
+        tail = self.stops.push(self.detok.flush()) + self.stops.flush()
+        if tail:
+            self.text.append(tail)
+        return tail
+
+    def result(self, prompt_tokens: int, t0: float, t1: float, t2: float, context: int) -> GenerationResult:
+        """The GenerationResult, timed: t0 the prefill's start, t1 the first token's pick, t2 the end."""
+        decode_steps = max(len(self.tokens) - 1, 0)
+        timings = {
+            "prompt_tokens": prompt_tokens,
+            "generated_tokens": len(self.tokens),
+            "prefill_s": t1 - t0,
+            "decode_s": t2 - t1,
+            "prefill_tokens_per_s": prompt_tokens / (t1 - t0) if prompt_tokens and t1 > t0 else 0.0,
+            "decode_tokens_per_s": decode_steps / (t2 - t1) if decode_steps and t2 > t1 else 0.0,
+        }
+        return GenerationResult("".join(self.text), self.tokens, self.finish, timings, context)
+
+
 def stream_generation(lm: LoadedModel, tokenizer, cache, prompt_ids: list[int], opts: GenerationOptions,
                       *, chunk_size: int = 512, on_done=None, generated: list[int] | None = None,
                       prefill=None) -> Generator[str, None, GenerationResult]:
@@ -135,64 +214,22 @@ def stream_generation(lm: LoadedModel, tokenizer, cache, prompt_ids: list[int], 
     generation ends with finish_reason "length" there. `prefill(ids, cache, chunk_size)`: the prompt's prefill
     (default: the backend's own; Model passes one that reports the tokens read).
     """
-    eos = set() if opts.ignore_eos else set(tokenizer.eos_ids)
-    rng = lm.new_rng(opts.seed)
-    detok, stops = tokenizer.stream_decoder(), StopFilter(opts.stop)
-    budget = min(opts.max_new_tokens, cache.capacity - cache.length - len(prompt_ids))
-    tokens: list[int] = generated if generated is not None else []
-    text: list[str] = []
-    finish = "length"
-    penalised = opts.repetition_penalty != 1.0
-    recent = deque(prompt_ids[-REPEAT_WINDOW:] if penalised else (), maxlen=REPEAT_WINDOW)
-    constraint = TokenConstraint(tokenizer, opts.schema) if opts.schema is not None else None
-
-    def pick(logits) -> int:
-        if constraint is None:
-            return lm.sample(logits, opts.sampling, rng, list(recent))
-        return lm.sample(logits, opts.sampling, rng, list(recent), allowed=constraint.allowed())
-
+    run = Decoding(lm, tokenizer, prompt_ids, opts, cache.capacity - cache.length - len(prompt_ids), generated)
     t0 = time.perf_counter()
     logits = (prefill or lm.prefill)(prompt_ids, cache, chunk_size) if prompt_ids else None
-    token = pick(logits) if logits is not None else None
+    token = run.pick(logits) if logits is not None else None
     t1 = time.perf_counter()
-    while token is not None and budget > 0:
-        if token in eos or (constraint is not None and constraint.accepting and token in constraint.eos_ids):
-            finish = "eos"
-            break
-        tokens.append(token)
-        if constraint is not None:
-            constraint.consume(token)
-        piece = stops.push(detok.push(token))
+    while token is not None:
+        piece, ended = run.accept(token)
         if piece:
-            text.append(piece)
             yield piece
-        if stops.stopped:
-            finish = "stop"
+        if ended:
             break
-        if constraint is not None and constraint.finished:
-            finish = "eos"
-            break
-        if len(tokens) >= budget:
-            break
-        if penalised:
-            recent.append(token)
-        token = pick(lm.decode(token, cache))
-    if finish != "stop":
-        tail = stops.push(detok.flush()) + stops.flush()
-        if tail:
-            text.append(tail)
-            yield tail
-    t2 = time.perf_counter()
-    decode_steps = max(len(tokens) - 1, 0)
-    timings = {
-        "prompt_tokens": len(prompt_ids),
-        "generated_tokens": len(tokens),
-        "prefill_s": t1 - t0,
-        "decode_s": t2 - t1,
-        "prefill_tokens_per_s": len(prompt_ids) / (t1 - t0) if prompt_ids and t1 > t0 else 0.0,
-        "decode_tokens_per_s": decode_steps / (t2 - t1) if decode_steps and t2 > t1 else 0.0,
-    }
-    result = GenerationResult("".join(text), tokens, finish, timings, cache.capacity)
+        token = run.pick(lm.decode(token, cache))
+    tail = run.close()
+    if tail:
+        yield tail
+    result = run.result(len(prompt_ids), t0, t1, time.perf_counter(), cache.capacity)
     if on_done is not None:
         on_done(result)
     return result

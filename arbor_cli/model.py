@@ -16,7 +16,9 @@ from arbor_core.config import ArborConfig
 from arbor_core.errors import ContextError, OutOfMemoryError, UsageError
 from arbor_core.planner import (
     BUCKETS,
+    MAX_BATCH,
     ContextPlan,
+    batch_that_fits,
     bucket_table,
     choose_context,
     kv_cache_tokens,
@@ -26,9 +28,10 @@ from arbor_core.planner import (
 )
 from arbor_core.rope import CONTEXT_DEPENDENT, RopeTables, rope_frequencies, scaling_for_context
 
+from .batch import Batch
 from .generate import GenerationOptions, GenerationResult, GenerationStream, stream_generation
 from .log_probs import log_probs_of, logits_to_numpy, negative_log_likelihood  # noqa: F401 (the API's)
-from .mapping import map_in_order
+from .mapping import BatchEvent, map_in_order
 from .session import Session
 
 if TYPE_CHECKING:
@@ -135,6 +138,13 @@ class Model:
         self._scratch_cache = None
         return smaller
 
+    def batch_size(self, context: int, most: int = MAX_BATCH) -> int:
+        """How many sequences of `context` tokens one batched step runs on this machine now (at least 1):
+        the planner's batch_that_fits over free memory, at most `most`."""
+        lm = self.lm
+        return max(1, batch_that_fits(self.config, context, self._budget(), lm.weights_nbytes, lm.kv_element_bytes,
+                                      lm.act_element_bytes, self.prefill_chunk, lm.kv_scale_bytes, most))
+
     def session_context(self) -> int:
         """The one rule for a long-lived session's context: the user's --context, else the bucket planned
         for the model's trained context on this machine now."""
@@ -152,7 +162,9 @@ class Model:
             "output_head_parameters": 0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size,
             "trained_context": config.trained_context, "max_context": largest_fitting(rows),
             "rope_method": self.rope_method, "kv_bits": lm.kv_bits, "quantize": lm.quantize,
-            "kv_bytes_per_token": self.kv_bytes_per_token(), "sliding_window": config.sliding_window,
+            "kv_bytes_per_token": self.kv_bytes_per_token(),
+            # sequences of the session context one batched step runs (serve --parallel's default), and that context
+            "batch": self.batch_size(self.session_context()), "batch_context": self.session_context(), "sliding_window": config.sliding_window,
             "kv_cached_tokens_max": kv_cache_tokens(config, BUCKETS[-1], self.prefill_chunk),
             # layers that keep the whole context (the rest keep their window): Gemma 3's global layers
             "full_context_layers": sum(w is None for w in config.layer_windows), "layers": config.num_hidden_layers,
@@ -207,9 +219,10 @@ class Model:
         """A new, empty Session of `context` tokens (default: session_context()); its cache is made on first use."""
         return Session(self, context or self.session_context(), rope)
 
-    def _cache_of(self, session: Session):
+    def _cache_of(self, session: Session, cache=None):
+        """The session's cache, made on first use (or `cache`, one of new_caches' made for a batch)."""
         if session.cache is None:
-            session.cache = self.new_cache(session.context, session.rope)
+            session.cache = cache if cache is not None else self.new_cache(session.context, session.rope)
             # a ring bounds the rows of one prefill step (the backend cuts its chunks to it)
             rows = min(self.prefill_chunk, getattr(session.cache, "max_chunk", self.prefill_chunk))
             session.grain = 1 if self.lm.exact_across_row_counts else rows
@@ -257,6 +270,46 @@ class Model:
             z = logits_to_numpy(self.lm.prefill(chunk, cache, self.prefill_chunk, every=True))
             scored += log_probs_of(z, ids[begin + 1:begin + 1 + len(chunk)])  # the next chunk's first id closes this one
         return scored
+
+    def batch(self, slots: int, context: int | None = None, rope: str | None = None) -> Batch:
+        """`slots` Sessions of `context` tokens (default: session_context()) whose generations decode together,
+        each joining at the next step and leaving when it ends (batch.py): continuous batching."""
+        batch = Batch(self, slots, context or self.session_context(), rope)
+        for session, cache in zip(batch.sessions, self.lm.new_caches(slots, batch.context,
+                                                                      self.rope_tables(batch.context, rope))):
+            self._cache_of(session, cache)
+        return batch
+
+    def stream_many(self, prompts: list, options: GenerationOptions | list[GenerationOptions], *,
+                    context: int | None = None, rope: str | None = None, parallel: int | None = None
+                    ) -> Iterator[BatchEvent]:
+        """Several prompts' generations, decoded together: BatchEvent(index, text, result) as each prompt's
+        text comes, the last of each index carrying its GenerationResult. `options`: one for all, or one per
+        prompt (temperature, top_p, seed, max tokens, stop: each its own). `parallel` sequences run at once
+        (default: as many as fit at the context, batch_size); the rest join as others end. The context is
+        `context` (default: the model's, else planned for the longest prompt and its answer)."""
+        prompts = [self.tokenizer.encode_chat(p, add_generation_prompt=True) if _is_chat(p) else self._check_ids(p)
+                   for p in prompts]
+        each = list(options) if isinstance(options, (list, tuple)) else [options] * len(prompts)
+        if len(each) != len(prompts):
+            raise UsageError(f"{len(prompts)} prompts but {len(each)} options")
+        if not prompts:
+            return iter(())
+        needed = max(len(p) + o.max_new_tokens for p, o in zip(prompts, each))
+        capacity = self.plan(needed, requested=context, rope=rope).context
+        slots = min(len(prompts), parallel or self.batch_size(capacity))
+        return self._stream_batch(self.batch(slots, capacity, rope), prompts, each)
+
+    @staticmethod
+    def _stream_batch(batch: Batch, prompts: list[list[int]], options: list[GenerationOptions]
+                      ) -> Iterator[BatchEvent]:
+        waiting = list(range(len(prompts)))
+        while waiting or batch.running:
+            while waiting and batch.free:
+                i = waiting.pop(0)
+                batch.add(prompts[i], options[i], key=i)
+            for event in batch.step():
+                yield BatchEvent(event.sequence.key, event.text, event.result)
 
     def map(self, work: Callable[[Any], Any], items: Iterable[Any], on_done: Callable[[], None] | None = None
             ) -> Iterator[Any]:

@@ -35,6 +35,7 @@ from arbor_core.errors import ContextError, OutOfMemoryError, UsageError
 
 from .chunking import Chunk, cutting_progress, default_overlap, document_token_offsets, split_into_chunks
 from .documents import Document
+from .generate import GenerationOptions
 from .extract import Locations, span_label
 from .progress import NoProgress, Progress
 from .summary_prompts import (
@@ -259,6 +260,24 @@ class SummaryRun:
         self.usage.add(result.timings)
         return clean_summary(result.text, truncated=result.finish_reason == "length")
 
+    def generate_each(self, prompts: list[list[dict]], max_new_tokens: int) -> list[str]:
+        """generate() of every prompt, in order, the progress advanced as each ends: one at a time through the
+        door's map (an engine's --parallel), or with --batch, decoded together (door.stream_many)."""
+        if self.options.batch == 1 or len(prompts) < 2:
+            return list(self.model.map(lambda messages: self.generate(messages, max_new_tokens), prompts,
+                                       on_done=self.progress.advance))
+        options = GenerationOptions.build(max_new_tokens=max_new_tokens, temperature=0.0,
+                                          repetition_penalty=REPEAT_PENALTY)
+        results = {}
+        for event in self.model.stream_many(prompts, options, context=self.generation_context,
+                                            parallel=self.options.batch or None):
+            if event.result is not None:
+                results[event.index] = event.result
+                self.usage.add(event.result.timings)
+                self.progress.advance()
+        return [clean_summary(r.text, truncated=r.finish_reason == "length")
+                for r in (results[i] for i in range(len(prompts)))]
+
     def one_pass(self, text: str) -> str:
         t0 = time.perf_counter()
         self.progress.begin("summarizing", 1)
@@ -273,9 +292,8 @@ class SummaryRun:
         t1 = time.perf_counter()
         self.split_s = t1 - t0
         self.progress.begin(f"reading {len(chunks)} parts", len(chunks))
-        notes = list(self.model.map(lambda item: self.generate(map_messages(item[1].text_of(text), item[0], len(chunks),
-                                                                            self.options), self.options.note_tokens),
-                                    enumerate(chunks, 1), on_done=self.progress.advance))
+        notes = self.generate_each([map_messages(chunk.text_of(text), i, len(chunks), self.options)
+                                    for i, chunk in enumerate(chunks, 1)], self.options.note_tokens)
         t2 = time.perf_counter()
         self.map_s = t2 - t1
         self.part_spans, self.part_notes = [_stripped_span(text, chunk) for chunk in chunks], notes
@@ -324,9 +342,14 @@ class SummaryRun:
         groups = self.group(notes, room - self.options.note_tokens)
         self.reduce_rounds += 1
         self.progress.begin(f"combining notes (round {self.reduce_rounds}, {len(groups)} groups)", len(groups))
-        combined = self.model.map(lambda group: group[0] if len(group) == 1 else self.generate(
-            reduce_messages(join_notes(group), self.options.note_words, "paragraph", focus, prompt),
-            self.options.note_tokens), groups, on_done=self.progress.advance)
+        merged = iter(self.generate_each([reduce_messages(join_notes(group), self.options.note_words, "paragraph",
+                                                          focus, prompt) for group in groups if len(group) > 1],
+                                         self.options.note_tokens))
+        combined = []
+        for group in groups:  # a group of one note is that note (its progress step is taken here)
+            if len(group) == 1:
+                self.progress.advance()
+            combined.append(group[0] if len(group) == 1 else next(merged))
         return self.reduce([c for c in combined if c])
 
     def group(self, notes: list[str], budget: int) -> list[list[str]]:

@@ -46,10 +46,11 @@ class SummaryOptions:
     words: int = DEFAULT_WORDS
     style: str = "paragraph"
     focus: str | None = None  # the user's own instruction ("Summarize the key findings"), in every prompt
+    batch: int = 1  # parts (or groups of notes) decoded together on a model here; 0: as many as fit (planner)
 
     @classmethod
-    def build(cls, words: int = DEFAULT_WORDS, style: str = "paragraph", focus: str | None = None
-              ) -> "SummaryOptions":
+    def build(cls, words: int = DEFAULT_WORDS, style: str = "paragraph", focus: str | None = None,
+              batch: int = 1) -> "SummaryOptions":
         """Validate user-supplied values; each bad one is a UsageError naming the option."""
         if isinstance(words, bool) or not isinstance(words, int) or not MIN_WORDS <= words <= MAX_WORDS:
             raise UsageError(f"--words must be an integer in {MIN_WORDS}..{MAX_WORDS}, got {words!r}")
@@ -57,7 +58,9 @@ class SummaryOptions:
             raise UsageError(f"--style must be one of {', '.join(STYLES)}, got {style!r}")
         if focus is not None and (not focus.strip() or len(focus) > MAX_FOCUS_CHARS):
             raise UsageError(f"--focus must be an instruction of 1..{MAX_FOCUS_CHARS} characters")
-        return cls(words, style, " ".join(focus.split()) if focus else None)
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 0:
+            raise UsageError(f"--batch must be 0 (as many as fit) or a positive integer, got {batch!r}")
+        return cls(words, style, " ".join(focus.split()) if focus else None, batch)
 
     @property
     def focus_hint(self) -> str:

@@ -4,6 +4,10 @@ hung; prints one JSON object with the counts, throughput and latency percentiles
 
     python benchmarks/serve_load.py --clients 8 --requests 5 --queue-size 4 --max-tokens 16
     python benchmarks/serve_load.py --clients 32 --leaving 8 --orphan --requests 2 --queue-size 16
+    python benchmarks/serve_load.py --clients 16 --requests 2 --queue-size 16 --max-tokens 64 --stream --parallel 8
+
+--parallel N: the server's --parallel (default: the server's own default); --stream: requests stream, and
+the report adds each request's time to its first token (p50/p99) and the total generated tokens per second.
 
 --leaving N: N of the clients each open one long stream (2,000 tokens, EOS ignored) and leave after its
 first events, instead of their requests; they count as left, not lost. --orphan: first, on the idle
@@ -39,6 +43,8 @@ def free_port() -> int:
 
 def start(args, port: int) -> subprocess.Popen:
     command = [sys.executable, "-m", "arbor_cli", "serve", "--port", str(port), "--queue-size", str(args.queue_size)]
+    if args.parallel is not None:
+        command += ["--parallel", str(args.parallel)]
     if args.model:
         command += ["--model", args.model]
     proc = subprocess.Popen(command, stderr=subprocess.DEVNULL, env={**os.environ, "NO_COLOR": "1"})
@@ -59,15 +65,44 @@ def client(url: str, index: int, args, results: list, lock: threading.Lock) -> N
             body = {"messages": [{"role": "user", "content": PROMPTS[(index + r) % len(PROMPTS)]}],
                     "max_tokens": args.max_tokens, "temperature": 0}
             t0 = time.perf_counter()
+            first, tokens = None, 0
             try:
-                response = http.post(f"{url}/v1/chat/completions", json=body)
-                status = response.status_code
-                ok = status == 200 and bool(response.json()["choices"][0]["message"]["content"] is not None)
-                well_formed = ok or ("error" in response.json())
+                if args.stream:
+                    status, well_formed, first, tokens = streamed(http, url, body, t0)
+                else:
+                    response = http.post(f"{url}/v1/chat/completions", json=body)
+                    status = response.status_code
+                    ok = status == 200 and bool(response.json()["choices"][0]["message"]["content"] is not None)
+                    well_formed = ok or ("error" in response.json())
+                    tokens = response.json()["usage"]["completion_tokens"] if ok else 0
             except (httpx.HTTPError, ValueError, KeyError) as e:
                 status, well_formed = f"{type(e).__name__}", False
             with lock:
-                results.append({"status": status, "seconds": time.perf_counter() - t0, "well_formed": well_formed})
+                results.append({"status": status, "seconds": time.perf_counter() - t0, "well_formed": well_formed,
+                                "first_token_s": first, "tokens": tokens})
+
+
+def streamed(http: httpx.Client, url: str, body: dict, t0: float) -> tuple:
+    """A streamed request: (status, well formed, seconds to the first content, completion tokens)."""
+    body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    first, tokens, done = None, 0, False
+    with http.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
+        if response.status_code != 200:
+            response.read()
+            return response.status_code, "error" in response.json(), None, 0
+        for line in response.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            data = line.removeprefix("data: ")
+            if data == "[DONE]":
+                done = True
+                break
+            event = json.loads(data)
+            if event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
+            if first is None and any((c.get("delta") or {}).get("content") for c in event.get("choices", [])):
+                first = time.perf_counter() - t0
+    return 200, done, first, tokens
 
 
 def leaver(url: str, args, results: list, lock: threading.Lock) -> None:
@@ -117,6 +152,8 @@ def main() -> int:
     parser.add_argument("--model", default=None)
     parser.add_argument("--leaving", type=int, default=0, help="clients that open a long stream and leave")
     parser.add_argument("--orphan", action="store_true", help="first, one non-streaming request left after 3 s")
+    parser.add_argument("--parallel", type=int, default=None, help="the server's --parallel")
+    parser.add_argument("--stream", action="store_true", help="stream; report time to first token")
     args = parser.parse_args()
     port = free_port()
     server = start(args, port)
@@ -146,15 +183,22 @@ def main() -> int:
     refused = [r for r in staying if r["status"] == 503]
     other = [r for r in staying if r["status"] not in (200, 503)]
 
-    def pct(q: float) -> float | None:
-        return round(answered[min(len(answered) - 1, int(q * len(answered)))], 3) if answered else None
+    def pct(q: float, values: list | None = None) -> float | None:
+        values = answered if values is None else values
+        return round(values[min(len(values) - 1, int(q * len(values)))], 3) if values else None
+
+    firsts = sorted(r["first_token_s"] for r in staying if r.get("first_token_s") is not None)
+    generated = sum(r.get("tokens", 0) for r in staying if r["status"] == 200)
 
     report = {"clients": args.clients, "requests": len(staying), "sent": (args.clients - args.leaving) * args.requests,
               "left_early": len(results) - len(staying), "answered": len(answered), "refused_503": len(refused),
               "lost": len(other), **orphaned,
               "all_well_formed": all(r["well_formed"] for r in results), "wall_s": round(wall, 2),
               "answered_per_s": round(len(answered) / wall, 2), "p50_s": pct(0.5), "p99_s": pct(0.99),
-              "mean_s": round(statistics.mean(answered), 3) if answered else None, "server": health,
+              "mean_s": round(statistics.mean(answered), 3) if answered else None,
+              "generated_tokens": generated, "tokens_per_s": round(generated / wall, 2),
+              "first_token_p50_s": pct(0.5, firsts), "first_token_p99_s": pct(0.99, firsts),
+              "parallel": args.parallel, "server": health,
               "queue_size": args.queue_size, "max_tokens": args.max_tokens,
               "load_average": [round(x, 2) for x in os.getloadavg()]}
     json.dump(report, sys.stdout, indent=1)

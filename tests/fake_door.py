@@ -90,6 +90,11 @@ class FakeModel:
 
         return map_in_order(work, items, on_done)
 
+    def stream_many(self, prompts, options, *, context=None, rope=None, parallel=None):
+        from arbor_cli.mapping import stream_each
+
+        return stream_each(self, prompts, options, context=context, rope=rope)
+
     def chat(self, messages, stream=False, *, context=None, rope=None, session=None, continuing=False,
              max_new_tokens=256, temperature=0.0, **_):
         from arbor_cli.generate import GenerationResult

@@ -99,7 +99,8 @@ def main(argv: list[str]) -> None:
         http = importlib.import_module("arbor_cli.serve.app")
         http.BODY_TIMEOUT_S = float(os.environ.get("SCRIPTED_BODY_TIMEOUT_S", http.BODY_TIMEOUT_S))
     importlib.import_module("arbor_cli.cli.serve").load_model = lambda opts: LetterModel()  # the command as it is, over the scripted model
-    app(["serve", *argv], prog_name="arbor")
+    one = [] if "--parallel" in argv else ["--parallel", "1"]  # the scripted model answers one request at a time
+    app(["serve", *one, *argv], prog_name="arbor")
 
 
 if __name__ == "__main__":

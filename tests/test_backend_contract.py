@@ -280,6 +280,72 @@ def test_ring_truncate_into_overwritten_positions_keeps_nothing(backend, make_ch
 
 
 # ---- sampling ----------------------------------------------------------------------------------------
+# ---- several sequences in one step (step_rows: continuous batching's forward) ------------------------------
+def each_alone(backend: Backend, lm, prompt: list[int], follow: list[int]) -> list[np.ndarray]:
+    """The logits a sequence gets alone: its prompt's prefill, then a decode step of each of `follow`."""
+    cache = lm.new_cache(64)
+    out = [backend.numpy(lm.prefill(prompt, cache, CHUNK))]
+    return out + [backend.numpy(lm.decode(t, cache)) for t in follow]
+
+
+@pytest.mark.parametrize("window", [None, WINDOW])
+@pytest.mark.parametrize("kv_bits", [16, 8])
+def test_rows_of_one_step_equal_each_sequence_alone(backend, make_checkpoint, window, kv_bits):
+    """Ragged prompts prefilled in one step, decoded together; one leaves early, one joins mid-way into a
+    freed cache (a slot reused), prefilling beside the others' decode rows: every row's logits are the ones
+    its sequence gets alone (bit for bit where the backend says row counts change nothing). The caches are
+    new_caches' (torch: rows of one pool, attended at once, the freed row a hole while it prefills)."""
+    lm = backend.load(make_checkpoint(sliding_window=window), kv_bits=kv_bits, prefill_chunk=CHUNK)
+    prompts = [random_ids(7, 1), random_ids(2, 2), random_ids(5, 3)]
+    follow = random_ids(8, 4)
+    late = random_ids(6, 5)
+    alone = [each_alone(backend, lm, p, follow) for p in prompts] + [each_alone(backend, lm, late, follow[3:])]
+    caches = lm.new_caches(len(prompts), 64)
+    got: list[list[np.ndarray]] = [[] for _ in range(4)]
+    running = [0, 1, 2]
+    logits = backend.numpy(lm.step_rows(prompts, caches))
+    for i in running:
+        got[i].append(logits[i])
+    for step, token in enumerate(follow):
+        if step == 2:  # sequence 1 leaves; its cache, emptied, takes a new prompt beside the decode rows
+            running.remove(1)
+            caches[1].truncate(0)
+            rows = [[token] for _ in running] + [late]
+            logits = backend.numpy(lm.step_rows(rows, [caches[i] for i in running] + [caches[1]]))
+            for j, i in enumerate(running):
+                got[i].append(logits[j])
+            got[3].append(logits[-1])
+            running.append(3)
+            caches.append(caches[1])
+            continue
+        rows = [[token] for _ in running]
+        logits = backend.numpy(lm.step_rows(rows, [caches[i] for i in running]))
+        for j, i in enumerate(running):
+            got[i].append(logits[j])
+    for i in range(4):
+        want = alone[i][:len(got[i])] if i != 1 else alone[1][:3]
+        assert len(got[i]) == len(want)
+        for a, b in zip(got[i], want):
+            if lm.exact_across_row_counts:
+                np.testing.assert_array_equal(a, b)
+            elif kv_bits == 8:  # a key 1e-6 off may round to the next int8 code: a code's step, as int8 vs float
+                assert rel_err(a, b) < INT8_LOGITS_TOLERANCE
+            else:
+                np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_rows_of_one_step_must_share_a_rope(backend, make_checkpoint):
+    from arbor_core.rope import rope_frequencies
+
+    checkpoint = make_checkpoint()
+    lm = backend.load(checkpoint)
+    a, b = rope_frequencies(checkpoint.config, 64), rope_frequencies(checkpoint.config, 64)
+    with pytest.raises(ValueError, match="RoPE"):
+        lm.step_rows([[1], [2]], [lm.new_cache(64, a), lm.new_cache(64, b)])
+    with pytest.raises(ValueError, match="non-empty"):
+        lm.step_rows([[1], []], [lm.new_cache(64, a), lm.new_cache(64, a)])
+
+
 @pytest.fixture
 def tiny_lm(backend, make_checkpoint):
     return backend.load(make_checkpoint())
@@ -414,3 +480,17 @@ def test_every_architecture_prefills_and_decodes_as_its_full_forward(backend, ma
     tokens = random_ids(50)
     np.testing.assert_allclose(cached_logits(backend, lm, tokens, 64, CHUNK, 35), lm.logits(tokens),
                                rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("model_type", ARCHITECTURE_CHECKPOINTS)
+def test_every_architecture_runs_rows_of_one_step_as_each_sequence_alone(backend, make_checkpoint, model_type):
+    """Each family's block over packed rows (its RoPE per token, local tables, NoPE layers, soft caps, windows):
+    two ragged prompts in one step, then decode steps of both, equal to each sequence alone."""
+    lm = backend.load(make_checkpoint(**ARCHITECTURE_CHECKPOINTS[model_type]), prefill_chunk=CHUNK)
+    prompts, follow = [random_ids(7, 6), random_ids(3, 7)], random_ids(12, 8)
+    alone = [each_alone(backend, lm, p, follow) for p in prompts]
+    caches = lm.new_caches(2, 64)
+    got = [backend.numpy(lm.step_rows(prompts, caches))]
+    got += [backend.numpy(lm.step_rows([[t], [t]], caches)) for t in follow]
+    for i in range(2):
+        np.testing.assert_allclose(np.stack([g[i] for g in got]), np.stack(alone[i]), rtol=1e-4, atol=1e-4)

@@ -103,6 +103,21 @@ def test_a_stream_yields_the_result_text_for_messages_and_for_ids(door):
         assert "".join(stream) == stream.result.text != ""
 
 
+def test_several_prompts_at_once_answer_each_as_it_is_answered_alone(door):
+    prompts = [FIRST, door.tokenizer.encode("eight nine ten"), [{"role": "user", "content": "one two"}]]
+    options = [GREEDY, GenerationOptions(max_new_tokens=3, ignore_eos=True), GREEDY]
+    alone = []
+    for prompt, o in zip(prompts, options):
+        stream = door.stream(prompt, o)
+        alone.append(("".join(stream), stream.result.tokens))
+    texts, results = ["", "", ""], {}
+    for event in door.stream_many(prompts, options, parallel=2):
+        texts[event.index] += event.text
+        if event.result is not None:
+            results[event.index] = event.result
+    assert [(texts[i], results[i].tokens) for i in range(3)] == alone
+
+
 def test_scores_are_log_probabilities_of_every_token_after_the_first_and_follow_a_session(door):
     ids = door.tokenizer.encode("one two three four five six seven eight nine ten eleven twelve")
     alone = door.score_prompt(ids)

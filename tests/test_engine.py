@@ -270,7 +270,8 @@ def test_a_summary_through_arbor_serve_is_the_local_summary(default_checkpoint, 
         port = s.getsockname()[1]
     env = {**os.environ, "ARBOR_HOME": str(tmp_path / "home"), "NO_COLOR": "1"}
     server = subprocess.Popen([sys.executable, "-m", "arbor_cli", "serve", "--model", str(default_checkpoint.path),
-                               "--port", str(port), "--context", "2048"], stderr=subprocess.DEVNULL, env=env)
+                               "--port", str(port), "--context", "2048", "--parallel", "1"],  # answers as here
+                              stderr=subprocess.DEVNULL, env=env)
     try:
         deadline = time.time() + 120
         while time.time() < deadline:

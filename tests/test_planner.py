@@ -75,3 +75,16 @@ def test_bucket_table_marks_what_fits():
     fits = [r.fits for r in rows]
     assert fits[0] and not fits[-1] and fits == sorted(fits, reverse=True)
     assert all(a.bytes < b.bytes for a, b in zip(rows, rows[1:]))
+
+
+def test_the_batch_that_fits_grows_with_memory_by_one_cache_a_sequence_up_to_the_most():
+    def fits(budget, most=planner.MAX_BATCH):
+        return planner.batch_that_fits(SMOL, 8192, budget, WEIGHTS, 4, 4, 512, most=most)
+
+    one_cache = planner.kv_bytes(SMOL, 8192, 4, 512)  # 360 MiB: 46,080 bytes x 8,192 positions
+    assert one_cache == 46080 * 8192
+    base = WEIGHTS + planner.prefill_workspace_bytes(SMOL, 8192, 512, 4) + 16 * (4 * 576 + 3 * 1536) * 4 + 16 * 49152 * 4
+    assert fits(base + 3 * one_cache) == 3 and fits(base + 3 * one_cache - 1) == 2
+    assert fits(base - 1) == 0
+    assert fits(64 * GIB) == planner.MAX_BATCH and fits(64 * GIB, most=40) == 40
+    assert [fits(g * GIB) for g in (1, 2, 4, 8)] == sorted(fits(g * GIB) for g in (1, 2, 4, 8))

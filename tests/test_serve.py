@@ -48,8 +48,10 @@ def start_server(checkpoint, *args, home):
 
 @pytest.fixture(scope="module")
 def server(default_checkpoint, tmp_path_factory):
-    """One server for the module: a 4,096-token context, one request may wait beside the running one."""
-    proc, url = start_server(default_checkpoint, "--context", "4096", "--queue-size", "1",
+    """One server for the module: a 4,096-token context, one request at a time (--parallel 1: the queue's tests
+    and answers byte for byte those of `arbor chat`; tests/test_serve_batch.py serves several at once), one
+    request may wait beside the running one."""
+    proc, url = start_server(default_checkpoint, "--context", "4096", "--queue-size", "1", "--parallel", "1",
                              home=tmp_path_factory.mktemp("serve-home"))
     yield url
     proc.terminate()

@@ -109,6 +109,26 @@ def test_many_notes_are_merged_a_few_at_a_time_in_document_order():
     assert summary.reduce_rounds >= 2
 
 
+@pytest.mark.parametrize("batch", [4, 0])
+def test_parts_read_in_batches_give_the_one_at_a_time_summary(batch):
+    """--batch: the parts (and the groups of notes) go through the door's stream_many, several at once; each
+    note lands where its part is, so the merges and the summary are --batch 1's."""
+    def answer(prompt: str) -> str:
+        part = re.search(r"part (\d+) of", prompt)
+        return f"Note on part {part.group(1)}." if part else "Merged " + " ".join(re.findall(r"part (\d+)\.", prompt))
+
+    one, many = FakeModel(context=4096, answer=answer), FakeModel(context=4096, answer=answer)
+    asked = []
+    many.stream_many = lambda prompts, options, **kw: (asked.append((len(prompts), kw["parallel"])),
+                                                       FakeModel.stream_many(many, prompts, options, **kw))[1]
+    alone = summarize(one, document(9 * 60), SummaryOptions.build(60))
+    together = summarize(many, document(9 * 60), SummaryOptions.build(60, batch=batch))
+    assert together.text == alone.text and many.prompts == one.prompts and together.chunks >= 9
+    assert asked[0] == (together.chunks, batch or None)  # every part at once, `batch` decoded together
+    with pytest.raises(UsageError, match="--batch"):
+        SummaryOptions.build(60, batch=-1)
+
+
 def test_words_too_long_for_the_context_is_a_context_error():
     model = FakeModel(context=2048)
     with pytest.raises(ContextError):

@@ -35,6 +35,8 @@ def info(as_json: Annotated[bool, typer.Option("--json", help="Print JSON for sc
         ("trained context", f"{report['trained_context']:,} tokens"),
         ("KV cache", _kv_line(report)),
         ("largest context now", f"{report['max_context']:,} tokens"),
+        ("decoded at once", f"{report['batch']} sequences of {report['batch_context']:,} tokens "
+                            "(serve --parallel's default)"),
     ]:
         summary.add_row(f"[bold]{key}[/bold]", value)
     table = Table("context", "memory needed", "fits now", "RoPE", title="context buckets", title_justify="left",

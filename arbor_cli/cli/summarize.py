@@ -44,9 +44,13 @@ def summarize(
                                                  "(\"Summarize the key findings\"): it steers every part's notes and "
                                                  "the combination.")] = None,
     max_input_mb: MaxInputOpt = None,
+    batch: Annotated[int, typer.Option("--batch", metavar="N", help="Parts read at once on a model here, decoded "
+                                       "together (0: as many as free memory holds). On the CPU's int4 default "
+                                       "the kernels round several rows differently, so notes may differ from "
+                                       "--batch 1's.")] = 1,
     *, opts: GlobalOptions,
 ) -> None:
-    options = SummaryOptions.build(parse_words(words), style, focus)  # bad values fail before the model loads
+    options = SummaryOptions.build(parse_words(words), style, focus, batch)  # bad values fail before the model loads
     with progress_display() as progress:
         documents, skipped = read_documents(files or [], max_input_bytes(max_input_mb), progress)
     m = load_model(opts)

@@ -5,8 +5,9 @@
     /v1/models, /health    what is served; the queue and what it did
     /tokenize, /detokenize llama.cpp's server's shape: token counts for clients that cut documents
 
-One worker thread runs the generations, one at a time in arrival order, from a bounded queue: a
-request that finds it full is answered 503 at once with an OpenAI-style error body, never left
+One worker thread runs the generations from a bounded queue: one at a time in arrival order (--parallel
+1), or up to N decoded together (--parallel N, continuous batching: a request joins the running batch at
+the next step and leaves when done; worker.BatchWorker). A request that finds the queue full is answered 503 at once with an OpenAI-style error body, never left
 waiting without bound. A client that goes away mid-stream (or before its turn) stops its generation
 between two tokens. The worker keeps the last request's KV cache: a chat that extends the previous
 conversation prefills only its new tokens (the prompt's longest common prefix with what the cache
@@ -32,11 +33,12 @@ from __future__ import annotations
 import time
 
 from arbor_core.errors import ArborError
+from arbor_core.planner import next_smaller
 
 from ..constrained import prepare_tokenizer
 from . import openai
 from .openai import RequestError, served_name
-from .worker import DEFAULT_QUEUE, Job, Worker
+from .worker import DEFAULT_QUEUE, BatchWorker, Job, Worker
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -46,13 +48,21 @@ __all__ = ["DEFAULT_QUEUE", "LOOPBACK", "Job", "RequestError", "Server", "Worker
 class Server:
     """The API over one Model: request parsing, the worker, and responses (no HTTP framework here)."""
 
-    def __init__(self, model, queue_size: int = DEFAULT_QUEUE, api_key: str | None = None, name: str | None = None):
+    def __init__(self, model, queue_size: int = DEFAULT_QUEUE, api_key: str | None = None, name: str | None = None,
+                 parallel: int | None = 1):
+        """`parallel`: requests decoded at once (1: one at a time; None: as many as free memory holds at the
+        slots' context, planner.batch_that_fits)."""
         self.model, self.api_key = model, api_key
         self.name = name or served_name(model.checkpoint.name)
-        self.worker = Worker(model, queue_size)
         self.created = int(time.time())
-        # the user's --context, else the largest context the machine's free memory holds now
-        self.max_context = model.context or model.memory_report()["max_context"] or model.config.trained_context
+        if parallel == 1:
+            self.worker = Worker(model, queue_size)
+            # the user's --context, else the largest context the machine's free memory holds now
+            self.max_context = model.context or model.memory_report()["max_context"] or model.config.trained_context
+        else:
+            self.max_context, parallel = slots_that_fit(model, parallel)
+            self.worker = BatchWorker(model, queue_size, parallel=parallel, context=self.max_context)
+        self.parallel = parallel
 
     def start(self) -> None:
         self.worker.start()
@@ -92,4 +102,20 @@ class Server:
     def health(self) -> dict:
         w = self.worker
         return {"status": "ok", "model": self.name, "busy": w.busy, "waiting": w.jobs.qsize(),
-                "queue_size": w.jobs.maxsize, "max_context": self.max_context, **w.counts}
+                "queue_size": w.jobs.maxsize, "max_context": self.max_context, "parallel": self.parallel,
+                "running": getattr(w, "running", int(w.busy)), **w.counts}
+
+
+def slots_that_fit(model, parallel: int | None) -> tuple[int, int]:
+    """(each slot's context, the number of slots) for --parallel `parallel` (None: as many as fit): the user's
+    --context, else the session context (the trained context's bucket), one bucket smaller at a time while
+    `parallel` slots of it do not fit free memory."""
+    context = model.context or model.session_context()
+    if parallel is None:
+        return context, model.batch_size(context)
+    while not model.context and model.batch_size(context, most=parallel) < parallel:
+        smaller = next_smaller(context)
+        if smaller is None:
+            break
+        context = smaller
+    return context, parallel

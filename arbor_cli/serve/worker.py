@@ -1,8 +1,12 @@
-"""The one thread that runs `arbor serve`'s generations: a bounded queue of Jobs, run one at a time in
-arrival order, each cancelled between two tokens when its client goes away.
+"""The one thread that runs `arbor serve`'s generations: a bounded queue of Jobs, each cancelled between
+two tokens when its client goes away.
 
-The worker keeps the last request's Session (arbor_cli/session.py): a prompt that extends what it holds runs
-only what the session's one prefix-reuse rule cannot keep, so the answer is the one a fresh request gets.
+`Worker` (--parallel 1) runs them one at a time in arrival order and keeps the last request's Session
+(arbor_cli/session.py): a prompt that extends what it holds runs only what the session's one prefix-reuse
+rule cannot keep, so the answer is the one a fresh request gets. `BatchWorker` (--parallel N) keeps a
+Batch of N slots (arbor_cli/batch.py) running: a waiting request joins at the next step, leaves when done,
+and a request whose client went away leaves at the next step, its slot free; each slot keeps its Session
+for the prefix of the next request it takes. The queue (and its 503) is for requests beyond the N.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -128,3 +133,97 @@ class Worker(threading.Thread):
             self.session = None
             self.session = self.model.session(context)
         return self.session
+
+
+class BatchWorker(Worker):
+    """Runs up to `parallel` generations at once, one batched step per token (arbor_cli/batch.py), in slots of
+    `context` tokens. Scoring requests run between two steps, alone."""
+
+    def __init__(self, model, queue_size: int = DEFAULT_QUEUE, *, parallel: int, context: int):
+        super().__init__(model, queue_size)
+        self.parallel, self.context = parallel, context
+        self.batch = model.batch(parallel, context)
+        self.jobs_of: dict[int, Job] = {}  # id(sequence) -> its job
+
+    @property
+    def running(self) -> int:
+        return len(self.batch.running)
+
+    def stop(self) -> None:
+        self.stopping = True
+        for job in list(self.jobs_of.values()) + list(self.jobs.queue):
+            job.cancelled.set()
+
+    def run(self) -> None:
+        while True:
+            self._take(block=not self.batch.running)
+            self._drop_cancelled()
+            self.busy = bool(self.batch.running)  # a batch whose last sequence just left is idle now
+            if not self.busy:
+                continue
+            try:
+                events = self.batch.step()
+            except Exception as e:  # noqa: BLE001  the server stays up; every running client hears what broke
+                self._fail_all(e)
+                continue
+            for event in events:
+                job = self.jobs_of.get(id(event.sequence))
+                if job is None:
+                    continue
+                if event.text:
+                    job.emit("piece", event.text)
+                if event.result is not None:
+                    del self.jobs_of[id(event.sequence)]
+                    self.counts["served"] += 1
+                    job.emit("done", event.result)
+            self.busy = bool(self.batch.running)
+
+    def _take(self, block: bool) -> None:
+        """Waiting jobs into free slots (blocking for the first when nothing runs); a score job runs at once."""
+        while self.batch.free:
+            try:
+                job = self.jobs.get(block=block, timeout=None if block else 0)
+            except queue.Empty:
+                return
+            block = False
+            if self.stopping:
+                job.cancelled.set()
+            if job.cancelled.is_set():
+                self.counts["cancelled"] += 1
+                job.emit("done", None)
+            elif job.kind == "score":
+                self._run(job)
+            else:
+                self._join(job)
+
+    def _join(self, job: Job) -> None:
+        try:
+            sequence = self.batch.add(job.ids, job.options, key=time.perf_counter())
+        except ArborError as e:
+            self.counts["failed"] += 1
+            job.emit("error", RequestError(400 if isinstance(e, (ContextError, UsageError)) else 500, str(e)))
+            return
+        self.counts["reused_tokens"] += sequence.session.reused
+        self.jobs_of[id(sequence)] = job
+
+    def _drop_cancelled(self) -> None:
+        """Sequences whose clients went away leave the batch now: their slots take the next waiting requests."""
+        for sequence in list(self.batch.running):
+            job = self.jobs_of.get(id(sequence))
+            if job is not None and (job.cancelled.is_set() or self.stopping):
+                self.batch.cancel(sequence)
+                del self.jobs_of[id(sequence)]
+                self.counts["cancelled"] += 1
+                job.emit("done", None)
+
+    def _fail_all(self, e: Exception) -> None:
+        error = (RequestError(400 if isinstance(e, (ContextError, UsageError)) else 500, str(e))
+                 if isinstance(e, ArborError) else
+                 RequestError(500, f"internal error: {type(e).__name__}: {e}", "server_error"))
+        for sequence in list(self.batch.running):
+            job = self.jobs_of.pop(id(sequence), None)
+            self.batch.cancel(sequence)
+            if job is not None:
+                self.counts["failed"] += 1
+                job.emit("error", error)
+        self.batch = self.model.batch(self.parallel, self.context)  # fresh slots: a failed step may have left any state

@@ -115,7 +115,7 @@ class ModelCache:
 
     def __init__(self, capacity: int, n_layers: int, n_kv_heads: int, head_dim: int, dtype: mx.Dtype,
                  bits: int = 16, window: int | None | list = None, slots: int | None | list = None,
-                 rope: RopeTables | None = None):
+                 rope: RopeTables | None = None, layers: list | None = None):
         # window, slots: one for every layer, or one per layer (a Gemma's windowed layers keep a ring, its global
         # layers the whole context)
         self.capacity = capacity
@@ -125,7 +125,10 @@ class ModelCache:
         self.slots = min(self.layer_slots)  # the fewest any layer holds: = capacity when no layer is a ring
         self.max_chunk = kv_layout.layers_max_chunk(capacity, self.layer_slots, self.windows)
         self.length = 0
-        self.layers = [KVCache(s, n_kv_heads, head_dim, dtype, bits) for s in self.layer_slots]
+        # layers: given by a CachePool (each a RowKV, this cache's row of the pool's layer)
+        self.layers = layers or [KVCache(s, n_kv_heads, head_dim, dtype, bits) for s in self.layer_slots]
+        self.pool: CachePool | None = None  # the pool whose row `row` this cache is, if any
+        self.row = 0
         # the decode step MLXModel.sample queued for position `length`: (position, token, logits), or None
         self.pending: tuple[int, mx.array, mx.array] | None = None
 
@@ -149,3 +152,80 @@ class ModelCache:
     def nbytes(self) -> int:
         """Bytes allocated so far (the buffers grow towards `slots` in steps)."""
         return sum(a.nbytes for a in self.arrays())
+
+
+class PoolLayer:
+    """One layer of a CachePool: keys and values (n, kv_heads, allocated, head_dim), every row grown together in
+    steps of STEP positions up to `slots`."""
+
+    def __init__(self, n: int, slots: int, n_kv_heads: int, head_dim: int, dtype: mx.Dtype):
+        self.n, self.slots, self.shape, self.dtype = n, slots, (n, n_kv_heads, 0, head_dim), dtype
+        self.keys: mx.array | None = None
+        self.values: mx.array | None = None
+
+    @property
+    def allocated(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[2]
+
+    def reach(self, end: int) -> None:
+        """Room for positions [0, end) in every row."""
+        if min(end, self.slots) > self.allocated:
+            n, heads, _, dim = self.shape
+            shape = (n, heads, min(self.slots, -(-end // STEP) * STEP) - self.allocated, dim)
+            # two arrays: written in place, keys and values must not be one object
+            extra_k, extra_v = mx.zeros(shape, dtype=self.dtype), mx.zeros(shape, dtype=self.dtype)
+            self.keys = extra_k if self.keys is None else mx.concatenate([self.keys, extra_k], axis=2)
+            self.values = extra_v if self.values is None else mx.concatenate([self.values, extra_v], axis=2)
+
+
+class RowKV:
+    """A KVCache (16-bit, no ring) that is row `row` of a PoolLayer: what one sequence's cache does alone (prefill,
+    decode, export), written into and read from the pool's arrays."""
+
+    bits = 16
+    oldest = 0
+    key_scales = value_scales = None
+
+    def __init__(self, pool: PoolLayer, row: int):
+        self.pool, self.row = pool, row
+        self.slots = self.capacity = pool.slots
+        self.dtype = pool.dtype
+
+    @property
+    def allocated(self) -> int:
+        return self.pool.allocated
+
+    @property
+    def keys(self) -> mx.array | None:
+        return None if self.pool.keys is None else self.pool.keys[self.row:self.row + 1]
+
+    @property
+    def values(self) -> mx.array | None:
+        return None if self.pool.values is None else self.pool.values[self.row:self.row + 1]
+
+    def update(self, start: int, k: mx.array, v: mx.array):
+        end = start + k.shape[2]
+        self.pool.reach(end)
+        self.pool.keys[self.row:self.row + 1, :, start:end, :] = k
+        self.pool.values[self.row:self.row + 1, :, start:end, :] = v
+        return self.pool.keys[self.row:self.row + 1, :, :end, :], self.pool.values[self.row:self.row + 1, :, :end, :], None
+
+    def _grow(self, size: int) -> None:
+        self.pool.reach(size)
+
+    def arrays(self) -> list[mx.array]:
+        return [a for a in (self.pool.keys, self.pool.values) if a is not None]
+
+
+class CachePool:
+    """`n` ModelCaches of one context (16-bit, no ring) whose layers are rows of one pair of arrays per layer:
+    each cache prefills and decodes alone as any cache does, while a batched step writes its one-token rows'
+    keys and values with one scatter and attends them in one call per layer (layers.Rows)."""
+
+    def __init__(self, n: int, capacity: int, n_layers: int, n_kv_heads: int, head_dim: int, dtype: mx.Dtype,
+                 rope: RopeTables | None = None):
+        self.layers = [PoolLayer(n, capacity, n_kv_heads, head_dim, dtype) for _ in range(n_layers)]
+        self.caches = [ModelCache(capacity, n_layers, n_kv_heads, head_dim, dtype, rope=rope,
+                                  layers=[RowKV(layer, i) for layer in self.layers]) for i in range(n)]
+        for i, cache in enumerate(self.caches):
+            cache.pool, cache.row = self, i

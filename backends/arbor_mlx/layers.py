@@ -56,6 +56,74 @@ class Rope:
         return mx.concatenate([x[..., :self.dims] * self.attention_factor, x[..., self.dims:]], axis=-1)
 
 
+class Rows:
+    """Several sequences packed into one forward's T positions (B = 1): sequence i's tokens are the packed
+    positions [offsets[i], offsets[i + 1]), running at [starts[i], starts[i] + counts[i]) of its own cache
+    (a ModelCache). Projections and MLP see one (1, T, hidden) array. When every row is one token (a decode
+    step), RoPE is one call with each row's position, and rows whose caches are rows of one CachePool attend
+    in one call (PooledRows); otherwise RoPE and attention run per sequence."""
+
+    def __init__(self, caches: list, counts: list[int]):
+        self.caches, self.counts = caches, counts
+        self.starts = [c.length for c in caches]
+        self.offsets = [0]
+        for n in counts:
+            self.offsets.append(self.offsets[-1] + n)
+        self.spans = list(zip(self.offsets, self.offsets[1:]))
+        self.single = all(n == 1 for n in counts)
+        self.start_array = mx.array(self.starts) if self.single else None
+        pool = caches[0].pool
+        self.pooled = PooledRows(pool, caches) if self.single and pool is not None and all(
+            c.pool is pool for c in caches) else None
+
+    def layer(self, i: int) -> "LayerRows":
+        return LayerRows([(span, c.layers[i], s) for span, c, s in zip(self.spans, self.caches, self.starts)], i,
+                         self.pooled)
+
+    def rope(self, rope: "Rope") -> "RowsRope":
+        return RowsRope(rope, self)
+
+
+class PooledRows:
+    """A decode step's rows (one token each) over one CachePool: new keys and values scattered into the pool's
+    layer at each row's position, then the pool's rows [lo, hi) attended at once up to `end` positions, each
+    masked to its own (rows between them that take no part see position 0 only; their output is dropped)."""
+
+    def __init__(self, pool, caches: list):
+        self.pool = pool
+        rows, lengths = [c.row for c in caches], [c.length for c in caches]
+        self.lo, self.hi, self.end = min(rows), max(rows) + 1, max(lengths) + 1
+        self.rows, self.lengths = mx.array(rows), mx.array(lengths)
+        self.local = self.rows - self.lo
+        seen = [0] * (self.hi - self.lo)
+        for r, n in zip(rows, lengths):
+            seen[r - self.lo] = n
+        self.mask = (mx.arange(self.end)[None, :] <= mx.array(seen)[:, None])[:, None, None, :]  # (R, 1, 1, end)
+
+
+class LayerRows(list):
+    """One layer's view of Rows: ((begin, end) in the packed positions, the sequence's KVCache, its start);
+    `pooled` (with the layer's `index`): the rows attending in one call over their pool."""
+
+    def __init__(self, rows: list, index: int = 0, pooled: PooledRows | None = None):
+        super().__init__(rows)
+        self.index, self.pooled = index, pooled
+
+
+class RowsRope:
+    """A Rope over packed rows: each sequence's slice rotated from its own start (the `start` given is unused),
+    so an architecture's pre_attention runs packed rows unchanged; one-token rows in one call."""
+
+    def __init__(self, rope: "Rope", rows: Rows):
+        self.inner, self.rows = rope, rows
+
+    def __call__(self, x: mx.array, start: int) -> mx.array:
+        if self.rows.single:  # (1, heads, B, D) -> (B, heads, 1, D): a row per batch entry, each at its position
+            return self.inner(x.transpose(2, 1, 0, 3), self.rows.start_array).transpose(2, 1, 0, 3)
+        return mx.concatenate([self.inner(x[:, :, a:b], s) for (a, b), s in zip(self.rows.spans, self.rows.starts)],
+                              axis=2)
+
+
 class Attention(nn.Module):
     """The q/k/v/o projections of one layer and attention over its KV cache; what comes before and after
     (norms, RoPE) is the architecture's."""
@@ -79,8 +147,14 @@ class Attention(nn.Module):
         v = self.v_proj(x).reshape(B, T, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
         return q, k, v
 
-    def attend(self, q: mx.array, k: mx.array, v: mx.array, cache: KVCache | None, start: int) -> mx.array:
-        """Queries at [start, start + T) over the cached keys and these: (B, T, n_heads * head_dim), before o_proj."""
+    def attend(self, q: mx.array, k: mx.array, v: mx.array, cache: KVCache | LayerRows | None, start: int) -> mx.array:
+        """Queries at [start, start + T) over the cached keys and these: (B, T, n_heads * head_dim), before o_proj.
+        With `cache` a LayerRows (sequences packed into T), each sequence attends over its own cache."""
+        if isinstance(cache, LayerRows):
+            if cache.pooled is not None and self.window is None and self.softcap is None:
+                return self._attend_pooled(q, k, v, cache.pooled, cache.index)
+            return mx.concatenate([self.attend(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], layer, row_start)
+                                   for (a, b), layer, row_start in cache], axis=1)
         B, _, T, _ = q.shape
         key_pos = None  # None: the keys are positions [0, start + T) in order
         if cache is not None:
@@ -97,6 +171,20 @@ class Attention(nn.Module):
                 mask = kv_layout.visible(mx.arange(start, start + T), mx.arange(key_start, start + T), None)
             y = capped_attention(q, k, v, mask, self.scale, self.softcap)
         return y.transpose(0, 2, 1, 3).reshape(B, T, self.n_heads * self.head_dim)
+
+
+    def _attend_pooled(self, q: mx.array, k: mx.array, v: mx.array, p: PooledRows, index: int) -> mx.array:
+        """One token a row over the pool's layer `index`: (1, B, n_heads * head_dim)."""
+        layer = p.pool.layers[index]
+        layer.reach(p.end)
+        layer.keys[p.rows, :, p.lengths] = k[0].transpose(1, 0, 2)  # (B, kv_heads, D) at each row's position
+        layer.values[p.rows, :, p.lengths] = v[0].transpose(1, 0, 2)
+        B = q.shape[2]
+        queries = mx.zeros((p.hi - p.lo, self.n_heads, 1, self.head_dim), dtype=q.dtype)
+        queries[p.local] = q[0].transpose(1, 0, 2)[:, :, None]  # (B, heads, 1, D)
+        y = mx.fast.scaled_dot_product_attention(queries, layer.keys[p.lo:p.hi, :, :p.end],
+                                                 layer.values[p.lo:p.hi, :, :p.end], scale=self.scale, mask=p.mask)
+        return y[p.local].reshape(1, B, self.n_heads * self.head_dim)
 
 
 def attention_mask(q_len: int, kv_len: int, key_start: int, start: int, window: int | None, key_pos=None):

@@ -18,7 +18,7 @@ from arbor_core.rope import local_rope
 
 from .arch import architecture
 from .cache import KVCache
-from .layers import Rope, attention_mask
+from .layers import Rope, Rows, attention_mask
 
 __all__ = ["Transformer", "Rope", "attention_mask"]
 
@@ -72,3 +72,20 @@ class Transformer(nn.Module):
         logits = self.model.embed_tokens.as_linear(x) if self.config.tie_word_embeddings else self.lm_head(x)
         cap = self.config.final_logit_softcapping  # Gemma's soft-capped logits
         return logits if cap is None else mx.tanh(logits / cap) * cap
+
+    def forward_rows(self, tokens: mx.array, rows: Rows) -> mx.array:
+        """Several sequences in one forward: tokens (1, T) packed as `rows` says, each appended to its own
+        cache -> each sequence's last logits (B, vocab)."""
+        end = max(s + n for s, n in zip(rows.starts, rows.counts))
+        if end > self.rope_len():
+            raise ValueError(f"positions up to {end} exceed the RoPE table ({self.rope_len()})")
+        arch = self.arch
+        x = arch.embed(self.model.embed_tokens, tokens, self.config)
+        for i, layer in enumerate(self.model.layers):
+            rope = self.local_rope if self.local_rope is not None and layer.self_attn.window is not None else self.rope
+            q, k, v = arch.pre_attention(x, layer, rows.rope(rope), 0)
+            x = arch.post_attention(x, layer.self_attn.attend(q, k, v, rows.layer(i), 0), layer)
+        x = self.model.norm(x[:, mx.array([b - 1 for _, b in rows.spans])])  # each sequence's last position
+        logits = self.model.embed_tokens.as_linear(x) if self.config.tie_word_embeddings else self.lm_head(x)
+        cap = self.config.final_logit_softcapping
+        return (logits if cap is None else mx.tanh(logits / cap) * cap)[0]

@@ -21,8 +21,9 @@ from arbor_weights import quantized
 from arbor_weights.checkpoint import check_tensors
 
 from .blocks import install_blocks, num_parameters
-from .cache import SCALE_DTYPE, STEP, ModelCache
+from .cache import SCALE_DTYPE, STEP, CachePool, ModelCache
 from .memory import memory_info, peak_memory, reset_peak_memory
+from .layers import Rows
 from .model import Transformer
 from .sampling import RandomKey, sample_lazy
 
@@ -133,6 +134,16 @@ class MLXModel:
                           bits=bits or self.kv_bits, window=c.layer_windows,
                           slots=layer_cache_tokens(c, capacity, self.prefill_chunk), rope=rope)
 
+    def new_caches(self, n: int, capacity: int, rope: RopeTables | None = None) -> list[ModelCache]:
+        """`n` caches as new_cache makes them, for sequences decoded together (step_rows): 16-bit caches without a
+        ring are rows of one CachePool, whose decode rows a step attends in one call."""
+        c = self.config
+        if self.kv_bits == 16 and all(s >= capacity for s in layer_cache_tokens(c, capacity, self.prefill_chunk)) \
+                and all(w is None for w in c.layer_windows):
+            return CachePool(n, capacity, c.num_hidden_layers, c.num_key_value_heads, c.head_dim, self.mx_dtype,
+                             rope).caches
+        return [self.new_cache(capacity, rope) for _ in range(n)]
+
     def set_rope(self, rope: RopeTables, positions: int) -> None:
         self.model.set_rope(rope.inv_freq, rope.attention_factor, positions)
         self.active_rope = rope
@@ -176,6 +187,36 @@ class MLXModel:
             logits = self.decode_without_advancing(mx.array([[token]], dtype=mx.int32), cache)
         cache.length += 1
         self._latest = (logits, cache)
+        return logits
+
+    @_on_device
+    def step_rows(self, rows: list[list[int]], caches: list[ModelCache]) -> mx.array:
+        """Several sequences in one forward: rows[i] (a prefill piece, or one token to decode) run at positions
+        [caches[i].length, …) of caches[i] and are appended to it -> each row's last logits (B, vocab) float32.
+        The caches share one RoPE. One row is an ordinary prefill or decode; several run as one packed forward
+        (layers.Rows): projections and MLP over all rows at once, RoPE and attention per row."""
+        if not rows or len(rows) != len(caches) or any(not r for r in rows):
+            raise ValueError("step_rows needs one non-empty row per cache")
+        if len(rows) == 1:
+            one = self.decode(rows[0][0], caches[0]) if len(rows[0]) == 1 else self.prefill(rows[0], caches[0],
+                                                                                           len(rows[0]))
+            self._latest = None  # the single-sequence pipelining (sample) is not for a batch's rows
+            return one[None]
+        rope = caches[0].rope
+        if any(c.rope is not rope for c in caches):
+            raise ValueError("the rows of one step must share their RoPE (caches made for one context)")
+        self._use_rope(rope, max(c.capacity for c in caches))
+        for row, cache in zip(rows, caches):
+            check_room(cache, len(row), self.model.rope_len())
+            if len(row) > cache.max_chunk:
+                raise ValueError(f"a row of {len(row)} tokens is more than its ring cache takes in one step")
+            cache.pending = None
+        packed = Rows(caches, [len(r) for r in rows])
+        logits = self.model.forward_rows(mx.array([[t for r in rows for t in r]], dtype=mx.int32), packed)
+        logits = logits.astype(mx.float32)
+        mx.eval(logits, *[a for c in caches for a in c.arrays()])
+        for row, cache in zip(rows, caches):
+            cache.length += len(row)
         return logits
 
     @_on_device

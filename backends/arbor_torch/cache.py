@@ -101,9 +101,9 @@ class ModelCache:
 
     def __init__(self, capacity: int, n_layers: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype, device,
                  bits: int = 16, window: int | None | list = None, slots: int | None | list = None,
-                 rope: RopeTables | None = None):
+                 rope: RopeTables | None = None, stacked: tuple[torch.Tensor, torch.Tensor] | None = None):
         # window, slots: one for every layer, or one per layer (a Gemma's windowed layers keep a ring, its global
-        # layers the whole context)
+        # layers the whole context); stacked: the two buffers, given by a CachePool whose row this cache is
         self.capacity = capacity
         self.windows = kv_layout.per_layer(window, n_layers)
         self.rope = rope
@@ -112,6 +112,8 @@ class ModelCache:
         self.max_chunk = kv_layout.layers_max_chunk(capacity, self.layer_slots, self.windows)
         self.length = 0
         self.decoder = None  # the CUDA-graph decode step bound to these buffers, built on first decode
+        self.pool: CachePool | None = None  # the pool whose row `row` this cache is (CachePool), if any
+        self.row = 0
         # A 16-bit cache is two stacked buffers, (layers, kv_heads, slots, head_dim), each layer's a view:
         # the compiled CPU decode step (compiled_decode.py) takes the whole cache as two inputs.
         self.stacked_k = self.stacked_v = None
@@ -123,8 +125,8 @@ class ModelCache:
             # chat in a long context holds what it uses (docs/performance.md, "Resident memory").
             ring = self.slots < capacity or any(w is not None for w in self.windows)
             make = torch.empty if torch.device(device).type == "cpu" and not ring else torch.zeros
-            self.stacked_k = make(shape, dtype=dtype, device=device)
-            self.stacked_v = make(shape, dtype=dtype, device=device)
+            self.stacked_k, self.stacked_v = stacked or (make(shape, dtype=dtype, device=device),
+                                                         make(shape, dtype=dtype, device=device))
             self.layers = [KVCache(self.slots, n_kv_heads, head_dim, dtype, device, bits,
                                    k=self.stacked_k[i:i + 1], v=self.stacked_v[i:i + 1]) for i in range(n_layers)]
         else:
@@ -146,3 +148,35 @@ class ModelCache:
     @property
     def nbytes(self) -> int:
         return sum(c.nbytes for c in self.layers)
+
+
+class CachePool:
+    """`n` ModelCaches of one context in one pair of buffers, (n, layers, kv_heads, capacity, head_dim): each
+    cache's stacked buffers are its row, so it prefills and decodes alone as any cache does, while a batched
+    decode step reads every row's keys in one attention call over the rows, each masked to its own length
+    (model.Rows). 16-bit caches without a ring only.
+
+    That call reads each row up to the longest row's length, and a masked key still multiplies its value by a
+    zero weight: a CPU row's unwritten (uninitialised) positions are made finite first (make_finite), up to
+    what each step reads, so the pool's pages stay lazily resident as a single cache's do."""
+
+    def __init__(self, n: int, capacity: int, n_layers: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 device, rope: RopeTables | None = None):
+        cpu = torch.device(device).type == "cpu"
+        make = torch.empty if cpu else torch.zeros
+        shape = (n, n_layers, n_kv_heads, capacity, head_dim)
+        self.k, self.v = make(shape, dtype=dtype, device=device), make(shape, dtype=dtype, device=device)
+        self.finite = [0 if cpu else capacity] * n  # row r's positions [0, finite[r]) hold finite numbers
+        self.caches = [ModelCache(capacity, n_layers, n_kv_heads, head_dim, dtype, device, rope=rope,
+                                  stacked=(self.k[i], self.v[i])) for i in range(n)]
+        for i, cache in enumerate(self.caches):
+            cache.pool, cache.row = self, i
+
+    def make_finite(self, rows: range, end: int) -> None:
+        """Positions [0, end) of every row in `rows` finite: what a row's cache has written is; the rest is zeroed."""
+        for r in rows:
+            begin = max(self.finite[r], min(self.caches[r].length, end))
+            if begin < end:
+                self.k[r, :, :, begin:end] = 0
+                self.v[r, :, :, begin:end] = 0
+            self.finite[r] = max(self.finite[r], end)

@@ -61,9 +61,12 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def attend(self, q, k, v, cache: KVCache | None, start: int) -> torch.Tensor:
+    def attend(self, q, k, v, cache: KVCache | LayerRows | None, start: int) -> torch.Tensor:
         """q (B, heads, T, D) and the new k, v (B, kv_heads, T, D) at positions [start, start + T), stored
-        in `cache` and attended with the cached keys -> (B, T, heads * D)."""
+        in `cache` and attended with the cached keys -> (B, T, heads * D). With `cache` a LayerRows (several
+        sequences packed into T, B = 1), each sequence attends over its own cache, as it would alone."""
+        if isinstance(cache, LayerRows):
+            return self._attend_rows(q, k, v, cache)
         B, _, T, _ = q.shape
         key_pos = None  # None: the keys are positions [key_start, start + T) in order
         if cache is not None:
@@ -80,6 +83,43 @@ class Attention(nn.Module):
                                                is_causal=mask is None and T > 1 and start == 0,
                                                scale=self.scale, enable_gqa=self.n_heads != self.n_kv_heads)
         return y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
+
+    def _attend_rows(self, q, k, v, rows: LayerRows) -> torch.Tensor:
+        """Packed sequences (B = 1): the pooled rows in one call, every other row over its own cache."""
+        p = rows.pooled
+        if p is None or self.window is not None or self.softcap is not None:
+            return torch.cat([self.attend(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], layer, start)
+                              for (a, b), layer, start in rows], dim=1)
+        pooled = self._attend_pooled(q, k, v, p, rows.index)  # (pooled tokens, heads * D)
+        if p.everything:
+            return pooled[None]
+        y = q.new_empty(1, q.shape[2], self.n_heads * self.head_dim)
+        if p.dense:
+            y[0, p.first:p.first + pooled.shape[0]] = pooled
+        else:
+            y[0, p.packed] = pooled
+        for (a, b), layer, start in rows:
+            y[:, a:b] = self.attend(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], layer, start)
+        return y
+
+    def _attend_pooled(self, q, k, v, p: PooledRows, index: int) -> torch.Tensor:
+        """The pooled rows `p` at layer `index`: their new keys and values written into their pool rows, then
+        every row's queries over its pool row, masked to its own positions -> (tokens, heads * D)."""
+        keys, values = p.pool.k[:, index], p.pool.v[:, index]  # (n, kv_heads, capacity, D)
+        if p.dense:  # one token a row, rows consecutive: views instead of gathers
+            new_k, new_v = k[0, :, p.first:p.first + len(p.row)], v[0, :, p.first:p.first + len(p.row)]
+            queries = q[0, :, p.first:p.first + len(p.row)].transpose(0, 1).unsqueeze(2)
+        else:
+            new_k, new_v = k[0, :, p.packed], v[0, :, p.packed]
+            queries = q.new_zeros(p.hi - p.lo, self.n_heads, p.width, self.head_dim)
+            queries[p.row, :, p.query] = q[0, :, p.packed].transpose(0, 1)
+        keys[p.pool_row, :, p.pos] = new_k.transpose(0, 1)  # (tokens, kv_heads, D)
+        values[p.pool_row, :, p.pos] = new_v.transpose(0, 1)
+        y = F.scaled_dot_product_attention(queries, keys[p.lo:p.hi, :, :p.end], values[p.lo:p.hi, :, :p.end],
+                                           attn_mask=p.mask, scale=self.scale,
+                                           enable_gqa=self.n_heads != self.n_kv_heads)  # (R, heads, width, D)
+        y = y[:, :, 0] if p.dense else y[p.row, :, p.query]  # (tokens, heads, D)
+        return y.reshape(-1, self.n_heads * self.head_dim)
 
     def _after_prefix(self, q_len: int, kv_len: int, key_start: int, start: int, q: torch.Tensor) -> bool:
         """A CUDA prefill chunk over keys from position 0 that the LSE-merged fast kernels can take."""
@@ -116,6 +156,77 @@ class Attention(nn.Module):
         q_pos = torch.arange(start, start + q_len, device=device)
         k_pos = torch.arange(key_start, key_start + kv_len, device=device) if key_pos is None else key_pos
         return kv_layout.visible(q_pos, k_pos, self.window)
+
+
+POOLED_ROW_TOKENS = 64  # a row of at most this many tokens attends with its pool's other rows, in one call
+
+
+class Rows:
+    """Several sequences packed into one forward's T positions (B = 1): sequence i's tokens are the packed
+    positions [offsets[i], offsets[i + 1]), running at positions [starts[i], starts[i] + counts[i]) of its own
+    cache `caches[i]` (a ModelCache). The projections and the MLP see one (1, T, hidden) tensor, so B decode
+    steps cost one matmul of B rows. The rows whose caches are rows of one CachePool (decode steps, short
+    prompt pieces) attend in one call over the pool (PooledRows); any other attends alone over its cache."""
+
+    def __init__(self, caches: list, counts: list[int], device):
+        self.caches, self.counts = caches, counts
+        self.starts = [c.length for c in caches]
+        self.offsets = [0]
+        for n in counts:
+            self.offsets.append(self.offsets[-1] + n)
+        self.positions = torch.cat([torch.arange(s, s + n) for s, n in zip(self.starts, counts)]).to(device)
+        self.last = torch.tensor(self.offsets[1:], device=device) - 1  # each sequence's last packed position
+        pool = caches[0].pool
+        pooled = [i for i, (c, n) in enumerate(zip(caches, counts))
+                  if pool is not None and c.pool is pool and n <= POOLED_ROW_TOKENS]
+        self.pooled = PooledRows(pool, [caches[i] for i in pooled], [counts[i] for i in pooled],
+                                 [self.offsets[i] for i in pooled], self.offsets[-1], device) \
+            if len(pooled) > 1 else None
+        self.apart = [i for i in range(len(caches)) if self.pooled is None or i not in pooled]
+
+    def layer(self, i: int) -> "LayerRows":
+        return LayerRows([((self.offsets[j], self.offsets[j + 1]), self.caches[j].layers[i], self.starts[j])
+                          for j in self.apart], i, self.pooled)
+
+
+class PooledRows:
+    """Rows whose caches are rows of one CachePool, attended in one call: the pool's rows [lo, hi) read up to
+    `end` positions, each row's queries (padded to `width`) masked causally to its own positions. Pool rows
+    between them that take no part, and padding queries, see position 0 only; their output is dropped."""
+
+    def __init__(self, pool, caches: list, counts: list[int], packed: list[int], total: int, device):
+        self.pool = pool
+        rows, starts = [c.row for c in caches], [c.length for c in caches]
+        self.lo, self.hi, self.width = min(rows), max(rows) + 1, max(counts)
+        self.end = max(s + n for s, n in zip(starts, counts))
+        pool.make_finite(range(self.lo, self.hi), self.end)
+
+        def each(values) -> torch.Tensor:  # one value per token of the pooled rows, in packed order
+            return torch.cat([torch.as_tensor(v, dtype=torch.long).expand(n) if isinstance(v, int) else v
+                              for v, n in zip(values, counts)]).to(device)
+
+        self.row = each([r - self.lo for r in rows])  # the token's row among [lo, hi)
+        self.pos = each([torch.arange(s, s + n) for s, n in zip(starts, counts)])  # its position
+        self.query = each([torch.arange(n) for n in counts])  # its query slot within its row
+        self.packed = each([torch.arange(o, o + n) for o, n in zip(packed, counts)])  # its packed position
+        self.pool_row = self.row + self.lo
+        # one-token rows over consecutive pool rows, in packed order: queries and outputs are views
+        self.dense = self.width == 1 and rows == list(range(self.lo, self.hi)) and packed == list(
+            range(packed[0], packed[0] + len(rows)))
+        self.first = packed[0]
+        self.everything = self.dense and packed[0] == 0 and len(rows) == total  # every packed position, in order
+        last = torch.zeros(self.hi - self.lo, self.width, dtype=torch.long, device=device)  # each query's position
+        last[self.row, self.query] = self.pos
+        self.mask = (torch.arange(self.end, device=device) <= last[..., None])[:, None]  # (R, 1, width, end)
+
+
+class LayerRows(list):
+    """One layer's view of Rows: ((begin, end) in the packed positions, the sequence's KVCache, its start) for
+    each row attending alone; `pooled`: the rows attending in one call over their pool's layer `index`."""
+
+    def __init__(self, rows: list, index: int, pooled: PooledRows | None):
+        super().__init__(rows)
+        self.index, self.pooled = index, pooled
 
 
 def capped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, scale: float,
@@ -216,10 +327,14 @@ class Transformer(nn.Module):
 
     def _rope_for_layers(self, start: int, T: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(cos, sin) of positions [start, start + T) for each layer: Gemma's sliding layers read the local tables."""
-        full = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
+        return self._rope_at(slice(start, start + T))
+
+    def _rope_at(self, positions: slice | torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(cos, sin) of `positions` (a range, or each packed token's position) for each layer."""
+        full = (self.rope_cos[positions], self.rope_sin[positions])
         if self.local_cos is None:
             return [full] * len(self.model.layers)
-        local = (self.local_cos[start:start + T], self.local_sin[start:start + T])
+        local = (self.local_cos[positions], self.local_sin[positions])
         return [local if layer.self_attn.window is not None else full for layer in self.model.layers]
 
     def forward(self, tokens: torch.Tensor, start: int = 0, caches: list[KVCache] | None = None,
@@ -234,6 +349,19 @@ class Transformer(nn.Module):
         if last_only:
             x = x[:, -1:]
         return final(x, self.model.norm, self.lm_head, self.config.final_logit_softcapping)
+
+    def forward_rows(self, tokens: torch.Tensor, rows: Rows, every: bool = False) -> torch.Tensor:
+        """Several sequences in one forward: tokens (1, T) packed as `rows` says, each appended to its own
+        cache -> each sequence's last logits (B, vocab), or every position's (T, vocab) with `every`."""
+        end = max(s + n for s, n in zip(rows.starts, rows.counts))
+        if self.rope_cos is None or end > self.rope_cos.shape[0]:
+            raise ValueError(f"positions up to {end} exceed the RoPE table ({self._rope_len()})")
+        x = embed(tokens, self.model.embed_tokens, self.config.embedding_multiplier)
+        for i, (layer, (cos, sin)) in enumerate(zip(self.model.layers, self._rope_at(rows.positions))):
+            x = layer(x, cos, sin, rows.layer(i), 0)
+        if not every:
+            x = x[:, rows.last]  # (1, B, hidden): the head runs on each sequence's last position only
+        return final(x, self.model.norm, self.lm_head, self.config.final_logit_softcapping)[0]
 
     def hidden_states(self, tokens: torch.Tensor, checkpoint_blocks: bool = False) -> torch.Tensor:
         """(B, T) -> the final norm's output (B, T, hidden) at positions [0, T), no cache: training's

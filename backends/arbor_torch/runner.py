@@ -20,9 +20,9 @@ from arbor_weights.checkpoint import check_tensors
 
 from . import compiled_decode, sampling
 from .arch import family
-from .cache import SCALE_DTYPE, ModelCache
+from .cache import SCALE_DTYPE, CachePool, ModelCache
 from .memory import memory_info, release_freed_heap
-from .model import Transformer
+from .model import Rows, Transformer
 from .quantize import module_nbytes, one_thread, quantize_model
 
 # CUDA prefill chunks: the largest power of two up to 32K whose MLP transient (intermediate_size x
@@ -179,6 +179,17 @@ class TorchModel:
                           bits=self.kv_bits, window=c.layer_windows,
                           slots=layer_cache_tokens(c, capacity, self.prefill_chunk), rope=rope)
 
+    @_translate_oom
+    def new_caches(self, n: int, capacity: int, rope: RopeTables | None = None) -> list[ModelCache]:
+        """`n` caches as new_cache makes them, for sequences decoded together (step_rows): 16-bit caches without
+        a ring are the rows of one CachePool, whose one-token rows a step attends in one call."""
+        c = self.config
+        if self.kv_bits == 16 and all(s >= capacity for s in layer_cache_tokens(c, capacity, self.prefill_chunk)) \
+                and all(w is None for w in c.layer_windows):
+            return CachePool(n, capacity, c.num_hidden_layers, c.num_key_value_heads, c.head_dim, self.torch_dtype,
+                             self.device, rope).caches
+        return [self.new_cache(capacity, rope) for _ in range(n)]
+
     def set_rope(self, rope: RopeTables, positions: int) -> None:
         self.model.set_rope(torch.from_numpy(rope.inv_freq), rope.attention_factor, positions)
         self.active_rope = rope
@@ -231,6 +242,35 @@ class TorchModel:
             tokens = torch.tensor([[token]], dtype=torch.long, device=self.device)
             logits = self.model(tokens, cache.length, cache.layers)[0, -1].float()
         cache.length += 1
+        return logits
+
+    @_translate_oom
+    @torch.inference_mode()
+    def step_rows(self, rows: list[list[int]], caches: list[ModelCache]) -> torch.Tensor:
+        """Several sequences in one forward: rows[i] (a prefill piece, or one token to decode) run at positions
+        [caches[i].length, …) of caches[i] and are appended to it -> each row's last logits (B, vocab) float32.
+        The caches share one RoPE (the same `rope` object, or none). One row is an ordinary prefill or decode
+        (the compiled CPU step or the CUDA graph); several run eager, the rows' projections and MLP as one
+        matmul, attention per row (model.Rows): the compiled and graph steps are batch-1."""
+        if not rows or len(rows) != len(caches) or any(not r for r in rows):
+            raise ValueError("step_rows needs one non-empty row per cache")
+        if len(rows) == 1:
+            one = self.decode(rows[0][0], caches[0]) if len(rows[0]) == 1 else self.prefill(rows[0], caches[0],
+                                                                                           len(rows[0]))
+            return one.unsqueeze(0)
+        rope = caches[0].rope
+        if any(c.rope is not rope for c in caches):
+            raise ValueError("the rows of one step must share their RoPE (caches made for one context)")
+        self._use_rope(rope, max(c.capacity for c in caches))
+        for row, cache in zip(rows, caches):
+            check_room(cache, len(row), self.model._rope_len())
+            if len(row) > cache.max_chunk:
+                raise ValueError(f"a row of {len(row)} tokens is more than its ring cache takes in one step")
+        packed = Rows(caches, [len(r) for r in rows], self.device)
+        tokens = torch.tensor([[t for r in rows for t in r]], dtype=torch.long, device=self.device)
+        logits = self.model.forward_rows(tokens, packed).float()
+        for row, cache in zip(rows, caches):
+            cache.length += len(row)
         return logits
 
     def _store_dtype(self) -> torch.dtype:

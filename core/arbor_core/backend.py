@@ -68,6 +68,14 @@ class LoadedModel(Protocol):
         (fewer when a ring no longer holds what position n needs: callers read `length` back).
         `cache.rope` is the RoPE it was built for: prefill and decode run with those tables (for
         `capacity` positions). None: the tables of the latest set_rope."""
+    def new_caches(self, n: int, capacity: int, rope: RopeTables | None = None) -> list[Any]:
+        """`n` caches as new_cache(capacity, rope) makes them, for sequences decoded together: a backend may lay
+        them out so that step_rows reads them at once (torch: rows of one buffer, arbor_torch.cache.CachePool)."""
+    def step_rows(self, rows: list[list[int]], caches: list[Any]) -> Any:
+        """Several sequences in one forward: rows[i] (a prefill piece, or one token to decode) at positions
+        [caches[i].length, …) of caches[i], appended to it -> each row's last logits ([len(rows), vocab]). The
+        caches share one `rope`. Each row's logits are its sequence's alone, up to the rounding of matmuls over
+        several rows (none where exact_across_row_counts); one row is an ordinary prefill or decode."""
     def set_rope(self, rope: RopeTables, positions: int) -> None:
         """Make `rope` (for positions [0, positions)) the tables that caches without a rope of their own use."""
     def prefill(self, ids: list[int], cache: Any, chunk_size: int, *, every: bool = False) -> Any:

@@ -52,6 +52,14 @@ class Door(Protocol):
         `options.schema` (a JSON schema's text) holds the answer to it: a model here masks every step's
         tokens, an engine is sent it as OpenAI's `response_format`; never silently dropped."""
 
+    def stream_many(self, prompts: list, options: Any, *, context: int | None = None, rope: str | None = None,
+                    parallel: int | None = None) -> Iterator[Any]:
+        """Several prompts' generations at once: events (index, text, result) as each prompt's text comes, the
+        last of each index carrying its GenerationResult; `options` one for all or one per prompt. A model here
+        decodes them together in one batched step per token (continuous batching: `parallel` at once, the rest
+        joining as others end); an engine sends them as `--parallel` requests. Greedy answers are each prompt's
+        own `stream` answer (up to the backend's rounding for several rows: arbor_cli/batch.py)."""
+
     def generate(self, prompt: str | list[int], max_new_tokens: int = 256, *args: Any, context: int | None = None,
                  rope: str | None = None, **options: Any) -> Any:
         """Complete `prompt` (text, or token ids used as they are): a GenerationResult (or a stream)."""

@@ -94,6 +94,21 @@ def bytes_for_context(config: ArborConfig, context: int, weights_bytes: int, kv_
             + prefill_workspace_bytes(config, context, chunk, act_element_bytes, kv_scale_bytes))
 
 
+MAX_BATCH = 16  # sequences one batched step runs at most by default (llama-server's -np, vLLM's max_num_seqs)
+
+
+def batch_that_fits(config: ArborConfig, context: int, budget: int, weights_bytes: int, kv_element_bytes: int,
+                    act_element_bytes: int, chunk: int, kv_scale_bytes: int = 0, most: int = MAX_BATCH) -> int:
+    """How many sequences of `context` tokens run at once within `budget`: the weights, one prefill chunk's
+    workspace (a batched step reads at most `chunk` prompt tokens, beside one decode row per sequence) and a
+    KV cache of `context` per sequence, at most `most`; 0 when not even one fits."""
+    one = kv_bytes(config, context, kv_element_bytes, chunk, kv_scale_bytes)
+    rows = most * (4 * config.hidden_size + 3 * config.intermediate_size) * act_element_bytes
+    room = (budget - weights_bytes - prefill_workspace_bytes(config, context, chunk, act_element_bytes, kv_scale_bytes)
+            - rows - most * config.vocab_size * 4)
+    return max(0, min(most, room // one))
+
+
 def memory_budget(free_bytes: int, total_bytes: int, resident_bytes: int = 0) -> int:
     """What arbor may use: free memory plus what it already holds (loaded weights), less a margin."""
     margin = max(MIN_MARGIN, int(MARGIN_FRACTION * total_bytes))
