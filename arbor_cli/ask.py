@@ -45,7 +45,6 @@ from dataclasses import asdict, dataclass, field
 from arbor_core.errors import UsageError
 
 from .ask_every_part import COUNT, listing, nearest, part_places, read_every_part, whole_document_question
-from .chunking import split_into_chunks
 from .document_index import index_for
 from .document_reader import DocumentReader, keep_the_cache, second_look
 from .documents import Document
@@ -54,7 +53,6 @@ from .extract import label_at
 from .progress import NoProgress
 from .question_terms import QuestionTerms, SentenceCounts
 
-PART_OVERLAP_TOKENS = 96  # a sentence cut by a part's edge is whole in the next part
 ANSWERED_PARTS = 3  # the best-ranked parts that answer; more only while none has given evidence
 MAX_ANSWERED_PARTS = 12  # "the document does not seem to say" after this many best-ranked parts
 NOT_FOUND = "The document does not seem to say."
@@ -226,20 +224,6 @@ def _nothing_names(text: str, starts: list[int], parts: list[str], terms: Questi
     return Answer(NOT_FOUND, "parts", len(parts), tokens, [], nearest(text, terms, part_of),
                   {"loaded": 0, "prefilled": 0}, {"total_s": round(time.perf_counter() - started, 3), "read_s": 0.0},
                   read=0)
-
-
-def cut_into_parts(tokenizer, text: str, offsets: list[tuple[int, int]], limit: int) -> list[tuple[int, str]]:
-    """(where in `text` it starts, its text) of each part `text` is read in: the whole text (stripped) when its
-    `offsets` (its tokens) are within `limit`, else chunks of `limit` tokens overlapping by PART_OVERLAP_TOKENS,
-    each stripped. `text` must hold something besides whitespace."""
-    if len(offsets) <= limit:
-        body = text.strip()
-        return [(text.index(body), body)]
-    parts = []
-    for chunk in split_into_chunks(text, offsets, lambda s: len(tokenizer.encode(s)), limit, overlap=PART_OVERLAP_TOKENS):
-        body = chunk.text_of(text)
-        parts.append((chunk.start + text[chunk.start:chunk.end].index(body), body))
-    return parts
 
 
 def _every_part(model, reader: DocumentReader, text: str, starts: list[int], parts: list[str], question: str,

@@ -10,7 +10,7 @@ JSON file per document, tokenizer and part size under `<doc cache>/index/`, and 
 them in milliseconds.
 
 The file's name hashes everything its contents depend on: the text, the tokenizer's files, the part size
-and the source of the code that computes them (ask.py, chunking.py, question_terms.py and this module), so a
+and the source of the code that computes them (chunking.py, question_terms.py and this module), so a
 change to any of them finds no file and computes afresh, never a stale one. A file that does not parse is
 deleted and recomputed. Files are written to a temporary name and renamed; at most MAX_FILES are kept, the
 least recently used going first; `arbor cache clear` removes them with the KV entries.
@@ -27,13 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import doc_cache
-from .chunking import document_token_offsets
+from .chunking import document_token_offsets, split_into_chunks
 from .ask_every_part import candidates
 from .question_terms import QuestionTerms, SentenceCounts
 
 FORMAT = 1
+PART_OVERLAP_TOKENS = 96  # a sentence cut by a part's edge is whole in the next part
 MAX_FILES = 64  # a few KB to a few MB each (128K tokens of prose: ~1.5 MB)
-_SOURCES = ("ask.py", "chunking.py", "question_terms.py", "document_index.py")
+_SOURCES = ("chunking.py", "question_terms.py", "document_index.py")
 
 
 @dataclass
@@ -66,13 +67,25 @@ def _inside_a_word(text: str, at: int) -> bool:
 
 
 def build(tokenizer, text: str, limit: int, progress) -> DocumentIndex:
-    """Tokenize `text`, cut it into parts of at most `limit` tokens (ask.cut_into_parts) and count its
+    """Tokenize `text`, cut it into parts of at most `limit` tokens (cut_into_parts) and count its
     sentences' words."""
-    from .ask import cut_into_parts
-
     offsets = document_token_offsets(tokenizer.encode_with_offsets, text, progress)
     parts = [(start, start + len(body)) for start, body in cut_into_parts(tokenizer, text, offsets, limit)]
     return DocumentIndex(len(offsets), parts, SentenceCounts(text))
+
+
+def cut_into_parts(tokenizer, text: str, offsets: list[tuple[int, int]], limit: int) -> list[tuple[int, str]]:
+    """(where in `text` it starts, its text) of each part `text` is read in: the whole text (stripped) when its
+    `offsets` (its tokens) are within `limit`, else chunks of `limit` tokens overlapping by PART_OVERLAP_TOKENS,
+    each stripped. `text` must hold something besides whitespace."""
+    if len(offsets) <= limit:
+        body = text.strip()
+        return [(text.index(body), body)]
+    parts = []
+    for chunk in split_into_chunks(text, offsets, lambda s: len(tokenizer.encode(s)), limit, overlap=PART_OVERLAP_TOKENS):
+        body = chunk.text_of(text)
+        parts.append((chunk.start + text[chunk.start:chunk.end].index(body), body))
+    return parts
 
 
 def _code_identity() -> str:

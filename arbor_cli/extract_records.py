@@ -33,7 +33,8 @@ from typing import Any
 
 from arbor_core.errors import UsageError
 
-from .ask import cut_into_parts, reliable_tokens
+from .ask import reliable_tokens
+from .document_index import cut_into_parts
 from .chunking import document_token_offsets
 from .constrained import SchemaError, schema_text
 from .document_reader import DocumentReader, keep_the_cache

@@ -29,7 +29,8 @@ from pathlib import Path
 
 import arbor_cli
 from arbor_cli import doc_cache
-from arbor_cli.ask import ask, cut_into_parts, reliable_tokens
+from arbor_cli.ask import ask, reliable_tokens
+from arbor_cli.document_index import cut_into_parts
 from arbor_cli.chunking import document_token_offsets
 from arbor_cli.document_reader import DocumentReader
 from arbor_cli.evals import split_sentences

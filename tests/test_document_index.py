@@ -9,7 +9,7 @@ import pytest
 from ask_door import DocModel, WordTokenizer
 
 from arbor_cli import document_index
-from arbor_cli.ask import cut_into_parts
+from arbor_cli.document_index import cut_into_parts
 from arbor_cli.ask_every_part import candidates
 from arbor_cli.chunking import document_token_offsets
 from arbor_cli.progress import NoProgress
