@@ -22,10 +22,10 @@ import gpu_bench
 gpu_bench.random_checkpoint("smollm2-135m", Path("/tmp/rand135"))
 PY
   cp /tmp/pieces/smol/tokenizer.json /tmp/pieces/smol/tokenizer_config.json $R/
-  timeout 150 python3 benchmarks/batch_decode.py --model $R --device cuda --batches 1,4,16,64 --context-tokens 4000 \
+  timeout 70 python3 benchmarks/batch_decode.py --model $R --device cuda --batches 1,4,16,64 --context-tokens 4000 \
     > "$OUT/batch_decode_h100.json" 2> "$OUT/batch_decode.log"; tail -c 1500 "$OUT/batch_decode_h100.json"
   for p in 1 16; do
-    timeout 150 python3 benchmarks/serve_load.py --model $R --clients 16 --requests 2 --queue-size 16 --max-tokens 128 \
+    timeout 60 python3 benchmarks/serve_load.py --model $R --clients 16 --requests 2 --queue-size 16 --max-tokens 128 \
       --stream --parallel $p > "$OUT/serve_parallel_${p}_h100.json" 2> "$OUT/serve_$p.log"
     tail -c 800 "$OUT/serve_parallel_${p}_h100.json"; echo
   done
