@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 from arbor_core.errors import ContextError, UsageError
 
 from .generate import Decoding, GenerationOptions, GenerationResult
-from .session import Session
+from .session import Session, common_prefix
 
 
 @dataclass(eq=False)
@@ -89,7 +89,7 @@ class Batch:
         free = [s for s in self.sessions if id(s) not in taken]
         if not free:
             raise RuntimeError("every slot of the batch is running")
-        session = max(free, key=lambda s: _shared(s.ids, ids))  # the first of the longest: ties go to the lowest
+        session = max(free, key=lambda s: common_prefix(s.ids, ids))  # the first of the longest: ties go to the lowest
         model._cache_of(session)
         start = session.reuse(ids)
         run = Decoding(model.lm, model.tokenizer, ids[start:], options, self.context - len(ids))
@@ -148,12 +148,3 @@ class Batch:
 
 def _is_chat(prompt) -> bool:
     return bool(prompt) and isinstance(prompt[0], dict)
-
-
-def _shared(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n

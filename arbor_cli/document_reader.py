@@ -12,6 +12,7 @@ from typing import Any
 from arbor_core.errors import ScoringUnavailableError, UsageError
 
 from . import doc_cache
+from .session import common_prefix
 
 ANSWER_TOKENS = 32  # an answer in the text's own words is a sentence; it also ends at a blank line
 QUESTION_ROOM = 256  # tokens a question (with the instruction after it) may take after a cached document
@@ -121,11 +122,11 @@ def prompt_ids(tokenizer, text: str, question: str) -> tuple[list[int], int, int
     question ends: the question's tokens are ids[shared:end]."""
     ids = tokenizer.encode_chat(messages(text, question), add_generation_prompt=True)
     without = tokenizer.encode_chat(messages(text, ""), add_generation_prompt=True)
-    shared = min(_common_prefix(ids, without), len(ids) - 2)  # the prompt's last token starts the answer
+    shared = min(common_prefix(ids, without), len(ids) - 2)  # the prompt's last token starts the answer
     if len(ids) - shared > QUESTION_ROOM:
         raise UsageError(f"the question is too long ({len(ids) - shared} tokens with the instruction; "
                          f"at most {QUESTION_ROOM})")
-    end = len(ids) - _common_prefix(ids[::-1][:len(ids) - shared], without[::-1])
+    end = len(ids) - common_prefix(ids[::-1][:len(ids) - shared], without[::-1])
     return ids, shared, end
 
 
@@ -138,15 +139,6 @@ def second_look(model, text: str, question: str):
 
 def _size(n: int) -> str:
     return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB" if n >= 1e6 else f"{n / 1e3:.0f} kB"
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def keep_the_cache(model, tokens: int, parts: int, keep: bool) -> bool:

@@ -122,3 +122,13 @@ class Session:
     def prefill(self, ids: list[int]) -> None:
         """Hold `ids` after what the session holds, answering nothing."""
         self.door.prefill(ids, self)
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many ids `a` and `b` share from their start."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
