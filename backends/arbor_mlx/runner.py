@@ -12,7 +12,7 @@ import numpy as np
 import psutil
 from mlx.utils import tree_flatten, tree_unflatten
 
-from arbor_core.backend import SamplingParams, check_cache_arrays, check_room
+from arbor_core.backend import SamplingParams, check_cache_arrays, check_room, check_rows, check_rows_fit
 from arbor_core.errors import CorruptModelError, OutOfMemoryError
 from arbor_core.number_input import env_number
 from arbor_core.planner import layer_cache_tokens
@@ -195,21 +195,15 @@ class MLXModel:
         [caches[i].length, …) of caches[i] and are appended to it -> each row's last logits (B, vocab) float32.
         The caches share one RoPE. One row is an ordinary prefill or decode; several run as one packed forward
         (layers.Rows): projections and MLP over all rows at once, RoPE and attention per row."""
-        if not rows or len(rows) != len(caches) or any(not r for r in rows):
-            raise ValueError("step_rows needs one non-empty row per cache")
+        check_rows(rows, caches)
         if len(rows) == 1:
             one = self.decode(rows[0][0], caches[0]) if len(rows[0]) == 1 else self.prefill(rows[0], caches[0],
                                                                                            len(rows[0]))
             self._latest = None  # the single-sequence pipelining (sample) is not for a batch's rows
             return one[None]
-        rope = caches[0].rope
-        if any(c.rope is not rope for c in caches):
-            raise ValueError("the rows of one step must share their RoPE (caches made for one context)")
-        self._use_rope(rope, max(c.capacity for c in caches))
-        for row, cache in zip(rows, caches):
-            check_room(cache, len(row), self.model.rope_len())
-            if len(row) > cache.max_chunk:
-                raise ValueError(f"a row of {len(row)} tokens is more than its ring cache takes in one step")
+        self._use_rope(caches[0].rope, max(c.capacity for c in caches))
+        check_rows_fit(rows, caches, self.model.rope_len())
+        for cache in caches:
             cache.pending = None
         packed = Rows(caches, [len(r) for r in rows])
         logits = self.model.forward_rows(mx.array([[t for r in rows for t in r]], dtype=mx.int32), packed)

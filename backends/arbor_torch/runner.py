@@ -11,7 +11,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from arbor_core.backend import SamplingParams, check_cache_arrays, check_room
+from arbor_core.backend import SamplingParams, check_cache_arrays, check_room, check_rows, check_rows_fit
 from arbor_core.errors import CorruptModelError, OutOfMemoryError
 from arbor_core.number_input import env_number, env_switch
 from arbor_core.planner import layer_cache_tokens
@@ -252,20 +252,13 @@ class TorchModel:
         The caches share one RoPE (the same `rope` object, or none). One row is an ordinary prefill or decode
         (the compiled CPU step or the CUDA graph); several run eager, the rows' projections and MLP as one
         matmul, attention per row (model.Rows): the compiled and graph steps are batch-1."""
-        if not rows or len(rows) != len(caches) or any(not r for r in rows):
-            raise ValueError("step_rows needs one non-empty row per cache")
+        check_rows(rows, caches)
         if len(rows) == 1:
             one = self.decode(rows[0][0], caches[0]) if len(rows[0]) == 1 else self.prefill(rows[0], caches[0],
                                                                                            len(rows[0]))
             return one.unsqueeze(0)
-        rope = caches[0].rope
-        if any(c.rope is not rope for c in caches):
-            raise ValueError("the rows of one step must share their RoPE (caches made for one context)")
-        self._use_rope(rope, max(c.capacity for c in caches))
-        for row, cache in zip(rows, caches):
-            check_room(cache, len(row), self.model._rope_len())
-            if len(row) > cache.max_chunk:
-                raise ValueError(f"a row of {len(row)} tokens is more than its ring cache takes in one step")
+        self._use_rope(caches[0].rope, max(c.capacity for c in caches))
+        check_rows_fit(rows, caches, self.model._rope_len())
         packed = Rows(caches, [len(r) for r in rows], self.device)
         tokens = torch.tensor([[t for r in rows for t in r]], dtype=torch.long, device=self.device)
         logits = self.model.forward_rows(tokens, packed).float()

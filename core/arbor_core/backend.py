@@ -127,6 +127,23 @@ def check_room(cache: Any, n: int, rope_len: int) -> None:
         raise ContextError(f"position {cache.length + n} is beyond the RoPE table; make the cache for that context (Model.new_cache)")
 
 
+def check_rows(rows: list[list[int]], caches: list[Any]) -> None:
+    """ValueError unless `rows` of a batched step (LoadedModel.step_rows) are one non-empty row per cache, every
+    cache on one RoPE."""
+    if not rows or len(rows) != len(caches) or any(not r for r in rows):
+        raise ValueError("step_rows needs one non-empty row per cache")
+    if any(c.rope is not caches[0].rope for c in caches):
+        raise ValueError("the rows of one step must share their RoPE (caches made for one context)")
+
+
+def check_rows_fit(rows: list[list[int]], caches: list[Any], rope_len: int) -> None:
+    """check_room for each row of a batched step, and no row over what its (ring) cache takes in one step."""
+    for row, cache in zip(rows, caches):
+        check_room(cache, len(row), rope_len)
+        if len(row) > cache.max_chunk:
+            raise ValueError(f"a row of {len(row)} tokens is more than its ring cache takes in one step")
+
+
 def allowed_over(allowed: np.ndarray, vocab: int) -> np.ndarray:
     """`sample`'s `allowed` (bool [n]) as a bool mask over a [vocab] logits row: ids >= n are not allowed,
     and a mask longer than the row is cut to it (what every backend's sampler applies)."""
