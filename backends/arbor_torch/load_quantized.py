@@ -36,6 +36,7 @@ from torch import nn
 from arbor_core.errors import CorruptModelError
 from arbor_weights import quantized
 
+from . import integer_kernels
 from .memory import release_freed_heap
 from .quantize import (
     ACT_DTYPE,
@@ -107,6 +108,9 @@ class BlockLoader:
         self.groups = {base: numpy_entries(entries, where) for base, entries in groups.items()}
         self.kinds = {base: quantized.kind_of(entries, where) for base, entries in self.groups.items()}
         self.dtype = dtype
+        # K-quant models run on arbor's integer kernels where they build (integer_kernels.py): Q4_K as its own
+        # numbers (Q4KLinear), the 8-bit kinds' int8 rows through i8_mm; other models keep PyTorch's kernels
+        self.integer = any(kind in quantized.K_QUANTS for kind in self.kinds.values()) and integer_kernels.available()
 
     def float_weight(self, base: str) -> torch.Tensor:
         """The weight as the float model holds it: exact, then in `dtype`."""
@@ -136,6 +140,10 @@ class BlockLoader:
         return parts[0] if len(parts) == 1 else StackedLinear(parts)
 
     def linear(self, form: str, bases: list[str]) -> nn.Module:
+        if form == "int4" and self.integer and all(self.kinds[b] == "Q4_K" for b in bases):
+            parts = [self.groups[b] for b in bases]
+            entries = [np.concatenate([p[s] for p in parts]) for s in ("qweight", "super_scales", "sub_scales")]
+            return integer_kernels.Q4KLinear(integer_kernels.pack_q4k(*entries), len(entries[0]), self.bias(bases))
         if form == "int4":
             codes, scale, zero = (torch.cat(parts) for parts in zip(*(int4_parts(self.groups[b]) for b in bases)))
             if Int4Linear.supports(codes):
@@ -149,7 +157,9 @@ class BlockLoader:
         """Int8Linear(cat of the float weights) without them: rows are quantized independently, so a block
         of rows at a time gives the same codes and scales."""
         if any(base not in self.groups for base in bases):
-            return Int8Linear(torch.cat([self.float_weight(base) for base in bases]), bias)
+            linear = Int8Linear(torch.cat([self.float_weight(base) for base in bases]), bias)
+            linear.integer = self.integer
+            return linear
         qweight = self.groups[bases[0]]["qweight"]
         columns = qweight.shape[1] * (2 if qweight.dtype == np.uint8 else 1)  # 4-bit codes are two a byte
         sizes = [self.groups[base]["qweight"].shape[0] for base in bases]
@@ -163,7 +173,9 @@ class BlockLoader:
                 q, scale = quantize_int8(torch.from_numpy(rows).to(self.dtype))
                 codes[start + i:start + i + q.shape[0]], scales[start + i:start + i + q.shape[0]] = q, scale
             start += size
-        return int8_linear_from_codes(codes, scales, bias)
+        linear = int8_linear_from_codes(codes, scales, bias)
+        linear.integer = self.integer
+        return linear
 
 
 def load_int4(model: nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtype, where) -> None:

@@ -110,7 +110,14 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", scale)
         self.bias = bias
 
+    # True: run arbor's int8 x int8 kernel (integer_kernels.py, K-quant models), the activations quantized per 32
+    integer = False
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.integer:
+            y = torch.ops.arbor.i8_mm(x.reshape(-1, self.in_features), self.qweight, self.scale)
+            y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+            return y if self.bias is None else y + self.bias
         rows = x.reshape(-1, self.in_features).to(ACT_DTYPE)
         if rows.shape[0] >= DEQUANT_ROWS:
             y = F.linear(rows, self.qweight.to(ACT_DTYPE) * self.scale[:, None])
