@@ -7,6 +7,12 @@
 //          codes [8 sub-blocks][4 chunks t][16 rows][4 bytes]: low nibble input 32j + 4t + i, high nibble 32j+16+4t+i
 //          d [16] fp16, dmin [16] fp16, sc [8][16] u8, m [8][16] u8
 //        A 64-byte load is then 4 inputs of 16 rows, one VNNI dot product (u8 codes x s8 activations) per nibble half.
+//   q6k: GGUF Q6_K's numbers as they are, w = d * sc * (q - 32) (q 0..63; sc int8 per 16 inputs; d fp16 per 256
+//        inputs and row), 16 rows interleaved as q4k's: per group and super-block Q6K_SUPER_BYTES bytes =
+//          per 32 inputs j: q4k's nibbles of the low 4 bits [4 t][16 rows][4 bytes], then the high 2 bits of the
+//          first 16 inputs [16 rows][4 bytes] (bits 2t..2t+1: chunk t), then those of the last 16
+//          d [16] fp16, sc [16 sub-blocks][16 rows] int8
+//        6.5625 bits a weight, as in the file.
 //   i8:  int8 rows [N, K] with one scale per row (quantize.Int8Linear's buffers, unchanged).
 // Activations: per 32 inputs, dx = max|x| / 127, qx = round(x / dx) in int8; the dot of a block is exact in int32
 // and scaled in float32. ISA: AVX512-VNNI, AVX2 or plain C++, chosen at run time (ARBOR_KERNEL_ISA=avx2|scalar
@@ -34,6 +40,9 @@ constexpr int64_t SUPER = 256;        // inputs per Q4_K super-block
 constexpr int64_t ROWS = 16;          // output rows interleaved in the q4k layout
 constexpr int64_t CODE_BYTES = SUPER / 2 * ROWS;              // 2048
 constexpr int64_t SUPER_BYTES = CODE_BYTES + 4 * ROWS + 16 * ROWS;  // + d, dmin (fp16) + sc, m (u8 x 8) = 2368
+constexpr int64_t Q6K_BLOCK_BYTES = 384;                            // one 32 of 16 rows: 256 nibble + 128 high
+constexpr int64_t Q6K_CODE_BYTES = 8 * Q6K_BLOCK_BYTES;              // 3072
+constexpr int64_t Q6K_SUPER_BYTES = Q6K_CODE_BYTES + 2 * ROWS + 16 * ROWS;  // + d (fp16) + sc (int8 x 16) = 3360
 
 enum Isa : int64_t { SCALAR = 0, AVX2 = 1, AVX512 = 2 };
 
@@ -64,11 +73,14 @@ struct Quantized {
   at::Tensor q;     // int8 [M, Kp], Kp = K rounded up to 64 (the tail zero)
   at::Tensor d;     // float [M, Kp / 32] block scales (0 in the tail)
   at::Tensor dsum;  // float [M, Kp / 32] d * sum(q) of each block
+  at::Tensor sum16; // int32 [M, Kp / 16] sum(q) of each 16 (Q6_K's offset of 32 is taken off with it)
 };
 
 Quantized quantize_rows(const at::Tensor& x) {
   const int64_t M = x.size(0), K = x.size(1), Kp = (K + 63) / 64 * 64, nb = Kp / QK;
-  Quantized out{at::empty({M, Kp}, at::kChar), at::empty({M, nb}, at::kFloat), at::empty({M, nb}, at::kFloat)};
+  Quantized out{at::empty({M, Kp}, at::kChar), at::empty({M, nb}, at::kFloat), at::empty({M, nb}, at::kFloat),
+                at::empty({M, 2 * nb}, at::kInt)};
+  int32_t* s16 = out.sum16.data_ptr<int32_t>();
   const float* xp = x.data_ptr<float>();
   int8_t* qp = out.q.data_ptr<int8_t>();
   float* dp = out.d.data_ptr<float>();
@@ -80,18 +92,22 @@ Quantized quantize_rows(const at::Tensor& x) {
         if (b * QK >= K) {
           std::memset(q, 0, QK);
           dp[m * nb + b] = sp[m * nb + b] = 0.f;
+          s16[m * 2 * nb + 2 * b] = s16[m * 2 * nb + 2 * b + 1] = 0;
           continue;
         }
         const float* v = xp + m * K + b * QK;
         float amax = 0.f;
         for (int i = 0; i < QK; ++i) amax = std::max(amax, std::fabs(v[i]));
         const float d = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
-        int32_t sum = 0;
+        int32_t sum = 0, first = 0;
         for (int i = 0; i < QK; ++i) {
           const int32_t c = static_cast<int32_t>(std::nearbyint(v[i] * id));
           q[i] = static_cast<int8_t>(c);
           sum += c;
+          if (i == QK / 2 - 1) first = sum;
         }
+        s16[m * 2 * nb + 2 * b] = first;
+        s16[m * 2 * nb + 2 * b + 1] = sum - first;
         dp[m * nb + b] = d;
         sp[m * nb + b] = d * static_cast<float>(sum);
       }
@@ -318,6 +334,219 @@ at::Tensor q4k_mm(const at::Tensor& x, const at::Tensor& packed, int64_t n) {
   return y;
 }
 
+// ---- q6k: scalar, AVX2, AVX512-VNNI ----------------------------------------------------------------------------
+
+inline int q6k_code(const uint8_t* blk, int64_t j, int64_t r, int64_t k) {  // input 32j + k of row r, 0..63
+  const int64_t half = k / 16, t = (k % 16) / 4, i = k % 4;
+  const uint8_t* b = blk + j * Q6K_BLOCK_BYTES;
+  const int low = half ? b[t * 64 + r * 4 + i] >> 4 : b[t * 64 + r * 4 + i] & 15;
+  const int high = (b[256 + half * 64 + r * 4 + i] >> (2 * t)) & 3;
+  return low | (high << 4);
+}
+
+void q6k_group_scalar(const uint8_t* w, int64_t S, const Quantized& a, float* y, int64_t N, int64_t row0,
+                      int64_t valid) {
+  const int64_t M = a.q.size(0), Kp = a.q.size(1), nb = a.d.size(1);
+  for (int64_t m = 0; m < M; ++m) {
+    const int8_t* xq = a.q.data_ptr<int8_t>() + m * Kp;
+    const float* xd = a.d.data_ptr<float>() + m * nb;
+    for (int64_t r = 0; r < valid; ++r) {
+      float acc = 0.f;
+      for (int64_t s = 0; s < S; ++s) {
+        const uint8_t* blk = w + s * Q6K_SUPER_BYTES;
+        const float d = c10::detail::fp16_ieee_to_fp32_value(
+            reinterpret_cast<const uint16_t*>(blk + Q6K_CODE_BYTES)[r]);
+        const int8_t* sc = reinterpret_cast<const int8_t*>(blk + Q6K_CODE_BYTES + 2 * ROWS);
+        for (int64_t j = 0; j < 8; ++j) {
+          const int8_t* xb = xq + (s * 8 + j) * QK;
+          float block = 0.f;
+          for (int64_t half = 0; half < 2; ++half) {
+            int32_t dot = 0;
+            for (int64_t k = 16 * half; k < 16 * half + 16; ++k) dot += (q6k_code(blk, j, r, k) - 32) * xb[k];
+            block += d * sc[(2 * j + half) * ROWS + r] * static_cast<float>(dot);
+          }
+          acc += block * xd[s * 8 + j];
+        }
+      }
+      y[m * N + row0 + r] = acc;
+    }
+  }
+}
+
+template <int T>
+__attribute__((target("avx2,fma,f16c"))) void q6k_tile_avx2(const uint8_t* w, int64_t S, const int8_t* xq,
+                                                             int64_t ldq, const float* xd, const int32_t* s16,
+                                                             int64_t ldd, float* y, int64_t N, int64_t row0,
+                                                             int64_t valid) {
+  const __m256i low = _mm256_set1_epi8(0x0F), two = _mm256_set1_epi8(3);
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int h = 0; h < 2; ++h) {
+    if (h * 8 >= valid) break;
+    __m256 acc[T];
+#pragma GCC unroll 16
+    for (int tt = 0; tt < T; ++tt) acc[tt] = _mm256_setzero_ps();
+    for (int64_t s = 0; s < S; ++s) {
+      const uint8_t* blk = w + s * Q6K_SUPER_BYTES;
+      const __m256 dv =
+          _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + Q6K_CODE_BYTES + 16 * h)));
+      const int8_t* sc = reinterpret_cast<const int8_t*>(blk + Q6K_CODE_BYTES + 2 * ROWS) + 8 * h;
+      for (int64_t j = 0; j < 8; ++j) {
+        const uint8_t* b = blk + j * Q6K_BLOCK_BYTES;
+        const __m256i h0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 256 + 32 * h));
+        const __m256i h1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 320 + 32 * h));
+        __m256i lo[4], hi[4];
+#pragma GCC unroll 16
+        for (int t = 0; t < 4; ++t) {
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + t * 64 + 32 * h));
+          lo[t] = _mm256_or_si256(_mm256_and_si256(v, low),
+                                  _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h0, 2 * t), two), 4));
+          hi[t] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), low),
+                                  _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h1, 2 * t), two), 4));
+        }
+        const __m256 wa = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+                                            _mm_loadl_epi64(reinterpret_cast<const __m128i*>(sc + 2 * j * ROWS)))),
+                                        dv);
+        const __m256 wb = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
+                                            reinterpret_cast<const __m128i*>(sc + (2 * j + 1) * ROWS)))),
+                                        dv);
+        const int64_t b32 = s * 8 + j;
+#pragma GCC unroll 16
+        for (int tt = 0; tt < T; ++tt) {
+          const int8_t* xb = xq + tt * ldq + b32 * QK;
+          __m256i ia = _mm256_setzero_si256(), ib = _mm256_setzero_si256();
+#pragma GCC unroll 16
+          for (int t = 0; t < 4; ++t) {  // |pair sums| <= 2 * 63 * 128: each 4 widened to int32 at once
+            int32_t xl, xh;
+            std::memcpy(&xl, xb + 4 * t, 4);
+            std::memcpy(&xh, xb + 16 + 4 * t, 4);
+            ia = _mm256_add_epi32(ia, _mm256_madd_epi16(_mm256_maddubs_epi16(lo[t], _mm256_set1_epi32(xl)), ones));
+            ib = _mm256_add_epi32(ib, _mm256_madd_epi16(_mm256_maddubs_epi16(hi[t], _mm256_set1_epi32(xh)), ones));
+          }
+          ia = _mm256_sub_epi32(ia, _mm256_set1_epi32(32 * s16[tt * 2 * ldd + 2 * b32]));
+          ib = _mm256_sub_epi32(ib, _mm256_set1_epi32(32 * s16[tt * 2 * ldd + 2 * b32 + 1]));
+          const __m256 blockv = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ib), wb, _mm256_mul_ps(_mm256_cvtepi32_ps(ia), wa));
+          acc[tt] = _mm256_fmadd_ps(blockv, _mm256_set1_ps(xd[tt * ldd + b32]), acc[tt]);
+        }
+      }
+    }
+#pragma GCC unroll 16
+    for (int tt = 0; tt < T; ++tt) {
+      float out[8];
+      _mm256_storeu_ps(out, acc[tt]);
+      const int64_t n = std::min<int64_t>(8, valid - 8 * h);
+      std::memcpy(y + tt * N + row0 + 8 * h, out, n * sizeof(float));
+    }
+  }
+}
+
+template <int T>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512dq,fma,f16c"))) void q6k_tile_avx512(
+    const uint8_t* w, int64_t S, const int8_t* xq, int64_t ldq, const float* xd, const int32_t* s16, int64_t ldd,
+    float* y, int64_t N, int64_t row0, int64_t valid) {
+  const __m512i low = _mm512_set1_epi8(0x0F), two = _mm512_set1_epi8(3);
+  __m512 acc[T];
+#pragma GCC unroll 16
+  for (int tt = 0; tt < T; ++tt) acc[tt] = _mm512_setzero_ps();
+  for (int64_t s = 0; s < S; ++s) {
+    const uint8_t* blk = w + s * Q6K_SUPER_BYTES;
+    const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + Q6K_CODE_BYTES)));
+    const int8_t* sc = reinterpret_cast<const int8_t*>(blk + Q6K_CODE_BYTES + 2 * ROWS);
+    for (int64_t j = 0; j < 8; ++j) {
+      const uint8_t* b = blk + j * Q6K_BLOCK_BYTES;
+      const __m512i h0 = _mm512_loadu_si512(b + 256);
+      const __m512i h1 = _mm512_loadu_si512(b + 320);
+      __m512i lo[4], hi[4];
+#pragma GCC unroll 16
+      for (int t = 0; t < 4; ++t) {
+        const __m512i v = _mm512_loadu_si512(b + t * 64);
+        lo[t] = _mm512_or_si512(_mm512_and_si512(v, low),
+                                _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(h0, 2 * t), two), 4));
+        hi[t] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(v, 4), low),
+                                _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(h1, 2 * t), two), 4));
+      }
+      const __m512 wa = _mm512_mul_ps(
+          _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + 2 * j * ROWS)))),
+          dv);
+      const __m512 wb = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                                          _mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + (2 * j + 1) * ROWS)))),
+                                      dv);
+      const int64_t b32 = s * 8 + j;
+#pragma GCC unroll 16
+      for (int tt = 0; tt < T; ++tt) {
+        const int8_t* xb = xq + tt * ldq + b32 * QK;
+        __m512i ia = _mm512_set1_epi32(-32 * s16[tt * 2 * ldd + 2 * b32]);  // the codes' offset of 32
+        __m512i ib = _mm512_set1_epi32(-32 * s16[tt * 2 * ldd + 2 * b32 + 1]);
+#pragma GCC unroll 16
+        for (int t = 0; t < 4; ++t) {
+          int32_t xl, xh;
+          std::memcpy(&xl, xb + 4 * t, 4);
+          std::memcpy(&xh, xb + 16 + 4 * t, 4);
+          ia = _mm512_dpbusd_epi32(ia, lo[t], _mm512_set1_epi32(xl));
+          ib = _mm512_dpbusd_epi32(ib, hi[t], _mm512_set1_epi32(xh));
+        }
+        const __m512 blockv = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ib), wb, _mm512_mul_ps(_mm512_cvtepi32_ps(ia), wa));
+        acc[tt] = _mm512_fmadd_ps(blockv, _mm512_set1_ps(xd[tt * ldd + b32]), acc[tt]);
+      }
+    }
+  }
+  const __mmask16 mask = valid >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << valid) - 1);
+#pragma GCC unroll 16
+  for (int tt = 0; tt < T; ++tt) _mm512_mask_storeu_ps(y + tt * N + row0, mask, acc[tt]);
+}
+
+void q6k_group(int64_t isa, const uint8_t* w, int64_t S, const Quantized& a, float* y, int64_t N, int64_t row0,
+               int64_t valid) {
+  const int64_t M = a.q.size(0), Kp = a.q.size(1), nb = a.d.size(1);
+  if (isa == SCALAR) {
+    q6k_group_scalar(w, S, a, y, N, row0, valid);
+    return;
+  }
+  const int8_t* xq = a.q.data_ptr<int8_t>();
+  const float* xd = a.d.data_ptr<float>();
+  const int32_t* s16 = a.sum16.data_ptr<int32_t>();
+  for (int64_t m = 0; m < M;) {
+    const int64_t T = std::min<int64_t>(Q4K_TOKENS, M - m);
+    const int8_t* q = xq + m * Kp;
+    const float* d = xd + m * nb;
+    const int32_t* s = s16 + m * 2 * nb;
+    float* out = y + m * N;
+#define ARBOR_Q6K_CASE(n)                                             \
+  case n:                                                             \
+    if (isa == AVX512)                                                \
+      q6k_tile_avx512<n>(w, S, q, Kp, d, s, nb, out, N, row0, valid); \
+    else                                                              \
+      q6k_tile_avx2<n>(w, S, q, Kp, d, s, nb, out, N, row0, valid);   \
+    break;
+    switch (T) {
+      ARBOR_Q6K_CASE(1)
+      ARBOR_Q6K_CASE(2)
+      ARBOR_Q6K_CASE(3)
+      ARBOR_Q6K_CASE(4)
+    }
+#undef ARBOR_Q6K_CASE
+    m += T;
+  }
+}
+
+at::Tensor q6k_mm(const at::Tensor& x, const at::Tensor& packed, int64_t n) {
+  TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == at::kByte && packed.size(2) == Q6K_SUPER_BYTES &&
+                  packed.is_contiguous(),
+              "arbor q6k_mm: packed must be contiguous uint8 [N/16, K/256, ", Q6K_SUPER_BYTES, "]");
+  const int64_t G = packed.size(0), S = packed.size(1), K = S * SUPER;
+  TORCH_CHECK(n > (G - 1) * ROWS && n <= G * ROWS, "arbor q6k_mm: ", n, " rows do not fit ", G, " groups");
+  const at::Tensor rows = as_float_rows(x, K);
+  const Quantized a = quantize_rows(rows);
+  at::Tensor y = at::empty({rows.size(0), n}, at::kFloat);
+  const uint8_t* w = packed.data_ptr<uint8_t>();
+  float* yp = y.data_ptr<float>();
+  const int64_t isa = current_isa.load();
+  at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g)
+      q6k_group(isa, w + g * S * Q6K_SUPER_BYTES, S, a, yp, n, g * ROWS, std::min<int64_t>(ROWS, n - g * ROWS));
+  });
+  return y;
+}
+
 // ---- i8: int8 rows, one scale per row ------------------------------------------------------------------------
 
 float scale_at(const at::Tensor& scale, int64_t n) {
@@ -511,11 +740,13 @@ int64_t set_isa(int64_t isa) {
 
 TORCH_LIBRARY(arbor, m) {
   m.def("q4k_mm(Tensor x, Tensor packed, int n) -> Tensor");
+  m.def("q6k_mm(Tensor x, Tensor packed, int n) -> Tensor");
   m.def("i8_mm(Tensor x, Tensor q, Tensor scale) -> Tensor");
   m.def("set_isa(int isa) -> int", &set_isa);
 }
 
 TORCH_LIBRARY_IMPL(arbor, CPU, m) {
   m.impl("q4k_mm", &q4k_mm);
+  m.impl("q6k_mm", &q6k_mm);
   m.impl("i8_mm", &i8_mm);
 }

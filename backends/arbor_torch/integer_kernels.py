@@ -6,6 +6,8 @@ kernels quantize the activations to int8 per 32 inputs once per call and take ex
 codes (AVX512-VNNI, AVX2 or plain C++, chosen at run time), scaled in float32:
 - torch.ops.arbor.q4k_mm(x, packed, n): GGUF Q4_K's own numbers, w = d * sc * q - dmin * m, with 16 output rows
   interleaved (pack_q4k): nothing is re-fitted, the weights are the file's exactly;
+- torch.ops.arbor.q6k_mm(x, packed, n): GGUF Q6_K's, w = d * sc * (q - 32), in 6.5625 bits a weight as in the file
+  (pack_q6k), so Q4_K_M's Q6_K layers and its tied head/embedding (233 MB as int8 rows, 127 MB so) are exact too;
 - torch.ops.arbor.i8_mm(x, q, scale): int8 rows with a scale per row (quantize.Int8Linear's buffers).
 The only error against the exact float product is the activations' rounding to int8 (tests/test_integer_kernels.py
 bounds it).
@@ -18,6 +20,7 @@ stderr and the model runs PyTorch's int4 / int8 kernels as before.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import subprocess
@@ -39,6 +42,7 @@ SOURCE = Path(__file__).with_name("integer_kernels.cpp")
 SUPER = 256  # inputs per Q4_K super-block
 ROWS = 16  # output rows interleaved in the packed layout
 SUPER_BYTES = SUPER // 2 * ROWS + 4 * ROWS + 16 * ROWS  # codes, d and dmin (fp16), sc and m (u8) of 16 rows
+Q6K_SUPER_BYTES = SUPER * 6 // 8 * ROWS + 2 * ROWS + 16 * ROWS  # 6-bit codes, d (fp16), sc (int8 per 16) of 16 rows
 ISAS = {"scalar": 0, "avx2": 1, "avx512": 2}
 
 _loaded: bool | None = None
@@ -117,6 +121,10 @@ def _register_fakes() -> None:
     def _(x, packed, n):
         return x.new_empty((x.numel() // (packed.shape[1] * SUPER), n), dtype=torch.float32)
 
+    @torch.library.register_fake("arbor::q6k_mm")
+    def _(x, packed, n):
+        return x.new_empty((x.numel() // (packed.shape[1] * SUPER), n), dtype=torch.float32)
+
     @torch.library.register_fake("arbor::i8_mm")
     def _(x, q, scale):
         return x.new_empty((x.numel() // q.shape[1], q.shape[0]), dtype=torch.float32)
@@ -166,6 +174,74 @@ def unpack_q4k(packed: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor
     return codes, halves, subs[:n]
 
 
+def pack_q6k(qweight, super_scales, sub_scales) -> torch.Tensor:
+    """A Q6_K tensor's stored entries (codes q - 32 int8 [N, K], d [N, K/256, 1] fp16, sc int8 [N, K/16]) -> uint8
+    [ceil(N/16), K/256, Q6K_SUPER_BYTES] (integer_kernels.cpp's q6k layout); missing rows of the last group zero."""
+    q = torch.as_tensor(qweight).to(torch.int16).add(32).to(torch.uint8)
+    n, k = q.shape
+    s, g = k // SUPER, -(-n // ROWS)
+    pad = g * ROWS - n
+    halves = torch.as_tensor(super_scales).view(torch.int16).reshape(n, s)
+    subs = torch.as_tensor(sub_scales).reshape(n, s * 16)
+    if pad:
+        q, halves, subs = (F.pad(t, (0, 0) * (t.dim() - 1) + (0, pad)) for t in (q, halves, subs))
+    c = q.view(g, ROWS, s, 8, 2, 4, 4)  # (g, row, s, 32-block j, half, t, i)
+    low = (c & 0x0F).permute(0, 2, 3, 4, 5, 1, 6)  # (g, s, j, half, t, row, i)
+    nibbles = (low[:, :, :, 0] | (low[:, :, :, 1] << 4)).reshape(g, s, 8, -1)
+    high = (c >> 4).permute(0, 2, 3, 4, 1, 6, 5)  # (g, s, j, half, row, i, t)
+    bits = (high[..., 0] | (high[..., 1] << 2) | (high[..., 2] << 4) | (high[..., 3] << 6)).reshape(g, s, 8, -1)
+    codes = torch.cat([nibbles, bits], dim=3).reshape(g, s, -1)
+    d = halves.view(g, ROWS, s).permute(0, 2, 1).contiguous().view(torch.uint8).reshape(g, s, -1)
+    sc = subs.view(g, ROWS, s, 16).permute(0, 2, 3, 1).contiguous().view(torch.uint8).reshape(g, s, -1)
+    return torch.cat([codes, d, sc], dim=2).contiguous()
+
+
+def unpack_q6k(packed: torch.Tensor, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """pack_q6k's inverse for the given rows (all when None): (w float32 [rows, K] as gguf forms it: (d * sc) in
+    float32 times q - 32, exactly) and nothing else; reads only those rows' groups."""
+    g_all, s, _ = packed.shape
+    groups = packed if rows is None else packed[rows // ROWS]  # (r, s, bytes): each row's group
+    r = groups.shape[0]
+    code = groups[..., :SUPER * 6 // 8 * ROWS].reshape(r, s, 8, 384)
+    nib = code[..., :256].reshape(r, s, 8, 4, ROWS, 4)
+    bits = code[..., 256:].reshape(r, s, 8, 2, ROWS, 4)
+    low = torch.stack([nib & 0x0F, nib >> 4], dim=3)  # (r, s, j, half, t, row, i)
+    high = torch.stack([(bits >> (2 * t)) & 3 for t in range(4)], dim=4)  # (r, s, j, half, t, row, i)
+    q = (low | (high << 4)).permute(0, 5, 1, 2, 3, 4, 6).to(torch.float32) - 32  # (r, row, s, j, half, t, i)
+    start = SUPER * 6 // 8 * ROWS
+    d = groups[..., start:start + 2 * ROWS].contiguous().view(torch.float16).float()  # (r, s, row)
+    sc = groups[..., start + 2 * ROWS:].contiguous().view(torch.int8).view(r, s, 16, ROWS).float()
+    scale = (d[:, :, None, :] * sc).permute(0, 3, 1, 2)  # (r, row, s, 16): d * sc as gguf rounds it, float32
+    w = (q.reshape(r, ROWS, s, 16, 16) * scale[..., None]).reshape(r, ROWS, s * SUPER)
+    if rows is None:
+        return w.reshape(g_all * ROWS, -1)
+    return w[torch.arange(r), rows % ROWS]
+
+
+class Q6KLinear(nn.Module):
+    """y = x @ W.T + bias with W a GGUF Q6_K tensor's numbers (d * sc * (q - 32) per 16 inputs) in pack_q6k's
+    layout, run by torch.ops.arbor.q6k_mm. Its rows also serve as a tied embedding (embed_rows)."""
+
+    def __init__(self, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.out_features, self.in_features = out_features, packed.shape[1] * SUPER
+        self.register_buffer("packed", packed)
+        self.bias = bias
+
+    def dequantized(self, dtype=torch.float32) -> torch.Tensor:
+        return unpack_q6k(self.packed)[:self.out_features].to(dtype)
+
+    def embed_rows(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The exact rows of `tokens` (any shape) as float32 [..., K], read from their groups only."""
+        return unpack_q6k(self.packed, tokens.reshape(-1)).view(*tokens.shape, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        y = torch.ops.arbor.q6k_mm(rows, self.packed, self.out_features)
+        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+
 class Q4KLinear(nn.Module):
     """y = x @ W.T + bias with W a GGUF Q4_K tensor's numbers (d * sc * q - dmin * m per 32 inputs) in
     pack_q4k's layout, run by torch.ops.arbor.q4k_mm."""
@@ -189,3 +265,14 @@ class Q4KLinear(nn.Module):
         y = torch.ops.arbor.q4k_mm(rows, self.packed, self.out_features)
         y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
+
+
+@contextlib.contextmanager
+def turned_off():
+    """Models loaded inside run PyTorch's kernels, as without a compiler (benchmarks compare the two)."""
+    global _loaded
+    saved, _loaded = _loaded, False
+    try:
+        yield
+    finally:
+        _loaded = saved

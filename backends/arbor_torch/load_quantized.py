@@ -123,9 +123,16 @@ class BlockLoader:
         return None if parts[0] is None else nn.Parameter(torch.cat(parts).to(self.dtype).clone(), requires_grad=False)
 
     def format_of(self, base: str) -> str:
-        """"int4" (the codes run as they are), "int8" (an 8-bit kind, rows re-fitted) or "float"."""
+        """"int4" (the codes run as they are), "int8" (an 8-bit kind, rows re-fitted), "q6k" (Q6_K's own numbers,
+        on the integer kernels) or "float"."""
         kind = self.kinds.get(base)
+        if kind == "Q6_K" and self.integer:
+            return "q6k"
         return "float" if kind is None else FOUR_BIT_FORMAT if kind in INT4_KINDS else EIGHT_BIT_FORMAT
+
+    def entries_of(self, bases: list[str]) -> list[np.ndarray]:
+        """qweight, super_scales, sub_scales of `bases`, their rows one after the other (a fused projection)."""
+        return [np.concatenate([self.groups[b][s] for b in bases]) for s in ("qweight", "super_scales", "sub_scales")]
 
     def projection(self, bases: list[str]) -> nn.Module:
         """The rows of `bases` (q, k, v; gate, up; or one) as one module, in that order: each run of
@@ -140,9 +147,11 @@ class BlockLoader:
         return parts[0] if len(parts) == 1 else StackedLinear(parts)
 
     def linear(self, form: str, bases: list[str]) -> nn.Module:
+        if form == "q6k":
+            entries = self.entries_of(bases)
+            return integer_kernels.Q6KLinear(integer_kernels.pack_q6k(*entries), len(entries[0]), self.bias(bases))
         if form == "int4" and self.integer and all(self.kinds[b] == "Q4_K" for b in bases):
-            parts = [self.groups[b] for b in bases]
-            entries = [np.concatenate([p[s] for p in parts]) for s in ("qweight", "super_scales", "sub_scales")]
+            entries = self.entries_of(bases)
             return integer_kernels.Q4KLinear(integer_kernels.pack_q4k(*entries), len(entries[0]), self.bias(bases))
         if form == "int4":
             codes, scale, zero = (torch.cat(parts) for parts in zip(*(int4_parts(self.groups[b]) for b in bases)))
@@ -192,10 +201,19 @@ def load_int4(model: nn.Module, state: dict[str, torch.Tensor], dtype: torch.dty
         release_freed_heap()  # a layer's transients (int32 codes, row blocks) freed: not kept as the peak grows
     tied = model.config.tie_word_embeddings
     head = "model.embed_tokens" if tied else "lm_head"
-    model.lm_head = loader.int8_linear([head], loader.bias(["lm_head"])) if HEAD_MODE["int4"] == "int8" else \
-        quantized_linear(loader.float_weight(head), loader.bias(["lm_head"]), HEAD_MODE["int4"])
-    codes = model.lm_head if tied and isinstance(model.lm_head, Int8Linear) else \
-        loader.int8_linear(["model.embed_tokens"])
+    if loader.format_of(head) == "q6k":  # Q4_K_M's head: its own numbers, and (tied) the embedding's rows too
+        model.lm_head = loader.linear("q6k", [head])
+        model.lm_head.bias = loader.bias(["lm_head"])
+    elif HEAD_MODE["int4"] == "int8":
+        model.lm_head = loader.int8_linear([head], loader.bias(["lm_head"]))
+    else:
+        model.lm_head = quantized_linear(loader.float_weight(head), loader.bias(["lm_head"]), HEAD_MODE["int4"])
+    if tied and isinstance(model.lm_head, (Int8Linear, integer_kernels.Q6KLinear)):
+        codes = model.lm_head
+    elif loader.format_of("model.embed_tokens") == "q6k":
+        codes = loader.linear("q6k", ["model.embed_tokens"])
+    else:
+        codes = loader.int8_linear(["model.embed_tokens"])
     model.model.embed_tokens = Int8Embedding(codes, dtype)
     # the norms, copied out of the memory-mapped file (why: the end of quantize_model)
     norms = {name: t.to(dtype).clone() for name, t in loader.floats.items() if name.endswith("norm.weight")}

@@ -213,12 +213,16 @@ class Int8Embedding(nn.Module):
         self.codes, self.dtype = codes, dtype
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if hasattr(self.codes, "embed_rows"):  # integer_kernels.Q6KLinear: rows read from its own layout
+            return self.codes.embed_rows(tokens).to(self.dtype)
         rows = self.codes.qweight[tokens].to(self.dtype)
         return rows * self.codes.scale[tokens].to(self.dtype)[..., None]
 
     @property
     def weight(self) -> torch.Tensor:
-        """For code that reads the embedding's device and dtype (RoPE tables, caches): a 1-element view."""
+        """For code that reads the embedding's device and dtype (RoPE tables, caches): a 1-element tensor."""
+        if not hasattr(self.codes, "scale"):
+            return torch.zeros(1, dtype=self.dtype, device=self.codes.packed.device)
         return self.codes.scale[:1].to(self.dtype)
 
 
