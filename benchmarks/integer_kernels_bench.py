@@ -1,6 +1,8 @@
 """arbor's CPU integer kernels (backends/arbor_torch/integer_kernels.cpp) against PyTorch's int4 / int8 kernels
-on the Qwen2.5-1.5B's projection shapes: random Q4_K blocks, the same numbers in each engine's layout, engines
-alternated round by round, best of --reps; `uptime` printed before and after (the machine may be shared).
+on the Qwen2.5-1.5B's projection shapes: random Q4_K blocks, the same numbers in each engine's layout (Q6_K: random
+blocks of its own), engines alternated round by round, best of --reps; `uptime` printed before and after (the
+machine may be shared). "aten int4" is Int4Linear as the model runs it: the int4 kernel below 64 rows, a bf16
+dequantization + GEMM from 64 (prefill); "aten int8" the int8 kernel.
 
     python benchmarks/integer_kernels_bench.py [--rows 1] [--reps 30] [--json out.json]
 """
@@ -35,6 +37,12 @@ def q4k_entries(n: int, k: int, rng) -> dict[str, np.ndarray]:
             "sub_scales": rng.integers(0, 64, (n, k // 32, 2), dtype=np.uint8)}
 
 
+def q6k_entries(n: int, k: int, rng) -> dict[str, np.ndarray]:
+    return {"qweight": rng.integers(-32, 32, (n, k), dtype=np.int8),
+            "super_scales": (rng.random((n, k // 256, 1)) * 0.01).astype(np.float16),
+            "sub_scales": rng.integers(-64, 64, (n, k // 16), dtype=np.int8)}
+
+
 def engines(n: int, k: int, rng) -> dict:
     """name -> (callable on x, weight bytes read per call)."""
     e = q4k_entries(n, k, rng)
@@ -48,8 +56,10 @@ def engines(n: int, k: int, rng) -> dict:
         codes = torch.stack([torch.from_numpy(e["qweight"]) & 15, torch.from_numpy(e["qweight"]) >> 4], -1).reshape(n, k)
         scale, low = (torch.from_numpy(a) for a in quantized.k_block_constants(e))
         lin = int4_linear_from_codes(codes, scale, 8 * scale - low)
-        out["aten int4"] = (lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x.to(ACT_DTYPE), lin.qweight, 32, lin.scale_zero), lin.qweight.numel() + lin.scale_zero.numel() * 2)
+        out["aten int4"] = (lambda x: lin(x), lin.qweight.numel() + lin.scale_zero.numel() * 2)  # as the model runs it
+    e6 = q6k_entries(n, k, rng)
+    packed6 = ik.pack_q6k(e6["qweight"], e6["super_scales"], e6["sub_scales"])
+    out["arbor q6k"] = (lambda x: torch.ops.arbor.q6k_mm(x, packed6, n), packed6.numel())
     return out
 
 

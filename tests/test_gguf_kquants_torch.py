@@ -201,7 +201,16 @@ def test_on_the_integer_kernels_every_k_quant_layer_is_the_files_own_numbers(tmp
     embed = lm.model.model.embed_tokens
     if checkpoint.config.tie_word_embeddings:
         assert embed.codes is lm.model.lm_head
-    assert isinstance(embed.codes, Int8Linear) and embed.codes.integer  # MIX's embedding: Q8_0
+    assert isinstance(embed.codes, integer_kernels.Q8Linear)  # MIX's embedding: Q8_0, its exact rows
+    tokens = torch.tensor([[3, 17], [99, 5]])
+    assert torch.equal(embed(tokens).float(), embed.codes.dequantized()[tokens])
+
+
+@pytest.mark.skipif(not integer_kernels.available(), reason="arbor's integer kernels do not build here")
+def test_on_the_integer_kernels_nothing_is_dequantized_at_load(tmp_path, monkeypatch):
+    checkpoint = import_tiny(tmp_path, kinds=MIX)
+    monkeypatch.setattr(quantized, "dequantize", lambda entries: pytest.fail("dequantized at load"))
+    torch_lm(checkpoint, "int4")
 
 
 @pytest.mark.skipif(not integer_kernels.available(), reason="arbor's integer kernels do not build here")
@@ -214,7 +223,7 @@ def test_a_q6_k_tied_head_is_also_the_embeddings_exact_rows(tmp_path):
     assert torch.equal(embed(tokens).float(), head.dequantized()[tokens])
 
 
-def test_int4_mode_never_dequantizes_a_4_bit_layer(tmp_path, monkeypatch):
+def test_int4_mode_never_dequantizes_a_4_bit_layer(tmp_path, monkeypatch, aten_kernels):
     checkpoint = import_tiny(tmp_path, kinds=MIX)
     dequantized = []
     real = quantized.dequantize

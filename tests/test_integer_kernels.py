@@ -1,5 +1,5 @@
-"""arbor's CPU integer kernels (backends/arbor_torch/integer_kernels.cpp): Q4_K and Q6_K codes x int8 activations
-and int8 rows x int8 activations, on every instruction set this CPU has (AVX512-VNNI, AVX2, plain C++).
+"""arbor's CPU integer kernels (backends/arbor_torch/integer_kernels.cpp): Q4_K, Q6_K and Q8_0 / Q5_0 codes x int8
+activations and int8 rows x int8 activations, on every instruction set this CPU has (AVX512-VNNI, AVX2, plain C++).
 
 Two references: the exact product of the float weights (the project's own bit-exact dequantization) and the
 activation as the kernel rounds it. Against the second only float32 summation order differs; against the first,
@@ -101,6 +101,30 @@ def test_q6k_products_are_the_exact_weights_times_the_rounded_activations(isa, r
     x[0, 16:48] *= 50
     y = torch.ops.arbor.q6k_mm(x, packed, rows)
     check(y, x, torch.from_numpy(quantized.dequantize(entries)))
+
+
+@pytest.mark.parametrize("kind", ["Q8_0", "Q5_0"])
+@pytest.mark.parametrize("rows, columns, tokens", [(16, 256, 1), (40, 96, 3), (97, 768, 5), (200, 512, 17)])
+def test_q8_holds_the_files_numbers_and_its_products_are_the_exact_weights_times_the_rounded_activations(
+        isa, kind, rows, columns, tokens):
+    block = quantized.BLOCK_BYTES[kind][0]
+    entries = quantized.from_gguf_blocks(random_kept_blocks(kind, rows, columns // block, rows), kind, (rows, columns))
+    linear = integer_kernels.Q8Linear(integer_kernels.pack_q8(entries["qweight"], entries["scales"]), rows)
+    exact = torch.from_numpy(quantized.dequantize(entries))
+    assert torch.equal(linear.dequantized(), exact)
+    picked = torch.tensor([[0, rows - 1], [rows // 2, 3 % rows]])
+    assert torch.equal(linear.embed_rows(picked), exact[picked])
+    x = torch.randn(tokens, columns, generator=torch.Generator().manual_seed(columns))
+    x[0, 32:64] *= 50
+    check(linear(x), x, exact)
+
+
+@pytest.mark.parametrize("rows, columns", [(16, 512), (37, 256)])
+def test_q4_k_rows_serve_as_an_embedding_exactly(rows, columns):
+    entries = q4_k_entries(rows, columns)
+    linear = integer_kernels.Q4KLinear(integer_kernels.pack_q4k(*(entries[s] for s in PARTS)), rows)
+    picked = torch.tensor([[0, rows - 1], [5, 9]])
+    assert torch.equal(linear.embed_rows(picked), torch.from_numpy(quantized.dequantize(entries))[picked])
 
 
 @pytest.mark.parametrize("rows, columns, tokens", [(7, 96, 5), (40, 512, 1), (33, 1024, 3), (129, 160, 9),

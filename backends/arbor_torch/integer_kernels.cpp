@@ -13,6 +13,9 @@
 //          first 16 inputs [16 rows][4 bytes] (bits 2t..2t+1: chunk t), then those of the last 16
 //          d [16] fp16, sc [16 sub-blocks][16 rows] int8
 //        6.5625 bits a weight, as in the file.
+//   q8:  GGUF Q8_0's (and Q5_0's, stored as Q8_0) numbers as they are, w = d * q (q int8, d fp16 per 32 inputs and
+//        row), 16 rows interleaved: per group and 32 inputs Q8_BLOCK_BYTES bytes = codes [8 t][16 rows][4 bytes],
+//        d [16] fp16. 8.5 bits a weight.
 //   i8:  int8 rows [N, K] with one scale per row (quantize.Int8Linear's buffers, unchanged).
 // Activations: per 32 inputs, dx = max|x| / 127, qx = round(x / dx) in int8; the dot of a block is exact in int32
 // and scaled in float32. ISA: AVX512-VNNI, AVX2 or plain C++, chosen at run time (ARBOR_KERNEL_ISA=avx2|scalar
@@ -40,6 +43,7 @@ constexpr int64_t SUPER = 256;        // inputs per Q4_K super-block
 constexpr int64_t ROWS = 16;          // output rows interleaved in the q4k layout
 constexpr int64_t CODE_BYTES = SUPER / 2 * ROWS;              // 2048
 constexpr int64_t SUPER_BYTES = CODE_BYTES + 4 * ROWS + 16 * ROWS;  // + d, dmin (fp16) + sc, m (u8 x 8) = 2368
+constexpr int64_t Q8_BLOCK_BYTES = QK * ROWS + 2 * ROWS;            // 544
 constexpr int64_t Q6K_BLOCK_BYTES = 384;                            // one 32 of 16 rows: 256 nibble + 128 high
 constexpr int64_t Q6K_CODE_BYTES = 8 * Q6K_BLOCK_BYTES;              // 3072
 constexpr int64_t Q6K_SUPER_BYTES = Q6K_CODE_BYTES + 2 * ROWS + 16 * ROWS;  // + d (fp16) + sc (int8 x 16) = 3360
@@ -547,6 +551,159 @@ at::Tensor q6k_mm(const at::Tensor& x, const at::Tensor& packed, int64_t n) {
   return y;
 }
 
+// ---- q8: scalar, AVX2, AVX512-VNNI -----------------------------------------------------------------------------
+
+void q8_group_scalar(const uint8_t* w, int64_t B, const Quantized& a, float* y, int64_t N, int64_t row0,
+                     int64_t valid) {
+  const int64_t M = a.q.size(0), Kp = a.q.size(1), nb = a.d.size(1);
+  for (int64_t m = 0; m < M; ++m) {
+    const int8_t* xq = a.q.data_ptr<int8_t>() + m * Kp;
+    const float* xd = a.d.data_ptr<float>() + m * nb;
+    for (int64_t r = 0; r < valid; ++r) {
+      float acc = 0.f;
+      for (int64_t b = 0; b < B; ++b) {
+        const uint8_t* blk = w + b * Q8_BLOCK_BYTES;
+        const int8_t* codes = reinterpret_cast<const int8_t*>(blk);
+        int32_t dot = 0;
+        for (int64_t t = 0; t < 8; ++t)
+          for (int64_t i = 0; i < 4; ++i) dot += codes[t * 64 + r * 4 + i] * xq[b * QK + 4 * t + i];
+        const float d = c10::detail::fp16_ieee_to_fp32_value(reinterpret_cast<const uint16_t*>(blk + QK * ROWS)[r]);
+        acc += d * xd[b] * static_cast<float>(dot);
+      }
+      y[m * N + row0 + r] = acc;
+    }
+  }
+}
+
+template <int T>
+__attribute__((target("avx2,fma,f16c"))) void q8_tile_avx2(const uint8_t* w, int64_t B, const int8_t* xq,
+                                                            int64_t ldq, const float* xd, int64_t ldd, float* y,
+                                                            int64_t N, int64_t row0, int64_t valid) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int h = 0; h < 2; ++h) {
+    if (h * 8 >= valid) break;
+    __m256 acc[T];
+#pragma GCC unroll 16
+    for (int tt = 0; tt < T; ++tt) acc[tt] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < B; ++b) {
+      const uint8_t* blk = w + b * Q8_BLOCK_BYTES;
+      const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + QK * ROWS + 16 * h)));
+      __m256i wv[8], wa[8];
+#pragma GCC unroll 16
+      for (int t = 0; t < 8; ++t) {
+        wv[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + t * 64 + 32 * h));
+        wa[t] = _mm256_sign_epi8(wv[t], wv[t]);
+      }
+#pragma GCC unroll 16
+      for (int tt = 0; tt < T; ++tt) {
+        const int8_t* xb = xq + tt * ldq + b * QK;
+        __m256i ia = _mm256_setzero_si256();
+#pragma GCC unroll 16
+        for (int t = 0; t < 8; ++t) {  // |w| x x in u8 x s8 pairs: <= 2 * 127 * 128, no saturation
+          int32_t x4;
+          std::memcpy(&x4, xb + 4 * t, 4);
+          const __m256i p = _mm256_maddubs_epi16(wa[t], _mm256_sign_epi8(_mm256_set1_epi32(x4), wv[t]));
+          ia = _mm256_add_epi32(ia, _mm256_madd_epi16(p, ones));
+        }
+        acc[tt] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ia), _mm256_mul_ps(dv, _mm256_set1_ps(xd[tt * ldd + b])),
+                                  acc[tt]);
+      }
+    }
+#pragma GCC unroll 16
+    for (int tt = 0; tt < T; ++tt) {
+      float out[8];
+      _mm256_storeu_ps(out, acc[tt]);
+      const int64_t n = std::min<int64_t>(8, valid - 8 * h);
+      std::memcpy(y + tt * N + row0 + 8 * h, out, n * sizeof(float));
+    }
+  }
+}
+
+template <int T>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512dq,fma,f16c"))) void q8_tile_avx512(
+    const uint8_t* w, int64_t B, const int8_t* xq, int64_t ldq, const float* xd, const int32_t* s16, int64_t ldd,
+    float* y, int64_t N, int64_t row0, int64_t valid) {
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  __m512 acc[T];
+#pragma GCC unroll 16
+  for (int tt = 0; tt < T; ++tt) acc[tt] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < B; ++b) {
+    const uint8_t* blk = w + b * Q8_BLOCK_BYTES;
+    const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + QK * ROWS)));
+    __m512i wv[8];
+#pragma GCC unroll 16
+    for (int t = 0; t < 8; ++t) wv[t] = _mm512_xor_si512(_mm512_loadu_si512(blk + t * 64), flip);  // q + 128
+#pragma GCC unroll 16
+    for (int tt = 0; tt < T; ++tt) {
+      const int8_t* xb = xq + tt * ldq + b * QK;
+      __m512i ia = _mm512_set1_epi32(-128 * (s16[tt * 2 * ldd + 2 * b] + s16[tt * 2 * ldd + 2 * b + 1]));
+#pragma GCC unroll 16
+      for (int t = 0; t < 8; ++t) {
+        int32_t x4;
+        std::memcpy(&x4, xb + 4 * t, 4);
+        ia = _mm512_dpbusd_epi32(ia, wv[t], _mm512_set1_epi32(x4));
+      }
+      acc[tt] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia), _mm512_mul_ps(dv, _mm512_set1_ps(xd[tt * ldd + b])), acc[tt]);
+    }
+  }
+  const __mmask16 mask = valid >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << valid) - 1);
+#pragma GCC unroll 16
+  for (int tt = 0; tt < T; ++tt) _mm512_mask_storeu_ps(y + tt * N + row0, mask, acc[tt]);
+}
+
+void q8_group(int64_t isa, const uint8_t* w, int64_t B, const Quantized& a, float* y, int64_t N, int64_t row0,
+              int64_t valid) {
+  const int64_t M = a.q.size(0), Kp = a.q.size(1), nb = a.d.size(1);
+  if (isa == SCALAR) {
+    q8_group_scalar(w, B, a, y, N, row0, valid);
+    return;
+  }
+  const int8_t* xq = a.q.data_ptr<int8_t>();
+  const float* xd = a.d.data_ptr<float>();
+  const int32_t* s16 = a.sum16.data_ptr<int32_t>();
+  for (int64_t m = 0; m < M;) {
+    const int64_t T = std::min<int64_t>(Q4K_TOKENS, M - m);
+    const int8_t* q = xq + m * Kp;
+    const float* d = xd + m * nb;
+    const int32_t* s = s16 + m * 2 * nb;
+    float* out = y + m * N;
+#define ARBOR_Q8_CASE(n)                                             \
+  case n:                                                            \
+    if (isa == AVX512)                                               \
+      q8_tile_avx512<n>(w, B, q, Kp, d, s, nb, out, N, row0, valid); \
+    else                                                             \
+      q8_tile_avx2<n>(w, B, q, Kp, d, nb, out, N, row0, valid);      \
+    break;
+    switch (T) {
+      ARBOR_Q8_CASE(1)
+      ARBOR_Q8_CASE(2)
+      ARBOR_Q8_CASE(3)
+      ARBOR_Q8_CASE(4)
+    }
+#undef ARBOR_Q8_CASE
+    m += T;
+  }
+}
+
+at::Tensor q8_mm(const at::Tensor& x, const at::Tensor& packed, int64_t n) {
+  TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == at::kByte && packed.size(2) == Q8_BLOCK_BYTES &&
+                  packed.is_contiguous(),
+              "arbor q8_mm: packed must be contiguous uint8 [N/16, K/32, ", Q8_BLOCK_BYTES, "]");
+  const int64_t G = packed.size(0), B = packed.size(1), K = B * QK;
+  TORCH_CHECK(n > (G - 1) * ROWS && n <= G * ROWS, "arbor q8_mm: ", n, " rows do not fit ", G, " groups");
+  const at::Tensor rows = as_float_rows(x, K);
+  const Quantized a = quantize_rows(rows);
+  at::Tensor y = at::empty({rows.size(0), n}, at::kFloat);
+  const uint8_t* w = packed.data_ptr<uint8_t>();
+  float* yp = y.data_ptr<float>();
+  const int64_t isa = current_isa.load();
+  at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g)
+      q8_group(isa, w + g * B * Q8_BLOCK_BYTES, B, a, yp, n, g * ROWS, std::min<int64_t>(ROWS, n - g * ROWS));
+  });
+  return y;
+}
+
 // ---- i8: int8 rows, one scale per row ------------------------------------------------------------------------
 
 float scale_at(const at::Tensor& scale, int64_t n) {
@@ -741,6 +898,7 @@ int64_t set_isa(int64_t isa) {
 TORCH_LIBRARY(arbor, m) {
   m.def("q4k_mm(Tensor x, Tensor packed, int n) -> Tensor");
   m.def("q6k_mm(Tensor x, Tensor packed, int n) -> Tensor");
+  m.def("q8_mm(Tensor x, Tensor packed, int n) -> Tensor");
   m.def("i8_mm(Tensor x, Tensor q, Tensor scale) -> Tensor");
   m.def("set_isa(int isa) -> int", &set_isa);
 }
@@ -748,5 +906,6 @@ TORCH_LIBRARY(arbor, m) {
 TORCH_LIBRARY_IMPL(arbor, CPU, m) {
   m.impl("q4k_mm", &q4k_mm);
   m.impl("q6k_mm", &q6k_mm);
+  m.impl("q8_mm", &q8_mm);
   m.impl("i8_mm", &i8_mm);
 }

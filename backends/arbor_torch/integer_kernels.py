@@ -8,6 +8,8 @@ codes (AVX512-VNNI, AVX2 or plain C++, chosen at run time), scaled in float32:
   interleaved (pack_q4k): nothing is re-fitted, the weights are the file's exactly;
 - torch.ops.arbor.q6k_mm(x, packed, n): GGUF Q6_K's, w = d * sc * (q - 32), in 6.5625 bits a weight as in the file
   (pack_q6k), so Q4_K_M's Q6_K layers and its tied head/embedding (233 MB as int8 rows, 127 MB so) are exact too;
+- torch.ops.arbor.q8_mm(x, packed, n): GGUF Q8_0's, w = d * q per 32 inputs, and so Q5_0's (stored as Q8_0), in 8.5
+  bits a weight (pack_q8);
 - torch.ops.arbor.i8_mm(x, q, scale): int8 rows with a scale per row (quantize.Int8Linear's buffers).
 The only error against the exact float product is the activations' rounding to int8 (tests/test_integer_kernels.py
 bounds it).
@@ -42,6 +44,7 @@ SOURCE = Path(__file__).with_name("integer_kernels.cpp")
 SUPER = 256  # inputs per Q4_K super-block
 ROWS = 16  # output rows interleaved in the packed layout
 SUPER_BYTES = SUPER // 2 * ROWS + 4 * ROWS + 16 * ROWS  # codes, d and dmin (fp16), sc and m (u8) of 16 rows
+Q8_BLOCK_BYTES = 32 * ROWS + 2 * ROWS  # int8 codes and d (fp16) of 32 inputs of 16 rows
 Q6K_SUPER_BYTES = SUPER * 6 // 8 * ROWS + 2 * ROWS + 16 * ROWS  # 6-bit codes, d (fp16), sc (int8 per 16) of 16 rows
 ISAS = {"scalar": 0, "avx2": 1, "avx512": 2}
 
@@ -124,6 +127,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake("arbor::q6k_mm")
     def _(x, packed, n):
         return x.new_empty((x.numel() // (packed.shape[1] * SUPER), n), dtype=torch.float32)
+
+    @torch.library.register_fake("arbor::q8_mm")
+    def _(x, packed, n):
+        return x.new_empty((x.numel() // (packed.shape[1] * 32), n), dtype=torch.float32)
 
     @torch.library.register_fake("arbor::i8_mm")
     def _(x, q, scale):
@@ -218,6 +225,54 @@ def unpack_q6k(packed: torch.Tensor, rows: torch.Tensor | None = None) -> tuple[
     return w[torch.arange(r), rows % ROWS]
 
 
+def pack_q8(qweight, scales) -> torch.Tensor:
+    """A Q8_0 (or Q5_0) tensor's stored entries (codes int8 [N, K], d fp16 [N, K/32]) -> uint8 [ceil(N/16), K/32,
+    Q8_BLOCK_BYTES] (integer_kernels.cpp's q8 layout); missing rows of the last group zero."""
+    q = torch.as_tensor(qweight).view(torch.uint8)
+    n, k = q.shape
+    b, g = k // 32, -(-n // ROWS)
+    halves = torch.as_tensor(scales).view(torch.int16).reshape(n, b)
+    if g * ROWS - n:
+        q, halves = (F.pad(t, (0, 0, 0, g * ROWS - n)) for t in (q, halves))
+    codes = q.view(g, ROWS, b, 8, 4).permute(0, 2, 3, 1, 4).reshape(g, b, -1)  # (g, block, t, row, i)
+    d = halves.view(g, ROWS, b).permute(0, 2, 1).contiguous().view(torch.uint8).reshape(g, b, -1)
+    return torch.cat([codes, d], dim=2).contiguous()
+
+
+def unpack_q8(packed: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """pack_q8's inverse for the given rows (all when None): float32 [rows, K], d * q as gguf forms it."""
+    g_all, b, _ = packed.shape
+    groups = packed if rows is None else packed[rows // ROWS]
+    r = groups.shape[0]
+    q = groups[..., :32 * ROWS].contiguous().view(torch.int8).view(r, b, 8, ROWS, 4).permute(0, 3, 1, 2, 4)
+    d = groups[..., 32 * ROWS:].contiguous().view(torch.float16).float().permute(0, 2, 1)  # (r, row, block)
+    w = (q.reshape(r, ROWS, b, 32).float() * d[..., None]).reshape(r, ROWS, b * 32)
+    return w.reshape(g_all * ROWS, -1) if rows is None else w[torch.arange(r), rows % ROWS]
+
+
+class Q8Linear(nn.Module):
+    """y = x @ W.T + bias with W a GGUF Q8_0 or Q5_0 tensor's numbers (d * q per 32 inputs) in pack_q8's layout,
+    run by torch.ops.arbor.q8_mm. Its rows also serve as a (tied) embedding (embed_rows)."""
+
+    def __init__(self, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.out_features, self.in_features = out_features, packed.shape[1] * 32
+        self.register_buffer("packed", packed)
+        self.bias = bias
+
+    def dequantized(self, dtype=torch.float32) -> torch.Tensor:
+        return unpack_q8(self.packed)[:self.out_features].to(dtype)
+
+    def embed_rows(self, tokens: torch.Tensor) -> torch.Tensor:
+        return unpack_q8(self.packed, tokens.reshape(-1)).view(*tokens.shape, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        y = torch.ops.arbor.q8_mm(rows, self.packed, self.out_features)
+        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+
 class Q6KLinear(nn.Module):
     """y = x @ W.T + bias with W a GGUF Q6_K tensor's numbers (d * sc * (q - 32) per 16 inputs) in pack_q6k's
     layout, run by torch.ops.arbor.q6k_mm. Its rows also serve as a tied embedding (embed_rows)."""
@@ -259,6 +314,18 @@ class Q4KLinear(nn.Module):
         scale = (halves[..., 0:1] * subs[..., 0].float().view(n, -1, 8)).view(n, -1, 1)
         low = (halves[..., 1:2] * subs[..., 1].float().view(n, -1, 8)).view(n, -1, 1)
         return (codes.float().view(n, -1, 32) * scale - low).view(n, k).to(dtype)
+
+    def embed_rows(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The exact rows of `tokens` (any shape) as float32 [..., K], read from their groups only (an embedding
+        kept as Q4_K, as Q4_K_M's is: 135 MB instead of 233 MB of int8 rows for the 1.5B)."""
+        flat = tokens.reshape(-1)
+        codes, halves, subs = unpack_q4k(self.packed[flat // ROWS].reshape(-1, *self.packed.shape[1:]), flat.numel() * ROWS)
+        pick = torch.arange(flat.numel()) * ROWS + flat % ROWS
+        codes, halves, subs = codes[pick], halves[pick], subs[pick]
+        n = flat.numel()
+        scale = (halves[..., 0:1] * subs[..., 0].float().view(n, -1, 8)).view(n, -1, 1)
+        low = (halves[..., 1:2] * subs[..., 1].float().view(n, -1, 8)).view(n, -1, 1)
+        return (codes.float().view(n, -1, 32) * scale - low).view(*tokens.shape, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)

@@ -37,7 +37,7 @@ from arbor_core.number_input import env_switch
 from arbor_weights import quantized
 
 from . import integer_kernels, load_quantized, quantize
-from .integer_kernels import Q4KLinear, Q6KLinear
+from .integer_kernels import Q4KLinear, Q6KLinear, Q8Linear
 from .machine_cache import key_digest, machine_key, mark_used, notice, prune, sources_digest
 from .quantize import Int4Linear, Int8Embedding, Int8Linear, StackedLinear
 
@@ -45,7 +45,12 @@ ENV = "ARBOR_LAYOUT_CACHE"
 DIR_ENV = "ARBOR_LAYOUT_DIR"
 KEEP = 4  # layouts kept, least recently used deleted first: each is about its model's size (1.36 GB for 1.5 B)
 RECORD = "arbor_layout"  # the safetensors metadata entry holding the record
-SLOT_TYPES = (StackedLinear, Int4Linear, Int8Linear, Int8Embedding, Q4KLinear, Q6KLinear)
+# the integer kernels' layers (integer_kernels.py): record type, and (inputs a block, bytes a block of 16 rows)
+PACKED_TYPES = {"q4k": Q4KLinear, "q6k": Q6KLinear, "q8": Q8Linear}
+PACKED = tuple(PACKED_TYPES.values())
+PACKED_SHAPES = {"q4k": (integer_kernels.SUPER, integer_kernels.SUPER_BYTES),
+                 "q6k": (integer_kernels.SUPER, integer_kernels.Q6K_SUPER_BYTES), "q8": (32, integer_kernels.Q8_BLOCK_BYTES)}
+SLOT_TYPES = (StackedLinear, Int4Linear, Int8Linear, Int8Embedding, Q4KLinear, Q6KLinear, Q8Linear)
 # Every tensor's data starts on a multiple of this in the file, so in the mapped memory too: PyTorch's CPU int8
 # kernel crashes (SIGSEGV, torch 2.13) on a bfloat16 scale that is not 64-byte aligned with 60 rows of input,
 # and safetensors.torch.save_file packs tensors back to back. Gaps are filled by tensors named PAD + n.
@@ -161,13 +166,13 @@ def _describe(module: nn.Module, prefix: str, tensors: dict, shared: dict[int, s
     if isinstance(module, Int8Embedding):
         codes = shared.get(id(module.codes)) or _describe(module.codes, f"{prefix}.codes", tensors, shared)
         return {"type": "embedding", "dtype": str(module.dtype).removeprefix("torch."), "codes": codes}
-    if not isinstance(module, (Int4Linear, Int8Linear, Q4KLinear, Q6KLinear)):
+    if not isinstance(module, (Int4Linear, Int8Linear, *PACKED)):
         raise TypeError(f"no layout record for a {type(module).__name__}")
     for name, t in [*module.named_buffers(recurse=False), *module.named_parameters(recurse=False)]:
         tensors[f"{prefix}.{name}"] = t.detach().contiguous()
     spec = {"type": "int8", "in": module.in_features, "out": module.out_features, "bias": module.bias is not None}
-    if isinstance(module, (Q4KLinear, Q6KLinear)):
-        return {**spec, "type": "q4k" if isinstance(module, Q4KLinear) else "q6k"}
+    if isinstance(module, PACKED):
+        return {**spec, "type": next(name for name, kind in PACKED_TYPES.items() if isinstance(module, kind))}
     if isinstance(module, Int8Linear):
         spec["integer"] = module.integer
     return {**spec, "type": "int4", "group": module.group_size} if isinstance(module, Int4Linear) else spec
@@ -281,11 +286,11 @@ def _rebuild(spec: dict, prefix: str, tensors: dict[str, torch.Tensor], built: d
         linear = quantize.int8_linear_from_codes(q, scale, bias)
         linear.integer = bool(spec.get("integer"))
         return linear
-    if kind in ("q4k", "q6k"):
+    if kind in PACKED_TYPES:
         packed = tensors[f"{prefix}.packed"]
-        size = integer_kernels.SUPER_BYTES if kind == "q4k" else integer_kernels.Q6K_SUPER_BYTES
-        _expect(packed, (-(-out // integer_kernels.ROWS), inp // integer_kernels.SUPER, size), torch.uint8, prefix)
-        return (Q4KLinear if kind == "q4k" else Q6KLinear)(packed, out, bias)
+        block, size = PACKED_SHAPES[kind]
+        _expect(packed, (-(-out // integer_kernels.ROWS), inp // block, size), torch.uint8, prefix)
+        return PACKED_TYPES[kind](packed, out, bias)
     packed, scale_zero = tensors[f"{prefix}.qweight"], tensors[f"{prefix}.scale_zero"]
     _expect(scale_zero, (inp // spec["group"], out, 2), quantize.ACT_DTYPE, prefix)
     _expect(packed, (out, inp // 2), torch.uint8, prefix)

@@ -126,8 +126,8 @@ class BlockLoader:
         """"int4" (the codes run as they are), "int8" (an 8-bit kind, rows re-fitted), "q6k" (Q6_K's own numbers,
         on the integer kernels) or "float"."""
         kind = self.kinds.get(base)
-        if kind == "Q6_K" and self.integer:
-            return "q6k"
+        if self.integer and kind in ("Q6_K", "Q8_0"):  # Q8_0: Q5_0 too (stored as Q8_0)
+            return "q6k" if kind == "Q6_K" else "q8"
         return "float" if kind is None else FOUR_BIT_FORMAT if kind in INT4_KINDS else EIGHT_BIT_FORMAT
 
     def entries_of(self, bases: list[str]) -> list[np.ndarray]:
@@ -147,6 +147,9 @@ class BlockLoader:
         return parts[0] if len(parts) == 1 else StackedLinear(parts)
 
     def linear(self, form: str, bases: list[str]) -> nn.Module:
+        if form == "q8":
+            entries = [np.concatenate([self.groups[b][s] for b in bases]) for s in ("qweight", "scales")]
+            return integer_kernels.Q8Linear(integer_kernels.pack_q8(*entries), len(entries[0]), self.bias(bases))
         if form == "q6k":
             entries = self.entries_of(bases)
             return integer_kernels.Q6KLinear(integer_kernels.pack_q6k(*entries), len(entries[0]), self.bias(bases))
@@ -201,17 +204,19 @@ def load_int4(model: nn.Module, state: dict[str, torch.Tensor], dtype: torch.dty
         release_freed_heap()  # a layer's transients (int32 codes, row blocks) freed: not kept as the peak grows
     tied = model.config.tie_word_embeddings
     head = "model.embed_tokens" if tied else "lm_head"
-    if loader.format_of(head) == "q6k":  # Q4_K_M's head: its own numbers, and (tied) the embedding's rows too
-        model.lm_head = loader.linear("q6k", [head])
+    if loader.format_of(head) in ("q6k", "q8"):  # the file's own numbers, and (tied) the embedding's rows too
+        model.lm_head = loader.linear(loader.format_of(head), [head])
         model.lm_head.bias = loader.bias(["lm_head"])
     elif HEAD_MODE["int4"] == "int8":
         model.lm_head = loader.int8_linear([head], loader.bias(["lm_head"]))
     else:
         model.lm_head = quantized_linear(loader.float_weight(head), loader.bias(["lm_head"]), HEAD_MODE["int4"])
-    if tied and isinstance(model.lm_head, (Int8Linear, integer_kernels.Q6KLinear)):
+    if tied and isinstance(model.lm_head, (Int8Linear, integer_kernels.Q6KLinear, integer_kernels.Q8Linear)):
         codes = model.lm_head
-    elif loader.format_of("model.embed_tokens") == "q6k":
-        codes = loader.linear("q6k", ["model.embed_tokens"])
+    elif loader.format_of("model.embed_tokens") in ("q6k", "q8"):
+        codes = loader.linear(loader.format_of("model.embed_tokens"), ["model.embed_tokens"])
+    elif loader.integer and loader.kinds.get("model.embed_tokens") == "Q4_K":  # rows read from the Q4_K layout
+        codes = loader.linear("int4", ["model.embed_tokens"])
     else:
         codes = loader.int8_linear(["model.embed_tokens"])
     model.model.embed_tokens = Int8Embedding(codes, dtype)
