@@ -68,6 +68,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1, help="activation rows (1: decode; 512: prefill)")
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--shapes", default=",".join(s[0] for s in SHAPES))
+    parser.add_argument("--tiles", default="", help="activation rows per tile to alternate, e.g. 4,8 (default: as built)")
     parser.add_argument("--json")
     args = parser.parse_args()
     if not ik.available():
@@ -80,6 +81,11 @@ def main() -> None:
         if name not in args.shapes.split(","):
             continue
         found = engines(n, k, rng)
+        for tile in filter(None, args.tiles.split(",")):  # the same kernels at another tile height
+            for e in [e for e in list(found) if e.startswith("arbor q") and "@" not in e]:
+                fn, size = found[e]
+                found[f"{e}@{tile}"] = (lambda x, fn=fn, t=int(tile): (torch.ops.arbor.set_tile(t), fn(x),
+                                                                       torch.ops.arbor.set_tile(4))[1], size)
         x = torch.randn(args.rows, k)
         best = {e: float("inf") for e in found}
         for _ in range(args.reps):

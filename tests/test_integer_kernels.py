@@ -1,4 +1,4 @@
-"""arbor's CPU integer kernels (backends/arbor_torch/integer_kernels.cpp): Q4_K, Q6_K and Q8_0 / Q5_0 codes x int8
+"""arbor's CPU integer kernels (backends/arbor_torch/integer_kernels.cpp): Q4_K, Q5_0, Q6_K and Q8_0 codes x int8
 activations and int8 rows x int8 activations, on every instruction set this CPU has (AVX512-VNNI, AVX2, plain C++).
 
 Two references: the exact product of the float weights (the project's own bit-exact dequantization) and the
@@ -105,11 +105,15 @@ def test_q6k_products_are_the_exact_weights_times_the_rounded_activations(isa, r
 
 @pytest.mark.parametrize("kind", ["Q8_0", "Q5_0"])
 @pytest.mark.parametrize("rows, columns, tokens", [(16, 256, 1), (40, 96, 3), (97, 768, 5), (200, 512, 17)])
-def test_q8_holds_the_files_numbers_and_its_products_are_the_exact_weights_times_the_rounded_activations(
+def test_q5_and_q8_hold_the_files_numbers_and_their_products_are_the_exact_weights_times_the_rounded_activations(
         isa, kind, rows, columns, tokens):
     block = quantized.BLOCK_BYTES[kind][0]
     entries = quantized.from_gguf_blocks(random_kept_blocks(kind, rows, columns // block, rows), kind, (rows, columns))
-    linear = integer_kernels.Q8Linear(integer_kernels.pack_q8(entries["qweight"], entries["scales"]), rows)
+    five = kind == "Q5_0"
+    assert integer_kernels.fits_five_bits(entries["qweight"]) == five
+    kept = (integer_kernels.pack_q5 if five else integer_kernels.pack_q8)(entries["qweight"], entries["scales"])
+    linear = (integer_kernels.Q5Linear if five else integer_kernels.Q8Linear)(kept, rows)
+    assert kept.shape[2] == (integer_kernels.Q5_BLOCK_BYTES if five else integer_kernels.Q8_BLOCK_BYTES)
     exact = torch.from_numpy(quantized.dequantize(entries))
     assert torch.equal(linear.dequantized(), exact)
     picked = torch.tensor([[0, rows - 1], [rows // 2, 3 % rows]])

@@ -16,6 +16,10 @@
 //   q8:  GGUF Q8_0's (and Q5_0's, stored as Q8_0) numbers as they are, w = d * q (q int8, d fp16 per 32 inputs and
 //        row), 16 rows interleaved: per group and 32 inputs Q8_BLOCK_BYTES bytes = codes [8 t][16 rows][4 bytes],
 //        d [16] fp16. 8.5 bits a weight.
+//   q5:  GGUF Q5_0's numbers as they are, w = d * (q - 16) (q 0..31, d fp16 per 32 inputs and row), 16 rows
+//        interleaved: per group and 32 inputs Q5_BLOCK_BYTES bytes = q4k's nibbles of the low 4 bits [4 t][16 rows]
+//        [4 bytes], the high bits [16 rows][4 bytes] (bit t: input 4t + i, bit 4 + t: input 16 + 4t + i), d [16]
+//        fp16. 5.5 bits a weight, as in the file.
 //   i8:  int8 rows [N, K] with one scale per row (quantize.Int8Linear's buffers, unchanged).
 // Activations: per 32 inputs, dx = max|x| / 127, qx = round(x / dx) in int8; the dot of a block is exact in int32
 // and scaled in float32. ISA: AVX512-VNNI, AVX2 or plain C++, chosen at run time (ARBOR_KERNEL_ISA=avx2|scalar
@@ -44,6 +48,7 @@ constexpr int64_t ROWS = 16;          // output rows interleaved in the q4k layo
 constexpr int64_t CODE_BYTES = SUPER / 2 * ROWS;              // 2048
 constexpr int64_t SUPER_BYTES = CODE_BYTES + 4 * ROWS + 16 * ROWS;  // + d, dmin (fp16) + sc, m (u8 x 8) = 2368
 constexpr int64_t Q8_BLOCK_BYTES = QK * ROWS + 2 * ROWS;            // 544
+constexpr int64_t Q5_BLOCK_BYTES = QK / 2 * ROWS + QK / 8 * ROWS + 2 * ROWS;  // 256 + 64 + 32 = 352
 constexpr int64_t Q6K_BLOCK_BYTES = 384;                            // one 32 of 16 rows: 256 nibble + 128 high
 constexpr int64_t Q6K_CODE_BYTES = 8 * Q6K_BLOCK_BYTES;              // 3072
 constexpr int64_t Q6K_SUPER_BYTES = Q6K_CODE_BYTES + 2 * ROWS + 16 * ROWS;  // + d (fp16) + sc (int8 x 16) = 3360
@@ -276,7 +281,8 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512dq,fma,f16c"))
   for (int tt = 0; tt < T; ++tt) _mm512_mask_storeu_ps(y + tt * N + row0, mask, acc[tt]);
 }
 
-constexpr int Q4K_TOKENS = 4;  // activation rows a tile shares its unpacked weights with
+// Activation rows a tile shares its unpacked weights with (at most 8; set_tile changes it, for measuring).
+std::atomic<int64_t> tile_tokens{4};
 
 void q4k_group(int64_t isa, const uint8_t* w, int64_t S, const Quantized& a, float* y, int64_t N, int64_t row0,
                int64_t valid) {
@@ -290,7 +296,7 @@ void q4k_group(int64_t isa, const uint8_t* w, int64_t S, const Quantized& a, flo
   const float* xs = a.dsum.data_ptr<float>();
   for (int64_t m = 0; m < M;) {
     const int64_t left = M - m;
-    const int64_t T = left >= Q4K_TOKENS ? Q4K_TOKENS : left;
+    const int64_t T = std::min<int64_t>(tile_tokens.load(), left);
     const int8_t* q = xq + m * Kp;
     const float* d = xd + m * nb;
     const float* s = xs + m * nb;
@@ -307,6 +313,10 @@ void q4k_group(int64_t isa, const uint8_t* w, int64_t S, const Quantized& a, flo
       ARBOR_Q4K_CASE(2)
       ARBOR_Q4K_CASE(3)
       ARBOR_Q4K_CASE(4)
+      ARBOR_Q4K_CASE(5)
+      ARBOR_Q4K_CASE(6)
+      ARBOR_Q4K_CASE(7)
+      ARBOR_Q4K_CASE(8)
     }
 #undef ARBOR_Q4K_CASE
     m += T;
@@ -509,7 +519,7 @@ void q6k_group(int64_t isa, const uint8_t* w, int64_t S, const Quantized& a, flo
   const float* xd = a.d.data_ptr<float>();
   const int32_t* s16 = a.sum16.data_ptr<int32_t>();
   for (int64_t m = 0; m < M;) {
-    const int64_t T = std::min<int64_t>(Q4K_TOKENS, M - m);
+    const int64_t T = std::min<int64_t>(tile_tokens.load(), M - m);
     const int8_t* q = xq + m * Kp;
     const float* d = xd + m * nb;
     const int32_t* s = s16 + m * 2 * nb;
@@ -526,6 +536,10 @@ void q6k_group(int64_t isa, const uint8_t* w, int64_t S, const Quantized& a, flo
       ARBOR_Q6K_CASE(2)
       ARBOR_Q6K_CASE(3)
       ARBOR_Q6K_CASE(4)
+      ARBOR_Q6K_CASE(5)
+      ARBOR_Q6K_CASE(6)
+      ARBOR_Q6K_CASE(7)
+      ARBOR_Q6K_CASE(8)
     }
 #undef ARBOR_Q6K_CASE
     m += T;
@@ -662,7 +676,7 @@ void q8_group(int64_t isa, const uint8_t* w, int64_t B, const Quantized& a, floa
   const float* xd = a.d.data_ptr<float>();
   const int32_t* s16 = a.sum16.data_ptr<int32_t>();
   for (int64_t m = 0; m < M;) {
-    const int64_t T = std::min<int64_t>(Q4K_TOKENS, M - m);
+    const int64_t T = std::min<int64_t>(tile_tokens.load(), M - m);
     const int8_t* q = xq + m * Kp;
     const float* d = xd + m * nb;
     const int32_t* s = s16 + m * 2 * nb;
@@ -679,6 +693,10 @@ void q8_group(int64_t isa, const uint8_t* w, int64_t B, const Quantized& a, floa
       ARBOR_Q8_CASE(2)
       ARBOR_Q8_CASE(3)
       ARBOR_Q8_CASE(4)
+      ARBOR_Q8_CASE(5)
+      ARBOR_Q8_CASE(6)
+      ARBOR_Q8_CASE(7)
+      ARBOR_Q8_CASE(8)
     }
 #undef ARBOR_Q8_CASE
     m += T;
@@ -700,6 +718,186 @@ at::Tensor q8_mm(const at::Tensor& x, const at::Tensor& packed, int64_t n) {
   at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g)
       q8_group(isa, w + g * B * Q8_BLOCK_BYTES, B, a, yp, n, g * ROWS, std::min<int64_t>(ROWS, n - g * ROWS));
+  });
+  return y;
+}
+
+// ---- q5: scalar, AVX2, AVX512-VNNI -----------------------------------------------------------------------------
+
+void q5_group_scalar(const uint8_t* w, int64_t B, const Quantized& a, float* y, int64_t N, int64_t row0,
+                     int64_t valid) {
+  const int64_t M = a.q.size(0), Kp = a.q.size(1), nb = a.d.size(1);
+  for (int64_t m = 0; m < M; ++m) {
+    const int8_t* xq = a.q.data_ptr<int8_t>() + m * Kp;
+    const float* xd = a.d.data_ptr<float>() + m * nb;
+    for (int64_t r = 0; r < valid; ++r) {
+      float acc = 0.f;
+      for (int64_t b = 0; b < B; ++b) {
+        const uint8_t* blk = w + b * Q5_BLOCK_BYTES;
+        int32_t dot = 0;
+        for (int64_t t = 0; t < 4; ++t)
+          for (int64_t i = 0; i < 4; ++i) {
+            const uint8_t byte = blk[t * 64 + r * 4 + i], high = blk[256 + r * 4 + i];
+            const int lo = (byte & 15) | (((high >> t) & 1) << 4), hi = (byte >> 4) | (((high >> (4 + t)) & 1) << 4);
+            dot += (lo - 16) * xq[b * QK + 4 * t + i] + (hi - 16) * xq[b * QK + 16 + 4 * t + i];
+          }
+        const float d = c10::detail::fp16_ieee_to_fp32_value(reinterpret_cast<const uint16_t*>(blk + 320)[r]);
+        acc += d * xd[b] * static_cast<float>(dot);
+      }
+      y[m * N + row0 + r] = acc;
+    }
+  }
+}
+
+template <int T>
+__attribute__((target("avx2,fma,f16c"))) void q5_tile_avx2(const uint8_t* w, int64_t B, const int8_t* xq,
+                                                            int64_t ldq, const float* xd, const int32_t* s16,
+                                                            int64_t ldd, float* y, int64_t N, int64_t row0,
+                                                            int64_t valid) {
+  const __m256i low = _mm256_set1_epi8(0x0F), one = _mm256_set1_epi8(1);
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int h = 0; h < 2; ++h) {
+    if (h * 8 >= valid) break;
+    __m256 acc[T];
+#pragma GCC unroll 16
+    for (int tt = 0; tt < T; ++tt) acc[tt] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < B; ++b) {
+      const uint8_t* blk = w + b * Q5_BLOCK_BYTES;
+      const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 320 + 16 * h)));
+      const __m256i hb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 256 + 32 * h));
+      __m256i lo[4], hi[4];
+#pragma GCC unroll 16
+      for (int t = 0; t < 4; ++t) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + t * 64 + 32 * h));
+        lo[t] = _mm256_or_si256(_mm256_and_si256(v, low),
+                                _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, t), one), 4));
+        hi[t] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), low),
+                                _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 4 + t), one), 4));
+      }
+#pragma GCC unroll 16
+      for (int tt = 0; tt < T; ++tt) {
+        const int8_t* xb = xq + tt * ldq + b * QK;
+        __m256i pl = _mm256_setzero_si256(), ph = _mm256_setzero_si256();
+#pragma GCC unroll 16
+        for (int t = 0; t < 4; ++t) {  // 4 pair sums of 31 x 128: below 32768
+          int32_t xl, xh;
+          std::memcpy(&xl, xb + 4 * t, 4);
+          std::memcpy(&xh, xb + 16 + 4 * t, 4);
+          pl = _mm256_add_epi16(pl, _mm256_maddubs_epi16(lo[t], _mm256_set1_epi32(xl)));
+          ph = _mm256_add_epi16(ph, _mm256_maddubs_epi16(hi[t], _mm256_set1_epi32(xh)));
+        }
+        __m256i ia = _mm256_add_epi32(_mm256_madd_epi16(pl, ones), _mm256_madd_epi16(ph, ones));
+        ia = _mm256_sub_epi32(ia, _mm256_set1_epi32(16 * (s16[tt * 2 * ldd + 2 * b] + s16[tt * 2 * ldd + 2 * b + 1])));
+        acc[tt] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ia), _mm256_mul_ps(dv, _mm256_set1_ps(xd[tt * ldd + b])),
+                                  acc[tt]);
+      }
+    }
+#pragma GCC unroll 16
+    for (int tt = 0; tt < T; ++tt) {
+      float out[8];
+      _mm256_storeu_ps(out, acc[tt]);
+      const int64_t n = std::min<int64_t>(8, valid - 8 * h);
+      std::memcpy(y + tt * N + row0 + 8 * h, out, n * sizeof(float));
+    }
+  }
+}
+
+template <int T>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512dq,fma,f16c"))) void q5_tile_avx512(
+    const uint8_t* w, int64_t B, const int8_t* xq, int64_t ldq, const float* xd, const int32_t* s16, int64_t ldd,
+    float* y, int64_t N, int64_t row0, int64_t valid) {
+  const __m512i low = _mm512_set1_epi8(0x0F), one = _mm512_set1_epi8(1);
+  __m512 acc[T];
+#pragma GCC unroll 16
+  for (int tt = 0; tt < T; ++tt) acc[tt] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < B; ++b) {
+    const uint8_t* blk = w + b * Q5_BLOCK_BYTES;
+    const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 320)));
+    const __m512i hb = _mm512_loadu_si512(blk + 256);
+    __m512i lo[4], hi[4];
+#pragma GCC unroll 16
+    for (int t = 0; t < 4; ++t) {
+      const __m512i v = _mm512_loadu_si512(blk + t * 64);
+      lo[t] = _mm512_or_si512(_mm512_and_si512(v, low),
+                              _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(hb, t), one), 4));
+      hi[t] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(v, 4), low),
+                              _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(hb, 4 + t), one), 4));
+    }
+#pragma GCC unroll 16
+    for (int tt = 0; tt < T; ++tt) {
+      const int8_t* xb = xq + tt * ldq + b * QK;
+      __m512i ia = _mm512_set1_epi32(-16 * (s16[tt * 2 * ldd + 2 * b] + s16[tt * 2 * ldd + 2 * b + 1]));
+      __m512i ib = _mm512_setzero_si512();
+#pragma GCC unroll 16
+      for (int t = 0; t < 4; ++t) {
+        int32_t xl, xh;
+        std::memcpy(&xl, xb + 4 * t, 4);
+        std::memcpy(&xh, xb + 16 + 4 * t, 4);
+        ia = _mm512_dpbusd_epi32(ia, lo[t], _mm512_set1_epi32(xl));
+        ib = _mm512_dpbusd_epi32(ib, hi[t], _mm512_set1_epi32(xh));
+      }
+      acc[tt] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(ia, ib)),
+                                _mm512_mul_ps(dv, _mm512_set1_ps(xd[tt * ldd + b])), acc[tt]);
+    }
+  }
+  const __mmask16 mask = valid >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << valid) - 1);
+#pragma GCC unroll 16
+  for (int tt = 0; tt < T; ++tt) _mm512_mask_storeu_ps(y + tt * N + row0, mask, acc[tt]);
+}
+
+void q5_group(int64_t isa, const uint8_t* w, int64_t B, const Quantized& a, float* y, int64_t N, int64_t row0,
+              int64_t valid) {
+  const int64_t M = a.q.size(0), Kp = a.q.size(1), nb = a.d.size(1);
+  if (isa == SCALAR) {
+    q5_group_scalar(w, B, a, y, N, row0, valid);
+    return;
+  }
+  const int8_t* xq = a.q.data_ptr<int8_t>();
+  const float* xd = a.d.data_ptr<float>();
+  const int32_t* s16 = a.sum16.data_ptr<int32_t>();
+  for (int64_t m = 0; m < M;) {
+    const int64_t T = std::min<int64_t>(tile_tokens.load(), M - m);
+    const int8_t* q = xq + m * Kp;
+    const float* d = xd + m * nb;
+    const int32_t* s = s16 + m * 2 * nb;
+    float* out = y + m * N;
+#define ARBOR_Q5_CASE(n)                                             \
+  case n:                                                            \
+    if (isa == AVX512)                                               \
+      q5_tile_avx512<n>(w, B, q, Kp, d, s, nb, out, N, row0, valid); \
+    else                                                             \
+      q5_tile_avx2<n>(w, B, q, Kp, d, s, nb, out, N, row0, valid);   \
+    break;
+    switch (T) {
+      ARBOR_Q5_CASE(1)
+      ARBOR_Q5_CASE(2)
+      ARBOR_Q5_CASE(3)
+      ARBOR_Q5_CASE(4)
+      ARBOR_Q5_CASE(5)
+      ARBOR_Q5_CASE(6)
+      ARBOR_Q5_CASE(7)
+      ARBOR_Q5_CASE(8)
+    }
+#undef ARBOR_Q5_CASE
+    m += T;
+  }
+}
+
+at::Tensor q5_mm(const at::Tensor& x, const at::Tensor& packed, int64_t n) {
+  TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == at::kByte && packed.size(2) == Q5_BLOCK_BYTES &&
+                  packed.is_contiguous(),
+              "arbor q5_mm: packed must be contiguous uint8 [N/16, K/32, ", Q5_BLOCK_BYTES, "]");
+  const int64_t G = packed.size(0), B = packed.size(1), K = B * QK;
+  TORCH_CHECK(n > (G - 1) * ROWS && n <= G * ROWS, "arbor q5_mm: ", n, " rows do not fit ", G, " groups");
+  const at::Tensor rows = as_float_rows(x, K);
+  const Quantized a = quantize_rows(rows);
+  at::Tensor y = at::empty({rows.size(0), n}, at::kFloat);
+  const uint8_t* w = packed.data_ptr<uint8_t>();
+  float* yp = y.data_ptr<float>();
+  const int64_t isa = current_isa.load();
+  at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g)
+      q5_group(isa, w + g * B * Q5_BLOCK_BYTES, B, a, yp, n, g * ROWS, std::min<int64_t>(ROWS, n - g * ROWS));
   });
   return y;
 }
@@ -887,6 +1085,11 @@ at::Tensor i8_mm(const at::Tensor& x, const at::Tensor& q, const at::Tensor& sca
   return y;
 }
 
+int64_t set_tile(int64_t tokens) {
+  if (tokens >= 1 && tokens <= 8) tile_tokens.store(tokens);
+  return tile_tokens.load();
+}
+
 int64_t set_isa(int64_t isa) {
   // -1: report the ISA in use; otherwise use min(isa, the best this CPU has) and report it
   if (isa >= 0) current_isa.store(std::min<int64_t>(isa, best_isa()));
@@ -899,13 +1102,16 @@ TORCH_LIBRARY(arbor, m) {
   m.def("q4k_mm(Tensor x, Tensor packed, int n) -> Tensor");
   m.def("q6k_mm(Tensor x, Tensor packed, int n) -> Tensor");
   m.def("q8_mm(Tensor x, Tensor packed, int n) -> Tensor");
+  m.def("q5_mm(Tensor x, Tensor packed, int n) -> Tensor");
   m.def("i8_mm(Tensor x, Tensor q, Tensor scale) -> Tensor");
   m.def("set_isa(int isa) -> int", &set_isa);
+  m.def("set_tile(int tokens) -> int", &set_tile);
 }
 
 TORCH_LIBRARY_IMPL(arbor, CPU, m) {
   m.impl("q4k_mm", &q4k_mm);
   m.impl("q6k_mm", &q6k_mm);
   m.impl("q8_mm", &q8_mm);
+  m.impl("q5_mm", &q5_mm);
   m.impl("i8_mm", &i8_mm);
 }

@@ -10,6 +10,8 @@ codes (AVX512-VNNI, AVX2 or plain C++, chosen at run time), scaled in float32:
   (pack_q6k), so Q4_K_M's Q6_K layers and its tied head/embedding (233 MB as int8 rows, 127 MB so) are exact too;
 - torch.ops.arbor.q8_mm(x, packed, n): GGUF Q8_0's, w = d * q per 32 inputs, and so Q5_0's (stored as Q8_0), in 8.5
   bits a weight (pack_q8);
+- torch.ops.arbor.q5_mm(x, packed, n): GGUF Q5_0's, w = d * (q - 16), in 5.5 bits a weight as in the file (pack_q5:
+  arbor's checkpoint stores Q5_0 as Q8_0 codes, whose range -16..15 says they fit);
 - torch.ops.arbor.i8_mm(x, q, scale): int8 rows with a scale per row (quantize.Int8Linear's buffers).
 The only error against the exact float product is the activations' rounding to int8 (tests/test_integer_kernels.py
 bounds it).
@@ -45,6 +47,7 @@ SUPER = 256  # inputs per Q4_K super-block
 ROWS = 16  # output rows interleaved in the packed layout
 SUPER_BYTES = SUPER // 2 * ROWS + 4 * ROWS + 16 * ROWS  # codes, d and dmin (fp16), sc and m (u8) of 16 rows
 Q8_BLOCK_BYTES = 32 * ROWS + 2 * ROWS  # int8 codes and d (fp16) of 32 inputs of 16 rows
+Q5_BLOCK_BYTES = 16 * ROWS + 4 * ROWS + 2 * ROWS  # low nibbles, high bits, d (fp16) of 32 inputs of 16 rows
 Q6K_SUPER_BYTES = SUPER * 6 // 8 * ROWS + 2 * ROWS + 16 * ROWS  # 6-bit codes, d (fp16), sc (int8 per 16) of 16 rows
 ISAS = {"scalar": 0, "avx2": 1, "avx512": 2}
 
@@ -129,6 +132,10 @@ def _register_fakes() -> None:
         return x.new_empty((x.numel() // (packed.shape[1] * SUPER), n), dtype=torch.float32)
 
     @torch.library.register_fake("arbor::q8_mm")
+    def _(x, packed, n):
+        return x.new_empty((x.numel() // (packed.shape[1] * 32), n), dtype=torch.float32)
+
+    @torch.library.register_fake("arbor::q5_mm")
     def _(x, packed, n):
         return x.new_empty((x.numel() // (packed.shape[1] * 32), n), dtype=torch.float32)
 
@@ -250,6 +257,68 @@ def unpack_q8(packed: torch.Tensor, rows: torch.Tensor | None = None) -> torch.T
     return w.reshape(g_all * ROWS, -1) if rows is None else w[torch.arange(r), rows % ROWS]
 
 
+def fits_five_bits(qweight) -> bool:
+    """Whether Q8_0-stored codes are a Q5_0 tensor's (q - 16 in -16..15): then pack_q5 holds them in 5.5 bits."""
+    q = torch.as_tensor(qweight)
+    return bool(q.numel()) and int(q.min()) >= -16 and int(q.max()) <= 15
+
+
+def pack_q5(qweight, scales) -> torch.Tensor:
+    """Q5_0 codes stored as Q8_0 (q - 16 int8 [N, K], d fp16 [N, K/32]) -> uint8 [ceil(N/16), K/32, Q5_BLOCK_BYTES]
+    (integer_kernels.cpp's q5 layout); missing rows of the last group zero (codes 16: weight 0)."""
+    q = (torch.as_tensor(qweight).to(torch.int16) + 16).to(torch.uint8)
+    n, k = q.shape
+    b, g = k // 32, -(-n // ROWS)
+    halves = torch.as_tensor(scales).view(torch.int16).reshape(n, b)
+    if g * ROWS - n:
+        q, halves = (F.pad(t, (0, 0, 0, g * ROWS - n)) for t in (q, halves))
+    c = q.view(g, ROWS, b, 2, 4, 4)  # (g, row, block, half, t, i)
+    low = (c & 0x0F).permute(0, 2, 3, 4, 1, 5)  # (g, block, half, t, row, i)
+    nibbles = (low[:, :, 0] | (low[:, :, 1] << 4)).reshape(g, b, -1)
+    high = (c >> 4).permute(0, 2, 1, 5, 3, 4).reshape(g, b, ROWS, 4, 8)  # (g, block, row, i, half * 4 + t)
+    bits = sum(high[..., j] << j for j in range(8)).to(torch.uint8).reshape(g, b, -1)
+    d = halves.view(g, ROWS, b).permute(0, 2, 1).contiguous().view(torch.uint8).reshape(g, b, -1)
+    return torch.cat([nibbles, bits, d], dim=2).contiguous()
+
+
+def unpack_q5(packed: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """pack_q5's inverse for the given rows (all when None): float32 [rows, K], d * (q - 16) as gguf forms it."""
+    g_all, b, _ = packed.shape
+    groups = packed if rows is None else packed[rows // ROWS]
+    r = groups.shape[0]
+    nib = groups[..., :16 * ROWS].reshape(r, b, 4, ROWS, 4)
+    low = torch.stack([nib & 0x0F, nib >> 4], dim=2)  # (r, block, half, t, row, i)
+    bits = groups[..., 16 * ROWS:20 * ROWS].reshape(r, b, ROWS, 4)
+    high = torch.stack([(bits >> j) & 1 for j in range(8)], dim=-1).view(r, b, ROWS, 4, 2, 4)  # (.., i, half, t)
+    q = low.permute(0, 4, 1, 2, 3, 5) | (high.permute(0, 2, 1, 4, 5, 3) << 4)  # (r, row, block, half, t, i)
+    d = groups[..., 20 * ROWS:].contiguous().view(torch.float16).float().permute(0, 2, 1)  # (r, row, block)
+    w = ((q.reshape(r, ROWS, b, 32).float() - 16) * d[..., None]).reshape(r, ROWS, b * 32)
+    return w.reshape(g_all * ROWS, -1) if rows is None else w[torch.arange(r), rows % ROWS]
+
+
+class Q5Linear(nn.Module):
+    """y = x @ W.T + bias with W a GGUF Q5_0 tensor's numbers (d * (q - 16) per 32 inputs) in pack_q5's layout, run
+    by torch.ops.arbor.q5_mm. Its rows also serve as a (tied) embedding (embed_rows)."""
+
+    def __init__(self, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.out_features, self.in_features = out_features, packed.shape[1] * 32
+        self.register_buffer("packed", packed)
+        self.bias = bias
+
+    def dequantized(self, dtype=torch.float32) -> torch.Tensor:
+        return unpack_q5(self.packed)[:self.out_features].to(dtype)
+
+    def embed_rows(self, tokens: torch.Tensor) -> torch.Tensor:
+        return unpack_q5(self.packed, tokens.reshape(-1)).view(*tokens.shape, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        y = torch.ops.arbor.q5_mm(rows, self.packed, self.out_features)
+        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+
 class Q8Linear(nn.Module):
     """y = x @ W.T + bias with W a GGUF Q8_0 or Q5_0 tensor's numbers (d * q per 32 inputs) in pack_q8's layout,
     run by torch.ops.arbor.q8_mm. Its rows also serve as a (tied) embedding (embed_rows)."""
@@ -343,3 +412,6 @@ def turned_off():
         yield
     finally:
         _loaded = saved
+
+
+ROW_LAYERS = (Q4KLinear, Q5Linear, Q6KLinear, Q8Linear)  # every layer of these kernels, each with embed_rows

@@ -37,7 +37,7 @@ from arbor_core.number_input import env_switch
 from arbor_weights import quantized
 
 from . import integer_kernels, load_quantized, quantize
-from .integer_kernels import Q4KLinear, Q6KLinear, Q8Linear
+from .integer_kernels import Q4KLinear, Q5Linear, Q6KLinear, Q8Linear
 from .machine_cache import key_digest, machine_key, mark_used, notice, prune, sources_digest
 from .quantize import Int4Linear, Int8Embedding, Int8Linear, StackedLinear
 
@@ -46,10 +46,11 @@ DIR_ENV = "ARBOR_LAYOUT_DIR"
 KEEP = 4  # layouts kept, least recently used deleted first: each is about its model's size (1.36 GB for 1.5 B)
 RECORD = "arbor_layout"  # the safetensors metadata entry holding the record
 # the integer kernels' layers (integer_kernels.py): record type, and (inputs a block, bytes a block of 16 rows)
-PACKED_TYPES = {"q4k": Q4KLinear, "q6k": Q6KLinear, "q8": Q8Linear}
+PACKED_TYPES = {"q4k": Q4KLinear, "q6k": Q6KLinear, "q8": Q8Linear, "q5": Q5Linear}
 PACKED = tuple(PACKED_TYPES.values())
 PACKED_SHAPES = {"q4k": (integer_kernels.SUPER, integer_kernels.SUPER_BYTES),
-                 "q6k": (integer_kernels.SUPER, integer_kernels.Q6K_SUPER_BYTES), "q8": (32, integer_kernels.Q8_BLOCK_BYTES)}
+                 "q6k": (integer_kernels.SUPER, integer_kernels.Q6K_SUPER_BYTES), "q8": (32, integer_kernels.Q8_BLOCK_BYTES),
+                 "q5": (32, integer_kernels.Q5_BLOCK_BYTES)}
 SLOT_TYPES = (StackedLinear, Int4Linear, Int8Linear, Int8Embedding, Q4KLinear, Q6KLinear, Q8Linear)
 # Every tensor's data starts on a multiple of this in the file, so in the mapped memory too: PyTorch's CPU int8
 # kernel crashes (SIGSEGV, torch 2.13) on a bfloat16 scale that is not 64-byte aligned with 60 rows of input,

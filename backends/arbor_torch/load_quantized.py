@@ -147,8 +147,10 @@ class BlockLoader:
         return parts[0] if len(parts) == 1 else StackedLinear(parts)
 
     def linear(self, form: str, bases: list[str]) -> nn.Module:
-        if form == "q8":
+        if form == "q8":  # Q5_0's codes (-16..15) in 5.5 bits, Q8_0's in 8.5
             entries = [np.concatenate([self.groups[b][s] for b in bases]) for s in ("qweight", "scales")]
+            if integer_kernels.fits_five_bits(entries[0]):
+                return integer_kernels.Q5Linear(integer_kernels.pack_q5(*entries), len(entries[0]), self.bias(bases))
             return integer_kernels.Q8Linear(integer_kernels.pack_q8(*entries), len(entries[0]), self.bias(bases))
         if form == "q6k":
             entries = self.entries_of(bases)
@@ -211,7 +213,7 @@ def load_int4(model: nn.Module, state: dict[str, torch.Tensor], dtype: torch.dty
         model.lm_head = loader.int8_linear([head], loader.bias(["lm_head"]))
     else:
         model.lm_head = quantized_linear(loader.float_weight(head), loader.bias(["lm_head"]), HEAD_MODE["int4"])
-    if tied and isinstance(model.lm_head, (Int8Linear, integer_kernels.Q6KLinear, integer_kernels.Q8Linear)):
+    if tied and isinstance(model.lm_head, (Int8Linear, *integer_kernels.ROW_LAYERS)):
         codes = model.lm_head
     elif loader.format_of("model.embed_tokens") in ("q6k", "q8"):
         codes = loader.linear(loader.format_of("model.embed_tokens"), ["model.embed_tokens"])
