@@ -902,6 +902,81 @@ at::Tensor q5_mm(const at::Tensor& x, const at::Tensor& packed, int64_t n) {
   return y;
 }
 
+// ---- rows of the layouts as float32 (an embedding's lookup) ---------------------------------------------------
+
+enum Layout : int64_t { LAYOUT_Q4K = 0, LAYOUT_Q5 = 1, LAYOUT_Q6K = 2, LAYOUT_Q8 = 3 };
+
+float half_at(const uint8_t* p, int64_t i) {
+  return c10::detail::fp16_ieee_to_fp32_value(reinterpret_cast<const uint16_t*>(p)[i]);
+}
+
+// Row r (of 16) of one group, K inputs, as the file's float32 values: the products formed as gguf forms them.
+void group_row(int64_t layout, const uint8_t* g, int64_t K, int64_t r, float* out) {
+  if (layout == LAYOUT_Q4K || layout == LAYOUT_Q6K) {
+    for (int64_t s = 0; s < K / SUPER; ++s) {
+      if (layout == LAYOUT_Q4K) {
+        const uint8_t* blk = g + s * SUPER_BYTES;
+        const float d = half_at(blk + CODE_BYTES, r), dmin = half_at(blk + CODE_BYTES, ROWS + r);
+        const uint8_t* sc = blk + CODE_BYTES + 4 * ROWS;
+        for (int64_t j = 0; j < 8; ++j) {
+          const float scale = d * static_cast<float>(sc[j * ROWS + r]), low = dmin * static_cast<float>(sc[(8 + j) * ROWS + r]);
+          for (int64_t k = 0; k < QK; ++k) {
+            const uint8_t byte = blk[j * 256 + (k % 16) / 4 * 64 + r * 4 + k % 4];
+            const int q = k < 16 ? byte & 15 : byte >> 4;
+            out[s * SUPER + j * QK + k] = scale * static_cast<float>(q) - low;
+          }
+        }
+      } else {
+        const uint8_t* blk = g + s * Q6K_SUPER_BYTES;
+        const float d = half_at(blk + Q6K_CODE_BYTES, r);
+        const int8_t* sc = reinterpret_cast<const int8_t*>(blk + Q6K_CODE_BYTES + 2 * ROWS);
+        for (int64_t j = 0; j < 8; ++j)
+          for (int64_t k = 0; k < QK; ++k) {
+            const float scale = d * static_cast<float>(sc[(2 * j + k / 16) * ROWS + r]);
+            out[s * SUPER + j * QK + k] = scale * static_cast<float>(q6k_code(blk, j, r, k) - 32);
+          }
+      }
+    }
+    return;
+  }
+  const int64_t bytes = layout == LAYOUT_Q5 ? Q5_BLOCK_BYTES : Q8_BLOCK_BYTES;
+  for (int64_t b = 0; b < K / QK; ++b) {
+    const uint8_t* blk = g + b * bytes;
+    const float d = half_at(blk + (layout == LAYOUT_Q5 ? 320 : QK * ROWS), r);
+    for (int64_t k = 0; k < QK; ++k) {
+      int q;
+      if (layout == LAYOUT_Q5) {
+        const int64_t t = (k % 16) / 4, i = k % 4;
+        const uint8_t byte = blk[t * 64 + r * 4 + i], high = blk[256 + r * 4 + i];
+        q = k < 16 ? ((byte & 15) | (((high >> t) & 1) << 4)) : ((byte >> 4) | (((high >> (4 + t)) & 1) << 4));
+        q -= 16;
+      } else {
+        q = reinterpret_cast<const int8_t*>(blk)[(k / 4) * 64 + r * 4 + k % 4];
+      }
+      out[b * QK + k] = d * static_cast<float>(q);
+    }
+  }
+}
+
+at::Tensor packed_rows(const at::Tensor& packed, int64_t layout, const at::Tensor& tokens) {
+  TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == at::kByte && packed.is_contiguous(),
+              "arbor packed_rows: packed must be contiguous uint8 [groups, blocks, bytes]");
+  const int64_t per_block = layout == LAYOUT_Q4K || layout == LAYOUT_Q6K ? SUPER : QK;
+  const int64_t G = packed.size(0), K = packed.size(1) * per_block, group_bytes = packed.size(1) * packed.size(2);
+  const at::Tensor ids = tokens.reshape({-1}).to(at::kLong).contiguous();
+  const int64_t T = ids.numel();
+  at::Tensor out = at::empty({T, K}, at::kFloat);
+  const int64_t* ip = ids.data_ptr<int64_t>();
+  const uint8_t* w = packed.data_ptr<uint8_t>();
+  float* op = out.data_ptr<float>();
+  for (int64_t t = 0; t < T; ++t)
+    TORCH_CHECK(ip[t] >= 0 && ip[t] < G * ROWS, "arbor packed_rows: row ", ip[t], " out of range");
+  at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) group_row(layout, w + (ip[t] / ROWS) * group_bytes, K, ip[t] % ROWS, op + t * K);
+  });
+  return out;
+}
+
 // ---- i8: int8 rows, one scale per row ------------------------------------------------------------------------
 
 float scale_at(const at::Tensor& scale, int64_t n) {
@@ -1104,6 +1179,7 @@ TORCH_LIBRARY(arbor, m) {
   m.def("q8_mm(Tensor x, Tensor packed, int n) -> Tensor");
   m.def("q5_mm(Tensor x, Tensor packed, int n) -> Tensor");
   m.def("i8_mm(Tensor x, Tensor q, Tensor scale) -> Tensor");
+  m.def("packed_rows(Tensor packed, int layout, Tensor tokens) -> Tensor");
   m.def("set_isa(int isa) -> int", &set_isa);
   m.def("set_tile(int tokens) -> int", &set_tile);
 }
@@ -1114,4 +1190,5 @@ TORCH_LIBRARY_IMPL(arbor, CPU, m) {
   m.impl("q8_mm", &q8_mm);
   m.impl("q5_mm", &q5_mm);
   m.impl("i8_mm", &i8_mm);
+  m.impl("packed_rows", &packed_rows);
 }

@@ -50,6 +50,7 @@ Q8_BLOCK_BYTES = 32 * ROWS + 2 * ROWS  # int8 codes and d (fp16) of 32 inputs of
 Q5_BLOCK_BYTES = 16 * ROWS + 4 * ROWS + 2 * ROWS  # low nibbles, high bits, d (fp16) of 32 inputs of 16 rows
 Q6K_SUPER_BYTES = SUPER * 6 // 8 * ROWS + 2 * ROWS + 16 * ROWS  # 6-bit codes, d (fp16), sc (int8 per 16) of 16 rows
 ISAS = {"scalar": 0, "avx2": 1, "avx512": 2}
+LAYOUTS = {"q4k": 0, "q5": 1, "q6k": 2, "q8": 3}  # packed_rows' layout argument
 
 _loaded: bool | None = None
 
@@ -138,6 +139,11 @@ def _register_fakes() -> None:
     @torch.library.register_fake("arbor::q5_mm")
     def _(x, packed, n):
         return x.new_empty((x.numel() // (packed.shape[1] * 32), n), dtype=torch.float32)
+
+    @torch.library.register_fake("arbor::packed_rows")
+    def _(packed, layout, tokens):
+        per_block = SUPER if layout in (LAYOUTS["q4k"], LAYOUTS["q6k"]) else 32
+        return packed.new_empty((tokens.numel(), packed.shape[1] * per_block), dtype=torch.float32)
 
     @torch.library.register_fake("arbor::i8_mm")
     def _(x, q, scale):
@@ -310,7 +316,7 @@ class Q5Linear(nn.Module):
         return unpack_q5(self.packed)[:self.out_features].to(dtype)
 
     def embed_rows(self, tokens: torch.Tensor) -> torch.Tensor:
-        return unpack_q5(self.packed, tokens.reshape(-1)).view(*tokens.shape, self.in_features)
+        return torch.ops.arbor.packed_rows(self.packed, LAYOUTS["q5"], tokens).view(*tokens.shape, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
@@ -333,7 +339,7 @@ class Q8Linear(nn.Module):
         return unpack_q8(self.packed)[:self.out_features].to(dtype)
 
     def embed_rows(self, tokens: torch.Tensor) -> torch.Tensor:
-        return unpack_q8(self.packed, tokens.reshape(-1)).view(*tokens.shape, self.in_features)
+        return torch.ops.arbor.packed_rows(self.packed, LAYOUTS["q8"], tokens).view(*tokens.shape, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
@@ -357,7 +363,7 @@ class Q6KLinear(nn.Module):
 
     def embed_rows(self, tokens: torch.Tensor) -> torch.Tensor:
         """The exact rows of `tokens` (any shape) as float32 [..., K], read from their groups only."""
-        return unpack_q6k(self.packed, tokens.reshape(-1)).view(*tokens.shape, self.in_features)
+        return torch.ops.arbor.packed_rows(self.packed, LAYOUTS["q6k"], tokens).view(*tokens.shape, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
@@ -387,14 +393,8 @@ class Q4KLinear(nn.Module):
     def embed_rows(self, tokens: torch.Tensor) -> torch.Tensor:
         """The exact rows of `tokens` (any shape) as float32 [..., K], read from their groups only (an embedding
         kept as Q4_K, as Q4_K_M's is: 135 MB instead of 233 MB of int8 rows for the 1.5B)."""
-        flat = tokens.reshape(-1)
-        codes, halves, subs = unpack_q4k(self.packed[flat // ROWS].reshape(-1, *self.packed.shape[1:]), flat.numel() * ROWS)
-        pick = torch.arange(flat.numel()) * ROWS + flat % ROWS
-        codes, halves, subs = codes[pick], halves[pick], subs[pick]
-        n = flat.numel()
-        scale = (halves[..., 0:1] * subs[..., 0].float().view(n, -1, 8)).view(n, -1, 1)
-        low = (halves[..., 1:2] * subs[..., 1].float().view(n, -1, 8)).view(n, -1, 1)
-        return (codes.float().view(n, -1, 32) * scale - low).view(*tokens.shape, self.in_features)
+        rows = torch.ops.arbor.packed_rows(self.packed, LAYOUTS["q4k"], tokens)
+        return rows.view(*tokens.shape, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
