@@ -51,7 +51,7 @@ PACKED = tuple(PACKED_TYPES.values())
 PACKED_SHAPES = {"q4k": (integer_kernels.SUPER, integer_kernels.SUPER_BYTES),
                  "q6k": (integer_kernels.SUPER, integer_kernels.Q6K_SUPER_BYTES), "q8": (32, integer_kernels.Q8_BLOCK_BYTES),
                  "q5": (32, integer_kernels.Q5_BLOCK_BYTES)}
-SLOT_TYPES = (StackedLinear, Int4Linear, Int8Linear, Int8Embedding, Q4KLinear, Q6KLinear, Q8Linear)
+SLOT_TYPES = (StackedLinear, Int4Linear, Int8Linear, Int8Embedding, *PACKED)
 # Every tensor's data starts on a multiple of this in the file, so in the mapped memory too: PyTorch's CPU int8
 # kernel crashes (SIGSEGV, torch 2.13) on a bfloat16 scale that is not 64-byte aligned with 60 rows of input,
 # and safetensors.torch.save_file packs tensors back to back. Gaps are filled by tensors named PAD + n.
