@@ -98,7 +98,7 @@ def main() -> None:
             for e in [e for e in list(found) if e.startswith("arbor q") and "@" not in e]:
                 fn, size = found[e]
                 found[f"{e}@{tile}"] = (lambda x, fn=fn, t=int(tile): (torch.ops.arbor.set_tile(t), fn(x),
-                                                                       torch.ops.arbor.set_tile(4))[1], size)
+                                                                       torch.ops.arbor.set_tile(8))[1], size)
         x = torch.randn(args.rows, k)
         best = {e: float("inf") for e in found}
         for _ in range(args.reps):
