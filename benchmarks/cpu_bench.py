@@ -7,7 +7,9 @@
 
 "arbor default" is `arbor_cli.load(gguf, backend="torch", device="cpu")` with no dtype or quantize:
 what a user gets without flags. --modes adds arbor configurations: a dtype (float32, the exact path)
-or a quantize mode (int8, int4), or both as dtype+quantize (float32+int4). Each repetition runs every
+or a quantize mode (int8, int4), or both as dtype+quantize (float32+int4); "aten" loads with arbor's
+integer kernels off (PyTorch's int4/int8 kernels, as before them), "eager" without the compiled decode
+step, each alone or joined to the others with "+" (e.g. aten, eager, aten+eager). Each repetition runs every
 engine once, in turn (llama.cpp, arbor default, the modes), so load from other processes hits all of
 them alike; the table reports medians and min..max over the repetitions, llama.cpp being 1.00x.
 
@@ -29,6 +31,7 @@ first difference is. Random-weights GGUFs give noise text: parity there says lit
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import statistics
@@ -56,6 +59,7 @@ PARITY_PROMPTS = [  # tests/reference/test_default_model_parity.py, as raw text 
 ]
 PARITY_CHATS = ["What is the capital of France?", "Name the three primary colors."]  # through the chat template
 DTYPES = ("float32", "bfloat16", "float16")
+SWITCHES = ("aten", "eager")  # load-time switches a mode may add (parse_mode)
 
 
 def cpu_model() -> str:
@@ -77,9 +81,13 @@ def load_average() -> list[float]:
 
 
 def parse_mode(mode: str) -> dict:
-    """'float32' -> dtype, 'int4' -> quantize, 'float32+int4' -> both."""
+    """'float32' -> dtype, 'int4' -> quantize, 'float32+int4' -> both; 'aten' (PyTorch's int4/int8 kernels instead
+    of arbor's integer kernels) and 'eager' (no compiled decode step) combine with either."""
     kw = {}
     for part in mode.split("+"):
+        if part in SWITCHES:
+            kw[part] = True
+            continue
         key = "dtype" if part in DTYPES else "quantize" if part in QUANTIZE else None
         if key is None or key in kw:
             sys.exit(f"cpu_bench: bad mode {mode!r}: use a dtype ({', '.join(DTYPES)}), a quantize mode "
@@ -88,14 +96,34 @@ def parse_mode(mode: str) -> dict:
     return kw
 
 
+@contextlib.contextmanager
+def env_set(name: str, value: str):
+    saved = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = saved
+
+
 class Arbor:
-    def __init__(self, gguf: str, label: str, **kw):
+    def __init__(self, gguf: str, label: str, aten: bool = False, eager: bool = False, **kw):
+        from arbor_torch import integer_kernels
+
         t0 = time.perf_counter()
-        self.model = arbor_cli.load(gguf, backend="torch", device="cpu", quiet=True, **kw)
+        with contextlib.ExitStack() as stack:
+            if aten:
+                stack.enter_context(integer_kernels.turned_off())
+            if eager:
+                stack.enter_context(env_set("ARBOR_COMPILE", "0"))
+            self.model = arbor_cli.load(gguf, backend="torch", device="cpu", quiet=True, **kw)
         self.load_s = time.perf_counter() - t0
         self.lm = self.model.lm
-        self.kwargs = kw
         self.name = f"{label} ({self.lm.dtype}{', ' + self.lm.quantize if self.lm.quantize else ''})"
+        self.kwargs = {**kw, **({"aten": True} if aten else {}), **({"eager": True} if eager else {})}
         self.weights_bytes = self.lm.weights_nbytes
 
     def greedy(self, prompt: list[int], n: int, capacity: int) -> tuple[list[int], float, float]:

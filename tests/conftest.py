@@ -14,6 +14,11 @@ def _compiled_steps_once_per_session():
 
         home = os.environ.get("ARBOR_HOME") or platformdirs.user_cache_dir("arbor")
         os.environ["ARBOR_COMPILE_DIR"] = os.path.join(os.path.expanduser(home), "compiled")
+    if "ARBOR_KERNEL_DIR" not in os.environ:  # arbor's CPU integer kernels (integer_kernels.py): built once too
+        import platformdirs
+
+        home = os.environ.get("ARBOR_HOME") or platformdirs.user_cache_dir("arbor")
+        os.environ["ARBOR_KERNEL_DIR"] = os.path.join(os.path.expanduser(home), "kernels")
 
 
 _compiled_steps_once_per_session()

@@ -19,12 +19,18 @@ import arbor_weights
 from arbor_weights import quantized
 
 torch = pytest.importorskip("torch")
-from arbor_torch import load_quantized  # noqa: E402
+from arbor_torch import integer_kernels, load_quantized  # noqa: E402
 from arbor_torch.quantize import Int4Linear, Int8Linear, StackedLinear, int4_linear_from_codes, unpack_int4_cpu  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("arbor_home")
 MIX = {"v_proj": Q.Q6_K, "down_proj": Q.Q6_K, "embed_tokens": Q.Q8_0}  # Q4_K_M's pattern (its other layers Q4_K)
 BF16_STEP = 2.0 ** -8  # a bfloat16 rounding moves a number by at most 2^-9 of it; twice that, for margin
+
+
+@pytest.fixture
+def aten_kernels(monkeypatch):
+    """PyTorch's int4 / int8 kernels, as where arbor's integer kernels do not build: the int4 mode's forms."""
+    monkeypatch.setattr(integer_kernels, "_loaded", False)
 
 
 def import_tiny(tmp_path, qtype=Q.Q4_K, kinds=None):
@@ -103,11 +109,17 @@ CASES = {"Q4_K": (Q.Q4_K, None), "Q5_K": (Q.Q5_K, None), "Q5_0": (Q.Q5_0, None),
          "Q6_K": (Q.Q6_K, None)}
 
 
+@pytest.mark.parametrize("kernels", ["arbor", "aten"])
 @pytest.mark.parametrize("case", CASES)
-def test_a_tiny_k_quant_gguf_in_int4_mode_is_close_to_the_float_path(tmp_path, case):
+def test_a_tiny_k_quant_gguf_in_int4_mode_is_close_to_the_float_path(tmp_path, case, kernels, monkeypatch):
     """Stated bound: relative norm of the logits < 0.03 and top-1 >= 94% of 60 positions; Q6_K's random
     sub-scales of both signs up to 127 (a real file's are far more even) are the per-row scale's worst
-    case: < 0.1 and >= 90% there. The bfloat16 float path alone is 0.002-0.04 off on these models."""
+    case: < 0.1 and >= 90% there. The bfloat16 float path alone is 0.002-0.04 off on these models.
+    Measured with arbor's integer kernels (exact weights, int8 activations per 32; norm, top-1): Q4_K 0.0012,
+    100%; Q5_K 0.0010, 100%; Q4_K_M mix 0.012, 98.3%; Q6_K 0.049, 93.3%; with PyTorch's: 0.0018, 0.0018, 0.011
+    (95%), 0.067 (95%)."""
+    if kernels == "aten":
+        monkeypatch.setattr(integer_kernels, "_loaded", False)
     checkpoint = import_tiny(tmp_path, *CASES[case])
     ids = list(range(3, 63))
     exact = torch_lm(checkpoint).logits(ids)
@@ -116,7 +128,7 @@ def test_a_tiny_k_quant_gguf_in_int4_mode_is_close_to_the_float_path(tmp_path, c
     assert norm < bound and top1 >= agreement
 
 
-def test_four_bit_kinds_as_int8_rows_stay_within_the_float_paths_bound(tmp_path, monkeypatch):
+def test_four_bit_kinds_as_int8_rows_stay_within_the_float_paths_bound(tmp_path, monkeypatch, aten_kernels):
     """The prefill alternative FOUR_BIT_FORMAT = "int8": every Q4_K layer int8 rows, over 96 rows (a bf16
     GEMM, not the row kernel). Stated bound: relative norm < 0.03 (as the int4 mode's test above) and top-1
     >= 85%: at 96 rows this random model's top-1 is fragile for both forms (measured: int4 codes 0.0115 and
@@ -132,7 +144,8 @@ def test_four_bit_kinds_as_int8_rows_stay_within_the_float_paths_bound(tmp_path,
 
 
 @pytest.mark.parametrize("case", ["Q5_0", "Q4_K_M mix", "Q6_K"])
-def test_eight_bit_kinds_are_closer_to_the_file_as_int8_rows_than_re_fitted_to_int4(tmp_path, case, monkeypatch):
+def test_eight_bit_kinds_are_closer_to_the_file_as_int8_rows_than_re_fitted_to_int4(tmp_path, case, monkeypatch,
+                                                                                   aten_kernels):
     checkpoint = import_tiny(tmp_path, *CASES[case])
     ids = list(range(3, 63))
     exact = torch_lm(checkpoint).logits(ids)
@@ -142,7 +155,7 @@ def test_eight_bit_kinds_are_closer_to_the_file_as_int8_rows_than_re_fitted_to_i
     assert rows[1] < groups[1] / 2
 
 
-def test_a_mixed_fusion_keeps_each_kind_in_its_own_kernel(tmp_path):
+def test_a_mixed_fusion_keeps_each_kind_in_its_own_kernel(tmp_path, aten_kernels):
     checkpoint = import_tiny(tmp_path, kinds=MIX)
     layer = torch_lm(checkpoint, "int4").model.model.layers[1]
     qkv = layer.self_attn.qkv_proj
@@ -164,7 +177,53 @@ def test_a_mixed_fusion_keeps_each_kind_in_its_own_kernel(tmp_path):
     torch.testing.assert_close(qkv(x), torch.cat(alone, dim=-1), rtol=0, atol=0)
 
 
-def test_int4_mode_never_dequantizes_a_4_bit_layer(tmp_path, monkeypatch):
+@pytest.mark.skipif(not integer_kernels.available(), reason="arbor's integer kernels do not build here")
+def test_on_the_integer_kernels_every_k_quant_layer_is_the_files_own_numbers(tmp_path):
+    """Q4_K as Q4KLinear, Q6_K (v, down, the tied head and embedding) as Q6KLinear, Q8_0 as int8 rows on i8_mm;
+    their weights the exact dequantization, bit for bit."""
+    from safetensors.numpy import load_file
+
+    checkpoint = import_tiny(tmp_path, kinds=MIX)
+    lm = torch_lm(checkpoint, "int4")
+    layer = lm.model.model.layers[1]
+    qkv = layer.self_attn.qkv_proj
+    assert [type(p) for p in qkv.parts] == [integer_kernels.Q4KLinear, integer_kernels.Q6KLinear]
+    assert isinstance(layer.mlp.gate_up_proj, integer_kernels.Q4KLinear)
+    assert isinstance(layer.mlp.down_proj, integer_kernels.Q6KLinear)
+    state = load_file(checkpoint.weight_files[0])
+    exact = {name: quantized.dequantize({s: state[f"model.layers.1.{name}.{s}"] for s in quantized.SUFFIXES
+                                         if f"model.layers.1.{name}.{s}" in state})
+             for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.down_proj")}
+    assert np.array_equal(qkv.parts[0].dequantized().numpy(),
+                          np.concatenate([exact["self_attn.q_proj"], exact["self_attn.k_proj"]]))
+    assert np.array_equal(qkv.parts[1].dequantized().numpy(), exact["self_attn.v_proj"])
+    assert np.array_equal(layer.mlp.down_proj.dequantized().numpy(), exact["mlp.down_proj"])
+    embed = lm.model.model.embed_tokens
+    if checkpoint.config.tie_word_embeddings:
+        assert embed.codes is lm.model.lm_head
+    assert isinstance(embed.codes, integer_kernels.Q8Linear)  # MIX's embedding: Q8_0, its exact rows
+    tokens = torch.tensor([[3, 17], [99, 5]])
+    assert torch.equal(embed(tokens).float(), embed.codes.dequantized()[tokens])
+
+
+@pytest.mark.skipif(not integer_kernels.available(), reason="arbor's integer kernels do not build here")
+def test_on_the_integer_kernels_nothing_is_dequantized_at_load(tmp_path, monkeypatch):
+    checkpoint = import_tiny(tmp_path, kinds=MIX)
+    monkeypatch.setattr(quantized, "dequantize", lambda entries: pytest.fail("dequantized at load"))
+    torch_lm(checkpoint, "int4")
+
+
+@pytest.mark.skipif(not integer_kernels.available(), reason="arbor's integer kernels do not build here")
+def test_a_q6_k_tied_head_is_also_the_embeddings_exact_rows(tmp_path):
+    checkpoint = import_tiny(tmp_path, kinds={**MIX, "embed_tokens": Q.Q6_K})
+    lm = torch_lm(checkpoint, "int4")
+    head, embed = lm.model.lm_head, lm.model.model.embed_tokens
+    assert isinstance(head, integer_kernels.Q6KLinear) and embed.codes is head
+    tokens = torch.tensor([[3, 17], [99, 5]])
+    assert torch.equal(embed(tokens).float(), head.dequantized()[tokens])
+
+
+def test_int4_mode_never_dequantizes_a_4_bit_layer(tmp_path, monkeypatch, aten_kernels):
     checkpoint = import_tiny(tmp_path, kinds=MIX)
     dequantized = []
     real = quantized.dequantize
@@ -218,8 +277,12 @@ def test_the_compiled_step_runs_a_mixed_k_quant_model(tmp_path, monkeypatch, cap
 @pytest.mark.parametrize("name, weights_bytes", [("qwen2.5-coder-0.5b-instruct", 0.65e9),
                                                  ("qwen2.5-coder-1.5b-instruct", 1.4e9)])
 def test_the_real_files_in_int4_mode_are_within_the_stated_bound_of_the_exact_weights(name, weights_bytes, tmp_path):
-    """Teacher-forced over 256 tokens of argparse's docstring (prose and code): max |diff| / max |logit|
-    < 0.06 and top-1 >= 94% (measured 0.026-0.042 and 96-97% over 384 tokens of README.md)."""
+    """Teacher-forced over 256 tokens of argparse's docstring (prose and code): max |diff| / max |logit| < 0.06
+    past the first position, < 0.15 at it, relative norm < 0.03 and top-1 >= 94%. Measured over 384 tokens of
+    README.md on arbor's integer kernels (max past position 0, at it, norm, top-1): 0.5B 0.017, 0.017, 0.014,
+    97.7%; 1.5B 0.015, 0.114, 0.013, 99.0%; PyTorch's kernels: 0.026-0.042 max, 96-97%. The first position is
+    Qwen's attention sink, a few channels of its hidden state ~1000x the rest: the int8 activation block holding
+    one of them rounds its 31 neighbours to zero (llama.cpp's Q8_K blocks of 256 do the same)."""
     import argparse
 
     from arbor_core.tokenizer import load_tokenizer
@@ -230,5 +293,7 @@ def test_the_real_files_in_int4_mode_are_within_the_stated_bound_of_the_exact_we
     exact = torch_lm(checkpoint).logits(ids)  # 6 GB of float32 for the 1.5B, freed before int4 mode loads
     lm = torch_lm(checkpoint, "int4")
     assert lm.weights_nbytes < weights_bytes and lm.compiled is not None  # the default's form, compiled step on
-    worst, _, top1 = distance(lm.logits(ids), exact)
-    assert worst < 0.06 and top1 >= 0.94
+    got = lm.logits(ids)
+    worst, norm, top1 = distance(got[1:], exact[1:])
+    assert worst < 0.06 and norm < 0.03 and top1 >= 0.94
+    assert distance(got[:1], exact[:1])[0] < 0.15

@@ -43,7 +43,7 @@ import torch
 
 from arbor_core.number_input import env_switch
 
-from . import decode_step, model, quantize
+from . import decode_step, integer_kernels, model, quantize
 from .arch import FAMILIES, pieces
 from .decode_step import DecodeStep
 from .machine_cache import key_digest, machine_key, mark_used, notice, prune, sources_digest
@@ -83,7 +83,7 @@ def enabled() -> bool:
 
 def _sources() -> str:
     """The code the artifact was generated from: a change to it is a different artifact."""
-    return sources_digest((decode_step, model, quantize, pieces,
+    return sources_digest((decode_step, model, quantize, integer_kernels, pieces,
                            *sorted(set(FAMILIES.values()), key=lambda m: m.__name__)))
 
 

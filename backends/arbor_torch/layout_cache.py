@@ -36,7 +36,8 @@ from arbor_core.number_input import env_switch
 
 from arbor_weights import quantized
 
-from . import load_quantized, quantize
+from . import integer_kernels, load_quantized, quantize
+from .integer_kernels import Q4KLinear, Q5Linear, Q6KLinear, Q8Linear
 from .machine_cache import key_digest, machine_key, mark_used, notice, prune, sources_digest
 from .quantize import Int4Linear, Int8Embedding, Int8Linear, StackedLinear
 
@@ -44,7 +45,13 @@ ENV = "ARBOR_LAYOUT_CACHE"
 DIR_ENV = "ARBOR_LAYOUT_DIR"
 KEEP = 4  # layouts kept, least recently used deleted first: each is about its model's size (1.36 GB for 1.5 B)
 RECORD = "arbor_layout"  # the safetensors metadata entry holding the record
-SLOT_TYPES = (StackedLinear, Int4Linear, Int8Linear, Int8Embedding)
+# the integer kernels' layers (integer_kernels.py): record type, and (inputs a block, bytes a block of 16 rows)
+PACKED_TYPES = {"q4k": Q4KLinear, "q6k": Q6KLinear, "q8": Q8Linear, "q5": Q5Linear}
+PACKED = tuple(PACKED_TYPES.values())
+PACKED_SHAPES = {"q4k": (integer_kernels.SUPER, integer_kernels.SUPER_BYTES),
+                 "q6k": (integer_kernels.SUPER, integer_kernels.Q6K_SUPER_BYTES), "q8": (32, integer_kernels.Q8_BLOCK_BYTES),
+                 "q5": (32, integer_kernels.Q5_BLOCK_BYTES)}
+SLOT_TYPES = (StackedLinear, Int4Linear, Int8Linear, Int8Embedding, *PACKED)
 # Every tensor's data starts on a multiple of this in the file, so in the mapped memory too: PyTorch's CPU int8
 # kernel crashes (SIGSEGV, torch 2.13) on a bfloat16 scale that is not 64-byte aligned with 60 rows of input,
 # and safetensors.torch.save_file packs tensors back to back. Gaps are filled by tensors named PAD + n.
@@ -69,7 +76,7 @@ def cache_directory() -> Path:
 
 def _sources() -> str:
     """The code that decides the layout: a change to it is a different file."""
-    return sources_digest((load_quantized, quantize, quantized, sys.modules[__name__]))
+    return sources_digest((load_quantized, quantize, quantized, integer_kernels, sys.modules[__name__]))
 
 
 def _file_digest(path: Path) -> str | None:
@@ -85,7 +92,8 @@ def layout_key(checkpoint, dtype: torch.dtype) -> dict:
         files.append([str(path.resolve()), st.st_size, st.st_mtime_ns])
     choices = {"four_bit": load_quantized.FOUR_BIT_FORMAT, "eight_bit": load_quantized.EIGHT_BIT_FORMAT,
                "head": quantize.HEAD_MODE["int4"],
-               "int4_group": quantize.INT4_GROUP}  # the formats load_int4 picks (settings, not only source)
+               "int4_group": quantize.INT4_GROUP,
+               "integer": integer_kernels.available()}  # Q4_K as Q4KLinear, or Int4Linear where the kernels don't build  # the formats load_int4 picks (settings, not only source)
     return {**machine_key(), "sources": _sources(), "choices": choices, "dtype": str(dtype), "weights": files,
             "config": _file_digest(checkpoint.path / "config.json"),
             "provenance": _file_digest(checkpoint.path / "arbor.json")}
@@ -159,11 +167,15 @@ def _describe(module: nn.Module, prefix: str, tensors: dict, shared: dict[int, s
     if isinstance(module, Int8Embedding):
         codes = shared.get(id(module.codes)) or _describe(module.codes, f"{prefix}.codes", tensors, shared)
         return {"type": "embedding", "dtype": str(module.dtype).removeprefix("torch."), "codes": codes}
-    if not isinstance(module, (Int4Linear, Int8Linear)):
+    if not isinstance(module, (Int4Linear, Int8Linear, *PACKED)):
         raise TypeError(f"no layout record for a {type(module).__name__}")
     for name, t in [*module.named_buffers(recurse=False), *module.named_parameters(recurse=False)]:
         tensors[f"{prefix}.{name}"] = t.detach().contiguous()
     spec = {"type": "int8", "in": module.in_features, "out": module.out_features, "bias": module.bias is not None}
+    if isinstance(module, PACKED):
+        return {**spec, "type": next(name for name, kind in PACKED_TYPES.items() if isinstance(module, kind))}
+    if isinstance(module, Int8Linear):
+        spec["integer"] = module.integer
     return {**spec, "type": "int4", "group": module.group_size} if isinstance(module, Int4Linear) else spec
 
 
@@ -272,7 +284,14 @@ def _rebuild(spec: dict, prefix: str, tensors: dict[str, torch.Tensor], built: d
         q, scale = tensors[f"{prefix}.qweight"], tensors[f"{prefix}.scale"]
         _expect(q, (out, inp), torch.int8, prefix)
         _expect(scale, (out,), quantize.ACT_DTYPE, prefix)
-        return quantize.int8_linear_from_codes(q, scale, bias)
+        linear = quantize.int8_linear_from_codes(q, scale, bias)
+        linear.integer = bool(spec.get("integer"))
+        return linear
+    if kind in PACKED_TYPES:
+        packed = tensors[f"{prefix}.packed"]
+        block, size = PACKED_SHAPES[kind]
+        _expect(packed, (-(-out // integer_kernels.ROWS), inp // block, size), torch.uint8, prefix)
+        return PACKED_TYPES[kind](packed, out, bias)
     packed, scale_zero = tensors[f"{prefix}.qweight"], tensors[f"{prefix}.scale_zero"]
     _expect(scale_zero, (inp // spec["group"], out, 2), quantize.ACT_DTYPE, prefix)
     _expect(packed, (out, inp // 2), torch.uint8, prefix)

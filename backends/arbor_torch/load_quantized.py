@@ -36,6 +36,7 @@ from torch import nn
 from arbor_core.errors import CorruptModelError
 from arbor_weights import quantized
 
+from . import integer_kernels
 from .memory import release_freed_heap
 from .quantize import (
     ACT_DTYPE,
@@ -107,6 +108,9 @@ class BlockLoader:
         self.groups = {base: numpy_entries(entries, where) for base, entries in groups.items()}
         self.kinds = {base: quantized.kind_of(entries, where) for base, entries in self.groups.items()}
         self.dtype = dtype
+        # K-quant models run on arbor's integer kernels where they build (integer_kernels.py): Q4_K as its own
+        # numbers (Q4KLinear), the 8-bit kinds' int8 rows through i8_mm; other models keep PyTorch's kernels
+        self.integer = any(kind in quantized.K_QUANTS for kind in self.kinds.values()) and integer_kernels.available()
 
     def float_weight(self, base: str) -> torch.Tensor:
         """The weight as the float model holds it: exact, then in `dtype`."""
@@ -119,9 +123,16 @@ class BlockLoader:
         return None if parts[0] is None else nn.Parameter(torch.cat(parts).to(self.dtype).clone(), requires_grad=False)
 
     def format_of(self, base: str) -> str:
-        """"int4" (the codes run as they are), "int8" (an 8-bit kind, rows re-fitted) or "float"."""
+        """"int4" (the codes run as they are), "int8" (an 8-bit kind, rows re-fitted), "q6k" (Q6_K's own numbers,
+        on the integer kernels) or "float"."""
         kind = self.kinds.get(base)
+        if self.integer and kind in ("Q6_K", "Q8_0"):  # Q8_0: Q5_0 too (stored as Q8_0)
+            return "q6k" if kind == "Q6_K" else "q8"
         return "float" if kind is None else FOUR_BIT_FORMAT if kind in INT4_KINDS else EIGHT_BIT_FORMAT
+
+    def entries_of(self, bases: list[str]) -> list[np.ndarray]:
+        """qweight, super_scales, sub_scales of `bases`, their rows one after the other (a fused projection)."""
+        return [np.concatenate([self.groups[b][s] for b in bases]) for s in ("qweight", "super_scales", "sub_scales")]
 
     def projection(self, bases: list[str]) -> nn.Module:
         """The rows of `bases` (q, k, v; gate, up; or one) as one module, in that order: each run of
@@ -136,6 +147,17 @@ class BlockLoader:
         return parts[0] if len(parts) == 1 else StackedLinear(parts)
 
     def linear(self, form: str, bases: list[str]) -> nn.Module:
+        if form == "q8":  # Q5_0's codes (-16..15) in 5.5 bits, Q8_0's in 8.5
+            entries = [np.concatenate([self.groups[b][s] for b in bases]) for s in ("qweight", "scales")]
+            if integer_kernels.fits_five_bits(entries[0]):
+                return integer_kernels.Q5Linear(integer_kernels.pack_q5(*entries), len(entries[0]), self.bias(bases))
+            return integer_kernels.Q8Linear(integer_kernels.pack_q8(*entries), len(entries[0]), self.bias(bases))
+        if form == "q6k":
+            entries = self.entries_of(bases)
+            return integer_kernels.Q6KLinear(integer_kernels.pack_q6k(*entries), len(entries[0]), self.bias(bases))
+        if form == "int4" and self.integer and all(self.kinds[b] == "Q4_K" for b in bases):
+            entries = self.entries_of(bases)
+            return integer_kernels.Q4KLinear(integer_kernels.pack_q4k(*entries), len(entries[0]), self.bias(bases))
         if form == "int4":
             codes, scale, zero = (torch.cat(parts) for parts in zip(*(int4_parts(self.groups[b]) for b in bases)))
             if Int4Linear.supports(codes):
@@ -149,7 +171,9 @@ class BlockLoader:
         """Int8Linear(cat of the float weights) without them: rows are quantized independently, so a block
         of rows at a time gives the same codes and scales."""
         if any(base not in self.groups for base in bases):
-            return Int8Linear(torch.cat([self.float_weight(base) for base in bases]), bias)
+            linear = Int8Linear(torch.cat([self.float_weight(base) for base in bases]), bias)
+            linear.integer = self.integer
+            return linear
         qweight = self.groups[bases[0]]["qweight"]
         columns = qweight.shape[1] * (2 if qweight.dtype == np.uint8 else 1)  # 4-bit codes are two a byte
         sizes = [self.groups[base]["qweight"].shape[0] for base in bases]
@@ -163,7 +187,9 @@ class BlockLoader:
                 q, scale = quantize_int8(torch.from_numpy(rows).to(self.dtype))
                 codes[start + i:start + i + q.shape[0]], scales[start + i:start + i + q.shape[0]] = q, scale
             start += size
-        return int8_linear_from_codes(codes, scales, bias)
+        linear = int8_linear_from_codes(codes, scales, bias)
+        linear.integer = self.integer
+        return linear
 
 
 def load_int4(model: nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtype, where) -> None:
@@ -180,10 +206,21 @@ def load_int4(model: nn.Module, state: dict[str, torch.Tensor], dtype: torch.dty
         release_freed_heap()  # a layer's transients (int32 codes, row blocks) freed: not kept as the peak grows
     tied = model.config.tie_word_embeddings
     head = "model.embed_tokens" if tied else "lm_head"
-    model.lm_head = loader.int8_linear([head], loader.bias(["lm_head"])) if HEAD_MODE["int4"] == "int8" else \
-        quantized_linear(loader.float_weight(head), loader.bias(["lm_head"]), HEAD_MODE["int4"])
-    codes = model.lm_head if tied and isinstance(model.lm_head, Int8Linear) else \
-        loader.int8_linear(["model.embed_tokens"])
+    if loader.format_of(head) in ("q6k", "q8"):  # the file's own numbers, and (tied) the embedding's rows too
+        model.lm_head = loader.linear(loader.format_of(head), [head])
+        model.lm_head.bias = loader.bias(["lm_head"])
+    elif HEAD_MODE["int4"] == "int8":
+        model.lm_head = loader.int8_linear([head], loader.bias(["lm_head"]))
+    else:
+        model.lm_head = quantized_linear(loader.float_weight(head), loader.bias(["lm_head"]), HEAD_MODE["int4"])
+    if tied and isinstance(model.lm_head, (Int8Linear, *integer_kernels.ROW_LAYERS)):
+        codes = model.lm_head
+    elif loader.format_of("model.embed_tokens") in ("q6k", "q8"):
+        codes = loader.linear(loader.format_of("model.embed_tokens"), ["model.embed_tokens"])
+    elif loader.integer and loader.kinds.get("model.embed_tokens") == "Q4_K":  # rows read from the Q4_K layout
+        codes = loader.linear("int4", ["model.embed_tokens"])
+    else:
+        codes = loader.int8_linear(["model.embed_tokens"])
     model.model.embed_tokens = Int8Embedding(codes, dtype)
     # the norms, copied out of the memory-mapped file (why: the end of quantize_model)
     norms = {name: t.to(dtype).clone() for name, t in loader.floats.items() if name.endswith("norm.weight")}

@@ -110,7 +110,14 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", scale)
         self.bias = bias
 
+    # True: run arbor's int8 x int8 kernel (integer_kernels.py, K-quant models), the activations quantized per 32
+    integer = False
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.integer:
+            y = torch.ops.arbor.i8_mm(x.reshape(-1, self.in_features), self.qweight, self.scale)
+            y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+            return y if self.bias is None else y + self.bias
         rows = x.reshape(-1, self.in_features).to(ACT_DTYPE)
         if rows.shape[0] >= DEQUANT_ROWS:
             y = F.linear(rows, self.qweight.to(ACT_DTYPE) * self.scale[:, None])
@@ -206,12 +213,16 @@ class Int8Embedding(nn.Module):
         self.codes, self.dtype = codes, dtype
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if hasattr(self.codes, "embed_rows"):  # integer_kernels.Q6KLinear: rows read from its own layout
+            return self.codes.embed_rows(tokens).to(self.dtype)
         rows = self.codes.qweight[tokens].to(self.dtype)
         return rows * self.codes.scale[tokens].to(self.dtype)[..., None]
 
     @property
     def weight(self) -> torch.Tensor:
-        """For code that reads the embedding's device and dtype (RoPE tables, caches): a 1-element view."""
+        """For code that reads the embedding's device and dtype (RoPE tables, caches): a 1-element tensor."""
+        if not hasattr(self.codes, "scale"):
+            return torch.zeros(1, dtype=self.dtype, device=self.codes.packed.device)
         return self.codes.scale[:1].to(self.dtype)
 
 

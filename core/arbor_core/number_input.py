@@ -65,7 +65,7 @@ NUMBERS = {
     "ARBOR_PREFILL_CHUNK": (int, {"minimum": 0}),  # tokens per prefill chunk; 0: the backend's choice
     "ARBOR_PROGRESS_SECONDS": (float, {"above": 0}),  # off a terminal, a progress line about this often
 }
-SWITCHES = ("ARBOR_COMPILE", "ARBOR_CUDA_GRAPHS", "ARBOR_LAYOUT_CACHE", "ARBOR_DEBUG")
+SWITCHES = ("ARBOR_COMPILE", "ARBOR_CUDA_GRAPHS", "ARBOR_LAYOUT_CACHE", "ARBOR_DEBUG", "ARBOR_INTEGER_KERNELS")
 
 
 def env_number(variable: str, default):
