@@ -302,85 +302,86 @@ def unpack_q5(packed: torch.Tensor, rows: torch.Tensor | None = None) -> torch.T
     return w.reshape(g_all * ROWS, -1) if rows is None else w[torch.arange(r), rows % ROWS]
 
 
-class Q5Linear(nn.Module):
-    """y = x @ W.T + bias with W a GGUF Q5_0 tensor's numbers (d * (q - 16) per 32 inputs) in pack_q5's layout, run
-    by torch.ops.arbor.q5_mm. Its rows also serve as a (tied) embedding (embed_rows)."""
+class PackedLinear(nn.Module):
+    """y = x @ W.T + bias with W a GGUF tensor's numbers in one of the kernels' packed layouts (`KIND`, `BLOCK`
+    inputs per packed column), run by the kind's torch.ops.arbor matmul (`_mm`). Its rows also serve as a (tied)
+    embedding (embed_rows: the exact rows of `tokens`, any shape, as float32 [..., K], read from their groups)."""
+
+    KIND: str
+    BLOCK: int
 
     def __init__(self, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None = None):
         super().__init__()
-        self.out_features, self.in_features = out_features, packed.shape[1] * 32
+        self.out_features, self.in_features = out_features, packed.shape[1] * self.BLOCK
         self.register_buffer("packed", packed)
         self.bias = bias
+
+    @staticmethod
+    def _mm(x: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def dequantized(self, dtype=torch.float32) -> torch.Tensor:
+        raise NotImplementedError
+
+    def embed_rows(self, tokens: torch.Tensor) -> torch.Tensor:
+        rows = torch.ops.arbor.packed_rows(self.packed, LAYOUTS[self.KIND], tokens)
+        return rows.view(*tokens.shape, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        y = self._mm(rows, self.packed, self.out_features)
+        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+
+class Q5Linear(PackedLinear):
+    """A GGUF Q5_0 tensor's numbers (d * (q - 16) per 32 inputs) in pack_q5's layout, run by q5_mm."""
+
+    KIND, BLOCK = "q5", 32
+
+    @staticmethod
+    def _mm(x, packed, n):
+        return torch.ops.arbor.q5_mm(x, packed, n)
 
     def dequantized(self, dtype=torch.float32) -> torch.Tensor:
         return unpack_q5(self.packed)[:self.out_features].to(dtype)
 
-    def embed_rows(self, tokens: torch.Tensor) -> torch.Tensor:
-        return torch.ops.arbor.packed_rows(self.packed, LAYOUTS["q5"], tokens).view(*tokens.shape, self.in_features)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)
-        y = torch.ops.arbor.q5_mm(rows, self.packed, self.out_features)
-        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias
+class Q8Linear(PackedLinear):
+    """A GGUF Q8_0 or Q5_0 tensor's numbers (d * q per 32 inputs) in pack_q8's layout, run by q8_mm."""
 
+    KIND, BLOCK = "q8", 32
 
-class Q8Linear(nn.Module):
-    """y = x @ W.T + bias with W a GGUF Q8_0 or Q5_0 tensor's numbers (d * q per 32 inputs) in pack_q8's layout,
-    run by torch.ops.arbor.q8_mm. Its rows also serve as a (tied) embedding (embed_rows)."""
-
-    def __init__(self, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None = None):
-        super().__init__()
-        self.out_features, self.in_features = out_features, packed.shape[1] * 32
-        self.register_buffer("packed", packed)
-        self.bias = bias
+    @staticmethod
+    def _mm(x, packed, n):
+        return torch.ops.arbor.q8_mm(x, packed, n)
 
     def dequantized(self, dtype=torch.float32) -> torch.Tensor:
         return unpack_q8(self.packed)[:self.out_features].to(dtype)
 
-    def embed_rows(self, tokens: torch.Tensor) -> torch.Tensor:
-        return torch.ops.arbor.packed_rows(self.packed, LAYOUTS["q8"], tokens).view(*tokens.shape, self.in_features)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)
-        y = torch.ops.arbor.q8_mm(rows, self.packed, self.out_features)
-        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias
+class Q6KLinear(PackedLinear):
+    """A GGUF Q6_K tensor's numbers (d * sc * (q - 32) per 16 inputs) in pack_q6k's layout, run by q6k_mm."""
 
+    KIND, BLOCK = "q6k", SUPER
 
-class Q6KLinear(nn.Module):
-    """y = x @ W.T + bias with W a GGUF Q6_K tensor's numbers (d * sc * (q - 32) per 16 inputs) in pack_q6k's
-    layout, run by torch.ops.arbor.q6k_mm. Its rows also serve as a tied embedding (embed_rows)."""
-
-    def __init__(self, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None = None):
-        super().__init__()
-        self.out_features, self.in_features = out_features, packed.shape[1] * SUPER
-        self.register_buffer("packed", packed)
-        self.bias = bias
+    @staticmethod
+    def _mm(x, packed, n):
+        return torch.ops.arbor.q6k_mm(x, packed, n)
 
     def dequantized(self, dtype=torch.float32) -> torch.Tensor:
         return unpack_q6k(self.packed)[:self.out_features].to(dtype)
 
-    def embed_rows(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The exact rows of `tokens` (any shape) as float32 [..., K], read from their groups only."""
-        return torch.ops.arbor.packed_rows(self.packed, LAYOUTS["q6k"], tokens).view(*tokens.shape, self.in_features)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)
-        y = torch.ops.arbor.q6k_mm(rows, self.packed, self.out_features)
-        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias
+class Q4KLinear(PackedLinear):
+    """A GGUF Q4_K tensor's numbers (d * sc * q - dmin * m per 32 inputs) in pack_q4k's layout, run by q4k_mm
+    (an embedding kept as Q4_K, as Q4_K_M's is: 135 MB instead of 233 MB of int8 rows for the 1.5B)."""
 
+    KIND, BLOCK = "q4k", SUPER
 
-class Q4KLinear(nn.Module):
-    """y = x @ W.T + bias with W a GGUF Q4_K tensor's numbers (d * sc * q - dmin * m per 32 inputs) in
-    pack_q4k's layout, run by torch.ops.arbor.q4k_mm."""
-
-    def __init__(self, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None = None):
-        super().__init__()
-        self.out_features, self.in_features = out_features, packed.shape[1] * SUPER
-        self.register_buffer("packed", packed)
-        self.bias = bias
+    @staticmethod
+    def _mm(x, packed, n):
+        return torch.ops.arbor.q4k_mm(x, packed, n)
 
     def dequantized(self, dtype=torch.float32) -> torch.Tensor:
         """The weight [N, K], as gguf forms it: (d * sc) * q - (dmin * m), each product in float32."""
@@ -389,18 +390,6 @@ class Q4KLinear(nn.Module):
         scale = (halves[..., 0:1] * subs[..., 0].float().view(n, -1, 8)).view(n, -1, 1)
         low = (halves[..., 1:2] * subs[..., 1].float().view(n, -1, 8)).view(n, -1, 1)
         return (codes.float().view(n, -1, 32) * scale - low).view(n, k).to(dtype)
-
-    def embed_rows(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The exact rows of `tokens` (any shape) as float32 [..., K], read from their groups only (an embedding
-        kept as Q4_K, as Q4_K_M's is: 135 MB instead of 233 MB of int8 rows for the 1.5B)."""
-        rows = torch.ops.arbor.packed_rows(self.packed, LAYOUTS["q4k"], tokens)
-        return rows.view(*tokens.shape, self.in_features)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)
-        y = torch.ops.arbor.q4k_mm(rows, self.packed, self.out_features)
-        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias
 
 
 @contextlib.contextmanager

@@ -46,7 +46,7 @@ DIR_ENV = "ARBOR_LAYOUT_DIR"
 KEEP = 4  # layouts kept, least recently used deleted first: each is about its model's size (1.36 GB for 1.5 B)
 RECORD = "arbor_layout"  # the safetensors metadata entry holding the record
 # the integer kernels' layers (integer_kernels.py): record type, and (inputs a block, bytes a block of 16 rows)
-PACKED_TYPES = {"q4k": Q4KLinear, "q6k": Q6KLinear, "q8": Q8Linear, "q5": Q5Linear}
+PACKED_TYPES = {kind.KIND: kind for kind in (Q4KLinear, Q6KLinear, Q8Linear, Q5Linear)}
 PACKED = tuple(PACKED_TYPES.values())
 PACKED_SHAPES = {"q4k": (integer_kernels.SUPER, integer_kernels.SUPER_BYTES),
                  "q6k": (integer_kernels.SUPER, integer_kernels.Q6K_SUPER_BYTES), "q8": (32, integer_kernels.Q8_BLOCK_BYTES),
@@ -173,7 +173,7 @@ def _describe(module: nn.Module, prefix: str, tensors: dict, shared: dict[int, s
         tensors[f"{prefix}.{name}"] = t.detach().contiguous()
     spec = {"type": "int8", "in": module.in_features, "out": module.out_features, "bias": module.bias is not None}
     if isinstance(module, PACKED):
-        return {**spec, "type": next(name for name, kind in PACKED_TYPES.items() if isinstance(module, kind))}
+        return {**spec, "type": module.KIND}
     if isinstance(module, Int8Linear):
         spec["integer"] = module.integer
     return {**spec, "type": "int4", "group": module.group_size} if isinstance(module, Int4Linear) else spec
