@@ -330,24 +330,33 @@ at::Tensor as_float_rows(const at::Tensor& x, int64_t K) {
   return x.reshape({-1, K}).to(at::kFloat).contiguous();
 }
 
-at::Tensor q4k_mm(const at::Tensor& x, const at::Tensor& packed, int64_t n) {
-  TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == at::kByte && packed.size(2) == SUPER_BYTES &&
+// One matmul over a packed layout: x [M, K] float -> [M, n] float32, the activations quantized once, the groups
+// of ROWS output rows split over threads, each run by the kind's `group` (its ISA paths inside).
+using GroupFn = void (*)(int64_t isa, const uint8_t* w, int64_t blocks, const Quantized& a, float* y, int64_t N,
+                         int64_t row0, int64_t valid);
+
+at::Tensor packed_mm(const char* name, const at::Tensor& x, const at::Tensor& packed, int64_t n, int64_t block_bytes,
+                     int64_t block_inputs, GroupFn group) {
+  TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == at::kByte && packed.size(2) == block_bytes &&
                   packed.is_contiguous(),
-              "arbor q4k_mm: packed must be contiguous uint8 [N/16, K/256, ", SUPER_BYTES, "]");
-  const int64_t G = packed.size(0), S = packed.size(1), K = S * SUPER;
-  TORCH_CHECK(n > (G - 1) * ROWS && n <= G * ROWS, "arbor q4k_mm: ", n, " rows do not fit ", G, " groups");
+              "arbor ", name, ": packed must be contiguous uint8 [N/16, K/", block_inputs, ", ", block_bytes, "]");
+  const int64_t G = packed.size(0), B = packed.size(1), K = B * block_inputs;
+  TORCH_CHECK(n > (G - 1) * ROWS && n <= G * ROWS, "arbor ", name, ": ", n, " rows do not fit ", G, " groups");
   const at::Tensor rows = as_float_rows(x, K);
   const Quantized a = quantize_rows(rows);
-  const int64_t M = rows.size(0);
-  at::Tensor y = at::empty({M, n}, at::kFloat);
+  at::Tensor y = at::empty({rows.size(0), n}, at::kFloat);
   const uint8_t* w = packed.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
   const int64_t isa = current_isa.load();
   at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g)
-      q4k_group(isa, w + g * S * SUPER_BYTES, S, a, yp, n, g * ROWS, std::min<int64_t>(ROWS, n - g * ROWS));
+      group(isa, w + g * B * block_bytes, B, a, yp, n, g * ROWS, std::min<int64_t>(ROWS, n - g * ROWS));
   });
   return y;
+}
+
+at::Tensor q4k_mm(const at::Tensor& x, const at::Tensor& packed, int64_t n) {
+  return packed_mm("q4k_mm", x, packed, n, SUPER_BYTES, SUPER, q4k_group);
 }
 
 // ---- q6k: scalar, AVX2, AVX512-VNNI ----------------------------------------------------------------------------
@@ -549,22 +558,7 @@ void q6k_group(int64_t isa, const uint8_t* w, int64_t S, const Quantized& a, flo
 }
 
 at::Tensor q6k_mm(const at::Tensor& x, const at::Tensor& packed, int64_t n) {
-  TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == at::kByte && packed.size(2) == Q6K_SUPER_BYTES &&
-                  packed.is_contiguous(),
-              "arbor q6k_mm: packed must be contiguous uint8 [N/16, K/256, ", Q6K_SUPER_BYTES, "]");
-  const int64_t G = packed.size(0), S = packed.size(1), K = S * SUPER;
-  TORCH_CHECK(n > (G - 1) * ROWS && n <= G * ROWS, "arbor q6k_mm: ", n, " rows do not fit ", G, " groups");
-  const at::Tensor rows = as_float_rows(x, K);
-  const Quantized a = quantize_rows(rows);
-  at::Tensor y = at::empty({rows.size(0), n}, at::kFloat);
-  const uint8_t* w = packed.data_ptr<uint8_t>();
-  float* yp = y.data_ptr<float>();
-  const int64_t isa = current_isa.load();
-  at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {
-    for (int64_t g = g0; g < g1; ++g)
-      q6k_group(isa, w + g * S * Q6K_SUPER_BYTES, S, a, yp, n, g * ROWS, std::min<int64_t>(ROWS, n - g * ROWS));
-  });
-  return y;
+  return packed_mm("q6k_mm", x, packed, n, Q6K_SUPER_BYTES, SUPER, q6k_group);
 }
 
 // ---- q8: scalar, AVX2, AVX512-VNNI -----------------------------------------------------------------------------
@@ -706,22 +700,7 @@ void q8_group(int64_t isa, const uint8_t* w, int64_t B, const Quantized& a, floa
 }
 
 at::Tensor q8_mm(const at::Tensor& x, const at::Tensor& packed, int64_t n) {
-  TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == at::kByte && packed.size(2) == Q8_BLOCK_BYTES &&
-                  packed.is_contiguous(),
-              "arbor q8_mm: packed must be contiguous uint8 [N/16, K/32, ", Q8_BLOCK_BYTES, "]");
-  const int64_t G = packed.size(0), B = packed.size(1), K = B * QK;
-  TORCH_CHECK(n > (G - 1) * ROWS && n <= G * ROWS, "arbor q8_mm: ", n, " rows do not fit ", G, " groups");
-  const at::Tensor rows = as_float_rows(x, K);
-  const Quantized a = quantize_rows(rows);
-  at::Tensor y = at::empty({rows.size(0), n}, at::kFloat);
-  const uint8_t* w = packed.data_ptr<uint8_t>();
-  float* yp = y.data_ptr<float>();
-  const int64_t isa = current_isa.load();
-  at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {
-    for (int64_t g = g0; g < g1; ++g)
-      q8_group(isa, w + g * B * Q8_BLOCK_BYTES, B, a, yp, n, g * ROWS, std::min<int64_t>(ROWS, n - g * ROWS));
-  });
-  return y;
+  return packed_mm("q8_mm", x, packed, n, Q8_BLOCK_BYTES, QK, q8_group);
 }
 
 // ---- q5: scalar, AVX2, AVX512-VNNI -----------------------------------------------------------------------------
@@ -886,22 +865,7 @@ void q5_group(int64_t isa, const uint8_t* w, int64_t B, const Quantized& a, floa
 }
 
 at::Tensor q5_mm(const at::Tensor& x, const at::Tensor& packed, int64_t n) {
-  TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == at::kByte && packed.size(2) == Q5_BLOCK_BYTES &&
-                  packed.is_contiguous(),
-              "arbor q5_mm: packed must be contiguous uint8 [N/16, K/32, ", Q5_BLOCK_BYTES, "]");
-  const int64_t G = packed.size(0), B = packed.size(1), K = B * QK;
-  TORCH_CHECK(n > (G - 1) * ROWS && n <= G * ROWS, "arbor q5_mm: ", n, " rows do not fit ", G, " groups");
-  const at::Tensor rows = as_float_rows(x, K);
-  const Quantized a = quantize_rows(rows);
-  at::Tensor y = at::empty({rows.size(0), n}, at::kFloat);
-  const uint8_t* w = packed.data_ptr<uint8_t>();
-  float* yp = y.data_ptr<float>();
-  const int64_t isa = current_isa.load();
-  at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {
-    for (int64_t g = g0; g < g1; ++g)
-      q5_group(isa, w + g * B * Q5_BLOCK_BYTES, B, a, yp, n, g * ROWS, std::min<int64_t>(ROWS, n - g * ROWS));
-  });
-  return y;
+  return packed_mm("q5_mm", x, packed, n, Q5_BLOCK_BYTES, QK, q5_group);
 }
 
 // ---- rows of the layouts as float32 (an embedding's lookup) ---------------------------------------------------
