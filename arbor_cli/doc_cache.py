@@ -103,6 +103,14 @@ def document_sha256(doc_ids: list[int]) -> str:
 
 
 _IDENTITIES: "weakref.WeakKeyDictionary[Any, dict[str, Any]]" = weakref.WeakKeyDictionary()
+_TOKENIZERS: "weakref.WeakKeyDictionary[Any, str]" = weakref.WeakKeyDictionary()
+
+
+def tokenizer_identity(model) -> str:
+    """_tokenizer_identity, worked out once per model (the KV cache's key and document_index.py's both use it)."""
+    if model not in _TOKENIZERS:
+        _TOKENIZERS[model] = _tokenizer_identity(model)
+    return _TOKENIZERS[model]
 
 
 def _identity(model) -> dict[str, Any]:
@@ -111,7 +119,7 @@ def _identity(model) -> dict[str, Any]:
     if model not in _IDENTITIES:
         config = json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode()
         _IDENTITIES[model] = {"model": str(model.checkpoint.name), "model_sha256": _model_sha256(model.checkpoint),
-                              "config_sha256": _sha256(config), "tokenizer_sha256": _tokenizer_identity(model),
+                              "config_sha256": _sha256(config), "tokenizer_sha256": tokenizer_identity(model),
                               **model.runtime()}  # kv_bits, backend, device, dtype, quantize
     return _IDENTITIES[model]
 

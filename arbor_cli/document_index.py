@@ -103,7 +103,7 @@ def _name(model, text: str, limit: int) -> str:
     global _CODE
     _CODE = _CODE or _code_identity()
     h = hashlib.sha256()
-    for piece in (_CODE, doc_cache._tokenizer_identity(model), str(limit), text):
+    for piece in (_CODE, doc_cache.tokenizer_identity(model), str(limit), text):
         h.update(piece.encode("utf-8", "surrogatepass") + b"\0")
     return h.hexdigest()[:32]
 
